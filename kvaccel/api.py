@@ -1,0 +1,233 @@
+"""Public API: ``patch``, ``unpatch``, ``patched``, ``report``."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from kvaccel.cache import KVAccelCache
+from kvaccel.config import STAGES, Method, build_method, parse_spec
+from kvaccel.patches.attention import ATTENTION_NAME, PatchState, cache_pre_hook, kvaccel_attention, kvaccel_mask
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+_STATE_ATTR = "_kvaccel_state"
+_patched_models = 0  # number of live patches; the global registration is removed when it drops to 0
+
+
+def _register_globally() -> None:
+    AttentionInterface.register(ATTENTION_NAME, kvaccel_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, kvaccel_mask)
+
+
+def _unregister_globally() -> None:
+    AttentionInterface._global_mapping.pop(ATTENTION_NAME, None)
+    AttentionMaskInterface._global_mapping.pop(ATTENTION_NAME, None)
+
+
+def _attention_modules(model) -> list[torch.nn.Module]:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (expected `.layers`)")
+    return [layer.self_attn for layer in layers]
+
+
+def check_model(model) -> None:
+    """Raise ``ValueError`` unless ``model`` is a supported causal LM."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError(f"kvaccel.patch expects a transformers model, got {type(model).__name__}")
+    text = config.get_text_config(decoder=True)
+    model_type = getattr(text, "model_type", "?")
+    causal = (
+        not getattr(config, "is_encoder_decoder", False)
+        and getattr(text, "is_causal", True) is not False
+        and (not hasattr(model, "can_generate") or model.can_generate())
+    )
+    if not causal:
+        raise ValueError(
+            f"{type(model).__name__} ({model_type}) is not a causal language model; kvaccel patches decoder-only "
+            f"causal LMs loaded with AutoModelForCausalLM ({', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"unsupported architecture '{model_type}'; kvaccel supports the families "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+
+
+def _resolve_methods(methods: tuple, options: dict[str, Any]) -> dict[str, Method]:
+    resolved: list[Method] = []
+    named: list[Method] = []
+    for m in methods:
+        if isinstance(m, Method):
+            resolved.append(m)
+        elif isinstance(m, str):
+            ms = parse_spec(m)
+            resolved.extend(ms)
+            named.extend(ms)
+        else:
+            raise TypeError(f"a method is a registered name, a spec string or a config object, got {type(m).__name__}")
+    if options:  # options go to the methods given by name that have that field
+        used = set()
+        for i, m in enumerate(resolved):
+            if not any(m is n for n in named):
+                continue
+            fields = {f.name for f in dataclasses.fields(m)}
+            mine = {k: v for k, v in options.items() if k in fields}
+            if mine:
+                resolved[i] = dataclasses.replace(m, **mine)
+                used |= set(mine)
+        unused = set(options) - used
+        if unused:
+            raise ValueError(
+                f"option(s) {sorted(unused)} apply to none of the methods given by name "
+                f"({', '.join(m.name for m in named) or 'none'}); pass them inside a config object or a spec"
+            )
+    by_stage: dict[str, Method] = {}
+    for m in resolved:
+        if m.stage in by_stage:
+            raise ValueError(
+                f"'{by_stage[m.stage].name}' and '{m.name}' are both {m.stage} methods; at most one method per "
+                f"stage ({', '.join(STAGES)}) — pick one"
+            )
+        by_stage[m.stage] = m
+    return by_stage
+
+
+def patch(model, *methods: str | Method, **options: Any):
+    """Patch ``model`` in place so its attention runs kvaccel's methods; returns the model.
+
+    ``kvaccel.patch(model)`` installs the machinery with dense prefill, no eviction and dense decode (same tokens
+    as stock transformers). ``kvaccel.patch(model, "streaming", budget=256)`` or
+    ``kvaccel.patch(model, Streaming(budget=256))`` or ``kvaccel.patch(model, "snapkv(budget=0.25)+think")``.
+    Keyword options go to the methods given by name that have that field. Patching a patched model replaces
+    its methods.
+    """
+    check_model(model)
+    stages = _resolve_methods(methods, options)
+    for m in stages.values():
+        m.check_dependencies()
+        m.bind(model)
+    if is_patched(model):
+        unpatch(model)
+    global _patched_models
+    _register_globally()
+    _patched_models += 1
+    modules = _attention_modules(model)
+    state = PatchState(methods=stages, num_layers=len(modules), original_attn=model.config._attn_implementation)
+    handles = []
+    for mod in modules:
+        mod._kvaccel_state = state
+        handles.append(mod.register_forward_pre_hook(cache_pre_hook, with_kwargs=True))
+    state.handles = handles
+    setattr(model, _STATE_ATTR, state)
+    model.set_attn_implementation(ATTENTION_NAME)
+    _install_default_cache(model)
+    return model
+
+
+def _install_default_cache(model) -> None:
+    """Make ``generate()`` and ``model(...)`` create a KVAccelCache when the caller passes no cache."""
+    stock_generate, stock_forward = type(model).generate.__get__(model), type(model).forward.__get__(model)
+
+    @functools.wraps(stock_generate)
+    def generate(*args, **kwargs):
+        gen_cfg = kwargs.get("generation_config") or model.generation_config
+        wants_cache = kwargs.get("use_cache", gen_cfg.use_cache) is not False
+        custom = kwargs.get("cache_implementation") or gen_cfg.cache_implementation
+        if kwargs.get("past_key_values") is None and wants_cache and not custom:
+            kwargs["past_key_values"] = KVAccelCache(model)
+        return stock_generate(*args, **kwargs)
+
+    @functools.wraps(stock_forward)
+    def forward(*args, **kwargs):
+        use_cache = kwargs.get("use_cache")
+        use_cache = model.config.use_cache if use_cache is None else use_cache
+        if kwargs.get("past_key_values") is None and use_cache:
+            kwargs["past_key_values"] = KVAccelCache(model)
+        return stock_forward(*args, **kwargs)
+
+    model.generate = generate
+    model.forward = forward
+
+
+def is_patched(model) -> bool:
+    return getattr(model, _STATE_ATTR, None) is not None
+
+
+def unpatch(model):
+    """Undo ``patch``: the stock attention implementation, no hooks, no kvaccel attributes. Returns the model."""
+    state: PatchState | None = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        return model
+    for h in state.handles:
+        h.remove()
+    for mod in _attention_modules(model):
+        for attr in ("_kvaccel_state", "_kvaccel_layer", "_kvaccel_foreign"):
+            mod.__dict__.pop(attr, None)
+    for attr in ("generate", "forward"):
+        model.__dict__.pop(attr, None)
+    model.set_attn_implementation(state.original_attn)
+    delattr(model, _STATE_ATTR)
+    state.cache = None
+    global _patched_models
+    _patched_models -= 1
+    if _patched_models == 0:
+        _unregister_globally()
+    return model
+
+
+@contextlib.contextmanager
+def patched(model, *methods: str | Method, **options: Any) -> Iterator[Any]:
+    """Context manager: ``with kvaccel.patched(model, "streaming", budget=256): model.generate(...)``."""
+    previous: PatchState | None = getattr(model, _STATE_ATTR, None)
+    patch(model, *methods, **options)
+    try:
+        yield model
+    finally:
+        unpatch(model)
+        if previous is not None:
+            patch(model, *previous.methods.values())
+
+
+def report(model) -> dict[str, Any]:
+    """Statistics of the last forward / generate of a patched model.
+
+    Keys: ``kv_bytes`` (bytes physically held by the cache: keys, values, masks, method state),
+    ``kv_bytes_full`` (what a full cache would hold for the same tokens), ``kv_ratio``, ``seen_tokens``,
+    ``kept_tokens`` (per layer, per sequence, per head), ``capacity`` (per layer budget in tokens, where an
+    eviction method set one), ``prefill_density`` (fraction of attention blocks computed at prefill, per layer),
+    ``methods`` (spec strings) and ``notes``.
+    """
+    state: PatchState | None = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise ValueError("report() needs a model patched with kvaccel.patch(model, ...)")
+    out: dict[str, Any] = {
+        "methods": {stage: m.spec() for stage, m in state.methods.items()},
+        "notes": sorted(state.notes),
+    }
+    cache = state.cache
+    if cache is None:
+        out.update(kv_bytes=0, kv_bytes_full=0, kv_ratio=None, seen_tokens=0, kept_tokens=[])
+    else:
+        kv, full = cache.nbytes(), cache.full_nbytes()
+        out.update(
+            kv_bytes=kv,
+            kv_bytes_full=full,
+            kv_ratio=(kv / full) if full else None,
+            seen_tokens=cache.get_seq_length(),
+            kept_tokens=[
+                layer.kept_per_head().tolist() if layer.is_initialized else [] for layer in cache.layers
+            ],
+        )
+    out["capacity"] = [s.get("capacity") for s in state.layer_stats]
+    out["prefill_density"] = [s.get("prefill_density") for s in state.layer_stats]
+    return out

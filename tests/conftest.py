@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny random models of every supported family, built offline from configs."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def tiny_config(family: str, **overrides):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(
+        vocab_size=512,
+        hidden_size=96,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    common.update(overrides)
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}[family]
+    if family == "qwen3":
+        common.setdefault("head_dim", 16)
+    if family == "mistral":
+        common.setdefault("sliding_window", None)
+    return cls(**common)
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_state(family: str):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="sdpa")
+    # Sharper logits than the random init so greedy decoding is decisive (token ties are meaningless).
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0) if not model.config.tie_word_embeddings else None
+    return model.state_dict()
+
+
+def tiny_model(family: str = "llama", **overrides):
+    """A fresh tiny random model (same weights for the same family and overrides)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(family, **overrides)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    if not overrides:
+        model.load_state_dict(_tiny_state(family))
+    else:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    return model.eval()
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The real embedded SmolLM2-135M-Instruct (de-quantized once into the kvaccel cache dir)."""
+    import kvaccel
+
+    try:
+        model, tok = kvaccel.load_model()
+    except FileNotFoundError as e:  # the CI installs it; a dev machine without it skips loudly
+        pytest.skip(str(e))
+    return model, tok
