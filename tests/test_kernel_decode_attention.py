@@ -1,0 +1,172 @@
+"""Tests for kvaccel.kernels.decode_attention: PyTorch path and Triton kernel against the float64 reference.
+
+Triton cases are marked ``triton`` and run only with CUDA or under ``TRITON_INTERPRET=1`` (set before
+triton is imported), e.g. ``TRITON_INTERPRET=1 python -m pytest tests/test_kernel_decode_attention.py -m triton``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from kvaccel.kernels.decode_attention import decode_attention, decode_attention_reference
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+TRITON_OK = INTERPRET or torch.cuda.is_available()
+requires_triton = pytest.mark.skipif(
+    not TRITON_OK, reason="Triton cases need CUDA or TRITON_INTERPRET=1 set before triton is imported"
+)
+TRITON_DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
+
+SCALE_D = {16: 16**-0.5, 64: 64**-0.5}
+
+
+def _make_valid(kind: str, B: int, Hkv: int, T: int, gen: torch.Generator) -> torch.Tensor | None:
+    """Ragged per-head lengths with random evicted holes; one (batch, head) row is entirely invalid."""
+    if kind == "none":
+        return None
+    H = Hkv if kind == "ragged" else 1  # "batch": (B, 1, T), shared by all heads
+    lengths = torch.randint(0, T + 1, (B, H), generator=gen)
+    lengths[-1, -1] = 0  # the all-invalid row
+    valid = torch.arange(T)[None, None, :] < lengths[..., None]
+    valid &= torch.rand(B, H, T, generator=gen) > 0.2
+    return valid
+
+
+def _make_inputs(
+    B: int,
+    Hkv: int,
+    group: int,
+    T: int,
+    D: int,
+    *,
+    mask: str,
+    narrow: bool,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    seed: int = 0,
+) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    Hq, Dv = Hkv * group, D + 8  # Dv != D on purpose
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    kw = {"q": rnd(B, Hq, 1, D), "k": rnd(B, Hkv, T, D), "v": rnd(B, Hkv, T, Dv), "scale": SCALE_D[D]}
+    kw["valid"] = _make_valid(mask, B, Hkv, T, gen)
+    if narrow:
+        Tn, Dk = 37, D // 2 if D > 16 else 8  # Dk = 8 exercises the padded channel block
+        kw["k_narrow"] = rnd(B, Hkv, Tn, Dk)
+        kw["v_narrow"] = rnd(B, Hkv, Tn, Dv)
+        kw["channel_idx"] = torch.stack([torch.randperm(D, generator=gen)[:Dk] for _ in range(B * Hkv)]).view(
+            B, Hkv, Dk
+        )
+        valid_n = _make_valid(mask, B, Hkv, Tn, gen)
+        kw["valid_narrow"] = valid_n  # the same (batch, head) row is empty in both segments
+    return {name: (t.to(device) if isinstance(t, torch.Tensor) else t) for name, t in kw.items()}
+
+
+def _check(kw: dict, backend: str, atol: float, rtol: float) -> None:
+    ref_out, ref_lse = (t.cpu() for t in decode_attention_reference(**kw))
+    out, lse = decode_attention(**kw, backend=backend, return_lse=True)
+    out_only = decode_attention(**kw, backend=backend)  # the torch path may take the SDPA route here
+    q = kw["q"]
+    assert out.dtype == q.dtype and out.shape == ref_out.shape
+    assert lse.dtype == torch.float32 and lse.shape == ref_lse.shape
+    assert not out.isnan().any() and not lse.isnan().any()
+    torch.testing.assert_close(out.double().cpu(), ref_out, atol=atol, rtol=rtol)
+    torch.testing.assert_close(out_only.double().cpu(), ref_out, atol=atol, rtol=rtol)
+    torch.testing.assert_close(
+        lse.double().cpu(), ref_lse, atol=atol, rtol=rtol
+    )  # -inf only where ref is -inf
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PyTorch path
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("T,D", [(1, 16), (100, 64), (300, 16)])
+@pytest.mark.parametrize("narrow", [False, True], ids=["full", "narrow"])
+@pytest.mark.parametrize("mask", ["none", "ragged", "batch"])
+@pytest.mark.parametrize("group", [1, 3])
+def test_torch_matches_reference(group: int, mask: str, narrow: bool, T: int, D: int) -> None:
+    kw = _make_inputs(2, 2, group, T, D, mask=mask, narrow=narrow)
+    _check(kw, "torch", atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("narrow", [False, True], ids=["full", "narrow"])
+@pytest.mark.parametrize("group", [1, 3])
+def test_torch_bf16(group: int, narrow: bool) -> None:
+    kw = _make_inputs(2, 2, group, 129, 64, mask="ragged", narrow=narrow, dtype=torch.bfloat16)
+    _check(kw, "torch", atol=2e-2, rtol=2e-2)
+
+
+def test_all_invalid_row_is_zero() -> None:
+    kw = _make_inputs(1, 2, 3, 50, 16, mask="none", narrow=True)
+    kw["valid"] = torch.zeros(1, 2, 50, dtype=torch.bool)
+    kw["valid_narrow"] = torch.zeros(1, 1, 37, dtype=torch.bool)
+    out, lse = decode_attention(**kw, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(out))
+    assert torch.isneginf(lse).all()
+    out_full = decode_attention(kw["q"], kw["k"], kw["v"], scale=kw["scale"], valid=kw["valid"])  # SDPA route
+    assert torch.equal(out_full, torch.zeros_like(out_full))
+
+
+def test_out_argument_is_written() -> None:
+    kw = _make_inputs(2, 2, 3, 40, 16, mask="ragged", narrow=False)
+    out = torch.full((2, 6, 1, 24), float("nan"))
+    res = decode_attention(**kw, out=out)
+    assert res.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out.double(), decode_attention_reference(**kw)[0], atol=1e-5, rtol=1e-4)
+
+
+def test_bad_shapes_raise() -> None:
+    kw = _make_inputs(2, 2, 3, 40, 16, mask="none", narrow=True)
+    with pytest.raises(ValueError, match=r"num query heads \(6\).*num kv heads \(4\)"):
+        decode_attention(kw["q"], torch.randn(2, 4, 40, 16), torch.randn(2, 4, 40, 24), scale=1.0)
+    with pytest.raises(ValueError, match=r"valid must have shape \(2, 2 or 1, 40\)"):
+        decode_attention(kw["q"], kw["k"], kw["v"], scale=1.0, valid=torch.ones(2, 2, 39, dtype=torch.bool))
+    with pytest.raises(ValueError, match="q must have shape"):
+        decode_attention(kw["q"].expand(2, 6, 2, 16), kw["k"], kw["v"], scale=1.0)
+    with pytest.raises(ValueError, match="channel_idx must be int64"):
+        decode_attention(**{**kw, "channel_idx": kw["channel_idx"].int()})
+    with pytest.raises(ValueError, match="must be given together"):
+        decode_attention(**{**kw, "v_narrow": None})
+    with pytest.raises(ValueError, match="backend"):
+        decode_attention(**kw, backend="cuda")
+
+
+@pytest.mark.skipif(
+    INTERPRET or torch.cuda.is_available(), reason="checks the CPU error without the interpreter"
+)
+def test_triton_on_cpu_without_interpreter_raises() -> None:
+    kw = _make_inputs(1, 1, 1, 8, 16, mask="none", narrow=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        decode_attention(**kw, backend="triton")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernel
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.triton
+@requires_triton
+@pytest.mark.parametrize("T,D", [(100, 64), (77, 16)])  # T not a multiple of BLOCK_N
+@pytest.mark.parametrize("narrow", [False, True], ids=["full", "narrow"])
+@pytest.mark.parametrize("mask", ["none", "ragged"])
+@pytest.mark.parametrize("group", [1, 3])
+def test_triton_matches_reference(group: int, mask: str, narrow: bool, T: int, D: int) -> None:
+    kw = _make_inputs(2, 2, group, T, D, mask=mask, narrow=narrow, device=TRITON_DEVICE)
+    _check(kw, "triton", atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.triton
+@requires_triton
+def test_triton_batch_mask_and_out() -> None:
+    group = 3
+    kw = _make_inputs(2, 2, group, 70, 16, mask="batch", narrow=True, device=TRITON_DEVICE)
+    out = torch.empty(2, 2 * group, 1, 24, device=TRITON_DEVICE)
+    res, lse = decode_attention(**kw, backend="triton", out=out, return_lse=True)
+    assert res.data_ptr() == out.data_ptr()
+    ref_out, ref_lse = (t.cpu() for t in decode_attention_reference(**kw))
+    torch.testing.assert_close(out.double().cpu(), ref_out, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(lse.double().cpu(), ref_lse, atol=1e-5, rtol=1e-4)
