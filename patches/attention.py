@@ -19,6 +19,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvaccel.cache import KVAccelCache, KVAccelLayer
+from kvaccel.kernels.decode_attention import decode_attention
 
 ATTENTION_NAME = "kvaccel"
 Tensor = torch.Tensor
@@ -182,6 +183,11 @@ def dense_decode(ctx: AttentionContext) -> Tensor:
             causal = torch.arange(T, device=q.device)[None, :] <= (T - Q + torch.arange(Q, device=q.device))[:, None]
             mask = causal[None, None] if mask is None else mask & causal
         return sdpa_attention_forward(ctx.module, q, k, v, mask, scaling=ctx.scaling, **ctx.kwargs)[0]
+    if Q == 1:  # per-head ragged and/or narrow keys: the decode kernel (Triton on GPU, PyTorch on CPU)
+        nk = {} if narrow is None else dict(
+            k_narrow=narrow.keys, channel_idx=narrow.channel_idx, v_narrow=narrow.values, valid_narrow=narrow.valid
+        )
+        return decode_attention(q, k, v, scale=ctx.scaling, valid=valid, **nk).transpose(1, 2)
     return grouped_attention(q, k, v, ctx.scaling, valid=valid, narrow=narrow)
 
 

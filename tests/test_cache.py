@@ -161,3 +161,25 @@ def test_batch_operations_move_every_tensor():
     assert torch.equal(layer.keys[1], k[0]) and layer.valid.shape[0] == 2
     with pytest.raises(NotImplementedError, match="cannot be cropped"):
         layer.crop(-1)
+
+
+def test_decode_step_over_ragged_cache_matches_reference():
+    """A decode step of a patched model over a per-head ragged cache attends exactly the kept tokens."""
+    from kvaccel.patches.attention import AttentionContext, PatchState, dense_decode
+
+    g = torch.Generator().manual_seed(5)
+    B, Hkv, G, T, D = 2, 2, 3, 50, 16
+    layer = KVAccelLayer()
+    layer.update(torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g))
+    K = 30
+    idx = torch.stack([torch.randperm(T, generator=g)[:K].sort().values for _ in range(B * Hkv)]).view(B, Hkv, K)
+    slot_valid = torch.arange(K)[None, None, :] < torch.tensor([[30, 12], [7, 25]])[..., None]
+    layer.keep(idx, slot_valid)
+    q = torch.randn(B, Hkv * G, 1, D, generator=g)
+    module = torch.nn.Module()
+    module.layer_idx, module.num_key_value_groups, module.is_causal = 0, G, True
+    state = PatchState(methods={}, num_layers=1, original_attn="sdpa")
+    ctx = AttentionContext(module, state, layer, q, layer.keys, layer.values, None, D**-0.5, "decode", {})
+    out = dense_decode(ctx)
+    ref = _reference_attention(q, layer.keys, layer.values, D**-0.5, layer.valid)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
