@@ -14,10 +14,10 @@ from kvaccel.models import load_model
 __version__ = "0.1.0"
 
 __all__ = [
+    "SUPPORTED_MODEL_TYPES",
     "KVAccelCache",
     "KVAccelLayer",
     "Method",
-    "SUPPORTED_MODEL_TYPES",
     "is_patched",
     "load_model",
     "methods",

@@ -13,8 +13,14 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from kvaccel.cache import KVAccelCache
-from kvaccel.config import STAGES, Method, build_method, parse_spec
-from kvaccel.patches.attention import ATTENTION_NAME, PatchState, cache_pre_hook, kvaccel_attention, kvaccel_mask
+from kvaccel.config import STAGES, Method, parse_spec
+from kvaccel.patches.attention import (
+    ATTENTION_NAME,
+    PatchState,
+    cache_pre_hook,
+    kvaccel_attention,
+    kvaccel_mask,
+)
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 _STATE_ATTR = "_kvaccel_state"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -35,10 +34,10 @@ def methods_cmd() -> None:
 
 @app.command("generate")
 def generate_cmd(
-    prompt: Optional[str] = typer.Option(None, help="Prompt text."),
-    file: Optional[Path] = typer.Option(None, help="Read the prompt from this file."),
+    prompt: str | None = typer.Option(None, help="Prompt text."),
+    file: Path | None = typer.Option(None, help="Read the prompt from this file."),
     method: str = typer.Option("", help='Method spec, e.g. "streaming(budget=512)" or "snapkv+think(ratio=0.4)".'),
-    model: Optional[str] = typer.Option(None, help="Local path or hub id; default: the embedded SmolLM2-135M."),
+    model: str | None = typer.Option(None, help="Local path or hub id; default: the embedded SmolLM2-135M."),
     max_new_tokens: int = typer.Option(64, min=1),
     chat: bool = typer.Option(False, help="Wrap the prompt in the tokenizer's chat template."),
 ) -> None:
@@ -51,8 +50,9 @@ def generate_cmd(
         _fail(ValueError("give exactly one of --prompt or --file"))
     text = prompt if prompt is not None else file.read_text()
     try:
+        specs = kvaccel.parse_spec(method) if method else []  # bad specs fail before the model loads
         mdl, tok = kvaccel.load_model(model)
-        kvaccel.patch(mdl, *([method] if method else []))
+        kvaccel.patch(mdl, *specs)
     except (ValueError, ImportError, FileNotFoundError) as e:
         _fail(e)
     if chat and tok.chat_template:
@@ -71,7 +71,7 @@ def generate_cmd(
 @app.command("compare")
 def compare_cmd(
     method: list[str] = typer.Option(["streaming(budget=0.25)"], help="Method spec; repeat for several."),
-    model: Optional[str] = typer.Option(None, help="Local path or hub id; default: the embedded SmolLM2-135M."),
+    model: str | None = typer.Option(None, help="Local path or hub id; default: the embedded SmolLM2-135M."),
     length: int = typer.Option(2048, min=16, help="Prompt tokens (prose from pydoc_data)."),
     new_tokens: int = typer.Option(32, min=2),
     repeats: int = typer.Option(2, min=1),

@@ -112,7 +112,7 @@ def compare(model, tokenizer, specs: list[str], length: int = 2048, new_tokens: 
         p = torch.log_softmax(res.step_logits.double(), -1)
         kl = float((p_ref.exp() * (p_ref - p)).sum(-1).mean())
         top1 = float((base.step_logits.argmax(-1) == res.step_logits.argmax(-1)).double().mean())
-        match = sum(a == b for a, b in zip(base.tokens, res.tokens)) / len(base.tokens)
+        match = sum(a == b for a, b in zip(base.tokens, res.tokens, strict=True)) / len(base.tokens)
         prefill, tps = statistics.median(res.prefill_s), statistics.median(res.decode_tok_s)
         rows.append(
             {

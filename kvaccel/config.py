@@ -60,9 +60,9 @@ def registry() -> dict[str, type[Method]]:
 
 def _load_builtin_methods() -> None:
     # Importing the method packages registers their configs; done lazily so importing kvaccel stays cheap.
-    import kvaccel.patches.channels  # noqa: F401
-    import kvaccel.patches.decode  # noqa: F401
-    import kvaccel.patches.evict  # noqa: F401
+    import kvaccel.patches.channels
+    import kvaccel.patches.decode
+    import kvaccel.patches.evict
     import kvaccel.patches.prefill  # noqa: F401
 
 
@@ -103,7 +103,7 @@ def methods() -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------- budgets
 
 
-def validate_budget(budget: int | float, field: str = "budget") -> int | float:
+def validate_budget(budget: float, field: str = "budget") -> int | float:
     """An int is tokens kept per head (>= 1); a float in (0, 1] is a fraction of the prompt."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
         raise ValueError(f"{field} must be an int (tokens) or a float in (0, 1] (fraction), got {budget!r}")
@@ -117,7 +117,7 @@ def validate_budget(budget: int | float, field: str = "budget") -> int | float:
     return budget
 
 
-def resolve_budget(budget: int | float, prompt_len: int) -> int:
+def resolve_budget(budget: float, prompt_len: int) -> int:
     """Tokens to keep for a prompt of ``prompt_len`` tokens (may exceed it: then nothing is evicted)."""
     if isinstance(budget, float):
         return max(1, math.ceil(budget * prompt_len))
@@ -126,7 +126,7 @@ def resolve_budget(budget: int | float, prompt_len: int) -> int:
 
 # --------------------------------------------------------------------------------------------- spec strings
 
-_SPEC = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*$", re.S)
+_SPEC = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*$", re.DOTALL)
 
 
 def _split_top(text: str, sep: str) -> list[str]:

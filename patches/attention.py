@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from kvaccel.kernels.decode_attention import decode_attention
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvaccel.cache import KVAccelCache, KVAccelLayer
-from kvaccel.kernels.decode_attention import decode_attention
 
 ATTENTION_NAME = "kvaccel"
 Tensor = torch.Tensor
@@ -132,7 +132,6 @@ def grouped_attention(
     Hkv, T = k.shape[1], k.shape[2]
     G = Hq // Hkv
     qg = q.reshape(B, Hkv, G * Q, D)
-    keys_t = [k.transpose(-1, -2)]
     vals = [v]
     valids = [valid if valid is not None else k.new_ones(B, 1, T, dtype=torch.bool)]
     Tn = 0

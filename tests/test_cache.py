@@ -7,17 +7,17 @@ import math
 import pytest
 import torch
 from conftest import tiny_model
+from kvaccel.patches.attention import grouped_attention
 
 import kvaccel
 from kvaccel.cache import KVAccelCache, KVAccelLayer, NarrowSegment
-from kvaccel.patches.attention import grouped_attention
 
 
 def _tensor_bytes(cache: KVAccelCache) -> int:
     """Independent count: every tensor attribute reachable from the cache layers."""
     total = 0
     for layer in cache.layers:
-        for name, val in vars(layer).items():
+        for val in vars(layer).values():
             if isinstance(val, torch.Tensor):
                 total += val.numel() * val.element_size()
             elif isinstance(val, dict):
@@ -50,7 +50,7 @@ def test_streaming_2k_prompt_memory_positions_and_bounded_decode():
         tok = out.logits[:, -1:].argmax(-1)
         sizes = []
         with torch.no_grad():
-            for step in range(1000):
+            for _ in range(1000):
                 out = model(tok, past_key_values=cache, use_cache=True)
                 tok = out.logits[:, -1:].argmax(-1)
                 sizes.append(cache.nbytes())
