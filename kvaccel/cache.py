@@ -179,14 +179,30 @@ class KVAccelLayer(CacheLayerMixin):
             return self.valid
         return torch.ones(self.keys.shape[0], 1, self.keys.shape[-2], dtype=torch.bool, device=self.keys.device)
 
+    def token_valid(self) -> Tensor:
+        """(B, 1|H, Tn + T) validity over the whole token axis ``[narrow segment, full-width segment]``."""
+        full = self.full_valid()
+        if self.narrow is None:
+            return full
+        nv = self.narrow.valid
+        if nv is None:
+            nv = full.new_ones(full.shape[0], 1, self.narrow.keys.shape[-2])
+        heads = max(nv.shape[1], full.shape[1])
+        return torch.cat([nv.expand(-1, heads, -1), full.expand(-1, heads, -1)], dim=-1)
+
     def keep(self, idx: Tensor, slot_valid: Tensor | None = None) -> None:
         """Keep only the tokens ``idx`` (B, 1|H, K), sorted ascending, indexing the full-width segment.
 
         ``slot_valid`` (B, 1|H, K) marks padding slots of per-head ragged selections (False = not a token).
         The stored tensors are replaced by new, smaller ones: the memory of evicted tokens is freed.
+
+        With a narrow segment (ThinK), ``idx`` indexes the concatenated ``[narrow (Tn), full (T)]`` token axis
+        (``token_state`` spans that axis too): kept narrow tokens stay narrow, kept full-width ones stay full; each
+        segment is padded to its largest per-head count with validity marking the real slots.
         """
         if self.narrow is not None:
-            raise NotImplementedError("token eviction after channel pruning is done by the channels method")
+            self._keep_with_narrow(idx, slot_valid)
+            return
         valid = self.valid
         self.keys = _gather_tokens(self.keys, idx).contiguous()
         self.values = _gather_tokens(self.values, idx).contiguous()
@@ -197,6 +213,49 @@ class KVAccelLayer(CacheLayerMixin):
         if new_valid is not None and bool(new_valid.all()):
             new_valid = None
         self.valid = None if new_valid is None else new_valid.contiguous()
+
+    def _keep_with_narrow(self, idx: Tensor, slot_valid: Tensor | None) -> None:
+        """``keep`` when a narrow segment exists: split the selection into its narrow and full-width parts."""
+        narrow = self.narrow
+        Tn = narrow.keys.shape[-2]
+        B, H = self.keys.shape[:2]
+        idx = idx.expand(B, H, idx.shape[-1])
+        sv = torch.ones_like(idx, dtype=torch.bool) if slot_valid is None else slot_valid.expand(idx.shape)
+        in_narrow = sv & (idx < Tn)
+        pos_n, sv_n = _compact_slots(in_narrow)
+        pos_f, sv_f = _compact_slots(sv & (idx >= Tn))
+        # token_state spans [narrow, full]: gather it in the new storage order (narrow slots, then full slots)
+        pos = torch.cat([pos_n, pos_f], dim=-1)
+        cat_idx = torch.where(torch.cat([sv_n, sv_f], -1), idx.gather(-1, pos), 0)
+        self.token_state = {k: _gather_tokens(v, cat_idx).contiguous() for k, v in self.token_state.items()}
+
+        n_idx = torch.where(sv_n, idx.gather(-1, pos_n), 0)
+        f_idx = torch.where(sv_f, idx.gather(-1, pos_f) - Tn, 0)
+        if n_idx.shape[-1] == 0:
+            self.narrow = None
+        else:
+            nv = sv_n if narrow.valid is None else _gather_tokens(narrow.valid, n_idx) & sv_n
+            self.narrow = NarrowSegment(
+                keys=_gather_tokens(narrow.keys, n_idx).contiguous(),
+                values=_gather_tokens(narrow.values, n_idx).contiguous(),
+                channel_idx=narrow.channel_idx,
+                valid=None if bool(nv.all()) else nv.contiguous(),
+            )
+        fv = sv_f if self.valid is None else _gather_tokens(self.valid, f_idx) & sv_f
+        self.keys = _gather_tokens(self.keys, f_idx).contiguous()
+        self.values = _gather_tokens(self.values, f_idx).contiguous()
+        self.valid = None if bool(fv.all()) else fv.contiguous()
+
+
+def _compact_slots(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Positions of the True slots of ``mask`` (B, H, K), moved to the front in order, padded to the largest count.
+
+    Returns ``(pos, slot_valid)``, both ``(B, H, K')`` with ``K'`` the largest per-row count of True slots.
+    """
+    counts = mask.sum(-1)
+    width = int(counts.max()) if mask.numel() else 0
+    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[..., :width]
+    return order, torch.arange(width, device=mask.device) < counts[..., None]
 
 
 class KVAccelCache(Cache):

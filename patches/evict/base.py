@@ -43,7 +43,8 @@ class ScoredEviction(EvictionMethod):
         validate_budget(self.budget)
 
     def score(self, ctx: AttentionContext) -> torch.Tensor:
-        """``(B, H_kv | 1, T)`` scores of the layer's tokens, higher = keep. Invalid slots are masked by the base."""
+        """``(B, H_kv | 1, N)`` scores of the layer's ``N = layer.length`` tokens (``[narrow, full]`` axis when
+        ThinK pruned channels), higher = keep. Invalid slots are masked by the base."""
         raise NotImplementedError
 
     def capacity(self, ctx: AttentionContext) -> int:
@@ -64,6 +65,12 @@ class ScoredEviction(EvictionMethod):
     def compress(self, ctx: AttentionContext, capacity: int) -> None:
         layer = ctx.layer
         scores = self.score(ctx).float()
-        scores = scores.masked_fill(~layer.full_valid(), float("-inf"))
+        if scores.shape[-1] != layer.length:
+            raise NotImplementedError(
+                f"{self.name} scored {scores.shape[-1]} tokens but layer {ctx.layer_idx} holds {layer.length} "
+                "(narrow + full-width): this method cannot yet evict after channel pruning during decode; "
+                "use it without a channels method, or with decode eviction off"
+            )
+        scores = scores.masked_fill(~layer.token_valid(), float("-inf"))
         idx = scores.topk(capacity, dim=-1).indices.sort(dim=-1).values
         layer.keep(idx)

@@ -37,7 +37,7 @@ class Streaming(ScoredEviction):
             raise ValueError(f"sink ({self.sink!r}) must be an int >= 0")
 
     def score(self, ctx) -> torch.Tensor:
-        valid = ctx.layer.full_valid()  # (B, 1|H, T)
+        valid = ctx.layer.token_valid()  # (B, 1|H, N) over [narrow, full]
         pos = torch.arange(valid.shape[-1], device=valid.device, dtype=torch.float32).expand(valid.shape)
         rank = valid.cumsum(-1) - 1  # rank among real tokens (left padding is skipped)
         return torch.where(rank < self.sink, torch.finfo(torch.float32).max, pos)

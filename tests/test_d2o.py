@@ -1,0 +1,106 @@
+"""D2O: layer allocation from attention density, layers 0/1/last full, merge compensation, budget = all is exact."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import kvaccel
+from kvaccel.cache import KVAccelCache
+from kvaccel.patches.evict.d2o import D2O, allocate_ratios, layer_sigma, merge_evicted
+
+
+def _ids(n, seed=0):
+    return torch.randint(3, 512, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_budget_covering_everything_is_token_identical():
+    model = tiny_model("llama", num_hidden_layers=6)
+    ids = _ids(96)
+    ref = model.generate(ids, max_new_tokens=64, do_sample=False)
+    with kvaccel.patched(model, "d2o(budget=1.0)"):
+        out = model.generate(ids, max_new_tokens=64, do_sample=False)
+    assert torch.equal(out, ref)
+
+
+def test_layer_sigma_and_softmax_allocation_by_hand():
+    S = torch.tensor([[[1.0, 2.0, 3.0, 6.0], [2.0, 2.0, 2.0, 2.0], [0.0, 4.0, 0.0, 4.0]]])  # (B=1, H=3, T=4)
+
+    def pvar(xs):
+        m = sum(xs) / len(xs)
+        return sum((x - m) ** 2 for x in xs) / len(xs)
+
+    v = [pvar(row) for row in S[0].tolist()]  # 3.5, 0, 4
+    lo, hi = min(v), max(v)
+    expected = sum((x - lo) / (hi - lo) for x in v) / 3
+    assert layer_sigma(S).item() == pytest.approx(expected, abs=1e-6)
+    # validity: token 3 of every head is padding
+    valid = torch.tensor([[[True, True, True, False]]])
+    v2 = [pvar(row[:3]) for row in S[0].tolist()]
+    lo, hi = min(v2), max(v2)
+    assert layer_sigma(S, valid).item() == pytest.approx(sum((x - lo) / (hi - lo) for x in v2) / 3, abs=1e-6)
+
+    sig, rho = [0.2, 0.5, 0.9, 0.0], 0.3
+    e = [math.exp(-s) for s in sig]
+    want = [min(1.0, max(0.01, x / sum(e) * len(sig) * rho)) for x in e]
+    assert allocate_ratios(torch.tensor(sig), rho).tolist() == pytest.approx(want, abs=1e-6)
+    assert allocate_ratios(torch.tensor(sig), 0.9).max().item() == 1.0  # clamped
+    assert allocate_ratios(torch.tensor(sig), 0.001).min().item() == pytest.approx(0.01)  # floor
+    assert allocate_ratios(torch.tensor(sig), 1.0).tolist() == [1.0] * 4
+
+
+def test_merge_into_nearest_kept_with_ema_threshold():
+    K = torch.tensor([[[[1.0, 0.0], [0.0, 1.0], [3.0, 1.0]]]])  # (1, 1, 3, 2); tokens 0, 1 kept, 2 evicted
+    V = torch.tensor([[[[10.0], [20.0], [30.0]]]])
+    kept = torch.tensor([[[True, True, False]]])
+    evicted = ~kept
+    s = 3 / math.sqrt(10)  # cos(K2, K0) > cos(K2, K1) = 1/sqrt(10)
+    K2, V2, tau, merged = merge_evicted(K, V, kept, evicted, None, 0.5, 0.5)
+    assert tau.item() == pytest.approx(s)  # tau_0 = mean(s); s >= tau -> merged
+    assert merged.tolist() == [[[False, False, True]]]
+    torch.testing.assert_close(K2[0, 0, 0], (K[0, 0, 0] + s * K[0, 0, 2]) / 2)
+    torch.testing.assert_close(V2[0, 0, 0], (V[0, 0, 0] + s * V[0, 0, 2]) / 2)
+    torch.testing.assert_close(K2[0, 0, 1], K[0, 0, 1])  # the other kept token is untouched
+    # a higher previous threshold: tau = 0.5 * 1.0 + 0.5 * s > s -> no merge
+    K3, V3, tau, merged = merge_evicted(K, V, kept, evicted, torch.tensor([1.0]), 0.5, 0.5)
+    assert tau.item() == pytest.approx(0.5 + 0.5 * s) and not merged.any()
+    torch.testing.assert_close(K3, K)
+    torch.testing.assert_close(V3, V)
+
+
+def test_layers_0_1_last_full_and_middle_layers_average_the_budget():
+    model = tiny_model("llama", num_hidden_layers=6)
+    ids = _ids(256, seed=1)
+    with kvaccel.patched(model, D2O(budget=0.25)):
+        cache = KVAccelCache(model)
+        with torch.no_grad():
+            out = model(ids, past_key_values=cache, use_cache=True)
+        r = kvaccel.report(model)
+        caps = r["capacity"]
+        assert caps[0] == caps[1] == caps[5] == 256
+        for l in (0, 1, 5):
+            assert r["kept_tokens"][l] == [[256, 256]] and cache.layers[l].narrow is None
+        mid = caps[2:5]
+        assert sum(mid) / 3 / 256 == pytest.approx(0.25, abs=2 / 256)  # ceil per layer: within 1 token each
+        for l in (2, 3, 4):
+            assert r["kept_tokens"][l] == [[mid[l - 2]] * 2]
+            assert cache.layers[l].keys.shape[2] == mid[l - 2]  # physically small
+        assert r["kv_bytes"] < 0.8 * r["kv_bytes_full"]
+        # decode holds each middle layer at its capacity
+        tok = out.logits[:, -1:].argmax(-1)
+        with torch.no_grad():
+            for _ in range(5):
+                tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        r = kvaccel.report(model)
+        assert [r["kept_tokens"][l] for l in (2, 3, 4)] == [[[c] * 2] for c in mid]
+        assert r["kept_tokens"][0] == [[261, 261]]
+
+
+def test_d2o_needs_four_layers():
+    with pytest.raises(ValueError, match=r"at least 4 layers.*has 3"):
+        kvaccel.patch(tiny_model("llama"), D2O())
+    with pytest.raises(ValueError, match="recent_ratio"):
+        D2O(recent_ratio=1.5)
