@@ -3,6 +3,10 @@
 from .base import EvictionMethod, ScoredEviction
 from .d2o import D2O
 from .full import Full
+from .h2o import H2O
+from .keyformer import Keyformer
+from .pyramidkv import PyramidKV
+from .snapkv import SnapKV
 from .streaming import Streaming
 
-__all__ = ["EvictionMethod", "Full", "ScoredEviction", "Streaming"]
+__all__ = ["D2O", "EvictionMethod", "Full", "H2O", "Keyformer", "PyramidKV", "ScoredEviction", "SnapKV", "Streaming"]

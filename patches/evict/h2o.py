@@ -1,0 +1,106 @@
+"""H2O: heavy hitters (accumulated attention column sums) + a recent window."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from kvaccel.kernels.window_scores import window_attention_scores
+
+from kvaccel.config import register
+
+from .base import ScoredEviction
+
+STATE = "h2o"
+_KEEP = torch.finfo(torch.float32).max  # score of tokens that are always kept
+
+
+def check_ratio(field: str, value) -> None:
+    """Raise ``ValueError`` unless ``value`` is a real number in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0 <= value <= 1:
+        raise ValueError(f"{field} ({value!r}) must be a number in [0, 1]")
+
+
+def check_int(field: str, value, low: int) -> None:
+    """Raise ``ValueError`` unless ``value`` is an int >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{field} ({value!r}) must be an int >= {low}")
+
+
+def require_full_width(layer, method: str) -> None:
+    """Rescoring reads ``layer.keys`` only: refuse a narrow (ThinK) segment with a clear error."""
+    if layer.narrow is not None:
+        raise NotImplementedError(
+            f"{method} scores the full-width keys only and does not support channel-pruned (narrow) keys yet "
+            "(decode eviction or a chunked prompt after ThinK); combine channel pruning with a prompt-only "
+            "eviction such as snapkv(decode_budget=None) and a single-forward prompt"
+        )
+
+
+def group_mean(scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """``(B, H_q, T)`` -> ``(B, H_kv, T)``: mean over the ``G = H_q / H_kv`` query heads of each kv head."""
+    B, Hq, T = scores.shape
+    return scores.view(B, num_kv_heads, Hq // num_kv_heads, T).mean(2)
+
+
+def recent_mask(valid: torch.Tensor, n: int) -> torch.Tensor:
+    """``(B, 1|H, T)`` bool: the last ``n`` real tokens of each row (padding slots are skipped)."""
+    from_end = valid.flip(-1).cumsum(-1).flip(-1)  # real tokens at or after each slot
+    return valid & (from_end <= n)
+
+
+def recent_count(ratio: float, capacity: int) -> int:
+    """Tokens of the recent window for a ``capacity``-token cache (``round(ratio * capacity)``)."""
+    return min(capacity, int(round(ratio * capacity)))
+
+
+@register
+@dataclass
+class H2O(ScoredEviction):
+    """H2O: keep the heavy hitters (largest accumulated attention) and the most recent tokens.
+
+    https://arxiv.org/abs/2306.14048 — ``score_j = sum_{i >= j} softmax_j(q_i . k / sqrt(d))`` accumulated over
+    every query seen (the whole prompt at prefill, each new token at decode) and averaged over the ``G`` query
+    heads of a kv head; kept = ``round(recent_ratio * budget)`` most recent tokens + the top remaining by score.
+    The running score lives in ``layer.token_state["h2o"]`` ``(B, H_kv, T)`` float32 and moves with its token;
+    evicted tokens lose theirs. Decoding keeps the cache at the budget (one eviction per step).
+
+    Parameters
+    ----------
+    budget : int | float
+        Tokens kept per head (int) or fraction of the prompt (float in (0, 1]). Default 0.25.
+    recent_ratio : float
+        Fraction of the budget that is the recent window (the paper's 50/50 heavy/recent split). Default 0.5.
+    """
+
+    name = "h2o"
+    budget: int | float = 0.25
+    recent_ratio: float = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_ratio("recent_ratio", self.recent_ratio)
+
+    def accumulate(self, ctx) -> None:
+        """Add the attention probabilities of this forward's queries to every held token's running score."""
+        layer = ctx.layer
+        require_full_width(layer, self.name)
+        probs = window_attention_scores(ctx.query, layer.keys, scale=ctx.scaling, valid=layer.valid)
+        add = group_mean(probs, layer.keys.shape[1])
+        old = layer.token_state.get(STATE)  # new tokens were zero-extended by update()
+        layer.token_state[STATE] = add if old is None else old + add
+
+    def score(self, ctx) -> torch.Tensor:
+        layer = ctx.layer
+        acc = layer.token_state[STATE]
+        recent = recent_mask(layer.full_valid(), recent_count(self.recent_ratio, self.capacity(ctx)))
+        return torch.where(recent, _KEEP, acc)
+
+    def after_prefill(self, ctx) -> None:
+        self.accumulate(ctx)
+        super().after_prefill(ctx)
+
+    def after_decode(self, ctx) -> None:
+        self.accumulate(ctx)
+        super().after_decode(ctx)

@@ -1,0 +1,150 @@
+"""Keyformer: key tokens chosen by accumulated Gumbel-softmax scores of the raw attention logits."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kvaccel.config import register
+
+from .base import ScoredEviction
+from .h2o import _KEEP, check_int, check_ratio, recent_count, recent_mask, require_full_width
+
+STATE = "keyformer"
+_ROW_CHUNK = 256  # stacked query rows per logits block: temporaries are O(_ROW_CHUNK * T) per kv head
+
+
+def step_seed(seed: int, layer_idx: int, step: int) -> int:
+    """Seed of the Gumbel generator of one layer at one step (0 = the prompt, t = the t-th decode step)."""
+    return (seed * 1_000_003 + layer_idx * 10_007 + step) % (2**63)
+
+
+def gumbel_noise(shape, generator: torch.Generator) -> torch.Tensor:
+    """``zeta = -log(-log(u))``, ``u ~ U(0, 1)`` drawn with ``generator`` (CPU, float32), clamped off 0 and 1."""
+    u = torch.rand(shape, generator=generator, dtype=torch.float32)
+    u = u.clamp_(torch.finfo(torch.float32).tiny, 1.0 - torch.finfo(torch.float32).eps)
+    return -torch.log(-torch.log(u))
+
+
+def tau_at(step: int, tau_init: float, tau_end: float, max_new_tokens: int) -> float:
+    """``tau_t = tau_init + t (tau_end - tau_init) / max_new_tokens``, clamped to ``[tau_init, tau_end]``."""
+    t = min(max(step, 0), max_new_tokens)
+    return tau_init + t * (tau_end - tau_init) / max_new_tokens
+
+
+def noisy_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    scale: float,
+    tau: float,
+    generator: torch.Generator,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(B, H_kv, T)``: Gumbel-softmax probabilities of the last ``W`` queries, summed over them, mean over the group.
+
+    ``f_ij = softmax_j((scale q_i . k_j + zeta_ij) / tau)`` with causal masking (query ``i`` at position
+    ``T - W + i``) and invalid keys masked. The ``G`` query heads of a kv head are stacked as ``(B, H_kv, G*W, T)``
+    rows (no K repeat) and processed ``_ROW_CHUNK`` rows at a time; one noise block of the chunk's shape is drawn
+    per chunk, in order, from ``generator``.
+    """
+    B, Hq, W, D = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    qg = q.reshape(B, Hkv, G * W, D)
+    kt = k.float().transpose(-1, -2)
+    row_pos = (T - W + torch.arange(W, device=q.device)).repeat(G)  # absolute position of each stacked row
+    key_pos = torch.arange(T, device=q.device)
+    out = torch.zeros(B, Hkv, T, dtype=torch.float32, device=q.device)
+    for r0 in range(0, G * W, _ROW_CHUNK):
+        r1 = min(G * W, r0 + _ROW_CHUNK)
+        logits = (qg[:, :, r0:r1].float() @ kt) * scale
+        logits = logits + gumbel_noise(logits.shape, generator).to(logits.device)
+        mask = key_pos[None, :] <= row_pos[r0:r1, None]  # (rows, T)
+        if valid is not None:
+            mask = mask & valid[:, :, None, :]
+        logits = logits.div_(tau).masked_fill_(~mask, float("-inf"))
+        out += torch.softmax(logits, dim=-1).nan_to_num_(0.0).sum(2)
+    return out / G
+
+
+@register
+@dataclass
+class Keyformer(ScoredEviction):
+    """Keyformer: keep a recent window + the "key" tokens with the largest accumulated Gumbel-softmax score.
+
+    https://arxiv.org/abs/2403.09054 (MLSys 2024) —
+    ``f(x_i) = exp((x_i + zeta_i)/tau) / sum_j exp((x_j + zeta_j)/tau)``, ``x`` the raw logits ``q . k / sqrt(d)``,
+    ``zeta ~ Gumbel(0, 1)`` redrawn every step, ``tau_t = tau_init + t (tau_end - tau_init) / max_new_tokens``
+    (clamped at ``tau_end``). Per layer and kv head the scores accumulate over steps in
+    ``layer.token_state["keyformer"]`` (``(B, H_kv, T)``, mean over the ``G`` query heads; an evicted token's
+    score is dropped with it). At the prompt (``t = 0``) the last ``window`` queries score every token; each
+    decode step ``t`` adds the new query's noisy probabilities and cuts the cache back to ``budget``:
+    ``round(recent_ratio * budget)`` most recent tokens + the top-scoring rest. The noise of layer ``l`` at step
+    ``t`` comes from ``torch.Generator().manual_seed(step_seed(seed, l, t))``: reproducible, whatever else runs
+    (drawn on the CPU, then copied to the device).
+
+    Parameters
+    ----------
+    budget : int | float
+        Tokens kept per head (int) or fraction of the prompt (float in (0, 1]). Default 0.25.
+    recent_ratio : float
+        Fraction of the budget used as recent window (reference: 0.3; paper recommends 0.2–0.3). Default 0.3.
+    window : int
+        Prompt queries whose logits score the prompt at prefill. Default 32.
+    tau_init, tau_end : float
+        Gumbel-softmax temperature at the first and at the ``max_new_tokens``-th step (> 0). Default 1.0, 2.0.
+    max_new_tokens : int
+        Steps over which the temperature rises linearly. Default 128.
+    seed : int
+        Seed of the Gumbel noise (combined with the layer index and the step). Default 0.
+    """
+
+    name = "keyformer"
+    budget: int | float = 0.25
+    recent_ratio: float = 0.3
+    window: int = 32
+    tau_init: float = 1.0
+    tau_end: float = 2.0
+    max_new_tokens: int = 128
+    seed: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_ratio("recent_ratio", self.recent_ratio)
+        check_int("window", self.window, 1)
+        for field in ("tau_init", "tau_end"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or not v > 0:
+                raise ValueError(f"{field} ({v!r}) must be a number > 0")
+        check_int("max_new_tokens", self.max_new_tokens, 1)
+        check_int("seed", self.seed, 0)
+
+    def tau(self, step: int) -> float:
+        return tau_at(step, self.tau_init, self.tau_end, self.max_new_tokens)
+
+    def accumulate(self, ctx) -> None:
+        """Add this step's Gumbel-softmax scores (window at the prompt, the new query at decode)."""
+        layer = ctx.layer
+        require_full_width(layer, self.name)
+        step = layer.decode_steps if ctx.phase == "decode" else 0
+        q = ctx.query if ctx.phase == "decode" else ctx.query[:, :, -min(self.window, ctx.query.shape[2]) :]
+        gen = torch.Generator().manual_seed(step_seed(self.seed, ctx.layer_idx, step))
+        add = noisy_scores(q, layer.keys, scale=ctx.scaling, tau=self.tau(step), generator=gen, valid=layer.valid)
+        old = layer.token_state.get(STATE)
+        layer.token_state[STATE] = add if old is None else old + add
+
+    def score(self, ctx) -> torch.Tensor:
+        layer = ctx.layer
+        recent = recent_mask(layer.full_valid(), recent_count(self.recent_ratio, self.capacity(ctx)))
+        return torch.where(recent, _KEEP, layer.token_state[STATE])
+
+    def after_prefill(self, ctx) -> None:
+        self.accumulate(ctx)
+        super().after_prefill(ctx)
+
+    def after_decode(self, ctx) -> None:
+        self.accumulate(ctx)
+        super().after_decode(ctx)
