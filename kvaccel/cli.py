@@ -104,6 +104,123 @@ def compare_cmd(
     console.print(table)
 
 
+def _csv_ints(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise ValueError(f"--{what} takes comma-separated integers, got '{text}'") from None
+    if not vals:
+        raise ValueError(f"--{what} is empty")
+    return vals
+
+
+@app.command("eval")
+def eval_cmd(
+    method: list[str] = typer.Option(["streaming(budget=0.25)"], help="Method spec; repeat for several. "
+                                     "The full-attention baseline always runs too."),
+    model: str | None = typer.Option(None, help="Local path or hub id; default: the embedded SmolLM2-135M."),
+    tasks: str = typer.Option("passkey,niah_single,fidelity", help="Comma-separated task names or .jsonl paths."),
+    lengths: str = typer.Option("1024,2048", help="Comma-separated prompt lengths in tokens."),
+    samples: int = typer.Option(3, help="Samples per (task, length)."),
+    out: Path = typer.Option(Path("runs/eval"), help="Output directory (resumable)."),
+    seed: int = typer.Option(0),
+    haystack: str = typer.Option("noise", help="noise or prose (pydoc_data)."),
+    question_aware: bool = typer.Option(False, help="Prefill context + question together (default: question "
+                                        "after compression)."),
+    new_tokens: int | None = typer.Option(None, help="Answer tokens; default per task (12-32)."),
+) -> None:
+    """Accuracy (RULER-style tasks, local JSONL) and fidelity of methods vs full attention; resumable."""
+    import time
+
+    import torch
+
+    import kvaccel
+    from kvaccel.evals.runner import check_lengths, check_methods, check_out_dir, check_tasks, run_eval
+
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    try:  # every check before the model loads or anything is written
+        if samples <= 0:
+            raise ValueError(f"--samples must be >= 1, got {samples}")
+        specs = check_methods(method)
+        task_list = check_tasks(tasks.split(","))
+        length_list = _csv_ints(lengths, "lengths")
+        if new_tokens is not None and new_tokens < 1:
+            raise ValueError(f"--new-tokens must be >= 1, got {new_tokens}")
+        check_out_dir(out)
+        mdl, tok = kvaccel.load_model(model)
+        check_lengths(mdl, length_list)
+        res = run_eval(mdl, tok, specs, task_list, length_list, samples, out, seed=seed, new_tokens=new_tokens,
+                       haystack=haystack, question_aware=question_aware, progress=True,
+                       model_id=model or kvaccel.models.DEFAULT_MODEL)
+    except (ValueError, ImportError, FileNotFoundError) as e:
+        _fail(e)
+    from kvaccel.evals.report import accuracy_table, fidelity_table
+
+    for title, (header, rows) in (("accuracy (string_match_all)", accuracy_table(res["summary"])),
+                                  ("fidelity to full attention", fidelity_table(res["summary"]))):
+        if rows:
+            table = Table(title=title)
+            for i, col in enumerate(header):
+                table.add_column(col, justify="left" if i == 0 else "right")
+            for r in rows:
+                table.add_row(*r)
+            console.print(table)
+    console.print(f"[dim]{res['computed']} computed, {res['skipped']} reused; {time.perf_counter() - t0:.0f} s; "
+                  f"results in {out}/ (results.json, results.jsonl, report.md, *.png)[/]")
+
+
+@app.command("bench")
+def bench_cmd(
+    method: list[str] = typer.Option(["streaming(budget=0.25)"], help="Method spec; repeat for several."),
+    model: str | None = typer.Option(None, help="Local path or hub id; default: the embedded SmolLM2-135M."),
+    lengths: str = typer.Option("1024,2048", help="Comma-separated prompt lengths in tokens."),
+    batch: str = typer.Option("1", help="Comma-separated batch sizes."),
+    new_tokens: int = typer.Option(32, help="Generated tokens per run (>= 2)."),
+    repeats: int = typer.Option(3, help="Timed repetitions (median and p10/p90)."),
+    warmup: int = typer.Option(1, help="Untimed warm-up repetitions."),
+    out: Path = typer.Option(Path("runs/bench"), help="Output directory."),
+) -> None:
+    """Speed and memory grid (lengths x batch sizes): full attention vs methods, interleaved in one process."""
+    import time
+
+    import torch
+
+    import kvaccel
+    from kvaccel.evals.bench import run_bench
+    from kvaccel.evals.report import bench_table, write_reports
+    from kvaccel.evals.runner import check_lengths, check_methods, check_out_dir, write_json_atomic
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    try:
+        specs = check_methods(method)
+        length_list, batches = _csv_ints(lengths, "lengths"), _csv_ints(batch, "batch")
+        if any(b < 1 for b in batches):
+            raise ValueError(f"--batch sizes must be >= 1, got {batches}")
+        if new_tokens < 2 or repeats < 1 or warmup < 0:
+            raise ValueError("need --new-tokens >= 2, --repeats >= 1, --warmup >= 0")
+        check_out_dir(out)
+        mdl, tok = kvaccel.load_model(model)
+        check_lengths(mdl, length_list, margin=new_tokens)
+    except (ValueError, ImportError, FileNotFoundError) as e:
+        _fail(e)
+    config = {"model": model or kvaccel.models.DEFAULT_MODEL, "methods": ["full", *specs], "lengths": length_list,
+              "batches": batches, "new_tokens": new_tokens, "repeats": repeats, "warmup": warmup, "seed": 0}
+    write_json_atomic(out / "results.json", {"status": "partial", "config": config})
+    rows = run_bench(mdl, tok, specs, length_list, batches, new_tokens=new_tokens, repeats=repeats, warmup=warmup,
+                     progress=True)
+    write_reports({"config": config, "bench": rows}, out, status="complete")
+    header, trows = bench_table(rows)
+    table = Table(title=f"{config['model']}: {new_tokens} new tokens, median of {repeats}")
+    for i, col in enumerate(header):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for r in trows:
+        table.add_row(*r)
+    console.print(table)
+    console.print(f"[dim]{time.perf_counter() - t0:.0f} s; results in {out}/[/]")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -43,7 +44,8 @@ def default_model_path() -> Path:
     """A safetensors copy of the default model, de-quantized from the GGUF once and cached."""
     target = cache_dir() / DEFAULT_MODEL
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
-        return target
+        if "quantization_config" not in json.loads((target / "config.json").read_text()):
+            return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = default_gguf_path()
@@ -57,6 +59,10 @@ def default_model_path() -> Path:
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        cfg_path = tmp / "config.json"  # a de-quantized copy carries no quantization_config (not even null)
+        cfg = json.loads(cfg_path.read_text())
+        cfg.pop("quantization_config", None)
+        cfg_path.write_text(json.dumps(cfg, indent=2))
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)  # atomic: a half-written copy is never picked up

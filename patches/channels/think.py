@@ -104,7 +104,7 @@ class ThinK(ChannelMethod):
 
     @staticmethod
     def prune(layer: KVAccelLayer, channel_idx: Tensor, n_move: int) -> None:
-        """Move the oldest ``n_move`` full-width slots of ``layer`` into its narrow segment (channels ``channel_idx``)."""
+        """Move the oldest ``n_move`` full-width slots of ``layer`` into its narrow segment (``channel_idx``)."""
         k_old = layer.keys[:, :, :n_move]
         idx = channel_idx[:, :, None, :].expand(*k_old.shape[:3], channel_idx.shape[-1])
         k_narrow = k_old.gather(-1, idx)

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from kvaccel.kernels.window_scores import window_attention_scores
 
 from kvaccel.cache import KVAccelLayer
 from kvaccel.config import register, validate_budget
-from kvaccel.kernels.window_scores import window_attention_scores
 
 from .base import EvictionMethod
 
@@ -216,7 +216,7 @@ class D2O(EvictionMethod):
         for l in range(L):
             if not self.compressible(l, L):
                 state.layer_stats[l]["capacity"] = cache.layers[l].prompt_len
-        for l, r in zip(mids, ratios.tolist()):
+        for l, r in zip(mids, ratios.tolist(), strict=True):
             layer = cache.layers[l]
             cap = max(1, math.ceil(r * layer.prompt_len))
             state.layer_stats[l]["capacity"] = cap

@@ -1,0 +1,194 @@
+"""kvaccel vs NVIDIA kvpress on the same prompts, same model, same decoding loop.
+
+kvpress 0.5.5 pins transformers < 5.3, so it runs in its own virtual environment (``setup_kvpress.sh``).
+Both sides use the question-agnostic protocol of kvpress' own pipeline: the context is prefilled (and
+compressed), then question + answer prefix are fed, then greedy decoding. kvpress' side calls its pipeline's
+own ``generate_answer`` (explicit position ids, as kvpress needs after truncating a DynamicCache).
+
+    .venv/bin/python benchmarks/peers/kvpress_vs_kvaccel.py export --out runs/peers/prompts.jsonl
+    .venv-kvpress/bin/python benchmarks/peers/kvpress_vs_kvaccel.py run --framework kvpress \\
+        --prompts runs/peers/prompts.jsonl --out runs/peers/kvpress.jsonl
+    .venv/bin/python benchmarks/peers/kvpress_vs_kvaccel.py run --framework kvaccel \\
+        --prompts runs/peers/prompts.jsonl --out runs/peers/kvaccel.jsonl
+    .venv/bin/python benchmarks/peers/kvpress_vs_kvaccel.py report runs/peers/kvpress.jsonl runs/peers/kvaccel.jsonl
+
+This file must import with either environment: nothing from kvaccel or kvpress at module level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+BUDGETS = (0.5, 0.25, 0.1)
+THINK_RATIO = 0.4
+NEW_TOKENS = 12
+
+
+def export(args) -> None:
+    from kvaccel.evals import tasks
+
+    import kvaccel
+    from kvaccel.models import default_model_path
+
+    _, tok = kvaccel.load_model()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as f:
+        for task in args.tasks.split(","):
+            for length in (int(x) for x in args.lengths.split(",")):
+                for s in tasks.generate(task, tok, length, args.samples, seed=args.seed):
+                    context, rest = s.prompt(question_aware=False)
+                    rec = {"id": s.id, "task": task, "length": length, "context": context, "question": rest,
+                           "answers": s.answers, "model": str(default_model_path())}
+                    f.write(json.dumps(rec) + "\n")
+    print(f"wrote {out}")
+
+
+def _methods(framework: str):
+    """(name, budget, factory) — the same method at the same kept fraction on both sides."""
+    rows = []
+    for b in BUDGETS:
+        if framework == "kvpress":
+            from kvpress import ComposedPress, SnapKVPress, StreamingLLMPress, ThinKPress, TOVAPress
+
+            rows += [
+                ("snapkv", b, lambda b=b: SnapKVPress(compression_ratio=1 - b, window_size=32, kernel_size=7)),
+                ("streaming", b, lambda b=b: StreamingLLMPress(compression_ratio=1 - b, n_sink=4)),
+                ("tova", b, lambda b=b: TOVAPress(compression_ratio=1 - b)),
+                ("snapkv+think", b, lambda b=b: ComposedPress(
+                    [SnapKVPress(compression_ratio=1 - b, window_size=32, kernel_size=7),
+                     ThinKPress(key_channel_compression_ratio=THINK_RATIO, window_size=32)])),
+            ]
+        else:
+            rows += [
+                ("snapkv", b, lambda b=b: f"snapkv(budget={b})"),
+                ("streaming", b, lambda b=b: f"streaming(budget={b})"),
+                ("snapkv+think", b, lambda b=b: f"snapkv(budget={b})+think(ratio={THINK_RATIO})"),
+            ]
+    return [("full", 1.0, lambda: None)] + rows
+
+
+def _cache_bytes(cache) -> int:
+    total = 0
+    for layer in cache.layers:
+        if hasattr(layer, "nbytes") and callable(layer.nbytes):
+            total += layer.nbytes()
+        else:
+            total += layer.keys.nbytes + layer.values.nbytes
+    return total
+
+
+def run(args) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    prompts = [json.loads(line) for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    model_path = prompts[0]["model"]
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    tok = AutoTokenizer.from_pretrained(model_path)
+    out = Path(args.out)
+    done = set()
+    if out.exists():
+        done = {(r["method"], r["budget"], r["id"]) for r in map(json.loads, out.read_text().splitlines())}
+    if args.framework == "kvpress":
+        import kvpress  # noqa: F401  (registers the pipeline)
+        from transformers import pipeline
+
+        pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok, device="cpu")
+    else:
+        import kvaccel
+
+    with out.open("a") as f, torch.inference_mode():
+        for name, budget, factory in _methods(args.framework):
+            for p in prompts:
+                if (name, budget, p["id"]) in done:
+                    continue
+                ctx_ids = tok(p["context"], return_tensors="pt", add_special_tokens=False)["input_ids"]
+                q_ids = tok(p["question"], return_tensors="pt", add_special_tokens=False)["input_ids"]
+                method = factory()
+                t0 = time.perf_counter()
+                if args.framework == "kvpress":
+                    cache = DynamicCache()
+                    import contextlib
+
+                    with method(model) if method is not None else contextlib.nullcontext():
+                        model.model(input_ids=ctx_ids, past_key_values=cache)
+                    kv = _cache_bytes(cache)
+                    answer = pipe.generate_answer(q_ids, cache, ctx_ids.shape[1], NEW_TOKENS)
+                else:
+                    if method is None:
+                        kvaccel.patch(model)
+                    else:
+                        kvaccel.patch(model, method)
+                    cache = kvaccel.KVAccelCache(model)
+                    model(ctx_ids, past_key_values=cache, use_cache=True)
+                    kv = cache.nbytes()
+                    logits = model(q_ids, past_key_values=cache, use_cache=True).logits[0, -1]
+                    gen = [int(logits.argmax())]
+                    for _ in range(NEW_TOKENS - 1):
+                        if gen[-1] == tok.eos_token_id:
+                            break
+                        logits = model(torch.tensor([[gen[-1]]]), past_key_values=cache, use_cache=True).logits[0, -1]
+                        gen.append(int(logits.argmax()))
+                    answer = tok.decode(gen, skip_special_tokens=True)
+                    kvaccel.unpatch(model)
+                seconds = time.perf_counter() - t0
+                full = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * ctx_ids.shape[1] * (
+                    model.config.hidden_size // model.config.num_attention_heads) * 4
+                score = sum(a.lower() in answer.lower() for a in p["answers"]) / len(p["answers"])
+                rec = {"framework": args.framework, "method": name, "budget": budget, "id": p["id"],
+                       "task": p["task"], "length": p["length"], "score": score, "answer": answer,
+                       "kv_bytes_after_prefill": kv, "kv_bytes_full": full, "seconds": seconds}
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+                print(f"{args.framework:8s} {name:14s} {budget:<5} {p['id']:28s} score={score:.2f} "
+                      f"kv={kv / full:.3f} {seconds:.1f}s", flush=True)
+
+
+def report(args) -> None:
+    rows = [json.loads(line) for path in args.files for line in Path(path).read_text().splitlines() if line.strip()]
+    agg = defaultdict(list)
+    for r in rows:
+        agg[(r["method"], r["budget"], r["task"], r["length"], r["framework"])].append(r)
+    keys = sorted({(m, b, t, n) for m, b, t, n, _ in agg}, key=lambda k: (k[2], k[3], k[0] != "full", k[0], -k[1]))
+    print("| task | length | method | kept | kvpress acc | kvaccel acc | kvpress KV/full | kvaccel KV/full |")
+    print("|---|---|---|---|---|---|---|---|")
+    for m, b, t, n in keys:
+        cells = []
+        for fw in ("kvpress", "kvaccel"):
+            rs = agg.get((m, b, t, n, fw), [])
+            cells.append(f"{sum(r['score'] for r in rs) / len(rs):.2f} (n={len(rs)})" if rs else "—")
+        for fw in ("kvpress", "kvaccel"):
+            rs = agg.get((m, b, t, n, fw), [])
+            cells.append(f"{sum(r['kv_bytes_after_prefill'] / r['kv_bytes_full'] for r in rs) / len(rs):.3f}"
+                         if rs else "—")
+        print(f"| {t} | {n} | {m} | {b} | " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("export")
+    e.add_argument("--out", required=True)
+    e.add_argument("--tasks", default="passkey,niah_single")
+    e.add_argument("--lengths", default="1024,2048")
+    e.add_argument("--samples", type=int, default=4)
+    e.add_argument("--seed", type=int, default=0)
+    r = sub.add_parser("run")
+    r.add_argument("--framework", choices=("kvpress", "kvaccel"), required=True)
+    r.add_argument("--prompts", required=True)
+    r.add_argument("--out", required=True)
+    p = sub.add_parser("report")
+    p.add_argument("files", nargs="+")
+    args = ap.parse_args()
+    {"export": export, "run": run, "report": report}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

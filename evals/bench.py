@@ -1,0 +1,168 @@
+"""Speed and memory grid: full attention vs methods, interleaved in one process so ratios are fair.
+
+Per (prompt length, batch size) and repetition, the baseline and each method run in turn (the order alternates
+between repetitions). Each run: prefill (time to first token), ``new_tokens - 1`` greedy decode steps (time per
+output token), the process RSS sampled by a background thread from ``/proc/self/statm`` (peak minus the RSS before
+the run: the memory the run added, unlike ``getrusage``'s monotonic high-water mark) and ``kv_bytes``.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from typing import Any
+
+import torch
+
+from .runner import FULL, _kv_bytes, _method, _new_cache, check_lengths, check_methods
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def current_rss() -> int:
+    """Resident set size of this process now, in bytes (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class RssSampler:
+    """Context manager: peak RSS over the block, sampled every ``interval`` seconds by a daemon thread."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval, self.start, self.peak = interval, 0, 0
+        self._stop = threading.Event()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, current_rss())
+
+    def __enter__(self):
+        self.start = self.peak = current_rss()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, current_rss())
+
+    @property
+    def delta(self) -> int:
+        return max(0, self.peak - self.start)
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """Linear-interpolated percentile ``q`` in [0, 100]."""
+    xs = sorted(x for x in xs if x == x)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def spread(xs: list[float]) -> dict[str, float]:
+    """Median, p10 and p90 (the colleague's ``metrics.summarize`` when it offers them)."""
+    try:
+        from .metrics import summarize
+
+        s = summarize(xs)
+        if isinstance(s, dict) and {"median", "p10", "p90"} <= set(s):
+            return {k: float(s[k]) for k in ("median", "p10", "p90")}
+    except (ImportError, TypeError, ValueError, AttributeError):
+        pass
+    return {"median": statistics.median(xs), "p10": percentile(xs, 10), "p90": percentile(xs, 90)}
+
+
+def bench_prompt(tokenizer, length: int, batch: int) -> torch.Tensor:
+    from kvaccel.compare import prompt_ids
+
+    return prompt_ids(tokenizer, length).repeat(batch, 1)
+
+
+def bench_once(model, ids: torch.Tensor, new_tokens: int, patched: bool) -> dict[str, float]:
+    """One timed greedy run: prefill + ``new_tokens - 1`` decode steps on a batch."""
+    with torch.inference_mode(), RssSampler() as mem:
+        cache = _new_cache(model, patched)
+        t0 = time.perf_counter()
+        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        t1 = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            out = model(nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        t2 = time.perf_counter()
+        kv, kv_full = _kv_bytes(model, cache, patched)
+        del cache, out
+    steps = max(1, new_tokens - 1)
+    return {"ttft_s": t1 - t0, "tpot_s": (t2 - t1) / steps if new_tokens > 1 else float("nan"),
+            "rss_delta": mem.delta, "rss_peak": mem.peak, "kv_bytes": kv, "kv_bytes_full": kv_full}
+
+
+def run_bench(
+    model,
+    tokenizer,
+    methods: list[str],
+    lengths: list[int],
+    batches: list[int],
+    new_tokens: int = 32,
+    repeats: int = 3,
+    warmup: int = 1,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """The grid lengths × batches; one row per (method, length, batch) with medians, p10/p90 and speedups."""
+    methods = [FULL] + check_methods(methods)
+    lengths = check_lengths(model, lengths, margin=new_tokens)
+    if not batches or any(int(b) < 1 for b in batches):
+        raise ValueError(f"batch sizes must be >= 1, got {batches}")
+    if new_tokens < 2 or repeats < 1 or warmup < 0:
+        raise ValueError("need new_tokens >= 2, repeats >= 1, warmup >= 0")
+    grid = [(n, int(b)) for n in lengths for b in batches]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(grid) * len(methods) * (repeats + warmup), desc="bench", unit="run", dynamic_ncols=True)
+    rows: list[dict[str, Any]] = []
+    try:
+        for length, batch in grid:
+            ids = bench_prompt(tokenizer, length, batch)
+            runs: dict[str, list[dict]] = {m: [] for m in methods}
+            for rep in range(warmup + repeats):
+                order = methods if rep % 2 == 0 else methods[::-1]  # alternate so drift hits all alike
+                for m in order:
+                    with _method(model, m) as patched:
+                        r = bench_once(model, ids, new_tokens, patched)
+                    if rep >= warmup:
+                        runs[m].append(r)
+                    if bar:
+                        bar.update(1)
+            base = None
+            for m in methods:
+                rs = runs[m]
+                ttft, tpot = spread([r["ttft_s"] for r in rs]), spread([r["tpot_s"] for r in rs])
+                row = {
+                    "method": m, "length": length, "batch": batch, "new_tokens": new_tokens, "repeats": repeats,
+                    "ttft_s": ttft["median"], "ttft_p10": ttft["p10"], "ttft_p90": ttft["p90"],
+                    "tpot_s": tpot["median"], "tpot_p10": tpot["p10"], "tpot_p90": tpot["p90"],
+                    "tokens_per_s": batch / tpot["median"] if tpot["median"] > 0 else float("nan"),
+                    "rss_delta_mib": statistics.median(r["rss_delta"] for r in rs) / 2**20,
+                    "rss_peak_mib": max(r["rss_peak"] for r in rs) / 2**20,
+                    "kv_bytes": rs[-1]["kv_bytes"], "kv_bytes_full": rs[-1]["kv_bytes_full"],
+                }
+                row["kv_ratio"] = row["kv_bytes"] / row["kv_bytes_full"] if row["kv_bytes_full"] else None
+                if m == FULL:
+                    base = row
+                row["prefill_speedup"] = base["ttft_s"] / row["ttft_s"] if row["ttft_s"] > 0 else float("nan")
+                row["decode_speedup"] = base["tpot_s"] / row["tpot_s"] if row["tpot_s"] > 0 else float("nan")
+                rows.append(row)
+    finally:
+        if bar:
+            bar.close()
+    return rows
