@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from kvaccel.kernels.window_scores import window_attention_scores
@@ -75,6 +76,7 @@ class H2O(ScoredEviction):
     """
 
     name = "h2o"
+    state_key: ClassVar[str] = STATE  # key of the running score in ``layer.token_state``
     budget: int | float = 0.25
     recent_ratio: float = 0.5
 
@@ -88,12 +90,16 @@ class H2O(ScoredEviction):
         require_full_width(layer, self.name)
         probs = window_attention_scores(ctx.query, layer.keys, scale=ctx.scaling, valid=layer.valid)
         add = group_mean(probs, layer.keys.shape[1])
-        old = layer.token_state.get(STATE)  # new tokens were zero-extended by update()
-        layer.token_state[STATE] = add if old is None else old + add
+        self.add_scores(layer, add)
+
+    def add_scores(self, layer, add: torch.Tensor) -> None:
+        """Add ``add`` ``(B, H_kv, T)`` to the running scores (new tokens were zero-extended by ``update()``)."""
+        old = layer.token_state.get(self.state_key)
+        layer.token_state[self.state_key] = add if old is None else old + add
 
     def score(self, ctx) -> torch.Tensor:
         layer = ctx.layer
-        acc = layer.token_state[STATE]
+        acc = layer.token_state[self.state_key]
         recent = recent_mask(layer.full_valid(), recent_count(self.recent_ratio, self.capacity(ctx)))
         return torch.where(recent, _KEEP, acc)
 

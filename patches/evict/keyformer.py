@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from kvaccel.config import register
 
-from .base import ScoredEviction
-from .h2o import _KEEP, check_int, check_ratio, recent_count, recent_mask, require_full_width
+from .h2o import H2O, check_int, require_full_width
 
 STATE = "keyformer"
 _ROW_CHUNK = 256  # stacked query rows per logits block: temporaries are O(_ROW_CHUNK * T) per kv head
@@ -72,7 +72,7 @@ def noisy_scores(
 
 @register
 @dataclass
-class Keyformer(ScoredEviction):
+class Keyformer(H2O):
     """Keyformer: keep a recent window + the "key" tokens with the largest accumulated Gumbel-softmax score.
 
     https://arxiv.org/abs/2403.09054 (MLSys 2024) —
@@ -103,6 +103,7 @@ class Keyformer(ScoredEviction):
     """
 
     name = "keyformer"
+    state_key: ClassVar[str] = STATE
     budget: int | float = 0.25
     recent_ratio: float = 0.3
     window: int = 32
@@ -112,8 +113,7 @@ class Keyformer(ScoredEviction):
     seed: int = 0
 
     def __post_init__(self):
-        super().__post_init__()
-        check_ratio("recent_ratio", self.recent_ratio)
+        super().__post_init__()  # budget, recent_ratio
         check_int("window", self.window, 1)
         for field in ("tau_init", "tau_end"):
             v = getattr(self, field)
@@ -133,18 +133,4 @@ class Keyformer(ScoredEviction):
         q = ctx.query if ctx.phase == "decode" else ctx.query[:, :, -min(self.window, ctx.query.shape[2]) :]
         gen = torch.Generator().manual_seed(step_seed(self.seed, ctx.layer_idx, step))
         add = noisy_scores(q, layer.keys, scale=ctx.scaling, tau=self.tau(step), generator=gen, valid=layer.valid)
-        old = layer.token_state.get(STATE)
-        layer.token_state[STATE] = add if old is None else old + add
-
-    def score(self, ctx) -> torch.Tensor:
-        layer = ctx.layer
-        recent = recent_mask(layer.full_valid(), recent_count(self.recent_ratio, self.capacity(ctx)))
-        return torch.where(recent, _KEEP, layer.token_state[STATE])
-
-    def after_prefill(self, ctx) -> None:
-        self.accumulate(ctx)
-        super().after_prefill(ctx)
-
-    def after_decode(self, ctx) -> None:
-        self.accumulate(ctx)
-        super().after_decode(ctx)
+        self.add_scores(layer, add)
