@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
 from kvaccel.kernels.decode_attention import decode_attention
 
 

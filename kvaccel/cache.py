@@ -190,6 +190,22 @@ class KVAccelLayer(CacheLayerMixin):
         heads = max(nv.shape[1], full.shape[1])
         return torch.cat([nv.expand(-1, heads, -1), full.expand(-1, heads, -1)], dim=-1)
 
+    def dense_keys(self) -> tuple[Tensor, Tensor | None]:
+        """Keys of every held token on the ``[narrow, full]`` axis ``(B, H, N, D)`` and their validity.
+
+        Narrow keys are zero-filled in their pruned channels, so ``q · K`` equals ThinK's narrow logits: scorers
+        (SnapKV, H2O, ...) read this and work unchanged after channel pruning. Without a narrow segment this is
+        ``(keys, valid)`` with no copy; validity is ``None`` when every slot is a real token.
+        """
+        if self.narrow is None:
+            return self.keys, self.valid
+        nar = self.narrow
+        B, H, Tn, Dk = nar.keys.shape
+        kn = self.keys.new_zeros(B, H, Tn, self.keys.shape[-1])
+        kn.scatter_(-1, nar.channel_idx[:, :, None, :].expand(B, H, Tn, Dk), nar.keys)
+        valid = None if (self.valid is None and nar.valid is None) else self.token_valid()
+        return torch.cat([kn, self.keys], dim=2), valid
+
     def keep(self, idx: Tensor, slot_valid: Tensor | None = None) -> None:
         """Keep only the tokens ``idx`` (B, 1|H, K), sorted ascending, indexing the full-width segment.
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from kvaccel.kernels.decode_attention import decode_attention
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvaccel.cache import KVAccelCache, KVAccelLayer
+from kvaccel.kernels.decode_attention import decode_attention
 
 ATTENTION_NAME = "kvaccel"
 Tensor = torch.Tensor

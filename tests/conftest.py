@@ -39,7 +39,7 @@ def tiny_config(family: str, **overrides):
     return cls(**common)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny_state(family: str):
     from transformers import AutoModelForCausalLM
 

@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
-from kvaccel.patches.attention import grouped_attention
 
 import kvaccel
 from kvaccel.cache import KVAccelCache, KVAccelLayer, NarrowSegment
+from kvaccel.patches.attention import grouped_attention
+
+from conftest import tiny_model
 
 
 def _tensor_bytes(cache: KVAccelCache) -> int:

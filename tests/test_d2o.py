@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
 
 import kvaccel
 from kvaccel.cache import KVAccelCache
 from kvaccel.patches.evict.d2o import D2O, allocate_ratios, layer_sigma, merge_evicted
+
+from conftest import tiny_model
 
 
 def _ids(n, seed=0):

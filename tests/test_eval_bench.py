@@ -7,9 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
+
 from kvaccel.evals.bench import RssSampler, percentile, run_bench, spread
 from kvaccel.evals.report import write_reports
+
+from conftest import tiny_model
 
 SPEC = "streaming(budget=0.25)"
 

@@ -9,15 +9,16 @@ import sys
 import types
 from dataclasses import dataclass, field
 
-import kvaccel.evals as evals_pkg
 import pytest
 import torch
-from conftest import tiny_model
-from kvaccel.evals import runner
-from kvaccel.evals.runner import fidelity_metrics, read_results, run_eval
 from typer.testing import CliRunner
 
+import kvaccel.evals as evals_pkg
 from kvaccel.cli import app
+from kvaccel.evals import runner
+from kvaccel.evals.runner import fidelity_metrics, read_results, run_eval
+
+from conftest import tiny_model
 
 SPEC = "streaming(budget=0.25)"
 

@@ -10,6 +10,7 @@ import re
 import warnings
 
 import pytest
+
 from kvaccel.evals import tasks as T
 
 NEEDLE_TASKS = ["passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "variable_tracking"]

@@ -9,14 +9,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+
+import kvaccel
+from kvaccel.cache import KVAccelLayer
 from kvaccel.patches.evict.h2o import H2O
 from kvaccel.patches.evict.keyformer import Keyformer, gumbel_noise, noisy_scores, step_seed
 from kvaccel.patches.evict.pyramidkv import PyramidKV, pyramid_capacities
 from kvaccel.patches.evict.snapkv import SnapKV, pool_scores
 
-import kvaccel
-from kvaccel.cache import KVAccelLayer
+from conftest import tiny_model
 
 GEN = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False)
 D = 8
@@ -394,13 +395,47 @@ def test_chunked_prompt_is_compressed_after_each_chunk(name):
         assert cache.get_seq_length() == 160
 
 
-def test_decode_rescoring_refuses_narrow_keys_clearly():
-    from kvaccel.cache import NarrowSegment
+@pytest.mark.parametrize(
+    "spec",
+    ["h2o(budget=24)", "keyformer(budget=24)", "snapkv(budget=24)", "snapkv(budget=24, decode_budget=24)",
+     "pyramidkv(budget=24, window=8)"],
+)
+def test_every_scorer_composes_with_think(spec):
+    """After ThinK stored keys narrow, a second prompt chunk (the question) and decoding rescore the
+    [narrow, full] axis: zero-filled pruned channels give exactly ThinK's logits, and budgets hold."""
+    from kvaccel.cache import KVAccelCache
 
-    for method in (H2O(budget=4), Keyformer(budget=4), SnapKV(budget=4, decode_budget=4)):
-        layer = make_layer(6)
-        layer.narrow = NarrowSegment(
-            layer.keys[..., :2, :4], layer.values[..., :2, :], torch.zeros(1, 2, 4, dtype=torch.long)
-        )
-        with pytest.raises(NotImplementedError, match="narrow"):
-            method.after_decode(make_ctx(layer, queries(4, 1), "decode"))
+    model = tiny_model("llama")
+    ids = torch.randint(3, 512, (1, 140), generator=torch.Generator().manual_seed(9))
+    with kvaccel.patched(model, f"{spec}+think(ratio=0.4, window=8)"), torch.no_grad():
+        cache = KVAccelCache(model)
+        model(ids[:, :120], past_key_values=cache, use_cache=True)  # context
+        assert any(layer.narrow is not None for layer in cache.layers)  # (a tiny top pyramid layer may not)
+        model(ids[:, 120:], past_key_values=cache, use_cache=True)  # question: phase "extend"
+        tok = ids[:, -1:]
+        for _ in range(6):  # decode steps
+            tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        assert cache.get_seq_length() == 146
+        capacities = kvaccel.report(model)["capacity"]
+        for layer, cap in zip(cache.layers, capacities, strict=True):
+            grows = "snapkv(budget=24)" in spec or "pyramidkv" in spec  # prompt-only eviction
+            assert layer.kept_per_head().max() == (cap + 6 if grows else cap)
+
+
+def test_dense_keys_zero_fill_reproduces_narrow_logits():
+    from kvaccel.cache import KVAccelLayer
+    from kvaccel.patches.channels.think import ThinK
+
+    g = torch.Generator().manual_seed(10)
+    layer = KVAccelLayer()
+    k = torch.randn(1, 2, 10, 8, generator=g)
+    layer.update(k, torch.randn(1, 2, 10, 8, generator=g))
+    cidx = torch.tensor([[[0, 2, 5]], [[1, 3, 7]]]).view(1, 2, 3)
+    ThinK.prune(layer, cidx, 6)
+    dense, valid = layer.dense_keys()
+    assert dense.shape == (1, 2, 10, 8) and valid is None
+    q = torch.randn(1, 2, 1, 8, generator=g)
+    for h in range(2):
+        want_narrow = q[0, h, 0, cidx[0, h]] @ k[0, h, :6, cidx[0, h]].T
+        torch.testing.assert_close(q[0, h, 0] @ dense[0, h, :6].T, want_narrow)
+        torch.testing.assert_close(q[0, h, 0] @ dense[0, h, 6:].T, q[0, h, 0] @ k[0, h, 6:].T)

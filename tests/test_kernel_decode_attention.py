@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+
 from kvaccel.kernels.decode_attention import decode_attention, decode_attention_reference
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+
 from kvaccel.kernels.window_scores import window_attention_scores, window_attention_scores_reference
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

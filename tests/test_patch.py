@@ -6,13 +6,14 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_model
 from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 
 import kvaccel
 from kvaccel.config import Method, register
 from kvaccel.patches.evict import Streaming
+
+from conftest import FAMILIES, tiny_model
 
 GEN = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False)
 

@@ -7,7 +7,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_model
 from transformers import AttentionInterface
 
 import kvaccel
@@ -15,6 +14,8 @@ from kvaccel.cache import KVAccelCache, KVAccelLayer
 from kvaccel.patches.channels.think import ThinK, channel_scores
 from kvaccel.patches.evict.d2o import D2O, dense_view
 from kvaccel.patches.evict.streaming import Streaming
+
+from conftest import tiny_model
 
 
 def _ids(n, seed=0):
@@ -26,11 +27,12 @@ def test_channel_scores_by_hand():
     k = torch.tensor([[[[1.0, 2.0, 0.0], [2.0, 0.0, 1.0], [2.0, 1.0, 0.0]]]])  # (1, 1, 3, 3), G = 2
     qn = [math.sqrt(1 + 4), math.sqrt(1 + 9), math.sqrt(4 + 1)]  # both query heads of the group pooled
     kn = [math.sqrt(1 + 4 + 4), math.sqrt(4 + 1), math.sqrt(1)]
-    want = [a * b for a, b in zip(qn, kn)]
+    want = [a * b for a, b in zip(qn, kn, strict=True)]
     assert channel_scores(q, k)[0, 0].tolist() == pytest.approx(want, rel=1e-6)
     valid = torch.tensor([[[True, False, True]]])
     kn2 = [math.sqrt(1 + 4), math.sqrt(4 + 1), 0.0]
-    assert channel_scores(q, k, valid)[0, 0].tolist() == pytest.approx([a * b for a, b in zip(qn, kn2)], rel=1e-6)
+    want2 = [a * b for a, b in zip(qn, kn2, strict=True)]
+    assert channel_scores(q, k, valid)[0, 0].tolist() == pytest.approx(want2, rel=1e-6)
     with pytest.raises(ValueError, match="ratio"):
         ThinK(ratio=1.0)
 
@@ -53,7 +55,8 @@ def test_prunes_lowest_channels_narrow_with_exact_byte_saving():
         for h in range(Hkv):
             pruned = sorted(set(range(D)) - set(nar.channel_idx[b, h].tolist()))
             assert sorted(scores[b, h].argsort()[:drop].tolist()) == pruned  # the lowest-score channels
-    torch.testing.assert_close(nar.keys, k[:, :, : T - W].gather(-1, nar.channel_idx[:, :, None].expand(-1, -1, T - W, -1)))
+    kept = nar.channel_idx[:, :, None].expand(-1, -1, T - W, -1)
+    torch.testing.assert_close(nar.keys, k[:, :, : T - W].gather(-1, kept))
     assert torch.equal(nar.values, v[:, :, : T - W]) and torch.equal(layer.keys, k[:, :, T - W :])
     saved = B * Hkv * (T - W) * drop * 4 - nar.channel_idx.numel() * 8  # fp32 keys dropped, int64 index added
     assert before - layer.nbytes() == saved
@@ -66,7 +69,7 @@ def test_report_kv_bytes_drop_exactly_and_ratio_zero_is_identical():
         with torch.no_grad():
             model(ids, use_cache=True)
         r = kvaccel.report(model)
-    L, Hkv, D, Dk = 3, 2, 16, 16 - 6
+    L, Hkv, Dk = 3, 2, 16 - 6
     assert r["kv_bytes"] == r["kv_bytes_full"] - L * Hkv * (300 - 32) * 6 * 4 + L * Hkv * Dk * 8
     ref = model.generate(ids[:, :100], max_new_tokens=20, do_sample=False)
     with kvaccel.patched(model, ThinK(ratio=0.0)):

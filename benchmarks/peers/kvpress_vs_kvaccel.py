@@ -30,9 +30,8 @@ NEW_TOKENS = 12
 
 
 def export(args) -> None:
-    from kvaccel.evals import tasks
-
     import kvaccel
+    from kvaccel.evals import tasks
     from kvaccel.models import default_model_path
 
     _, tok = kvaccel.load_model()
@@ -49,10 +48,10 @@ def export(args) -> None:
     print(f"wrote {out}")
 
 
-def _methods(framework: str):
+def _methods(framework: str, budgets=BUDGETS):
     """(name, budget, factory) — the same method at the same kept fraction on both sides."""
     rows = []
-    for b in BUDGETS:
+    for b in budgets:
         if framework == "kvpress":
             from kvpress import ComposedPress, SnapKVPress, StreamingLLMPress, ThinKPress, TOVAPress
 
@@ -105,7 +104,7 @@ def run(args) -> None:
         import kvaccel
 
     with out.open("a") as f, torch.inference_mode():
-        for name, budget, factory in _methods(args.framework):
+        for name, budget, factory in _methods(args.framework, [float(b) for b in args.budgets.split(",")]):
             for p in prompts:
                 if (name, budget, p["id"]) in done:
                     continue
@@ -184,6 +183,7 @@ def main() -> None:
     r.add_argument("--framework", choices=("kvpress", "kvaccel"), required=True)
     r.add_argument("--prompts", required=True)
     r.add_argument("--out", required=True)
+    r.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="kept fractions, e.g. 0.5,0.25,0.1")
     p = sub.add_parser("report")
     p.add_argument("files", nargs="+")
     args = ap.parse_args()

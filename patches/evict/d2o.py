@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from kvaccel.kernels.window_scores import window_attention_scores
 
 from kvaccel.cache import KVAccelLayer
 from kvaccel.config import register, validate_budget
+from kvaccel.kernels.window_scores import window_attention_scores
 
 from .base import EvictionMethod
 
@@ -57,17 +57,9 @@ def dense_view(layer: KVAccelLayer) -> tuple[Tensor, Tensor, Tensor]:
     Narrow keys are zero-filled in their pruned channels (so ``q · K`` equals ThinK's narrow logits).
     Returns ``K (B, H, N, D)``, ``V (B, H, N, Dv)``, ``valid (B, H, N)`` bool.
     """
-    K, V = layer.keys, layer.values
-    B, H, T, D = K.shape
-    valid = layer.full_valid().expand(B, H, T)
-    nar = layer.narrow
-    if nar is None:
-        return K, V, valid
-    Tn = nar.keys.shape[2]
-    kn = K.new_zeros(B, H, Tn, D)
-    kn.scatter_(-1, nar.channel_idx[:, :, None, :].expand(B, H, Tn, nar.channel_idx.shape[-1]), nar.keys)
-    nv = nar.valid if nar.valid is not None else valid.new_ones(B, 1, Tn)
-    return torch.cat([kn, K], 2), torch.cat([nar.values, V], 2), torch.cat([nv.expand(B, H, Tn), valid], -1)
+    K, _ = layer.dense_keys()
+    V = layer.values if layer.narrow is None else torch.cat([layer.narrow.values, layer.values], 2)
+    return K, V, layer.token_valid().expand(K.shape[0], K.shape[1], K.shape[2])
 
 
 def merge_evicted(

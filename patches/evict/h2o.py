@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from kvaccel.kernels.window_scores import window_attention_scores
 
 from kvaccel.config import register
+from kvaccel.kernels.window_scores import window_attention_scores
 
 from .base import ScoredEviction
 
@@ -27,16 +27,6 @@ def check_int(field: str, value, low: int) -> None:
     """Raise ``ValueError`` unless ``value`` is an int >= ``low``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{field} ({value!r}) must be an int >= {low}")
-
-
-def require_full_width(layer, method: str) -> None:
-    """Rescoring reads ``layer.keys`` only: refuse a narrow (ThinK) segment with a clear error."""
-    if layer.narrow is not None:
-        raise NotImplementedError(
-            f"{method} scores the full-width keys only and does not support channel-pruned (narrow) keys yet "
-            "(decode eviction or a chunked prompt after ThinK); combine channel pruning with a prompt-only "
-            "eviction such as snapkv(decode_budget=None) and a single-forward prompt"
-        )
 
 
 def group_mean(scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -87,9 +77,9 @@ class H2O(ScoredEviction):
     def accumulate(self, ctx) -> None:
         """Add the attention probabilities of this forward's queries to every held token's running score."""
         layer = ctx.layer
-        require_full_width(layer, self.name)
-        probs = window_attention_scores(ctx.query, layer.keys, scale=ctx.scaling, valid=layer.valid)
-        add = group_mean(probs, layer.keys.shape[1])
+        keys, valid = layer.dense_keys()  # [narrow, full] axis: works after ThinK pruned channels
+        probs = window_attention_scores(ctx.query, keys, scale=ctx.scaling, valid=valid)
+        add = group_mean(probs, keys.shape[1])
         self.add_scores(layer, add)
 
     def add_scores(self, layer, add: torch.Tensor) -> None:
@@ -100,7 +90,7 @@ class H2O(ScoredEviction):
     def score(self, ctx) -> torch.Tensor:
         layer = ctx.layer
         acc = layer.token_state[self.state_key]
-        recent = recent_mask(layer.full_valid(), recent_count(self.recent_ratio, self.capacity(ctx)))
+        recent = recent_mask(layer.token_valid(), recent_count(self.recent_ratio, self.capacity(ctx)))
         return torch.where(recent, _KEEP, acc)
 
     def after_prefill(self, ctx) -> None:

@@ -10,7 +10,7 @@ import torch
 
 from kvaccel.config import register
 
-from .h2o import H2O, check_int, require_full_width
+from .h2o import H2O, check_int
 
 STATE = "keyformer"
 _ROW_CHUNK = 256  # stacked query rows per logits block: temporaries are O(_ROW_CHUNK * T) per kv head
@@ -128,9 +128,9 @@ class Keyformer(H2O):
     def accumulate(self, ctx) -> None:
         """Add this step's Gumbel-softmax scores (window at the prompt, the new query at decode)."""
         layer = ctx.layer
-        require_full_width(layer, self.name)
         step = layer.decode_steps if ctx.phase == "decode" else 0
         q = ctx.query if ctx.phase == "decode" else ctx.query[:, :, -min(self.window, ctx.query.shape[2]) :]
         gen = torch.Generator().manual_seed(step_seed(self.seed, ctx.layer_idx, step))
-        add = noisy_scores(q, layer.keys, scale=ctx.scaling, tau=self.tau(step), generator=gen, valid=layer.valid)
+        keys, valid = layer.dense_keys()
+        add = noisy_scores(q, keys, scale=ctx.scaling, tau=self.tau(step), generator=gen, valid=valid)
         self.add_scores(layer, add)

@@ -6,12 +6,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from kvaccel.kernels.window_scores import window_attention_scores
 
 from kvaccel.config import register, resolve_budget, validate_budget
+from kvaccel.kernels.window_scores import window_attention_scores
 
 from .base import ScoredEviction
-from .h2o import _KEEP, check_int, group_mean, require_full_width
+from .h2o import _KEEP, check_int, group_mean
 
 STATE = "snapkv"
 POOLINGS = ("max", "avg")
@@ -44,7 +44,7 @@ def selection_scores(acc: torch.Tensor, keep_last: int, kernel_size: int, poolin
 
 def keep_top(layer, scores: torch.Tensor, capacity: int) -> None:
     """Keep the ``capacity`` highest-scoring real tokens of ``layer`` per head, in order."""
-    scores = scores.float().masked_fill(~layer.full_valid(), float("-inf"))
+    scores = scores.float().masked_fill(~layer.token_valid(), float("-inf"))
     layer.keep(scores.topk(capacity, dim=-1).indices.sort(dim=-1).values)
 
 
@@ -108,10 +108,10 @@ class SnapKV(ScoredEviction):
     def window_scores(self, ctx) -> torch.Tensor:
         """``(B, H_kv, T)`` group-mean attention mass from the last ``min(window, q)`` queries (unpooled)."""
         layer = ctx.layer
-        require_full_width(layer, self.name)
         w = min(self.window, ctx.query.shape[2])
-        probs = window_attention_scores(ctx.query[:, :, -w:], layer.keys, scale=ctx.scaling, valid=layer.valid)
-        return group_mean(probs, layer.keys.shape[1])
+        keys, valid = layer.dense_keys()  # [narrow, full] axis: works after ThinK pruned channels
+        probs = window_attention_scores(ctx.query[:, :, -w:], keys, scale=ctx.scaling, valid=valid)
+        return group_mean(probs, keys.shape[1])
 
     def score(self, ctx) -> torch.Tensor:
         """Selection scores (higher = keep) for the layer's current tokens, given the capacity they are cut to."""
@@ -142,8 +142,8 @@ class SnapKV(ScoredEviction):
         if cap is None:
             return
         layer = ctx.layer
-        require_full_width(layer, self.name)
-        probs = window_attention_scores(ctx.query, layer.keys, scale=ctx.scaling, valid=layer.valid)
-        layer.token_state[STATE] = layer.token_state[STATE] + group_mean(probs, layer.keys.shape[1])
+        keys, valid = layer.dense_keys()
+        probs = window_attention_scores(ctx.query, keys, scale=ctx.scaling, valid=valid)
+        layer.token_state[STATE] = layer.token_state[STATE] + group_mean(probs, keys.shape[1])
         if layer.length > cap:
             keep_top(layer, self.score(ctx), cap)
