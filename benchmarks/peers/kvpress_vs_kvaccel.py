@@ -53,12 +53,14 @@ def _methods(framework: str, budgets=BUDGETS):
     rows = []
     for b in budgets:
         if framework == "kvpress":
-            from kvpress import ComposedPress, SnapKVPress, StreamingLLMPress, ThinKPress, TOVAPress
+            from kvpress import AdaKVPress, ComposedPress, SnapKVPress, StreamingLLMPress, ThinKPress, TOVAPress
 
             rows += [
                 ("snapkv", b, lambda b=b: SnapKVPress(compression_ratio=1 - b, window_size=32, kernel_size=7)),
                 ("streaming", b, lambda b=b: StreamingLLMPress(compression_ratio=1 - b, n_sink=4)),
                 ("tova", b, lambda b=b: TOVAPress(compression_ratio=1 - b)),
+                ("adakv-snapkv", b, lambda b=b: AdaKVPress(
+                    SnapKVPress(compression_ratio=1 - b, window_size=32, kernel_size=7), alpha_safeguard=0.2)),
                 ("snapkv+think", b, lambda b=b: ComposedPress(
                     [SnapKVPress(compression_ratio=1 - b, window_size=32, kernel_size=7),
                      ThinKPress(key_channel_compression_ratio=THINK_RATIO, window_size=32)])),
@@ -67,6 +69,7 @@ def _methods(framework: str, budgets=BUDGETS):
             rows += [
                 ("snapkv", b, lambda b=b: f"snapkv(budget={b})"),
                 ("streaming", b, lambda b=b: f"streaming(budget={b})"),
+                ("adakv-snapkv", b, lambda b=b: f"adakv(budget={b}, inner='snapkv', alpha_safeguard=0.2)"),
                 ("snapkv+think", b, lambda b=b: f"snapkv(budget={b})+think(ratio={THINK_RATIO})"),
             ]
     return [("full", 1.0, lambda: None)] + rows

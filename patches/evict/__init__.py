@@ -1,5 +1,6 @@
 """Eviction methods (stage ``evict``). Importing this package registers them."""
 
+from .adakv import AdaKV
 from .base import EvictionMethod, ScoredEviction
 from .d2o import D2O
 from .full import Full
@@ -9,4 +10,6 @@ from .pyramidkv import PyramidKV
 from .snapkv import SnapKV
 from .streaming import Streaming
 
-__all__ = ["D2O", "EvictionMethod", "Full", "H2O", "Keyformer", "PyramidKV", "ScoredEviction", "SnapKV", "Streaming"]
+__all__ = [
+    "AdaKV", "D2O", "EvictionMethod", "Full", "H2O", "Keyformer", "PyramidKV", "ScoredEviction", "SnapKV", "Streaming",
+]
