@@ -238,8 +238,8 @@ class KVAccelLayer(CacheLayerMixin):
         idx = idx.expand(B, H, idx.shape[-1])
         sv = torch.ones_like(idx, dtype=torch.bool) if slot_valid is None else slot_valid.expand(idx.shape)
         in_narrow = sv & (idx < Tn)
-        pos_n, sv_n = _compact_slots(in_narrow)
-        pos_f, sv_f = _compact_slots(sv & (idx >= Tn))
+        pos_n, sv_n = compact_slots(in_narrow)
+        pos_f, sv_f = compact_slots(sv & (idx >= Tn))
         # token_state spans [narrow, full]: gather it in the new storage order (narrow slots, then full slots)
         pos = torch.cat([pos_n, pos_f], dim=-1)
         cat_idx = torch.where(torch.cat([sv_n, sv_f], -1), idx.gather(-1, pos), 0)
@@ -263,13 +263,13 @@ class KVAccelLayer(CacheLayerMixin):
         self.valid = None if bool(fv.all()) else fv.contiguous()
 
 
-def _compact_slots(mask: Tensor) -> tuple[Tensor, Tensor]:
+def compact_slots(mask: Tensor, min_width: int = 0) -> tuple[Tensor, Tensor]:
     """Positions of the True slots of ``mask`` (B, H, K), moved to the front in order, padded to the largest count.
 
     Returns ``(pos, slot_valid)``, both ``(B, H, K')`` with ``K'`` the largest per-row count of True slots.
     """
     counts = mask.sum(-1)
-    width = int(counts.max()) if mask.numel() else 0
+    width = max(min_width, int(counts.max()) if mask.numel() else 0)
     order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[..., :width]
     return order, torch.arange(width, device=mask.device) < counts[..., None]
 

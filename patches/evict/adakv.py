@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvaccel.cache import compact_slots
 from kvaccel.config import register, validate_budget
 
 from .base import EvictionMethod
@@ -34,10 +35,7 @@ def ada_select(scores: torch.Tensor, capacity: int, alpha: float) -> tuple[torch
         s.scatter_(-1, s.topk(floor, dim=-1).indices, torch.finfo(s.dtype).max)
     sel = s.reshape(B, H * N).topk(min(H * capacity, H * N), dim=-1).indices
     mask = torch.zeros(B, H * N, dtype=torch.bool, device=s.device).scatter_(1, sel, True).view(B, H, N) & valid
-    counts = mask.sum(-1)
-    width = max(1, int(counts.max()))
-    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[..., :width]
-    return order, torch.arange(width, device=s.device) < counts[..., None]
+    return compact_slots(mask, min_width=1)
 
 
 @register

@@ -64,13 +64,17 @@ class ScoredEviction(EvictionMethod):
 
     def compress(self, ctx: AttentionContext, capacity: int) -> None:
         layer = ctx.layer
-        scores = self.score(ctx).float()
+        scores = self.score(ctx)
         if scores.shape[-1] != layer.length:
             raise NotImplementedError(
                 f"{self.name} scored {scores.shape[-1]} tokens but layer {ctx.layer_idx} holds {layer.length} "
                 "(narrow + full-width): this method cannot yet evict after channel pruning during decode; "
                 "use it without a channels method, or with decode eviction off"
             )
-        scores = scores.masked_fill(~layer.token_valid(), float("-inf"))
-        idx = scores.topk(capacity, dim=-1).indices.sort(dim=-1).values
-        layer.keep(idx)
+        keep_top(layer, scores, capacity)
+
+
+def keep_top(layer, scores: torch.Tensor, capacity: int) -> None:
+    """Keep the ``capacity`` highest-scoring real tokens of ``layer`` per head, in order."""
+    scores = scores.float().masked_fill(~layer.token_valid(), float("-inf"))
+    layer.keep(scores.topk(capacity, dim=-1).indices.sort(dim=-1).values)

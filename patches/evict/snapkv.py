@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from kvaccel.config import register, resolve_budget, validate_budget
 from kvaccel.kernels.window_scores import window_attention_scores
 
-from .base import ScoredEviction
+from .base import ScoredEviction, keep_top
 from .h2o import _KEEP, check_int, group_mean
 
 STATE = "snapkv"
@@ -40,12 +40,6 @@ def selection_scores(acc: torch.Tensor, keep_last: int, kernel_size: int, poolin
     cut = max(0, T - keep_last)
     prefix = pool_scores(acc[..., :cut], kernel_size, pooling)
     return torch.cat([prefix, acc.new_full((*acc.shape[:-1], T - cut), _KEEP)], dim=-1)
-
-
-def keep_top(layer, scores: torch.Tensor, capacity: int) -> None:
-    """Keep the ``capacity`` highest-scoring real tokens of ``layer`` per head, in order."""
-    scores = scores.float().masked_fill(~layer.token_valid(), float("-inf"))
-    layer.keep(scores.topk(capacity, dim=-1).indices.sort(dim=-1).values)
 
 
 @register
