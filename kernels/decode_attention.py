@@ -30,6 +30,7 @@ def decode_attention(
     channel_idx: Tensor | None = None,
     v_narrow: Tensor | None = None,
     valid_narrow: Tensor | None = None,
+    value_idx: Tensor | None = None,
     backend: str = "auto",
     return_lse: bool = False,
     out: Tensor | None = None,
@@ -37,6 +38,9 @@ def decode_attention(
     """decode_attention: softmax attention of one query token over [narrow segment, full segment] of a KV cache.
 
     ``out = softmax([scale * q[channel_idx] . k_narrow, scale * q . k] masked by valid) @ [v_narrow, v]``
+
+    With ``value_idx`` the narrow segment's values are narrow too (ThinK's value-channel extension): its slots
+    contribute only to the output channels ``value_idx``, i.e. attention over values zero-filled elsewhere.
 
     Query head ``h`` reads kv head ``h // (H_q // H_kv)`` (GQA); K/V are never repeated. Invalid slots get
     logit ``-inf``; a row with no valid slot returns zeros and ``lse = -inf``. Accumulation is float32.
@@ -59,9 +63,11 @@ def decode_attention(
     channel_idx : Tensor, optional
         ``(B, H_kv, Dk)`` int64: the query channels matching ``k_narrow``'s channels.
     v_narrow : Tensor, optional
-        ``(B, H_kv, Tn, Dv)`` values of the narrow segment.
+        ``(B, H_kv, Tn, Dv)`` values of the narrow segment, or ``(B, H_kv, Tn, Dvn)`` with ``value_idx``.
     valid_narrow : Tensor, optional
         ``(B, H_kv, Tn)`` or ``(B, 1, Tn)`` bool for the narrow segment; ``None`` = all valid.
+    value_idx : Tensor, optional
+        ``(B, H_kv, Dvn)`` int64, distinct per head: the output channels of ``v_narrow``'s ``Dvn`` channels.
     backend : str, default ``"auto"``
         ``"auto"`` (Triton when ``q.is_cuda``, else PyTorch), ``"torch"`` or ``"triton"``.
     return_lse : bool, default False
@@ -74,7 +80,7 @@ def decode_attention(
     Tensor or tuple of Tensor
         ``out`` ``(B, H_q, 1, Dv)`` in ``q.dtype``; with ``return_lse`` also ``lse`` ``(B, H_q, 1)`` float32.
     """
-    _check_inputs(q, k, v, valid, k_narrow, channel_idx, v_narrow, valid_narrow, out)
+    _check_inputs(q, k, v, valid, k_narrow, channel_idx, v_narrow, valid_narrow, out, value_idx)
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -82,11 +88,11 @@ def decode_attention(
 
     if backend == "triton":
         res, lse = _decode_attention_triton(
-            q, k, v, scale, valid, k_narrow, channel_idx, v_narrow, valid_narrow, out
+            q, k, v, scale, valid, k_narrow, channel_idx, v_narrow, valid_narrow, value_idx, out
         )
     else:
         res, lse = _decode_attention_torch(
-            q, k, v, scale, valid, k_narrow, channel_idx, v_narrow, valid_narrow, return_lse
+            q, k, v, scale, valid, k_narrow, channel_idx, v_narrow, valid_narrow, value_idx, return_lse
         )
         if out is not None:
             res = out.copy_(res)
@@ -106,6 +112,7 @@ def _decode_attention_torch(
     channel_idx: Tensor | None,
     v_narrow: Tensor | None,
     valid_narrow: Tensor | None,
+    value_idx: Tensor | None,
     return_lse: bool,
 ) -> tuple[Tensor, Tensor | None]:
     """_decode_attention_torch: GQA as ``(B, H_kv, G, D)`` query rows against ``(B, H_kv, T, D)`` keys."""
@@ -143,7 +150,11 @@ def _decode_attention_torch(
     l = p.sum(-1, keepdim=True)
     acc = p[..., Tn:] @ v.float()
     if k_narrow is not None:
-        acc += p[..., :Tn] @ v_narrow.float()
+        acc_n = p[..., :Tn] @ v_narrow.float()
+        if value_idx is None:
+            acc += acc_n
+        else:  # narrow values: their contribution lands in the channels they kept
+            acc.scatter_add_(-1, value_idx.unsqueeze(2).expand(B, Hkv, G, value_idx.shape[-1]), acc_n)
     has_any = l > 0
     res = (acc / torch.where(has_any, l, torch.ones_like(l))).to(q.dtype).reshape(B, Hq, 1, Dv)
     lse = None
@@ -163,16 +174,18 @@ def decode_attention_reference(
     channel_idx: Tensor | None = None,
     v_narrow: Tensor | None = None,
     valid_narrow: Tensor | None = None,
+    value_idx: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """decode_attention_reference: dead-simple float64 version of :func:`decode_attention` for tests.
 
     ``out = softmax(concat(scale * q[channel_idx] . k_narrow, scale * q . k)) @ concat(v_narrow, v)``
 
-    K/V are explicitly ``repeat_interleave``-d to ``H_q`` heads; the segments are concatenated.
+    K/V are explicitly ``repeat_interleave``-d to ``H_q`` heads; the segments are concatenated; narrow values
+    (``value_idx``) are zero-filled to full width first.
 
     Parameters
     ----------
-    q, k, v, scale, valid, k_narrow, channel_idx, v_narrow, valid_narrow
+    q, k, v, scale, valid, k_narrow, channel_idx, v_narrow, valid_narrow, value_idx
         As in :func:`decode_attention`.
 
     Returns
@@ -180,7 +193,7 @@ def decode_attention_reference(
     tuple of Tensor
         ``out`` ``(B, H_q, 1, Dv)`` and ``lse`` ``(B, H_q, 1)``, both float64.
     """
-    _check_inputs(q, k, v, valid, k_narrow, channel_idx, v_narrow, valid_narrow, None)
+    _check_inputs(q, k, v, valid, k_narrow, channel_idx, v_narrow, valid_narrow, None, value_idx)
     B, Hq = q.shape[:2]
     Hkv, T = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -199,7 +212,12 @@ def decode_attention_reference(
         qn = torch.gather(q64, -1, idx)
         kn = k_narrow.double().repeat_interleave(G, dim=1)
         logits = torch.cat([scale * torch.einsum("bhd,bhtd->bht", qn, kn), logits], dim=-1)
-        v64 = torch.cat([v_narrow.double().repeat_interleave(G, dim=1), v64], dim=2)
+        vn64 = v_narrow.double()
+        if value_idx is not None:
+            vn64 = torch.zeros(B, Hkv, Tn, v.shape[-1], dtype=torch.float64, device=q.device).scatter_(
+                -1, value_idx[:, :, None, :].expand(B, Hkv, Tn, value_idx.shape[-1]), vn64
+            )
+        v64 = torch.cat([vn64.repeat_interleave(G, dim=1), v64], dim=2)
         vmn = (
             torch.ones(B, Hq, Tn, dtype=torch.bool, device=q.device)
             if valid_narrow is None
@@ -226,6 +244,7 @@ def _decode_attention_triton(
     channel_idx: Tensor | None,
     v_narrow: Tensor | None,
     valid_narrow: Tensor | None,
+    value_idx: Tensor | None,
     out: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     """_decode_attention_triton: launch ``_decode_attention_fwd`` on grid ``(B * H_kv, cdiv(G, BLOCK_G))``."""
@@ -258,12 +277,16 @@ def _decode_attention_triton(
         Tn, Dk, has_valid_n = 0, 1, False
         kn, vn, validn_u8 = k, v, valid_u8
         cidx = torch.zeros(1, 1, 1, dtype=torch.int64, device=q.device)
+    narrow_values = value_idx is not None
+    vidx = value_idx if narrow_values else cidx  # dummy when the narrow values are full width
+    Dvn = vn.shape[-1]
 
     # tl.dot needs every dim >= 16; padded query heads / channels are masked.
     BLOCK_G = max(16, triton.next_power_of_2(G))
     BLOCK_D = max(16, triton.next_power_of_2(D))
     BLOCK_DV = max(16, triton.next_power_of_2(Dv))
     BLOCK_DK = max(16, triton.next_power_of_2(Dk))
+    BLOCK_DVN = max(16, triton.next_power_of_2(Dvn)) if narrow_values else BLOCK_DV
     BLOCK_N = 64 if max(BLOCK_D, BLOCK_DV) <= 128 else 32
     BLOCK_N = min(BLOCK_N, max(16, triton.next_power_of_2(max(T, Tn, 1))))
     num_warps = 4 if max(BLOCK_D, BLOCK_DV) <= 128 else 8
@@ -278,6 +301,7 @@ def _decode_attention_triton(
         cidx,
         vn,
         validn_u8,
+        vidx,
         out,
         lse,
         float(scale),
@@ -293,6 +317,7 @@ def _decode_attention_triton(
         *cidx.stride(),
         *vn.stride(),
         *validn_u8.stride(),
+        *vidx.stride(),
         out.stride(0),
         out.stride(1),
         out.stride(3),
@@ -303,14 +328,17 @@ def _decode_attention_triton(
         HEAD_DIM=D,
         HEAD_DIM_V=Dv,
         NARROW_DIM=Dk,
+        NARROW_DIM_V=Dvn,
         BLOCK_G=BLOCK_G,
         BLOCK_D=BLOCK_D,
         BLOCK_DV=BLOCK_DV,
         BLOCK_DK=BLOCK_DK,
+        BLOCK_DVN=BLOCK_DVN,
         BLOCK_N=BLOCK_N,
         HAS_VALID=has_valid,
         HAS_NARROW=has_narrow,
         HAS_VALID_NARROW=has_valid_n,
+        NARROW_VALUES=narrow_values,
         INPUT_PRECISION="ieee",  # fp32 inputs: exact products like the PyTorch path (decode is memory-bound)
         num_warps=num_warps,
     )
@@ -347,6 +375,7 @@ def _check_inputs(
     v_narrow: Tensor | None,
     valid_narrow: Tensor | None,
     out: Tensor | None,
+    value_idx: Tensor | None = None,
 ) -> None:
     if q.dim() != 4 or q.shape[2] != 1:
         raise ValueError(f"q must have shape (B, H_q, 1, D), got {tuple(q.shape)}")
@@ -370,8 +399,8 @@ def _check_inputs(
     if any(t is not None for t in narrow) and any(t is None for t in narrow):
         raise ValueError("k_narrow, channel_idx and v_narrow must be given together")
     if k_narrow is None:
-        if valid_narrow is not None:
-            raise ValueError("valid_narrow given without k_narrow")
+        if valid_narrow is not None or value_idx is not None:
+            raise ValueError("valid_narrow / value_idx given without k_narrow")
     else:
         if k_narrow.dim() != 4 or k_narrow.shape[:2] != (B, Hkv) or k_narrow.shape[3] > D:
             raise ValueError(
@@ -383,10 +412,22 @@ def _check_inputs(
                 f"channel_idx must be int64 of shape ({B}, {Hkv}, {Dk}), got {channel_idx.dtype} "
                 f"{tuple(channel_idx.shape)}"
             )
-        if tuple(v_narrow.shape) != (B, Hkv, Tn, Dv):
-            raise ValueError(
-                f"v_narrow must have shape ({B}, {Hkv}, {Tn}, {Dv}), got {tuple(v_narrow.shape)}"
-            )
+        if value_idx is None:
+            if tuple(v_narrow.shape) != (B, Hkv, Tn, Dv):
+                raise ValueError(
+                    f"v_narrow must have shape ({B}, {Hkv}, {Tn}, {Dv}), got {tuple(v_narrow.shape)}"
+                )
+        else:
+            Dvn = value_idx.shape[-1]
+            if value_idx.dim() != 3 or value_idx.shape[:2] != (B, Hkv) or Dvn > Dv or value_idx.dtype != torch.int64:
+                raise ValueError(
+                    f"value_idx must be int64 of shape ({B}, {Hkv}, Dvn <= {Dv}), got {value_idx.dtype} "
+                    f"{tuple(value_idx.shape)}"
+                )
+            if tuple(v_narrow.shape) != (B, Hkv, Tn, Dvn):
+                raise ValueError(
+                    f"with value_idx, v_narrow must have shape ({B}, {Hkv}, {Tn}, {Dvn}), got {tuple(v_narrow.shape)}"
+                )
         _check_mask("valid_narrow", valid_narrow, B, Hkv, Tn)
     if out is not None and (
         tuple(out.shape) != (B, Hq, 1, Dv) or out.dtype != q.dtype or out.device != q.device

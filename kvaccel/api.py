@@ -144,9 +144,18 @@ def _install_default_cache(model) -> None:
     """Make ``generate()`` and ``model(...)`` create a KVAccelCache when the caller passes no cache."""
     stock_generate, stock_forward = type(model).generate.__get__(model), type(model).forward.__get__(model)
 
+    def refuse_attention_weights(requested: bool | None) -> None:
+        if requested if requested is not None else getattr(model.config, "output_attentions", False):
+            raise ValueError(
+                "output_attentions=True: a kvaccel-patched model never materialises attention weights (SDPA and "
+                "kernels compute attention in blocks, evicted tokens have no column); call kvaccel.unpatch(model) "
+                "and load the model with attn_implementation='eager' to get them"
+            )
+
     @functools.wraps(stock_generate)
     def generate(*args, **kwargs):
         gen_cfg = kwargs.get("generation_config") or model.generation_config
+        refuse_attention_weights(kwargs.get("output_attentions", gen_cfg.output_attentions))
         wants_cache = kwargs.get("use_cache", gen_cfg.use_cache) is not False
         custom = kwargs.get("cache_implementation") or gen_cfg.cache_implementation
         if kwargs.get("past_key_values") is None and wants_cache and not custom:
@@ -155,6 +164,7 @@ def _install_default_cache(model) -> None:
 
     @functools.wraps(stock_forward)
     def forward(*args, **kwargs):
+        refuse_attention_weights(kwargs.get("output_attentions"))
         use_cache = kwargs.get("use_cache")
         use_cache = model.config.use_cache if use_cache is None else use_cache
         if kwargs.get("past_key_values") is None and use_cache:

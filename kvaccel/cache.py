@@ -25,19 +25,32 @@ Tensor = torch.Tensor
 
 @dataclass
 class NarrowSegment:
-    """Older tokens whose keys keep only the channels ``channel_idx`` (post-RoPE channel pruning)."""
+    """Older tokens whose keys keep only the channels ``channel_idx`` (post-RoPE channel pruning), and whose
+    values keep only ``value_idx`` when value channels are pruned too (otherwise full width)."""
 
     keys: Tensor  # (B, H, Tn, Dk)
-    values: Tensor  # (B, H, Tn, Dv)
+    values: Tensor  # (B, H, Tn, Dv), or (B, H, Tn, Dvn) with value_idx
     channel_idx: Tensor  # (B, H, Dk) long, sorted
     valid: Tensor | None = None  # (B, 1|H, Tn) bool
+    value_idx: Tensor | None = None  # (B, H, Dvn) long, sorted
 
     def tensors(self) -> Iterator[Tensor]:
-        yield from (t for t in (self.keys, self.values, self.channel_idx, self.valid) if t is not None)
+        yield from (
+            t for t in (self.keys, self.values, self.channel_idx, self.valid, self.value_idx) if t is not None
+        )
 
     def map_batch(self, fn: Callable[[Tensor], Tensor]) -> None:
         self.keys, self.values, self.channel_idx = fn(self.keys), fn(self.values), fn(self.channel_idx)
         self.valid = None if self.valid is None else fn(self.valid)
+        self.value_idx = None if self.value_idx is None else fn(self.value_idx)
+
+    def dense_values(self, head_dim_v: int) -> Tensor:
+        """``(B, H, Tn, Dv)`` values, zero-filled in the pruned value channels (no copy when none are pruned)."""
+        if self.value_idx is None:
+            return self.values
+        B, H, Tn, Dvn = self.values.shape
+        out = self.values.new_zeros(B, H, Tn, head_dim_v)
+        return out.scatter_(-1, self.value_idx[:, :, None, :].expand(B, H, Tn, Dvn), self.values)
 
 
 def _gather_tokens(t: Tensor, idx: Tensor) -> Tensor:
@@ -256,6 +269,7 @@ class KVAccelLayer(CacheLayerMixin):
                 values=_gather_tokens(narrow.values, n_idx).contiguous(),
                 channel_idx=narrow.channel_idx,
                 valid=None if bool(nv.all()) else nv.contiguous(),
+                value_idx=narrow.value_idx,
             )
         fv = sv_f if self.valid is None else _gather_tokens(self.valid, f_idx) & sv_f
         self.keys = _gather_tokens(self.keys, f_idx).contiguous()

@@ -139,7 +139,7 @@ def grouped_attention(
         Tn = narrow.keys.shape[2]
         idx = narrow.channel_idx[:, :, None, :].expand(B, Hkv, G * Q, narrow.channel_idx.shape[-1])
         qn = qg.gather(-1, idx)
-        vals.insert(0, narrow.values)
+        vals.insert(0, narrow.dense_values(v.shape[-1]))
         nv = narrow.valid if narrow.valid is not None else k.new_ones(B, 1, Tn, dtype=torch.bool)
         valids.insert(0, nv)
     V = torch.cat(vals, dim=2) if len(vals) > 1 else v
@@ -184,7 +184,8 @@ def dense_decode(ctx: AttentionContext) -> Tensor:
         return sdpa_attention_forward(ctx.module, q, k, v, mask, scaling=ctx.scaling, **ctx.kwargs)[0]
     if Q == 1:  # per-head ragged and/or narrow keys: the decode kernel (Triton on GPU, PyTorch on CPU)
         nk = {} if narrow is None else dict(
-            k_narrow=narrow.keys, channel_idx=narrow.channel_idx, v_narrow=narrow.values, valid_narrow=narrow.valid
+            k_narrow=narrow.keys, channel_idx=narrow.channel_idx, v_narrow=narrow.values, valid_narrow=narrow.valid,
+            value_idx=narrow.value_idx,
         )
         return decode_attention(q, k, v, scale=ctx.scaling, valid=valid, **nk).transpose(1, 2)
     return grouped_attention(q, k, v, ctx.scaling, valid=valid, narrow=narrow)

@@ -400,14 +400,15 @@ def test_chunked_prompt_is_compressed_after_each_chunk(name):
     ["h2o(budget=24)", "keyformer(budget=24)", "snapkv(budget=24)", "snapkv(budget=24, decode_budget=24)",
      "pyramidkv(budget=24, window=8)"],
 )
-def test_every_scorer_composes_with_think(spec):
+@pytest.mark.parametrize("value_ratio", [0.0, 0.4], ids=["keys", "keys_values"])
+def test_every_scorer_composes_with_think(spec, value_ratio):
     """After ThinK stored keys narrow, a second prompt chunk (the question) and decoding rescore the
     [narrow, full] axis: zero-filled pruned channels give exactly ThinK's logits, and budgets hold."""
     from kvaccel.cache import KVAccelCache
 
     model = tiny_model("llama")
     ids = torch.randint(3, 512, (1, 140), generator=torch.Generator().manual_seed(9))
-    with kvaccel.patched(model, f"{spec}+think(ratio=0.4, window=8)"), torch.no_grad():
+    with kvaccel.patched(model, f"{spec}+think(ratio=0.4, window=8, value_ratio={value_ratio})"), torch.no_grad():
         cache = KVAccelCache(model)
         model(ids[:, :120], past_key_values=cache, use_cache=True)  # context
         assert any(layer.narrow is not None for layer in cache.layers)  # (a tiny top pyramid layer may not)

@@ -43,7 +43,7 @@ def _make_inputs(
     D: int,
     *,
     mask: str,
-    narrow: bool,
+    narrow: bool | str,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     seed: int = 0,
@@ -59,10 +59,17 @@ def _make_inputs(
     if narrow:
         Tn, Dk = 37, D // 2 if D > 16 else 8  # Dk = 8 exercises the padded channel block
         kw["k_narrow"] = rnd(B, Hkv, Tn, Dk)
-        kw["v_narrow"] = rnd(B, Hkv, Tn, Dv)
         kw["channel_idx"] = torch.stack([torch.randperm(D, generator=gen)[:Dk] for _ in range(B * Hkv)]).view(
             B, Hkv, Dk
         )
+        if narrow == "values":  # narrow values too (ThinK value channels), Dvn = 60% of Dv
+            Dvn = Dv - (2 * Dv) // 5
+            kw["v_narrow"] = rnd(B, Hkv, Tn, Dvn)
+            kw["value_idx"] = torch.stack(
+                [torch.randperm(Dv, generator=gen)[:Dvn].sort().values for _ in range(B * Hkv)]
+            ).view(B, Hkv, Dvn)
+        else:
+            kw["v_narrow"] = rnd(B, Hkv, Tn, Dv)
         valid_n = _make_valid(mask, B, Hkv, Tn, gen)
         kw["valid_narrow"] = valid_n  # the same (batch, head) row is empty in both segments
     return {name: (t.to(device) if isinstance(t, torch.Tensor) else t) for name, t in kw.items()}
@@ -87,17 +94,17 @@ def _check(kw: dict, backend: str, atol: float, rtol: float) -> None:
 # PyTorch path
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("T,D", [(1, 16), (100, 64), (300, 16)])
-@pytest.mark.parametrize("narrow", [False, True], ids=["full", "narrow"])
+@pytest.mark.parametrize("narrow", [False, True, "values"], ids=["full", "narrow", "narrow_values"])
 @pytest.mark.parametrize("mask", ["none", "ragged", "batch"])
 @pytest.mark.parametrize("group", [1, 3])
-def test_torch_matches_reference(group: int, mask: str, narrow: bool, T: int, D: int) -> None:
+def test_torch_matches_reference(group: int, mask: str, narrow: bool | str, T: int, D: int) -> None:
     kw = _make_inputs(2, 2, group, T, D, mask=mask, narrow=narrow)
     _check(kw, "torch", atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("narrow", [False, True], ids=["full", "narrow"])
+@pytest.mark.parametrize("narrow", [False, True, "values"], ids=["full", "narrow", "narrow_values"])
 @pytest.mark.parametrize("group", [1, 3])
-def test_torch_bf16(group: int, narrow: bool) -> None:
+def test_torch_bf16(group: int, narrow: bool | str) -> None:
     kw = _make_inputs(2, 2, group, 129, 64, mask="ragged", narrow=narrow, dtype=torch.bfloat16)
     _check(kw, "torch", atol=2e-2, rtol=2e-2)
 
@@ -133,6 +140,21 @@ def test_bad_shapes_raise() -> None:
         decode_attention(**{**kw, "channel_idx": kw["channel_idx"].int()})
     with pytest.raises(ValueError, match="must be given together"):
         decode_attention(**{**kw, "v_narrow": None})
+    with pytest.raises(ValueError, match="with value_idx, v_narrow must have shape"):
+        decode_attention(**kw, value_idx=torch.zeros(2, 2, 5, dtype=torch.int64))
+    with pytest.raises(ValueError, match="value_idx must be int64"):
+        decode_attention(**kw, value_idx=torch.zeros(2, 2, 5, dtype=torch.int32))
+
+
+def test_narrow_values_equal_zero_filled_values() -> None:
+    """Narrow values scatter into their channels: the same as full-width narrow values zero-filled elsewhere."""
+    kw = _make_inputs(2, 2, 3, 60, 16, mask="ragged", narrow="values")
+    B, H, Tn, Dvn = kw["v_narrow"].shape
+    dense = torch.zeros(B, H, Tn, kw["v"].shape[-1]).scatter_(
+        -1, kw["value_idx"][:, :, None, :].expand(B, H, Tn, Dvn), kw["v_narrow"]
+    )
+    want = decode_attention(**{**kw, "v_narrow": dense, "value_idx": None}, return_lse=True)[0]
+    torch.testing.assert_close(decode_attention(**kw), want, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="backend"):
         decode_attention(**kw, backend="cuda")
 
@@ -152,10 +174,10 @@ def test_triton_on_cpu_without_interpreter_raises() -> None:
 @pytest.mark.triton
 @requires_triton
 @pytest.mark.parametrize("T,D", [(100, 64), (77, 16)])  # T not a multiple of BLOCK_N
-@pytest.mark.parametrize("narrow", [False, True], ids=["full", "narrow"])
+@pytest.mark.parametrize("narrow", [False, True, "values"], ids=["full", "narrow", "narrow_values"])
 @pytest.mark.parametrize("mask", ["none", "ragged"])
 @pytest.mark.parametrize("group", [1, 3])
-def test_triton_matches_reference(group: int, mask: str, narrow: bool, T: int, D: int) -> None:
+def test_triton_matches_reference(group: int, mask: str, narrow: bool | str, T: int, D: int) -> None:
     kw = _make_inputs(2, 2, group, T, D, mask=mask, narrow=narrow, device=TRITON_DEVICE)
     _check(kw, "triton", atol=1e-5, rtol=1e-4)
 

@@ -201,3 +201,17 @@ def test_eviction_without_our_cache_is_an_error():
         torch.testing.assert_close(model(ids, use_cache=False).logits, ref, rtol=0, atol=0)
         torch.testing.assert_close(model(ids, past_key_values=DynamicCache(config=model.config)).logits, ref,
                                    rtol=0, atol=0)
+
+
+def test_attention_weights_are_refused_not_returned_empty():
+    """Scorers compute what they need in kernels; asking for the weights is an error, not an empty tuple."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 512, (1, 16))
+    with kvaccel.patched(model, "snapkv", budget=8):
+        with pytest.raises(ValueError, match="output_attentions=True.*unpatch.*eager"):
+            model(ids, output_attentions=True)
+        with pytest.raises(ValueError, match="output_attentions=True"):
+            model.generate(ids, max_new_tokens=2, output_attentions=True, return_dict_in_generate=True)
+        assert model(ids, output_attentions=False).logits.shape == (1, 16, model.config.vocab_size)
+        with pytest.raises(ValueError, match="not supported.*kvaccel"):  # transformers' own config guard
+            model.config.output_attentions = True

@@ -11,7 +11,7 @@ from transformers import AttentionInterface
 
 import kvaccel
 from kvaccel.cache import KVAccelCache, KVAccelLayer
-from kvaccel.patches.channels.think import ThinK, channel_scores
+from kvaccel.patches.channels.think import ThinK, channel_scores, value_channel_scores
 from kvaccel.patches.evict.d2o import D2O, dense_view
 from kvaccel.patches.evict.streaming import Streaming
 
@@ -37,6 +37,28 @@ def test_channel_scores_by_hand():
         ThinK(ratio=1.0)
 
 
+def test_value_channel_scores_by_hand():
+    """score_c = ‖softmax(scale · Q_obs Kᵀ) V[:, c]‖ with causal window rows and an evicted slot, written out."""
+    q = torch.tensor([[[[1.0, 0.0], [0.0, 2.0]], [[0.5, 1.0], [1.0, 1.0]]]])  # (1, 2, W=2, 2): G = 2
+    k = torch.tensor([[[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 0.0]]]])  # (1, 1, T=4, 2)
+    v = torch.tensor([[[[1.0, 0.0, 2.0], [0.0, 3.0, 1.0], [1.0, 1.0, 0.0], [4.0, 0.0, 1.0]]]])
+    valid = torch.tensor([[[True, False, True, True]]])
+    scale = 0.5
+    rows = []
+    for head in range(2):
+        for i in range(2):  # window row i sees slots 0 .. T - W + i
+            seen = [t for t in range(4) if t <= 2 + i and bool(valid[0, 0, t])]
+            logits = torch.tensor([scale * float(q[0, head, i] @ k[0, 0, t]) for t in seen])
+            p = torch.softmax(logits, 0)
+            rows.append(sum(p[j] * v[0, 0, t] for j, t in enumerate(seen)))
+    want = torch.stack(rows).norm(dim=0)
+    torch.testing.assert_close(value_channel_scores(q, k, v, scale, valid)[0, 0], want)
+    with pytest.raises(ValueError, match="value_ratio"):
+        ThinK(value_ratio=1.0)
+    with pytest.raises(ValueError, match="value_ratio"):
+        ThinK(value_ratio=-0.1)
+
+
 def test_prunes_lowest_channels_narrow_with_exact_byte_saving():
     g = torch.Generator().manual_seed(0)
     B, Hkv, G, T, D, W = 2, 2, 3, 50, 16, 8
@@ -60,6 +82,29 @@ def test_prunes_lowest_channels_narrow_with_exact_byte_saving():
     assert torch.equal(nar.values, v[:, :, : T - W]) and torch.equal(layer.keys, k[:, :, T - W :])
     saved = B * Hkv * (T - W) * drop * 4 - nar.channel_idx.numel() * 8  # fp32 keys dropped, int64 index added
     assert before - layer.nbytes() == saved
+
+
+def test_value_pruning_stores_narrow_values_with_exact_byte_saving():
+    g = torch.Generator().manual_seed(1)
+    B, Hkv, G, T, D, W = 2, 2, 3, 50, 16, 8
+    layer = KVAccelLayer()
+    k, v = torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+    layer.update(k, v)
+    q = torch.randn(B, Hkv * G, T, D, generator=g)
+    before = layer.nbytes()
+    ThinK(ratio=0.4, window=W, value_ratio=0.25).after_prefill(SimpleNamespace(layer=layer, query=q, scaling=0.25))
+    nar, drop, drop_v = layer.narrow, 6, 4
+    assert nar.values.shape == (B, Hkv, T - W, D - drop_v) and layer.values.shape == (B, Hkv, W, D)
+    scores = value_channel_scores(q[:, :, -W:], k, v, 0.25)
+    for b in range(B):
+        for h in range(Hkv):
+            pruned = sorted(set(range(D)) - set(nar.value_idx[b, h].tolist()))
+            assert sorted(scores[b, h].argsort()[:drop_v].tolist()) == pruned
+    dense = nar.dense_values(D)
+    kept = torch.zeros(B, Hkv, 1, D, dtype=torch.bool).scatter_(-1, nar.value_idx[:, :, None], True)
+    assert torch.equal(dense, torch.where(kept, v[:, :, : T - W], 0.0))
+    idx_bytes = (nar.channel_idx.numel() + nar.value_idx.numel()) * 8
+    assert before - layer.nbytes() == B * Hkv * (T - W) * (drop + drop_v) * 4 - idx_bytes
 
 
 def test_report_kv_bytes_drop_exactly_and_ratio_zero_is_identical():
@@ -114,12 +159,15 @@ def _ref64_decode_logits(snapshot, ids_tok, position):
 
 
 @pytest.mark.parametrize(
-    "evict", [None, NarrowAwareStreaming(budget=64), D2O(budget=0.25)], ids=["think", "streaming+think", "d2o+think"]
+    "evict,value_ratio",
+    [(None, 0.0), (NarrowAwareStreaming(budget=64), 0.0), (D2O(budget=0.25), 0.0), (None, 0.4),
+     (D2O(budget=0.25), 0.4)],
+    ids=["think", "streaming+think", "d2o+think", "think_values", "d2o+think_values"],
 )
-def test_compose_generate_and_decode_matches_zero_filled_float64(evict):
+def test_compose_generate_and_decode_matches_zero_filled_float64(evict, value_ratio):
     model = tiny_model("llama", num_hidden_layers=6)
     ids = _ids(300, seed=2)
-    methods = [ThinK(ratio=0.4)] + ([evict] if evict is not None else [])
+    methods = [ThinK(ratio=0.4, value_ratio=value_ratio)] + ([evict] if evict is not None else [])
     with kvaccel.patched(model, *methods):
         cache = KVAccelCache(model)
         out = model.generate(ids, past_key_values=cache, max_new_tokens=30, do_sample=False)
@@ -128,6 +176,8 @@ def test_compose_generate_and_decode_matches_zero_filled_float64(evict):
         assert r["kv_bytes"] < r["kv_bytes_full"]
         narrow = [layer.narrow is not None for layer in cache.layers]
         assert any(narrow)
+        if value_ratio:  # the values of narrow tokens are narrow too: Dv - floor(0.4 * Dv) channels
+            assert all(layer.narrow.values.shape[-1] == 16 - 6 for layer in cache.layers if layer.narrow is not None)
         snapshot = [tuple(t.double() if t.is_floating_point() else t for t in dense_view(l)) for l in cache.layers]
         seen = cache.get_seq_length()
         tok = out[:, -1:]

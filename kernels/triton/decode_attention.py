@@ -5,7 +5,8 @@ Only the ``@triton.jit`` code lives here; the launcher (grid, block sizes, ``num
 
 One program handles one ``(batch, kv head)`` pair and ``BLOCK_G`` of the ``G = H_q / H_kv`` query heads
 that read it, so every key/value tile is loaded once per group. The program walks the narrow segment
-(if ``HAS_NARROW``) and then the full segment in ``BLOCK_N`` tiles with an online softmax kept in
+(if ``HAS_NARROW``; its values may be narrow too, accumulated apart and scattered into their channels) and
+then the full segment in ``BLOCK_N`` tiles with an online softmax kept in
 base 2 (``exp2``), and writes the output and the natural-log ``lse``.
 """
 
@@ -33,7 +34,7 @@ def _decode_attention_fwd_inner(
     qk_scale,  # scale / ln 2: logits come out in base 2
     offs_d,
     mask_d,
-    offs_dv,
+    offs_dv,  # value channels of this segment (BLOCK_DV of acc)
     mask_dv,
     HAS_VALID: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -84,6 +85,7 @@ def _decode_attention_fwd(
     cidx_ptr,  # (B, H_kv, Dk) int64
     vn_ptr,  # (B, H_kv, Tn, Dv)
     validn_ptr,  # (B, H_kv, Tn) uint8
+    vidx_ptr,  # (B, H_kv, Dvn) int64 output channels of narrow values (NARROW_VALUES)
     out_ptr,  # (B, H_q, 1, Dv)
     lse_ptr,  # (B, H_q, 1) float32
     sm_scale,
@@ -97,6 +99,7 @@ def _decode_attention_fwd(
     stride_cb, stride_ch, stride_cd,
     stride_vnb, stride_vnh, stride_vnn, stride_vnd,
     stride_validn_b, stride_validn_h, stride_validn_n,
+    stride_vib, stride_vih, stride_vid,
     stride_ob, stride_oh, stride_od,
     stride_lb, stride_lh,
     H_KV: tl.constexpr,
@@ -104,14 +107,17 @@ def _decode_attention_fwd(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     NARROW_DIM: tl.constexpr,
+    NARROW_DIM_V: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     BLOCK_DK: tl.constexpr,
+    BLOCK_DVN: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_VALID: tl.constexpr,
     HAS_NARROW: tl.constexpr,
     HAS_VALID_NARROW: tl.constexpr,
+    NARROW_VALUES: tl.constexpr,  # narrow values keep Dvn channels: accumulate apart, scatter at the end
     INPUT_PRECISION: tl.constexpr,
 ):
     """_decode_attention_fwd: grid ``(B * H_kv, cdiv(G, BLOCK_G))``; softmax over [narrow, full] slots."""
@@ -144,15 +150,32 @@ def _decode_attention_fwd(
         )
         q_n = tl.load(q_base + cidx[None, :] * stride_qd, mask=mask_g[:, None] & mask_dk[None, :], other=0.0)
         q_n = q_n.to(kn_ptr.dtype.element_ty)
-        acc, l_i, m_i = _decode_attention_fwd_inner(
-            acc, l_i, m_i, q_n,
-            kn_ptr + off_b * stride_knb + off_hkv * stride_knh,
-            vn_ptr + off_b * stride_vnb + off_hkv * stride_vnh,
-            validn_ptr + off_b * stride_validn_b + off_hkv * stride_validn_h,
-            stride_knn, stride_knd, stride_vnn, stride_vnd, stride_validn_n,
-            Tn, qk_scale, offs_dk, mask_dk, offs_dv, mask_dv,
-            HAS_VALID_NARROW, BLOCK_N, INPUT_PRECISION,
-        )
+        kn_base = kn_ptr + off_b * stride_knb + off_hkv * stride_knh
+        vn_base = vn_ptr + off_b * stride_vnb + off_hkv * stride_vnh
+        validn_base = validn_ptr + off_b * stride_validn_b + off_hkv * stride_validn_h
+        if NARROW_VALUES:
+            offs_dvn = tl.arange(0, BLOCK_DVN)
+            mask_dvn = offs_dvn < NARROW_DIM_V
+            acc_n = tl.zeros([BLOCK_G, BLOCK_DVN], dtype=tl.float32)
+            acc_n, l_i, m_i = _decode_attention_fwd_inner(
+                acc_n, l_i, m_i, q_n, kn_base, vn_base, validn_base,
+                stride_knn, stride_knd, stride_vnn, stride_vnd, stride_validn_n,
+                Tn, qk_scale, offs_dk, mask_dk, offs_dvn, mask_dvn,
+                HAS_VALID_NARROW, BLOCK_N, INPUT_PRECISION,
+            )
+            # scatter the Dvn channels into the Dv output channels: acc = acc_n @ onehot(value_idx)
+            vidx = tl.load(
+                vidx_ptr + off_b * stride_vib + off_hkv * stride_vih + offs_dvn * stride_vid, mask=mask_dvn, other=-1
+            )
+            onehot = (vidx[:, None] == offs_dv[None, :]).to(tl.float32)
+            acc = tl.dot(acc_n, onehot, input_precision=INPUT_PRECISION)
+        else:
+            acc, l_i, m_i = _decode_attention_fwd_inner(
+                acc, l_i, m_i, q_n, kn_base, vn_base, validn_base,
+                stride_knn, stride_knd, stride_vnn, stride_vnd, stride_validn_n,
+                Tn, qk_scale, offs_dk, mask_dk, offs_dv, mask_dv,
+                HAS_VALID_NARROW, BLOCK_N, INPUT_PRECISION,
+            )
 
     q = tl.load(q_base + offs_d[None, :] * stride_qd, mask=mask_g[:, None] & mask_d[None, :], other=0.0)
     q = q.to(k_ptr.dtype.element_ty)

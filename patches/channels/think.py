@@ -46,6 +46,30 @@ def channel_scores(q_obs: Tensor, keys: Tensor, valid: Tensor | None = None) -> 
     return qn * k.norm(dim=2)
 
 
+def value_channel_scores(
+    q_obs: Tensor, keys: Tensor, values: Tensor, scale: float, valid: Tensor | None = None
+) -> Tensor:
+    """ThinK's value-channel scores ``score[b, h, c] = ‖softmax(scale · Q_obs Kᵀ) V[:, c]‖`` (paper, appendix).
+
+    The ``W`` observation queries are the last ``W`` tokens and the last ``W`` slots their own keys, so query
+    ``i`` sees every slot before the window and window slots ``<= i`` (causal); ``valid`` masks evicted/padding
+    slots. The norm runs over the ``G * W`` rows of a kv head's query group. Shapes as :func:`channel_scores`,
+    ``values`` ``(B, H_kv, T, Dv)``; returns ``(B, H_kv, Dv)`` float32.
+    """
+    B, Hq, W, D = q_obs.shape
+    Hkv, T = keys.shape[1], keys.shape[2]
+    G = Hq // Hkv
+    qg = q_obs.float().reshape(B, Hkv, G * W, D)
+    logits = (qg @ keys.float().transpose(-1, -2)) * scale  # (B, H_kv, G*W, T)
+    row_q = torch.arange(W, device=keys.device).repeat(G)  # window index of each stacked row
+    mask = torch.arange(T, device=keys.device)[None, :] <= (T - W + row_q)[:, None]
+    mask = mask[None, None]
+    if valid is not None:
+        mask = mask & valid[:, :, None, :]
+    probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num_(0.0)
+    return (probs @ values.float()).norm(dim=2)
+
+
 @register
 @dataclass
 class ThinK(ChannelMethod):
@@ -63,21 +87,32 @@ class ThinK(ChannelMethod):
     older tokens into the narrow segment with the channels chosen at the first prefill. ``token_state`` is not
     touched: it spans the concatenated ``[narrow, full]`` token axis, whose order pruning preserves.
 
+    Value channels (opt-in, ``value_ratio > 0``): the paper's appendix extends the query-driven criterion to the
+    value cache, ``score_c = ‖softmax(Q_obs Kᵀ/√D) V[:, c]‖`` (:func:`value_channel_scores`); the same tokens
+    then store narrow values too and the decode kernel scatters their contribution into the kept channels, i.e.
+    attention over values zero-filled in the pruned channels. The reference code prunes keys only; so does the
+    default.
+
     Parameters
     ----------
     ratio : float
         Fraction of key channels dropped, in ``[0, 1)``; ``0`` is a no-op. Default 0.4.
     window : int
         Observation window (queries scored) and number of most recent prompt slots kept full-width. Default 32.
+    value_ratio : float
+        Fraction of value channels dropped, in ``[0, 1)``. Default 0 (keys only, as the paper's main method).
     """
 
     name = "think"
     ratio: float = 0.4
     window: int = 32
+    value_ratio: float = 0.0
 
     def __post_init__(self):
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not (0.0 <= self.ratio < 1.0):
-            raise ValueError(f"ratio ({self.ratio!r}) must be a float in [0, 1)")
+        for field in ("ratio", "value_ratio"):
+            r = getattr(self, field)
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0.0 <= r < 1.0):
+                raise ValueError(f"{field} ({r!r}) must be a float in [0, 1)")
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise ValueError(f"window ({self.window!r}) must be an int >= 1")
 
@@ -86,9 +121,9 @@ class ThinK(ChannelMethod):
 
     def after_prefill(self, ctx: AttentionContext) -> None:
         layer = ctx.layer
-        D = layer.keys.shape[-1]
-        drop = self.pruned_channels(D)
-        if drop == 0:
+        D, Dv = layer.keys.shape[-1], layer.values.shape[-1]
+        drop, drop_v = self.pruned_channels(D), math.floor(Dv * self.value_ratio)
+        if drop == 0 and drop_v == 0:
             return
         T = layer.keys.shape[-2]
         n_move = T - self.window
@@ -98,17 +133,24 @@ class ThinK(ChannelMethod):
             q_obs = ctx.query[:, :, -self.window :]
             scores = channel_scores(q_obs, layer.keys, layer.valid)
             channel_idx = scores.topk(D - drop, dim=-1).indices.sort(dim=-1).values  # (B, H_kv, Dk)
+            value_idx = None
+            if drop_v:
+                v_scores = value_channel_scores(q_obs, layer.keys, layer.values, ctx.scaling, layer.valid)
+                value_idx = v_scores.topk(Dv - drop_v, dim=-1).indices.sort(dim=-1).values  # (B, H_kv, Dvn)
         else:
-            channel_idx = layer.narrow.channel_idx
-        self.prune(layer, channel_idx, n_move)
+            channel_idx, value_idx = layer.narrow.channel_idx, layer.narrow.value_idx
+        self.prune(layer, channel_idx, n_move, value_idx)
 
     @staticmethod
-    def prune(layer: KVAccelLayer, channel_idx: Tensor, n_move: int) -> None:
-        """Move the oldest ``n_move`` full-width slots of ``layer`` into its narrow segment (``channel_idx``)."""
+    def prune(layer: KVAccelLayer, channel_idx: Tensor, n_move: int, value_idx: Tensor | None = None) -> None:
+        """Move the oldest ``n_move`` full-width slots of ``layer`` into its narrow segment (keys keep
+        ``channel_idx``; values keep ``value_idx``, or all channels when ``None``)."""
         k_old = layer.keys[:, :, :n_move]
         idx = channel_idx[:, :, None, :].expand(*k_old.shape[:3], channel_idx.shape[-1])
         k_narrow = k_old.gather(-1, idx)
         v_narrow = layer.values[:, :, :n_move]
+        if value_idx is not None:
+            v_narrow = v_narrow.gather(-1, value_idx[:, :, None, :].expand(*v_narrow.shape[:3], value_idx.shape[-1]))
         valid_old = None if layer.valid is None else layer.valid[:, :, :n_move]
         old = layer.narrow
         if old is not None:
@@ -125,6 +167,7 @@ class ThinK(ChannelMethod):
             values=v_narrow.contiguous(),
             channel_idx=channel_idx.contiguous(),
             valid=None if valid_old is None else valid_old.contiguous(),
+            value_idx=None if value_idx is None else value_idx.contiguous(),
         )
         layer.keys = layer.keys[:, :, n_move:].contiguous()
         layer.values = layer.values[:, :, n_move:].contiguous()

@@ -58,7 +58,8 @@ def dense_view(layer: KVAccelLayer) -> tuple[Tensor, Tensor, Tensor]:
     Returns ``K (B, H, N, D)``, ``V (B, H, N, Dv)``, ``valid (B, H, N)`` bool.
     """
     K, _ = layer.dense_keys()
-    V = layer.values if layer.narrow is None else torch.cat([layer.narrow.values, layer.values], 2)
+    nar = layer.narrow
+    V = layer.values if nar is None else torch.cat([nar.dense_values(layer.values.shape[-1]), layer.values], 2)
     return K, V, layer.token_valid().expand(K.shape[0], K.shape[1], K.shape[2])
 
 
@@ -261,4 +262,6 @@ class D2O(EvictionMethod):
         if nar is not None:
             ci = nar.channel_idx
             nar.keys = K[:, :, :Tn].gather(-1, ci[:, :, None, :].expand(*K.shape[:2], Tn, ci.shape[-1]))
-            nar.values = V[:, :, :Tn]
+            vi = nar.value_idx
+            Vn = V[:, :, :Tn]
+            nar.values = Vn if vi is None else Vn.gather(-1, vi[:, :, None, :].expand(*Vn.shape[:3], vi.shape[-1]))
