@@ -59,14 +59,20 @@ def test_value_channel_scores_by_hand():
         ThinK(value_ratio=-0.1)
 
 
-def test_prunes_lowest_channels_narrow_with_exact_byte_saving():
-    g = torch.Generator().manual_seed(0)
-    B, Hkv, G, T, D, W = 2, 2, 3, 50, 16, 8
+B, Hkv, G, T, D, W = 2, 2, 3, 50, 16, 8  # the prefill of the two byte-saving tests
+
+
+def _prefilled_layer(seed: int) -> tuple[KVAccelLayer, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """A layer holding T random tokens, the prompt's queries, its keys/values and its bytes before pruning."""
+    g = torch.Generator().manual_seed(seed)
     layer = KVAccelLayer()
     k, v = torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
     layer.update(k, v)
-    q = torch.randn(B, Hkv * G, T, D, generator=g)
-    before = layer.nbytes()
+    return layer, torch.randn(B, Hkv * G, T, D, generator=g), k, v, layer.nbytes()
+
+
+def test_prunes_lowest_channels_narrow_with_exact_byte_saving():
+    layer, q, k, v, before = _prefilled_layer(0)
     m = ThinK(ratio=0.4, window=W)
     m.after_prefill(SimpleNamespace(layer=layer, query=q))
     drop = math.floor(D * 0.4)
@@ -85,13 +91,7 @@ def test_prunes_lowest_channels_narrow_with_exact_byte_saving():
 
 
 def test_value_pruning_stores_narrow_values_with_exact_byte_saving():
-    g = torch.Generator().manual_seed(1)
-    B, Hkv, G, T, D, W = 2, 2, 3, 50, 16, 8
-    layer = KVAccelLayer()
-    k, v = torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
-    layer.update(k, v)
-    q = torch.randn(B, Hkv * G, T, D, generator=g)
-    before = layer.nbytes()
+    layer, q, k, v, before = _prefilled_layer(1)
     ThinK(ratio=0.4, window=W, value_ratio=0.25).after_prefill(SimpleNamespace(layer=layer, query=q, scaling=0.25))
     nar, drop, drop_v = layer.narrow, 6, 4
     assert nar.values.shape == (B, Hkv, T - W, D - drop_v) and layer.values.shape == (B, Hkv, W, D)
