@@ -21,6 +21,7 @@ __all__ = [
     "string_match_part",
     "summarize",
     "top1_agreement",
+    "wilson_interval",
 ]
 
 
@@ -167,3 +168,20 @@ def summarize(values: Sequence[float] | torch.Tensor | np.ndarray) -> dict:
         "max": float(x.max()),
         "n": int(x.size),
     }
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """wilson_interval: Wilson score interval of a proportion ``successes / n`` (95% for ``z = 1.96``).
+
+    ``(p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n)``; unlike ``p ± z·sqrt(p(1-p)/n)`` it stays inside
+    [0, 1] and is not empty at ``p = 0`` or ``1`` -- what small-sample accuracy tables need. ``(nan, nan)`` for n=0.
+    """
+    if n <= 0:
+        return float("nan"), float("nan")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes ({successes}) must be in [0, n={n}]")
+    p = successes / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)

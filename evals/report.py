@@ -72,6 +72,27 @@ def accuracy_table(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def retention_table(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Rows = methods; per (task, length) the samples full answered right that the method also answered right
+    ("kept/full"), and over all cells the fraction with its 95% Wilson interval: "keeps X% of full's accuracy"."""
+    from .metrics import wilson_interval
+
+    acc = [s for s in summary if "full_right" in s and s["method"] != FULL]
+    keys = sorted({(s["task"], s["length"]) for s in acc})
+    cells = {(s["method"], s["task"], s["length"]): s for s in acc}
+    header = ["method"] + [f"{t} {n}" for t, n in keys] + ["all", "kept of full (95% CI)"]
+    rows = []
+    for m in sorted({s["method"] for s in acc}):
+        got = [cells.get((m, t, n)) for t, n in keys]
+        k = sum(c["kept_right"] for c in got if c)
+        n_all = sum(c["full_right"] for c in got if c)
+        lo, hi = wilson_interval(k, n_all)
+        share = f"{k / n_all:.2f} ({lo:.2f}–{hi:.2f})" if n_all else "–"
+        rows.append([m] + [f"{c['kept_right']}/{c['full_right']}" if c else "–" for c in got]
+                    + [f"{k}/{n_all}", share])
+    return header, rows
+
+
 def fidelity_table(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
     fid = [s for s in summary if "kl" in s and s["method"] != FULL]
     header = ["method", "length", "n", "KL(full‖method)", "KL max", "top-1 agree", "greedy match", "greedy prefix",
@@ -111,6 +132,9 @@ def markdown(results: dict) -> str:
     if any("accuracy" in s for s in summary):
         parts += ["", "## Accuracy (string_match_all, mean over samples; `full` = stock model)", "",
                   _table(*accuracy_table(summary))]
+        if any("full_right" in s and s["method"] != FULL for s in summary):
+            parts += ["", "## Kept of full's right answers (paired by sample: method right / full right)", "",
+                      _table(*retention_table(summary))]
     if any("kl" in s and s["method"] != FULL for s in summary):
         parts += ["", f"## Fidelity to full attention (teacher-forced on full's greedy continuation of "
                       f"{cfg.get('fidelity_tokens', 16)} tokens)", "", _table(*fidelity_table(summary))]

@@ -530,6 +530,8 @@ def summarize_rows(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["task"], int(r["length"])), []).append(r)
+    full_right = {(r["task"], int(r["length"]), r.get("sample")) for r in rows
+                  if r["method"] == FULL and r["task"] != FIDELITY and r.get("score") == 1.0}
     out = []
     for (m, t, n), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0] != FULL, kv[0][0])):
         s = {"method": m, "task": t, "length": n, "n": len(rs), "kv_ratio": _mean([r.get("kv_ratio") for r in rs]),
@@ -539,5 +541,8 @@ def summarize_rows(rows: list[dict]) -> list[dict]:
                 s[k] = _mean([r.get(k) for r in rs])
         else:
             s["accuracy"] = _mean([r.get("score") for r in rs])
+            # paired with full: of the samples full answered right, how many this method answered right
+            paired = [r.get("score") == 1.0 for r in rs if (t, n, r.get("sample")) in full_right]
+            s["full_right"], s["kept_right"] = len(paired), sum(paired)
         out.append(s)
     return out

@@ -88,3 +88,13 @@ def test_summarize():
         M.summarize([])
     with pytest.raises(ValueError, match="non-finite"):
         M.summarize([1.0, float("nan")])
+
+
+def test_wilson_interval_known_values():
+    z2 = 1.96**2
+    assert M.wilson_interval(0, 8) == pytest.approx((0.0, z2 / (8 + z2)))  # not empty at p = 0
+    assert M.wilson_interval(8, 8) == pytest.approx((8 / (8 + z2), 1.0))
+    assert M.wilson_interval(4, 8) == pytest.approx((0.2152, 0.7848), abs=1e-4)
+    assert all(math.isnan(x) for x in M.wilson_interval(0, 0))
+    with pytest.raises(ValueError, match="successes"):
+        M.wilson_interval(9, 8)

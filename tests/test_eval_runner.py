@@ -218,3 +218,24 @@ def test_lm_eval_adapter_says_how_to_install(monkeypatch):
         lm_eval_adapter.hflm(object(), None, method=SPEC)
     with pytest.raises(ImportError, match="optional extra"):
         lm_eval_adapter.run_lm_eval(object(), None, ["x"])
+
+
+def test_summary_pairs_each_method_with_full_by_sample():
+    """'kept of full': only samples full got right count, matched by sample id, summed over cells."""
+    from kvaccel.evals.report import markdown, retention_table
+    from kvaccel.evals.runner import summarize_rows
+
+    full = [1, 1, 0, 1]
+    meth = [1, 0, 1, 1]  # right on 2 of the 3 full got right (sample 2 does not count: full missed it)
+    rows = [{"method": m, "task": "passkey", "length": 1024, "sample": f"s{i}", "score": float(x)}
+            for m, xs in (("full", full), ("h2o(budget=0.25)", meth)) for i, x in enumerate(xs)]
+    rows += [{"method": m, "task": "niah_single", "length": 2048, "sample": "s0", "score": 1.0}
+             for m in ("full", "h2o(budget=0.25)")]
+    by = {(s["method"], s["task"]): s for s in summarize_rows(rows)}
+    assert (by[("h2o(budget=0.25)", "passkey")]["kept_right"], by[("h2o(budget=0.25)", "passkey")]["full_right"]) \
+        == (2, 3)
+    assert by[("h2o(budget=0.25)", "passkey")]["accuracy"] == 0.75 and by[("full", "passkey")]["full_right"] == 3
+    header, table = retention_table(list(by.values()))
+    assert header == ["method", "niah_single 2048", "passkey 1024", "all", "kept of full (95% CI)"]
+    assert table == [["h2o(budget=0.25)", "1/1", "2/3", "3/4", "0.75 (0.30–0.95)"]]
+    assert "Kept of full's right answers" in markdown({"summary": list(by.values())})
