@@ -8,15 +8,13 @@ The PyTorch path is plain and is also what the tests compare against, next to th
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["decode_attention", "decode_attention_reference"]
+from .backend import check_mask, resolve_backend
 
-_BACKENDS = ("auto", "torch", "triton")
+__all__ = ["decode_attention", "decode_attention_reference"]
 
 
 def decode_attention(
@@ -81,12 +79,7 @@ def decode_attention(
         ``out`` ``(B, H_q, 1, Dv)`` in ``q.dtype``; with ``return_lse`` also ``lse`` ``(B, H_q, 1)`` float32.
     """
     _check_inputs(q, k, v, valid, k_narrow, channel_idx, v_narrow, valid_narrow, out, value_idx)
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = "triton" if q.is_cuda else "torch"
-
-    if backend == "triton":
+    if resolve_backend(backend, q) == "triton":
         res, lse = _decode_attention_triton(
             q, k, v, scale, valid, k_narrow, channel_idx, v_narrow, valid_narrow, value_idx, out
         )
@@ -248,7 +241,6 @@ def _decode_attention_triton(
     out: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     """_decode_attention_triton: launch ``_decode_attention_fwd`` on grid ``(B * H_kv, cdiv(G, BLOCK_G))``."""
-    _require_triton_device(q)
     import triton
 
     from .triton.decode_attention import _decode_attention_fwd
@@ -345,26 +337,9 @@ def _decode_attention_triton(
     return out, lse
 
 
-def _require_triton_device(q: Tensor) -> None:
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(
-            f"backend='triton' needs CUDA tensors (got device {q.device}); on CPU set TRITON_INTERPRET=1 "
-            "before triton is first imported, or use backend='torch'"
-        )
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------------------------
-def _check_mask(name: str, m: Tensor | None, B: int, Hkv: int, T: int) -> None:
-    if m is None:
-        return
-    if m.dtype != torch.bool:
-        raise ValueError(f"{name} must be a bool tensor, got dtype {m.dtype}")
-    if m.dim() != 3 or m.shape[0] != B or m.shape[1] not in (1, Hkv) or m.shape[2] != T:
-        raise ValueError(f"{name} must have shape ({B}, {Hkv} or 1, {T}), got {tuple(m.shape)}")
-
-
 def _check_inputs(
     q: Tensor,
     k: Tensor,
@@ -394,7 +369,7 @@ def _check_inputs(
     if v.shape[:3] != k.shape[:3]:
         raise ValueError(f"v {tuple(v.shape)} does not match k {tuple(k.shape)} in (B, H_kv, T)")
     Dv = v.shape[3]
-    _check_mask("valid", valid, B, Hkv, T)
+    check_mask("valid", valid, B, Hkv, T)
     narrow = (k_narrow, channel_idx, v_narrow)
     if any(t is not None for t in narrow) and any(t is None for t in narrow):
         raise ValueError("k_narrow, channel_idx and v_narrow must be given together")
@@ -428,7 +403,7 @@ def _check_inputs(
                 raise ValueError(
                     f"with value_idx, v_narrow must have shape ({B}, {Hkv}, {Tn}, {Dvn}), got {tuple(v_narrow.shape)}"
                 )
-        _check_mask("valid_narrow", valid_narrow, B, Hkv, Tn)
+        check_mask("valid_narrow", valid_narrow, B, Hkv, Tn)
     if out is not None and (
         tuple(out.shape) != (B, Hq, 1, Dv) or out.dtype != q.dtype or out.device != q.device
     ):

@@ -13,11 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .decode_attention import _check_mask, _require_triton_device
+from .backend import check_mask, resolve_backend
 
 __all__ = ["window_attention_scores", "window_attention_scores_reference"]
-
-_BACKENDS = ("auto", "torch", "triton")
 
 
 def window_attention_scores(
@@ -64,11 +62,7 @@ def window_attention_scores(
     _check_inputs(q, k, valid)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = "triton" if q.is_cuda else "torch"
-    if backend == "triton":
+    if resolve_backend(backend, q) == "triton":
         return _window_scores_triton(q, k, scale, valid, causal)
     return _window_scores_torch(q, k, scale, valid, causal, chunk)
 
@@ -153,7 +147,6 @@ def window_attention_scores_reference(
 # --------------------------------------------------------------------------------------------------------------
 def _window_scores_triton(q: Tensor, k: Tensor, scale: float, valid: Tensor | None, causal: bool) -> Tensor:
     """_window_scores_triton: pass 1 on ``(cdiv(W, BLOCK_M), B * H_q)``, pass 2 on ``(cdiv(T, BLOCK_N), B * H_q)``."""
-    _require_triton_device(q)
     import triton
 
     from .triton.window_scores import _window_lse_fwd, _window_scores_fwd
@@ -215,4 +208,4 @@ def _check_inputs(q: Tensor, k: Tensor, valid: Tensor | None) -> None:
             f"window W ({W}) must not exceed the number of keys T ({T}): q {tuple(q.shape)}, "
             f"k {tuple(k.shape)}"
         )
-    _check_mask("valid", valid, B, Hkv, T)
+    check_mask("valid", valid, B, Hkv, T)

@@ -14,6 +14,14 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
+# Triton kernel tests run with CUDA, or on CPU through the interpreter (TRITON_INTERPRET=1 set before triton loads).
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+requires_triton = pytest.mark.skipif(
+    not (TRITON_INTERPRET or torch.cuda.is_available()),
+    reason="Triton cases need CUDA or TRITON_INTERPRET=1 set before triton is imported",
+)
+TRITON_DEVICE = "cpu" if TRITON_INTERPRET or not torch.cuda.is_available() else "cuda"
+
 
 def tiny_config(family: str, **overrides):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config

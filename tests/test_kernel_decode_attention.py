@@ -6,19 +6,12 @@ triton is imported), e.g. ``TRITON_INTERPRET=1 python -m pytest tests/test_kerne
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from kvaccel.kernels.decode_attention import decode_attention, decode_attention_reference
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-TRITON_OK = INTERPRET or torch.cuda.is_available()
-requires_triton = pytest.mark.skipif(
-    not TRITON_OK, reason="Triton cases need CUDA or TRITON_INTERPRET=1 set before triton is imported"
-)
-TRITON_DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
+from conftest import TRITON_DEVICE, TRITON_INTERPRET, requires_triton
 
 SCALE_D = {16: 16**-0.5, 64: 64**-0.5}
 
@@ -160,7 +153,7 @@ def test_narrow_values_equal_zero_filled_values() -> None:
 
 
 @pytest.mark.skipif(
-    INTERPRET or torch.cuda.is_available(), reason="checks the CPU error without the interpreter"
+    TRITON_INTERPRET or torch.cuda.is_available(), reason="checks the CPU error without the interpreter"
 )
 def test_triton_on_cpu_without_interpreter_raises() -> None:
     kw = _make_inputs(1, 1, 1, 8, 16, mask="none", narrow=False)

@@ -6,19 +6,12 @@ triton is imported), e.g. ``TRITON_INTERPRET=1 python -m pytest tests/test_kerne
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from kvaccel.kernels.window_scores import window_attention_scores, window_attention_scores_reference
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-TRITON_OK = INTERPRET or torch.cuda.is_available()
-requires_triton = pytest.mark.skipif(
-    not TRITON_OK, reason="Triton cases need CUDA or TRITON_INTERPRET=1 set before triton is imported"
-)
-TRITON_DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
+from conftest import TRITON_DEVICE, requires_triton
 
 
 def _make_inputs(
