@@ -73,7 +73,7 @@ def value_channel_scores(
 @register
 @dataclass
 class ThinK(ChannelMethod):
-    """ThinK: query-driven key-channel pruning; the pruned keys are stored narrow.
+    """ThinK: query-driven key-channel pruning (value channels opt-in); pruned channels are stored narrow.
 
     https://arxiv.org/abs/2407.21018 — per kv head, ``score_c = ‖Q_obs[:, c]‖ · ‖K[:, c]‖`` over the last ``window``
     queries of the prompt (the GQA group's queries pooled); the ``⌊D·ratio⌋`` lowest-scoring channels are dropped
