@@ -5,7 +5,9 @@ once per method on the default model, and the first ``keep()`` of every cache la
 indices are prompt positions) is recorded. Prints, per method, how many of the needle's key tokens each layer /
 kv head kept, and the share of (layer, head) pairs that kept all of them.
 
-    .venv/bin/python benchmarks/needle_retention.py --methods "snapkv(budget=0.5)" "h2o(budget=0.5)" --sample 0
+    .venv/bin/python benchmarks/needle_retention.py --methods "snapkv(budget=0.5)" "h2o(budget=0.5)" --sample 3
+
+``--sample k --samples n`` is the sample ``passkey-<length>-000k`` of ``kvaccel eval --samples n`` (seed 0).
 """
 
 from __future__ import annotations
@@ -61,10 +63,11 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["snapkv(budget=0.5)", "h2o(budget=0.5)"])
     ap.add_argument("--length", type=int, default=1024)
     ap.add_argument("--sample", type=int, default=0, help="index of the passkey sample (seed 0)")
+    ap.add_argument("--samples", type=int, default=8, help="size of the sample set, as kvaccel eval --samples")
     args = ap.parse_args()
 
     model, tok = kvaccel.load_model()
-    s = tasks.generate("passkey", tok, args.length, args.sample + 1, seed=0)[args.sample]
+    s = tasks.generate("passkey", tok, args.length, args.samples, seed=0)[args.sample]
     context, _ = s.prompt(question_aware=True)
     ids = tok(context, return_tensors="pt", add_special_tokens=False)["input_ids"]
     needle = needle_positions(tok, context, s.answers[0])
