@@ -73,7 +73,7 @@ def _prefilled_layer(seed: int) -> tuple[KVAccelLayer, torch.Tensor, torch.Tenso
 
 def test_prunes_lowest_channels_narrow_with_exact_byte_saving():
     layer, q, k, v, before = _prefilled_layer(0)
-    m = ThinK(ratio=0.4, window=W)
+    m = ThinK(ratio=0.4, window=W, full_recent=W)  # the reference code's layout: last W slots full-width
     m.after_prefill(SimpleNamespace(layer=layer, query=q))
     drop = math.floor(D * 0.4)
     scores = channel_scores(q[:, :, -W:], k)
@@ -92,7 +92,8 @@ def test_prunes_lowest_channels_narrow_with_exact_byte_saving():
 
 def test_value_pruning_stores_narrow_values_with_exact_byte_saving():
     layer, q, k, v, before = _prefilled_layer(1)
-    ThinK(ratio=0.4, window=W, value_ratio=0.25).after_prefill(SimpleNamespace(layer=layer, query=q, scaling=0.25))
+    m = ThinK(ratio=0.4, window=W, value_ratio=0.25, full_recent=W)
+    m.after_prefill(SimpleNamespace(layer=layer, query=q, scaling=0.25))
     nar, drop, drop_v = layer.narrow, 6, 4
     assert nar.values.shape == (B, Hkv, T - W, D - drop_v) and layer.values.shape == (B, Hkv, W, D)
     scores = value_channel_scores(q[:, :, -W:], k, v, 0.25)
@@ -107,6 +108,19 @@ def test_value_pruning_stores_narrow_values_with_exact_byte_saving():
     assert before - layer.nbytes() == B * Hkv * (T - W) * (drop + drop_v) * 4 - idx_bytes
 
 
+def test_default_prunes_every_prompt_slot_and_decode_tokens_stay_full():
+    """full_recent=0 (kvpress' layout): all prompt keys narrow, the window only scores; new tokens full-width."""
+    model = tiny_model("llama")
+    with kvaccel.patched(model, "think(ratio=0.4)"), torch.no_grad():
+        cache = KVAccelCache(model)
+        model(_ids(100), past_key_values=cache, use_cache=True)
+        assert all(l.narrow.keys.shape[2] == 100 and l.keys.shape[2] == 0 for l in cache.layers)
+        model(_ids(1, seed=3), past_key_values=cache, use_cache=True)
+        assert all(l.narrow.keys.shape[2] == 100 and l.keys.shape[2] == 1 for l in cache.layers)
+    with pytest.raises(ValueError, match="full_recent"):
+        ThinK(full_recent=-1)
+
+
 def test_report_kv_bytes_drop_exactly_and_ratio_zero_is_identical():
     model = tiny_model("llama")  # 3 layers, Hkv=2, D=16, fp32
     ids = _ids(300)
@@ -115,7 +129,7 @@ def test_report_kv_bytes_drop_exactly_and_ratio_zero_is_identical():
             model(ids, use_cache=True)
         r = kvaccel.report(model)
     L, Hkv, Dk = 3, 2, 16 - 6
-    assert r["kv_bytes"] == r["kv_bytes_full"] - L * Hkv * (300 - 32) * 6 * 4 + L * Hkv * Dk * 8
+    assert r["kv_bytes"] == r["kv_bytes_full"] - L * Hkv * 300 * 6 * 4 + L * Hkv * Dk * 8  # every prompt slot
     ref = model.generate(ids[:, :100], max_new_tokens=20, do_sample=False)
     with kvaccel.patched(model, ThinK(ratio=0.0)):
         out = model.generate(ids[:, :100], max_new_tokens=20, do_sample=False)

@@ -41,17 +41,19 @@ def export(args) -> None:
         for task in args.tasks.split(","):
             for length in (int(x) for x in args.lengths.split(",")):
                 for s in tasks.generate(task, tok, length, args.samples, seed=args.seed):
-                    context, rest = s.prompt(question_aware=False)
+                    context, rest = s.prompt(question_aware=args.question_aware)
                     rec = {"id": s.id, "task": task, "length": length, "context": context, "question": rest,
                            "answers": s.answers, "model": str(default_model_path())}
                     f.write(json.dumps(rec) + "\n")
     print(f"wrote {out}")
 
 
-def _methods(framework: str, budgets=BUDGETS):
+def _methods(framework: str, budgets=BUDGETS, methods: str = "all"):
     """(name, budget, factory) — the same method at the same kept fraction on both sides."""
     rows = []
-    for b in budgets:
+    if framework == "kvpress":
+        from kvpress import ThinKPress
+    for b in budgets if methods == "all" else ():
         if framework == "kvpress":
             from kvpress import AdaKVPress, ComposedPress, SnapKVPress, StreamingLLMPress, ThinKPress, TOVAPress
 
@@ -72,7 +74,10 @@ def _methods(framework: str, budgets=BUDGETS):
                 ("adakv-snapkv", b, lambda b=b: f"adakv(budget={b}, inner='snapkv', alpha_safeguard=0.2)"),
                 ("snapkv+think", b, lambda b=b: f"snapkv(budget={b})+think(ratio={THINK_RATIO})"),
             ]
-    return [("full", 1.0, lambda: None)] + rows
+    # ThinK alone (no token eviction): the "kept" column is the fraction of key channels kept
+    think = (ThinKPress(key_channel_compression_ratio=THINK_RATIO, window_size=32) if framework == "kvpress"
+             else f"think(ratio={THINK_RATIO})")
+    return [("full", 1.0, lambda: None)] + rows + [("think", 1 - THINK_RATIO, lambda: think)]
 
 
 def _cache_bytes(cache) -> int:
@@ -107,7 +112,8 @@ def run(args) -> None:
         import kvaccel
 
     with out.open("a") as f, torch.inference_mode():
-        for name, budget, factory in _methods(args.framework, [float(b) for b in args.budgets.split(",")]):
+        budgets = [float(b) for b in args.budgets.split(",")]
+        for name, budget, factory in _methods(args.framework, budgets, args.methods):
             for p in prompts:
                 if (name, budget, p["id"]) in done:
                     continue
@@ -182,11 +188,15 @@ def main() -> None:
     e.add_argument("--lengths", default="1024,2048")
     e.add_argument("--samples", type=int, default=4)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--question-aware", action="store_true",
+                   help="compress context + question together; only the answer prefix follows (papers' protocol)")
     r = sub.add_parser("run")
     r.add_argument("--framework", choices=("kvpress", "kvaccel"), required=True)
     r.add_argument("--prompts", required=True)
     r.add_argument("--out", required=True)
     r.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="kept fractions, e.g. 0.5,0.25,0.1")
+    r.add_argument("--methods", default="all", choices=("all", "think"),
+                   help="all: full + every method at each budget (+ think alone); think: full + ThinK alone")
     p = sub.add_parser("report")
     p.add_argument("files", nargs="+")
     args = ap.parse_args()

@@ -77,7 +77,7 @@ class ThinK(ChannelMethod):
 
     https://arxiv.org/abs/2407.21018 — per kv head, ``score_c = ‖Q_obs[:, c]‖ · ‖K[:, c]‖`` over the last ``window``
     queries of the prompt (the GQA group's queries pooled); the ``⌊D·ratio⌋`` lowest-scoring channels are dropped
-    for every held token but the last ``window`` slots, which stay full-width, as do all decode tokens. Decode logits
+    for every held prompt token but the last ``full_recent`` slots; decode tokens stay full-width. Decode logits
     are ``concat(q[kept]·K_narrowᵀ, q·K_fullᵀ) / √D`` (the scale of the full ``D``), i.e. exactly attention over
     keys whose pruned channels are zero.
 
@@ -86,6 +86,12 @@ class ThinK(ChannelMethod):
     the reference's ``mean_t Q² · mean_n K²`` (its square over constants). A later prompt chunk ("extend") moves its
     older tokens into the narrow segment with the channels chosen at the first prefill. ``token_state`` is not
     touched: it spans the concatenated ``[narrow, full]`` token axis, whose order pruning preserves.
+
+    ``full_recent`` (default 0: every prompt slot pruned, as kvpress' ThinKPress, reviewed by the paper's first
+    author): the reference code keeps its last ``window`` prompt keys full-width (``full_recent=32``). Measured on
+    the default model, that mix breaks passkey retrieval (0/8 vs 8/8 at 1k, question-aware,
+    ``benchmarks/peers``): narrow keys lose logit mass against the full-width question tokens, so copy heads
+    match "pass key" in the question instead of the needle.
 
     Value channels (opt-in, ``value_ratio > 0``): the paper's appendix extends the query-driven criterion to the
     value cache, ``score_c = ‖softmax(Q_obs Kᵀ/√D) V[:, c]‖`` (:func:`value_channel_scores`); the same tokens
@@ -98,7 +104,9 @@ class ThinK(ChannelMethod):
     ratio : float
         Fraction of key channels dropped, in ``[0, 1)``; ``0`` is a no-op. Default 0.4.
     window : int
-        Observation window (queries scored) and number of most recent prompt slots kept full-width. Default 32.
+        Observation window: the last ``window`` prompt queries score the channels. Default 32.
+    full_recent : int
+        Most recent prompt slots kept full-width (the reference code's ``window``). Default 0.
     value_ratio : float
         Fraction of value channels dropped, in ``[0, 1)``. Default 0 (keys only, as the paper's main method).
     """
@@ -107,6 +115,7 @@ class ThinK(ChannelMethod):
     ratio: float = 0.4
     window: int = 32
     value_ratio: float = 0.0
+    full_recent: int = 0
 
     def __post_init__(self):
         for field in ("ratio", "value_ratio"):
@@ -115,6 +124,8 @@ class ThinK(ChannelMethod):
                 raise ValueError(f"{field} ({r!r}) must be a float in [0, 1)")
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise ValueError(f"window ({self.window!r}) must be an int >= 1")
+        if isinstance(self.full_recent, bool) or not isinstance(self.full_recent, int) or self.full_recent < 0:
+            raise ValueError(f"full_recent ({self.full_recent!r}) must be an int >= 0")
 
     def pruned_channels(self, head_dim: int) -> int:
         return math.floor(head_dim * self.ratio)
@@ -126,7 +137,7 @@ class ThinK(ChannelMethod):
         if drop == 0 and drop_v == 0:
             return
         T = layer.keys.shape[-2]
-        n_move = T - self.window
+        n_move = T - self.full_recent
         if n_move <= 0:
             return
         if layer.narrow is None:
