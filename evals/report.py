@@ -169,6 +169,17 @@ def _length_axis(ax, lengths) -> None:
         ax.set_xlim(ticks[0] / 1.5, ticks[0] * 1.5)
 
 
+def _save(fig, axes, path: Path) -> Path:
+    """Grid and legend on every axis, then write the figure to ``path`` and free it."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
 def plot_accuracy_vs_budget(summary: list[dict], path: Path) -> Path | None:
     """Accuracy (per task) and top-1 agreement (fidelity) vs the budget fraction, one line per task × length."""
     pts: dict[tuple, list[tuple[float, float]]] = {}
@@ -192,13 +203,8 @@ def plot_accuracy_vs_budget(summary: list[dict], path: Path) -> Path | None:
     ax.set_ylabel("accuracy / top-1 agreement")
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlim(0, 1.05)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     ax.set_title("Accuracy vs budget")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, [ax], path)
 
 
 def plot_speedup_vs_length(bench: list[dict], path: Path) -> Path | None:
@@ -216,12 +222,7 @@ def plot_speedup_vs_length(bench: list[dict], path: Path) -> Path | None:
         ax.set_xlabel("prompt length (tokens)")
         ax.set_ylabel("speedup vs full (x)")
         ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, axes, path)
 
 
 def plot_memory_vs_length(points: list[dict], path: Path) -> Path | None:
@@ -241,12 +242,7 @@ def plot_memory_vs_length(points: list[dict], path: Path) -> Path | None:
     ax.set_xlabel("prompt length (tokens)")
     ax.set_ylabel("MiB")
     ax.set_title("Memory vs length")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, [ax], path)
 
 
 def write_reports(results: dict, out_dir: str | os.PathLike, status: str | None = None) -> dict:
