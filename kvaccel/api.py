@@ -220,7 +220,9 @@ def report(model) -> dict[str, Any]:
     Keys: ``kv_bytes`` (bytes physically held by the cache: keys, values, masks, method state),
     ``kv_bytes_full`` (what a full cache would hold for the same tokens), ``kv_ratio``, ``seen_tokens``,
     ``kept_tokens`` (per layer, per sequence, per head), ``capacity`` (per layer budget in tokens, where an
-    eviction method set one), ``prefill_density`` (fraction of attention blocks computed at prefill, per layer),
+    eviction method set one), ``prefill_density`` (fraction of causal attention tiles computed at prefill, per layer),
+    ``prefill_estimate_s`` / ``prefill_attention_s`` (a block-sparse prefill's time choosing tiles vs computing them,
+    summed over layers; ``None`` without one),
     ``methods`` (spec strings) and ``notes``.
     """
     state: PatchState | None = getattr(model, _STATE_ATTR, None)
@@ -246,4 +248,7 @@ def report(model) -> dict[str, Any]:
         )
     out["capacity"] = [s.get("capacity") for s in state.layer_stats]
     out["prefill_density"] = [s.get("prefill_density") for s in state.layer_stats]
+    for key in ("prefill_estimate_s", "prefill_attention_s"):  # block-sparse prefill: estimation vs attention
+        per_layer = [s.get(key) for s in state.layer_stats]
+        out[key] = sum(t for t in per_layer if t is not None) if any(t is not None for t in per_layer) else None
     return out

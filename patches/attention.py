@@ -86,11 +86,15 @@ class AttentionContext:
 # ------------------------------------------------------------------------------------------ dense paths
 
 
-def dense_prefill(ctx: AttentionContext) -> Tensor:
-    """Causal attention over a whole prompt with SDPA; left/right padding handled per sequence (O(B·L))."""
+def per_sequence(ctx: AttentionContext, fn) -> Tensor:
+    """Run ``fn(q, k, v) -> (b, l, H_q, Dv)`` on the whole batch, or per sequence on its real tokens when padded.
+
+    Left/right padding is handled by slicing each sequence's one contiguous run of real tokens (O(B·L), no (L, L)
+    mask); padded rows of the output are zeros.
+    """
     q, k, v = ctx.query, ctx.key, ctx.value
     if ctx.pad is None:
-        return sdpa_attention_forward(ctx.module, q, k, v, None, scaling=ctx.scaling, **ctx.kwargs)[0]
+        return fn(q, k, v)
     pad = ctx.pad[:, -q.shape[2] :]
     out = q.new_zeros(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])
     for b in range(q.shape[0]):
@@ -104,12 +108,15 @@ def dense_prefill(ctx: AttentionContext) -> Tensor:
                 f"sequence); sequence {b} has holes in its attention mask"
             )
         sl = slice(s, e)
-        ob = sdpa_attention_forward(
-            ctx.module, q[b : b + 1, :, sl], k[b : b + 1, :, sl], v[b : b + 1, :, sl], None,
-            scaling=ctx.scaling, **ctx.kwargs,
-        )[0]
-        out[b, sl] = ob[0]
+        out[b, sl] = fn(q[b : b + 1, :, sl], k[b : b + 1, :, sl], v[b : b + 1, :, sl])[0]
     return out
+
+
+def dense_prefill(ctx: AttentionContext) -> Tensor:
+    """Causal attention over a whole prompt with SDPA; left/right padding handled per sequence (O(B·L))."""
+    return per_sequence(
+        ctx, lambda q, k, v: sdpa_attention_forward(ctx.module, q, k, v, None, scaling=ctx.scaling, **ctx.kwargs)[0]
+    )
 
 
 def grouped_attention(

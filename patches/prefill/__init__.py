@@ -1,5 +1,6 @@
 """Prefill methods (stage ``prefill``). Importing this package registers them."""
 
-from .base import PrefillMethod
+from .a_shape import AShape
+from .base import BlockSelection, BlockSparsePrefill, PrefillMethod
 
-__all__ = ["PrefillMethod"]
+__all__ = ["AShape", "BlockSelection", "BlockSparsePrefill", "PrefillMethod"]

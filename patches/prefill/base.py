@@ -1,16 +1,30 @@
-"""Prefill methods (stage ``prefill``): how the prompt's attention is computed."""
+"""Prefill methods (stage ``prefill``): how the prompt's attention is computed.
+
+Block-sparse methods only write ``select(q, k, v, scale) -> BlockSelection`` (which tiles to compute); the base
+runs the shared :func:`~kvaccel.kernels.block_sparse_attention.block_sparse_attention` kernel, handles padding,
+the short-prompt dense fallback and the ``report()`` statistics (density, estimation vs attention time).
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from kvaccel.config import Method
+from kvaccel.kernels.backend import BACKENDS
+from kvaccel.kernels.block_sparse_attention import (
+    block_sparse_attention,
+    causal_block_mask,
+    check_block_size,
+)
 
 if TYPE_CHECKING:
     from kvaccel.patches.attention import AttentionContext
+
+Tensor = torch.Tensor
 
 
 @dataclass
@@ -21,3 +35,110 @@ class PrefillMethod(Method):
 
     def attention(self, ctx: AttentionContext) -> torch.Tensor:
         raise NotImplementedError
+
+
+@dataclass
+class BlockSelection:
+    """Which tiles a block-sparse prefill computes.
+
+    ``mask`` ``(B, H_q | 1, ceil(L/block_m), ceil(L/block_n))`` bool; ``key_perm`` ``(B, H_kv, L)`` (original
+    position of the key in each slot) with ``k``/``v`` already permuted the same way, or all three ``None``.
+    """
+
+    mask: Tensor
+    block_m: int
+    block_n: int
+    key_perm: Tensor | None = None
+    k: Tensor | None = None
+    v: Tensor | None = None
+
+
+def _sync(x: Tensor) -> None:
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+
+
+@dataclass
+class BlockSparsePrefill(PrefillMethod):
+    """Base of the block-sparse prefill methods: a subclass writes ``select()``; the base runs the kernel.
+
+    The diagonal tile of every query block is always computed (each query sees itself, so no row is empty).
+    Prompts shorter than ``min_length`` tokens are prefilled densely, and ``report()`` says so in its notes.
+
+    Parameters
+    ----------
+    min_length : int
+        Prompts with fewer tokens use dense attention (the estimate would cost more than it saves).
+    backend : str
+        Kernel backend: ``"auto"`` (Triton on CUDA, PyTorch on CPU), ``"torch"`` or ``"triton"``.
+    """
+
+    min_length: int = 1024
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if isinstance(self.min_length, bool) or not isinstance(self.min_length, int) or self.min_length < 0:
+            raise ValueError(f"min_length ({self.min_length!r}) must be an int >= 0 (tokens)")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend ({self.backend!r}) must be one of {BACKENDS}")
+
+    def select(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> BlockSelection:
+        """Return the tiles to compute for ``q`` ``(B, H_q, L, D)`` over ``k``/``v`` ``(B, H_kv, L, D)``."""
+        raise NotImplementedError
+
+    def attention(self, ctx: AttentionContext) -> Tensor:
+        from kvaccel.patches.attention import dense_prefill, per_sequence
+
+        L = ctx.query.shape[2]
+        if L < self.min_length:
+            ctx.state.notes.add(
+                f"prefill: {self.name} computed prompts shorter than min_length={self.min_length} tokens densely"
+            )
+            return dense_prefill(ctx)
+        stats = ctx.stats
+        for key in ("prefill_estimate_s", "prefill_attention_s", "_tiles", "_causal_tiles"):
+            stats[key] = 0
+        out = per_sequence(ctx, lambda q, k, v: self._sparse(q, k, v, ctx.scaling, stats))
+        stats["prefill_density"] = stats["_tiles"] / max(1, stats["_causal_tiles"])
+        return out
+
+    def _sparse(self, q: Tensor, k: Tensor, v: Tensor, scale: float, stats: dict) -> Tensor:
+        B, Hq, L, _ = q.shape
+        _sync(q)
+        t0 = time.perf_counter()
+        sel = self.select(q, k, v, scale)
+        causal = causal_block_mask(L, sel.block_m, sel.block_n, device=q.device)
+        diag = _diagonal_tiles(L, sel.block_m, sel.block_n, q.device)
+        mask = (sel.mask | diag) & causal
+        _sync(q)
+        t1 = time.perf_counter()
+        ks, vs = (k, v) if sel.key_perm is None else (sel.k, sel.v)
+        out = block_sparse_attention(
+            q, ks, vs, mask, scale=scale, block_m=sel.block_m, block_n=sel.block_n, key_perm=sel.key_perm,
+            backend=self.backend,
+        )
+        _sync(q)
+        t2 = time.perf_counter()
+        stats["prefill_estimate_s"] += t1 - t0
+        stats["prefill_attention_s"] += t2 - t1
+        stats["_tiles"] += int(mask.expand(B, Hq, -1, -1).sum())
+        stats["_causal_tiles"] += int(causal.sum()) * B * Hq
+        return out.transpose(1, 2)
+
+
+def _diagonal_tiles(L: int, block_m: int, block_n: int, device) -> Tensor:
+    """``(nQB, nKB)`` bool: for each query block, the key blocks holding its own positions."""
+    nqb, nkb = -(-L // block_m), -(-L // block_n)
+    q0 = torch.arange(nqb, device=device) * block_m
+    q1 = torch.clamp(q0 + block_m - 1, max=L - 1)
+    kb = torch.arange(nkb, device=device)
+    return (kb[None, :] >= (q0 // block_n)[:, None]) & (kb[None, :] <= (q1 // block_n)[:, None])
+
+
+def validate_blocks(method: Method, **blocks: int) -> None:
+    """``ValueError`` naming the field when a block size is not one the kernel tiles by."""
+    for name, value in blocks.items():
+        try:
+            check_block_size(name, value)
+        except ValueError as e:
+            raise ValueError(f"{method.name}: {e}") from None

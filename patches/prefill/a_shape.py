@@ -1,0 +1,55 @@
+"""A-shape (MInference baseline): every query block reads the sink blocks and a local band of key blocks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvaccel.config import register
+from kvaccel.kernels.block_sparse_attention import num_blocks
+
+from .base import BlockSelection, BlockSparsePrefill, validate_blocks
+
+
+@register
+@dataclass
+class AShape(BlockSparsePrefill):
+    """A-shape: sink + local band of key blocks for every query block (StreamingLLM's pattern, at prefill).
+
+    https://arxiv.org/abs/2407.02490 (MInference, the A-shape baseline) — query block ``i`` reads key blocks
+    ``[0, sink_blocks)`` and ``(i - local_blocks, i]``; token-level causal inside the diagonal block.
+
+    Parameters
+    ----------
+    sink_blocks : int
+        Leading key blocks every query reads. Default 1 (64 tokens, MInference's ``n_init=64`` rounded to a block).
+    local_blocks : int
+        Key blocks of the local band, the diagonal one included. Default 16 (1024 tokens, MInference's
+        A-shape ``n_local=1024``... its default local window for 8k-class prompts).
+    block_size : int
+        Query and key block size (tokens). Default 64.
+    min_length, backend
+        See :class:`BlockSparsePrefill`.
+    """
+
+    name = "a_shape"
+    sink_blocks: int = 1
+    local_blocks: int = 16
+    block_size: int = 64
+
+    def __post_init__(self):
+        super().__post_init__()
+        for f in ("sink_blocks", "local_blocks"):
+            val = getattr(self, f)
+            if isinstance(val, bool) or not isinstance(val, int) or val < (0 if f == "sink_blocks" else 1):
+                raise ValueError(f"{f} ({val!r}) must be an int >= {0 if f == 'sink_blocks' else 1}")
+        validate_blocks(self, block_size=self.block_size)
+
+    def select(self, q, k, v, scale) -> BlockSelection:
+        L, bs = q.shape[2], self.block_size
+        n = num_blocks(L, bs)
+        i = torch.arange(n, device=q.device)
+        j = i[None, :]
+        mask = (j < self.sink_blocks) | ((j <= i[:, None]) & (j > i[:, None] - self.local_blocks))
+        return BlockSelection(mask[None, None], bs, bs)
