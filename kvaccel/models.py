@@ -94,3 +94,32 @@ def load_model(
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model.to(device).eval(), tok
+
+
+# --------------------------------------------------------------------------------------------- fingerprints
+_ARCH_FIELDS = (
+    "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "intermediate_size", "vocab_size", "rope_theta", "max_position_embeddings",
+)
+
+
+def model_name(model) -> str:
+    """A readable name for a model: its ``name_or_path`` basename (``SmolLM2-135M-Instruct`` for the default)."""
+    path = str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or "")
+    return Path(path).name or getattr(model.config, "model_type", "model")
+
+
+def model_fingerprint(model) -> str:
+    """Short hash of the architecture fields of a model's config plus a checksum of a few weights.
+
+    Files fitted to one model (SALE thresholds, trained gates) store it and are refused for another model.
+    """
+    import hashlib
+
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    arch = {f: getattr(cfg, f, None) for f in _ARCH_FIELDS}
+    h = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode())
+    emb = model.get_input_embeddings().weight
+    probe = emb[: min(8, emb.shape[0]), : min(64, emb.shape[1])].detach().float().cpu()
+    h.update(f"{probe.sum().item():.4e}|{probe.abs().sum().item():.4e}".encode())
+    return h.hexdigest()[:16]
