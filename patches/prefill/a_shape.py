@@ -46,7 +46,7 @@ class AShape(BlockSparsePrefill):
                 raise ValueError(f"{f} ({val!r}) must be an int >= {0 if f == 'sink_blocks' else 1}")
         validate_blocks(self, block_size=self.block_size)
 
-    def select(self, q, k, v, scale) -> BlockSelection:
+    def select(self, q, k, v, scale, layer_idx) -> BlockSelection:
         L, bs = q.shape[2], self.block_size
         n = num_blocks(L, bs)
         i = torch.arange(n, device=q.device)

@@ -82,8 +82,9 @@ class BlockSparsePrefill(PrefillMethod):
         if self.backend not in BACKENDS:
             raise ValueError(f"backend ({self.backend!r}) must be one of {BACKENDS}")
 
-    def select(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> BlockSelection:
-        """Return the tiles to compute for ``q`` ``(B, H_q, L, D)`` over ``k``/``v`` ``(B, H_kv, L, D)``."""
+    def select(self, q: Tensor, k: Tensor, v: Tensor, scale: float, layer_idx: int) -> BlockSelection:
+        """Return the tiles to compute for ``q`` ``(B, H_q, L, D)`` over ``k``/``v`` ``(B, H_kv, L, D)`` of layer
+        ``layer_idx`` (per-layer thresholds or gates are indexed by it)."""
         raise NotImplementedError
 
     def attention(self, ctx: AttentionContext) -> Tensor:
@@ -98,15 +99,19 @@ class BlockSparsePrefill(PrefillMethod):
         stats = ctx.stats
         for key in ("prefill_estimate_s", "prefill_attention_s", "_tiles", "_causal_tiles"):
             stats[key] = 0
-        out = per_sequence(ctx, lambda q, k, v: self._sparse(q, k, v, ctx.scaling, stats))
+        out = per_sequence(ctx, lambda q, k, v: self.sparse_attention(q, k, v, ctx.scaling, ctx.layer_idx, stats))
         stats["prefill_density"] = stats["_tiles"] / max(1, stats["_causal_tiles"])
         return out
 
-    def _sparse(self, q: Tensor, k: Tensor, v: Tensor, scale: float, stats: dict) -> Tensor:
+    def sparse_attention(self, q: Tensor, k: Tensor, v: Tensor, scale: float, layer_idx: int, stats: dict) -> Tensor:
+        """Select tiles, run the kernel; adds estimate/attention seconds and tile counts to ``stats``.
+
+        Returns ``(B, L, H_q, Dv)``.
+        """
         B, Hq, L, _ = q.shape
         _sync(q)
         t0 = time.perf_counter()
-        sel = self.select(q, k, v, scale)
+        sel = self.select(q, k, v, scale, layer_idx)
         causal = causal_block_mask(L, sel.block_m, sel.block_n, device=q.device)
         diag = _diagonal_tiles(L, sel.block_m, sel.block_n, q.device)
         mask = (sel.mask | diag) & causal
