@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 from collections.abc import Iterator
 from typing import Any
 
@@ -140,9 +141,24 @@ def patch(model, *methods: str | Method, **options: Any):
     return model
 
 
+_MISSING = object()  # "the instance had no own attribute of that name"
+
+
 def _install_default_cache(model) -> None:
-    """Make ``generate()`` and ``model(...)`` create a KVAccelCache when the caller passes no cache."""
-    stock_generate, stock_forward = type(model).generate.__get__(model), type(model).forward.__get__(model)
+    """Make ``generate()`` and ``model(...)`` create a KVAccelCache when the caller passes no cache.
+
+    Wraps whatever ``forward``/``generate`` the instance has now (accelerate's ``dispatch_model``/``cpu_offload``
+    replace the bound ``forward`` with a ``functools.partial`` that moves inputs between devices and runs the
+    ``_hf_hook``s), and records the instance's own attributes so ``unpatch`` gives exactly those back.
+    """
+    state: PatchState = getattr(model, _STATE_ATTR)
+    previous = {name: model.__dict__.get(name, _MISSING) for name in ("generate", "forward")}
+    inner_generate, inner_forward = model.generate, model.forward  # instance wrappers (accelerate) or the class's
+    # transformers >= 5.24 renamed the forward/generate argument ``past_key_values`` to ``cache`` (old name deprecated)
+    cache_kw = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+    def given_cache(kwargs: dict):
+        return kwargs.get("cache", kwargs.get("past_key_values"))
 
     def refuse_attention_weights(requested: bool | None) -> None:
         if requested if requested is not None else getattr(model.config, "output_attentions", False):
@@ -152,27 +168,51 @@ def _install_default_cache(model) -> None:
                 "and load the model with attn_implementation='eager' to get them"
             )
 
-    @functools.wraps(stock_generate)
+    def active() -> bool:  # False once unpatched (if another library wrapped on top of us, we stay in its chain)
+        return getattr(model, _STATE_ATTR, None) is state
+
+    @functools.wraps(inner_generate)
     def generate(*args, **kwargs):
+        if not active():
+            return inner_generate(*args, **kwargs)
         gen_cfg = kwargs.get("generation_config") or model.generation_config
         refuse_attention_weights(kwargs.get("output_attentions", gen_cfg.output_attentions))
         wants_cache = kwargs.get("use_cache", gen_cfg.use_cache) is not False
         custom = kwargs.get("cache_implementation") or gen_cfg.cache_implementation
-        if kwargs.get("past_key_values") is None and wants_cache and not custom:
-            kwargs["past_key_values"] = KVAccelCache(model)
-        return stock_generate(*args, **kwargs)
+        if given_cache(kwargs) is None and wants_cache and not custom:
+            kwargs[cache_kw] = KVAccelCache(model)
+        return inner_generate(*args, **kwargs)
 
-    @functools.wraps(stock_forward)
+    @functools.wraps(inner_forward)
     def forward(*args, **kwargs):
+        if not active():
+            return inner_forward(*args, **kwargs)
         refuse_attention_weights(kwargs.get("output_attentions"))
         use_cache = kwargs.get("use_cache")
         use_cache = model.config.use_cache if use_cache is None else use_cache
-        if kwargs.get("past_key_values") is None and use_cache:
-            kwargs["past_key_values"] = KVAccelCache(model)
-        return stock_forward(*args, **kwargs)
+        if given_cache(kwargs) is None and use_cache:
+            kwargs[cache_kw] = KVAccelCache(model)
+        return inner_forward(*args, **kwargs)
 
     model.generate = generate
     model.forward = forward
+    state.instance_methods = (previous, {"generate": generate, "forward": forward})
+
+
+def _restore_instance_methods(model, state: PatchState) -> None:
+    """Give back the instance's own ``generate``/``forward`` (or none) that ``patch`` found.
+
+    If something wrapped ours after ``patch`` (e.g. ``dispatch_model`` on a patched model), its wrapper stays: ours
+    inside it passes calls straight through once unpatched.
+    """
+    previous, ours = getattr(state, "instance_methods", ({}, {}))
+    for name, original in previous.items():
+        if model.__dict__.get(name) is not ours[name]:
+            continue
+        if original is _MISSING:
+            model.__dict__.pop(name, None)
+        else:
+            model.__dict__[name] = original
 
 
 def is_patched(model) -> bool:
@@ -189,8 +229,7 @@ def unpatch(model):
     for mod in _attention_modules(model):
         for attr in ("_kvaccel_state", "_kvaccel_layer", "_kvaccel_foreign"):
             mod.__dict__.pop(attr, None)
-    for attr in ("generate", "forward"):
-        model.__dict__.pop(attr, None)
+    _restore_instance_methods(model, state)
     model.set_attn_implementation(state.original_attn)
     delattr(model, _STATE_ATTR)
     state.cache = None
