@@ -1,4 +1,4 @@
-"""accelerate-dispatched models: patch wraps accelerate's forward, unpatch gives exactly it back (CPU + disk offload)."""
+"""accelerate-dispatched models: patch wraps accelerate's forward, unpatch gives it back (CPU + disk offload)."""
 
 from __future__ import annotations
 
