@@ -298,7 +298,7 @@ def kvaccel_mask(
 
 def cache_pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     """``self_attn`` forward pre-hook: remember (weakly) the cache layer this forward writes into."""
-    pkv = kwargs.get("past_key_values")
+    pkv = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.24 names it `cache`
     if isinstance(pkv, KVAccelCache):
         module._kvaccel_layer = weakref.ref(pkv.layers[module.layer_idx])
         module._kvaccel_foreign = False
