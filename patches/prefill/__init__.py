@@ -2,5 +2,7 @@
 
 from .a_shape import AShape
 from .base import BlockSelection, BlockSparsePrefill, PrefillMethod
+from .pbs import PBS
+from .vertical_slash import VerticalSlash
 
-__all__ = ["AShape", "BlockSelection", "BlockSparsePrefill", "PrefillMethod"]
+__all__ = ["AShape", "BlockSelection", "BlockSparsePrefill", "PBS", "PrefillMethod", "VerticalSlash"]

@@ -113,8 +113,12 @@ class BlockSparsePrefill(PrefillMethod):
         t0 = time.perf_counter()
         sel = self.select(q, k, v, scale, layer_idx)
         causal = causal_block_mask(L, sel.block_m, sel.block_n, device=q.device)
-        diag = _diagonal_tiles(L, sel.block_m, sel.block_n, q.device)
-        mask = (sel.mask | diag) & causal
+        if sel.key_perm is None:
+            diag = _diagonal_tiles(L, sel.block_m, sel.block_n, q.device)
+            mask = (sel.mask | diag) & causal
+        else:  # permuted keys: tiles are causal / own-position on original positions, not on slots
+            own, reach = _permuted_tiles(sel.key_perm, L, sel.block_m, sel.block_n, Hq)
+            mask = (sel.mask | own) & reach
         _sync(q)
         t1 = time.perf_counter()
         ks, vs = (k, v) if sel.key_perm is None else (sel.k, sel.v)
@@ -138,6 +142,31 @@ def _diagonal_tiles(L: int, block_m: int, block_n: int, device) -> Tensor:
     q1 = torch.clamp(q0 + block_m - 1, max=L - 1)
     kb = torch.arange(nkb, device=device)
     return (kb[None, :] >= (q0 // block_n)[:, None]) & (kb[None, :] <= (q1 // block_n)[:, None])
+
+
+def _permuted_tiles(key_perm: Tensor, L: int, block_m: int, block_n: int, Hq: int) -> tuple[Tensor, Tensor]:
+    """Tile masks ``(B, H_q, nQB, nKB)`` for keys stored in permuted slots (``key_perm`` ``(B, H_kv, L)``).
+
+    ``own``: the slot blocks holding each query block's own positions (so every query sees itself);
+    ``reach``: slot blocks holding at least one key at an original position <= the block's last query. With a
+    permutation inside segments, a slot block to the right of the diagonal can hold earlier keys, so the slot-order
+    causal mask would wrongly drop it.
+    """
+    B, Hkv, _ = key_perm.shape
+    nqb, nkb = -(-L // block_m), -(-L // block_n)
+    perm = key_perm.long()
+    pad = nkb * block_n - L
+    kmin = torch.nn.functional.pad(perm, (0, pad), value=L).view(B, Hkv, nkb, block_n).amin(-1)  # (B, Hkv, nKB)
+    q1 = torch.clamp(torch.arange(nqb, device=perm.device) * block_m + block_m - 1, max=L - 1)
+    reach = kmin[:, :, None, :] <= q1[None, None, :, None]
+    slot_of = torch.empty_like(perm).scatter_(-1, perm, torch.arange(L, device=perm.device).expand_as(perm))
+    own = torch.zeros(B, Hkv, nqb * nkb, dtype=torch.bool, device=perm.device)
+    pos = torch.arange(L, device=perm.device)
+    own.scatter_(-1, (pos // block_m) * nkb + slot_of // block_n, True)
+    G = Hq // Hkv
+    own = own.view(B, Hkv, 1, nqb, nkb).expand(B, Hkv, G, nqb, nkb).reshape(B, Hq, nqb, nkb)
+    reach = reach[:, :, None].expand(B, Hkv, G, nqb, nkb).reshape(B, Hq, nqb, nkb)
+    return own, reach
 
 
 def validate_blocks(method: Method, **blocks: int) -> None:
