@@ -1,16 +1,27 @@
-"""lm-eval integration (optional extra ``kvaccel[eval]``): run any lm-eval task on a kvaccel-patched model.
+"""lm-eval integration (optional extra ``kvaccel[eval]``): run lm-eval tasks on a kvaccel-patched model.
 
-    from kvaccel.evals.lm_eval_adapter import run_lm_eval
+    from kvaccel.evals.lm_eval_adapter import hflm, run_lm_eval
     run_lm_eval(model, tok, ["my_task"], method="streaming(budget=0.25)", include_path="my_tasks/", limit=20)
+    with hflm(model, tok, method="snapkv(budget=0.25)") as lm:   # unpatched (previous patch back) on exit
+        lm.loglikelihood(requests)
 
-The patched model is wrapped in lm-eval's ``HFLM`` (``pretrained=`` accepts a model instance); its forward and
-generate create a ``KVAccelCache`` when lm-eval passes none, so the method applies to every request.
+The method is measured on every request type:
+- ``loglikelihood`` (multiple choice, perplexity): lm-eval's ``HFLM`` scores ``context + continuation`` in one
+  forward, so eviction would run after the logits exist and the scores would equal the unpatched model's. Here the
+  context is prefilled (and compressed by the method) first, then the continuation is scored in a second forward
+  against what was kept — as a user's prompt is compressed before the model answers. With nothing evicted this
+  equals the one-forward score (up to float rounding of the split forward).
+- ``generate_until``: the patched ``generate`` prefills (compresses) the prompt, then decodes.
 Nothing here downloads: use local task YAMLs (``include_path``) and data the user already has.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
+
+import torch
 
 INSTALL_HINT = "pip install 'kvaccel[eval]'"
 
@@ -26,14 +37,120 @@ def _require_lm_eval():
     return HFLM
 
 
-def hflm(model, tokenizer, method: str | None = None, batch_size: int = 1, **kwargs: Any):
-    """An lm-eval ``HFLM`` around ``model`` patched with ``method`` (None: the model as it is)."""
-    HFLM = _require_lm_eval()
-    if method:
-        from kvaccel.api import patch
+def _cache_kwarg(model) -> str:
+    """The forward's cache argument: ``cache`` from transformers 5.24 on (``past_key_values`` is deprecated)."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
+
+def score_continuation(
+    model, context: list[int], continuation: list[int], max_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities ``(n,)`` (fp32) and greedy tokens ``(n,)`` of ``continuation`` after ``context``.
+
+    ``context`` is one forward (a patched model compresses its cache there), ``continuation[:-1]`` a second one on
+    the kept cache. Inputs longer than ``max_length + 1`` lose tokens on the left, as lm-eval's ``HFLM``.
+    """
+    from kvaccel.api import is_patched
+    from kvaccel.cache import KVAccelCache
+
+    if not context or not continuation:
+        raise ValueError(f"context ({len(context)} tokens) and continuation ({len(continuation)}) must be non-empty")
+    if len(continuation) > max_length:
+        raise ValueError(f"continuation ({len(continuation)} tokens) is longer than max_length ({max_length})")
+    whole = (list(context) + list(continuation))[-(max_length + 1):]
+    n = len(continuation)
+    head, tail = whole[: len(whole) - n], whole[len(whole) - n: -1]  # tail = continuation[:-1]
+    device = model.get_input_embeddings().weight.device
+    if device.type == "meta":  # accelerate offload: inputs go where the first module runs
+        device = torch.device(getattr(getattr(model, "_hf_hook", None), "execution_device", None) or "cpu")
+    if is_patched(model):
+        cache = KVAccelCache(model)
+    else:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+    kw = {_cache_kwarg(model): cache, "use_cache": True}
+    with torch.inference_mode():
+        out = model(torch.tensor([head], device=device), logits_to_keep=1, **kw)
+        logits = [out.logits[0, -1:]]
+        if tail:
+            logits.append(model(torch.tensor([tail], device=device), **kw).logits[0])
+    logp = torch.log_softmax(torch.cat(logits).float(), dim=-1)
+    target = torch.tensor(continuation, device=logp.device)
+    return logp.gather(-1, target[:, None])[:, 0], logp.argmax(-1)
+
+
+@functools.cache
+def _lm_class():
+    HFLM = _require_lm_eval()
+
+    class KVAccelLM(HFLM):
+        """``HFLM`` whose loglikelihood requests run through the (compressed) KV cache; a context manager that
+        unpatches what it patched on exit (the model's previous patch, if any, comes back)."""
+
+        _kvaccel_restore: Any = None
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            from tqdm.auto import tqdm
+
+            from kvaccel.api import is_patched
+
+            if not is_patched(self.model):  # the stock model: lm-eval's own (batched, one-forward) scoring
+                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+            res = []
+            for request_str, context_enc, continuation_enc in tqdm(
+                requests, disable=disable_tqdm or self.rank != 0, desc="loglikelihood (kvaccel, compressed context)"
+            ):
+                logp, greedy = score_continuation(self.model, context_enc, continuation_enc, self.max_length)
+                greedy_ok = bool((greedy == torch.tensor(continuation_enc, device=greedy.device)).all())
+                answer = (float(logp.sum()), greedy_ok)
+                res.append(answer)
+                if request_str is not None:
+                    self.cache_hook.add_partial("loglikelihood", request_str, answer)
+            return res
+
+        def close(self) -> None:
+            """Undo the patch this adapter applied (idempotent)."""
+            restore, self._kvaccel_restore = self._kvaccel_restore, None
+            if restore is not None:
+                restore()
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.close()
+
+    return KVAccelLM
+
+
+def hflm(model, tokenizer, method: str | None = None, batch_size: int = 1, **kwargs: Any):
+    """An lm-eval LM around ``model`` patched with ``method`` (None: the model as it is).
+
+    Use it as a context manager (or call ``.close()``): on exit the model is unpatched, or re-patched with what
+    it had before.
+    """
+    cls = _lm_class()
+    restore = None
+    if method:
+        from kvaccel.api import _STATE_ATTR, patch, unpatch
+
+        previous = getattr(model, _STATE_ATTR, None)
         patch(model, method)
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **kwargs)
+
+        def restore():
+            unpatch(model)
+            if previous is not None:
+                patch(model, *previous.methods.values())
+
+    try:
+        lm = cls(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **kwargs)
+    except BaseException:
+        if restore is not None:
+            restore()
+        raise
+    lm._kvaccel_restore = restore
+    return lm
 
 
 def run_lm_eval(
@@ -45,10 +162,12 @@ def run_lm_eval(
     limit: int | float | None = None,
     **kwargs: Any,
 ) -> dict:
-    """``lm_eval.simple_evaluate`` on the patched model; ``include_path`` adds a folder of local task YAMLs."""
-    lm = hflm(model, tokenizer, method=method)
+    """``lm_eval.simple_evaluate`` on the patched model (unpatched afterwards); ``include_path`` adds a folder of
+    local task YAMLs."""
+    _require_lm_eval()
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=include_path) if include_path else None
-    return simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager, **kwargs)
+    with hflm(model, tokenizer, method=method) as lm:
+        return simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager, **kwargs)

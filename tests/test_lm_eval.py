@@ -1,15 +1,17 @@
-"""lm-eval on a patched model, from a local task file (no hub access)."""
+"""lm-eval on a patched model: loglikelihood scored against the compressed cache, local task files, clean unpatch."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
 import kvaccel
 
+from conftest import tiny_model
+
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is the optional extra kvaccel[eval]")
-pytestmark = pytest.mark.real_model
 
 TASK = """task: kvaccel_local_qa
 dataset_path: json
@@ -33,8 +35,70 @@ metric_list:
 """
 
 
+def _stock_logprob(model, ids: list[int], n: int) -> float:
+    """Log-probability of the last ``n`` tokens of ``ids`` from one forward of the stock model (lm-eval's way)."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids[:-1]])).logits[0, -n:].float(), -1)
+    return float(logp.gather(-1, torch.tensor(ids[-n:])[:, None]).sum())
+
+
+def test_continuation_scored_against_the_compressed_context():
+    from kvaccel.evals.lm_eval_adapter import score_continuation
+
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(0)
+    context = torch.randint(3, 512, (1000,), generator=g).tolist()
+    continuation = torch.randint(3, 512, (5,), generator=g).tolist()
+    stock = _stock_logprob(model, context + continuation, len(continuation))
+    unpatched, _ = score_continuation(model, context, continuation, max_length=4096)
+    with kvaccel.patched(model, "streaming(budget=1.0)"):  # budget = all: nothing evicted
+        full, _ = score_continuation(model, context, continuation, max_length=4096)
+    with kvaccel.patched(model, "streaming(budget=16, sink=4)"):
+        small, _ = score_continuation(model, context, continuation, max_length=4096)
+        assert kvaccel.report(model)["seen_tokens"] == len(context) + len(continuation) - 1
+    assert float(unpatched.sum()) == pytest.approx(stock, abs=1e-3)
+    assert float(full.sum()) == pytest.approx(stock, abs=1e-3)
+    assert abs(float(small.sum()) - stock) > 0.05  # the method changes the score
+    with pytest.raises(ValueError, match="continuation"):
+        score_continuation(model, context, [], max_length=4096)
+
+
+@pytest.mark.real_model
+def test_lm_eval_loglikelihood_moves_with_budget_and_unpatches(default_model):
+    """The issue's acceptance: a loglikelihood request on a ~1k-token context, through lm-eval's API."""
+    from lm_eval.api.instance import Instance
+
+    from kvaccel.compare import prose
+    from kvaccel.evals.lm_eval_adapter import hflm
+
+    model, tok = default_model
+    text = prose(6000)
+    ids = tok(text, add_special_tokens=False)["input_ids"][:1000]
+    context = tok.decode(ids) + "\n\nThe passage above is mostly about"
+    req = [Instance(request_type="loglikelihood", doc={}, arguments=(context, " the Python language"), idx=0)]
+    kvaccel.patch(model, "streaming(budget=64)")  # a previous patch: hflm must give it back
+    try:
+        with hflm(model, tok, method="snapkv(budget=32)") as lm:
+            small = lm.loglikelihood(req)[0][0]
+            assert kvaccel.report(model)["methods"]["evict"].startswith("snapkv(budget=32")
+        assert kvaccel.report(model)["methods"]["evict"].startswith("streaming(budget=64")
+    finally:
+        kvaccel.unpatch(model)
+    with hflm(model, tok, method="snapkv(budget=1.0)") as lm:
+        full = lm.loglikelihood(req)[0][0]
+    assert not kvaccel.is_patched(model)
+    with hflm(model, tok) as lm:  # the stock model, lm-eval's own one-forward scoring
+        stock = lm.loglikelihood(req)[0][0]
+    assert full == pytest.approx(stock, abs=2e-3)
+    assert abs(small - stock) > 0.05, (small, stock)
+
+
+@pytest.mark.real_model
 def test_lm_eval_local_task_on_patched_model(default_model, tmp_path, monkeypatch):
-    from kvaccel.evals.lm_eval_adapter import run_lm_eval
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from kvaccel.evals.lm_eval_adapter import hflm
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     model, tok = default_model
@@ -43,14 +107,11 @@ def test_lm_eval_local_task_on_patched_model(default_model, tmp_path, monkeypatc
             ("Water freezes at zero degrees", "Celsius")]
     data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in rows))
     (tmp_path / "kvaccel_local_qa.yaml").write_text(TASK.format(data=data))
-    try:
-        res = run_lm_eval(model, tok, ["kvaccel_local_qa"], method="streaming(budget=4, sink=2)",
-                          include_path=str(tmp_path), log_samples=True)
+    with hflm(model, tok, method="streaming(budget=4, sink=2)") as lm:
+        res = simple_evaluate(model=lm, tasks=["kvaccel_local_qa"], log_samples=True,
+                              task_manager=TaskManager(include_path=str(tmp_path)))
         report = kvaccel.report(model)
-    finally:
-        kvaccel.unpatch(model)
-    out = res["results"]["kvaccel_local_qa"]
-    assert 0.0 <= out["exact_match,none"] <= 1.0
+    assert not kvaccel.is_patched(model)
     assert len(res["samples"]["kvaccel_local_qa"]) == 3
-    assert report["methods"] == {"evict": "streaming(budget=4,sink=2)"}
+    assert report["methods"]["evict"].startswith("streaming(budget=4")
     assert report["seen_tokens"] > 4 and max(max(h) for h in report["kept_tokens"][0]) == 4  # evicted for real
