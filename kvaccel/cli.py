@@ -221,6 +221,76 @@ def bench_cmd(
     console.print(f"[dim]{time.perf_counter() - t0:.0f} s; results in {out}/[/]")
 
 
+@app.command("train-gate")
+def train_gate_cmd(
+    kind: str = typer.Argument(..., help="Gate kind: seer."),
+    model: str | None = typer.Option(None, help="Local path or hub id; default: the embedded SmolLM2-135M."),
+    data: str | None = typer.Option(None, help="JSONL file, a 'text' field per line; default: offline prose + tasks."),
+    steps: int = typer.Option(200, help="Optimizer steps."),
+    out: Path = typer.Option(Path("gate"), help="Output directory (gate files, train_log.json, checkpoint/)."),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate."),
+    seq_len: int = typer.Option(2048, help="Tokens per training sequence."),
+    num_sequences: int = typer.Option(16, help="Offline training sequences (without --data)."),
+    grad_accum: int = typer.Option(1, help="Sequences per optimizer step."),
+    seed: int = typer.Option(0),
+    checkpoint_every: int = typer.Option(50, help="Save the accelerate state every N steps."),
+    resume: bool = typer.Option(False, help="Continue from OUT/checkpoint."),
+) -> None:
+    """Train attention gates on a frozen model (accelerate) and write safetensors + JSON to OUT."""
+    import kvaccel
+    from kvaccel.training import gate_kind, train_gate
+
+    try:
+        gate_kind(kind)
+        mdl, tok = kvaccel.load_model(model)
+        summary = train_gate(kind, mdl, tok, data=data, steps=steps, out=out, lr=lr, seq_len=seq_len, seed=seed,
+                             grad_accum=grad_accum, resume=resume or None, num_sequences=num_sequences,
+                             checkpoint_every=checkpoint_every)
+    except (ValueError, ImportError, FileNotFoundError) as e:
+        _fail(e)
+    console.print(
+        f"gate written to {summary['out']}: final loss {summary['final_loss']:.4f}, {summary['wall_s']:.0f} s"
+    )
+
+
+CALIBRATED_METHODS = ("sale",)
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    method: str = typer.Argument(..., help=f"Method to calibrate: {', '.join(CALIBRATED_METHODS)}."),
+    model: str | None = typer.Option(None, help="Local path or hub id; default: the embedded SmolLM2-135M."),
+    out: Path | None = typer.Option(None, help="Output JSON; default: beside a local model, else the kvaccel cache."),
+    prompts: int = typer.Option(2, help="Prose calibration prompts (pydoc_data, offline)."),
+    length: int = typer.Option(4096, help="Tokens per calibration prompt."),
+    tolerance: float = typer.Option(0.01, help="Max relative error of each head's sparse output vs dense."),
+) -> None:
+    """Fit a method's per-(layer, head) settings to a model (SALE: thresholds) and write them to a JSON file."""
+    import time
+
+    import kvaccel
+
+    if method not in CALIBRATED_METHODS:
+        _fail(ValueError(f"cannot calibrate '{method}'; methods with a calibration: {', '.join(CALIBRATED_METHODS)}"))
+    from kvaccel.patches.prefill.sale import calibrate, default_out
+
+    t0 = time.perf_counter()
+    try:
+        mdl, tok = kvaccel.load_model(model)
+        path = out if out is not None else default_out(mdl)
+        data = calibrate(mdl, tok, num_prompts=prompts, length=length, tolerance=tolerance, out=path,
+                         progress=lambda msg: console.print(f"[dim]{msg}[/]"))
+    except (ValueError, ImportError, FileNotFoundError) as e:
+        _fail(e)
+    heads = [t for row in data["thresholds"] for t in row]
+    dense = sum(t is None for t in heads)
+    density = sum(data["density"]) / len(data["density"])
+    console.print(
+        f"{method} thresholds for {data['model']} written to {path}: {len(heads)} heads, {dense} dense, "
+        f"calibration density {density:.3f}, {time.perf_counter() - t0:.0f} s"
+    )
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -35,6 +35,8 @@ class PatchState:
     layer_stats: list[dict] = field(default_factory=list)
     notes: set[str] = field(default_factory=set)
     cache: KVAccelCache | None = None  # the cache of the last forward (for report())
+    #: weak refs to the ``(cos, sin)`` RoPE tables of the running forward (methods that need pre-RoPE q/k, e.g. seer)
+    rope: tuple | None = None
 
     def __post_init__(self):
         self.layer_stats = [{} for _ in range(self.num_layers)]
@@ -297,7 +299,13 @@ def kvaccel_mask(
 
 
 def cache_pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    """``self_attn`` forward pre-hook: remember (weakly) the cache layer this forward writes into."""
+    """``self_attn`` forward pre-hook: remember (weakly) the cache layer this forward writes into.
+
+    Also keeps weak refs to the forward's RoPE ``(cos, sin)`` (``position_embeddings``) on the state, so a method
+    can recover pre-RoPE q/k (see :func:`rope_tables`).
+    """
+    pe = kwargs.get("position_embeddings")
+    module._kvaccel_state.rope = None if pe is None else tuple(weakref.ref(t) for t in pe)
     pkv = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.24 names it `cache`
     if isinstance(pkv, KVAccelCache):
         module._kvaccel_layer = weakref.ref(pkv.layers[module.layer_idx])
@@ -307,3 +315,12 @@ def cache_pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     else:
         module._kvaccel_layer = None
         module._kvaccel_foreign = pkv is not None
+
+
+def rope_tables(ctx: AttentionContext) -> tuple[Tensor, Tensor] | None:
+    """The ``(cos, sin)`` RoPE tables ``(B|1, L, D)`` of the running forward, or ``None`` (no RoPE / not captured)."""
+    refs = ctx.state.rope
+    if refs is None:
+        return None
+    tables = tuple(r() for r in refs)
+    return None if any(t is None for t in tables) else tables

@@ -3,6 +3,7 @@
 from .a_shape import AShape
 from .base import BlockSelection, BlockSparsePrefill, PrefillMethod
 from .pbs import PBS
+from .seer import Seer
 from .vertical_slash import VerticalSlash
 
-__all__ = ["AShape", "BlockSelection", "BlockSparsePrefill", "PBS", "PrefillMethod", "VerticalSlash"]
+__all__ = ["AShape", "BlockSelection", "BlockSparsePrefill", "PBS", "PrefillMethod", "Seer", "VerticalSlash"]

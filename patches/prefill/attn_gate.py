@@ -1,0 +1,318 @@
+"""SeerAttention's AttnGate: a tiny learned predictor of which 64x64 blocks of a prompt's attention matter.
+
+https://arxiv.org/abs/2410.13276 (SeerAttention). Per layer, from pre-RoPE q/k pooled over blocks of ``B`` tokens::
+
+    q̃ = RoPE_blk(avgpool(q) W_q)    k̃ = RoPE_blk([maxpool(k), minpool(k), avgpool(k)] W_k)
+    gate = softmax(q̃ k̃ᵀ / sqrt(d_gate) + block-causal mask)              (B_blk x B_blk per head)
+
+``W_q`` ``(H_q, D, d_gate)`` and ``W_k`` ``(H_kv, 3D, d_gate)`` are per-head linear maps (the reference's
+``MultiHeadLinear``; K is mapped per kv head and shared by the query heads of its group, GQA), and ``RoPE_blk`` is a
+RoPE of dimension ``d_gate`` (the model's ``rope_theta``) at block positions ``0, B, 2B, …`` (reference:
+``position_ids[:, 0::block_size]``). Only relative block positions enter ``q̃ k̃ᵀ``, so the offset is irrelevant.
+
+Self-distillation target (:func:`pooled_attention_target`): the true attention map max-pooled to ``B x B`` blocks,
+rows renormalised to sum to 1, computed in query chunks — the ``(L, L)`` map is never held at once.
+
+Pre-RoPE q/k: kvaccel's attention function receives q/k after RoPE (Qwen3: after ``q_norm``/``k_norm`` then RoPE,
+the same place the gate reads them in the reference). RoPE is a rotation, so we undo it exactly with the forward's
+own ``(cos, sin)`` tables (:func:`unrotate`), which the ``self_attn`` pre-hook keeps (``rope_tables``). This is
+exact for any position ids (left padding included) and needs no copy of the model's projections.
+
+Files: ``gate.safetensors`` (weights) + ``gate.json`` (model name and fingerprint, shapes, training recipe).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+WEIGHTS_FILE = "gate.safetensors"
+CONFIG_FILE = "gate.json"
+FORMAT = "kvaccel-seer-gate/1"
+MASK_VALUE = -1e9  # finite block-causal mask: KL terms of masked blocks stay 0 instead of 0 * inf = nan
+DATA_DIR = Path(__file__).parent / "data"
+
+
+# ------------------------------------------------------------------------------------------ RoPE helpers
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def unrotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Invert transformers' ``apply_rotary_pos_emb`` (rotate_half convention): ``x`` ``(B, H, L, D)`` post-RoPE.
+
+    ``y = x·cos + rot(x)·sin`` is a rotation scaled by ``cos² + sin²`` (1, or the attention scaling of YaRN-like
+    RoPE), so ``x = (y·cos − rot(y)·sin) / (cos² + sin²)``. ``cos``/``sin`` ``(B|1, L, D)``.
+    """
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    return (x * cos - rotate_half(x) * sin) / (cos * cos + sin * sin)
+
+
+@functools.lru_cache(maxsize=64)
+def _block_rope_tables(n: int, d: int, block_size: int, theta: float, device: torch.device, dtype: torch.dtype):
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
+    pos = torch.arange(n, device=device, dtype=torch.float32) * block_size
+    freqs = pos[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def block_rope(x: Tensor, block_size: int, theta: float) -> Tensor:
+    """RoPE of dimension ``x.shape[-1]`` at block positions ``0, B, 2B, …``: ``x`` ``(..., n_blocks, d)``."""
+    cos, sin = _block_rope_tables(x.shape[-2], x.shape[-1], block_size, float(theta), x.device, x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+# ------------------------------------------------------------------------------------------ pooling and target
+
+
+def _pad_to_blocks(x: Tensor, block_size: int, value: float) -> Tensor:
+    pad = (-x.shape[-2]) % block_size
+    return F.pad(x, (0, 0, 0, pad), value=value) if pad else x
+
+
+def pool_blocks(x: Tensor, block_size: int, kinds: tuple[str, ...]) -> Tensor:
+    """Pool ``x`` ``(B, H, L, D)`` over blocks of tokens: ``(B, H, ceil(L/bs), len(kinds)·D)``, kinds in max/min/avg.
+
+    A ragged last block pools over its real tokens only (the reference's ``ceil_mode=True``).
+    """
+    B, H, L, D = x.shape
+    n = -(-L // block_size)
+    out = []
+    for kind in kinds:
+        if kind == "avg":
+            s = _pad_to_blocks(x, block_size, 0.0).view(B, H, n, block_size, D).sum(3)
+            counts = torch.full((n,), float(block_size), device=x.device, dtype=x.dtype)
+            counts[-1] = L - (n - 1) * block_size
+            out.append(s / counts[:, None])
+        elif kind == "max":
+            out.append(_pad_to_blocks(x, block_size, float("-inf")).view(B, H, n, block_size, D).amax(3))
+        elif kind == "min":
+            out.append(_pad_to_blocks(x, block_size, float("inf")).view(B, H, n, block_size, D).amin(3))
+        else:
+            raise ValueError(f"pooling kind ({kind!r}) must be one of 'max', 'min', 'avg'")
+    return torch.cat(out, dim=-1)
+
+
+def pooled_attention_target(
+    q: Tensor, k: Tensor, scale: float, block_size: int = 64, chunk_blocks: int = 4
+) -> Tensor:
+    """The true causal attention map max-pooled to ``bs x bs`` blocks, rows renormalised (SeerAttention's target).
+
+    ``q`` ``(B, H_q, L, D)``, ``k`` ``(B, H_kv, L, D)`` post-RoPE (GQA without repeating K). Computed
+    ``chunk_blocks`` query blocks at a time over the causal key prefix only, so memory is
+    ``O(chunk_blocks·bs·L)`` per head, never ``(L, L)``. Returns ``(B, H_q, nb, nb)`` float32; entries above the
+    block diagonal are 0 and each row sums to 1.
+    """
+    B, Hq, L, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    n = -(-L // block_size)
+    out = q.new_zeros(B, Hq, n, n, dtype=torch.float32)
+    rows = chunk_blocks * block_size
+    kf = k.float()
+    for r0 in range(0, L, rows):
+        r1 = min(L, r0 + rows)
+        qc = q[:, :, r0:r1].float().view(B, Hkv, G, r1 - r0, D)
+        logits = torch.matmul(qc, kf[:, :, None, :r1].transpose(-1, -2)) * scale  # (B, Hkv, G, r, r1)
+        causal = torch.arange(r1, device=q.device)[None, :] <= torch.arange(r0, r1, device=q.device)[:, None]
+        probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+        probs = _pad_to_blocks(probs.transpose(-1, -2), block_size, 0.0).transpose(-1, -2)  # keys -> whole blocks
+        probs = _pad_to_blocks(probs, block_size, 0.0)  # query rows -> whole blocks
+        nq, nk = probs.shape[-2] // block_size, probs.shape[-1] // block_size
+        pooled = probs.view(B, Hkv, G, nq, block_size, nk, block_size).amax(dim=(4, 6))
+        b0 = r0 // block_size
+        out[:, :, b0 : b0 + nq, :nk] = pooled.reshape(B, Hq, nq, nk)
+    return out / out.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+# ------------------------------------------------------------------------------------------ the gate
+
+
+class AttnGate(nn.Module):
+    """One layer's AttnGate: pooled pre-RoPE q/k features -> block-attention logits ``(B, H_q, nb, nb)``.
+
+    Parameters
+    ----------
+    num_q_heads, num_kv_heads, head_dim : int
+        The attention layer's shape (GQA: ``num_q_heads`` a multiple of ``num_kv_heads``).
+    hidden : int
+        Gate dimension ``d_gate`` (reference: 128).
+    block_size : int
+        Tokens per block (reference: 64).
+    rope_theta : float
+        Base of the block-level RoPE (the model's).
+    """
+
+    q_pool = ("avg",)
+    k_pool = ("max", "min", "avg")
+
+    def __init__(
+        self, num_q_heads: int, num_kv_heads: int, head_dim: int, hidden: int = 128, block_size: int = 64,
+        rope_theta: float = 10000.0,
+    ):
+        super().__init__()
+        if num_q_heads % num_kv_heads:
+            raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
+        self.hidden, self.block_size, self.rope_theta = hidden, block_size, float(rope_theta)
+        qi, ki = head_dim * len(self.q_pool), head_dim * len(self.k_pool)
+        self.q_weight = nn.Parameter(torch.randn(num_q_heads, qi, hidden) * qi**-0.5)
+        self.k_weight = nn.Parameter(torch.randn(num_kv_heads, ki, hidden) * ki**-0.5)
+
+    def features(self, q_pre: Tensor, k_pre: Tensor) -> tuple[Tensor, Tensor]:
+        """Pooled inputs: ``q_pre`` ``(B, H_q, L, D)`` -> ``(B, H_q, nb, D)``; ``k_pre`` -> ``(B, H_kv, nb, 3D)``."""
+        return pool_blocks(q_pre, self.block_size, self.q_pool), pool_blocks(k_pre, self.block_size, self.k_pool)
+
+    def forward(self, qf: Tensor, kf: Tensor) -> Tensor:
+        """Block logits ``(B, H_q, nb, nb)`` (``MASK_VALUE`` above the block diagonal) from :meth:`features`."""
+        dtype = self.q_weight.dtype
+        qt = block_rope(torch.matmul(qf.to(dtype), self.q_weight), self.block_size, self.rope_theta)
+        kt = block_rope(torch.matmul(kf.to(dtype), self.k_weight), self.block_size, self.rope_theta)
+        B, Hq, n, d = qt.shape
+        G = Hq // self.num_kv_heads
+        logits = torch.matmul(qt.view(B, self.num_kv_heads, G, n, d), kt[:, :, None].transpose(-1, -2))
+        logits = logits.reshape(B, Hq, n, n) / math.sqrt(d)
+        causal = torch.ones(n, n, dtype=torch.bool, device=qt.device).tril()
+        return logits.masked_fill(~causal, MASK_VALUE)
+
+    def scores(self, q_pre: Tensor, k_pre: Tensor) -> Tensor:
+        """Gate probabilities ``(B, H_q, nb, nb)`` (rows sum to 1 over causal blocks) from pre-RoPE q/k."""
+        return torch.softmax(self(*self.features(q_pre, k_pre)), dim=-1)
+
+
+def _text_config(model):
+    cfg = model.config
+    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+
+
+def model_shape(model) -> dict[str, Any]:
+    """Layers, heads, head dim and RoPE base of a transformers causal LM (what a gate for it must match)."""
+    cfg = _text_config(model)
+    hq = cfg.num_attention_heads
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta") if isinstance(rope, dict) else None
+    return dict(
+        num_layers=cfg.num_hidden_layers,
+        num_q_heads=hq,
+        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or hq,
+        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // hq,
+        rope_theta=float(theta or getattr(cfg, "rope_theta", 10000.0)),
+    )
+
+
+class SeerGate(nn.Module):
+    """The AttnGates of every layer of one model, with the metadata saved beside the weights.
+
+    ``meta`` holds ``model_name``, ``model_fingerprint`` (see :mod:`kvaccel.models`), the shapes, ``block_size``,
+    ``hidden`` and the training ``recipe``.
+    """
+
+    def __init__(self, meta: dict[str, Any]):
+        super().__init__()
+        self.meta = dict(meta)
+        self.layers = nn.ModuleList(
+            AttnGate(meta["num_q_heads"], meta["num_kv_heads"], meta["head_dim"], meta["hidden"], meta["block_size"],
+                     meta["rope_theta"])
+            for _ in range(meta["num_layers"])
+        )
+
+    @classmethod
+    def for_model(cls, model, hidden: int = 128, block_size: int = 64, recipe: dict | None = None) -> SeerGate:
+        """A freshly initialised gate shaped for ``model``."""
+        from kvaccel.models import model_fingerprint, model_name
+
+        meta = dict(format=FORMAT, model_name=model_name(model), model_fingerprint=model_fingerprint(model),
+                    hidden=hidden, block_size=block_size, q_pool=list(AttnGate.q_pool),
+                    k_pool=list(AttnGate.k_pool), recipe=recipe or {}, **model_shape(model))
+        return cls(meta)
+
+    @property
+    def block_size(self) -> int:
+        return self.meta["block_size"]
+
+    def check_model(self, model, where: str | Path = "gate") -> None:
+        """``ValueError`` naming both models when this gate was trained for another model."""
+        from kvaccel.models import model_fingerprint, model_name
+
+        name, fp = model_name(model), model_fingerprint(model)
+        if fp != self.meta.get("model_fingerprint"):
+            raise ValueError(
+                f"SeerAttention gate {where} was trained for model '{self.meta.get('model_name')}' (fingerprint "
+                f"{self.meta.get('model_fingerprint')}), not for '{name}' (fingerprint {fp}); train one for this model "
+                "with `kvaccel train-gate seer --model ... --out DIR` and pass weights=DIR"
+            )
+
+    def save(self, out: str | Path) -> Path:
+        """Write ``gate.safetensors`` + ``gate.json`` into directory ``out`` (created); returns it."""
+        from safetensors.torch import save_file
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": FORMAT})
+        (out / CONFIG_FILE).write_text(json.dumps(self.meta, indent=2, sort_keys=True) + "\n")
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device | None = None) -> SeerGate:
+        """Load a gate directory written by :meth:`save` (or the path of its ``gate.safetensors``).
+
+        Missing, corrupted or truncated files raise ``ValueError`` naming the file, never an error deep in torch.
+        """
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        folder = path.parent if path.suffix == ".safetensors" else path
+        cfg_file, w_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+        for f in (cfg_file, w_file):
+            if not f.is_file():
+                raise ValueError(
+                    f"SeerAttention gate file {f} does not exist (a gate is {WEIGHTS_FILE} + {CONFIG_FILE})"
+                )
+        try:
+            meta = json.loads(cfg_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(
+                f"SeerAttention gate config {cfg_file} is not valid JSON ({e}); re-save or retrain"
+            ) from None
+        required = ("model_name", "model_fingerprint", "num_layers", "num_q_heads", "num_kv_heads", "head_dim",
+                    "hidden", "block_size", "rope_theta")
+        if not isinstance(meta, dict):
+            meta = {}
+        missing = [k for k in required if k not in meta]
+        if missing or meta.get("format") != FORMAT:
+            raise ValueError(
+                f"SeerAttention gate config {cfg_file} is not a {FORMAT} file (format {meta.get('format')!r}, "
+                f"missing fields {missing})"
+            )
+        try:
+            tensors = load_file(str(w_file))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise ValueError(
+                f"SeerAttention gate weights {w_file} are corrupted or truncated ({e}); re-save or retrain the gate"
+            ) from None
+        gate = cls(meta)
+        expected = {k: tuple(v.shape) for k, v in gate.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in tensors.items()}
+        if expected != got:
+            diff = sorted(set(expected.items()) ^ set(got.items()))[:4]
+            raise ValueError(f"SeerAttention gate weights {w_file} do not match its config {cfg_file}: {diff}")
+        gate.load_state_dict(tensors)
+        return gate.to(device) if device is not None else gate
+
+
+def shipped_gate_dir(model_name: str) -> Path:
+    """Where the package keeps the trained gate for a model (it may not exist)."""
+    return DATA_DIR / f"seer_gate_{model_name}"

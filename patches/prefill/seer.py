@@ -1,0 +1,168 @@
+"""SeerAttention (method ``seer``): a trained AttnGate picks the 64x64 attention blocks to compute at prefill."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from kvaccel.config import register
+
+from .attn_gate import SeerGate, pooled_attention_target, shipped_gate_dir, unrotate
+from .base import BlockSelection, BlockSparsePrefill
+
+Tensor = torch.Tensor
+DEFAULT_THRESHOLD = 5e-3
+MODES = ("gate", "oracle")
+
+
+@register
+@dataclass
+class Seer(BlockSparsePrefill):
+    """SeerAttention: a learned AttnGate scores 64x64 blocks; keep those above τ (or a target density).
+
+    https://arxiv.org/abs/2410.13276 — ``gate = softmax(q̃ k̃ᵀ/√d_gate + block-causal mask)`` from block-pooled
+    pre-RoPE q/k (see :mod:`attn_gate`); keep block ``(i, j)`` iff ``gate_ij >= τ`` (threshold mode) or ``j`` is among
+    the ``ceil(density·(i+1))`` highest-scoring causal blocks of row ``i`` (density mode: every row keeps the same
+    fraction of its causal blocks, so the overall density is ``density``; the reference instead takes a fixed top-k
+    of ``1 - sqrt(1 - nz_ratio)`` blocks per row). The last ``dense_last_rows`` query-block rows are computed densely
+    (reference: ``dense_mask[:, :, -2:, :] = True``); the base adds every diagonal tile.
+
+    ``mode="oracle"`` scores blocks with the *true* attention max-pooled to blocks (computed in query chunks, as
+    dense as full attention: for testing the method and kernel, not for speed).
+
+    Parameters
+    ----------
+    threshold : float | None
+        τ in ``[0, 1)`` on the gate's per-row block probabilities; ``0`` keeps every block. Default
+        ``5e-3`` when neither threshold nor density is given (the paper's range is 5e-4 … 5e-3).
+    density : float | None
+        Target fraction of causal blocks in ``(0, 1]`` (top-k per row); exclusive with ``threshold``.
+    weights : str | None
+        Gate directory (``gate.safetensors`` + ``gate.json``); default the gate shipped for the model, if any.
+    mode : str
+        ``"gate"`` (trained AttnGate) or ``"oracle"`` (true pooled attention).
+    dense_last_rows : int
+        Query-block rows at the end of the prompt computed densely. Default 2 (reference).
+    min_length, backend
+        See :class:`BlockSparsePrefill`.
+    """
+
+    name = "seer"
+    threshold: float | None = None
+    density: float | None = None
+    weights: str | None = None
+    mode: str = "gate"
+    dense_last_rows: int = 2
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.mode not in MODES:
+            raise ValueError(f"mode ({self.mode!r}) must be one of {MODES}")
+        if self.threshold is not None and self.density is not None:
+            raise ValueError(
+                f"threshold ({self.threshold}) and density ({self.density}) are exclusive; give one of them"
+            )
+        t = self.threshold
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t < 1.0):
+            raise ValueError(f"threshold ({t!r}) must be a float in [0, 1) (gate probability); 0 keeps every block")
+        d = self.density
+        if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 < d <= 1.0):
+            raise ValueError(f"density ({d!r}) must be a float in (0, 1] (fraction of causal blocks kept)")
+        r = self.dense_last_rows
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ValueError(f"dense_last_rows ({r!r}) must be an int >= 0 (query-block rows)")
+        if self.weights is not None and self.mode == "oracle":
+            raise ValueError(f"weights ({self.weights!r}) are unused with mode='oracle'; drop one of them")
+        self._gate: SeerGate | None = None
+        self._pre: tuple[Tensor, Tensor] | None = None  # pre-RoPE (q, k) of the sequence being selected
+
+    @property
+    def block_size(self) -> int:
+        return self._gate.block_size if self._gate is not None else 64
+
+    def bind(self, model) -> None:
+        if self.mode == "oracle":
+            return
+        from kvaccel.models import model_name
+
+        if self.weights is not None:
+            path = Path(self.weights)
+        else:
+            path = shipped_gate_dir(model_name(model))
+            if not path.is_dir():
+                raise ValueError(
+                    f"seer: no trained gate ships for model '{model_name(model)}'; train one with `kvaccel train-gate "
+                    "seer --model M --out DIR` and pass weights=DIR (or use mode='oracle' to test with true attention)"
+                )
+        gate = SeerGate.load(path)
+        gate.check_model(model, where=str(path))
+        param = next(model.parameters())
+        self._gate = gate.to(param.device).eval().requires_grad_(False)
+
+    # ------------------------------------------------------------------------------------------ attention
+
+    def attention(self, ctx):
+        if self.mode == "oracle" or ctx.query.shape[2] < self.min_length:
+            return super().attention(ctx)
+        from kvaccel.patches.attention import per_sequence, rope_tables
+
+        if self._gate is None:
+            raise RuntimeError("seer: the gate is not loaded; patch the model with kvaccel.patch(model, 'seer')")
+        rope = rope_tables(ctx)
+        if rope is None:
+            raise RuntimeError(
+                f"seer: {type(ctx.module).__name__} got no RoPE tables (position_embeddings) in its forward; the gate "
+                "needs pre-RoPE q/k, so it supports RoPE models (Llama, Qwen, Mistral...)"
+            )
+        t0 = time.perf_counter()
+        q_pre, k_pre = unrotate(ctx.query, *rope), unrotate(ctx.key, *rope)
+        D = ctx.query.shape[-1]
+        # per_sequence slices padded batches per sequence; carry the pre-RoPE q/k beside q/k along the last dim
+        wide = replace(ctx, query=torch.cat([ctx.query, q_pre], -1), key=torch.cat([ctx.key, k_pre], -1))
+        stats = ctx.stats
+        for key in ("prefill_estimate_s", "prefill_attention_s", "_tiles", "_causal_tiles"):
+            stats[key] = 0
+        stats["prefill_estimate_s"] = time.perf_counter() - t0
+
+        def run(qw: Tensor, kw: Tensor, v: Tensor) -> Tensor:
+            self._pre = (qw[..., D:], kw[..., D:])
+            try:
+                return self.sparse_attention(qw[..., :D], kw[..., :D], v, ctx.scaling, ctx.layer_idx, stats)
+            finally:
+                self._pre = None
+
+        out = per_sequence(wide, run)
+        stats["prefill_density"] = stats["_tiles"] / max(1, stats["_causal_tiles"])
+        return out
+
+    def block_scores(self, q: Tensor, k: Tensor, scale: float, layer_idx: int) -> Tensor:
+        """Per-row block scores ``(B, H_q, nb, nb)`` (probabilities over causal blocks) for the current call."""
+        if self.mode == "oracle":
+            return pooled_attention_target(q, k, scale, self.block_size)
+        q_pre, k_pre = self._pre
+        return self._gate.layers[layer_idx].scores(q_pre, k_pre)
+
+    def select(self, q: Tensor, k: Tensor, v: Tensor, scale: float, layer_idx: int) -> BlockSelection:
+        scores = self.block_scores(q, k, scale, layer_idx)
+        bs = self.block_size
+        return BlockSelection(self.mask_from_scores(scores), bs, bs)
+
+    def mask_from_scores(self, scores: Tensor) -> Tensor:
+        """Bool block mask ``(B, H_q, nb, nb)`` from block scores (threshold or per-row density; last rows dense)."""
+        n = scores.shape[-1]
+        if self.density is not None:
+            rows = torch.arange(n, device=scores.device)
+            keep_k = torch.clamp(torch.ceil(self.density * (rows + 1).double()).long(), min=1)  # per row
+            order = scores.argsort(dim=-1, descending=True, stable=True)
+            rank = torch.empty_like(order).scatter_(-1, order, rows.expand_as(order).contiguous())
+            mask = rank < keep_k[:, None]
+        else:
+            tau = DEFAULT_THRESHOLD if self.threshold is None else self.threshold
+            mask = scores >= tau
+        if self.dense_last_rows:
+            mask[..., max(0, n - self.dense_last_rows) :, :] = True
+        return mask
+
