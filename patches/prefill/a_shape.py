@@ -23,10 +23,12 @@ class AShape(BlockSparsePrefill):
     Parameters
     ----------
     sink_blocks : int
-        Leading key blocks every query reads. Default 1 (64 tokens, MInference's ``n_init=64`` rounded to a block).
+        Leading key blocks every query reads. Default 2 (128 tokens: MInference's A-shape ``n_init=128``,
+        ``minference/models_patch.py``).
     local_blocks : int
-        Key blocks of the local band, the diagonal one included. Default 16 (1024 tokens, MInference's
-        A-shape ``n_local=1024``... its default local window for 8k-class prompts).
+        Key blocks of the local band, the diagonal one included. Default 16 (1024 tokens). MInference's A-shape
+        uses ``n_local=3968`` (sink + band = 4096 tokens), sized for 128k-token prompts: at 4k it would be dense,
+        so we keep a quarter of a 4k prompt.
     block_size : int
         Query and key block size (tokens). Default 64.
     min_length, backend
@@ -34,7 +36,7 @@ class AShape(BlockSparsePrefill):
     """
 
     name = "a_shape"
-    sink_blocks: int = 1
+    sink_blocks: int = 2
     local_blocks: int = 16
     block_size: int = 64
 

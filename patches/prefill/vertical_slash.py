@@ -30,14 +30,15 @@ def last_query_attention(q: Tensor, k: Tensor, scale: float, last_q: int) -> Ten
     B, Hq, L, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
-    rows = torch.arange(L - last_q, L, device=q.device)
-    allowed = torch.arange(L, device=q.device)[None, :] <= rows[:, None]  # (last_q, L)
-    qg = q[:, :, L - last_q :].reshape(B, Hkv, G * last_q, D)
+    ar = torch.arange(last_q, device=q.device)
+    above = ar[None, :] > ar[:, None]  # (last_q, last_q): keys after the query among the last ones
+    qg = q[:, :, L - last_q :].reshape(B, Hkv, G * last_q, D).float()
     step = max(1, _CHUNK_ELEMS // max(1, B * G * last_q * L))
     out = []
     for h0 in range(0, Hkv, step):  # chunks of kv heads, not a loop per head (one chunk at 8k)
-        s = (qg[:, h0 : h0 + step].float() @ k[:, h0 : h0 + step].float().transpose(-1, -2)) * scale
-        s = s.view(B, -1, G, last_q, L).masked_fill(~allowed, float("-inf"))
+        s = (qg[:, h0 : h0 + step] @ k[:, h0 : h0 + step].float().transpose(-1, -2)).mul_(scale)
+        s = s.view(B, -1, G, last_q, L)
+        s[..., L - last_q :].masked_fill_(above, float("-inf"))
         out.append(torch.softmax(s, dim=-1).view(B, -1, last_q, L))
     return torch.cat(out, dim=1) if len(out) > 1 else out[0]
 
