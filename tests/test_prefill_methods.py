@@ -307,3 +307,17 @@ def test_vertical_slash_sizes_follow_minference_clamps():
     assert m.sizes(4096) == (82, 205)
     assert m.sizes(100) == (30, 50)  # MInference's floors
     assert VerticalSlash(vertical_size=5000, slash_size=9000).sizes(4096) == (4096, 4096)  # capped at L
+
+
+@pytest.mark.parametrize("method", [VerticalSlash(block_size=32), PBS(tau=0.7, block_size=32, segment_size=64)])
+def test_batched_selection_equals_per_sequence_and_keeps_dtype(method):
+    torch.manual_seed(0)
+    L, D = 200, 16
+    q, k, v = (torch.randn(2, h, L, D, dtype=torch.bfloat16) for h in (6, 2, 2))
+    both = method.select(q, k, v, D**-0.5, 0)
+    for b in range(2):
+        one = method.select(q[b : b + 1], k[b : b + 1], v[b : b + 1], D**-0.5, 0)
+        assert torch.equal(both.mask[b], one.mask[0])
+        if one.key_perm is not None:
+            assert torch.equal(both.key_perm[b], one.key_perm[0])
+            assert both.k.dtype == both.v.dtype == torch.bfloat16

@@ -73,7 +73,10 @@ class PBS(BlockSparsePrefill):
     permutes per query head; our kernel reads K/V per kv head (GQA not repeated), so one permutation per kv head
     ranks keys by the attention averaged over the group's query heads (selection stays per query head). The key
     scores are the true causal attention probabilities (the reference renormalises over the complete segments and
-    ignores causality inside the last block). The ragged last block is pooled over its real tokens.
+    ignores causality inside the last block). The ragged last block is pooled over its real tokens. The whole
+    diagonal segment is computed (the tile above the diagonal too: permuted keys can sit there), so on short
+    prompts ``prefill_density`` can exceed 1. On SmolLM2-135M (4k-token prose, 9 of 30 layers) the defaults
+    compute 54% of the causal tiles (44-77% per layer) at output relative error 0.058 (tau=0.95: 64%, 0.040).
 
     Parameters
     ----------

@@ -88,7 +88,8 @@ class VerticalSlash(BlockSparsePrefill):
     widens to 64-key ranges). Ours is block-sparse, so a column selects its whole key block for every query block at
     or after it, and a diagonal selects, for each query block, the key blocks it crosses. The tiles computed are a
     superset of MInference's pattern (exact attention inside them): fidelity is at least MInference's, density is
-    higher (measured in ``report(model)['prefill_density']``).
+    higher (measured in ``report(model)['prefill_density']``). On SmolLM2-135M (4k-token prose, 9 of 30 layers) the
+    defaults compute 35% of the causal tiles (22-61% per layer) at output relative error 0.087 (a_shape: 48%, 0.078).
 
     Parameters
     ----------
