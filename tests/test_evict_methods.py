@@ -93,6 +93,10 @@ METHODS = [
     ("snapkv", {"decode_budget": 10_000}),
     ("pyramidkv", {"window": 8}),
     ("keyformer", {}),
+    ("expected_attention", {}),
+    ("expected_attention", {"chunk": 8, "decode_budget": 10_000}),
+    ("snapkv", {"chunk": 10}),
+    ("h2o", {"chunk": 4}),
 ]
 
 

@@ -3,6 +3,7 @@
 from .adakv import AdaKV
 from .base import EvictionMethod, ScoredEviction
 from .d2o import D2O
+from .expected_attention import ExpectedAttention
 from .full import Full
 from .h2o import H2O
 from .keyformer import Keyformer
@@ -11,5 +12,6 @@ from .snapkv import SnapKV
 from .streaming import Streaming
 
 __all__ = [
-    "AdaKV", "D2O", "EvictionMethod", "Full", "H2O", "Keyformer", "PyramidKV", "ScoredEviction", "SnapKV", "Streaming",
+    "AdaKV", "D2O", "EvictionMethod", "ExpectedAttention", "Full", "H2O", "Keyformer", "PyramidKV", "ScoredEviction",
+    "SnapKV", "Streaming",
 ]

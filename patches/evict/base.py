@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,12 +36,27 @@ class ScoredEviction(EvictionMethod):
     budget : int | float
         Tokens kept per head (int >= 1) or a fraction of the prompt (float in (0, 1]). The cache is compressed
         to this size after the prompt and kept at it during decoding.
+    chunk : int
+        Span-preserving selection (ChunkKV, https://arxiv.org/abs/2502.00299): ``0``/``1`` = per-token top-k
+        (default); ``N >= 2`` = keep whole chunks of ``N`` contiguous tokens, see ``keep_top``.
     """
 
     budget: int | float = 0.25
+    chunk: int = 1
 
     def __post_init__(self):
         validate_budget(self.budget)
+        if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 0:
+            raise ValueError(f"chunk ({self.chunk!r}) must be an int >= 0 (0 or 1 = per-token selection)")
+
+    def spec(self) -> str:
+        """As ``Method.spec``, without ``chunk`` when it is off (spec strings of per-token scorers are unchanged)."""
+        args = ",".join(
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if not (f.name == "chunk" and self.chunk <= 1)
+        )
+        return f"{self.name}({args})"
 
     def score(self, ctx: AttentionContext) -> torch.Tensor:
         """``(B, H_kv | 1, N)`` scores of the layer's ``N = layer.length`` tokens (``[narrow, full]`` axis when
@@ -71,10 +87,53 @@ class ScoredEviction(EvictionMethod):
                 "(narrow + full-width): this method cannot yet evict after channel pruning during decode; "
                 "use it without a channels method, or with decode eviction off"
             )
-        keep_top(layer, scores, capacity)
+        keep_top(layer, scores, capacity, self.chunk)
 
 
-def keep_top(layer, scores: torch.Tensor, capacity: int) -> None:
-    """Keep the ``capacity`` highest-scoring real tokens of ``layer`` per head, in order."""
+#: score of tokens a scorer always keeps (sinks, observation / recent windows); chunked selection keeps them apart
+KEEP_SCORE = torch.finfo(torch.float32).max
+
+
+def keep_top(layer, scores: torch.Tensor, capacity: int, chunk: int = 1) -> None:
+    """Keep the ``capacity`` highest-scoring real tokens of ``layer`` per head, in order (``chunk_select`` when
+    ``chunk >= 2``)."""
     scores = scores.float().masked_fill(~layer.token_valid(), float("-inf"))
-    layer.keep(scores.topk(capacity, dim=-1).indices.sort(dim=-1).values)
+    if chunk >= 2:
+        idx = chunk_select(scores, capacity, chunk)
+    else:
+        idx = scores.topk(capacity, dim=-1).indices
+    layer.keep(idx.sort(dim=-1).values)
+
+
+def chunk_select(scores: torch.Tensor, capacity: int, chunk: int) -> torch.Tensor:
+    """Span-preserving (ChunkKV-style) selection: ``(B, H, capacity)`` token indices (unsorted).
+
+    https://arxiv.org/abs/2502.00299 — the rule, per sequence and head, on ``scores`` ``(B, H|1, N)`` (``-inf`` =
+    not a token):
+
+    1. Tokens scored ``KEEP_SCORE`` (the scorer's sinks / observation or recent window) are kept first, outside
+       any chunk.
+    2. The other real tokens form chunks of ``chunk`` consecutive tokens by their rank among the real tokens held
+       (``rank // chunk``: at the prompt these are contiguous positions; a chunk cut by a kept window or by the end
+       of the prompt is smaller). A chunk's score is the sum of its tokens' scores.
+    3. Whole chunks are kept in decreasing chunk score while they fit in the rest of the budget; the remainder
+       (fewer than one chunk) is filled with the best tokens of the next chunk in that order, so exactly
+       ``capacity`` tokens are kept (bytes = budget).
+    """
+    N = scores.shape[-1]
+    valid = scores > float("-inf")
+    forced = scores >= KEEP_SCORE
+    free = valid & ~forced
+    rank = free.cumsum(-1) - 1
+    cid = torch.where(free, rank // chunk, 0)
+    n_chunks = (N + chunk - 1) // chunk
+    csum = scores.new_zeros(*scores.shape[:-1], n_chunks).scatter_add_(-1, cid, torch.where(free, scores, 0.0))
+    # chunk order: 0 = best chunk; forced tokens sort before every chunk, non-tokens after
+    order = csum.argsort(dim=-1, descending=True, stable=True)
+    crank = torch.empty_like(order).scatter_(-1, order, torch.arange(n_chunks, device=scores.device).expand_as(order))
+    key = torch.where(free, crank.gather(-1, cid).to(scores.dtype), float(n_chunks))
+    key = torch.where(forced, -1.0, key)
+    # lexicographic (chunk rank ascending, token score descending): sort by score, then stable-sort by chunk rank
+    by_score = scores.argsort(dim=-1, descending=True, stable=True)
+    by_chunk = key.gather(-1, by_score).argsort(dim=-1, stable=True)
+    return by_score.gather(-1, by_chunk)[..., :capacity]

@@ -129,7 +129,8 @@ class SnapKV(ScoredEviction):
             old = layer.token_state.get(STATE)
             layer.token_state[STATE] = acc if old is None else old + acc
         if layer.length > cap:
-            keep_top(layer, selection_scores(acc, min(self.window, cap), self.kernel_size, self.pooling), cap)
+            sel = selection_scores(acc, min(self.window, cap), self.kernel_size, self.pooling)
+            keep_top(layer, sel, cap, self.chunk)
 
     def after_decode(self, ctx) -> None:
         cap = self.decode_capacity(ctx)
@@ -140,4 +141,4 @@ class SnapKV(ScoredEviction):
         probs = window_attention_scores(ctx.query, keys, scale=ctx.scaling, valid=valid)
         layer.token_state[STATE] = layer.token_state[STATE] + group_mean(probs, keys.shape[1])
         if layer.length > cap:
-            keep_top(layer, self.score(ctx), cap)
+            keep_top(layer, self.score(ctx), cap, self.chunk)

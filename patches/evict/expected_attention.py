@@ -1,0 +1,233 @@
+"""Expected attention: score each cached key by the attention that future queries are expected to pay it."""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from kvaccel.config import register, resolve_budget, validate_budget
+
+from .base import KEEP_SCORE, ScoredEviction, keep_top
+from .h2o import check_int
+
+Tensor = torch.Tensor
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """``P x`` with ``P`` the RoPE quarter turn of the half-split layout: ``[x1, x2] -> [-x2, x1]``."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def unrotate(q: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Invert ``q_rot = q cos + P(q) sin`` (HF's ``apply_rotary_pos_emb``), ``cos``/``sin`` broadcastable to ``q``.
+
+    ``cos`` and ``sin`` may carry the RoPE ``attention_scaling`` ``a`` (``cos² + sin² = a²``): dividing by that sum
+    undoes it, so the result is the query before RoPE.
+    """
+    return (q * cos - rotate_half(q) * sin) / (cos * cos + sin * sin)
+
+
+def query_statistics(q_pre: Tensor, mask: Tensor, covariance: bool) -> tuple[Tensor, Tensor | None]:
+    """Mean ``(B, H, D)`` and population covariance ``(B, H, D, D)`` of the queries ``q_pre`` ``(B, H, L, D)``
+    selected by ``mask`` ``(B, L)`` (float32)."""
+    w = mask.to(torch.float32)[:, None, :, None]  # (B, 1, L, 1)
+    n = w.sum(2).clamp(min=1.0)  # (B, 1, 1)
+    q = q_pre.float()
+    mu = (q * w).sum(2) / n
+    if not covariance:
+        return mu, None
+    c = (q - mu[:, :, None]) * w
+    return mu, c.transpose(-1, -2) @ c / n[..., None]
+
+
+def average_rotation(cos: Tensor, sin: Tensor) -> Tensor:
+    """``R̄ = mean_p R_p`` ``(B, D, D)`` from the future positions' ``cos``/``sin`` ``(B, F, D)``, with
+    ``R_p = diag(cos_p) + diag(sin_p) P`` (so ``R_p x`` = HF's RoPE of ``x`` at position ``p``)."""
+    c, s = cos.float().mean(1), sin.float().mean(1)  # (B, D)
+    D = c.shape[-1]
+    eye = torch.eye(D, device=c.device, dtype=c.dtype)
+    P = rotate_half(eye).T  # P @ x == rotate_half(x): column j of P is rotate_half(e_j)
+    return torch.diag_embed(c) + s[:, :, None] * P
+
+
+def expected_logits(mu: Tensor, cov: Tensor | None, keys: Tensor, scale: float) -> Tensor:
+    """``log E_q[exp(s q·k)]`` for ``q ~ N(mu, cov)``: ``s μ·k + s² kᵀΣk / 2`` ``(B, H_kv, G, N)``.
+
+    ``mu`` ``(B, H_q, D)``, ``cov`` ``(B, H_q, D, D)`` (already rotated to the future positions), ``keys``
+    ``(B, H_kv, N, D)`` post-RoPE; the ``G = H_q / H_kv`` query heads of a kv head are grouped (K not repeated).
+    """
+    B, Hkv, N, D = keys.shape
+    G = mu.shape[1] // Hkv
+    k = keys.float()
+    out = scale * torch.einsum("bhgd,bhnd->bhgn", mu.view(B, Hkv, G, D), k)
+    if cov is not None:
+        out = out + 0.5 * scale * scale * torch.einsum(
+            "bhnd,bhgde,bhne->bhgn", k, cov.view(B, Hkv, G, D, D), k
+        )
+    return out
+
+
+@register
+@dataclass
+class ExpectedAttention(ScoredEviction):
+    """Expected attention (kvpress' ``ExpectedAttentionPress``): keep the keys future queries will attend to.
+
+    https://arxiv.org/abs/2510.00636 — queries before RoPE ``q̃ ~ N(μ, Σ)`` (statistics of the prompt's queries);
+    a query at a future position ``p`` is ``R_p q̃``, and averaging ``R_p`` over the next ``n_future_positions``
+    positions gives ``μ̄ = R̄ μ``, ``Σ̄ = R̄ Σ R̄ᵀ``. Each cached key ``k`` scores
+    ``softmax_k(μ̄·k/√d + kᵀΣ̄k/(2d))`` (the Gaussian expectation of ``exp(q·k/√d)``, normalised over the
+    scored keys), averaged over the ``G`` query heads of its kv head, times ``‖v‖`` (``use_vnorm``); the first
+    ``n_sink`` tokens are always kept and their queries are left out of the statistics.
+
+    RoPE frames: our keys are cached *after* RoPE (``k = R_j k̃`` at their own position ``j``), so
+    ``E[(R_p q̃)·k]`` needs no per-key rotation: rotating μ and Σ to the future absolute positions is enough
+    (kvpress does the same on its post-RoPE cache). The pre-RoPE queries are recovered by un-rotating the
+    post-RoPE queries the attention receives with the model's own rotary embedding (``model.model.rotary_emb``,
+    found at ``bind``) at their positions (``position_ids`` when given, else the positions the layer has seen);
+    for Qwen3 that is the query after ``q_norm``, the one RoPE sees. The ``1/√d`` above is the module's
+    ``scaling``.
+
+    Decoding: ``decode_budget=None`` (kvpress: compress at prefill only) lets the cache grow. With a budget,
+    each step re-scores the held keys with the prompt's statistics rotated to the next ``n_future_positions``
+    positions after the current one and cuts the cache back to ``decode_budget``.
+
+    Parameters
+    ----------
+    budget : int | float
+        Tokens kept per head (int) or fraction of the prompt (float in (0, 1]). Default 0.25.
+    chunk : int
+        Span-preserving selection (see ``ScoredEviction``). Default 1 (per token).
+    n_future_positions : int
+        Future positions the RoPE rotation is averaged over. Default 512.
+    n_sink : int
+        First tokens always kept (and left out of the query statistics). Default 4.
+    use_covariance : bool
+        Add the ``kᵀΣ̄k/(2d)`` term. Default True.
+    use_vnorm : bool
+        Multiply scores by ``‖v‖``. Default True.
+    window : int
+        Queries the statistics are taken from: ``0`` = every prompt query after the sinks (kvpress), ``N`` = the
+        last ``N`` prompt queries. Default 0.
+    decode_budget : int | float | None
+        ``None``: no eviction while decoding (default). Tokens / fraction of the prompt: bound the cache while
+        decoding as described above.
+    """
+
+    name = "expected_attention"
+    budget: int | float = 0.25
+    n_future_positions: int = 512
+    n_sink: int = 4
+    use_covariance: bool = True
+    use_vnorm: bool = True
+    window: int = 0
+    decode_budget: int | float | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_int("n_future_positions", self.n_future_positions, 1)
+        check_int("n_sink", self.n_sink, 0)
+        check_int("window", self.window, 0)
+        for f in ("use_covariance", "use_vnorm"):
+            if not isinstance(getattr(self, f), bool):
+                raise ValueError(f"{f} ({getattr(self, f)!r}) must be True or False")
+        if self.decode_budget is not None:
+            validate_budget(self.decode_budget, "decode_budget")
+        # attention module -> rotary embedding of its model; cache layer -> (μ, Σ, next position (B,)) pre-RoPE
+        object.__setattr__(self, "_rotary", weakref.WeakKeyDictionary())
+        object.__setattr__(self, "_stats", weakref.WeakKeyDictionary())
+
+    def bind(self, model) -> None:
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+        rotary = getattr(decoder, "rotary_emb", None)
+        if rotary is None:
+            raise ValueError(
+                f"expected_attention needs the model's rotary embedding (`{type(decoder).__name__}.rotary_emb`), "
+                "which this model does not have; use another eviction method (e.g. snapkv)"
+            )
+        for layer in decoder.layers:
+            self._rotary[layer.self_attn] = rotary
+
+    # ------------------------------------------------------------------ statistics
+    def _positions(self, ctx) -> Tensor:
+        """``(B, L)`` absolute positions of this forward's queries."""
+        B, _, L, _ = ctx.query.shape
+        pos = ctx.kwargs.get("position_ids")
+        if pos is not None and pos.shape[-1] == L:
+            return pos.expand(B, L).to(ctx.query.device)
+        start = ctx.layer.seen - L
+        return torch.arange(start, start + L, device=ctx.query.device).expand(B, L)
+
+    def _prompt_statistics(self, ctx) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Pre-RoPE ``μ (B, H_q, D)``, ``Σ (B, H_q, D, D) | None`` of this forward's queries and ``(B,)`` the
+        position right after the last one."""
+        rotary = self._rotary.get(ctx.module)
+        if rotary is None:
+            raise RuntimeError("expected_attention was not bound to this model; patch it with kvaccel.patch")
+        q = ctx.query
+        B, _, L, _ = q.shape
+        pos = self._positions(ctx)
+        cos, sin = rotary(q.float(), pos)  # (B, L, D)
+        q_pre = unrotate(q.float(), cos[:, None], sin[:, None])
+        real = torch.ones(B, L, dtype=torch.bool, device=q.device) if ctx.pad is None else ctx.pad[:, -L:].bool()
+        rank = real.cumsum(-1) - 1  # rank among the real tokens of this forward
+        mask = real & (rank >= (self.n_sink if ctx.phase == "prefill" else 0))
+        if self.window:
+            from_end = real.flip(-1).cumsum(-1).flip(-1)
+            mask &= from_end <= self.window
+        mu, cov = query_statistics(q_pre, mask, self.use_covariance)
+        nxt = torch.where(real, pos, pos.new_full((), -1)).amax(-1) + 1
+        return mu, cov, nxt
+
+    def scores_from(self, ctx, mu: Tensor, cov: Tensor | None, start: Tensor) -> Tensor:
+        """``(B, H_kv, N)`` scores of the held tokens for queries at positions ``start .. start+F-1`` (per row)."""
+        layer = ctx.layer
+        keys, _ = layer.dense_keys()
+        valid = layer.token_valid()
+        B, Hkv, N, D = keys.shape
+        fpos = start[:, None] + torch.arange(self.n_future_positions, device=keys.device)
+        cos, sin = self._rotary[ctx.module](mu, fpos)
+        R = average_rotation(cos, sin)[:, None]  # (B, 1, D, D)
+        mu_f = (R @ mu[..., None])[..., 0]
+        cov_f = None if cov is None else R @ cov @ R.transpose(-1, -2)
+        logits = expected_logits(mu_f, cov_f, keys, ctx.scaling)  # (B, Hkv, G, N)
+        rank = valid.cumsum(-1) - 1
+        sink = valid & (rank < self.n_sink)
+        scored = (valid & ~sink)[:, :, None, :]
+        probs = torch.softmax(logits.masked_fill(~scored, float("-inf")), dim=-1).nan_to_num_(0.0).mean(2)
+        if self.use_vnorm:
+            nar = layer.narrow
+            values = layer.values if nar is None else torch.cat([nar.dense_values(layer.values.shape[-1]),
+                                                                 layer.values], 2)
+            probs = probs * values.float().norm(dim=-1)
+        return torch.where(sink, KEEP_SCORE, probs)
+
+    # ------------------------------------------------------------------ ScoredEviction
+    def score(self, ctx) -> Tensor:
+        if ctx.phase == "decode":
+            mu, cov, start = self._stats[ctx.layer]
+            return self.scores_from(ctx, mu, cov, start + ctx.layer.decode_steps)
+        mu, cov, start = self._prompt_statistics(ctx)
+        if self.decode_budget is not None:
+            self._stats[ctx.layer] = (mu, cov, start - ctx.layer.decode_steps)
+        return self.scores_from(ctx, mu, cov, start)
+
+    def decode_capacity(self, ctx) -> int | None:
+        """Tokens kept per head while decoding in this layer, ``None`` = unbounded."""
+        return None if self.decode_budget is None else resolve_budget(self.decode_budget, ctx.layer.prompt_len)
+
+    def after_prefill(self, ctx) -> None:
+        cap = self.capacity(ctx)
+        ctx.record_capacity(cap)
+        if ctx.layer.length > cap:
+            keep_top(ctx.layer, self.score(ctx), cap, self.chunk)
+        elif self.decode_budget is not None:  # statistics for decode-time eviction
+            mu, cov, start = self._prompt_statistics(ctx)
+            self._stats[ctx.layer] = (mu, cov, start - ctx.layer.decode_steps)
+
+    def after_decode(self, ctx) -> None:
+        cap = self.decode_capacity(ctx)
+        if cap is not None and ctx.layer.length > cap:
+            keep_top(ctx.layer, self.score(ctx), cap, self.chunk)
