@@ -13,7 +13,10 @@ position ``key_perm[b, hkv, j]``, and a query at position ``i`` sees it iff ``ke
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import resolve_backend
@@ -74,7 +77,9 @@ def _check_inputs(q, k, v, block_mask, block_m, block_n, key_perm, key_valid) ->
             f"block_n={block_n}; got {block_mask.dtype} {tuple(block_mask.shape)}"
         )
     if key_perm is not None and (key_perm.shape != (B, Hkv, L) or key_perm.dtype not in (torch.int32, torch.int64)):
-        raise ValueError(f"key_perm must be int32/int64 ({B}, {Hkv}, {L}), got {key_perm.dtype} {tuple(key_perm.shape)}")
+        raise ValueError(
+            f"key_perm must be int32/int64 ({B}, {Hkv}, {L}), got {key_perm.dtype} {tuple(key_perm.shape)}"
+        )
     if key_valid is not None and (key_valid.shape != (B, L) or key_valid.dtype != torch.bool):
         raise ValueError(f"key_valid must be bool ({B}, {L}), got {key_valid.dtype} {tuple(key_valid.shape)}")
 
@@ -124,42 +129,328 @@ def block_sparse_attention(
     """
     _check_inputs(q, k, v, block_mask, block_m, block_n, key_perm, key_valid)
     if resolve_backend(backend, q) == "triton":
-        from .triton_launchers import block_sparse_attention_triton  # noqa: F401  (filled in by the Triton path)
-
-        out, lse = block_sparse_attention_triton(q, k, v, block_mask, scale, block_m, block_n, key_perm, key_valid)
+        out, lse = _block_sparse_attention_triton(q, k, v, block_mask, scale, block_m, block_n, key_perm, key_valid)
     else:
         out, lse = _block_sparse_attention_torch(q, k, v, block_mask, scale, block_m, block_n, key_perm, key_valid)
     return (out, lse) if return_lse else out
 
 
 # --------------------------------------------------------------------------------------------------------------
-# PyTorch path
+# PyTorch path: gather the selected key blocks, fused CPU flash attention over them
 # --------------------------------------------------------------------------------------------------------------
-def _block_sparse_attention_torch(q, k, v, block_mask, scale, block_m, block_n, key_perm, key_valid):
-    """Row-chunked masked attention (placeholder design; see benchmarks/block_sparse_kernel.py)."""
+#: Bytes of gathered K and V per chunk of work items (bounds the memory of the PyTorch path).
+GATHER_BYTES = 32 << 20
+
+
+@dataclass
+class TilePlan:
+    """Work list of the PyTorch path, built once per (mask, key_perm, key_valid) by :func:`plan_block_sparse`.
+
+    A *unit* is one ``(batch, head)`` row of the mask: a kv head (its ``G`` query heads stacked as ``G * block_m``
+    query rows) when the ``G`` heads of every kv head select the same tiles, else a query head. An *item* is one
+    (unit, query block). Its selected tiles are split into *full* tiles (every valid key is at or before the
+    block's first query: only a per-key bias) and *partial* tiles (straddling the diagonal, or permuted keys:
+    a per-row causal mask). Tiles with no key visible to the block are dropped. Key blocks are numbered flat
+    over ``(B, H_kv, n_k_blocks + 1)``; block ``n_k_blocks`` of each head is an all-invalid dummy that pads
+    the tile lists. Items are sorted by tile count so that a chunk pads its lists to a near-equal length.
+    Without ``key_perm`` and ``key_valid``, a unit that selects every causal tile is *dense*: it runs as one
+    causal fused call (no gather) and its items are left out of ``order``.
+    """
+
+    L: int
+    block_m: int
+    block_n: int
+    stacked: bool  # units are kv heads with their G query heads stacked
+    units: int  # per batch: H_kv when stacked else H_q
+    n_q_blocks: int
+    n_k_blocks: int
+    order: Tensor  # (n_busy,) ids of the items with at least one tile, most tiles first
+    full_idx: Tensor  # (n_items, max_full) flat key-block ids: selected ones ascending, then the dummy
+    full_cnt: Tensor  # (n_items,)
+    part_idx: Tensor  # (n_items, max_part)
+    part_cnt: Tensor  # (n_items,)
+    slot_pos: Tensor  # (B * H_kv * (n_k_blocks + 1), block_n) original position per slot; invalid = L
+    kb_min: Tensor  # (B * H_kv * (n_k_blocks + 1),) smallest valid position of each key block (L if none)
+    dense_units: Tensor  # (n_dense,) flat unit ids (b * units + u) computed as plain causal attention
+    kv_of_unit: Tensor  # (B * units,) flat kv head (b * H_kv + h) each unit reads
+
+
+def _slot_positions(B: int, Hkv: int, L: int, key_perm: Tensor | None, key_valid: Tensor | None, dev) -> Tensor:
+    """``(B, H_kv, L)`` int64 original position of every key slot; invalid keys get ``L``, which no query reaches."""
+    pos = torch.arange(L, device=dev).expand(B, Hkv, L) if key_perm is None else key_perm.long()
+    if key_valid is not None:
+        pos = torch.where(torch.gather(key_valid[:, None, :].expand(B, Hkv, L), 2, pos), pos, L)
+    return pos
+
+
+def _tile_classes(slot_pos: Tensor, L: int, block_m: int) -> tuple[Tensor, Tensor]:
+    """Tile classes ``nonempty``, ``full`` ``(B, H_kv, nqb, nkb)`` from ``slot_pos`` ``(B, H_kv, nkb, block_n)``.
+
+    A tile is non-empty when some valid key in it is at or before the block's last query, full when every valid
+    key is at or before its first query (then no query of the block needs a causal mask).
+    """
+    nqb = num_blocks(L, block_m)
+    kb_min = slot_pos.amin(-1)
+    kb_max = torch.where(slot_pos < L, slot_pos, -1).amax(-1)  # largest valid position (-1 if none)
+    q_first = torch.arange(nqb, device=slot_pos.device) * block_m
+    q_last = torch.clamp(q_first + block_m - 1, max=L - 1)
+    nonempty = kb_min[:, :, None, :] <= q_last[:, None]
+    return nonempty, nonempty & (kb_max[:, :, None, :] <= q_first[:, None])
+
+
+def plan_block_sparse(
+    block_mask: Tensor,
+    L: int,
+    num_heads: int,
+    num_kv_heads: int,
+    *,
+    block_m: int = 64,
+    block_n: int = 64,
+    key_perm: Tensor | None = None,
+    key_valid: Tensor | None = None,
+) -> TilePlan:
+    """Classify the selected tiles (empty / full / partial) and build the sorted work list of the PyTorch path."""
+    B = block_mask.shape[0]
+    dev = block_mask.device
+    Hkv, G = num_kv_heads, num_heads // num_kv_heads
+    nqb, nkb = num_blocks(L, block_m), num_blocks(L, block_n)
+    pos = _slot_positions(B, Hkv, L, key_perm, key_valid, dev)
+    slot_pos = F.pad(pos, (0, (nkb + 1) * block_n - L), value=L).view(B, Hkv, nkb + 1, block_n)
+    kb_min = slot_pos.amin(-1)  # (B, Hkv, nkb + 1)
+    nonempty, full = _tile_classes(slot_pos[:, :, :nkb], L, block_m)
+
+    mask = block_mask
+    stacked = mask.shape[1] == 1 or G == 1
+    if not stacked:  # the G query heads of a kv head may still all select the same tiles
+        grouped = mask.reshape(B, Hkv, G, nqb, nkb)
+        stacked = bool((grouped == grouped[:, :, :1]).all())
+        mask = grouped[:, :, 0] if stacked else mask
+    units = Hkv if stacked else num_heads
+    if not stacked:  # per query head: the tile classes of its kv head
+        nonempty, full = nonempty.repeat_interleave(G, 1), full.repeat_interleave(G, 1)
+    sel = mask.expand(B, units, nqb, nkb) & nonempty
+    if key_perm is None and key_valid is None:
+        dense = (sel | ~nonempty).flatten(2).all(-1).flatten()
+    else:
+        dense = torch.zeros(B * units, dtype=torch.bool, device=dev)
+    # flat id of block 0 of each item's kv head
+    kv_of_unit = torch.arange(B * units, device=dev) // units * Hkv + torch.arange(units, device=dev).repeat(B) // (
+        units // Hkv
+    )
+    base = (kv_of_unit * (nkb + 1)).repeat_interleave(nqb)[:, None]  # (n_items, 1)
+
+    def tile_list(x: Tensor) -> tuple[Tensor, Tensor]:
+        x = x.reshape(-1, nkb)
+        cnt = x.sum(-1)
+        width = int(cnt.max()) if cnt.numel() else 0
+        # selected block ids first, ascending (stable sort of the 0/1 flags, descending); then the dummy block
+        idx = torch.sort(x.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :width]
+        idx = torch.where(torch.arange(width, device=dev) < cnt[:, None], idx, nkb)
+        return base + idx, cnt
+
+    full_idx, full_cnt = tile_list(sel & full)
+    part_idx, part_cnt = tile_list(sel & ~full)
+    total = (full_cnt + part_cnt).masked_fill(dense.repeat_interleave(nqb), 0)
+    order = torch.sort(total, descending=True, stable=True).indices
+    order = order[: int((total > 0).sum())]  # items with no tile keep out 0 / lse -inf
+    return TilePlan(
+        L, block_m, block_n, stacked, units, nqb, nkb, order, full_idx, full_cnt, part_idx, part_cnt,
+        slot_pos.reshape(-1, block_n), kb_min.reshape(-1), dense.nonzero().flatten(), kv_of_unit,
+    )
+
+
+def _block_sparse_attention_torch(q, k, v, block_mask, scale, block_m, block_n, key_perm, key_valid, plan=None):
+    """Gather + fused attention: per chunk of work items, gather the selected K/V blocks and run the CPU flash kernel.
+
+    Full tiles need only a per-key bias (invalid keys, padding entries); partial tiles a per-row causal mask on
+    original positions. The two parts run as two fused calls merged by log-sum-exp:
+    ``lse = logaddexp(lse_f, lse_p)``, ``o = e^(lse_f - lse) o_f + e^(lse_p - lse) o_p``.
+    """
     B, Hq, L, D = q.shape
-    Hkv = k.shape[1]
+    Hkv, Dv_out = k.shape[1], v.shape[-1]
     G = Hq // Hkv
-    out = q.new_zeros(B, Hq, L, v.shape[-1])
-    lse = torch.full((B, Hq, L), float("-inf"), dtype=torch.float32, device=q.device)
-    kpos = _key_positions(k, key_perm)  # (B, Hkv, L)
-    for r0 in range(0, L, block_m):
-        r1 = min(L, r0 + block_m)
-        i = r0 // block_m
-        rows = torch.arange(r0, r1, device=q.device)
-        sel = block_mask[:, :, i].expand(B, Hq, -1).repeat_interleave(block_n, dim=-1)[..., :L]  # (B, Hq, L)
-        kk, vv = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
-        n = L
-        s = (q[:, :, r0:r1].float() @ kk.float().transpose(-1, -2)) * scale  # (B, Hq, m, n)
-        pos = kpos.repeat_interleave(G, dim=1)
-        m = sel[:, :, None, :n] & (pos[:, :, None, :] <= rows[None, None, :, None])
-        if key_valid is not None:
-            m = m & torch.gather(key_valid[:, None, :].expand(B, Hq, L), 2, pos)[:, :, None, :]
-        s = s.masked_fill(~m, float("-inf"))
-        l_ = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - l_.unsqueeze(-1)).nan_to_num(0.0)
-        out[:, :, r0:r1] = (p @ vv.float()).to(q.dtype)
-        lse[:, :, r0:r1] = l_
+    if plan is None:
+        plan = plan_block_sparse(
+            block_mask, L, Hq, Hkv, block_m=block_m, block_n=block_n, key_perm=key_perm, key_valid=key_valid
+        )
+    nqb, nkb, U = plan.n_q_blocks, plan.n_k_blocks, plan.units
+    Gs = G if plan.stacked else 1  # query heads stacked per unit
+    R = Gs * block_m  # query rows per item
+    dev, dt = q.device, q.dtype
+    neg_inf = float("-inf")
+    # The fused kernel needs one head size: zero channels leave q.k unchanged and add output columns we drop.
+    D = max(D, Dv_out)
+
+    # Queries as items (B * U * nqb, R, D), rows = (stacked head, row in block); K/V as flat blocks with one dummy
+    # block per head: (B * H_kv * (nkb + 1), block_n, D).
+    qp = F.pad(q, (0, D - q.shape[-1], 0, nqb * block_m - L))
+    qi = qp.view(B, U, Gs, nqb, block_m, D).transpose(2, 3).reshape(-1, R, D)
+    kb = F.pad(k, (0, D - k.shape[-1], 0, (nkb + 1) * block_n - L)).view(-1, block_n, D)
+    vb = F.pad(v, (0, D - Dv_out, 0, (nkb + 1) * block_n - L)).view(-1, block_n, D)
+    key_bias = torch.zeros(plan.slot_pos.shape, dtype=dt, device=dev).masked_fill_(plan.slot_pos >= L, neg_inf)
+    n_items = qi.shape[0]
+    q_first = (torch.arange(n_items, device=dev) % nqb) * block_m
+    row_pos = q_first[:, None] + torch.arange(block_m, device=dev).repeat(Gs)  # (n_items, R)
+
+    out = torch.zeros(n_items, R, D, dtype=dt, device=dev)
+    lse = torch.full((n_items, R), neg_inf, dtype=torch.float32, device=dev)
+    max_full, max_part = plan.full_idx.shape[1], plan.part_idx.shape[1]
+    chunk = max(1, GATHER_BYTES // max(1, (max_full + max_part) * block_n * 2 * D * q.element_size()))
+    chunk = max(1, min(chunk, plan.order.numel()))
+    # Workspaces reused by every chunk: fresh large tensors cost page faults that dominate a gather on CPU.
+    width = max(max_full, max_part) * block_n
+    ws_q = q.new_empty(chunk * R * D)
+    ws_k, ws_v = q.new_empty(chunk * width * D), q.new_empty(chunk * width * D)
+    ws_bias = q.new_empty(chunk * max(max_full * block_n, R * max_part * block_n))
+    ws_pos = plan.slot_pos.new_empty(chunk * max_part * block_n)
+    ws_hide = torch.empty(chunk * R * max_part * block_n, dtype=torch.bool, device=dev)
+
+    def take(src: Tensor, idx: Tensor, ws: Tensor) -> Tensor:
+        return torch.index_select(src, 0, idx, out=ws[: idx.numel() * src[0].numel()].view(-1, *src.shape[1:]))
+
+    for c0 in range(0, plan.order.numel(), chunk):
+        ids = plan.order[c0 : c0 + chunk]
+        n = ids.numel()
+        qrows = take(qi, ids, ws_q).unsqueeze(1)  # (n, 1, R, D)
+        n_full = int(plan.full_cnt[ids].max())
+        n_part = int(plan.part_cnt[ids].max())
+        o_f = o_p = l_f = l_p = None
+        if n_full:
+            idx = plan.full_idx.index_select(0, ids)[:, :n_full].reshape(-1)
+            kv_len = n_full * block_n
+            o_f, l_f = _flash_cpu(
+                qrows,
+                take(kb, idx, ws_k).view(n, 1, kv_len, D),
+                take(vb, idx, ws_v).view(n, 1, kv_len, D),
+                attn_mask=take(key_bias, idx, ws_bias).view(n, 1, 1, kv_len),
+                scale=scale,
+            )
+            # the fused kernel returns lse 0 for a row with no key: an item without full tiles has lse -inf here
+            o_f, l_f = o_f[:, 0], torch.where(plan.full_cnt[ids, None] > 0, l_f[:, 0], neg_inf)
+        if n_part:
+            idx = plan.part_idx.index_select(0, ids)[:, :n_part].reshape(-1)
+            kv_len = n_part * block_n
+            rpos = row_pos.index_select(0, ids)  # (n, R)
+            kpos = take(plan.slot_pos, idx, ws_pos).view(n, 1, kv_len)
+            hide = torch.gt(kpos, rpos[:, :, None], out=ws_hide[: n * R * kv_len].view(n, R, kv_len))
+            bias = ws_bias[: n * R * kv_len].view(n, 1, R, kv_len).zero_()
+            bias.masked_fill_(hide.unsqueeze(1), neg_inf)  # causal on original positions (+ invalid keys)
+            o_p, l_p = _flash_cpu(
+                qrows,
+                take(kb, idx, ws_k).view(n, 1, kv_len, D),
+                take(vb, idx, ws_v).view(n, 1, kv_len, D),
+                attn_mask=bias,
+                scale=scale,
+            )
+            kmin = plan.kb_min.index_select(0, idx).view(n, n_part).amin(-1, keepdim=True)  # (n, 1)
+            o_p, l_p = o_p[:, 0], torch.where(kmin <= rpos, l_p[:, 0], neg_inf)  # rows that see no key: -inf
+        if o_p is None:
+            o, l = o_f, l_f
+        elif o_f is None:
+            o, l = o_p, l_p
+        else:
+            l = torch.logaddexp(l_f, l_p)
+            l_safe = torch.where(torch.isfinite(l), l, 0.0)  # a row that sees nothing: weights exp(-inf) = 0
+            w_f, w_p = torch.exp(l_f - l_safe).unsqueeze(-1), torch.exp(l_p - l_safe).unsqueeze(-1)
+            o = (o_f * w_f + o_p * w_p) if dt == torch.float32 else (o_f.float() * w_f + o_p.float() * w_p).to(dt)
+        out.index_copy_(0, ids, o)
+        lse.index_copy_(0, ids, l)
+
+    out = out.view(B, U, nqb, Gs, block_m, D).transpose(2, 3).reshape(B * U, Gs, nqb * block_m, D)[:, :, :L]
+    lse = lse.view(B, U, nqb, Gs, block_m).transpose(2, 3).reshape(B * U, Gs, nqb * block_m)[:, :, :L]
+    if plan.dense_units.numel():  # every causal tile selected: one causal fused call, no gather
+        du = plan.dense_units
+        kv = plan.kv_of_unit.index_select(0, du)
+        o_d, l_d = _flash_cpu(
+            qp[:, :, :L].reshape(B * U, Gs, L, D).index_select(0, du),
+            kb.view(B * Hkv, -1, D)[:, :L].index_select(0, kv).unsqueeze(1),
+            vb.view(B * Hkv, -1, D)[:, :L].index_select(0, kv).unsqueeze(1),
+            is_causal=True,
+            scale=scale,
+        )
+        out = out.index_copy(0, du, o_d)
+        lse = lse.index_copy(0, du, l_d)
+    return out.reshape(B, Hq, L, D)[..., :Dv_out], lse.reshape(B, Hq, L)
+
+
+_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # (out, lse): fused, float32 accumulation
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Triton path (launcher; the kernel is in kernels/triton/block_sparse_attention.py)
+# --------------------------------------------------------------------------------------------------------------
+def block_sparse_csr(
+    block_mask: Tensor,
+    L: int,
+    num_heads: int,
+    num_kv_heads: int,
+    *,
+    block_m: int = 64,
+    block_n: int = 64,
+    key_perm: Tensor | None = None,
+    key_valid: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """CSR tile lists of the Triton kernel: one row per ``(b, query head, query block)``.
+
+    Returns ``indptr`` ``(rows + 1,)``, ``nfull`` ``(rows,)`` and ``indices`` ``(nnz,)`` (int32). A row lists its
+    full tiles (ascending), then its partial ones; tiles where no valid key is visible to the block are dropped.
+    """
+    B = block_mask.shape[0]
+    G = num_heads // num_kv_heads
+    nqb, nkb = num_blocks(L, block_m), num_blocks(L, block_n)
+    pos = _slot_positions(B, num_kv_heads, L, key_perm, key_valid, block_mask.device)
+    slot_pos = F.pad(pos, (0, nkb * block_n - L), value=L).view(B, num_kv_heads, nkb, block_n)
+    nonempty, full = _tile_classes(slot_pos, L, block_m)
+    sel = block_mask.expand(B, num_heads, nqb, nkb) & nonempty.repeat_interleave(G, 1)
+    rank = sel.to(torch.int8) + (sel & full.repeat_interleave(G, 1)).to(torch.int8)  # 2 full, 1 partial, 0 none
+    rank = rank.reshape(-1, nkb)
+    cnt = (rank > 0).sum(-1)
+    order = torch.sort(rank, dim=-1, descending=True, stable=True).indices
+    indices = order[torch.arange(nkb, device=order.device) < cnt[:, None]]  # row-major: rows stay in order
+    indptr = F.pad(torch.cumsum(cnt, 0), (1, 0))
+    nfull = (rank == 2).sum(-1)
+    return indptr.to(torch.int32), nfull.to(torch.int32), indices.to(torch.int32)
+
+
+def _block_sparse_attention_triton(q, k, v, block_mask, scale, block_m, block_n, key_perm, key_valid):
+    """_block_sparse_attention_triton: launch ``_block_sparse_attention_fwd`` on grid ``(n_q_blocks, B * H_q)``."""
+    import triton
+
+    from .triton.block_sparse_attention import _block_sparse_attention_fwd
+
+    B, Hq, L, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    nqb = num_blocks(L, block_m)
+    indptr, nfull, indices = block_sparse_csr(
+        block_mask, L, Hq, Hkv, block_m=block_m, block_n=block_n, key_perm=key_perm, key_valid=key_valid
+    )
+    has_pos = key_perm is not None or key_valid is not None
+    pos = (
+        _slot_positions(B, Hkv, L, key_perm, key_valid, q.device).to(torch.int32)
+        if has_pos
+        else torch.zeros(1, 1, 1, dtype=torch.int32, device=q.device)  # dummy: never read when HAS_POS is False
+    )
+    out = torch.empty(B, Hq, L, Dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    BLOCK_DV = max(16, triton.next_power_of_2(Dv))
+    num_warps = 4 if block_m * max(BLOCK_D, BLOCK_DV) <= 64 * 128 else 8
+    _block_sparse_attention_fwd[(nqb, B * Hq)](
+        q, k, v, pos, indptr, nfull, indices, out, lse,
+        float(scale), L, nqb,
+        *q.stride(), *k.stride(), *v.stride(), *pos.stride(), *out.stride(), *lse.stride(),
+        H_Q=Hq,
+        GROUP=Hq // Hkv,
+        HEAD_DIM=D,
+        HEAD_DIM_V=Dv,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=BLOCK_D,
+        BLOCK_DV=BLOCK_DV,
+        HAS_POS=has_pos,
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32: exact products like the reference
+        num_warps=num_warps,
+    )
     return out, lse
 
 
