@@ -6,7 +6,7 @@
     kvaccel.report(model)["kv_bytes"]
 """
 
-from kvaccel.api import SUPPORTED_MODEL_TYPES, is_patched, patch, patched, report, unpatch
+from kvaccel.api import SUPPORTED_MODEL_TYPES, is_patched, patch, patched, paused, report, unpatch
 from kvaccel.cache import KVAccelCache, KVAccelLayer
 from kvaccel.config import Method, methods, parse_spec, register
 from kvaccel.models import load_model
@@ -24,6 +24,7 @@ __all__ = [
     "parse_spec",
     "patch",
     "patched",
+    "paused",
     "register",
     "report",
     "unpatch",

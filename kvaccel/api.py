@@ -253,6 +253,36 @@ def patched(model, *methods: str | Method, **options: Any) -> Iterator[Any]:
             patch(model, *previous.methods.values())
 
 
+#: stages that change what the cache holds; ``paused`` switches them off
+PAUSABLE_STAGES = ("evict", "channels")
+
+
+@contextlib.contextmanager
+def paused(model) -> Iterator[Any]:
+    """Context manager: inside it the patched model's eviction and channel methods do not compress the cache.
+
+    kvpress' protocol: compress the context, then feed the question (and teacher-forced answer tokens) over the
+    compressed cache without compressing again::
+
+        model(context_ids, past_key_values=cache)          # prefill: evicts to the budget
+        with kvaccel.paused(model):
+            logits = model(question_ids, past_key_values=cache).logits   # attends the kept cache, evicts nothing
+
+    Prefill and decode methods (how attention is computed) stay active. Tokens fed while paused are kept whole
+    and count as prompt (``prompt_len``) for budgets resolved later. Methods come back on exit, also on error.
+    """
+    state: PatchState | None = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise ValueError("kvaccel.paused(model) needs a model patched with kvaccel.patch(model, ...)")
+    held = {stage: state.methods.pop(stage) for stage in PAUSABLE_STAGES if stage in state.methods}
+    try:
+        yield model
+    finally:
+        if getattr(model, _STATE_ATTR, None) is state:  # not re-patched or unpatched inside the block
+            for stage, method in held.items():
+                state.methods.setdefault(stage, method)
+
+
 def report(model) -> dict[str, Any]:
     """Statistics of the last forward / generate of a patched model.
 
@@ -290,4 +320,7 @@ def report(model) -> dict[str, Any]:
     for key in ("prefill_estimate_s", "prefill_attention_s"):  # block-sparse prefill: estimation vs attention
         per_layer = [s.get(key) for s in state.layer_stats]
         out[key] = sum(t for t in per_layer if t is not None) if any(t is not None for t in per_layer) else None
+    # decode method `retrieval`: per-layer lists of its retrieval_* stats (host/device bytes, time split, recall...)
+    for key in sorted({k for s in state.layer_stats for k in s if k.startswith("retrieval_")}):
+        out[key] = [s.get(key) for s in state.layer_stats]
     return out

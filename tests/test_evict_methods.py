@@ -444,3 +444,38 @@ def test_dense_keys_zero_fill_reproduces_narrow_logits():
         want_narrow = q[0, h, 0, cidx[0, h]] @ k[0, h, :6, cidx[0, h]].T
         torch.testing.assert_close(q[0, h, 0] @ dense[0, h, :6].T, want_narrow)
         torch.testing.assert_close(q[0, h, 0] @ dense[0, h, 6:].T, q[0, h, 0] @ k[0, h, 6:].T)
+
+
+@pytest.mark.parametrize("spec", ["snapkv(budget=24)", "expected_attention(budget=24, chunk=4)", "h2o(budget=24)"])
+def test_paused_feeds_tokens_over_the_compressed_cache_without_compressing(spec):
+    from kvaccel.cache import KVAccelCache
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 512, (1, 110), generator=torch.Generator().manual_seed(9))
+    ctx_ids, q_ids = ids[:, :100], ids[:, 100:]
+    with kvaccel.patched(model, spec), torch.no_grad():
+        cache = KVAccelCache(model)
+        model(ctx_ids, past_key_values=cache, use_cache=True)
+        assert kvaccel.report(model)["kept_tokens"][0][0] == [24, 24]
+        snapshot = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+        with kvaccel.paused(model):
+            assert "evict" not in kvaccel.report(model)["methods"]
+            out = model(q_ids, past_key_values=cache, use_cache=True).logits
+        assert kvaccel.report(model)["kept_tokens"][0][0] == [34, 34]  # nothing evicted, the 10 tokens appended
+        assert kvaccel.report(model)["methods"]["evict"] == kvaccel.parse_spec(spec)[0].spec()  # back on exit
+        for (k, v), layer in zip(snapshot, cache.layers, strict=True):  # the compressed context is untouched
+            assert torch.equal(layer.keys[:, :, :24], k) and torch.equal(layer.values[:, :, :24], v)
+        # the same logits as feeding the 10 tokens one at a time over the kept cache, paused
+        cache2 = KVAccelCache(model)
+        model(ctx_ids, past_key_values=cache2, use_cache=True)
+        with kvaccel.paused(model):
+            steps = [model(q_ids[:, i:i + 1], past_key_values=cache2, use_cache=True).logits for i in range(10)]
+        torch.testing.assert_close(torch.cat(steps, 1), out, atol=1e-4, rtol=1e-4)
+        # without the pause, the question is compressed again (the cache is cut back to the budget)
+        cache3 = KVAccelCache(model)
+        model(ctx_ids, past_key_values=cache3, use_cache=True)
+        model(q_ids, past_key_values=cache3, use_cache=True)
+        assert kvaccel.report(model)["kept_tokens"][0][0] == [24, 24]
+    with pytest.raises(ValueError, match="patched"):
+        with kvaccel.paused(model):
+            pass
