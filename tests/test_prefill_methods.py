@@ -44,7 +44,7 @@ def logits(model, ids, **kw):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_selecting_everything_matches_stock_sdpa(family, method):
     model = tiny_model(family)
-    ids = prompt(300)
+    ids = prompt(200)
     ref = logits(model, ids)
     with kvaccel.patched(model, EVERYTHING[method]):
         out = logits(model, ids)
@@ -258,7 +258,7 @@ def test_short_prompt_falls_back_to_dense_with_a_note(method):
 @pytest.mark.parametrize("method", sorted(SPARSE))
 def test_left_padded_batch_equals_unpadded_runs(method):
     model = tiny_model("llama")
-    lens = (300, 241)
+    lens = (260, 201)
     L = max(lens)
     seqs = [prompt(n, seed=10 + i)[0] for i, n in enumerate(lens)]
     ids = torch.zeros(len(lens), L, dtype=torch.long)
