@@ -275,6 +275,9 @@ def kvaccel_attention(
             method = state.methods.get(stage)
             if method is not None:
                 (method.after_decode if phase == "decode" else method.after_prefill)(ctx)
+        decode = state.methods.get("decode")  # e.g. retrieval moves the prompt to host memory after eviction
+        if phase != "decode" and getattr(decode, "after_prefill", None) is not None:
+            decode.after_prefill(ctx)
     return out, None
 
 
