@@ -1,0 +1,543 @@
+"""Attention-aware graph index over keys held in host memory (RetrievalAttention, https://arxiv.org/abs/2409.10516).
+
+Queries and keys of an attention head are out of distribution: a key-only ANN index (HNSW on keys) finds the keys
+nearest to other *keys*, not the keys a *query* attends to. RetrievalAttention therefore builds the graph from the
+prefill queries, RoarGraph-style (https://arxiv.org/abs/2408.08933):
+
+1. exact kNN at build time (faiss ``IndexFlatIP``): every (sub-sampled) prefill query's ``build_top_k`` keys with the
+   largest ``q · k``, and every key's nearest query;
+2. projection of the query→key bipartite graph onto keys: the query's top key (its *pivot*) links to the other keys
+   of the query's list, and every key links to the top keys of its nearest query; each node keeps its ``degree``
+   best candidates (largest ``q · k``, deduplicated); then reverse edges (up to ``max_degree``) and one in-edge for
+   every key without any (so every key is reachable);
+3. entry points: the keys most often some prefill query's top key, plus the top keys of random prefill queries;
+   then every key not reachable from them is linked from its nearest reachable key (connectivity enhancement);
+4. search: best-first beam search maximising ``q · k`` (a search list of ``ef`` nodes, Vamana-style), compiled with
+   numba and batched over every (query head, query) row of a layer in one parallel call.
+
+Tokens that leave the recent window later are *inserted*: each new key is searched in the graph with itself as the
+query (its ``degree`` largest-``k · k'`` keys become its out-edges) and reverse edges are added where a node has room.
+
+One ``AttentionIndex`` holds the host K/V store and the graphs of ``rows`` independent heads (row = ``b * H_kv +
+h``), padded to a common capacity that doubles as tokens arrive. :meth:`AttentionIndex.search_exact` (a full scan) is
+the reference the approximate search is measured against; when ``k`` (or ``ef``) covers every key of a row the
+compiled search scans the row exactly.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from numba import njit, prange
+
+__all__ = ["AttentionIndex"]
+
+
+# ------------------------------------------------------------------------------------------ compiled parts
+
+
+@njit(cache=True, inline="always")
+def _dot(a, b):
+    s = np.float32(0.0)
+    for i in range(a.shape[0]):
+        s += a[i] * b[i]
+    return s
+
+
+@njit(cache=True)
+def _insert_sorted(ids, scores, done, size, cap, node, s):
+    """Insert ``node`` with score ``s`` into the descending list (length ``size`` <= ``cap``); return the new size."""
+    if size == cap and s <= scores[size - 1]:
+        return size
+    pos = size if size < cap else cap - 1
+    while pos > 0 and scores[pos - 1] < s:
+        if pos < cap:
+            ids[pos] = ids[pos - 1]
+            scores[pos] = scores[pos - 1]
+            done[pos] = done[pos - 1]
+        pos -= 1
+    ids[pos] = node
+    scores[pos] = s
+    done[pos] = 0
+    return size + 1 if size < cap else size
+
+
+@njit(cache=True)
+def _beam_search(q, keys, nbrs, deg, entries, n, ef, out_ids, out_scores):
+    """Best-first search of one row's graph for the largest ``q · k``; returns the number of keys scored."""
+    ids = np.empty(ef, np.int64)
+    scores = np.empty(ef, np.float32)
+    done = np.zeros(ef, np.uint8)
+    visited = np.zeros(n, np.uint8)
+    size = 0
+    scanned = 0
+    for e in entries:
+        if e < 0 or e >= n or visited[e]:
+            continue
+        visited[e] = 1
+        scanned += 1
+        size = _insert_sorted(ids, scores, done, size, ef, e, _dot(q, keys[e]))
+    while True:
+        i = 0
+        while i < size and done[i]:
+            i += 1
+        if i == size:
+            break
+        done[i] = 1
+        node = ids[i]
+        for t in range(deg[node]):
+            y = nbrs[node, t]
+            if visited[y]:
+                continue
+            visited[y] = 1
+            scanned += 1
+            size = _insert_sorted(ids, scores, done, size, ef, y, _dot(q, keys[y]))
+    k = out_ids.shape[0]
+    for j in range(k):
+        if j < size:
+            out_ids[j] = ids[j]
+            out_scores[j] = scores[j]
+        else:
+            out_ids[j] = -1
+            out_scores[j] = -np.inf
+    return scanned
+
+
+@njit(cache=True)
+def _scan_row(q, keys, n, out_ids, out_scores):
+    """Exact top-k of ``q · k`` over the ``n`` keys of a row (partial selection); returns ``n``."""
+    s = np.empty(n, np.float32)
+    for j in range(n):
+        s[j] = _dot(q, keys[j])
+    k = out_ids.shape[0]
+    order = np.argsort(-s)
+    for j in range(k):
+        if j < n:
+            out_ids[j] = order[j]
+            out_scores[j] = s[order[j]]
+        else:
+            out_ids[j] = -1
+            out_scores[j] = -np.inf
+    return n
+
+
+@njit(cache=True, parallel=True)
+def _search_rows(qs, rows, keys, nbrs, deg, entries, n, k, ef, out_ids, out_scores, scanned):
+    for r in prange(qs.shape[0]):
+        g = rows[r]
+        m = n[g]
+        if k >= m or ef >= m:
+            scanned[r] = _scan_row(qs[r], keys[g], m, out_ids[r], out_scores[r])
+        else:
+            scanned[r] = _beam_search(qs[r], keys[g], nbrs[g], deg[g], entries[g], m, ef, out_ids[r], out_scores[r])
+
+
+@njit(cache=True, parallel=True)
+def _attend_rows(ids, scores, rows, values, scale, out, lse):
+    """Softmax over the retrieved keys of each row (logit = scale · q·k, already computed by the search)."""
+    for r in prange(ids.shape[0]):
+        g = rows[r]
+        m = -np.inf
+        for j in range(ids.shape[1]):
+            if ids[r, j] >= 0 and scale * scores[r, j] > m:
+                m = scale * scores[r, j]
+        for c in range(out.shape[1]):
+            out[r, c] = 0.0
+        if m == -np.inf:
+            lse[r] = -np.inf
+            continue
+        total = np.float32(0.0)
+        for j in range(ids.shape[1]):
+            i = ids[r, j]
+            if i < 0:
+                continue
+            p = np.float32(np.exp(scale * scores[r, j] - m))
+            total += p
+            v = values[g, i]
+            for c in range(out.shape[1]):
+                out[r, c] += p * v[c]
+        for c in range(out.shape[1]):
+            out[r, c] /= total
+        lse[r] = m + np.log(total)
+
+
+@njit(cache=True)
+def _add_edge(nbrs, deg, src, dst, cap):
+    d = deg[src]
+    if d >= cap or src == dst:
+        return False
+    for t in range(d):
+        if nbrs[src, t] == dst:
+            return False
+    nbrs[src, d] = dst
+    deg[src] = d + 1
+    return True
+
+
+@njit(cache=True)
+def _project(qk, kq, n, degree, window, hubs, nbrs, deg):
+    """RoarGraph-style projection of the query→key bipartite graph onto the ``n`` keys of one row (module doc).
+
+    Candidates of key ``L[i]`` in a query's top list ``L``: the keys ``L[j]`` with ``|i - j| <= window`` and the
+    query's ``hubs`` best keys; every key also gets its nearest query's ``hubs`` best keys. A node keeps the
+    ``degree`` candidates shared by the most queries (ties: the earlier rank).
+    """
+    nq, kb = qk.shape
+    cnt = np.zeros(n + 1, np.int64)
+    for q in range(nq):
+        for i in range(kb):
+            x = qk[q, i]
+            if x < 0:
+                continue
+            for j in range(kb):
+                if j != i and qk[q, j] >= 0 and (abs(i - j) <= window or j < hubs):
+                    cnt[x + 1] += 1
+    for x in range(n):
+        q = kq[x]
+        for j in range(min(hubs, kb)):
+            if qk[q, j] >= 0 and qk[q, j] != x:
+                cnt[x + 1] += 1
+    ptr = np.cumsum(cnt)
+    cid = np.empty(ptr[n], np.int64)
+    crank = np.empty(ptr[n], np.int64)
+    fill = ptr[:n].copy()
+    for q in range(nq):
+        for i in range(kb):
+            x = qk[q, i]
+            if x < 0:
+                continue
+            for j in range(kb):
+                y = qk[q, j]
+                if j != i and y >= 0 and (abs(i - j) <= window or j < hubs):
+                    cid[fill[x]] = y
+                    crank[fill[x]] = j
+                    fill[x] += 1
+    for x in range(n):
+        q = kq[x]
+        for j in range(min(hubs, kb)):
+            y = qk[q, j]
+            if y >= 0 and y != x:
+                cid[fill[x]] = y
+                crank[fill[x]] = j
+                fill[x] += 1
+    cap = nbrs.shape[1]
+    for x in range(n):
+        a, b = ptr[x], ptr[x + 1]
+        if a == b:
+            continue
+        ids = cid[a:b]
+        order = np.argsort(ids)
+        # unique candidates with their co-occurrence count and best rank
+        uid = np.empty(b - a, np.int64)
+        ucount = np.zeros(b - a, np.float64)
+        m = -1
+        last = -1
+        for t in order:
+            if ids[t] != last:
+                m += 1
+                uid[m] = ids[t]
+                ucount[m] = 0.0
+                last = ids[t]
+            ucount[m] += 1.0 - crank[a + t] / (kb + 1.0) * 1e-3
+        sel = np.argsort(-ucount[: m + 1])
+        for t in sel:
+            if deg[x] >= degree:
+                break
+            _add_edge(nbrs, deg, x, uid[t], degree)
+    # reverse edges (into the slack up to max_degree), then an in-edge for every key that has none
+    base = deg.copy()
+    indeg = np.zeros(n, np.int64)
+    for x in range(n):
+        for t in range(base[x]):
+            y = nbrs[x, t]
+            indeg[y] += 1
+            _add_edge(nbrs, deg, y, x, cap)
+    for x in range(n):
+        for t in range(base[x], deg[x]):
+            indeg[nbrs[x, t]] += 1
+    for x in range(n):
+        if indeg[x] > 0:
+            continue
+        q = kq[x]
+        for j in range(kb):
+            y = qk[q, j]
+            if y >= 0 and y != x and _add_edge(nbrs, deg, y, x, cap):
+                indeg[x] += 1
+                break
+        if indeg[x] == 0:  # every candidate is full: overwrite the last slot of the query's best key
+            p = qk[q, 0]
+            if p >= 0 and p != x:
+                nbrs[p, cap - 1] = x
+                deg[p] = cap
+
+
+@njit(cache=True)
+def _flood(nbrs, deg, reached, stack, top):
+    while top > 0:
+        top -= 1
+        x = stack[top]
+        for t in range(deg[x]):
+            y = nbrs[x, t]
+            if not reached[y]:
+                reached[y] = 1
+                stack[top] = y
+                top += 1
+    return top
+
+
+@njit(cache=True)
+def _connect(keys, nbrs, deg, entries, n, ef):
+    """Make every key reachable from the entry points (RoarGraph/NSG connectivity enhancement): a key the entries
+    cannot reach is searched for (with its own key as query) and linked from the nearest reachable key found."""
+    cap = nbrs.shape[1]
+    reached = np.zeros(n, np.uint8)
+    stack = np.empty(n, np.int64)
+    top = 0
+    for e in entries:
+        if e >= 0 and not reached[e]:
+            reached[e] = 1
+            stack[top] = e
+            top += 1
+    _flood(nbrs, deg, reached, stack, top)
+    ids = np.empty(ef, np.int64)
+    sc = np.empty(ef, np.float32)
+    for x in range(n):
+        if reached[x]:
+            continue
+        _beam_search(keys[x], keys, nbrs, deg, entries, n, ef, ids, sc)
+        attached = False
+        for j in range(ef):
+            y = ids[j]
+            if y < 0:
+                break
+            if reached[y] and _add_edge(nbrs, deg, y, x, cap):
+                attached = True
+                break
+        if not attached:
+            y = ids[0]
+            nbrs[y, cap - 1] = x
+            deg[y] = cap
+        reached[x] = 1
+        stack[0] = x
+        _flood(nbrs, deg, reached, stack, 1)
+
+
+@njit(cache=True, parallel=True)
+def _insert_rows(keys, nbrs, deg, entries, n_old, n_new, degree, ef):
+    """Link the keys ``[n_old[g], n_new[g])`` of every row ``g`` into its graph (rows in parallel)."""
+    cap = nbrs.shape[2]
+    for g in prange(keys.shape[0]):
+        ids = np.empty(ef, np.int64)
+        sc = np.empty(ef, np.float32)
+        for x in range(n_old[g], n_new[g]):
+            if x == 0:
+                entries[g, 0] = 0
+                continue
+            _beam_search(keys[g, x], keys[g], nbrs[g], deg[g], entries[g], x, ef, ids, sc)
+            for j in range(min(degree, ef)):
+                y = ids[j]
+                if y < 0:
+                    break
+                _add_edge(nbrs[g], deg[g], x, y, degree)
+            linked = False
+            for j in range(min(degree, ef)):
+                y = ids[j]
+                if y < 0:
+                    break
+                linked = _add_edge(nbrs[g], deg[g], y, x, cap) or linked
+            if not linked:  # keep the new key reachable: overwrite the last slot of its nearest key
+                y = ids[0]
+                if y >= 0:
+                    nbrs[g, y, cap - 1] = x
+                    deg[g, y] = cap
+
+
+# ------------------------------------------------------------------------------------------ the index
+
+
+class AttentionIndex:
+    """Host K/V store plus one attention-aware graph per row (row = ``b * H_kv + kv_head``).
+
+    Parameters
+    ----------
+    rows : int
+        Independent heads (``B * H_kv``).
+    dim, dim_v : int
+        Key and value head dims.
+    degree : int, default 32
+        Out-degree of the projected graph (the paper uses ~35); reverse edges may fill up to ``max_degree``.
+    max_degree : int, optional
+        Edge slots per node (default ``degree + degree // 2``).
+    build_top_k : int, default 64
+        Exact top keys per prefill query used to build the bipartite graph.
+    entry_points : int, default 32
+        Search starts from this many keys: half the most frequent top keys of the prefill queries, half the top
+        keys of random prefill queries.
+    window, hubs : int, default 4, 4
+        Projection: a key in a query's top list links to the keys within ``window`` ranks of it and to the
+        query's ``hubs`` best keys.
+    """
+
+    def __init__(
+        self,
+        rows: int,
+        dim: int,
+        dim_v: int,
+        *,
+        degree: int = 32,
+        max_degree: int | None = None,
+        build_top_k: int = 64,
+        entry_points: int = 32,
+        window: int = 4,
+        hubs: int = 4,
+        capacity: int = 256,
+    ):
+        for name, val in (("rows", rows), ("dim", dim), ("dim_v", dim_v), ("degree", degree),
+                          ("build_top_k", build_top_k), ("entry_points", entry_points)):
+            if val < 1:
+                raise ValueError(f"{name} ({val}) must be >= 1")
+        self.rows, self.dim, self.dim_v = rows, dim, dim_v
+        self.degree = degree
+        self.max_degree = degree + degree // 2 if max_degree is None else max_degree
+        if self.max_degree < degree:
+            raise ValueError(f"max_degree ({self.max_degree}) must be >= degree ({degree})")
+        self.build_top_k, self.window, self.hubs = build_top_k, window, hubs
+        self._rng = np.random.default_rng(0)
+        self.n = np.zeros(rows, np.int64)
+        self._alloc(max(1, capacity))
+        self.entries = np.full((rows, entry_points), -1, np.int64)
+        self.positions = np.zeros((rows, self.capacity), np.int64)  # original token position of each slot
+
+    def _alloc(self, capacity: int) -> None:
+        old = getattr(self, "keys", None)
+        keys = np.zeros((self.rows, capacity, self.dim), np.float32)
+        values = np.zeros((self.rows, capacity, self.dim_v), np.float32)
+        nbrs = np.zeros((self.rows, capacity, self.max_degree), np.int32)
+        deg = np.zeros((self.rows, capacity), np.int32)
+        positions = np.zeros((self.rows, capacity), np.int64)
+        if old is not None:
+            c = self.capacity
+            keys[:, :c], values[:, :c], nbrs[:, :c], deg[:, :c] = self.keys, self.values, self.nbrs, self.deg
+            positions[:, :c] = self.positions
+        self.keys, self.values, self.nbrs, self.deg, self.positions = keys, values, nbrs, deg, positions
+        self.capacity = capacity
+
+    def _reserve(self, needed: int) -> None:
+        if needed > self.capacity:
+            cap = self.capacity
+            while cap < needed:
+                cap *= 2
+            self._alloc(cap)
+
+    def nbytes(self) -> int:
+        """Host bytes held: the K/V store, positions and the graph (capacity included)."""
+        return sum(a.nbytes for a in (self.keys, self.values, self.nbrs, self.deg, self.positions, self.entries))
+
+    def _append(self, row: int, keys: np.ndarray, values: np.ndarray, positions: np.ndarray) -> tuple[int, int]:
+        a = int(self.n[row])
+        b = a + keys.shape[0]
+        self._reserve(b)
+        self.keys[row, a:b], self.values[row, a:b], self.positions[row, a:b] = keys, values, positions
+        self.n[row] = b
+        return a, b
+
+    def build(
+        self,
+        keys: list[np.ndarray],
+        values: list[np.ndarray],
+        positions: list[np.ndarray],
+        queries: list[np.ndarray],
+    ) -> float:
+        """Fill the empty index: row ``g`` gets ``keys[g]`` ``(N_g, D)`` (float32) etc.; its graph is built from
+        ``queries[g]`` ``(Nq_g, D)`` (the prefill queries of the row's query heads). Returns the seconds spent."""
+        import faiss
+
+        if len(keys) != self.rows:
+            raise ValueError(f"build got {len(keys)} rows of keys, the index has rows={self.rows}")
+        if int(self.n.max()) != 0:
+            raise ValueError("build() fills an empty index; use insert() to add keys later")
+        t0 = time.perf_counter()
+        self._reserve(max(1, max(k.shape[0] for k in keys)))
+        for g in range(self.rows):
+            k = np.ascontiguousarray(keys[g], dtype=np.float32)
+            n = k.shape[0]
+            self._append(g, k, values[g], positions[g])
+            if n == 0:
+                continue
+            q = np.ascontiguousarray(queries[g], dtype=np.float32)
+            if q.shape[0] == 0:
+                raise ValueError(f"row {g} has {n} keys but no prefill queries to build its graph from")
+            kb = min(self.build_top_k, n)
+            kindex = faiss.IndexFlatIP(self.dim)
+            kindex.add(k)
+            qs, qk = kindex.search(q, kb)
+            qindex = faiss.IndexFlatIP(self.dim)
+            qindex.add(q)
+            _, kq = qindex.search(k, 1)
+            _project(qk.astype(np.int64), kq[:, 0].astype(np.int64), n, self.degree, self.window, self.hubs,
+                     self.nbrs[g], self.deg[g])
+            # entry points: half the most frequent pivots (top key of a prefill query), half the pivots of random
+            # queries (coverage of the query distribution); then every key is made reachable from them
+            E = self.entries.shape[1]
+            pivots, counts = np.unique(qk[:, 0], return_counts=True)
+            chosen = list(pivots[np.argsort(-counts, kind="stable")][: (E + 1) // 2])
+            for p in qk[self._rng.permutation(qk.shape[0]), 0]:
+                if len(chosen) >= E:
+                    break
+                if p not in chosen:
+                    chosen.append(p)
+            self.entries[g] = -1
+            self.entries[g, : len(chosen)] = chosen
+            _connect(self.keys[g], self.nbrs[g], self.deg[g], self.entries[g], n, 64)
+        return time.perf_counter() - t0
+
+    def insert(self, keys: list[np.ndarray], values: list[np.ndarray], positions: list[np.ndarray], ef: int = 64
+               ) -> float:
+        """Append ``keys[g]`` ``(n_g, D)`` to row ``g`` and link them into its graph; returns the seconds spent."""
+        t0 = time.perf_counter()
+        n_old = self.n.copy()
+        for g in range(self.rows):
+            if keys[g].shape[0]:
+                self._append(g, keys[g], values[g], positions[g])
+        _insert_rows(self.keys, self.nbrs, self.deg, self.entries, n_old, self.n.copy(), self.degree, max(ef, 1))
+        return time.perf_counter() - t0
+
+    def search(self, queries: np.ndarray, rows: np.ndarray, k: int, ef: int) -> tuple[np.ndarray, np.ndarray,
+                                                                                       np.ndarray]:
+        """Approximate top-``k`` keys by ``q · k`` for each query ``(R, D)`` in its row ``rows`` ``(R,)``.
+
+        Returns ``ids`` ``(R, k)`` (``-1`` where a row holds fewer keys), their ``q · k`` ``(R, k)`` float32
+        (descending) and the keys scored per query ``(R,)``. A row whose keys number ``<= max(k, ef)`` is
+        scanned exactly.
+        """
+        if ef < k:
+            raise ValueError(f"ef ({ef}) must be >= k ({k}): the search list holds the k results")
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        ids = np.empty((q.shape[0], k), np.int64)
+        scores = np.empty((q.shape[0], k), np.float32)
+        scanned = np.empty(q.shape[0], np.int64)
+        _search_rows(q, rows, self.keys, self.nbrs, self.deg, self.entries, self.n, k, ef, ids, scores, scanned)
+        return ids, scores, scanned
+
+    def search_exact(self, queries: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Reference: exact top-``k`` by a full scan (numpy), same layout as :meth:`search`."""
+        q = np.asarray(queries, dtype=np.float32)
+        ids = np.full((q.shape[0], k), -1, np.int64)
+        scores = np.full((q.shape[0], k), -np.inf, np.float32)
+        for r in range(q.shape[0]):
+            g = int(rows[r])
+            s = self.keys[g, : self.n[g]] @ q[r]
+            top = np.argsort(-s, kind="stable")[:k]
+            ids[r, : top.shape[0]], scores[r, : top.shape[0]] = top, s[top]
+        return ids, scores
+
+    def attend(self, ids: np.ndarray, scores: np.ndarray, rows: np.ndarray, scale: float
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Softmax attention of each query over its retrieved keys: ``(R, Dv)`` outputs and ``(R,)`` log-sum-exp
+        (``-inf`` for a row with none). ``scores`` are the ``q · k`` the search returned."""
+        out = np.empty((ids.shape[0], self.dim_v), np.float32)
+        lse = np.empty(ids.shape[0], np.float32)
+        _attend_rows(ids, scores, np.ascontiguousarray(rows, dtype=np.int64), self.values, np.float32(scale), out, lse)
+        return out, lse

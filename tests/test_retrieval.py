@@ -1,0 +1,150 @@
+"""retrieval decode method and its attention-aware index: exactness when top_k covers the host part, GQA, batch
+(padded), spill of window tokens into the index, recall of the graph search, report() statistics, errors."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+import kvaccel
+from kvaccel.cache import KVAccelCache
+from kvaccel.patches.decode.retrieval import STATE_ATTR, Retrieval
+
+from conftest import tiny_model
+
+HAVE_DEPS = all(importlib.util.find_spec(m) is not None for m in ("faiss", "numba"))
+needs_deps = pytest.mark.skipif(not HAVE_DEPS, reason="retrieval needs faiss-cpu and numba: pip install '.[retrieval]'")
+
+# tiny static part so a 40-token prompt offloads most of it; top_k covers every host key -> exact
+EXACT = dict(sink=4, window=8, top_k=512, ef=512, spill_every=4)
+
+
+def _stock_logits(model, ids, mask, steps):
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits, 1)
+
+
+def _batch(B=2, L=40, pads=(0, 9), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 512, (B, L), generator=g)
+    mask = torch.ones_like(ids)
+    for b, p in enumerate(pads[:B]):
+        mask[b, :p] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@needs_deps
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("B", [1, 2])
+def test_exact_when_top_k_covers_host_keys(family, B):
+    """Logits over several decode steps (window spills included) equal stock attention; GQA 6/2 heads."""
+    model = tiny_model(family)
+    ids, mask = _batch(B)
+    steps = 12
+    ref_seq, ref_logits = _stock_logits(model, ids, mask, steps)
+    with kvaccel.patched(model, Retrieval(**EXACT)):
+        cache = KVAccelCache(model)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, past_key_values=cache)
+        logits = torch.stack(out.logits, 1)
+        torch.testing.assert_close(logits, ref_logits, atol=2e-4, rtol=2e-4)
+        assert torch.equal(out.sequences, ref_seq)
+        rep = kvaccel.report(model)
+    layer = cache.layers[0]
+    st = getattr(layer, STATE_ATTR)
+    # device holds only sink + window (+ tokens waiting to spill); the rest is in the index, padding left out
+    assert layer.keys.shape[2] < EXACT["sink"] + EXACT["window"] + EXACT["spill_every"]
+    held = st.index.n.reshape(B, -1)
+    spilled = ids.shape[1] + steps - 1 - layer.keys.shape[2]  # slots moved to host (prompt + spilled decode tokens)
+    for b in range(B):
+        pad_spilled = max(0, int((mask[b] == 0).sum()) - EXACT["sink"])  # left padding beyond the sink slots
+        assert (held[b] == spilled - pad_spilled).all(), (b, held[b], spilled, pad_spilled)
+    assert st.insert_s > 0  # decode tokens were spilled into the index
+    assert rep["retrieval_host_tokens"][0] == int(st.index.n.sum())
+    assert rep["retrieval_scanned_fraction"][0] == pytest.approx(1.0)  # k covers every key: exact scan
+    assert rep["kv_bytes"] < rep["kv_bytes_full"]
+
+
+@needs_deps
+def test_small_top_k_differs_and_reports_recall():
+    model = tiny_model("llama")
+    ids, mask = _batch(1, L=200)
+    _, ref_logits = _stock_logits(model, ids, mask, 4)
+    with kvaccel.patched(model, Retrieval(sink=4, window=8, top_k=8, ef=16, measure_recall=True)):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+        rep = kvaccel.report(model)
+    assert not torch.allclose(torch.stack(out.logits, 1), ref_logits, atol=1e-4)
+    rec = [r for r in rep["retrieval_recall"] if r is not None]
+    assert len(rec) == model.config.num_hidden_layers and all(0.0 < r <= 1.0 for r in rec)
+    assert all(0 < f < 1 for f in rep["retrieval_scanned_fraction"])
+    for key in ("retrieval_search_s", "retrieval_host_attention_s", "retrieval_device_attention_s",
+                "retrieval_merge_s", "retrieval_build_s", "retrieval_host_bytes", "retrieval_device_bytes"):
+        assert all(v is not None and v > 0 for v in rep[key]), key
+
+
+@needs_deps
+def test_think_composes_exactly():
+    """ThinK's narrow keys are widened (pruned channels zero): retrieval with full top_k equals think alone."""
+    model = tiny_model("llama")
+    ids, mask = _batch(1)
+    with kvaccel.patched(model, "think(ratio=0.5)"):
+        _, ref = _stock_logits(model, ids, mask, 6)
+    with kvaccel.patched(model, "think(ratio=0.5)", Retrieval(**EXACT)):
+        _, got = _stock_logits(model, ids, mask, 6)
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=2e-4)
+
+
+@needs_deps
+def test_index_recall_and_spill_insert():
+    """Graph search vs the exact reference on structured keys; inserted keys are found by their own queries."""
+    from kvaccel.kernels.attention_index import AttentionIndex
+
+    rng = np.random.default_rng(0)
+    D, N, C = 32, 3000, 30
+    centers = rng.standard_normal((C, D)).astype(np.float32) * 3
+    keys = (centers[rng.integers(0, C, N)] + rng.standard_normal((N, D))).astype(np.float32)
+    queries = (centers[rng.integers(0, C, 1500)] + 0.5 * rng.standard_normal((1500, D))).astype(np.float32)
+    index = AttentionIndex(1, D, 4)
+    index.build([keys], [np.ones((N, 4), np.float32)], [np.arange(N)], [queries[:1400]])
+    test, rows = queries[1400:], np.zeros(100, np.int64)
+    ids, scores, scanned = index.search(test, rows, 20, 64)
+    exact, exact_s = index.search_exact(test, rows, 20)
+    rec = np.mean([len(np.intersect1d(a, b)) / 20 for a, b in zip(ids, exact, strict=True)])
+    assert rec > 0.9 and scanned.mean() < 0.2 * N, (rec, scanned.mean())
+    np.testing.assert_allclose(scores, np.einsum("rkd,rd->rk", keys[ids], test), rtol=1e-4, atol=1e-4)
+    assert (np.diff(scores, axis=1) <= 0).all()  # descending
+    assert np.mean(ids[:, 0] == exact[:, 0]) >= 0.9
+    # k >= keys held: exact scan
+    small = AttentionIndex(1, D, 4)
+    small.build([keys[:50]], [np.ones((50, 4), np.float32)], [np.arange(50)], [queries[:10]])
+    ids, _, scanned = small.search(test, rows, 64, 64)
+    assert (scanned == 50).all() and ((ids >= 0).sum(1) == 50).all()
+    # spill: new keys are appended, linked, and retrieved by a query aimed at them
+    new = (keys[:5] * 4).astype(np.float32)
+    index.insert([new], [np.full((5, 4), 2.0, np.float32)], [np.arange(N, N + 5)])
+    assert index.n[0] == N + 5 and (index.deg[0, N : N + 5] > 0).all()
+    ids, _, _ = index.search(new, np.zeros(5, np.int64), 10, 64)
+    assert all(N + i in ids[i] for i in range(5))
+    out, lse = index.attend(ids, index.search(new, np.zeros(5, np.int64), 10, 64)[1], np.zeros(5, np.int64), 0.1)
+    assert out.shape == (5, 4) and np.isfinite(lse).all()
+
+
+def test_bad_config_and_missing_state():
+    with pytest.raises(ValueError, match="ef"):
+        Retrieval(top_k=100, ef=50)
+    with pytest.raises(ValueError, match="window"):
+        Retrieval(window=0)
+    with pytest.raises(ValueError, match="spill_every"):
+        Retrieval(spill_every=0)
+
+
+def test_missing_dependency_names_pip_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "faiss" else real(name, *a))
+    with pytest.raises(ImportError, match="pip install 'faiss-cpu"):
+        Retrieval().check_dependencies()
