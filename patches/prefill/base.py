@@ -88,18 +88,25 @@ class BlockSparsePrefill(PrefillMethod):
         raise NotImplementedError
 
     def attention(self, ctx: AttentionContext) -> Tensor:
-        from kvaccel.patches.attention import dense_prefill, per_sequence
+        from kvaccel.patches.attention import per_sequence, sdpa_attention_forward
 
-        L = ctx.query.shape[2]
-        if L < self.min_length:
-            ctx.state.notes.add(
-                f"prefill: {self.name} computed prompts shorter than min_length={self.min_length} tokens densely"
-            )
-            return dense_prefill(ctx)
         stats = ctx.stats
         for key in ("prefill_estimate_s", "prefill_attention_s", "_tiles", "_causal_tiles"):
             stats[key] = 0
-        out = per_sequence(ctx, lambda q, k, v: self.sparse_attention(q, k, v, ctx.scaling, ctx.layer_idx, stats))
+
+        def run(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            L = q.shape[2]  # this sequence's real tokens (a padded batch is sliced per sequence)
+            if L >= self.min_length:
+                return self.sparse_attention(q, k, v, ctx.scaling, ctx.layer_idx, stats)
+            ctx.state.notes.add(
+                f"prefill: {self.name} computed prompts shorter than min_length={self.min_length} tokens densely"
+            )
+            n = causal_block_mask(L, 64, 64).sum().item() * q.shape[0] * q.shape[1]
+            stats["_tiles"] += n
+            stats["_causal_tiles"] += n
+            return sdpa_attention_forward(ctx.module, q, k, v, None, scaling=ctx.scaling, **ctx.kwargs)[0]
+
+        out = per_sequence(ctx, run)
         stats["prefill_density"] = stats["_tiles"] / max(1, stats["_causal_tiles"])
         return out
 
