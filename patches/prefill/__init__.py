@@ -3,7 +3,8 @@
 from .a_shape import AShape
 from .base import BlockSelection, BlockSparsePrefill, PrefillMethod
 from .pbs import PBS
+from .sale import SALE
 from .seer import Seer
 from .vertical_slash import VerticalSlash
 
-__all__ = ["AShape", "BlockSelection", "BlockSparsePrefill", "PBS", "PrefillMethod", "Seer", "VerticalSlash"]
+__all__ = ["AShape", "BlockSelection", "BlockSparsePrefill", "PBS", "PrefillMethod", "SALE", "Seer", "VerticalSlash"]

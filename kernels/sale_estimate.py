@@ -1,0 +1,406 @@
+"""sale_estimate: SALE's low-bit score estimate and Relative-Attention-Score block selection for sparse prefill.
+
+SALE (https://arxiv.org/abs/2505.24179). Per head, Q and K are centred on their sequence mean and quantized to
+symmetric ``bits``-bit integers with one scale per token; the estimated logit of query ``i`` and key ``j`` is
+
+    ``ŝ_ij = scale * (s^q_i s^k_j <Q̂_i, K̂_j> + <q̄, k_j - k̄>)``
+
+(integer dot products, scales applied after; ``<q̄, k_j - k̄>`` is the exact term the query centring removed, as in
+SageAttention's smoothing). Subtracting ``k̄`` only shifts every logit of a row by ``scale * <q_i, k̄>``, which
+softmax ignores; the exact part below uses the same shift, so the ratios are consistent. For every query block of
+``block_m`` rows the sink key block(s) and the local window (``local_window`` tokens before the block, plus the
+block itself) are computed exactly to get the row max ``m_i`` and sum ``l_i``; every other key gets the Relative
+Attention Score ``r_ij = exp(ŝ_ij - m_i) / l_i`` and a key block of ``block_n`` keys is kept when some row of the
+query block has ``r_ij > τ_h``. Sink and local blocks are always kept; a head with ``τ_h <= 0`` is dense.
+
+CPU path (``backend="torch"``). CPUs have no INT4 arithmetic. Options measured side by side in one process
+(``benchmarks/sale_estimate.py``, ``OMP_NUM_THREADS=1``, B=1, H_q=9, H_kv=3, D=64 — one default-model layer — on
+this AVX512-BF16/VNNI CPU without AMX; cost relative to causal SDPA fp32 attention of the same layer at L=4096;
+the machine was shared, so the ratios are indicative): the causal ``Q K^T`` alone costs fp32 0.62x, fp16 5.8x (no
+fp16 GEMM here), bf16 0.32x, int8 ``torch._int_mm`` on int4 values 0.11-0.23x — but the exact-int path then needs
+float passes over the ``(G·chunk, n)`` int32 scores (scales, bias, threshold: ~0.8x in total), while folding
+everything into one bfloat16 GEMM needs only one ``amax`` pass (GEMM + amax ~0.23x). So the CPU path runs
+``[scale·s^q_i·Q̂_i, 1, 1, -thr_i^hi, -thr_i^lo] · [s^k_j·K̂_j, scale·bias_j^hi, scale·bias_j^lo, 1, 1]`` as a bf16
+GEMM (fp32 accumulation) that yields ``ŝ_ij - thr_i`` directly: the int4 values are exact in bf16, the per-token
+scale products round at 2^-9 (small next to the INT4 error itself), the large per-row / per-key terms are split in
+hi + lo bf16 parts (~2^-17). It differs from the exact-int Triton/reference arithmetic only by that rounding (tests
+allow 0.05 in ``log r`` at the threshold). GQA: the 3 query heads of a kv head share K's quantization; query blocks
+go ``chunk`` rows at a time (temporaries ``O(G·chunk·L)`` bf16, never ``L x L``); only the estimated key range
+``[sink, i·block_m - local_window)`` is multiplied; the exact sink + local statistics are a banded gather
+(``O(L · (sink + local_window + block_m))``).
+
+The Triton kernel (:mod:`kvaccel.kernels.triton.sale_estimate`) keeps the INT4 formulation: int8 tiles of int4
+values, ``tl.dot`` accumulated in int32, scales applied after, one program per (query block, head).
+:func:`sale_estimate_reference` (float64, full ``L x L`` matrix, for tests at small sizes) defines the result.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .backend import resolve_backend
+from .block_sparse_attention import causal_block_mask, check_block_size, num_blocks
+
+__all__ = [
+    "sale_quantize",
+    "sale_prepare",
+    "sale_estimate",
+    "sale_block_scores",
+    "sale_estimate_reference",
+]
+
+
+def sale_quantize(x: Tensor, bits: int = 4) -> tuple[Tensor, Tensor]:
+    """Symmetric per-token quantization: ``x ≈ scale[..., None] * xi`` with ``xi`` in ``[-2^(b-1), 2^(b-1) - 1]``.
+
+    ``x`` ``(..., D)`` float; returns ``xi`` int8 ``(..., D)`` and ``scale`` float32 ``(...)`` (``amax / (2^(b-1)-1)``;
+    1 for an all-zero token).
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits ({bits!r}) must be an int in [2, 8]")
+    qmax = 2 ** (bits - 1) - 1
+    x = x.float()
+    s = x.abs().amax(-1) / qmax
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    xi = torch.round(x / s.unsqueeze(-1)).clamp_(-qmax - 1, qmax).to(torch.int8)
+    return xi, s
+
+
+def _check(q: Tensor, k: Tensor, block_m: int, block_n: int, sink: int, local_window: int) -> None:
+    check_block_size("block_m", block_m)
+    check_block_size("block_n", block_n)
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q and k must be 4-D (B, H, L, D), got {tuple(q.shape)} and {tuple(k.shape)}")
+    if k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
+        raise ValueError(f"k {tuple(k.shape)} must be (B, H_kv, L, D) for q {tuple(q.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    for name, val in (("sink", sink), ("local_window", local_window)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+            raise ValueError(f"{name} ({val!r}) must be an int >= 0 (tokens)")
+
+
+def _local_start_block(nqb: int, block_m: int, block_n: int, local_window: int, device) -> Tensor:
+    """``(nQB,)`` first key block of each query block's exact local window (keys ``>= i*block_m - local_window``)."""
+    start = torch.clamp(torch.arange(nqb, device=device) * block_m - local_window, min=0)
+    return start // block_n
+
+
+def _exact_blocks(L: int, block_m: int, block_n: int, sink_blocks: int, local_window: int, device) -> Tensor:
+    """``(nQB, nKB)`` bool: the sink and local key blocks (computed exactly, always kept), causal."""
+    nqb, nkb = num_blocks(L, block_m), num_blocks(L, block_n)
+    j = torch.arange(nkb, device=device)[None, :]
+    lo = _local_start_block(nqb, block_m, block_n, local_window, device)[:, None]
+    return ((j < sink_blocks) | (j >= lo)) & causal_block_mask(L, block_m, block_n, device=device)
+
+
+def _row_stats(qf: Tensor, kc: Tensor, scale: float, block_m: int, block_n: int, sink_blocks: int,
+               local_window: int, chunk: int) -> Tensor:
+    """``(B, H_q, L)`` float32 ``m_i + log l_i`` of the exact logits ``scale * <q_i, k_j - k̄>`` over the sink and
+    local blocks of row ``i``'s query block (causal), gathered per query block (``O(L · window)``)."""
+    B, Hq, L, D = qf.shape
+    Hkv = kc.shape[1]
+    G = Hq // Hkv
+    nqb = num_blocks(L, block_m)
+    dev = qf.device
+    sink_end = min(L, sink_blocks * block_n)
+    lo = _local_start_block(nqb, block_m, block_n, local_window, dev) * block_n  # (nQB,) first local key
+    q_end = torch.clamp((torch.arange(nqb, device=dev) + 1) * block_m, max=L)
+    width = int((q_end - lo).max())  # block_m + local_window when the blocks align
+    pos = torch.cat(
+        [torch.arange(sink_end, device=dev).expand(nqb, sink_end), lo[:, None] + torch.arange(width, device=dev)], 1
+    )  # (nQB, W) key positions
+    dup = torch.zeros_like(pos, dtype=torch.bool)
+    dup[:, sink_end:] = pos[:, sink_end:] < sink_end  # local keys that are also sink keys
+    idx = pos.clamp(max=L - 1)
+    out = torch.empty(B, Hq, L, dtype=torch.float32, device=dev)
+    qb_per_chunk = max(1, chunk // block_m)
+    for i0 in range(0, nqb, qb_per_chunk):
+        i1 = min(nqb, i0 + qb_per_chunk)
+        r0, r1 = i0 * block_m, min(L, i1 * block_m)
+        nb = i1 - i0
+        qpad = qf.new_zeros(B, Hq, nb * block_m, D)
+        qpad[:, :, : r1 - r0] = qf[:, :, r0:r1]
+        qb = qpad.view(B, Hkv, G, nb, block_m, D).transpose(2, 3).reshape(B * Hkv * nb, G * block_m, D)
+        kg = kc[:, :, idx[i0:i1]].reshape(B * Hkv * nb, -1, D)  # (B·H_kv·nb, W, D)
+        s = torch.bmm(qb, kg.transpose(1, 2)).mul_(scale).view(B, Hkv, nb, G, block_m, -1)
+        rows = r0 + torch.arange(nb * block_m, device=dev).view(nb, block_m)
+        bad = (pos[i0:i1, None, :] > rows[:, :, None]) | dup[i0:i1, None, :]  # (nb, m, W)
+        s.masked_fill_(bad[:, None], float("-inf"))
+        lse = torch.logsumexp(s, -1).transpose(2, 3)  # (B, Hkv, G, nb, m)
+        out[:, :, r0:r1] = lse.reshape(B, Hq, nb * block_m)[:, :, : r1 - r0]
+    return out
+
+
+def sale_prepare(q: Tensor, k: Tensor, *, scale: float, block_m: int = 64, block_n: int = 32, sink: int = 32,
+                 local_window: int = 128, bits: int = 4, chunk: int = 256) -> dict[str, Tensor]:
+    """The shared first pass: centred, quantized Q and K, the bias ``<q̄, k_j - k̄>`` and the exact row statistics.
+
+    Returns a dict with ``qi`` ``(B, H_q, L, D)`` int8, ``sq`` ``(B, H_q, L)``, ``ki`` ``(B, H_kv, L, D)`` int8,
+    ``sk`` ``(B, H_kv, L)``, ``bias`` ``(B, H_q, L)`` (``<q̄_h, k_j - k̄>``) and ``lse`` ``(B, H_q, L)``
+    (``m_i + log l_i`` of the exact sink + local logits); all float32 except the int8 values.
+    """
+    _check(q, k, block_m, block_n, sink, local_window)
+    G = q.shape[1] // k.shape[1]
+    qf, kf = q.float(), k.float()
+    qm, km = qf.mean(2, keepdim=True), kf.mean(2, keepdim=True)
+    kc = kf - km
+    qi, sq = sale_quantize(qf - qm, bits)
+    ki, sk = sale_quantize(kc, bits)
+    bias = (kc.repeat_interleave(G, dim=1) @ qm.transpose(-1, -2)).squeeze(-1)  # (B, Hq, L), O(L·D)
+    sink_blocks = num_blocks(sink, block_n)
+    lse = _row_stats(qf, kc, scale, block_m, block_n, sink_blocks, local_window, chunk)
+    return {"qi": qi, "sq": sq, "ki": ki, "sk": sk, "bias": bias, "lse": lse}
+
+
+def _as_log_tau(threshold: float | Tensor, Hq: int, device) -> Tensor:
+    """``(H_q,)`` float32 ``log τ_h`` (``-inf`` for a dense head, ``τ <= 0``)."""
+    tau = torch.as_tensor(threshold, dtype=torch.float64, device=device).flatten()
+    if tau.numel() == 1:
+        tau = tau.expand(Hq)
+    if tau.numel() != Hq:
+        raise ValueError(f"threshold must be a float or ({Hq},) per query head, got {tau.numel()} values")
+    if bool((tau >= 1).any()) or bool(torch.isnan(tau).any()):
+        raise ValueError(f"threshold values must be < 1 (got {tau.tolist()})")
+    return torch.where(tau > 0, tau.clamp(min=1e-300).log(), torch.full_like(tau, float("-inf"))).float()
+
+
+def sale_estimate(
+    q: Tensor,
+    k: Tensor,
+    *,
+    scale: float,
+    threshold: float | Tensor,
+    block_m: int = 64,
+    block_n: int = 32,
+    sink: int = 32,
+    local_window: int = 128,
+    bits: int = 4,
+    chunk: int = 256,
+    backend: str = "auto",
+) -> Tensor:
+    """sale_estimate: SALE's block mask, ``keep[b, h, I, J] = J exact  or  max_{i∈I, j∈J} r_ij > τ_h``.
+
+    ``r_ij = exp(ŝ_ij - m_i) / l_i`` (module docstring). Causal tiles only; a head with ``τ_h <= 0`` keeps every
+    causal tile.
+
+    Parameters
+    ----------
+    q : Tensor
+        ``(B, H_q, L, D)`` queries, post-RoPE.
+    k : Tensor
+        ``(B, H_kv, L, D)`` keys (GQA: query head ``h`` reads kv head ``h // G``; K is never repeated).
+    scale : float
+        Logit scale.
+    threshold : float or Tensor
+        ``τ`` for every head, or ``(H_q,)`` per head; values ``< 1``, ``<= 0`` = dense head.
+    block_m, block_n : int
+        Query / key block sizes (paper: 64 / 32).
+    sink : int
+        Leading tokens computed exactly (rounded up to whole key blocks; paper: one key block).
+    local_window : int
+        Tokens before each query block computed exactly (rounded down to a key-block start; paper: 128).
+    bits : int
+        Quantization bits of Q and K (paper: 4).
+    chunk : int
+        PyTorch path: query rows per step (temporaries ``O(G · chunk · L)``).
+    backend : str
+        ``"auto"`` (Triton on CUDA, PyTorch on CPU), ``"torch"`` or ``"triton"``.
+
+    Returns
+    -------
+    ``(B, H_q, ceil(L/block_m), ceil(L/block_n))`` bool.
+    """
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < block_m:
+        raise ValueError(f"chunk ({chunk!r}) must be an int >= block_m ({block_m})")
+    B, Hq, L, _ = q.shape
+    log_tau = _as_log_tau(threshold, Hq, q.device)
+    prep = sale_prepare(q, k, scale=scale, block_m=block_m, block_n=block_n, sink=sink, local_window=local_window,
+                        bits=bits, chunk=chunk)
+    sink_blocks = num_blocks(sink, block_n)
+    if resolve_backend(backend, q) == "triton":
+        keep = _estimate_triton(prep, scale, log_tau, block_m, block_n, sink_blocks, local_window)
+    else:
+        keep = _estimate_torch(prep, scale, log_tau, block_m, block_n, sink_blocks, local_window, chunk)
+    causal = causal_block_mask(L, block_m, block_n, device=q.device)
+    keep |= _exact_blocks(L, block_m, block_n, sink_blocks, local_window, q.device)
+    keep |= torch.isinf(log_tau)[None, :, None, None]  # dense heads
+    return keep & causal
+
+
+def sale_block_scores(
+    q: Tensor,
+    k: Tensor,
+    *,
+    scale: float,
+    block_m: int = 64,
+    block_n: int = 32,
+    sink: int = 32,
+    local_window: int = 128,
+    bits: int = 4,
+    chunk: int = 256,
+) -> Tensor:
+    """``(B, H_q, nQB, nKB)`` float32 ``max_{i∈I, j∈J} log r_ij`` of the estimated blocks (PyTorch path).
+
+    Exact (sink / local) blocks are ``+inf``, tiles above the diagonal ``-inf``: ``sale_estimate(threshold=τ)`` equals
+    ``scores > log τ``. Used by calibration (one estimate, every candidate ``τ``).
+    """
+    B, Hq, L, _ = q.shape
+    prep = sale_prepare(q, k, scale=scale, block_m=block_m, block_n=block_n, sink=sink, local_window=local_window,
+                        bits=bits, chunk=chunk)
+    sink_blocks = num_blocks(sink, block_n)
+    scores = _estimate_torch(prep, scale, None, block_m, block_n, sink_blocks, local_window, chunk)
+    scores.masked_fill_(_exact_blocks(L, block_m, block_n, sink_blocks, local_window, q.device), float("inf"))
+    return scores.masked_fill_(~causal_block_mask(L, block_m, block_n, device=q.device), float("-inf"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# PyTorch path
+# --------------------------------------------------------------------------------------------------------------
+def _split_bf16(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``x ≈ hi + lo`` with both bfloat16 (relative error ~2^-17 instead of bf16's 2^-9)."""
+    hi = x.to(torch.bfloat16)
+    return hi, (x - hi.float()).to(torch.bfloat16)
+
+
+def _estimate_torch(prep, scale, log_tau, block_m, block_n, sink_blocks, local_window, chunk) -> Tensor:
+    """Bool keep mask of the estimated blocks (``log_tau`` given) or their float max ``log r`` (``log_tau=None``).
+
+    One bfloat16 GEMM per (b, kv head, chunk of query rows) gives ``ŝ_ij - thr_i`` directly: the operands are
+    augmented with four columns, ``[scale s^q_i Q̂_i, 1, 1, -thr_i^hi, -thr_i^lo] · [s^k_j K̂_j, scale bias_j^hi,
+    scale bias_j^lo, 1, 1]`` (fp32 accumulation; the large per-row and per-key terms split in hi + lo bf16 parts so
+    they keep ~2^-17 relative precision; the int4 values are exact in bf16, only the per-token scale factors round
+    at 2^-9). One ``amax`` pass over the bf16 result then reduces each (64 rows, 32 keys) tile.
+    """
+    qi, sq, ki, sk, bias, lse = (prep[n] for n in ("qi", "sq", "ki", "sk", "bias", "lse"))
+    B, Hq, L, D = qi.shape
+    Hkv = ki.shape[1]
+    G = Hq // Hkv
+    nqb, nkb = num_blocks(L, block_m), num_blocks(L, block_n)
+    dev = qi.device
+    scores_mode = log_tau is None
+    if scores_mode:
+        out = torch.full((B, Hq, nqb, nkb), float("-inf"), dtype=torch.float32, device=dev)
+        thr = lse
+        live = torch.ones(Hq, dtype=torch.bool, device=dev)
+    else:
+        out = torch.zeros(B, Hq, nqb, nkb, dtype=torch.bool, device=dev)
+        live = torch.isfinite(log_tau)  # dense heads (τ <= 0) are not estimated
+        thr = lse + torch.where(live, log_tau, torch.zeros_like(log_tau)).view(1, Hq, 1)
+    bf = torch.bfloat16
+    t_hi, t_lo = _split_bf16(-thr)
+    b_hi, b_lo = _split_bf16(scale * bias)
+    q_aug = torch.cat(
+        [(qi.float() * (scale * sq).unsqueeze(-1)).to(bf), torch.ones_like(t_hi).unsqueeze(-1).expand(-1, -1, -1, 2),
+         t_hi.unsqueeze(-1), t_lo.unsqueeze(-1)], -1)  # (B, Hq, L, D + 4)
+    k_sc = (ki.float() * sk.unsqueeze(-1)).to(bf).repeat_interleave(G, dim=1)  # (B, Hq, L, D)
+    k_aug = torch.cat([k_sc, b_hi.unsqueeze(-1), b_lo.unsqueeze(-1),
+                       torch.ones_like(b_hi).unsqueeze(-1).expand(-1, -1, -1, 2)], -1).transpose(-1, -2).contiguous()
+    lo_blk = _local_start_block(nqb, block_m, block_n, local_window, dev)  # estimated blocks: [sink_blocks, lo)
+    rows_per = max(block_m, chunk // block_m * block_m)
+    jk = torch.arange(nkb, device=dev)
+    for b in range(B):
+        for h in range(Hkv):
+            hs = slice(h * G, (h + 1) * G)
+            if not bool(live[hs].any()):
+                continue  # every query head of this kv head is dense
+            for r0 in range(0, L, rows_per):
+                r1 = min(L, r0 + rows_per)
+                i0, i1 = r0 // block_m, num_blocks(r1, block_m)
+                j0, j1 = sink_blocks, int(lo_blk[i1 - 1])
+                if j1 <= j0:
+                    continue
+                c0, c1 = j0 * block_n, j1 * block_n
+                R, n, nb = r1 - r0, c1 - c0, i1 - i0
+                x = torch.bmm(q_aug[b, hs, r0:r1], k_aug[b, hs, :, c0:c1])  # (G, R, n) bf16: ŝ - thr
+                if R < nb * block_m:  # ragged last query block: pad rows that never win the max
+                    x = torch.cat([x, x.new_full((G, nb * block_m - R, n), float("-inf"))], 1)
+                blk = x.view(G, nb, block_m, n).amax(2).view(G, nb, j1 - j0, block_n).amax(-1).float()
+                del x
+                valid = jk[None, j0:j1] < lo_blk[i0:i1, None]  # (nb, nj): block j estimated for query block i
+                if scores_mode:
+                    out[b, hs, i0:i1, j0:j1] = blk.masked_fill(~valid, float("-inf"))
+                else:
+                    out[b, hs, i0:i1, j0:j1] = (blk > 0) & valid
+    return out
+
+
+def _estimate_triton(prep, scale, log_tau, block_m, block_n, sink_blocks, local_window) -> Tensor:
+    """Triton launcher: grid ``(nQB, B · H_q)``; each program writes its estimated key blocks."""
+    import triton  # noqa: F401
+
+    from .triton.sale_estimate import _sale_estimate_fwd
+
+    qi, sq, ki, sk, bias, lse = (prep[n] for n in ("qi", "sq", "ki", "sk", "bias", "lse"))
+    B, Hq, L, D = qi.shape
+    Hkv = ki.shape[1]
+    nqb, nkb = num_blocks(L, block_m), num_blocks(L, block_n)
+    thr = (lse + log_tau.view(1, Hq, 1)).contiguous()  # -inf for dense heads: every block passes
+    out = torch.zeros(B, Hq, nqb, nkb, dtype=torch.int8, device=qi.device)
+    block_d = max(16, 1 << (D - 1).bit_length())
+    qi, ki, sq, sk, bias = (t.contiguous() for t in (qi, ki, sq, sk, bias))
+    _sale_estimate_fwd[(nqb, B * Hq)](
+        qi, ki, sq, sk, bias, thr, out,
+        float(scale), L, D, sink_blocks, local_window,
+        *qi.stride(), *ki.stride(), *sq.stride(), *sk.stride(), *out.stride(),
+        H_Q=Hq, GROUP=Hq // Hkv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+    )
+    return out.bool()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------------------------
+def sale_estimate_reference(
+    q: Tensor,
+    k: Tensor,
+    *,
+    scale: float,
+    threshold: float | Tensor,
+    block_m: int = 64,
+    block_n: int = 32,
+    sink: int = 32,
+    local_window: int = 128,
+    bits: int = 4,
+) -> tuple[Tensor, Tensor]:
+    """sale_estimate_reference: float64, full ``(L, L)`` matrices, token-level masks expanded from the definition.
+
+    Returns ``(keep, scores)``: the block mask of :func:`sale_estimate` and the float64 block max ``log r_ij`` of the
+    estimated blocks (``+inf`` exact, ``-inf`` above the diagonal), to check margins near ``τ``.
+    """
+    _check(q, k, block_m, block_n, sink, local_window)
+    B, Hq, L, D = q.shape
+    G = Hq // k.shape[1]
+    log_tau = _as_log_tau(threshold, Hq, q.device).double()
+    qd, kd = q.double(), k.double().repeat_interleave(G, dim=1)
+    qm, km = qd.mean(2, keepdim=True), kd.mean(2, keepdim=True)
+    qi, sq = sale_quantize(qd - qm, bits)
+    ki, sk = sale_quantize(kd - km, bits)
+    est = scale * (sq.double()[..., :, None] * sk.double()[..., None, :] * (qi.double() @ ki.double().transpose(-1, -2))
+                   + ((kd - km) @ qm.transpose(-1, -2)).transpose(-1, -2))  # (B, Hq, L, L)
+    exact = scale * qd @ (kd - km).transpose(-1, -2)
+    sink_blocks = num_blocks(sink, block_n)
+    blocks = _exact_blocks(L, block_m, block_n, sink_blocks, local_window, q.device)  # (nQB, nKB)
+    tok = blocks.repeat_interleave(block_m, 0)[:L].repeat_interleave(block_n, 1)[:, :L]  # (L, L) exact region
+    i = torch.arange(L, device=q.device)
+    causal = i[None, :] <= i[:, None]
+    e = exact.masked_fill(~(tok & causal), float("-inf"))
+    lse = torch.logsumexp(e, -1, keepdim=True)
+    logr = (est - lse).masked_fill(tok | ~causal, float("-inf"))
+    nqb, nkb = blocks.shape
+    pad = logr.new_full((B, Hq, nqb * block_m, nkb * block_n), float("-inf"))
+    pad[:, :, :L, :L] = logr
+    scores = pad.view(B, Hq, nqb, block_m, nkb, block_n).amax((3, 5))
+    keep = (scores > log_tau.view(1, Hq, 1, 1)) | blocks | torch.isinf(log_tau).view(1, Hq, 1, 1)
+    cb = causal_block_mask(L, block_m, block_n, device=q.device)
+    keep &= cb
+    scores = scores.masked_fill(blocks, float("inf")).masked_fill(~cb, float("-inf"))
+    return keep, scores
+
+
+def expected_density(L: int, block_m: int = 64, block_n: int = 32, sink: int = 32, local_window: int = 128) -> float:
+    """Fraction of causal tiles that are exact (the floor of SALE's density at length ``L``)."""
+    ex = _exact_blocks(L, block_m, block_n, num_blocks(sink, block_n), local_window, None)
+    return float(ex.sum()) / max(1, int(causal_block_mask(L, block_m, block_n).sum()))
+
