@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from kvaccel.compare import input_device
+
 from .runner import FULL, _kv_bytes, _method, _new_cache, check_lengths, check_methods
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -80,10 +82,10 @@ def spread(xs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(xs), "p10": percentile(xs, 10), "p90": percentile(xs, 90)}
 
 
-def bench_prompt(tokenizer, length: int, batch: int) -> torch.Tensor:
+def bench_prompt(tokenizer, length: int, batch: int, device: torch.device | str | None = None) -> torch.Tensor:
     from kvaccel.compare import prompt_ids
 
-    return prompt_ids(tokenizer, length).repeat(batch, 1)
+    return prompt_ids(tokenizer, length, device).repeat(batch, 1)
 
 
 def bench_once(model, ids: torch.Tensor, new_tokens: int, patched: bool) -> dict[str, float]:
@@ -132,7 +134,7 @@ def run_bench(
     rows: list[dict[str, Any]] = []
     try:
         for length, batch in grid:
-            ids = bench_prompt(tokenizer, length, batch)
+            ids = bench_prompt(tokenizer, length, batch, input_device(model))
             runs: dict[str, list[dict]] = {m: [] for m in methods}
             for rep in range(warmup + repeats):
                 order = methods if rep % 2 == 0 else methods[::-1]  # alternate so drift hits all alike

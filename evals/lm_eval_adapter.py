@@ -52,6 +52,7 @@ def score_continuation(
     """
     from kvaccel.api import is_patched
     from kvaccel.cache import KVAccelCache
+    from kvaccel.compare import input_device
 
     if not context or not continuation:
         raise ValueError(f"context ({len(context)} tokens) and continuation ({len(continuation)}) must be non-empty")
@@ -60,9 +61,7 @@ def score_continuation(
     whole = (list(context) + list(continuation))[-(max_length + 1):]
     n = len(continuation)
     head, tail = whole[: len(whole) - n], whole[len(whole) - n: -1]  # tail = continuation[:-1]
-    device = model.get_input_embeddings().weight.device
-    if device.type == "meta":  # accelerate offload: inputs go where the first module runs
-        device = torch.device(getattr(getattr(model, "_hf_hook", None), "execution_device", None) or "cpu")
+    device = input_device(model)
     if is_patched(model):
         cache = KVAccelCache(model)
     else:
@@ -153,6 +152,19 @@ def hflm(model, tokenizer, method: str | None = None, batch_size: int = 1, **kwa
     return lm
 
 
+def task_manager(include_path: str | None, tasks: list[str]):
+    """lm-eval's ``TaskManager``; with ``include_path`` holding every task, the built-in index (~15k YAMLs, tens
+    of seconds to scan) is skipped."""
+    _require_lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    if include_path:
+        local = TaskManager(include_path=str(include_path), include_defaults=False)
+        if all(t in local.all_tasks for t in tasks):
+            return local
+    return TaskManager(include_path=str(include_path)) if include_path else TaskManager()
+
+
 def run_lm_eval(
     model,
     tokenizer,
@@ -166,8 +178,7 @@ def run_lm_eval(
     local task YAMLs."""
     _require_lm_eval()
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=include_path) if include_path else None
+    manager = task_manager(include_path, list(tasks))
     with hflm(model, tokenizer, method=method) as lm:
         return simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager, **kwargs)

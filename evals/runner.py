@@ -217,8 +217,11 @@ def answer_sample(
     else:
         head_text = sample.context + "\n\n" + (sample.question if question_aware else "")
         tail_text = ("" if question_aware else sample.question) + (sample.answer_prefix or "")
-    ctx = tokenizer(head_text, add_special_tokens=True, return_tensors="pt")["input_ids"]
-    tail = tokenizer(tail_text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    from kvaccel.compare import input_device
+
+    device = input_device(model)
+    ctx = tokenizer(head_text, add_special_tokens=True, return_tensors="pt")["input_ids"].to(device)
+    tail = tokenizer(tail_text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
     chunks = [ctx] + ([tail] if tail.shape[1] else [])
     eos = _eos_ids(tokenizer, model)
     answers = list(sample.answers)
@@ -239,7 +242,8 @@ def answer_sample(
             toks.append(tok)
             if len(toks) == new_tokens or (stop_when_found and _all_found(tokenizer, toks, answers)):
                 break  # string_match_all cannot drop as text is appended: once every answer shows, it is final
-            out = model(torch.tensor([[tok]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(torch.tensor([[tok]], device=device), past_key_values=cache, use_cache=True,
+                        logits_to_keep=1)
         decode_s = time.perf_counter() - t1
     pred = tokenizer.decode(toks, skip_special_tokens=True)
     return {
@@ -277,7 +281,8 @@ def _decode_steps(model, cache, ids, n: int, forced: list[int] | None = None):
     toks = [int(logits[-1].argmax())]
     for step in range(n - 1):
         fed = toks[-1] if forced is None else forced[step]
-        out = model(torch.tensor([[fed]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(torch.tensor([[fed]], device=ids.device), past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
         logits.append(out.logits[0, -1].float())
         toks.append(int(logits[-1].argmax()))
     return toks, torch.stack(logits), prefill_s
@@ -487,7 +492,9 @@ def run_eval(
                 continue
             ids = ref = None
             if task == FIDELITY:
-                ids = fidelity_ids(tokenizer, length, i)
+                from kvaccel.compare import input_device
+
+                ids = fidelity_ids(tokenizer, length, i).to(input_device(model))
                 ref = fidelity_reference(model, ids)
             for m in todo:
                 t0 = time.perf_counter()
@@ -546,3 +553,61 @@ def summarize_rows(rows: list[dict]) -> list[dict]:
             s["full_right"], s["kept_right"] = len(paired), sum(paired)
         out.append(s)
     return out
+
+
+# --------------------------------------------------------------------------------------------- lm-eval tasks
+LM_EVAL_PREFIX = "lm_eval:"
+
+
+def run_lm_eval_tasks(
+    model,
+    tokenizer,
+    methods: list[str],
+    tasks: list[str],
+    out_dir: str | os.PathLike,
+    include_path: str | None = None,
+    limit: int | None = None,
+    on_result: Callable[[dict], None] | None = None,
+) -> int:
+    """lm-eval tasks for full attention and every method, one row per document in ``out_dir/results.jsonl``.
+
+    Rows look like the built-in tasks' (``task`` = ``lm_eval:<name>``, ``length`` = 0, ``sample`` = lm-eval's
+    ``doc_id``, ``score`` = the task's first metric on that document), so the same summary, accuracy and
+    "kept of full" tables cover them. Loglikelihood requests are scored on the compressed context (see
+    ``lm_eval_adapter``). Resumable per (method, task): a pair with rows on disk is skipped. Returns rows computed.
+    """
+    from .lm_eval_adapter import _require_lm_eval, hflm, task_manager
+
+    _require_lm_eval()
+    from lm_eval import simple_evaluate
+
+    out = check_out_dir(out_dir)
+    jsonl = out / "results.jsonl"
+    _drop_torn_tail(jsonl)
+    done = {(r["method"], r["task"]) for r in read_results(jsonl)}
+    manager = task_manager(include_path, list(tasks))
+    computed = 0
+    for m in [FULL] + [s for s in methods if s != FULL]:
+        todo = [t for t in tasks if (m, LM_EVAL_PREFIX + t) not in done]
+        if not todo:
+            continue
+        t0 = time.perf_counter()
+        with hflm(model, tokenizer, method=None if m == FULL else m) as lm:
+            res = simple_evaluate(model=lm, tasks=todo, limit=limit, task_manager=manager, log_samples=True)
+            kv = None
+            if m != FULL:
+                from kvaccel.api import report
+
+                kv = report(model)
+        for t in todo:
+            metric = res["configs"][t]["metric_list"][0]["metric"]
+            for s in res["samples"][t]:
+                row = {"method": m, "task": LM_EVAL_PREFIX + t, "length": 0, "sample": str(s["doc_id"]),
+                       "score": float(s[metric]), "metric": metric,
+                       "kv_ratio": (kv["kv_ratio"] if kv else 1.0), "wall_s": time.perf_counter() - t0,
+                       "time": time.time()}
+                _append(jsonl, row)
+                computed += 1
+                if on_result is not None:
+                    on_result(row)
+    return computed

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="KV-cache acceleration for Hugging Face LMs.")
@@ -14,8 +15,29 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
+    console.print(f"[bold red]error:[/] {escape(str(exc))}")  # escape: "pip install 'kvaccel[ray]'" is no tag
     raise typer.Exit(2)
+
+
+DEVICE_HELP = "Device for the model and its inputs: cpu, cuda, cuda:1, mps."
+DTYPE_HELP = "Model dtype: float32, bfloat16 or float16."
+
+
+def _check_device_dtype(device: str, dtype: str) -> None:
+    """``ValueError`` for a dtype that is not a floating torch dtype or a device this machine does not have."""
+    import torch
+
+    dt = getattr(torch, dtype, None)
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        raise ValueError(f"--dtype '{dtype}' is not a floating torch dtype; use float32, bfloat16 or float16")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device '{device}' is not a torch device; use cpu, cuda, cuda:1 or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__})")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available on this machine")
 
 
 @app.command("methods")
@@ -40,6 +62,8 @@ def generate_cmd(
     model: str | None = typer.Option(None, help="Local path or hub id; default: the embedded SmolLM2-135M."),
     max_new_tokens: int = typer.Option(64, min=1),
     chat: bool = typer.Option(False, help="Wrap the prompt in the tokenizer's chat template."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
 ) -> None:
     """Generate greedily from a patched model and print the text and the cache report."""
     import torch
@@ -51,13 +75,16 @@ def generate_cmd(
     text = prompt if prompt is not None else file.read_text()
     try:
         specs = kvaccel.parse_spec(method) if method else []  # bad specs fail before the model loads
-        mdl, tok = kvaccel.load_model(model)
+        _check_device_dtype(device, dtype)
+        mdl, tok = kvaccel.load_model(model, dtype=dtype, device=device)
         kvaccel.patch(mdl, *specs)
     except (ValueError, ImportError, FileNotFoundError) as e:
         _fail(e)
     if chat and tok.chat_template:
         text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-    enc = tok(text, return_tensors="pt")
+    from kvaccel.compare import input_device
+
+    enc = tok(text, return_tensors="pt").to(input_device(mdl))
     with torch.inference_mode():
         out = mdl.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
     console.print(tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
@@ -75,6 +102,8 @@ def compare_cmd(
     length: int = typer.Option(2048, min=16, help="Prompt tokens (prose from pydoc_data)."),
     new_tokens: int = typer.Option(32, min=2),
     repeats: int = typer.Option(2, min=1),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
 ) -> None:
     """Side-by-side: full attention vs each method on one prompt — speed, KV memory, fidelity."""
     import torch
@@ -84,7 +113,8 @@ def compare_cmd(
 
     torch.manual_seed(0)
     try:
-        mdl, tok = kvaccel.load_model(model)
+        _check_device_dtype(device, dtype)
+        mdl, tok = kvaccel.load_model(model, dtype=dtype, device=device)
         for spec in method:  # validate before the long run
             kvaccel.parse_spec(spec)
         rows = compare(mdl, tok, method, length=length, new_tokens=new_tokens, repeats=repeats)
@@ -128,6 +158,15 @@ def eval_cmd(
     question_aware: bool = typer.Option(False, help="Prefill context + question together (default: question "
                                         "after compression)."),
     new_tokens: int | None = typer.Option(None, help="Answer tokens; default per task (12-32)."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
+    lm_eval: str = typer.Option("", "--lm-eval", help="Comma-separated lm-eval tasks run beside the built-in ones "
+                                "(same report); needs kvaccel[eval]. --tasks '' runs only these."),
+    lm_eval_include: Path | None = typer.Option(None, help="Folder of local lm-eval task YAMLs."),
+    lm_eval_limit: int | None = typer.Option(None, help="Documents per lm-eval task (default: all)."),
+    ray: str = typer.Option("", "--ray", help="Run the grid's cells on a Ray cluster: 'local' starts one, 'auto' or "
+                            "host:port or ray://host:10001 joins one; needs kvaccel[ray]."),
+    ray_actors: int | None = typer.Option(None, help="Ray actors (each loads the model once); default: cluster CPUs."),
 ) -> None:
     """Accuracy (RULER-style tasks, local JSONL) and fidelity of methods vs full attention; resumable."""
     import time
@@ -143,16 +182,51 @@ def eval_cmd(
         if samples <= 0:
             raise ValueError(f"--samples must be >= 1, got {samples}")
         specs = check_methods(method)
-        task_list = check_tasks(tasks.split(","))
+        lm_tasks = [t.strip() for t in lm_eval.split(",") if t.strip()]
+        task_list = check_tasks(tasks.split(",")) if tasks.strip() or not lm_tasks else []
         length_list = _csv_ints(lengths, "lengths")
         if new_tokens is not None and new_tokens < 1:
             raise ValueError(f"--new-tokens must be >= 1, got {new_tokens}")
+        _check_device_dtype(device, dtype)
+        if lm_tasks:
+            from kvaccel.evals.lm_eval_adapter import _require_lm_eval
+
+            _require_lm_eval()
+        if ray:
+            from kvaccel.evals.ray_sweep import require_ray
+
+            require_ray()
         check_out_dir(out)
-        mdl, tok = kvaccel.load_model(model)
+        mdl, tok = kvaccel.load_model(model, dtype=dtype, device=device)
         check_lengths(mdl, length_list)
-        res = run_eval(mdl, tok, specs, task_list, length_list, samples, out, seed=seed, new_tokens=new_tokens,
-                       haystack=haystack, question_aware=question_aware, progress=True,
-                       model_id=model or kvaccel.models.DEFAULT_MODEL)
+        model_id = model or kvaccel.models.DEFAULT_MODEL
+        if ray and task_list:  # the cells run on Ray; the serial run below then only finishes the report
+            from kvaccel.evals.ray_sweep import run_eval_ray
+
+            n_ray = run_eval_ray(ray, model, specs, task_list, length_list, samples, out, seed=seed,
+                                 new_tokens=new_tokens, haystack=haystack, question_aware=question_aware,
+                                 dtype=dtype, device=device, actors=ray_actors, model_id=model_id)
+        res = {"status": "complete", "config": {"model": model_id, "methods": ["full", *specs], "tasks": []},
+               "rows": [], "summary": [], "computed": 0, "skipped": 0}
+        if task_list:
+            res = run_eval(mdl, tok, specs, task_list, length_list, samples, out, seed=seed, new_tokens=new_tokens,
+                           haystack=haystack, question_aware=question_aware, progress=True, model_id=model_id,
+                           write=not lm_tasks)
+            if ray:  # the rows the Ray actors computed count as computed, not reused
+                res["computed"], res["skipped"] = res["computed"] + n_ray, res["skipped"] - n_ray
+        if lm_tasks:
+            from kvaccel.evals.report import write_reports
+            from kvaccel.evals.runner import LM_EVAL_PREFIX, read_results, run_lm_eval_tasks, summarize_rows
+
+            n_lm = run_lm_eval_tasks(mdl, tok, specs, lm_tasks, out, limit=lm_eval_limit,
+                                     include_path=str(lm_eval_include) if lm_eval_include else None)
+            wanted = {(m, LM_EVAL_PREFIX + t) for m in ["full", *specs] for t in lm_tasks}
+            extra = [r for r in read_results(out / "results.jsonl") if (r["method"], r["task"]) in wanted]
+            rows = res["rows"] + extra
+            res = {**res, "rows": rows, "summary": summarize_rows(rows), "computed": res["computed"] + n_lm,
+                   "skipped": res["skipped"] + len(extra) - n_lm}
+            res["config"] = {**res["config"], "lm_eval_tasks": lm_tasks}
+            res = write_reports(res, out)
     except (ValueError, ImportError, FileNotFoundError) as e:
         _fail(e)
     from kvaccel.evals.report import accuracy_table, fidelity_table
@@ -180,6 +254,8 @@ def bench_cmd(
     repeats: int = typer.Option(3, help="Timed repetitions (median and p10/p90)."),
     warmup: int = typer.Option(1, help="Untimed warm-up repetitions."),
     out: Path = typer.Option(Path("runs/bench"), help="Output directory."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
 ) -> None:
     """Speed and memory grid (lengths x batch sizes): full attention vs methods, interleaved in one process."""
     import time
@@ -200,13 +276,15 @@ def bench_cmd(
             raise ValueError(f"--batch sizes must be >= 1, got {batches}")
         if new_tokens < 2 or repeats < 1 or warmup < 0:
             raise ValueError("need --new-tokens >= 2, --repeats >= 1, --warmup >= 0")
+        _check_device_dtype(device, dtype)
         check_out_dir(out)
-        mdl, tok = kvaccel.load_model(model)
+        mdl, tok = kvaccel.load_model(model, dtype=dtype, device=device)
         check_lengths(mdl, length_list, margin=new_tokens)
     except (ValueError, ImportError, FileNotFoundError) as e:
         _fail(e)
     config = {"model": model or kvaccel.models.DEFAULT_MODEL, "methods": ["full", *specs], "lengths": length_list,
-              "batches": batches, "new_tokens": new_tokens, "repeats": repeats, "warmup": warmup, "seed": 0}
+              "batches": batches, "new_tokens": new_tokens, "repeats": repeats, "warmup": warmup, "seed": 0,
+              "device": device, "dtype": dtype}
     write_json_atomic(out / "results.json", {"status": "partial", "config": config})
     rows = run_bench(mdl, tok, specs, length_list, batches, new_tokens=new_tokens, repeats=repeats, warmup=warmup,
                      progress=True)

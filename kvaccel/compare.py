@@ -25,12 +25,21 @@ def prose(n_chars: int) -> str:
     return text[:n_chars]
 
 
-def prompt_ids(tokenizer, length: int) -> torch.Tensor:
-    """``(1, length)`` token ids of prose."""
+def input_device(model) -> torch.device:
+    """Where a model's inputs go: its embedding's device (accelerate offload: the first hook's execution device)."""
+    device = model.get_input_embeddings().weight.device
+    if device.type == "meta":  # offloaded to disk/CPU by accelerate: its hooks move inputs from here
+        hook = getattr(model, "_hf_hook", None)
+        device = torch.device(getattr(hook, "execution_device", None) or "cpu")
+    return device
+
+
+def prompt_ids(tokenizer, length: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """``(1, length)`` token ids of prose (on ``device``, default CPU)."""
     ids = tokenizer(prose(length * 8), return_tensors="pt", add_special_tokens=False)["input_ids"]
     if ids.shape[1] < length:
         raise ValueError(f"could not build a {length}-token prompt")
-    return ids[:, :length]
+    return ids[:, :length].to(device) if device is not None else ids[:, :length]
 
 
 @dataclass
@@ -65,7 +74,7 @@ def run_once(
         toks = [int(logits[-1].argmax())]
         for step in range(new_tokens - 1):
             fed = toks[-1] if forced is None else forced[step]
-            out = model(torch.tensor([[fed]]), past_key_values=cache, use_cache=True)
+            out = model(torch.tensor([[fed]], device=ids.device), past_key_values=cache, use_cache=True)
             logits.append(out.logits[0, -1].float())
             toks.append(int(logits[-1].argmax()))
         t2 = time.perf_counter()
@@ -86,7 +95,7 @@ def run_once(
 
 def compare(model, tokenizer, specs: list[str], length: int = 2048, new_tokens: int = 32, repeats: int = 2):
     """Run stock full attention and each method spec; returns a list of row dicts (first row = full)."""
-    ids = prompt_ids(tokenizer, length)
+    ids = prompt_ids(tokenizer, length, input_device(model))
     results = {"full (stock)": RunResult("full (stock)")} | {s: RunResult(s) for s in specs}
     run_once(model, ids[:, :64], 2, RunResult("warmup"), patched=False)  # warm-up
     for _ in range(repeats):  # interleaved so machine noise hits every method alike

@@ -88,3 +88,22 @@ def default_model():
     except FileNotFoundError as e:  # the CI installs it; a dev machine without it skips loudly
         pytest.skip(str(e))
     return model, tok
+
+
+def tiny_saved_model(path, family: str = "llama"):
+    """Save a tiny random ``family`` model with the default model's tokenizer to ``path`` (for CLI / Ray tests that
+    load by path); skips when the default model (its tokenizer) is not installed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import kvaccel.models
+
+    try:
+        tok = AutoTokenizer.from_pretrained(kvaccel.models.default_model_path())
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    torch.manual_seed(0)
+    cfg = tiny_config(family, vocab_size=len(tok), pad_token_id=tok.pad_token_id or 0,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

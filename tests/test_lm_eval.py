@@ -96,9 +96,8 @@ def test_lm_eval_loglikelihood_moves_with_budget_and_unpatches(default_model):
 @pytest.mark.real_model
 def test_lm_eval_local_task_on_patched_model(default_model, tmp_path, monkeypatch):
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
-    from kvaccel.evals.lm_eval_adapter import hflm
+    from kvaccel.evals.lm_eval_adapter import hflm, task_manager
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     model, tok = default_model
@@ -109,9 +108,60 @@ def test_lm_eval_local_task_on_patched_model(default_model, tmp_path, monkeypatc
     (tmp_path / "kvaccel_local_qa.yaml").write_text(TASK.format(data=data))
     with hflm(model, tok, method="streaming(budget=4, sink=2)") as lm:
         res = simple_evaluate(model=lm, tasks=["kvaccel_local_qa"], log_samples=True,
-                              task_manager=TaskManager(include_path=str(tmp_path)))
+                              task_manager=task_manager(tmp_path, ["kvaccel_local_qa"]))
         report = kvaccel.report(model)
     assert not kvaccel.is_patched(model)
     assert len(res["samples"]["kvaccel_local_qa"]) == 3
     assert report["methods"]["evict"].startswith("streaming(budget=4")
     assert report["seen_tokens"] > 4 and max(max(h) for h in report["kept_tokens"][0]) == 4  # evicted for real
+
+
+MC_TASK = """task: kvaccel_local_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}\\nQuestion: which word was repeated?\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def test_cli_eval_runs_lm_eval_tasks_beside_builtin_ones(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from kvaccel.cli import app
+    from kvaccel.evals.runner import read_results
+
+    from conftest import tiny_saved_model
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    model = tiny_saved_model(tmp_path / "tiny")
+    words = ["apple", "river", "stone", "cloud"]
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps({"context": " ".join([w] * 60 + words * 20), "choices": words,
+                                        "label": i}) + "\n" for i, w in enumerate(words)))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "kvaccel_local_mc.yaml").write_text(MC_TASK.format(data=data))
+    out = tmp_path / "run"
+    args = ["eval", "--model", model, "--method", "streaming(budget=16)", "--tasks", "passkey", "--lengths", "96",
+            "--samples", "1", "--new-tokens", "2", "--lm-eval", "kvaccel_local_mc",
+            "--lm-eval-include", str(tmp_path / "tasks"), "--out", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    rows = read_results(out / "results.jsonl")
+    lm = [r for r in rows if r["task"] == "lm_eval:kvaccel_local_mc"]
+    assert sorted((r["method"], r["sample"]) for r in lm) == sorted(
+        (m, str(i)) for m in ("full", "streaming(budget=16)") for i in range(4))
+    assert all(r["score"] in (0.0, 1.0) and r["metric"] == "acc" for r in lm)
+    assert [r["kv_ratio"] < 0.5 for r in lm if r["method"] != "full"] == [True] * 4
+    md = (out / "report.md").read_text()
+    assert "| lm_eval:kvaccel_local_mc | 0 | 4 |" in md and "| passkey | 96 | 1 |" in md
+    again = CliRunner().invoke(app, args)  # resumable: nothing recomputed
+    assert again.exit_code == 0 and "0 computed" in " ".join(again.output.split())
