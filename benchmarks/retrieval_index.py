@@ -32,8 +32,9 @@ from kvaccel.compare import prose
 from kvaccel.kernels.attention_index import AttentionIndex
 
 
-def capture(model, tok, length: int, chunks: int, layers: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Post-RoPE ``q`` ``(chunks, H_q, L, D)`` and ``k`` ``(chunks, H_kv, L, D)`` of ``layers`` on distinct prose."""
+def capture(model, tok, length: int, chunks: int, layers: list[int]) -> dict[int, tuple[np.ndarray, ...]]:
+    """Post-RoPE ``q`` ``(chunks, H_q, L, D)``, ``k`` and ``v`` ``(chunks, H_kv, L, D)`` of ``layers`` on distinct
+    prose chunks."""
     ids = tok(prose(length * chunks * 8), return_tensors="pt", add_special_tokens=False)["input_ids"]
     if ids.shape[1] < length * chunks:
         raise ValueError(f"prose gives {ids.shape[1]} tokens, need {length * chunks}")
@@ -41,7 +42,7 @@ def capture(model, tok, length: int, chunks: int, layers: list[int]) -> dict[int
 
     def record(module, query, key, value, attention_mask, **kwargs):
         if module.layer_idx in store:
-            store[module.layer_idx].append((query[0].float().numpy(), key[0].float().numpy()))
+            store[module.layer_idx].append(tuple(t[0].float().numpy() for t in (query, key, value)))
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register("retrieval_capture", record)
@@ -53,7 +54,21 @@ def capture(model, tok, length: int, chunks: int, layers: list[int]) -> dict[int
                 model(ids[:, c * length : (c + 1) * length], use_cache=False, logits_to_keep=1)
     finally:
         model.set_attn_implementation(previous)
-    return {i: (np.stack([q for q, _ in v]), np.stack([k for _, k in v])) for i, v in store.items()}
+    return {i: tuple(np.stack([t[j] for t in v]) for j in range(3)) for i, v in store.items()}
+
+
+def load_or_capture(model, tok, path: str | None, length: int, chunks: int, layers: list[int]) -> dict:
+    """:func:`capture`, reusing the npz file ``path`` when it holds enough chunks of this length."""
+    if path and os.path.exists(path):
+        data = np.load(path)
+        cap = {li: tuple(data[f"{n}{li}"][:chunks] for n in "qkv") for li in layers}
+        if any(q.shape[0] < chunks or q.shape[2] != length for q, _, _ in cap.values()):
+            raise ValueError(f"{path} holds fewer chunks or another --length; delete it to capture again")
+        return cap
+    cap = capture(model, tok, length, chunks, layers)
+    if path:
+        np.savez(path, **{f"{n}{li}": t for li, qkv in cap.items() for n, t in zip("qkv", qkv, strict=True)})
+    return cap
 
 
 def hnsw_search(keys: np.ndarray, queries: np.ndarray, k: int, efs: list[int], m: int) -> dict[int, tuple]:
@@ -103,15 +118,7 @@ def main() -> None:
     g = hq // hkv
     chunks = max(args.cache_tokens) // args.length
     t0 = time.perf_counter()
-    if args.capture and os.path.exists(args.capture):
-        data = np.load(args.capture)
-        cap = {li: (data[f"q{li}"][:chunks], data[f"k{li}"][:chunks]) for li in args.layers}
-        if any(q.shape[0] < chunks or q.shape[2] != args.length for q, _ in cap.values()):
-            raise ValueError(f"{args.capture} holds fewer chunks or another --length; delete it to capture again")
-    else:
-        cap = capture(model, tok, args.length, chunks, args.layers)
-        if args.capture:
-            np.savez(args.capture, **{f"{n}{li}": t for li, qk in cap.items() for n, t in zip("qk", qk, strict=True)})
+    cap = load_or_capture(model, tok, args.capture, args.length, chunks, args.layers)
     print(f"captured {chunks} x {args.length} tokens, layers {args.layers} in {time.perf_counter() - t0:.1f} s")
     rng = np.random.default_rng(0)
     rows = []
@@ -119,7 +126,7 @@ def main() -> None:
         c = n_tok // args.length
         acc: dict[tuple[str, int], list] = {}
         for li in args.layers:
-            q_all, k_all = cap[li]
+            q_all, k_all, _ = cap[li]
             for h in range(hkv):
                 keys = np.ascontiguousarray(k_all[:c, h].reshape(-1, k_all.shape[-1]))
                 n = keys.shape[0]

@@ -12,7 +12,7 @@ prefill queries, RoarGraph-style (https://arxiv.org/abs/2408.08933):
    every key without any (so every key is reachable);
 3. entry points: the keys most often some prefill query's top key, plus the top keys of random prefill queries;
    then every key not reachable from them is linked from its nearest reachable key (connectivity enhancement);
-4. search: best-first beam search maximising ``q · k`` (a search list of ``ef`` nodes, Vamana-style), compiled with
+4. search: best-first search maximising ``q · k`` (HNSW's search-layer with ``ef`` results), compiled with
    numba and batched over every (query head, query) row of a layer in one parallel call.
 
 Tokens that leave the recent window later are *inserted*: each new key is searched in the graph with itself as the
@@ -33,11 +33,14 @@ from numba import njit, prange
 
 __all__ = ["AttentionIndex"]
 
+#: fast-math without the no-NaN/no-inf assumptions (-inf marks empty slots): lets the dot products vectorise
+_FM = {"reassoc", "contract", "nsz", "arcp"}
+
 
 # ------------------------------------------------------------------------------------------ compiled parts
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, fastmath=_FM, inline="always")
 def _dot(a, b):
     s = np.float32(0.0)
     for i in range(a.shape[0]):
@@ -45,66 +48,112 @@ def _dot(a, b):
     return s
 
 
-@njit(cache=True)
-def _insert_sorted(ids, scores, done, size, cap, node, s):
-    """Insert ``node`` with score ``s`` into the descending list (length ``size`` <= ``cap``); return the new size."""
-    if size == cap and s <= scores[size - 1]:
-        return size
-    pos = size if size < cap else cap - 1
-    while pos > 0 and scores[pos - 1] < s:
-        if pos < cap:
-            ids[pos] = ids[pos - 1]
-            scores[pos] = scores[pos - 1]
-            done[pos] = done[pos - 1]
-        pos -= 1
-    ids[pos] = node
-    scores[pos] = s
-    done[pos] = 0
-    return size + 1 if size < cap else size
+@njit(cache=True, fastmath=_FM)
+def _push(hs, hi, size, s, i):
+    """Push ``(s, i)`` onto the max-heap ``hs``/``hi`` of ``size`` items; returns the new size."""
+    c = size
+    hs[c] = s
+    hi[c] = i
+    while c > 0:
+        p = (c - 1) >> 1
+        if hs[p] >= hs[c]:
+            break
+        hs[p], hs[c] = hs[c], hs[p]
+        hi[p], hi[c] = hi[c], hi[p]
+        c = p
+    return size + 1
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=_FM)
+def _pop(hs, hi, size):
+    """Drop the top of the max-heap; returns the new size."""
+    size -= 1
+    hs[0] = hs[size]
+    hi[0] = hi[size]
+    c = 0
+    while True:
+        a = 2 * c + 1
+        if a >= size:
+            break
+        b = a + 1
+        m = b if b < size and hs[b] > hs[a] else a
+        if hs[c] >= hs[m]:
+            break
+        hs[m], hs[c] = hs[c], hs[m]
+        hi[m], hi[c] = hi[c], hi[m]
+        c = m
+    return size
+
+
+@njit(cache=True, fastmath=_FM)
 def _beam_search(q, keys, nbrs, deg, entries, n, ef, out_ids, out_scores):
-    """Best-first search of one row's graph for the largest ``q · k``; returns the number of keys scored."""
-    ids = np.empty(ef, np.int64)
-    scores = np.empty(ef, np.float32)
-    done = np.zeros(ef, np.uint8)
+    """Best-first search (HNSW's search-layer) of one row's graph for the largest ``q · k``: a max-heap of candidates
+    to expand and a heap of the ``ef`` best found (worst on top); stops when the best candidate is worse than the
+    worst of a full result set. Returns the number of keys scored."""
+    cap = 4 * ef + 64
+    cs = np.empty(cap, np.float32)  # candidates, max-heap by score
+    ci = np.empty(cap, np.int64)
+    rs = np.empty(ef + 1, np.float32)  # results, max-heap by -score (worst result on top)
+    ri = np.empty(ef + 1, np.int64)
     visited = np.zeros(n, np.uint8)
-    size = 0
+    nc = 0
+    nr = 0
     scanned = 0
     for e in entries:
         if e < 0 or e >= n or visited[e]:
             continue
         visited[e] = 1
         scanned += 1
-        size = _insert_sorted(ids, scores, done, size, ef, e, _dot(q, keys[e]))
-    while True:
-        i = 0
-        while i < size and done[i]:
-            i += 1
-        if i == size:
+        s = _dot(q, keys[e])
+        if nc == cap:
+            cap *= 2
+            cs2 = np.empty(cap, np.float32)
+            ci2 = np.empty(cap, np.int64)
+            cs2[:nc] = cs[:nc]
+            ci2[:nc] = ci[:nc]
+            cs, ci = cs2, ci2
+        nc = _push(cs, ci, nc, s, e)
+        nr = _push(rs, ri, nr, -s, e)
+        if nr > ef:
+            nr = _pop(rs, ri, nr)
+    while nc > 0:
+        s0 = cs[0]
+        node = ci[0]
+        if nr >= ef and s0 < -rs[0]:
             break
-        done[i] = 1
-        node = ids[i]
+        nc = _pop(cs, ci, nc)
         for t in range(deg[node]):
             y = nbrs[node, t]
             if visited[y]:
                 continue
             visited[y] = 1
             scanned += 1
-            size = _insert_sorted(ids, scores, done, size, ef, y, _dot(q, keys[y]))
+            s = _dot(q, keys[y])
+            if nr < ef or s > -rs[0]:
+                if nc == cap:
+                    cap *= 2
+                    cs2 = np.empty(cap, np.float32)
+                    ci2 = np.empty(cap, np.int64)
+                    cs2[:nc] = cs[:nc]
+                    ci2[:nc] = ci[:nc]
+                    cs, ci = cs2, ci2
+                nc = _push(cs, ci, nc, s, y)
+                nr = _push(rs, ri, nr, -s, y)
+                if nr > ef:
+                    nr = _pop(rs, ri, nr)
+    order = np.argsort(rs[:nr])  # ascending -score = descending score
     k = out_ids.shape[0]
     for j in range(k):
-        if j < size:
-            out_ids[j] = ids[j]
-            out_scores[j] = scores[j]
+        if j < nr:
+            out_ids[j] = ri[order[j]]
+            out_scores[j] = -rs[order[j]]
         else:
             out_ids[j] = -1
             out_scores[j] = -np.inf
     return scanned
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=_FM)
 def _scan_row(q, keys, n, out_ids, out_scores):
     """Exact top-k of ``q · k`` over the ``n`` keys of a row (partial selection); returns ``n``."""
     s = np.empty(n, np.float32)
@@ -122,7 +171,7 @@ def _scan_row(q, keys, n, out_ids, out_scores):
     return n
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath=_FM)
 def _search_rows(qs, rows, keys, nbrs, deg, entries, n, k, ef, out_ids, out_scores, scanned):
     for r in prange(qs.shape[0]):
         g = rows[r]
@@ -133,7 +182,7 @@ def _search_rows(qs, rows, keys, nbrs, deg, entries, n, k, ef, out_ids, out_scor
             scanned[r] = _beam_search(qs[r], keys[g], nbrs[g], deg[g], entries[g], m, ef, out_ids[r], out_scores[r])
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath=_FM)
 def _attend_rows(ids, scores, rows, values, scale, out, lse):
     """Softmax over the retrieved keys of each row (logit = scale · q·k, already computed by the search)."""
     for r in prange(ids.shape[0]):

@@ -1,0 +1,175 @@
+"""Decode-step latency of retrieval attention vs dense attention over the whole cache, side by side in one run.
+
+Attention step (``--cache-tokens``): for each captured layer of the default model, a synthetic cache of N tokens per
+kv head (concatenated prose chunks, as in ``benchmarks/retrieval_index.py``; the last ``--steps`` tokens of the last
+chunk are held out and decoded one at a time with their real queries). Per step, interleaved:
+``dense`` = SDPA of the new query over all N keys (what stock transformers does), ``retrieval`` = the method's own
+``attention`` (static sink + window on the device, graph search + host attention over ``top_k`` keys, LSE merge).
+Reported: median ms per layer, speedup, device-resident KV bytes / full cache, host bytes, recall@top_k, relative
+error of the output vs dense, and the method's time split.
+
+End to end (``--e2e LENGTH``): the default model on a prose prompt of LENGTH tokens (<= 8192), stock full attention
+vs ``retrieval``; greedy decode of ``--steps`` tokens with full attention, then the same tokens fed to the retrieval
+model (teacher forcing): median decode-step time, top-1 agreement and KL(full || retrieval) per step.
+
+    OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 .venv/bin/python benchmarks/retrieval_decode.py \\
+        --cache-tokens 32768 131072 --layers 3 17 --steps 16 --capture runs/retrieval_capture.npz
+    OMP_NUM_THREADS=2 NUMBA_NUM_THREADS=2 .venv/bin/python benchmarks/retrieval_decode.py --e2e 8192 --steps 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import kvaccel
+from kvaccel.cache import KVAccelCache, KVAccelLayer
+from kvaccel.compare import prompt_ids
+from kvaccel.patches.attention import AttentionContext, PatchState
+from kvaccel.patches.decode.retrieval import STATE_ATTR, Retrieval
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from retrieval_index import load_or_capture  # noqa: E402
+
+TIMES = ("search_s", "host_s", "device_s", "merge_s")
+
+
+def attention_step(args, model, tok) -> None:
+    cfg = model.config
+    hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    g = hq // hkv
+    chunks = max(args.cache_tokens) // args.length
+    cap = load_or_capture(model, tok, args.capture, args.length, chunks, args.layers)
+    print(f"{'cache':>8} {'layer':>5} {'dense ms':>9} {'retr ms':>8} {'speedup':>8} {'device KV':>10} "
+          f"{'host MB':>8} {'recall':>7} {'rel err':>8} {'build s':>8}  time split (search/host/device/merge ms)")
+    for n_tok in args.cache_tokens:
+        c = n_tok // args.length
+        for li in args.layers:
+            q_all, k_all, v_all = (torch.from_numpy(t[:c]) for t in cap[li])
+            D = k_all.shape[-1]
+            scale = D**-0.5
+            K = k_all.permute(1, 0, 2, 3).reshape(1, hkv, -1, D)  # chunks concatenated along tokens
+            V = v_all.permute(1, 0, 2, 3).reshape(1, hkv, -1, v_all.shape[-1])
+            Qa = q_all.permute(1, 0, 2, 3).reshape(1, hq, -1, D)
+            N, S = K.shape[2], args.steps
+            layer = KVAccelLayer()
+            layer.update(K[:, :, : N - S].contiguous(), V[:, :, : N - S].contiguous())
+            method = Retrieval(top_k=args.top_k, ef=args.ef, sink=args.sink, window=args.window,
+                               build_queries=args.build_queries, spill_every=args.spill_every)
+            state = PatchState({"decode": method}, 1, "sdpa")
+            module = SimpleNamespace(layer_idx=0)
+            ctx = AttentionContext(module, state, layer, Qa[:, :, : N - S], layer.keys, layer.values, None, scale,
+                                   "prefill", {})
+            method.after_prefill(ctx)
+            st = getattr(layer, STATE_ATTR)
+            warm = st.index.search(Qa[0, :g, -1].numpy(), np.zeros(g, np.int64), args.top_k, args.ef)
+            st.index.attend(warm[0], warm[1], np.zeros(g, np.int64), scale)  # compile / warm
+            for name in TIMES:
+                setattr(st, name, 0.0)
+            dense_t, retr_t, recalls, errs = [], [], [], []
+            for s in range(N - S, N):
+                q = Qa[:, :, s : s + 1]
+                t0 = time.perf_counter()
+                ref = F.scaled_dot_product_attention(q, K[:, :, : s + 1], V[:, :, : s + 1], scale=scale,
+                                                     enable_gqa=True)
+                t1 = time.perf_counter()
+                layer.update(K[:, :, s : s + 1], V[:, :, s : s + 1])
+                ctx = AttentionContext(module, state, layer, q, layer.keys, layer.values, None, scale, "decode", {})
+                out = method.attention(ctx)
+                t2 = time.perf_counter()
+                dense_t.append(t1 - t0)
+                retr_t.append(t2 - t1)
+                errs.append(float((out.transpose(1, 2) - ref).norm() / ref.norm()))
+                rows = np.arange(hq) // g
+                ids, _, _ = st.index.search(q[0, :, 0].numpy(), rows, args.top_k, args.ef)
+                exact, _ = st.index.search_exact(q[0, :, 0].numpy(), rows, args.top_k)
+                recalls.append(np.mean([len(np.intersect1d(a, b[b >= 0])) / max(1, (b >= 0).sum())
+                                        for a, b in zip(ids, exact, strict=True)]))
+            full = K[:, :, : N].numel() * 4 * 2
+            dm, rm = statistics.median(dense_t) * 1e3, statistics.median(retr_t) * 1e3
+            split = "/".join(f"{getattr(st, n) / S * 1e3:.2f}" for n in TIMES)
+            print(f"{N:>8} {li:>5} {dm:>9.2f} {rm:>8.2f} {dm / rm:>7.2f}x {layer.nbytes() / full:>10.4f} "
+                  f"{st.index.nbytes() / 2**20:>8.1f} {np.mean(recalls):>7.3f} {np.mean(errs):>8.2e} "
+                  f"{st.build_s:>8.2f}  {split}")
+
+
+def end_to_end(args, model, tok) -> None:
+    ids = prompt_ids(tok, args.e2e)
+    steps = args.steps
+
+    def run(patched: bool, feed: list[int] | None):
+        cache = KVAccelCache(model) if patched else None
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            prefill = time.perf_counter() - t0
+            cache = out.past_key_values
+            logits, times, toks = [out.logits[0, -1]], [], []
+            for i in range(steps):
+                nxt = int(logits[-1].argmax()) if feed is None else feed[i]
+                toks.append(nxt)
+                t0 = time.perf_counter()
+                out = model(torch.tensor([[nxt]]), past_key_values=cache, use_cache=True)
+                times.append(time.perf_counter() - t0)
+                logits.append(out.logits[0, -1])
+        return prefill, times, toks, torch.stack(logits[:-1])
+
+    p_full, t_full, toks, l_full = run(False, None)
+    spec = Retrieval(top_k=args.top_k, ef=args.ef, sink=args.sink, window=args.window,
+                     build_queries=args.build_queries, spill_every=args.spill_every)
+    kvaccel.patch(model, spec)
+    try:
+        p_ret, t_ret, _, l_ret = run(True, toks)
+        rep = kvaccel.report(model)
+    finally:
+        kvaccel.unpatch(model)
+    lp_full, lp_ret = l_full.float().log_softmax(-1), l_ret.float().log_softmax(-1)
+    kl = (lp_full.exp() * (lp_full - lp_ret)).sum(-1)
+    top1 = (l_full.argmax(-1) == l_ret.argmax(-1)).float().mean()
+    mf, mr = statistics.median(t_full[1:]), statistics.median(t_ret[1:])
+    host = sum(v for v in rep["retrieval_host_bytes"] if v)
+    build = sum(v for v in rep["retrieval_build_s"] if v)
+    scanned = [v for v in rep["retrieval_scanned_fraction"] if v is not None]
+    print(f"e2e prompt {args.e2e} tokens, {steps} decode steps, {spec.spec()}")
+    print(f"  prefill s: full {p_full:.2f}, retrieval {p_ret:.2f} (index build {build:.2f} s of it)")
+    print(f"  decode step ms (median): full {mf * 1e3:.1f}, retrieval {mr * 1e3:.1f} -> {mf / mr:.2f}x")
+    print(f"  device KV {rep['kv_bytes'] / 2**20:.1f} MB of {rep['kv_bytes_full'] / 2**20:.1f} MB "
+          f"({rep['kv_ratio']:.3f}); host {host / 2**20:.1f} MB; scanned fraction {np.mean(scanned):.4f}")
+    print(f"  fidelity (teacher-forced): top-1 agreement {top1:.3f}, mean KL {kl.mean():.4f}, max KL {kl.max():.4f}")
+    for name in ("search_s", "host_attention_s", "device_attention_s", "merge_s", "insert_s"):
+        vals = [v for v in rep[f"retrieval_{name}"] if v is not None]
+        print(f"  retrieval_{name}: {sum(vals) / steps * 1e3:.2f} ms/step (all layers)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache-tokens", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--length", type=int, default=4096, help="tokens per captured prose chunk")
+    ap.add_argument("--layers", type=int, nargs="+", default=[3, 17])
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--top-k", type=int, default=100)
+    ap.add_argument("--ef", type=int, default=128)
+    ap.add_argument("--sink", type=int, default=128)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--spill-every", type=int, default=64)
+    ap.add_argument("--build-queries", type=int, default=4096)
+    ap.add_argument("--capture", help="npz file of captured q/k/v (shared with retrieval_index.py)")
+    ap.add_argument("--e2e", type=int, help="end to end on the default model with a prompt of this many tokens")
+    args = ap.parse_args()
+    model, tok = kvaccel.load_model()
+    if args.e2e:
+        end_to_end(args, model, tok)
+    else:
+        attention_step(args, model, tok)
+
+
+if __name__ == "__main__":
+    main()
