@@ -264,3 +264,22 @@ def test_cli_calibrate_writes_beside_the_model(tmp_path):
     assert method._tau is not None and "per-head thresholds from" in method._note
     bad = CliRunner().invoke(app, ["calibrate", "snapkv", "--model", model_dir])
     assert bad.exit_code == 2 and "cannot calibrate 'snapkv'" in bad.output
+
+
+def test_calibration_error_equals_sparse_attention_error():
+    """calibrate_layer's per-candidate error (partial sums of the exact softmax) is the error of the real kernel."""
+    from kvaccel.patches.prefill.sale import calibrate_layer
+
+    q, k = _qk(L=400, Hq=4, Hkv=2, D=32, seed=5, spread=1.0)
+    v = torch.randn(1, 2, 400, 32, generator=torch.Generator().manual_seed(6))
+    scale, cands = 32**-0.5, [0.2, 0.05, 0.01]
+    method = SALE(min_length=0)
+    _, _, errors, _ = calibrate_layer(q, k, v, scale, method, cands, tolerance=0.01, chunk=128)
+    dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    assert max(max(e) for e in errors) > 1e-3  # the candidates do drop attention mass
+    for c, tau in enumerate(cands):
+        mask = sale_estimate(q, k, scale=scale, threshold=tau, backend="torch")
+        out = block_sparse_attention(q, k, v, mask, scale=scale, block_m=64, block_n=32)
+        rel = (out - dense).flatten(2).norm(dim=-1) / dense.flatten(2).norm(dim=-1)  # (1, Hq)
+        for h in range(4):
+            assert errors[h][c] == pytest.approx(float(rel[0, h]), rel=1e-3, abs=1e-6)

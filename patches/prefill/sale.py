@@ -33,7 +33,7 @@ from kvaccel.kernels.sale_estimate import sale_block_scores, sale_estimate
 from .base import BlockSelection, BlockSparsePrefill, PrefillMethod, validate_blocks
 
 FORMAT = "kvaccel.sale_thresholds/1"
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).parent / "data" / "sale"  # package data: <model name>.json
 BESIDE_MODEL = "sale_thresholds.json"
 
 
@@ -171,7 +171,7 @@ def _candidates(model) -> list[Path]:
     if str(src) and src.is_dir():
         out.append(src / BESIDE_MODEL)
     out.append(cache_dir() / f"sale_{model_name(model)}.json")
-    out.append(DATA_DIR / f"sale_{model_name(model)}.json")
+    out.append(DATA_DIR / f"{model_name(model)}.json")
     return out
 
 
@@ -312,17 +312,19 @@ def calibrate_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
         ref2 = torch.zeros((), dtype=torch.float64, device=q.device)
         for r0 in range(0, L, chunk):
             r1 = min(L, r0 + chunk)
-            s = (qh[r0:r1] @ kh.T) * scale
-            s.masked_fill_(pos[None, :] > pos[r0:r1, None], float("-inf"))
+            nk = num_blocks(r1, bn)  # key blocks this chunk's rows can see (causal)
+            hi = min(L, nk * bn)
+            s = (qh[r0:r1] @ kh[:hi].T) * scale
+            s.masked_fill_(pos[None, :hi] > pos[r0:r1, None], float("-inf"))
             p = torch.softmax(s, -1)
-            pp = torch.zeros(r1 - r0, nkb * bn, dtype=torch.float32, device=q.device)
-            pp[:, :L] = p
-            num = torch.bmm(pp.view(-1, nkb, bn).transpose(0, 1), vh.view(nkb, bn, -1))  # (nKB, R, Dv)
-            den = pp.view(-1, nkb, bn).sum(-1)  # (R, nKB)
+            pp = torch.zeros(r1 - r0, nk * bn, dtype=torch.float32, device=q.device)
+            pp[:, :hi] = p
+            num = torch.bmm(pp.view(-1, nk, bn).transpose(0, 1), vh[: nk * bn].view(nk, bn, -1))  # (nk, R, Dv)
+            den = pp.view(-1, nk, bn).sum(-1)  # (R, nk)
             o_ref = num.sum(0)
             rb = pos[r0:r1] // bm
-            sc = scores[h, rb]  # (R, nKB) per row: its query block's block scores
-            m = (sc[None] > logs[:, None, None]) & causal[rb][None]  # (C, R, nKB)
+            sc = scores[h, rb, :nk]  # (R, nk) per row: its query block's block scores
+            m = (sc[None] > logs[:, None, None]) & causal[rb, :nk][None]  # (C, R, nk)
             mf = m.float()
             o = torch.einsum("crj,jrd->crd", mf, num) / (mf * den[None]).sum(-1, keepdim=True)
             err2 += (o - o_ref[None]).double().pow(2).sum((1, 2))
@@ -391,7 +393,7 @@ def calibrate(
     try:
         with torch.inference_mode():
             for i, x in enumerate(ids):
-                model(input_ids=x.reshape(1, -1).to(device), use_cache=False)
+                model(input_ids=x.reshape(1, -1).to(device), use_cache=False, logits_to_keep=1)
                 if progress:
                     progress(f"prompt {i + 1}/{len(ids)} ({x.shape[-1]} tokens) done, {time.perf_counter() - t0:.0f}s")
     finally:
