@@ -283,3 +283,15 @@ def test_calibration_error_equals_sparse_attention_error():
         rel = (out - dense).flatten(2).norm(dim=-1) / dense.flatten(2).norm(dim=-1)  # (1, Hq)
         for h in range(4):
             assert errors[h][c] == pytest.approx(float(rel[0, h]), rel=1e-3, abs=1e-6)
+
+
+@pytest.mark.real_model
+def test_default_model_finds_its_thresholds(default_model):
+    """``patch(model, "sale")`` on the embedded default model picks up calibrated per-head thresholds by itself."""
+    model, _ = default_model
+    method = SALE()
+    kvaccel.patch(model, method)
+    kvaccel.unpatch(model)
+    assert method._tau is not None and method._tau.shape == (30, 9), method._note
+    assert "per-head thresholds from" in method._note
+    assert ((method._tau == 0) | ((method._tau > 0) & (method._tau < 1))).all()

@@ -238,15 +238,16 @@ def write_thresholds(path: str | Path, data: dict) -> Path:
 
 # ---------------------------------------------------------------------------------------------- calibration
 def calibration_prompts(tokenizer, num_prompts: int = 2, length: int = 4096) -> list[torch.Tensor]:
-    """``num_prompts`` ``(1, length)`` token-id tensors of English prose from ``pydoc_data.topics`` (offline),
-    cut at different places of the text."""
+    """``num_prompts`` ``(1, length)`` token-id tensors of English prose from ``pydoc_data.topics`` (offline), cut at
+    different places of the second half of the text (the eval harness's prose prompts start at its beginning)."""
     from pydoc_data.topics import topics
 
     text = " ".join(" ".join(topics[k].split()) for k in sorted(topics))
     out = []
     span = length * 8  # characters: >= 1 token each for this tokenizer family
+    half = len(text) // 2  # the second half: evals' prose prompts (fidelity) start at the beginning of the text
     for p in range(num_prompts):
-        start = (p * len(text) // max(1, num_prompts)) % len(text)
+        start = half + p * half // max(1, num_prompts)
         chunk = (text[start:] + " " + text)[:span]
         ids = tokenizer(chunk, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :length]
         if ids.shape[1] < length:
