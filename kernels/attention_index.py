@@ -155,16 +155,22 @@ def _beam_search(q, keys, nbrs, deg, entries, n, ef, out_ids, out_scores):
 
 @njit(cache=True, fastmath=_FM)
 def _scan_row(q, keys, n, out_ids, out_scores):
-    """Exact top-k of ``q · k`` over the ``n`` keys of a row (partial selection); returns ``n``."""
-    s = np.empty(n, np.float32)
-    for j in range(n):
-        s[j] = _dot(q, keys[j])
+    """Exact top-k of ``q · k`` over the ``n`` keys of a row (a size-k heap); returns ``n``."""
     k = out_ids.shape[0]
-    order = np.argsort(-s)
+    rs = np.empty(k + 1, np.float32)  # max-heap by -score: the worst kept key on top
+    ri = np.empty(k + 1, np.int64)
+    nr = 0
+    for j in range(n):
+        s = _dot(q, keys[j])
+        if nr < k or s > -rs[0]:
+            nr = _push(rs, ri, nr, -s, j)
+            if nr > k:
+                nr = _pop(rs, ri, nr)
+    order = np.argsort(rs[:nr])
     for j in range(k):
-        if j < n:
-            out_ids[j] = order[j]
-            out_scores[j] = s[order[j]]
+        if j < nr:
+            out_ids[j] = ri[order[j]]
+            out_scores[j] = -rs[order[j]]
         else:
             out_ids[j] = -1
             out_scores[j] = -np.inf
