@@ -59,17 +59,52 @@ def test_merge_into_nearest_kept_with_ema_threshold():
     kept = torch.tensor([[[True, True, False]]])
     evicted = ~kept
     s = 3 / math.sqrt(10)  # cos(K2, K0) > cos(K2, K1) = 1/sqrt(10)
-    K2, V2, tau, merged = merge_evicted(K, V, kept, evicted, None, 0.5, 0.5)
+    # the reference's rule: scatter_reduce(mean) of s_e K_e with K_t
+    K2, V2, tau, merged = merge_evicted(K, V, kept, evicted, None, 0.5, 0.5, normalize=False, per_head=False)
     assert tau.item() == pytest.approx(s)  # tau_0 = mean(s); s >= tau -> merged
     assert merged.tolist() == [[[False, False, True]]]
     torch.testing.assert_close(K2[0, 0, 0], (K[0, 0, 0] + s * K[0, 0, 2]) / 2)
     torch.testing.assert_close(V2[0, 0, 0], (V[0, 0, 0] + s * V[0, 0, 2]) / 2)
     torch.testing.assert_close(K2[0, 0, 1], K[0, 0, 1])  # the other kept token is untouched
+    # the default: a convex combination
+    K2, V2, tau, merged = merge_evicted(K, V, kept, evicted, None, 0.5, 0.5)
+    assert merged.tolist() == [[[False, False, True]]]
+    torch.testing.assert_close(K2[0, 0, 0], (K[0, 0, 0] + s * K[0, 0, 2]) / (1 + s))
+    torch.testing.assert_close(V2[0, 0, 0], (V[0, 0, 0] + s * V[0, 0, 2]) / (1 + s))
     # a higher previous threshold: tau = 0.5 * 1.0 + 0.5 * s > s -> no merge
     K3, V3, tau, merged = merge_evicted(K, V, kept, evicted, torch.tensor([1.0]), 0.5, 0.5)
     assert tau.item() == pytest.approx(0.5 + 0.5 * s) and not merged.any()
     torch.testing.assert_close(K3, K)
     torch.testing.assert_close(V3, V)
+
+
+def test_normalized_merge_keeps_magnitude_and_decision_is_per_head():
+    # identical kept and evicted vectors: a convex combination leaves them as they are, the reference shrinks them
+    K = torch.tensor([[[[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]]])
+    V = torch.tensor([[[[4.0], [4.0], [4.0]]]])
+    kept = torch.tensor([[[True, False, False]]])
+    K2, V2, _, merged = merge_evicted(K, V, kept, ~kept, None, 0.5, 0.5)
+    assert merged.all(-1).tolist() == [[False]] and merged[..., 1:].all()
+    torch.testing.assert_close(K2[0, 0, 0], K[0, 0, 0])
+    torch.testing.assert_close(V2[0, 0, 0], V[0, 0, 0])
+    _, V3, _, _ = merge_evicted(K, V, kept, ~kept, None, 0.5, 0.5, normalize=False)
+    torch.testing.assert_close(V3[0, 0, 0], torch.tensor([4.0]))  # s = 1: (V + V + V) / 3, no shrink at s = 1
+    Vs = torch.tensor([[[[4.0], [4.0], [4.0]]]])
+    Ks = torch.tensor([[[[1.0, 0.0], [1.0, 0.2], [1.0, 0.2]]]])  # s < 1: the reference shrinks V
+    _, V4, _, m4 = merge_evicted(Ks, Vs, kept, ~kept, None, 0.5, 0.5, normalize=False)
+    assert m4[..., 1:].all() and V4[0, 0, 0].item() < 4.0
+    _, V5, _, _ = merge_evicted(Ks, Vs, kept, ~kept, None, 0.5, 0.5)
+    assert V5[0, 0, 0].item() == pytest.approx(4.0)
+    # two heads evict token 2: head 0 finds a similar kept key (s = 3/sqrt(10)), head 1 does not (s = -1/sqrt(10))
+    K = torch.tensor([[[[1.0, 0.0], [0.0, 1.0], [3.0, 1.0]], [[1.0, 0.0], [0.0, 1.0], [-1.0, -3.0]]]])
+    V = torch.arange(6.0).view(1, 2, 3, 1)
+    kept = torch.tensor([[[True, True, False]]]).expand(1, 2, 3)
+    tau_prev = torch.tensor([0.2])  # tau = 0.1 + 0.5 * mean(s) = 0.1 + 0.5 / sqrt(10) ~ 0.258
+    _, _, tau, per_head = merge_evicted(K, V, kept, ~kept, tau_prev, 0.5, 0.5)
+    assert tau.item() == pytest.approx(0.1 + 0.5 / math.sqrt(10))
+    assert per_head[..., 2].tolist() == [[True, False]]
+    _, _, _, mean_heads = merge_evicted(K, V, kept, ~kept, tau_prev, 0.5, 0.5, per_head=False)
+    assert mean_heads[..., 2].tolist() == [[True, True]]  # mean s = 1/sqrt(10) >= tau: head 1 merges a dissimilar key
 
 
 def test_layers_0_1_last_full_and_middle_layers_average_the_budget():

@@ -12,6 +12,20 @@ own ``generate_answer`` (explicit position ids, as kvpress needs after truncatin
         --prompts runs/peers/prompts.jsonl --out runs/peers/kvaccel.jsonl
     .venv/bin/python benchmarks/peers/kvpress_vs_kvaccel.py report runs/peers/kvpress.jsonl runs/peers/kvaccel.jsonl
 
+KL protocol (kvpress' fidelity test): a 1500-token prose context is compressed at prefill, then 64 following
+tokens of the same text are fed teacher-forced in one forward over the compressed cache (kvaccel:
+``kvaccel.paused``; kvpress: outside the press context), and each position's next-token distribution is compared
+with the uncompressed model's on the same tokens: ``KL(full || method)`` averaged over the 64 positions, then over
+samples. Token ids are exported once so both frameworks see identical inputs::
+
+    .venv/bin/python benchmarks/peers/kvpress_vs_kvaccel.py export-kl --out runs/peers/kl_prompts.jsonl --samples 8
+    .venv-kvpress/bin/python benchmarks/peers/kvpress_vs_kvaccel.py kl --framework kvpress \\
+        --prompts runs/peers/kl_prompts.jsonl --out runs/peers/kl_kvpress.jsonl
+    .venv/bin/python benchmarks/peers/kvpress_vs_kvaccel.py kl --framework kvaccel \\
+        --prompts runs/peers/kl_prompts.jsonl --out runs/peers/kl_kvaccel.jsonl
+    .venv/bin/python benchmarks/peers/kvpress_vs_kvaccel.py report-kl \\
+        runs/peers/kl_kvpress.jsonl runs/peers/kl_kvaccel.jsonl
+
 This file must import with either environment: nothing from kvaccel or kvpress at module level.
 """
 
@@ -179,6 +193,177 @@ def report(args) -> None:
         print(f"| {t} | {n} | {m} | {b} | " + " | ".join(cells) + " |")
 
 
+# ------------------------------------------------------------------------------------------------ KL protocol
+KL_CONTEXT = 1500
+KL_TOKENS = 64
+KL_BUDGETS = (0.5, 0.25)  # kept fractions = 1 - kvpress' compression ratio (0.5, 0.75)
+#: kvaccel specs at kept fraction {b}; the name is the report's row label
+KL_KVACCEL = {
+    "streaming": "streaming(budget={b})",
+    "snapkv": "snapkv(budget={b})",
+    "snapkv-chunk10": "snapkv(budget={b}, chunk=10)",
+    "h2o": "h2o(budget={b})",
+    "keyformer": "keyformer(budget={b})",
+    "pyramidkv": "pyramidkv(budget={b})",
+    "adakv-snapkv": "adakv(budget={b}, inner='snapkv', alpha_safeguard=0.2)",
+    "d2o": "d2o(budget={b})",
+    "d2o-nomerge": "d2o(budget={b}, merge=False)",
+    "expected_attention": "expected_attention(budget={b})",
+    "expected_attention-chunk5": "expected_attention(budget={b}, chunk=5)",
+    "expected_attention-chunk10": "expected_attention(budget={b}, chunk=10)",
+}
+KL_KVPRESS = ("streaming", "snapkv", "tova", "expected_attention", "adakv-expected_attention")
+
+
+def export_kl(args) -> None:
+    """``--samples`` windows of ``KL_CONTEXT + KL_TOKENS`` token ids of prose at seeded random offsets."""
+    import random
+
+    import kvaccel
+    from kvaccel.compare import prose
+    from kvaccel.models import default_model_path
+
+    _, tok = kvaccel.load_model()
+    n = args.context + args.tokens
+    ids = tok(prose(400_000), add_special_tokens=False)["input_ids"]
+    rng = random.Random(args.seed)
+    starts = sorted(rng.sample(range(0, len(ids) - n), args.samples))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as f:
+        for i, s0 in enumerate(starts):
+            f.write(json.dumps({"id": f"prose-{i}", "start": s0, "context_ids": ids[s0:s0 + args.context],
+                                "target_ids": ids[s0 + args.context:s0 + n], "model": str(default_model_path())})
+                    + "\n")
+    print(f"wrote {out} ({args.samples} samples of {args.context} + {args.tokens} tokens)")
+
+
+def _kl_methods(framework: str, budgets, names: list[str] | None):
+    """(name, budget, factory) for the KL protocol."""
+    rows = []
+    if framework == "kvpress":
+        from kvpress import AdaKVPress, ExpectedAttentionPress, SnapKVPress, StreamingLLMPress, TOVAPress
+
+        make = {
+            "streaming": lambda c: StreamingLLMPress(compression_ratio=c, n_sink=4),
+            "snapkv": lambda c: SnapKVPress(compression_ratio=c, window_size=32, kernel_size=7),
+            "tova": lambda c: TOVAPress(compression_ratio=c),
+            "expected_attention": lambda c: ExpectedAttentionPress(compression_ratio=c),
+            "adakv-expected_attention": lambda c: AdaKVPress(ExpectedAttentionPress(compression_ratio=c)),
+        }
+        for b in budgets:
+            for name in names or KL_KVPRESS:
+                rows.append((name, b, lambda name=name, b=b: make[name](1 - b)))
+    else:
+        for b in budgets:
+            for name in names or list(KL_KVACCEL):
+                spec = KL_KVACCEL.get(name, name)
+                rows.append((name, b, lambda spec=spec, b=b: spec.format(b=b)))
+    return rows
+
+
+def _kl_logits_full(model, ctx_ids, tgt_ids):
+    """Uncompressed reference: the same two forwards (context, then targets) over a stock DynamicCache."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    model(ctx_ids, past_key_values=cache, use_cache=True)
+    return model(tgt_ids, past_key_values=cache, use_cache=True).logits[0].double()
+
+
+def kl(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    prompts = [json.loads(line) for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    from transformers import AutoModelForCausalLM
+
+    model_path = prompts[0]["model"]
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    out = Path(args.out)
+    done = set()
+    if out.exists():
+        done = {(r["method"], r["budget"], r["id"]) for r in map(json.loads, out.read_text().splitlines())}
+    budgets = [float(b) for b in args.budgets.split(",")]
+    names = args.methods.split(",") if args.methods else None
+    if args.framework == "kvaccel":
+        import kvaccel
+    else:
+        from transformers import DynamicCache
+    refs = {}
+    with out.open("a") as f, torch.inference_mode():
+        for name, budget, factory in _kl_methods(args.framework, budgets, names):
+            for p in prompts:
+                if (name, budget, p["id"]) in done:
+                    continue
+                ctx_ids, tgt_ids = torch.tensor([p["context_ids"]]), torch.tensor([p["target_ids"]])
+                if p["id"] not in refs:
+                    refs[p["id"]] = torch.log_softmax(_kl_logits_full(model, ctx_ids, tgt_ids), -1)
+                ref = refs[p["id"]]
+                method = factory()
+                t0 = time.perf_counter()
+                if args.framework == "kvpress":
+                    cache = DynamicCache()
+                    with method(model):
+                        model(ctx_ids, past_key_values=cache, use_cache=True)
+                    kept = _cache_bytes(cache)
+                    L = ctx_ids.shape[1]
+                    pos = torch.arange(L, L + tgt_ids.shape[1])[None]  # kvpress truncates: explicit positions
+                    logits = model(tgt_ids, past_key_values=cache, use_cache=True, position_ids=pos).logits[0]
+                else:
+                    kvaccel.patch(model, method)
+                    try:
+                        cache = kvaccel.KVAccelCache(model)
+                        model(ctx_ids, past_key_values=cache, use_cache=True)
+                        kept = cache.nbytes()
+                        with kvaccel.paused(model):
+                            logits = model(tgt_ids, past_key_values=cache, use_cache=True).logits[0]
+                    finally:
+                        kvaccel.unpatch(model)
+                seconds = time.perf_counter() - t0
+                lp = torch.log_softmax(logits.double(), -1)
+                kl_pos = (ref.exp() * (ref - lp)).sum(-1)
+                cfg = model.config
+                full = (2 * cfg.num_hidden_layers * cfg.num_key_value_heads * ctx_ids.shape[1]
+                        * (cfg.hidden_size // cfg.num_attention_heads) * 4)
+                rec = {"framework": args.framework, "method": name, "budget": budget, "id": p["id"],
+                       "spec": method if isinstance(method, str) else repr(method),
+                       "kl": float(kl_pos.mean()), "top1": float((ref.argmax(-1) == lp.argmax(-1)).double().mean()),
+                       "kv_bytes_after_prefill": kept, "kv_bytes_full": full, "seconds": seconds}
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+                print(f"{args.framework:8s} {name:28s} {budget:<5} {p['id']:10s} kl={rec['kl']:.4f} "
+                      f"top1={rec['top1']:.3f} kv={kept / full:.3f} {seconds:.1f}s", flush=True)
+
+
+def report_kl(args) -> None:
+    """Mean KL per (framework, method, kept fraction) and each framework's best, with the kvaccel/kvpress ratio."""
+    import math
+
+    rows = [json.loads(line) for path in args.files for line in Path(path).read_text().splitlines() if line.strip()]
+    agg = defaultdict(list)
+    for r in rows:
+        agg[(r["framework"], r["method"], r["budget"])].append(r)
+    print("| framework | method | kept | compression | KL (mean ± sd) | top-1 agree | KV/full | n |")
+    print("|---|---|---|---|---|---|---|---|")
+    best = {}
+    for (fw, m, b), rs in sorted(agg.items(), key=lambda kv: (-kv[0][2], kv[0][0], kv[0][1])):
+        ks = [r["kl"] for r in rs]
+        mean = sum(ks) / len(ks)
+        sd = math.sqrt(sum((k - mean) ** 2 for k in ks) / max(1, len(ks) - 1))
+        top1 = sum(r["top1"] for r in rs) / len(rs)
+        kv = sum(r["kv_bytes_after_prefill"] / r["kv_bytes_full"] for r in rs) / len(rs)
+        print(f"| {fw} | {m} | {b} | {1 - b:.2f} | {mean:.4f} ± {sd:.4f} | {top1:.3f} | {kv:.3f} | {len(rs)} |")
+        if (fw, b) not in best or mean < best[(fw, b)][1]:
+            best[(fw, b)] = (m, mean)
+    for b in sorted({b for _, b in best}, reverse=True):
+        line = f"kept {b}: " + ", ".join(f"best {fw} = {best[(fw, b)][0]} ({best[(fw, b)][1]:.4f})"
+                                         for fw in ("kvpress", "kvaccel") if (fw, b) in best)
+        if ("kvpress", b) in best and ("kvaccel", b) in best and best[("kvpress", b)][1] > 0:
+            line += f"; ratio kvaccel/kvpress = {best[('kvaccel', b)][1] / best[('kvpress', b)][1]:.2f} (target <= 0.7)"
+        print(line)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -199,8 +384,25 @@ def main() -> None:
                    help="all: full + every method at each budget (+ think alone); think: full + ThinK alone")
     p = sub.add_parser("report")
     p.add_argument("files", nargs="+")
+    e = sub.add_parser("export-kl", help="token ids for the KL protocol")
+    e.add_argument("--out", required=True)
+    e.add_argument("--samples", type=int, default=8)
+    e.add_argument("--context", type=int, default=KL_CONTEXT)
+    e.add_argument("--tokens", type=int, default=KL_TOKENS)
+    e.add_argument("--seed", type=int, default=0)
+    k = sub.add_parser("kl", help="KL vs full of each method on the exported windows")
+    k.add_argument("--framework", choices=("kvpress", "kvaccel"), required=True)
+    k.add_argument("--prompts", required=True)
+    k.add_argument("--out", required=True)
+    k.add_argument("--budgets", default=",".join(map(str, KL_BUDGETS)), help="kept fractions (1 - compression)")
+    k.add_argument("--methods", default="", help="comma list of row names (default: all of the framework's); "
+                   "kvaccel also takes a spec template with {b} for the kept fraction")
+    k.add_argument("--threads", type=int, default=0)
+    p = sub.add_parser("report-kl")
+    p.add_argument("files", nargs="+")
     args = ap.parse_args()
-    {"export": export, "run": run, "report": report}[args.cmd](args)
+    {"export": export, "run": run, "report": report, "export-kl": export_kl, "kl": kl,
+     "report-kl": report_kl}[args.cmd](args)
 
 
 if __name__ == "__main__":

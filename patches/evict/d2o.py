@@ -65,14 +65,19 @@ def dense_view(layer: KVAccelLayer) -> tuple[Tensor, Tensor, Tensor]:
 
 def merge_evicted(
     K: Tensor, V: Tensor, kept: Tensor, evicted: Tensor, tau_prev: Tensor | None, alpha: float, beta: float,
-    chunk: int = 512,
+    chunk: int = 512, normalize: bool = True, per_head: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """D2O merge compensation on ``(B, H, N, ·)`` keys/values with ``kept`` / ``evicted`` masks ``(B, H, N)``.
 
     ``s_e = max_{t kept} cos(K_e, K_t)`` with ``t*`` the argmax (same head); ``τ = mean(s)`` over the evicted
-    (head, token) pairs of a sequence at the first call, else ``τ = α·τ_prev + β·mean(s)``. Token ``e`` is merged
-    (in every head that evicts it) when the mean of ``s_e`` over those heads is ``>= τ``; each kept target then
-    becomes ``K_t ← (K_t + Σ_{e→t} s_e·K_e) / (1 + n_t)`` (``(K_t + s_e K_e)/2`` for one merged token), same for V.
+    (head, token) pairs of a sequence at the first call, else ``τ = α·τ_prev + β·mean(s)``.
+
+    * Decision: ``per_head`` — ``e`` merges in head ``h`` when ``s_e[h] >= τ``; else (the reference) ``e`` merges
+      in every head that evicts it when the mean of ``s_e`` over those heads is ``>= τ``.
+    * Weights: ``normalize`` — the convex combination ``K_t ← (K_t + Σ_{e→t} s_e K_e) / (1 + Σ_{e→t} s_e)``; else
+      (the reference's ``scatter_reduce(mean, include_self)`` of ``s_e K_e``) ``K_t ← (K_t + Σ s_e K_e)/(1 + n_t)``,
+      whose weights sum to ``(1 + Σ s_e)/(1 + n_t) < 1``: merged keys and values shrink. Same for V.
+
     Returns ``(K', V', τ (B,), merged (B, H, N) bool)``.
     """
     B, H, N, D = K.shape
@@ -89,14 +94,17 @@ def merge_evicted(
     s = torch.where(evicted, s, torch.zeros_like(s))
     mean_s = s.sum((1, 2)) / evicted.sum((1, 2)).clamp(min=1)
     tau = mean_s if tau_prev is None else alpha * tau_prev + beta * mean_s
-    heads = evicted.sum(1, keepdim=True)
-    m_e = s.sum(1, keepdim=True) / heads.clamp(min=1)
-    merged = evicted & (m_e >= tau[:, None, None])
+    if per_head:
+        merged = evicted & (s >= tau[:, None, None])
+    else:
+        heads = evicted.sum(1, keepdim=True)
+        m_e = s.sum(1, keepdim=True) / heads.clamp(min=1)
+        merged = evicted & (m_e >= tau[:, None, None])
     w = torch.where(merged, s, torch.zeros_like(s))
-    cnt = kf.new_zeros(B, H, N).scatter_add_(2, near, merged.float())
+    mass = kf.new_zeros(B, H, N).scatter_add_(2, near, w if normalize else merged.float())
     k_acc = torch.zeros_like(kf).scatter_add_(2, near[..., None].expand(B, H, N, D), w[..., None] * kf)
     v_acc = torch.zeros_like(vf).scatter_add_(2, near[..., None].expand(B, H, N, vf.shape[-1]), w[..., None] * vf)
-    denom = (1.0 + cnt)[..., None]
+    denom = (1.0 + mass)[..., None]
     return ((kf + k_acc) / denom).to(K.dtype), ((vf + v_acc) / denom).to(V.dtype), tau, merged
 
 
@@ -107,8 +115,10 @@ class D2O(EvictionMethod):
 
     https://arxiv.org/abs/2406.13035 — ``r_l = clamp(softmax(−σ)_l · M · ρ, 0.01, 1)`` with ``σ_l`` the mean over
     heads of the min-max normalised variance of the prompt's attention column sums; tokens: first ``sink`` + top
-    accumulated attention + recent; evicted ``e`` merges into its most cosine-similar kept token when
-    ``mean_heads(s_e) >= τ_t`` (EMA threshold), ``K_t ← (K_t + Σ s_e K_e)/(1 + n_t)``, same for V.
+    accumulated attention + recent; evicted ``e`` merges into its most cosine-similar kept token ``t`` (per head)
+    when ``s_e >= τ_t`` (EMA threshold), ``K_t ← (K_t + Σ s_e K_e)/(1 + Σ s_e)``, same for V. The reference
+    (github.com/AIoT-MLSys-Lab/d2o, ``scatter_reduce(mean)``) divides by ``1 + n_t`` instead, so merged keys and
+    values shrink, and takes one decision on ``mean_heads(s_e)``: ``normalize_merge=False, per_head_merge=False``.
 
     Choices where the paper is silent (see ``merge_evicted`` for the merge):
 
@@ -142,6 +152,12 @@ class D2O(EvictionMethod):
         Merge compensation on/off. Default True.
     alpha, beta : float
         EMA weights of the merge threshold. Default 0.5, 0.5.
+    normalize_merge : bool
+        Merge as a convex combination (weights sum to one). ``False`` = the reference's ``mean(K_t, s_e K_e)``,
+        which shrinks merged keys and values. Default True (see ``merge_evicted``).
+    per_head_merge : bool
+        Decide the merge per head (``s_e[h] >= τ``). ``False`` = the reference's one decision on the mean over
+        heads. Default True.
     """
 
     name = "d2o"
@@ -151,6 +167,8 @@ class D2O(EvictionMethod):
     merge: bool = True
     alpha: float = 0.5
     beta: float = 0.5
+    normalize_merge: bool = True
+    per_head_merge: bool = True
 
     def __post_init__(self):
         validate_budget(self.budget)
@@ -158,6 +176,9 @@ class D2O(EvictionMethod):
             raise ValueError(f"recent_ratio ({self.recent_ratio!r}) must be in [0, 1]")
         if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
             raise ValueError(f"sink ({self.sink!r}) must be an int >= 0")
+        for f in ("merge", "normalize_merge", "per_head_merge"):
+            if not isinstance(getattr(self, f), bool):
+                raise ValueError(f"{f} ({getattr(self, f)!r}) must be True or False")
         for f in ("alpha", "beta"):
             v = getattr(self, f)
             if not (0.0 <= v <= 1.0):
@@ -249,7 +270,10 @@ class D2O(EvictionMethod):
             kept = torch.zeros_like(valid).scatter_(-1, idx, slot_valid)
             evicted = valid & ~kept
             if bool(evicted.any()):
-                K2, V2, st["tau"], merged = merge_evicted(K, V, kept, evicted, st["tau"], self.alpha, self.beta)
+                K2, V2, st["tau"], merged = merge_evicted(
+                    K, V, kept, evicted, st["tau"], self.alpha, self.beta,
+                    normalize=self.normalize_merge, per_head=self.per_head_merge,
+                )
                 if bool(merged.any()):
                     self._write_back(layer, K2, V2)
         layer.keep(idx, None if bool(slot_valid.all()) else slot_valid)

@@ -63,10 +63,9 @@ def expected_logits(mu: Tensor, cov: Tensor | None, keys: Tensor, scale: float) 
     G = mu.shape[1] // Hkv
     k = keys.float()
     out = scale * torch.einsum("bhgd,bhnd->bhgn", mu.view(B, Hkv, G, D), k)
-    if cov is not None:
-        out = out + 0.5 * scale * scale * torch.einsum(
-            "bhnd,bhgde,bhne->bhgn", k, cov.view(B, Hkv, G, D, D), k
-        )
+    if cov is not None:  # kᵀΣk as (K Σ) · K: O(G·N·D²) time, O(G·N·D) memory (no (N, D, D) intermediate)
+        kc = k[:, :, None] @ cov.view(B, Hkv, G, D, D)  # (B, Hkv, G, N, D)
+        out = out + 0.5 * scale * scale * (kc * k[:, :, None]).sum(-1)
     return out
 
 
