@@ -216,6 +216,10 @@ def sale_estimate(
         raise ValueError(f"chunk ({chunk!r}) must be an int >= block_m ({block_m})")
     B, Hq, L, _ = q.shape
     log_tau = _as_log_tau(threshold, Hq, q.device)
+    causal = causal_block_mask(L, block_m, block_n, device=q.device)
+    if bool(torch.isinf(log_tau).all()):  # every head dense: nothing to estimate
+        _check(q, k, block_m, block_n, sink, local_window)
+        return causal.expand(B, Hq, -1, -1).clone()
     prep = sale_prepare(q, k, scale=scale, block_m=block_m, block_n=block_n, sink=sink, local_window=local_window,
                         bits=bits, chunk=chunk)
     sink_blocks = num_blocks(sink, block_n)
@@ -223,7 +227,6 @@ def sale_estimate(
         keep = _estimate_triton(prep, scale, log_tau, block_m, block_n, sink_blocks, local_window)
     else:
         keep = _estimate_torch(prep, scale, log_tau, block_m, block_n, sink_blocks, local_window, chunk)
-    causal = causal_block_mask(L, block_m, block_n, device=q.device)
     keep |= _exact_blocks(L, block_m, block_n, sink_blocks, local_window, q.device)
     keep |= torch.isinf(log_tau)[None, :, None, None]  # dense heads
     return keep & causal

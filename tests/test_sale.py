@@ -295,3 +295,11 @@ def test_default_model_finds_its_thresholds(default_model):
     assert method._tau is not None and method._tau.shape == (30, 9), method._note
     assert "per-head thresholds from" in method._note
     assert ((method._tau == 0) | ((method._tau > 0) & (method._tau < 1))).all()
+
+
+def test_all_dense_heads_skip_the_estimate():
+    q, k = _qk(L=300, Hq=4, Hkv=2, D=16)
+    keep = sale_estimate(q, k, scale=0.25, threshold=torch.zeros(4), backend="torch")
+    assert torch.equal(keep, causal_block_mask(300, 64, 32).expand(1, 4, -1, -1))
+    with pytest.raises(ValueError, match="must be < 1"):
+        sale_estimate(q, k, scale=0.25, threshold=1.0)
