@@ -277,25 +277,25 @@ def _project(qk, kq, n, degree, window, hubs, nbrs, deg):
                 crank[fill[x]] = j
                 fill[x] += 1
     cap = nbrs.shape[1]
+    mark = np.full(n, -1, np.int64)  # unique candidates of node x with their co-occurrence weight, no sort
+    acc = np.zeros(n, np.float64)
+    uid = np.empty(n, np.int64)
     for x in range(n):
-        a, b = ptr[x], ptr[x + 1]
-        if a == b:
-            continue
-        ids = cid[a:b]
-        order = np.argsort(ids)
-        # unique candidates with their co-occurrence count and best rank
-        uid = np.empty(b - a, np.int64)
-        ucount = np.zeros(b - a, np.float64)
-        m = -1
-        last = -1
-        for t in order:
-            if ids[t] != last:
+        m = 0
+        for t in range(ptr[x], ptr[x + 1]):
+            y = cid[t]
+            if mark[y] != x:
+                mark[y] = x
+                acc[y] = 0.0
+                uid[m] = y
                 m += 1
-                uid[m] = ids[t]
-                ucount[m] = 0.0
-                last = ids[t]
-            ucount[m] += 1.0 - crank[a + t] / (kb + 1.0) * 1e-3
-        sel = np.argsort(-ucount[: m + 1])
+            acc[y] += 1.0 - crank[t] / (kb + 1.0) * 1e-3  # ties: the better rank
+        if m == 0:
+            continue
+        w = np.empty(m, np.float64)
+        for t in range(m):
+            w[t] = -acc[uid[t]]
+        sel = np.argsort(w)
         for t in sel:
             if deg[x] >= degree:
                 break
