@@ -13,6 +13,7 @@ position ``key_perm[b, hkv, j]``, and a query at position ``i`` sees it iff ``ke
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,15 @@ from torch import Tensor
 
 from .backend import resolve_backend
 
-__all__ = ["block_sparse_attention", "block_sparse_attention_reference", "num_blocks", "causal_block_count"]
+__all__ = [
+    "block_sparse_attention",
+    "block_sparse_attention_reference",
+    "block_sparse_csr",
+    "causal_block_count",
+    "num_blocks",
+    "plan_block_sparse",
+    "release_workspace",
+]
 
 #: Block sizes the kernels accept: the Triton kernel tiles by them, so they must be powers of two >= 16.
 ALLOWED_BLOCKS = (16, 32, 64, 128, 256)
@@ -297,23 +306,33 @@ def _block_sparse_attention_torch(q, k, v, block_mask, scale, block_m, block_n, 
     max_full, max_part = plan.full_idx.shape[1], plan.part_idx.shape[1]
     chunk = max(1, GATHER_BYTES // max(1, (max_full + max_part) * block_n * 2 * D * q.element_size()))
     chunk = max(1, min(chunk, plan.order.numel()))
-    # Workspaces reused by every chunk: fresh large tensors cost page faults that dominate a gather on CPU.
+    # Workspaces reused by every chunk (and every call, see _workspace): fresh large tensors cost page faults
+    # that dominate a gather on CPU.
     width = max(max_full, max_part) * block_n
-    ws_q = q.new_empty(chunk * R * D)
-    ws_k, ws_v = q.new_empty(chunk * width * D), q.new_empty(chunk * width * D)
-    ws_bias = q.new_empty(chunk * max(max_full * block_n, R * max_part * block_n))
-    ws_pos = plan.slot_pos.new_empty(chunk * max_part * block_n)
-    ws_hide = torch.empty(chunk * R * max_part * block_n, dtype=torch.bool, device=dev)
+    ws_q, ws_k, ws_v, ws_bias, ws_pos, ws_hide = _workspace(
+        dev,
+        [
+            (chunk * R * D, dt),
+            (chunk * width * D, dt),
+            (chunk * width * D, dt),
+            (chunk * max(max_full * block_n, R * max_part * block_n), dt),
+            (chunk * max_part * block_n, plan.slot_pos.dtype),
+            (chunk * R * max_part * block_n, torch.bool),
+        ],
+    )
 
     def take(src: Tensor, idx: Tensor, ws: Tensor) -> Tensor:
         return torch.index_select(src, 0, idx, out=ws[: idx.numel() * src[0].numel()].view(-1, *src.shape[1:]))
 
-    for c0 in range(0, plan.order.numel(), chunk):
-        ids = plan.order[c0 : c0 + chunk]
+    # per chunk: longest full / partial lists, shortest full list (one host sync for all chunks)
+    n_chunks = -(-plan.order.numel() // chunk)
+    counts = torch.stack([plan.full_cnt[plan.order], plan.part_cnt[plan.order]])
+    counts = F.pad(counts, (0, n_chunks * chunk - counts.shape[1]), value=-1).view(2, n_chunks, chunk)
+    chunk_stats = torch.cat([counts.amax(-1), counts[0].masked_fill(counts[0] < 0, 1 << 30).amin(-1)[None]]).T
+    for c, (n_full, n_part, min_full) in enumerate(chunk_stats.tolist()):
+        ids = plan.order[c * chunk : (c + 1) * chunk]
         n = ids.numel()
         qrows = take(qi, ids, ws_q).unsqueeze(1)  # (n, 1, R, D)
-        n_full = int(plan.full_cnt[ids].max())
-        n_part = int(plan.part_cnt[ids].max())
         o_f = o_p = l_f = l_p = None
         if n_full:
             idx = plan.full_idx.index_select(0, ids)[:, :n_full].reshape(-1)
@@ -325,8 +344,9 @@ def _block_sparse_attention_torch(q, k, v, block_mask, scale, block_m, block_n, 
                 attn_mask=take(key_bias, idx, ws_bias).view(n, 1, 1, kv_len),
                 scale=scale,
             )
-            # the fused kernel returns lse 0 for a row with no key: an item without full tiles has lse -inf here
-            o_f, l_f = o_f[:, 0], torch.where(plan.full_cnt[ids, None] > 0, l_f[:, 0], neg_inf)
+            o_f, l_f = o_f[:, 0], l_f[:, 0]
+            if min_full == 0:  # the fused kernel returns lse 0 for a row with no key: no full tile -> -inf
+                l_f = torch.where(plan.full_cnt[ids, None] > 0, l_f, neg_inf)
         if n_part:
             idx = plan.part_idx.index_select(0, ids)[:, :n_part].reshape(-1)
             kv_len = n_part * block_n
@@ -374,6 +394,32 @@ def _block_sparse_attention_torch(q, k, v, block_mask, scale, block_m, block_n, 
 
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # (out, lse): fused, float32 accumulation
+_scratch = threading.local()
+
+
+def _workspace(device: torch.device, parts: list[tuple[int, torch.dtype]]) -> list[Tensor]:
+    """Flat scratch tensors carved from one byte buffer per thread and device, kept between calls.
+
+    Every layer of a prefill calls the op with similar sizes; reusing the buffer saves the page faults of fresh
+    allocations. The buffer holds about ``4 * GATHER_BYTES`` at most; :func:`release_workspace` frees it.
+    """
+    align = 64
+    sizes = [-(-n * torch.empty(0, dtype=dt).element_size() // align) * align for n, dt in parts]
+    need = sum(sizes)
+    bufs = _scratch.__dict__.setdefault("bufs", {})
+    buf = bufs.get(device)
+    if buf is None or buf.numel() < need:
+        buf = bufs[device] = torch.empty(need, dtype=torch.uint8, device=device)
+    out, off = [], 0
+    for (n, dt), size in zip(parts, sizes, strict=True):
+        out.append(buf[off : off + size].view(dt)[:n])
+        off += size
+    return out
+
+
+def release_workspace() -> None:
+    """Free the PyTorch path's scratch buffers of the calling thread."""
+    _scratch.__dict__.pop("bufs", None)
 
 
 # --------------------------------------------------------------------------------------------------------------
