@@ -94,9 +94,31 @@ def test_think_composes_exactly():
     ids, mask = _batch(1)
     with kvaccel.patched(model, "think(ratio=0.5)"):
         _, ref = _stock_logits(model, ids, mask, 6)
-    with kvaccel.patched(model, "think(ratio=0.5)", Retrieval(**EXACT)):
+    with kvaccel.patched(model, "think(ratio=0.5)+retrieval(sink=4,window=8,top_k=512,ef=512,spill_every=4)"):
         _, got = _stock_logits(model, ids, mask, 6)
     torch.testing.assert_close(got, ref, atol=2e-4, rtol=2e-4)
+
+
+@needs_deps
+def test_prompt_chunk_after_prefill_is_exact():
+    """A later multi-token chunk (a question after the context) attends host + device parts causally, then spills."""
+    from transformers import DynamicCache
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 512, (1, 60), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref_cache = DynamicCache()
+        model(ids[:, :30], past_key_values=ref_cache)
+        ref = [model(ids[:, 30:50], past_key_values=ref_cache).logits]
+        ref += [model(ids[:, i : i + 1], past_key_values=ref_cache).logits for i in range(50, 60)]
+        with kvaccel.patched(model, Retrieval(**EXACT)):
+            cache = KVAccelCache(model)
+            model(ids[:, :30], past_key_values=cache)
+            got = [model(ids[:, 30:50], past_key_values=cache).logits]
+            assert cache.layers[0].keys.shape[2] == EXACT["sink"] + EXACT["window"]  # the chunk spilled too
+            got += [model(ids[:, i : i + 1], past_key_values=cache).logits for i in range(50, 60)]
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
 
 
 @needs_deps
