@@ -181,7 +181,11 @@ def _install_default_cache(model) -> None:
         custom = kwargs.get("cache_implementation") or gen_cfg.cache_implementation
         if given_cache(kwargs) is None and wants_cache and not custom:
             kwargs[cache_kw] = KVAccelCache(model)
-        return inner_generate(*args, **kwargs)
+        state.max_new_tokens = kwargs.get("max_new_tokens", gen_cfg.max_new_tokens)  # e.g. Keyformer's schedule
+        try:
+            return inner_generate(*args, **kwargs)
+        finally:
+            state.max_new_tokens = None
 
     @functools.wraps(inner_forward)
     def forward(*args, **kwargs):

@@ -323,6 +323,51 @@ def test_keyformer_prompt_selection_decode_eviction_and_dropped_scores():
         assert new_ids[0, 0, -3:].tolist() == [40 + step - 3 + i for i in (0, 1, 2)]
 
 
+def test_keyformer_scores_the_prompt_with_every_query_in_blocks(monkeypatch):
+    import kvaccel.patches.evict.keyformer as kf
+
+    monkeypatch.setattr(kf, "_ROW_CHUNK", 16)  # several row blocks: G * T = 2 * 40 rows
+    layer, q = make_layer(40), queries(4, 40)
+    m = Keyformer(budget=40, seed=3)  # window=0: all 40 prompt queries; budget covers the prompt (scores kept)
+    m.after_prefill(make_ctx(layer, q))
+    g = torch.Generator().manual_seed(step_seed(3, 0, 0))
+    want = torch.zeros(1, 2, 40, dtype=torch.float64)
+    qg = q.reshape(1, 2, 80, D)
+    rows = torch.arange(40).repeat(2)
+    for r0 in range(0, 80, 16):  # the noise is drawn block by block, in order
+        logits = qg[:, :, r0:r0 + 16] @ layer.keys.transpose(-1, -2) / math.sqrt(D)
+        fi = torch.finfo(torch.float32)
+        u = torch.rand(logits.shape, generator=g).clamp(fi.tiny, 1 - fi.eps)
+        logits = (logits - torch.log(-torch.log(u))).masked_fill(torch.arange(40)[None] > rows[r0:r0 + 16, None],
+                                                                float("-inf"))
+        want += logits.double().softmax(-1).sum(2)
+    torch.testing.assert_close(layer.token_state["keyformer"].double(), want / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_keyformer_temperature_follows_the_generation_length(monkeypatch):
+    import kvaccel.patches.evict.keyformer as kf
+
+    lengths = []
+    real = kf.tau_at
+    monkeypatch.setattr(kf, "tau_at", lambda t, a, b, n: lengths.append(n) or real(t, a, b, n))
+    model = tiny_model("llama")
+    ids = torch.randint(3, 512, (1, 40), generator=torch.Generator().manual_seed(2))
+    with kvaccel.patched(model, "keyformer(budget=16)"):
+        model.generate(ids, max_new_tokens=7, min_new_tokens=7, do_sample=False)
+        assert set(lengths[3:]) == {7}  # decode steps of the 3 layers use the call's length
+        lengths.clear()
+        cache = kvaccel.KVAccelCache(model)  # a manual loop: no generate(), the documented default, noted
+        with torch.no_grad():
+            model(ids, past_key_values=cache, use_cache=True)
+            model(ids[:, :1], past_key_values=cache, use_cache=True)
+        assert set(lengths[3:]) == {128}
+        assert any("generation length unknown" in n for n in kvaccel.report(model)["notes"])
+    lengths.clear()
+    with kvaccel.patched(model, "keyformer(budget=16, max_new_tokens=50)"):
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        assert set(lengths[3:]) == {50}
+
+
 # ----------------------------------------------------------------------------------------------- invariants
 @pytest.mark.parametrize(
     "method",
@@ -369,7 +414,7 @@ def test_kept_tokens_are_the_top_scoring_ones(method):
         (Keyformer, {"tau_init": 0.0}, "tau_init"),
         (Keyformer, {"tau_end": -1.0}, "tau_end"),
         (Keyformer, {"recent_ratio": 2}, "recent_ratio"),
-        (Keyformer, {"window": 0}, "window"),
+        (Keyformer, {"window": -1}, "window"),
         (Keyformer, {"max_new_tokens": 0}, "max_new_tokens"),
         (Keyformer, {"seed": 1.5}, "seed"),
     ],

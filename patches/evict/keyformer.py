@@ -14,6 +14,7 @@ from .h2o import H2O, check_int
 
 STATE = "keyformer"
 _ROW_CHUNK = 256  # stacked query rows per logits block: temporaries are O(_ROW_CHUNK * T) per kv head
+DEFAULT_LENGTH = 128  # temperature schedule length when neither the field nor generate() gives one
 
 
 def step_seed(seed: int, layer_idx: int, step: int) -> int:
@@ -22,8 +23,9 @@ def step_seed(seed: int, layer_idx: int, step: int) -> int:
 
 
 def gumbel_noise(shape, generator: torch.Generator) -> torch.Tensor:
-    """``zeta = -log(-log(u))``, ``u ~ U(0, 1)`` drawn with ``generator`` (CPU, float32), clamped off 0 and 1."""
-    u = torch.rand(shape, generator=generator, dtype=torch.float32)
+    """``zeta = -log(-log(u))``, ``u ~ U(0, 1)`` drawn with ``generator`` on its device (float32), clamped off 0
+    and 1. No host-to-device copy: a CUDA generator draws on the GPU."""
+    u = torch.rand(shape, generator=generator, dtype=torch.float32, device=generator.device)
     u = u.clamp_(torch.finfo(torch.float32).tiny, 1.0 - torch.finfo(torch.float32).eps)
     return -torch.log(-torch.log(u))
 
@@ -48,7 +50,8 @@ def noisy_scores(
     ``f_ij = softmax_j((scale q_i . k_j + zeta_ij) / tau)`` with causal masking (query ``i`` at position
     ``T - W + i``) and invalid keys masked. The ``G`` query heads of a kv head are stacked as ``(B, H_kv, G*W, T)``
     rows (no K repeat) and processed ``_ROW_CHUNK`` rows at a time; one noise block of the chunk's shape is drawn
-    per chunk, in order, from ``generator``.
+    per chunk, in order, from ``generator`` (which must live on ``q``'s device). With ``W = T`` (every prompt query)
+    the ``(G*T, T)`` map is never built: at most ``_ROW_CHUNK`` rows at a time.
     """
     B, Hq, W, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
@@ -61,7 +64,7 @@ def noisy_scores(
     for r0 in range(0, G * W, _ROW_CHUNK):
         r1 = min(G * W, r0 + _ROW_CHUNK)
         logits = (qg[:, :, r0:r1].float() @ kt) * scale
-        logits = logits + gumbel_noise(logits.shape, generator).to(logits.device)
+        logits = logits + gumbel_noise(logits.shape, generator)
         mask = key_pos[None, :] <= row_pos[r0:r1, None]  # (rows, T)
         if valid is not None:
             mask = mask & valid[:, :, None, :]
@@ -80,11 +83,16 @@ class Keyformer(H2O):
     ``zeta ~ Gumbel(0, 1)`` redrawn every step, ``tau_t = tau_init + t (tau_end - tau_init) / max_new_tokens``
     (clamped at ``tau_end``). Per layer and kv head the scores accumulate over steps in
     ``layer.token_state["keyformer"]`` (``(B, H_kv, T)``, mean over the ``G`` query heads; an evicted token's
-    score is dropped with it). At the prompt (``t = 0``) the last ``window`` queries score every token; each
-    decode step ``t`` adds the new query's noisy probabilities and cuts the cache back to ``budget``:
-    ``round(recent_ratio * budget)`` most recent tokens + the top-scoring rest. The noise of layer ``l`` at step
-    ``t`` comes from ``torch.Generator().manual_seed(step_seed(seed, l, t))``: reproducible, whatever else runs
-    (drawn on the CPU, then copied to the device).
+    score is dropped with it). At the prompt (``t = 0``) every prompt query's noisy probabilities are summed, as
+    the reference accumulates them (``window=0``, computed in blocks of rows, never an ``(L, L)`` map at once;
+    ``window=N`` = the last ``N`` queries only); each decode step ``t`` adds the new query's noisy probabilities
+    and cuts the cache back to ``budget``: ``round(recent_ratio * budget)`` most recent tokens + the top-scoring
+    rest. The noise of layer ``l`` at step ``t`` comes from a generator on the model's device seeded with
+    ``step_seed(seed, l, t)``: reproducible, whatever else runs, and drawn where it is used (no host copy).
+
+    Temperature length: ``max_new_tokens`` when set; else the ``max_new_tokens`` of the running ``generate()``
+    call (its argument or the generation config, recorded by kvaccel's ``generate`` wrapper); else (manual
+    decode loops, ``max_length`` only) 128, noted in ``kvaccel.report(model)["notes"]``.
 
     Parameters
     ----------
@@ -93,11 +101,13 @@ class Keyformer(H2O):
     recent_ratio : float
         Fraction of the budget used as recent window (reference: 0.3; paper recommends 0.2–0.3). Default 0.3.
     window : int
-        Prompt queries whose logits score the prompt at prefill. Default 32.
+        Prompt queries whose logits score the prompt at prefill: ``0`` = all of them (the reference), ``N`` = the
+        last ``N``. Default 0.
     tau_init, tau_end : float
         Gumbel-softmax temperature at the first and at the ``max_new_tokens``-th step (> 0). Default 1.0, 2.0.
-    max_new_tokens : int
-        Steps over which the temperature rises linearly. Default 128.
+    max_new_tokens : int | None
+        Steps over which the temperature rises linearly; ``None`` = the generation's length (see above).
+        Default None.
     seed : int
         Seed of the Gumbel noise (combined with the layer index and the step). Default 0.
     """
@@ -106,31 +116,52 @@ class Keyformer(H2O):
     state_key: ClassVar[str] = STATE
     budget: int | float = 0.25
     recent_ratio: float = 0.3
-    window: int = 32
+    window: int = 0
     tau_init: float = 1.0
     tau_end: float = 2.0
-    max_new_tokens: int = 128
+    max_new_tokens: int | None = None
     seed: int = 0
 
     def __post_init__(self):
         super().__post_init__()  # budget, recent_ratio
-        check_int("window", self.window, 1)
+        check_int("window", self.window, 0)
         for field in ("tau_init", "tau_end"):
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or not v > 0:
                 raise ValueError(f"{field} ({v!r}) must be a number > 0")
-        check_int("max_new_tokens", self.max_new_tokens, 1)
+        if self.max_new_tokens is not None:
+            check_int("max_new_tokens", self.max_new_tokens, 1)
         check_int("seed", self.seed, 0)
 
-    def tau(self, step: int) -> float:
-        return tau_at(step, self.tau_init, self.tau_end, self.max_new_tokens)
+    def tau(self, step: int, length: int | None = None) -> float:
+        """Temperature at decode step ``step`` of a ``length``-token generation (default: ``max_new_tokens``)."""
+        length = length or self.max_new_tokens or DEFAULT_LENGTH
+        return tau_at(step, self.tau_init, self.tau_end, length)
+
+    def generation_length(self, ctx) -> int:
+        """Steps of the temperature schedule: the field, else the running ``generate()``'s ``max_new_tokens``."""
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        state = getattr(ctx, "state", None)
+        length = getattr(state, "max_new_tokens", None)
+        if isinstance(length, int) and length >= 1:
+            return length
+        if state is not None:
+            state.notes.add(
+                f"keyformer: generation length unknown (no generate() max_new_tokens): temperature rises over "
+                f"{DEFAULT_LENGTH} steps; set keyformer(max_new_tokens=...)"
+            )
+        return DEFAULT_LENGTH
 
     def accumulate(self, ctx) -> None:
         """Add this step's Gumbel-softmax scores (window at the prompt, the new query at decode)."""
         layer = ctx.layer
         step = layer.decode_steps if ctx.phase == "decode" else 0
-        q = ctx.query if ctx.phase == "decode" else ctx.query[:, :, -min(self.window, ctx.query.shape[2]) :]
-        gen = torch.Generator().manual_seed(step_seed(self.seed, ctx.layer_idx, step))
+        q = ctx.query
+        if ctx.phase != "decode" and self.window:
+            q = q[:, :, -min(self.window, q.shape[2]) :]
+        gen = torch.Generator(device=q.device).manual_seed(step_seed(self.seed, ctx.layer_idx, step))
         keys, valid = layer.dense_keys()
-        add = noisy_scores(q, keys, scale=ctx.scaling, tau=self.tau(step), generator=gen, valid=valid)
+        tau = self.tau(step, self.generation_length(ctx) if step else None)  # tau_0 = tau_init whatever the length
+        add = noisy_scores(q, keys, scale=ctx.scaling, tau=tau, generator=gen, valid=valid)
         self.add_scores(layer, add)
