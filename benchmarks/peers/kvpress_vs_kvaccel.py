@@ -208,6 +208,7 @@ KL_KVACCEL = {
     "adakv-snapkv": "adakv(budget={b}, inner='snapkv', alpha_safeguard=0.2)",
     "d2o": "d2o(budget={b})",
     "d2o-nomerge": "d2o(budget={b}, merge=False)",
+    "d2o-reference-merge": "d2o(budget={b}, normalize_merge=False, per_head_merge=False)",
     "expected_attention": "expected_attention(budget={b})",
     "expected_attention-chunk5": "expected_attention(budget={b}, chunk=5)",
     "expected_attention-chunk10": "expected_attention(budget={b}, chunk=10)",
