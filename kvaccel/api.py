@@ -134,6 +134,10 @@ def patch(model, *methods: str | Method, **options: Any):
     for mod in modules:
         mod._kvaccel_state = state
         handles.append(mod.register_forward_pre_hook(cache_pre_hook, with_kwargs=True))
+    for m in stages.values():  # methods that need their own hooks (e.g. attention_gate reads the layer input)
+        install = getattr(m, "install_hooks", None)
+        if install is not None:
+            handles.extend(install(model, modules))
     state.handles = handles
     setattr(model, _STATE_ATTR, state)
     model.set_attn_implementation(ATTENTION_NAME)

@@ -136,6 +136,22 @@ def _seer_save(gates: nn.Module, out: Path, recipe: dict) -> Path:
 register_gate_kind(GateKind("seer", _seer_build, _seer_target, _seer_loss, _seer_save))
 
 
+# ------------------------------------------------------------------------------------------ attention_gate
+
+
+def _ag(fn: str):  # the Attention-Gate kind lives in kvaccel.patches.evict.attention_gate (imported when used)
+    def call(*args):
+        from kvaccel.patches.evict import attention_gate
+
+        return getattr(attention_gate, fn)(*args)
+
+    return call
+
+
+register_gate_kind(GateKind("attention_gate", _ag("build_gates"), _ag("train_target"), _ag("gate_loss"),
+                            _ag("save_gates")))
+
+
 # ------------------------------------------------------------------------------------------ data
 
 

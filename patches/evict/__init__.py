@@ -1,6 +1,7 @@
 """Eviction methods (stage ``evict``). Importing this package registers them."""
 
 from .adakv import AdaKV
+from .attention_gate import AttentionGate
 from .base import EvictionMethod, ScoredEviction
 from .d2o import D2O
 from .expected_attention import ExpectedAttention
@@ -13,5 +14,6 @@ from .streaming import Streaming
 
 __all__ = [
     "AdaKV", "D2O", "EvictionMethod", "ExpectedAttention", "Full", "H2O", "Keyformer", "PyramidKV", "ScoredEviction",
+    "AttentionGate",
     "SnapKV", "Streaming",
 ]

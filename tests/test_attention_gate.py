@@ -1,0 +1,240 @@
+"""Attention-Gate eviction: gate shapes, files, straight-through gradient, training, inference invariants."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import kvaccel
+from kvaccel.cache import KVAccelCache
+from kvaccel.patches.evict import attention_gate as ag
+from kvaccel.patches.evict.attention_gate import AttentionGate, AttentionGates, straight_through
+
+from conftest import tiny_model
+
+FAMILIES3 = ["llama", "qwen3", "mistral"]
+
+
+def _gates(model, tmp_path, bias: float | None = None, **kw):
+    g = AttentionGates.for_model(model, gate_dim=4, gate_window=8, window=kw.pop("window", 4), sink=2, **kw)
+    if bias is not None:
+        with torch.no_grad():
+            for layer in g.layers:
+                layer.direct.bias.fill_(bias)
+    return g.save(tmp_path / "gate")
+
+
+@pytest.mark.parametrize("family", FAMILIES3)
+def test_gate_shapes(family):
+    model = tiny_model(family)
+    g = AttentionGates.for_model(model)
+    x = torch.randn(2, 37, model.config.hidden_size)
+    logits, (pk, pv) = g.layers[0](x)
+    hkv = model.config.num_key_value_heads
+    assert logits.shape == (2, hkv, 37)
+    assert pk.shape == (2, hkv, 63 if 37 >= 63 else 37, 8) and pv.shape == pk.shape
+    assert len(g.layers) == model.config.num_hidden_layers
+
+
+def test_incremental_gate_equals_full():
+    """Scoring token by token with the carried gate keys/values equals scoring the whole sequence at once."""
+    model = tiny_model("llama")
+    torch.manual_seed(0)
+    layer = AttentionGates.for_model(model, gate_window=6).layers[0]
+    torch.nn.init.normal_(layer.out)
+    x = torch.randn(1, 20, model.config.hidden_size)
+    full, _ = layer(x)
+    logits, past = layer(x[:, :11])
+    parts = [logits]
+    for t in range(11, 20):
+        lt, past = layer(x[:, t : t + 1], past)
+        parts.append(lt)
+    torch.testing.assert_close(torch.cat(parts, -1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = tiny_model("qwen3")
+    g = AttentionGates.for_model(model, recipe={"steps": 3})
+    torch.nn.init.normal_(g.layers[1].out)
+    g.save(tmp_path)
+    h = AttentionGates.load(tmp_path / "gate.safetensors")
+    assert h.meta == json.loads(json.dumps(g.meta))
+    for a, b in zip(g.state_dict().values(), h.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    h.check_model(model)
+
+
+def test_bad_files_are_clear_errors(tmp_path):
+    model = tiny_model("llama")
+    path = _gates(model, tmp_path)
+    with pytest.raises(ValueError, match="trained for model"):
+        AttentionGates.load(path).check_model(tiny_model("qwen3"))
+    with pytest.raises(ValueError, match="trained for model"):
+        kvaccel.patch(tiny_model("qwen3"), AttentionGate(weights=str(path)))
+    w = path / "gate.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    with pytest.raises(ValueError, match="corrupted or truncated"):
+        AttentionGates.load(path)
+    (path / "gate.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        AttentionGates.load(path)
+    with pytest.raises(ValueError, match="does not exist"):
+        AttentionGates.load(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="no shipped gates"):
+        kvaccel.patch(tiny_model("llama"), "attention_gate")
+    with pytest.raises(ValueError, match="threshold"):
+        AttentionGate(threshold=1.5)
+
+
+def test_straight_through_gradient():
+    p = torch.tensor([0.2, 0.6, 0.49, 0.9], requires_grad=True)
+    f = straight_through(p, 0.5)
+    assert f.tolist() == [0.0, 1.0, 0.0, 1.0]
+    w = torch.tensor([1.0, -2.0, 3.0, 0.5])
+    (f * w).sum().backward()
+    torch.testing.assert_close(p.grad, w)  # d(hard)/dp taken as 1: the gradient reaches the probability
+    x = torch.tensor([0.3, -1.0], requires_grad=True)
+    straight_through(torch.sigmoid(x)).sum().backward()
+    s = torch.sigmoid(x.detach())
+    torch.testing.assert_close(x.grad, s * (1 - s))  # the sigmoid's gradient
+
+
+def test_masked_attention_matches_reference():
+    torch.manual_seed(0)
+    B, Hq, Hkv, L, D = 1, 4, 2, 12, 8
+    q, k, v = torch.randn(B, Hq, L, D), torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D)
+    keep = (torch.rand(B, Hkv, L) > 0.5).float()
+    out = ag.masked_attention(q, k, v, keep, window=3, sink=1, scaling=0.3)
+    ref = torch.empty_like(out)
+    for h in range(Hq):
+        kh = h // (Hq // Hkv)
+        for i in range(L):
+            js = [j for j in range(i + 1) if i - j < 3 or j < 1 or keep[0, kh, j] > 0]
+            w = torch.softmax(q[0, h, i] @ k[0, kh, js].T * 0.3, -1)
+            ref[0, h, i] = w @ v[0, kh, js]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["local", "lm"])
+def test_training_loss_decreases(objective, tmp_path):
+    from kvaccel.training import gate_kind
+
+    torch.manual_seed(0)
+    model = tiny_model("llama").requires_grad_(False)
+    gk = gate_kind("attention_gate")
+    rec = dict(objective=objective, gate_dim=4, gate_window=8, window=4, sink=1, target_evict=0.5, rows=32)
+    gates = gk.build(model, rec)
+    opt = torch.optim.AdamW(gates.parameters(), lr=2e-2)
+    tgt = gk.target(model, torch.randint(3, 500, (1, 48)))
+    losses = []
+    for _ in range(8):
+        loss = gk.loss(gates, tgt)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    assert min(losses[-3:]) < 0.8 * losses[0], losses
+    assert model.config._attn_implementation == "sdpa"
+    assert not any(m._forward_pre_hooks for m in kvaccel.api._attention_modules(model))
+    out = gk.save(gates, tmp_path / "g", rec)
+    assert AttentionGates.load(out).meta["recipe"]["objective"] == objective
+
+
+def test_train_gate_function(tmp_path):
+    """The trainer (accelerate) runs the attention_gate kind end to end on a tiny model."""
+    from kvaccel.training import train_gate
+
+    class Tok:
+        def __call__(self, text, add_special_tokens=False, return_tensors="pt"):
+            return {"input_ids": torch.tensor([[3 + (ord(c) % 400) for c in text]])}
+
+    model = tiny_model("llama")
+    texts = ["".join(chr(97 + (i * 7 + j) % 26) for j in range(80)) for i in range(3)]
+    summary = train_gate("attention_gate", model, Tok(), data=texts, steps=3, out=tmp_path / "ag", seq_len=64,
+                         recipe=dict(gate_dim=4, gate_window=8, window=4, rows=16), progress=False)
+    gates = AttentionGates.load(summary["out"])
+    gates.check_model(model)
+    assert gates.meta["recipe"]["steps"] == 3 and len(summary["losses"]) == 3
+
+
+def _prompt(model, n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, model.config.vocab_size, (1, n), generator=g)
+
+
+@pytest.mark.parametrize("family", FAMILIES3)
+def test_keep_all_equals_full_attention(family, tmp_path):
+    model = tiny_model(family)
+    path = _gates(model, tmp_path, bias=-20.0)  # every flag says evict ...
+    ids = _prompt(model)
+    ref = model.generate(ids, max_new_tokens=6, do_sample=False)
+    with kvaccel.patched(model, AttentionGate(weights=str(path), threshold=0.0)):  # ... but threshold 0 keeps all
+        out = model.generate(ids, max_new_tokens=6, do_sample=False)
+        rep = kvaccel.report(model)
+    assert torch.equal(out, ref)
+    assert rep["kv_bytes_full"] > 0 and all(k == [[ids.shape[1] + 5] * model.config.num_key_value_heads]
+                                            for k in rep["kept_tokens"])
+
+
+def test_evicts_flagged_tokens_and_bytes_match(tmp_path):
+    model = tiny_model("llama")
+    path = _gates(model, tmp_path, window=4)
+    gates = AttentionGates.load(path)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for layer in gates.layers:
+            torch.nn.init.normal_(layer.direct.weight, std=0.5)
+            layer.direct.bias.zero_()
+    gates.save(path)
+    ids = _prompt(model, 50)
+    cache = KVAccelCache(model)
+    with kvaccel.patched(model, AttentionGate(weights=str(path))):
+        model(ids, past_key_values=cache, use_cache=True)
+        rep = kvaccel.report(model)
+        nxt = torch.tensor([[7]])
+        for _ in range(8):  # decode: tokens flagged evict drop out once they leave the window
+            model(nxt, past_key_values=cache, use_cache=True)
+        rep2 = kvaccel.report(model)
+    kept = torch.tensor(rep["kept_tokens"])  # (layers, B, H)
+    assert (kept < 50).any() and (kept >= 4 + 2).all()
+    # bytes: keys+values of the padded per-head storage + validity + one flag byte per slot
+    total = 0
+    for layer in cache.layers:
+        B, H, T, D = layer.keys.shape
+        total += 2 * B * H * T * D * layer.keys.element_size() + B * H * T
+        total += 0 if layer.valid is None else layer.valid.numel()
+    assert rep2["kv_bytes"] == total
+    for li, layer in enumerate(cache.layers):
+        flags = layer.token_state[ag.STATE_KEY]
+        valid = layer.full_valid().expand_as(flags)
+        n = valid.sum(-1)
+        assert torch.equal(n, torch.tensor(rep2["kept_tokens"][li]))
+        # every held token outside the recent window and the sinks is flagged keep
+        from_end = valid.flip(-1).cumsum(-1).flip(-1)
+        old = valid & (from_end > 4)
+        assert bool(flags[old].all()), li
+    assert rep2["kv_bytes"] < rep2["kv_bytes_full"]
+
+
+def test_hook_removed_after_unpatch(tmp_path):
+    model = tiny_model("llama")
+    path = _gates(model, tmp_path)
+    mods = kvaccel.api._attention_modules(model)
+    before = [dict(m._forward_pre_hooks) for m in mods]
+    kvaccel.patch(model, AttentionGate(weights=str(path)))
+    assert all(len(m._forward_pre_hooks) == len(b) + 2 for m, b in zip(mods, before, strict=True))
+    kvaccel.unpatch(model)
+    assert [dict(m._forward_pre_hooks) for m in mods] == before
+    assert not any(k.startswith("_ag") or k.startswith("_kvaccel") for m in mods for k in m.__dict__)
+
+
+@pytest.mark.real_model
+def test_shipped_gates_default_model(default_model):
+    model, tok = default_model
+    ids = tok("The quick brown fox jumps over the lazy dog. " * 30, return_tensors="pt")["input_ids"]
+    with kvaccel.patched(model, "attention_gate"):
+        model(ids, use_cache=True)
+        rep = kvaccel.report(model)
+    assert rep["kv_ratio"] < 0.8
