@@ -148,7 +148,7 @@ def block_sparse_attention(
 # PyTorch path: gather the selected key blocks, fused CPU flash attention over them
 # --------------------------------------------------------------------------------------------------------------
 #: Bytes of gathered K and V per chunk of work items (bounds the memory of the PyTorch path).
-GATHER_BYTES = 32 << 20
+GATHER_BYTES = 128 << 20
 
 
 @dataclass
@@ -217,6 +217,7 @@ def plan_block_sparse(
     block_n: int = 64,
     key_perm: Tensor | None = None,
     key_valid: Tensor | None = None,
+    fuse_dense: bool = True,
 ) -> TilePlan:
     """Classify the selected tiles (empty / full / partial) and build the sorted work list of the PyTorch path."""
     B = block_mask.shape[0]
@@ -238,7 +239,7 @@ def plan_block_sparse(
     if not stacked:  # per query head: the tile classes of its kv head
         nonempty, full = nonempty.repeat_interleave(G, 1), full.repeat_interleave(G, 1)
     sel = mask.expand(B, units, nqb, nkb) & nonempty
-    if key_perm is None and key_valid is None:
+    if fuse_dense and key_perm is None and key_valid is None:
         dense = (sel | ~nonempty).flatten(2).all(-1).flatten()
     else:
         dense = torch.zeros(B * units, dtype=torch.bool, device=dev)
@@ -280,7 +281,8 @@ def _block_sparse_attention_torch(q, k, v, block_mask, scale, block_m, block_n, 
     G = Hq // Hkv
     if plan is None:
         plan = plan_block_sparse(
-            block_mask, L, Hq, Hkv, block_m=block_m, block_n=block_n, key_perm=key_perm, key_valid=key_valid
+            block_mask, L, Hq, Hkv, block_m=block_m, block_n=block_n, key_perm=key_perm, key_valid=key_valid,
+            fuse_dense=q.device.type == "cpu",  # elsewhere the matmul fallback would hold (L, L) logits
         )
     nqb, nkb, U = plan.n_q_blocks, plan.n_k_blocks, plan.units
     Gs = G if plan.stacked else 1  # query heads stacked per unit
@@ -337,7 +339,7 @@ def _block_sparse_attention_torch(q, k, v, block_mask, scale, block_m, block_n, 
         if n_full:
             idx = plan.full_idx.index_select(0, ids)[:, :n_full].reshape(-1)
             kv_len = n_full * block_n
-            o_f, l_f = _flash_cpu(
+            o_f, l_f = _flash(
                 qrows,
                 take(kb, idx, ws_k).view(n, 1, kv_len, D),
                 take(vb, idx, ws_v).view(n, 1, kv_len, D),
@@ -355,7 +357,7 @@ def _block_sparse_attention_torch(q, k, v, block_mask, scale, block_m, block_n, 
             hide = torch.gt(kpos, rpos[:, :, None], out=ws_hide[: n * R * kv_len].view(n, R, kv_len))
             bias = ws_bias[: n * R * kv_len].view(n, 1, R, kv_len).zero_()
             bias.masked_fill_(hide.unsqueeze(1), neg_inf)  # causal on original positions (+ invalid keys)
-            o_p, l_p = _flash_cpu(
+            o_p, l_p = _flash(
                 qrows,
                 take(kb, idx, ws_k).view(n, 1, kv_len, D),
                 take(vb, idx, ws_v).view(n, 1, kv_len, D),
@@ -381,7 +383,7 @@ def _block_sparse_attention_torch(q, k, v, block_mask, scale, block_m, block_n, 
     if plan.dense_units.numel():  # every causal tile selected: one causal fused call, no gather
         du = plan.dense_units
         kv = plan.kv_of_unit.index_select(0, du)
-        o_d, l_d = _flash_cpu(
+        o_d, l_d = _flash(
             qp[:, :, :L].reshape(B * U, Gs, L, D).index_select(0, du),
             kb.view(B * Hkv, -1, D)[:, :L].index_select(0, kv).unsqueeze(1),
             vb.view(B * Hkv, -1, D)[:, :L].index_select(0, kv).unsqueeze(1),
@@ -391,6 +393,29 @@ def _block_sparse_attention_torch(q, k, v, block_mask, scale, block_m, block_n, 
         out = out.index_copy(0, du, o_d)
         lse = lse.index_copy(0, du, l_d)
     return out.reshape(B, Hq, L, D)[..., :Dv_out], lse.reshape(B, Hq, L)
+
+
+def _attend_matmul(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None, scale: float, is_causal=False):
+    """``(out, lse)`` like ``_flash_cpu`` with ``(N, H, R, D)`` inputs, by matmul + softmax in float32 (non-CPU
+    devices of the PyTorch path). A row with no key gets out 0 and lse -inf."""
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if is_causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    if attn_mask is not None:
+        s = s + attn_mask.float()
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    p = torch.exp(s - m)
+    l = p.sum(-1, keepdim=True)
+    out = (p @ v.float()) / torch.where(l > 0, l, 1.0)
+    return out.to(q.dtype), (m + torch.log(l)).squeeze(-1)
+
+
+def _flash(q: Tensor, k: Tensor, v: Tensor, **kw) -> tuple[Tensor, Tensor]:
+    """Fused attention returning ``(out, lse)``: the CPU flash kernel (float32 accumulation), else matmul."""
+    if q.device.type == "cpu":
+        return _flash_cpu(q, k, v, **kw)
+    return _attend_matmul(q, k, v, **kw)
 
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # (out, lse): fused, float32 accumulation

@@ -153,6 +153,15 @@ def test_small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     _check(kw)
 
 
+@pytest.mark.parametrize("perm,valid", [("none", "none"), ("any", "left")])
+def test_matmul_attend_matches_reference(monkeypatch: pytest.MonkeyPatch, perm: str, valid: str) -> None:
+    """The PyTorch path off CPU attends by matmul + softmax instead of the CPU flash kernel: same results."""
+    monkeypatch.setattr(bsa, "_flash_cpu", bsa._attend_matmul)
+    kw = _inputs(group=3, L=150, block_m=32, block_n=16, perm=perm, valid=valid)
+    kw["block_mask"][0, 0] = True  # a dense head (causal call)
+    _check(kw)
+
+
 @pytest.mark.parametrize("perm", ["none", "segment"])
 def test_bf16(perm: str) -> None:
     kw = _inputs(group=3, L=200, block_m=32, block_n=16, perm=perm, valid="left", dtype=torch.bfloat16)
