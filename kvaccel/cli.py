@@ -323,7 +323,8 @@ def train_gate_cmd(
         mdl, tok = kvaccel.load_model(model)
         summary = train_gate(kind, mdl, tok, data=data, steps=steps, out=out, lr=lr, seq_len=seq_len, seed=seed,
                              grad_accum=grad_accum, resume=resume or None, num_sequences=num_sequences,
-                             checkpoint_every=checkpoint_every)
+                             checkpoint_every=checkpoint_every,
+                             recipe={"command": "kvaccel " + " ".join(sys.argv[1:])})
     except (ValueError, ImportError, FileNotFoundError) as e:
         _fail(e)
     console.print(
