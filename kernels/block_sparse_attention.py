@@ -289,6 +289,12 @@ def _block_sparse_attention_torch(q, k, v, block_mask, scale, block_m, block_n, 
     R = Gs * block_m  # query rows per item
     dev, dt = q.device, q.dtype
     neg_inf = float("-inf")
+    if plan.dense_units.numel() == B * U and D == Dv_out:  # every unit selects every causal tile: no gather
+        ku, vu = k.reshape(B * Hkv, 1, L, D), v.reshape(B * Hkv, 1, L, D)
+        if not plan.stacked:
+            ku, vu = ku.index_select(0, plan.kv_of_unit), vu.index_select(0, plan.kv_of_unit)
+        out, lse = _flash(q.reshape(B * U, Gs, L, D), ku, vu, is_causal=True, scale=scale)
+        return out.reshape(B, Hq, L, D), lse.reshape(B, Hq, L)
     # The fused kernel needs one head size: zero channels leave q.k unchanged and add output columns we drop.
     D = max(D, Dv_out)
 

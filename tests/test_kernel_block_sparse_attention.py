@@ -112,6 +112,15 @@ def test_all_blocks_equals_sdpa(group: int, L: int, block_m: int, block_n: int, 
     assert torch.isfinite(lse).all()
 
 
+def test_all_blocks_per_head_equals_sdpa() -> None:
+    """Every causal tile selected, heads differing only above the diagonal (per-head units, all dense)."""
+    kw = _inputs(group=3, L=150, block_m=32, block_n=32, mask_heads="per_head", density=0.5)
+    kw["block_mask"] |= causal_block_mask(150, 32, 32)
+    out = block_sparse_attention(**kw)
+    ref = F.scaled_dot_product_attention(kw["q"], kw["k"], kw["v"], is_causal=True, enable_gqa=True, scale=kw["scale"])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("perm", ["none", "segment", "any"])
 @pytest.mark.parametrize("valid", ["none", "left", "right"])
 @pytest.mark.parametrize("group", [1, 3])
