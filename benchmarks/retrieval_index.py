@@ -9,8 +9,10 @@ queries: the last ``--test-queries`` positions of the last chunk (held out, like
 Ground truth: the exact top-``k`` keys by ``q · k`` (= the top-``k`` attention weights) over the whole cache.
 
 Reported per (cache size, method, ef): recall@k averaged over layers, kv heads' query heads and test queries,
-the scanned fraction (keys scored / keys held; hnswlib does not expose its distance count: n/a) and the search time
-per query (one thread).
+the scanned fraction (keys scored / keys held, per graph walk; hnswlib does not expose its distance count: n/a) and
+the search time per query head (one thread). ``aa GQA walk`` is the attention-aware index searched once per kv head
+for its G query heads together (``search_grouped``, the method's default): its scanned fraction is per walk, i.e.
+for G heads at once.
 
     OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 .venv/bin/python benchmarks/retrieval_index.py \\
         --length 4096 --cache-tokens 32768 131072 --layers 3 10 17 24 --ef 100 200 400
@@ -150,6 +152,12 @@ def main() -> None:
                     ids, _, scanned = index.search(test, r0, args.k, max(ef, args.k))
                     dt = (time.perf_counter() - t0) / test.shape[0]
                     acc.setdefault(("attention-aware", ef), []).append((recall(ids, truth), scanned.mean() / n, dt, bt))
+                    tg = np.ascontiguousarray(test.reshape(g, t, -1).transpose(1, 0, 2))  # (t, G, D): a walk per t
+                    t0 = time.perf_counter()
+                    gids, _, gscan = index.search_grouped(tg, r0[:t], args.k, max(ef, args.k))
+                    dt = (time.perf_counter() - t0) / test.shape[0]
+                    gids = gids.transpose(1, 0, 2).reshape(g * t, -1)
+                    acc.setdefault(("aa GQA walk", ef), []).append((recall(gids, truth), gscan.mean() / n, dt, bt))
                 if not args.no_hnsw:
                     for ef, (labels, dt, hb) in hnsw_search(keys, test, args.k, args.ef, args.hnsw_m).items():
                         acc.setdefault(("hnswlib", ef), []).append((recall(labels, truth), float("nan"), dt, hb))

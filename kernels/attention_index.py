@@ -188,6 +188,127 @@ def _search_rows(qs, rows, keys, nbrs, deg, entries, n, k, ef, out_ids, out_scor
             scanned[r] = _beam_search(qs[r], keys[g], nbrs[g], deg[g], entries[g], m, ef, out_ids[r], out_scores[r])
 
 
+@njit(cache=True, fastmath=_FM)
+def _group_search(qg, keys, nbrs, deg, entries, n, ef, out_ids, out_scores):
+    """One best-first search for the ``G`` query heads of a kv head (GQA): every key visited is scored against all
+    ``G`` queries (one memory read), each head keeps its own ``ef`` best; candidates are ordered by the largest
+    score normalised by the query norm, and the search stops when the best candidate improves no head."""
+    G = qg.shape[0]
+    inv = np.empty(G, np.float32)
+    for g in range(G):
+        inv[g] = 1.0 / max(np.sqrt(_dot(qg[g], qg[g])), np.float32(1e-6))
+    cap = 4 * ef + 64
+    ck = np.empty(cap, np.float32)  # candidate heap key: max_g s_g / |q_g|
+    ci = np.empty(cap, np.int64)  # candidate slot in cscore
+    cscore = np.empty((cap, G), np.float32)
+    cnode = np.empty(cap, np.int64)
+    nslot = 0
+    rs = np.empty((G, ef + 1), np.float32)  # per head: max-heap by -score (worst kept on top)
+    ri = np.empty((G, ef + 1), np.int64)
+    nr = np.zeros(G, np.int64)
+    visited = np.zeros(n, np.uint8)
+    sc = np.empty(G, np.float32)
+    nc = 0
+    scanned = 0
+    total = entries.shape[0]
+    for step in range(total + n):
+        if step < total:
+            y = entries[step]
+            if y < 0 or y >= n or visited[y]:
+                continue
+        else:
+            if nc == 0:
+                break
+            slot = ci[0]
+            useful = False
+            for g in range(G):
+                if nr[g] < ef or cscore[slot, g] >= -rs[g, 0]:
+                    useful = True
+                    break
+            if not useful:
+                break
+            nc = _pop(ck, ci, nc)
+            node = cnode[slot]
+            y = -1
+            for t in range(deg[node]):
+                z = nbrs[node, t]
+                if visited[z]:
+                    continue
+                visited[z] = 1
+                scanned += 1
+                best = -np.inf
+                improves = False
+                for g in range(G):
+                    sc[g] = _dot(qg[g], keys[z])
+                    if sc[g] * inv[g] > best:
+                        best = sc[g] * inv[g]
+                    if nr[g] < ef or sc[g] > -rs[g, 0]:
+                        improves = True
+                        nr[g] = _push(rs[g], ri[g], nr[g], -sc[g], z)
+                        if nr[g] > ef:
+                            nr[g] = _pop(rs[g], ri[g], nr[g])
+                if improves:
+                    if nslot == cap:
+                        cap *= 2
+                        ck2 = np.empty(cap, np.float32)
+                        ci2 = np.empty(cap, np.int64)
+                        cs2 = np.empty((cap, G), np.float32)
+                        cn2 = np.empty(cap, np.int64)
+                        ck2[:nc], ci2[:nc], cs2[:nslot], cn2[:nslot] = ck[:nc], ci[:nc], cscore[:nslot], cnode[:nslot]
+                        ck, ci, cscore, cnode = ck2, ci2, cs2, cn2
+                    cscore[nslot] = sc
+                    cnode[nslot] = z
+                    nc = _push(ck, ci, nc, best, nslot)
+                    nslot += 1
+            continue
+        # an entry point
+        visited[y] = 1
+        scanned += 1
+        best = -np.inf
+        for g in range(G):
+            sc[g] = _dot(qg[g], keys[y])
+            best = max(best, sc[g] * inv[g])
+            nr[g] = _push(rs[g], ri[g], nr[g], -sc[g], y)
+            if nr[g] > ef:
+                nr[g] = _pop(rs[g], ri[g], nr[g])
+        if nslot == cap:
+            cap *= 2
+            ck2 = np.empty(cap, np.float32)
+            ci2 = np.empty(cap, np.int64)
+            cs2 = np.empty((cap, G), np.float32)
+            cn2 = np.empty(cap, np.int64)
+            ck2[:nc], ci2[:nc], cs2[:nslot], cn2[:nslot] = ck[:nc], ci[:nc], cscore[:nslot], cnode[:nslot]
+            ck, ci, cscore, cnode = ck2, ci2, cs2, cn2
+        cscore[nslot] = sc
+        cnode[nslot] = y
+        nc = _push(ck, ci, nc, best, nslot)
+        nslot += 1
+    k = out_ids.shape[1]
+    for g in range(G):
+        order = np.argsort(rs[g, : nr[g]])
+        for j in range(k):
+            if j < nr[g]:
+                out_ids[g, j] = ri[g, order[j]]
+                out_scores[g, j] = -rs[g, order[j]]
+            else:
+                out_ids[g, j] = -1
+                out_scores[g, j] = -np.inf
+    return scanned
+
+
+@njit(cache=True, parallel=True, fastmath=_FM)
+def _search_groups(qs, rows, keys, nbrs, deg, entries, n, k, ef, out_ids, out_scores, scanned):
+    for p in prange(qs.shape[0]):
+        g = rows[p]
+        m = n[g]
+        if k >= m or ef >= m:
+            scanned[p] = m
+            for h in range(qs.shape[1]):
+                _scan_row(qs[p, h], keys[g], m, out_ids[p, h], out_scores[p, h])
+        else:
+            scanned[p] = _group_search(qs[p], keys[g], nbrs[g], deg[g], entries[g], m, ef, out_ids[p], out_scores[p])
+
+
 @njit(cache=True, parallel=True, fastmath=_FM)
 def _attend_rows(ids, scores, rows, values, scale, out, lse):
     """Softmax over the retrieved keys of each row (logit = scale · q·k, already computed by the search)."""
@@ -574,6 +695,22 @@ class AttentionIndex:
         scores = np.empty((q.shape[0], k), np.float32)
         scanned = np.empty(q.shape[0], np.int64)
         _search_rows(q, rows, self.keys, self.nbrs, self.deg, self.entries, self.n, k, ef, ids, scores, scanned)
+        return ids, scores, scanned
+
+    def search_grouped(self, queries: np.ndarray, rows: np.ndarray, k: int, ef: int
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`search` for the ``G`` query heads of one kv head at once (GQA): ``queries`` ``(P, G, D)``, ``rows``
+        ``(P,)``; one graph walk per ``p`` scores every visited key against the ``G`` queries. Returns ``ids`` and
+        scores ``(P, G, k)`` and the keys scored per walk ``(P,)``."""
+        if ef < k:
+            raise ValueError(f"ef ({ef}) must be >= k ({k}): the search list holds the k results")
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        P, G = q.shape[:2]
+        ids = np.empty((P, G, k), np.int64)
+        scores = np.empty((P, G, k), np.float32)
+        scanned = np.empty(P, np.int64)
+        _search_groups(q, rows, self.keys, self.nbrs, self.deg, self.entries, self.n, k, ef, ids, scores, scanned)
         return ids, scores, scanned
 
     def search_exact(self, queries: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

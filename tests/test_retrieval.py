@@ -70,11 +70,13 @@ def test_exact_when_top_k_covers_host_keys(family, B):
 
 
 @needs_deps
-def test_small_top_k_differs_and_reports_recall():
+@pytest.mark.parametrize("group_search", [True, False])
+def test_small_top_k_differs_and_reports_recall(group_search):
     model = tiny_model("llama")
     ids, mask = _batch(1, L=200)
     _, ref_logits = _stock_logits(model, ids, mask, 4)
-    with kvaccel.patched(model, Retrieval(sink=4, window=8, top_k=8, ef=16, measure_recall=True)):
+    method = Retrieval(sink=4, window=8, top_k=8, ef=16, group_search=group_search, measure_recall=True)
+    with kvaccel.patched(model, method):
         out = model.generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False,
                              output_logits=True, return_dict_in_generate=True)
         rep = kvaccel.report(model)
@@ -141,6 +143,17 @@ def test_index_recall_and_spill_insert():
     np.testing.assert_allclose(scores, np.einsum("rkd,rd->rk", keys[ids], test), rtol=1e-4, atol=1e-4)
     assert (np.diff(scores, axis=1) <= 0).all()  # descending
     assert np.mean(ids[:, 0] == exact[:, 0]) >= 0.9
+    # GQA: one walk for a group of 2 query heads (attending the same region, as a kv head's group does on the real
+    # model) finds each head's top keys while reading fewer keys than 2 walks
+    pair = np.repeat(centers[rng.integers(0, C, 50)], 2, axis=0) + 0.5 * rng.standard_normal((100, D))
+    pair = pair.astype(np.float32)
+    _, _, scanned = index.search(pair, rows, 20, 64)
+    exact, _ = index.search_exact(pair, rows, 20)
+    gids, gscores, gscanned = index.search_grouped(pair.reshape(50, 2, D), np.zeros(50, np.int64), 20, 64)
+    grec = np.mean([len(np.intersect1d(a, b)) / 20 for a, b in zip(gids.reshape(100, 20), exact, strict=True)])
+    assert grec > 0.9 and gscanned.sum() < scanned.sum(), (grec, gscanned.sum(), scanned.sum())
+    np.testing.assert_allclose(gscores.reshape(100, 20), np.einsum("rkd,rd->rk", keys[gids.reshape(100, 20)], pair),
+                               rtol=1e-4, atol=1e-4)
     # k >= keys held: exact scan
     small = AttentionIndex(1, D, 4)
     small.build([keys[:50]], [np.ones((50, 4), np.float32)], [np.arange(50)], [queries[:10]])

@@ -78,8 +78,14 @@ class Retrieval(DecodeMethod):
         Prefill queries per kv head used for the graph (a uniform sample of the group's heads and positions).
     spill_every : int, default 64
         Tokens that slide out of the window wait on the device until this many can move to host together.
+    group_search : bool, default True
+        GQA: one graph walk per kv head scores each visited key against all its query heads (each head keeps its
+        own top-k); False runs one walk per query head, as the paper.
     measure_recall : bool, default False
         Also run the exact search every step and report ``retrieval_recall`` (slow: a full scan).
+
+    ``retrieval_scanned_fraction`` in ``report()`` is keys read per graph walk / keys held (a walk serves one query
+    head, or a kv head's group with ``group_search``), averaged over walks and steps.
     """
 
     name = "retrieval"
@@ -93,6 +99,7 @@ class Retrieval(DecodeMethod):
     build_top_k: int = 64
     build_queries: int = 4096
     spill_every: int = 64
+    group_search: bool = True
     measure_recall: bool = False
 
     def __post_init__(self):
@@ -142,17 +149,25 @@ class Retrieval(DecodeMethod):
             qs = q.detach().float().cpu().numpy().reshape(B * Hq * Q, D)
             head_row = (np.arange(B)[:, None] * st.kv_heads + np.arange(Hq)[None, :] // G).reshape(-1)
             rows = np.repeat(head_row, Q)
-            ids, scores, scanned = index.search(qs, rows, self.top_k, self.ef)
+            if self.group_search:  # one walk per (b, kv head, query): (P, G, D) -> ids back in (b, h_q, query) order
+                qg = qs.reshape(B, st.kv_heads, G, Q, D).transpose(0, 1, 3, 2, 4).reshape(-1, G, D)
+                walk_rows = np.repeat(np.arange(B * st.kv_heads), Q)
+                ids, scores, scanned = index.search_grouped(qg, walk_rows, self.top_k, self.ef)
+                ids, scores = (a.reshape(B, st.kv_heads, Q, G, -1).transpose(0, 1, 3, 2, 4).reshape(B * Hq * Q, -1)
+                               for a in (ids, scores))
+            else:
+                walk_rows = rows
+                ids, scores, scanned = index.search(qs, rows, self.top_k, self.ef)
             t2 = time.perf_counter()
             o_r, lse_r = index.attend(ids, scores, rows, ctx.scaling)
             t3 = time.perf_counter()
-            held = index.n[rows]
+            held = index.n[walk_rows]
             has = held > 0
             st.scanned_sum += float((scanned[has] / held[has]).sum())
             st.rows_measured += int(has.sum())
             if self.measure_recall:
                 exact, _ = index.search_exact(qs, rows, self.top_k)
-                for r in np.nonzero(has)[0]:
+                for r in np.nonzero(index.n[rows] > 0)[0]:
                     want = exact[r][exact[r] >= 0]
                     st.recall_sum += len(np.intersect1d(ids[r], want)) / len(want)
                     st.recall_rows += 1
