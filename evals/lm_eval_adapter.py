@@ -17,8 +17,10 @@ Nothing here downloads: use local task YAMLs (``include_path``) and data the use
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
+import os
 from typing import Any
 
 import torch
@@ -152,17 +154,36 @@ def hflm(model, tokenizer, method: str | None = None, batch_size: int = 1, **kwa
     return lm
 
 
-def task_manager(include_path: str | None, tasks: list[str]):
-    """lm-eval's ``TaskManager``; with ``include_path`` holding every task, the built-in index (~15k YAMLs, tens
-    of seconds to scan) is skipped."""
+def task_manager(include_path: str | os.PathLike | None, tasks: list[str]):
+    """lm-eval's ``TaskManager`` that knows every task in ``tasks`` (``ValueError`` naming the unknown ones).
+
+    With ``include_path`` holding every task, the built-in index (~15k YAMLs, tens of seconds to scan) is skipped.
+    """
+    return _task_manager(str(include_path) if include_path else None, tuple(tasks))
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(include_path: str | None, tasks: tuple[str, ...]):
     _require_lm_eval()
     from lm_eval.tasks import TaskManager
 
     if include_path:
-        local = TaskManager(include_path=str(include_path), include_defaults=False)
+        if not os.path.isdir(include_path):
+            raise ValueError(f"lm-eval include path '{include_path}' is not a directory of task YAMLs")
+        local = TaskManager(include_path=include_path, include_defaults=False)
         if all(t in local.all_tasks for t in tasks):
             return local
-    return TaskManager(include_path=str(include_path)) if include_path else TaskManager()
+    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        hints = []
+        for t in unknown:
+            close = difflib.get_close_matches(t, manager.all_tasks, n=1, cutoff=0.6)
+            hints.append(f"'{t}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        where = f" in '{include_path}' or" if include_path else ""
+        raise ValueError(f"unknown lm-eval task(s) {', '.join(hints)}: not found{where} among lm-eval's "
+                         f"{len(manager.all_tasks)} built-in tasks; pass a folder of task YAMLs with --lm-eval-include")
+    return manager
 
 
 def run_lm_eval(

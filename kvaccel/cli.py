@@ -189,9 +189,9 @@ def eval_cmd(
             raise ValueError(f"--new-tokens must be >= 1, got {new_tokens}")
         _check_device_dtype(device, dtype)
         if lm_tasks:
-            from kvaccel.evals.lm_eval_adapter import _require_lm_eval
+            from kvaccel.evals.lm_eval_adapter import task_manager
 
-            _require_lm_eval()
+            task_manager(lm_eval_include, lm_tasks)  # lm-eval installed, every task known (before loading)
         if ray:
             from kvaccel.evals.ray_sweep import require_ray
 

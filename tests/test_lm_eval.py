@@ -165,3 +165,17 @@ def test_cli_eval_runs_lm_eval_tasks_beside_builtin_ones(tmp_path, monkeypatch):
     assert "| lm_eval:kvaccel_local_mc | 0 | 4 |" in md and "| passkey | 96 | 1 |" in md
     again = CliRunner().invoke(app, args)  # resumable: nothing recomputed
     assert again.exit_code == 0 and "0 computed" in " ".join(again.output.split())
+
+
+def test_unknown_lm_eval_task_is_a_clear_error_before_loading(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from kvaccel.cli import app
+
+    (tmp_path / "kvaccel_local_mc.yaml").write_text(MC_TASK.format(data=tmp_path / "none.jsonl"))
+    monkeypatch.setattr(kvaccel, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    res = CliRunner().invoke(app, ["eval", "--tasks", "", "--lm-eval", "kvaccel_local_mcq", "--lm-eval-include",
+                                   str(tmp_path), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2
+    assert "unknown lm-eval task(s) 'kvaccel_local_mcq' (did you mean 'kvaccel_local_mc'?)" in " ".join(
+        res.output.split())
