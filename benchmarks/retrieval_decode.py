@@ -6,7 +6,8 @@ chunk are held out and decoded one at a time with their real queries). Per step,
 ``dense`` = SDPA of the new query over all N keys (what stock transformers does), ``retrieval`` = the method's own
 ``attention`` (static sink + window on the device, graph search + host attention over ``top_k`` keys, LSE merge).
 Reported: median ms per layer, speedup, device-resident KV bytes / full cache, host bytes, recall@top_k, relative
-error of the output vs dense, and the method's time split.
+error of the output vs dense, ``mass`` = the exact softmax weight on static + retrieved keys and ``oracle`` = on
+static + the exact top_k host keys (what any top_k retrieval could cover), and the method's time split.
 
 End to end (``--e2e LENGTH``): the default model on a prose prompt of LENGTH tokens (<= 8192), stock full attention
 vs ``retrieval``; greedy decode of ``--steps`` tokens with full attention, then the same tokens fed to the retrieval
@@ -49,7 +50,8 @@ def attention_step(args, model, tok) -> None:
     chunks = max(args.cache_tokens) // args.length
     cap = load_or_capture(model, tok, args.capture, args.length, chunks, args.layers)
     print(f"{'cache':>8} {'layer':>5} {'dense ms':>9} {'retr ms':>8} {'speedup':>8} {'device KV':>10} "
-          f"{'host MB':>8} {'recall':>7} {'rel err':>8} {'build s':>8}  time split (search/host/device/merge ms)")
+          f"{'host MB':>8} {'recall':>7} {'rel err':>8} {'mass':>6} {'oracle':>6} {'build s':>8}  "
+          "time split (search/host/device/merge ms)")
     for n_tok in args.cache_tokens:
         c = n_tok // args.length
         for li in args.layers:
@@ -72,9 +74,10 @@ def attention_step(args, model, tok) -> None:
             st = getattr(layer, STATE_ATTR)
             warm = st.index.search(Qa[0, :g, -1].numpy(), np.zeros(g, np.int64), args.top_k, args.ef)
             st.index.attend(warm[0], warm[1], np.zeros(g, np.int64), scale)  # compile / warm
+            st.index.search_grouped(Qa[0, :g, -1][None].numpy(), np.zeros(1, np.int64), args.top_k, args.ef)
             for name in TIMES:
                 setattr(st, name, 0.0)
-            dense_t, retr_t, recalls, errs = [], [], [], []
+            dense_t, retr_t, recalls, errs, masses, oracle = [], [], [], [], [], []
             for s in range(N - S, N):
                 q = Qa[:, :, s : s + 1]
                 t0 = time.perf_counter()
@@ -89,15 +92,30 @@ def attention_step(args, model, tok) -> None:
                 retr_t.append(t2 - t1)
                 errs.append(float((out.transpose(1, 2) - ref).norm() / ref.norm()))
                 rows = np.arange(hq) // g
-                ids, _, _ = st.index.search(q[0, :, 0].numpy(), rows, args.top_k, args.ef)
-                exact, _ = st.index.search_exact(q[0, :, 0].numpy(), rows, args.top_k)
+                qn = q[0, :, 0].numpy()
+                if method.group_search:
+                    gi, _, _ = st.index.search_grouped(qn.reshape(hkv, g, -1), np.arange(hkv), args.top_k, args.ef)
+                    ids = gi.reshape(hq, -1)
+                else:
+                    ids, _, _ = st.index.search(qn, rows, args.top_k, args.ef)
+                exact, _ = st.index.search_exact(qn, rows, args.top_k)
                 recalls.append(np.mean([len(np.intersect1d(a, b[b >= 0])) / max(1, (b >= 0).sum())
                                         for a, b in zip(ids, exact, strict=True)]))
+                # softmax mass of the exact attention on static + retrieved keys, and on static + exact top-k
+                logits = torch.einsum("hd,htd->ht", q[0, :, 0], K[0, rows, : s + 1]) * scale
+                w = torch.softmax(logits, -1).numpy()
+                for h in range(hq):
+                    held = st.index.n[rows[h]]
+                    host_pos = st.index.positions[rows[h], :held]
+                    static = 1.0 - w[h, host_pos].sum()
+                    masses.append(static + w[h, host_pos[ids[h][ids[h] >= 0]]].sum())
+                    oracle.append(static + w[h, host_pos[exact[h][exact[h] >= 0]]].sum())
             full = K[:, :, : N].numel() * 4 * 2
             dm, rm = statistics.median(dense_t) * 1e3, statistics.median(retr_t) * 1e3
             split = "/".join(f"{getattr(st, n) / S * 1e3:.2f}" for n in TIMES)
             print(f"{N:>8} {li:>5} {dm:>9.2f} {rm:>8.2f} {dm / rm:>7.2f}x {layer.nbytes() / full:>10.4f} "
                   f"{st.index.nbytes() / 2**20:>8.1f} {np.mean(recalls):>7.3f} {np.mean(errs):>8.2e} "
+                  f"{np.mean(masses):>6.3f} {np.mean(oracle):>6.3f} "
                   f"{st.build_s:>8.2f}  {split}")
 
 
