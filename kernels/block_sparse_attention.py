@@ -9,6 +9,41 @@ block of each may be ragged). ``block_mask[b, h, i, j]`` says whether query bloc
 reads key block ``j``. Inside a selected tile the mask is token-level causal on *original* positions: with
 ``key_perm`` (PBS-style permutation of keys within segments) slot ``j`` of ``k``/``v`` holds the key at original
 position ``key_perm[b, hkv, j]``, and a query at position ``i`` sees it iff ``key_perm[b, hkv, j] <= i``.
+
+PyTorch path (CPU), design chosen by measurement (``benchmarks/block_sparse_kernel.py``): :func:`plan_block_sparse`
+classifies the selected tiles per key block's original positions into *full* (every valid key at or before the
+query block's first row: no causal mask), *partial* (straddling the diagonal, or permuted keys) and empty (dropped);
+the ``G`` query heads of a kv head are stacked as ``G * block_m`` query rows when they select the same tiles (else one
+unit per query head, K/V still not repeated). Work items (unit, query block) sorted by tile count are processed in
+chunks of at most ``GATHER_BYTES`` of gathered K/V: the selected key blocks are gathered (``index_select`` into
+reused scratch buffers) and attended by PyTorch's fused CPU flash kernel
+(``aten._scaled_dot_product_flash_attention_for_cpu``, which also returns the lse), once over the full tiles with a
+per-key bias (invalid keys, list padding) and once over the partial tiles with a per-row mask, merged by
+``lse = logaddexp(lse_f, lse_p)``. Units selecting every causal tile (no ``key_perm``/``key_valid``) are one causal
+fused call, so an all-blocks mask costs what SDPA costs.
+
+Measured at L=8192 on the default model's shapes (B=1, H_q=9, H_kv=3, D=64, fp32), median of 3 interleaved runs on
+this 2-core machine while ~5 other jobs ran (load average 10-12), so only the ratios mean anything:
+
+===============  =======  =====================  =================  ====================
+mask             density  gather + flash (here)  FlexAttention      gather + bmm/softmax
+===============  =======  =====================  =================  ====================
+a_shape          0.25     2.96x (1 thread)       2.96x (1 thread)   1.41x (1 thread)
+vertical_slash   0.15     3.57x                  4.33x              1.49x
+random 10%       0.11     4.66x                  5.58x              0.95x
+all blocks       1.00     1.01x                  0.65x              (gathers everything)
+===============  =======  =====================  =================  ====================
+
+(speed-up over ``F.scaled_dot_product_attention(is_causal=True)``; the bmm column is from a separate run; a later
+interleaved run of this path alone with 32 MB chunks: random 10% 5.2x, vertical_slash 3.6x.)
+FlexAttention (``torch.compile(flex_attention)``, ``BlockMask.from_kv_blocks``) is up to 1.2x faster on per-head
+or random masks at 1 thread, and clearly faster at 2 threads on the loaded machine (fewer, bigger ops:
+vertical_slash 2.9x vs 1.2x), but it is not used: on CPU it refuses ``return_lse`` (inductor: "return_lse is not
+supported yet"), its first compile took 25-30 s, every new prompt length recompiles (``dynamic=False``), and it is
+0.65x SDPA on all-blocks masks. A plain gather + bmm + softmax is 2-5x slower than the fused kernel. At 2 threads
+on a loaded CPU this path loses most of its gain (each of its ~30 ops per chunk waits for a descheduled OpenMP
+thread): measure on a quiet machine, or at 1 thread, with
+``OMP_NUM_THREADS=2 python benchmarks/block_sparse_kernel.py --length 8192 --repeat 5``.
 """
 
 from __future__ import annotations
@@ -70,6 +105,11 @@ def _check_inputs(q, k, v, block_mask, block_m, block_n, key_perm, key_valid) ->
     if (Bk, Lk, Dk) != (B, L, D) or v.shape[:3] != k.shape[:3]:
         raise ValueError(
             f"k {tuple(k.shape)} and v {tuple(v.shape)} must be (B={B}, H_kv, L={L}, D={D}|Dv) for q {tuple(q.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device == block_mask.device):
+        raise ValueError(
+            f"q, k, v and block_mask must share a device and q, k, v a dtype; got q {q.dtype} {q.device}, "
+            f"k {k.dtype} {k.device}, v {v.dtype} {v.device}, block_mask on {block_mask.device}"
         )
     if Hq % Hkv:
         raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
@@ -148,7 +188,7 @@ def block_sparse_attention(
 # PyTorch path: gather the selected key blocks, fused CPU flash attention over them
 # --------------------------------------------------------------------------------------------------------------
 #: Bytes of gathered K and V per chunk of work items (bounds the memory of the PyTorch path).
-GATHER_BYTES = 128 << 20
+GATHER_BYTES = 64 << 20
 
 
 @dataclass
