@@ -17,6 +17,7 @@ Nothing here downloads: use local task YAMLs (``include_path``) and data the use
 
 from __future__ import annotations
 
+import copy
 import difflib
 import functools
 import inspect
@@ -44,6 +45,50 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
+def _split(context: list[int], continuation: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """``(head, tail)``: the prefilled (compressed) part ends with the last context token; ``tail`` =
+    ``continuation[:-1]``. Inputs longer than ``max_length + 1`` lose tokens on the left, as lm-eval's ``HFLM``."""
+    if not context or not continuation:
+        raise ValueError(f"context ({len(context)} tokens) and continuation ({len(continuation)}) must be non-empty")
+    if len(continuation) > max_length:
+        raise ValueError(f"continuation ({len(continuation)} tokens) is longer than max_length ({max_length})")
+    whole = (list(context) + list(continuation))[-(max_length + 1):]
+    n = len(continuation)
+    return whole[: len(whole) - n], whole[len(whole) - n: -1]
+
+
+def _prefill(model, head: list[int]):
+    """One forward over ``head`` on a fresh cache (compressed by a patched model); returns (cache, last logits)."""
+    from kvaccel.api import is_patched
+    from kvaccel.cache import KVAccelCache
+    from kvaccel.compare import input_device
+
+    if is_patched(model):
+        cache = KVAccelCache(model)
+    else:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        out = model(torch.tensor([head], device=input_device(model)), logits_to_keep=1, use_cache=True,
+                    **{_cache_kwarg(model): cache})
+    return cache, out.logits[0, -1:]
+
+
+def _score(model, cache, first_logits: torch.Tensor, tail: list[int], continuation: list[int]):
+    """Feed ``tail`` on ``cache`` after the prefill; log-probabilities and greedy tokens of ``continuation``."""
+    from kvaccel.compare import input_device
+
+    logits = [first_logits]
+    if tail:
+        with torch.inference_mode():
+            logits.append(model(torch.tensor([tail], device=input_device(model)), use_cache=True,
+                                **{_cache_kwarg(model): cache}).logits[0])
+    logp = torch.log_softmax(torch.cat(logits).float(), dim=-1)
+    target = torch.tensor(continuation, device=logp.device)
+    return logp.gather(-1, target[:, None])[:, 0], logp.argmax(-1)
+
+
 def score_continuation(
     model, context: list[int], continuation: list[int], max_length: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,33 +97,34 @@ def score_continuation(
     ``context`` is one forward (a patched model compresses its cache there), ``continuation[:-1]`` a second one on
     the kept cache. Inputs longer than ``max_length + 1`` lose tokens on the left, as lm-eval's ``HFLM``.
     """
-    from kvaccel.api import is_patched
-    from kvaccel.cache import KVAccelCache
-    from kvaccel.compare import input_device
+    head, tail = _split(context, continuation, max_length)
+    cache, first = _prefill(model, head)
+    return _score(model, cache, first, tail, continuation)
 
-    if not context or not continuation:
-        raise ValueError(f"context ({len(context)} tokens) and continuation ({len(continuation)}) must be non-empty")
-    if len(continuation) > max_length:
-        raise ValueError(f"continuation ({len(continuation)} tokens) is longer than max_length ({max_length})")
-    whole = (list(context) + list(continuation))[-(max_length + 1):]
-    n = len(continuation)
-    head, tail = whole[: len(whole) - n], whole[len(whole) - n: -1]  # tail = continuation[:-1]
-    device = input_device(model)
-    if is_patched(model):
-        cache = KVAccelCache(model)
-    else:
-        from transformers import DynamicCache
 
-        cache = DynamicCache(config=model.config)
-    kw = {_cache_kwarg(model): cache, "use_cache": True}
-    with torch.inference_mode():
-        out = model(torch.tensor([head], device=device), logits_to_keep=1, **kw)
-        logits = [out.logits[0, -1:]]
-        if tail:
-            logits.append(model(torch.tensor([tail], device=device), **kw).logits[0])
-    logp = torch.log_softmax(torch.cat(logits).float(), dim=-1)
-    target = torch.tensor(continuation, device=logp.device)
-    return logp.gather(-1, target[:, None])[:, 0], logp.argmax(-1)
+def score_requests(model, requests: list[tuple[list[int], list[int]]], max_length: int, progress: bool = False):
+    """``score_continuation`` for many ``(context, continuation)`` pairs; requests sharing a context (multiple
+    choice) prefill and compress it once, each continuation then runs on its own copy of the compressed cache."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    splits = [_split(c, x, max_length) for c, x in requests]
+    for i, (head, _) in enumerate(splits):
+        groups.setdefault(tuple(head), []).append(i)
+    results: list = [None] * len(requests)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(requests), desc="loglikelihood (kvaccel, compressed context)")
+    for head, idxs in groups.items():
+        cache, first = _prefill(model, list(head))
+        for k, i in enumerate(idxs):
+            own = cache if k == len(idxs) - 1 else copy.deepcopy(cache)  # the continuation's forward changes it
+            results[i] = _score(model, own, first, splits[i][1], requests[i][1])
+            if bar:
+                bar.update(1)
+    if bar:
+        bar.close()
+    return results
 
 
 @functools.cache
@@ -92,17 +138,14 @@ def _lm_class():
         _kvaccel_restore: Any = None
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
-            from tqdm.auto import tqdm
-
             from kvaccel.api import is_patched
 
             if not is_patched(self.model):  # the stock model: lm-eval's own (batched, one-forward) scoring
                 return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
             res = []
-            for request_str, context_enc, continuation_enc in tqdm(
-                requests, disable=disable_tqdm or self.rank != 0, desc="loglikelihood (kvaccel, compressed context)"
-            ):
-                logp, greedy = score_continuation(self.model, context_enc, continuation_enc, self.max_length)
+            scored = score_requests(self.model, [(c, x) for _, c, x in requests], self.max_length,
+                                    progress=not disable_tqdm and self.rank == 0)
+            for (request_str, _, continuation_enc), (logp, greedy) in zip(requests, scored, strict=True):
                 greedy_ok = bool((greedy == torch.tensor(continuation_enc, device=greedy.device)).all())
                 answer = (float(logp.sum()), greedy_ok)
                 res.append(answer)

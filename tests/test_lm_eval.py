@@ -63,6 +63,31 @@ def test_continuation_scored_against_the_compressed_context():
         score_continuation(model, context, [], max_length=4096)
 
 
+@pytest.mark.parametrize("spec", ["streaming(budget=16)", "h2o(budget=16)", "keyformer(budget=16)",
+                                  "snapkv(budget=0.1)+think(ratio=0.5)"])
+def test_shared_context_is_prefilled_once_with_the_same_scores(spec):
+    """Multiple choice: one prefill per context, each choice on its own copy = each request scored alone."""
+    from kvaccel.evals.lm_eval_adapter import score_continuation, score_requests
+
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(1)
+    ctx_a, ctx_b = (torch.randint(3, 512, (n,), generator=g).tolist() for n in (300, 200))
+    choices = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (1, 3, 4, 2)]
+    requests = [(ctx_a, c) for c in choices] + [(ctx_b, c) for c in choices[:2]]
+    with kvaccel.patched(model, spec):
+        alone = [score_continuation(model, c, x, max_length=4096) for c, x in requests]
+        calls = []
+        hook = model.model.register_forward_pre_hook(lambda mod, args, kw: calls.append(1), with_kwargs=True)
+        try:
+            grouped = score_requests(model, requests, max_length=4096)
+        finally:
+            hook.remove()
+    assert len(calls) == 2 + sum(len(x) > 1 for _, x in requests)  # 2 prefills + one forward per longer choice
+    for (lp_a, gr_a), (lp_b, gr_b) in zip(alone, grouped, strict=True):
+        torch.testing.assert_close(lp_b, lp_a, atol=1e-5, rtol=0)
+        assert torch.equal(gr_a, gr_b)
+
+
 @pytest.mark.real_model
 def test_lm_eval_loglikelihood_moves_with_budget_and_unpatches(default_model):
     """The issue's acceptance: a loglikelihood request on a ~1k-token context, through lm-eval's API."""
