@@ -65,6 +65,7 @@ __all__ = [
     "num_blocks",
     "plan_block_sparse",
     "release_workspace",
+    "run_block_sparse",
 ]
 
 #: Block sizes the kernels accept: the Triton kernel tiles by them, so they must be powers of two >= 16.
@@ -307,6 +308,26 @@ def plan_block_sparse(
         L, block_m, block_n, stacked, units, nqb, nkb, order, full_idx, full_cnt, part_idx, part_cnt,
         slot_pos.reshape(-1, block_n), kb_min.reshape(-1), dense.nonzero().flatten(), kv_of_unit,
     )
+
+
+def run_block_sparse(
+    plan: TilePlan, q: Tensor, k: Tensor, v: Tensor, *, scale: float, return_lse: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Run the PyTorch path with a :func:`plan_block_sparse` plan (plan once, run many: e.g. threshold calibration
+    over the same tiles). Same result as :func:`block_sparse_attention` with the mask, ``key_perm`` and ``key_valid``
+    the plan was built from; ``k``/``v`` in the same slot order."""
+    B, Hq, L, _ = q.shape
+    Hkv = k.shape[1] if k.dim() == 4 else -1
+    units_ok = plan.units == (Hkv if plan.stacked else Hq) and plan.kv_of_unit.numel() == B * plan.units
+    if q.dim() != 4 or L != plan.L or not units_ok or k.shape[:3] != (B, Hkv, L) or v.shape[:3] != k.shape[:3]:
+        raise ValueError(
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match the plan (L={plan.L}, "
+            f"{plan.units} {'kv' if plan.stacked else 'query'} heads per batch row, {plan.kv_of_unit.numel()} in all)"
+        )
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device == plan.order.device):
+        raise ValueError(f"q, k, v and the plan must share a device and q, k, v a dtype, got {q.dtype} on {q.device}")
+    out, lse = _block_sparse_attention_torch(q, k, v, None, scale, plan.block_m, plan.block_n, None, None, plan=plan)
+    return (out, lse) if return_lse else out
 
 
 def _block_sparse_attention_torch(q, k, v, block_mask, scale, block_m, block_n, key_perm, key_valid, plan=None):

@@ -177,6 +177,21 @@ def test_bf16(perm: str) -> None:
     _check(kw, atol=2e-2, rtol=2e-2)
 
 
+def test_plan_then_run() -> None:
+    kw = _inputs(group=3, L=150, block_m=32, block_n=16, perm="segment", valid="left")
+    q, k, v = kw["q"], kw["k"], kw["v"]
+    plan = bsa.plan_block_sparse(
+        kw["block_mask"], 150, q.shape[1], k.shape[1], block_m=32, block_n=16, key_perm=kw["key_perm"],
+        key_valid=kw["key_valid"],
+    )
+    out, lse = bsa.run_block_sparse(plan, q, k, v, scale=kw["scale"], return_lse=True)
+    ref_out, ref_lse = block_sparse_attention(**kw, return_lse=True)
+    torch.testing.assert_close(out, ref_out, atol=0, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="do not match the plan"):
+        bsa.run_block_sparse(plan, q[:, :, :100], k[:, :, :100], v[:, :, :100], scale=kw["scale"])
+
+
 def test_csr_lists_full_then_partial() -> None:
     L, bm, bn = 96, 32, 32
     mask = torch.ones(1, 1, 3, 3, dtype=torch.bool)
