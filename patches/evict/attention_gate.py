@@ -387,10 +387,11 @@ def gated_train_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
 def build_gates(model, recipe: dict) -> AttentionGates:
     """``GateKind.build``: fresh gates. Recipe keys (defaults): ``objective`` (``"local"``: per-layer attention-output
     distillation on recorded q/k/v; ``"lm"``: LM loss through the gated model), ``gate_dim`` (8), ``gate_window``
-    (64), ``window`` (32), ``sink`` (4), ``target_evict`` (0.6), ``rate_weight`` (10), ``rows`` (128: queries per
+    (64), ``window`` (32), ``sink`` (4), ``target_evict`` (0.7), ``rate_weight`` (10), ``balance_weight`` (10: spread
+    of keep rates across a layer's heads, which the padded per-head storage pays for), ``rows`` (128: queries per
     layer in the local loss, the last ones of the sequence)."""
-    for k, v in dict(objective="local", gate_dim=8, gate_window=64, window=32, sink=4, target_evict=0.6,
-                     rate_weight=10.0, threshold=0.5, rows=128).items():
+    for k, v in dict(objective="local", gate_dim=8, gate_window=64, window=32, sink=4, target_evict=0.7,
+                     rate_weight=10.0, balance_weight=10.0, threshold=0.5, rows=128).items():
         recipe.setdefault(k, v)
     te = recipe["target_evict"]
     if not (isinstance(te, (int, float)) and 0.0 <= te < 1.0):
@@ -500,8 +501,11 @@ def gate_loss(gates: AttentionGates, target: TrainTarget, return_parts: bool = F
             errs.append(((out - full) ** 2).sum(-1).mean() / (full**2).sum(-1).mean())
         distortion = torch.stack(errs).mean()
     lo, hi = min(sink, L), max(min(sink, L), L - window)
-    keep_rate = torch.stack([f[..., lo:hi].mean() if hi > lo else f.mean() for f in kept]).mean()
+    per_head = torch.stack([(f[..., lo:hi] if hi > lo else f).mean(dim=(0, 2)) for f in kept])  # (layers, H_kv)
+    keep_rate = per_head.mean()
     reg = rec.get("rate_weight", 10.0) * (keep_rate - (1.0 - rec.get("target_evict", 0.6))) ** 2
+    # storage is padded to the layer's fullest head: penalise the spread of keep rates across a layer's heads
+    reg = reg + rec.get("balance_weight", 0.0) * per_head.var(dim=1, unbiased=False).mean()
     loss = distortion + reg
     if return_parts:
         return loss, dict(distortion=float(distortion.detach()), keep_rate=float(keep_rate.detach()),
