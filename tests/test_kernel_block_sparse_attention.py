@@ -123,9 +123,14 @@ def test_all_blocks_per_head_equals_sdpa() -> None:
 
 @pytest.mark.parametrize("perm", ["none", "segment", "any"])
 @pytest.mark.parametrize("valid", ["none", "left", "right"])
-@pytest.mark.parametrize("group", [1, 3])
 @pytest.mark.parametrize(
-    "L,block_m,block_n,mask_heads", [(128, 32, 32, "per_kv"), (150, 16, 64, "per_head"), (209, 64, 32, "shared")]
+    "group,L,block_m,block_n,mask_heads",
+    [
+        (3, 128, 32, 32, "per_kv"),
+        (3, 150, 16, 64, "per_head"),
+        (1, 209, 64, 32, "shared"),
+        (1, 100, 16, 16, "per_head"),
+    ],
 )
 def test_torch_matches_reference(perm, valid, group, L, block_m, block_n, mask_heads) -> None:
     kw = _inputs(
