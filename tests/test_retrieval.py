@@ -75,7 +75,7 @@ def test_small_top_k_differs_and_reports_recall(group_search):
     model = tiny_model("llama")
     ids, mask = _batch(1, L=200)
     _, ref_logits = _stock_logits(model, ids, mask, 4)
-    method = Retrieval(sink=4, window=8, top_k=8, ef=16, group_search=group_search, measure_recall=True)
+    method = Retrieval(sink=4, window=8, top_k=8, ef=16, exact_below=0, group_search=group_search, measure_recall=True)
     with kvaccel.patched(model, method):
         out = model.generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False,
                              output_logits=True, return_dict_in_generate=True)
@@ -167,6 +167,17 @@ def test_index_recall_and_spill_insert():
     assert all(N + i in ids[i] for i in range(5))
     out, lse = index.attend(ids, index.search(new, np.zeros(5, np.int64), 10, 64)[1], np.zeros(5, np.int64), 0.1)
     assert out.shape == (5, 4) and np.isfinite(lse).all()
+
+
+@needs_deps
+def test_exact_below_scans_small_rows():
+    model = tiny_model("llama")
+    ids, mask = _batch(1, L=200)
+    with kvaccel.patched(model, Retrieval(sink=4, window=8, top_k=8, ef=16, measure_recall=True)):  # 188 < 2048
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+        rep = kvaccel.report(model)
+    assert all(r == pytest.approx(1.0) for r in rep["retrieval_recall"])
+    assert all(f == pytest.approx(1.0) for f in rep["retrieval_scanned_fraction"])
 
 
 def test_bad_config_and_missing_state():
