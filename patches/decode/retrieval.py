@@ -107,11 +107,13 @@ class Retrieval(DecodeMethod):
     measure_recall: bool = False
 
     def __post_init__(self):
-        for field, low in (("top_k", 1), ("sink", 0), ("window", 1), ("degree", 2), ("build_top_k", 2),
-                           ("build_queries", 1), ("spill_every", 1), ("exact_below", 0)):
+        for field, low, high in (("top_k", 1, None), ("sink", 0, None), ("window", 1, None), ("degree", 2, 256),
+                                 ("build_top_k", 2, 1024), ("build_queries", 1, None), ("spill_every", 1, None),
+                                 ("exact_below", 0, None)):
             val = getattr(self, field)
-            if isinstance(val, bool) or not isinstance(val, int) or val < low:
-                raise ValueError(f"{field} must be an int >= {low}, got {val!r}")
+            if isinstance(val, bool) or not isinstance(val, int) or val < low or (high is not None and val > high):
+                rng = f">= {low}" if high is None else f"in [{low}, {high}]"
+                raise ValueError(f"{field} must be an int {rng}, got {val!r}")
         if not isinstance(self.ef, int) or self.ef < self.top_k:
             raise ValueError(f"ef ({self.ef!r}) must be an int >= top_k ({self.top_k}): the search list holds the "
                              "results; raise ef or lower top_k")
@@ -150,18 +152,20 @@ class Retrieval(DecodeMethod):
             out = o_f
         else:
             G = Hq // st.kv_heads
+            most = int(index.n.max())  # no row holds more: larger k / ef only allocate empty result slots
+            top_k, ef = min(self.top_k, most), min(self.ef, most)
             qs = q.detach().float().cpu().numpy().reshape(B * Hq * Q, D)
             head_row = (np.arange(B)[:, None] * st.kv_heads + np.arange(Hq)[None, :] // G).reshape(-1)
             rows = np.repeat(head_row, Q)
             if self.group_search:  # one walk per (b, kv head, query): (P, G, D) -> ids back in (b, h_q, query) order
                 qg = qs.reshape(B, st.kv_heads, G, Q, D).transpose(0, 1, 3, 2, 4).reshape(-1, G, D)
                 walk_rows = np.repeat(np.arange(B * st.kv_heads), Q)
-                ids, scores, scanned = index.search_grouped(qg, walk_rows, self.top_k, self.ef, self.exact_below)
+                ids, scores, scanned = index.search_grouped(qg, walk_rows, top_k, ef, self.exact_below)
                 ids, scores = (a.reshape(B, st.kv_heads, Q, G, -1).transpose(0, 1, 3, 2, 4).reshape(B * Hq * Q, -1)
                                for a in (ids, scores))
             else:
                 walk_rows = rows
-                ids, scores, scanned = index.search(qs, rows, self.top_k, self.ef, self.exact_below)
+                ids, scores, scanned = index.search(qs, rows, top_k, ef, self.exact_below)
             t2 = time.perf_counter()
             o_r, lse_r = index.attend(ids, scores, rows, ctx.scaling)
             t3 = time.perf_counter()
@@ -170,7 +174,7 @@ class Retrieval(DecodeMethod):
             st.scanned_sum += float((scanned[has] / held[has]).sum())
             st.rows_measured += int(has.sum())
             if self.measure_recall:
-                exact, _ = index.search_exact(qs, rows, self.top_k)
+                exact, _ = index.search_exact(qs, rows, top_k)
                 for r in np.nonzero(index.n[rows] > 0)[0]:
                     want = exact[r][exact[r] >= 0]
                     st.recall_sum += len(np.intersect1d(ids[r], want)) / len(want)
