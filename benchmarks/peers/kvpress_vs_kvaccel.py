@@ -342,6 +342,12 @@ def report_kl(args) -> None:
     import math
 
     rows = [json.loads(line) for path in args.files for line in Path(path).read_text().splitlines() if line.strip()]
+    if args.paired:  # only the samples every (framework, method) of a kept fraction has: a paired comparison
+        ids = defaultdict(lambda: defaultdict(set))
+        for r in rows:
+            ids[r["budget"]][(r["framework"], r["method"])].add(r["id"])
+        common = {b: set.intersection(*groups.values()) for b, groups in ids.items()}
+        rows = [r for r in rows if r["id"] in common[r["budget"]]]
     agg = defaultdict(list)
     for r in rows:
         agg[(r["framework"], r["method"], r["budget"])].append(r)
@@ -401,6 +407,7 @@ def main() -> None:
     k.add_argument("--threads", type=int, default=0)
     p = sub.add_parser("report-kl")
     p.add_argument("files", nargs="+")
+    p.add_argument("--paired", action="store_true", help="keep only the samples every method of a kept fraction has")
     args = ap.parse_args()
     {"export": export, "run": run, "report": report, "export-kl": export_kl, "kl": kl,
      "report-kl": report_kl}[args.cmd](args)
