@@ -11,14 +11,14 @@ from __future__ import annotations
 import os
 import statistics
 import threading
-import time
 from typing import Any
 
 import torch
 
 from kvaccel.compare import input_device
 
-from .runner import FULL, _kv_bytes, _method, _new_cache, check_lengths, check_methods
+from .loop import FULL, fidelity, forced_run, method, prefill_decode, reference
+from .runner import check_lengths, check_methods
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -89,22 +89,11 @@ def bench_prompt(tokenizer, length: int, batch: int, device: torch.device | str 
 
 
 def bench_once(model, ids: torch.Tensor, new_tokens: int, patched: bool) -> dict[str, float]:
-    """One timed greedy run: prefill + ``new_tokens - 1`` decode steps on a batch."""
-    with torch.inference_mode(), RssSampler() as mem:
-        cache = _new_cache(model, patched)
-        t0 = time.perf_counter()
-        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        t1 = time.perf_counter()
-        for _ in range(new_tokens - 1):
-            out = model(nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        t2 = time.perf_counter()
-        kv, kv_full = _kv_bytes(model, cache, patched)
-        del cache, out
-    steps = max(1, new_tokens - 1)
-    return {"ttft_s": t1 - t0, "tpot_s": (t2 - t1) / steps if new_tokens > 1 else float("nan"),
-            "rss_delta": mem.delta, "rss_peak": mem.peak, "kv_bytes": kv, "kv_bytes_full": kv_full}
+    """One timed greedy run (the harness's one loop): prefill + ``new_tokens - 1`` decode steps on a batch."""
+    with RssSampler() as mem:
+        r = prefill_decode(model, ids, new_tokens, patched)
+    return {"ttft_s": r.prefill_s, "tpot_s": r.tpot_s, "rss_delta": mem.delta, "rss_peak": mem.peak,
+            "kv_bytes": r.kv_bytes_end, "kv_bytes_full": r.kv_bytes_full_end}
 
 
 def run_bench(
@@ -117,8 +106,15 @@ def run_bench(
     repeats: int = 3,
     warmup: int = 1,
     progress: bool = False,
+    with_fidelity: bool = True,
 ) -> list[dict[str, Any]]:
-    """The grid lengths × batches; one row per (method, length, batch) with medians, p10/p90 and speedups."""
+    """The grid lengths × batches; one row per (method, length, batch) with medians, p10/p90 and speedups.
+
+    Speedups are ratios of the medians (``prefill_speedup = full ttft / method ttft``, ``decode_speedup = full
+    tpot / method tpot``); the raw timings are kept in ``ttft_runs`` / ``tpot_runs``. ``with_fidelity``: per length,
+    ``kl``, ``top1_agreement``, ``greedy_match`` and ``greedy_prefix`` of each method teacher-forced on full's
+    ``new_tokens``-token greedy continuation of the batch's first prompt (``evals.loop.fidelity``; untimed runs).
+    """
     methods = [FULL] + check_methods(methods)
     lengths = check_lengths(model, lengths, margin=new_tokens)
     if not batches or any(int(b) < 1 for b in batches):
@@ -132,6 +128,7 @@ def run_bench(
 
         bar = tqdm(total=len(grid) * len(methods) * (repeats + warmup), desc="bench", unit="run", dynamic_ncols=True)
     rows: list[dict[str, Any]] = []
+    fid_by_length: dict[int, dict[str, dict]] = {}
     try:
         for length, batch in grid:
             ids = bench_prompt(tokenizer, length, batch, input_device(model))
@@ -139,12 +136,20 @@ def run_bench(
             for rep in range(warmup + repeats):
                 order = methods if rep % 2 == 0 else methods[::-1]  # alternate so drift hits all alike
                 for m in order:
-                    with _method(model, m) as patched:
+                    with method(model, m) as patched:
                         r = bench_once(model, ids, new_tokens, patched)
                     if rep >= warmup:
                         runs[m].append(r)
                     if bar:
                         bar.update(1)
+            if with_fidelity and length not in fid_by_length:  # the same first prompt for every batch size
+                ref = reference(model, ids[:1], new_tokens)
+                fid_by_length[length] = {}
+                for m in methods:
+                    with method(model, m) as patched:
+                        run = forced_run(model, ids[:1], ref, patched) if patched else ref
+                    fid_by_length[length][m] = fidelity(ref, run)
+            fid = fid_by_length.get(length, {})
             base = None
             for m in methods:
                 rs = runs[m]
@@ -157,6 +162,8 @@ def run_bench(
                     "rss_delta_mib": statistics.median(r["rss_delta"] for r in rs) / 2**20,
                     "rss_peak_mib": max(r["rss_peak"] for r in rs) / 2**20,
                     "kv_bytes": rs[-1]["kv_bytes"], "kv_bytes_full": rs[-1]["kv_bytes_full"],
+                    "ttft_runs": [r["ttft_s"] for r in rs], "tpot_runs": [r["tpot_s"] for r in rs],
+                    **fid.get(m, {}),
                 }
                 row["kv_ratio"] = row["kv_bytes"] / row["kv_bytes_full"] if row["kv_bytes_full"] else None
                 if m == FULL:

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-FULL = "full"
+from .loop import FULL, LoopRun, fidelity, forced_run, kv_bytes, method, new_cache, prefill_decode, reference
+
 FIDELITY = "fidelity"
 FIDELITY_TOKENS = 16  # N: greedy continuation of the full model that fidelity is teacher-forced on
 DEFAULT_NEW_TOKENS = {"passkey": 12, "niah_single": 16, "niah_multikey": 16, "fidelity": FIDELITY_TOKENS}
@@ -155,37 +156,8 @@ def string_match_all(pred: str, answers: list[str]) -> float:
 
 
 # --------------------------------------------------------------------------------------------- model runs
-@contextlib.contextmanager
-def _method(model, spec: str):
-    """Patch ``model`` with ``spec`` for the block (``full`` = the stock model)."""
-    from kvaccel.api import patch, unpatch
-
-    if spec == FULL:
-        yield False
-        return
-    patch(model, spec)
-    try:
-        yield True
-    finally:
-        unpatch(model)
-
-
-def _new_cache(model, patched: bool):
-    from transformers import DynamicCache
-
-    from kvaccel.cache import KVAccelCache
-
-    return KVAccelCache(model) if patched else DynamicCache(config=model.config)
-
-
-def _kv_bytes(model, cache, patched: bool) -> tuple[int, int]:
-    if patched:
-        from kvaccel.api import report
-
-        r = report(model)
-        return int(r["kv_bytes"]), int(r["kv_bytes_full"])
-    n = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.is_initialized)
-    return n, n
+# one loop and one fidelity implementation for compare, bench and eval: evals/loop.py
+_method, _new_cache, _kv_bytes = method, new_cache, kv_bytes
 
 
 def _eos_ids(tokenizer, model) -> set[int]:
@@ -203,6 +175,18 @@ def _all_found(tokenizer, toks: list[int], answers: list[str]) -> bool:
     return bool(answers) and all(a.lower() in text for a in answers)
 
 
+def sample_prompt(tokenizer, sample, question_aware: bool, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(compressed head, uncompressed tail) token ids of a task sample, as ``answer_sample`` feeds them."""
+    if hasattr(sample, "prompt"):  # evals.tasks.Sample: (compressed part, uncompressed part)
+        head_text, tail_text = sample.prompt(question_aware=question_aware)
+    else:
+        head_text = sample.context + "\n\n" + (sample.question if question_aware else "")
+        tail_text = ("" if question_aware else sample.question) + (sample.answer_prefix or "")
+    ctx = tokenizer(head_text, add_special_tokens=True, return_tensors="pt")["input_ids"].to(device)
+    tail = tokenizer(tail_text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+    return ctx, tail
+
+
 def answer_sample(
     model, tokenizer, sample, patched: bool, new_tokens: int, question_aware: bool, stop_when_found: bool = True
 ) -> dict:
@@ -210,58 +194,34 @@ def answer_sample(
 
     Question-agnostic (default): the context is one forward (eviction happens there), the question and answer
     prefix a second forward on the already-compressed cache. Question-aware: context + question are prefilled
-    (and compressed) together, only the answer prefix follows.
+    (and compressed) together, only the answer prefix follows. Stops at EOS or once every answer shows
+    (``string_match_all`` cannot drop as text is appended).
     """
-    if hasattr(sample, "prompt"):  # evals.tasks.Sample: (compressed part, uncompressed part)
-        head_text, tail_text = sample.prompt(question_aware=question_aware)
-    else:
-        head_text = sample.context + "\n\n" + (sample.question if question_aware else "")
-        tail_text = ("" if question_aware else sample.question) + (sample.answer_prefix or "")
     from kvaccel.compare import input_device
 
-    device = input_device(model)
-    ctx = tokenizer(head_text, add_special_tokens=True, return_tensors="pt")["input_ids"].to(device)
-    tail = tokenizer(tail_text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
-    chunks = [ctx] + ([tail] if tail.shape[1] else [])
-    eos = _eos_ids(tokenizer, model)
+    ctx, tail = sample_prompt(tokenizer, sample, question_aware, input_device(model))
     answers = list(sample.answers)
-    with torch.inference_mode():
-        cache = _new_cache(model, patched)
-        t0 = time.perf_counter()
-        out = model(chunks[0], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        prefill_s = time.perf_counter() - t0
-        kv, kv_full = _kv_bytes(model, cache, patched)  # right after the (compressing) context prefill
-        if len(chunks) > 1:
-            out = model(chunks[1], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        toks: list[int] = []
-        t1 = time.perf_counter()
-        for _ in range(new_tokens):
-            tok = int(out.logits[0, -1].argmax())
-            if tok in eos:
-                break
-            toks.append(tok)
-            if len(toks) == new_tokens or (stop_when_found and _all_found(tokenizer, toks, answers)):
-                break  # string_match_all cannot drop as text is appended: once every answer shows, it is final
-            out = model(torch.tensor([[tok]], device=device), past_key_values=cache, use_cache=True,
-                        logits_to_keep=1)
-        decode_s = time.perf_counter() - t1
+    stop = (lambda toks: _all_found(tokenizer, toks, answers)) if stop_when_found else None
+    run = prefill_decode(model, [ctx, tail], new_tokens, patched, eos=_eos_ids(tokenizer, model), stop=stop)
+    toks = run.tokens[0]
     pred = tokenizer.decode(toks, skip_special_tokens=True)
     return {
         "prediction": pred,
         "score": string_match_all(pred, answers),
         "answers": answers,
         "new_tokens": len(toks),
-        "prompt_tokens": int(ctx.shape[1] + tail.shape[1]),
-        "prefill_s": prefill_s,
-        "decode_s": decode_s,
-        "kv_bytes": kv,
-        "kv_bytes_full": kv_full,
-        "kv_ratio": kv / kv_full if kv_full else None,
+        "prompt_tokens": run.prompt_tokens,
+        "prefill_s": run.prefill_s,
+        "decode_s": run.decode_s,
+        "kv_bytes": run.kv_bytes,  # right after the (compressing) context prefill
+        "kv_bytes_full": run.kv_bytes_full,
+        "kv_ratio": run.kv_bytes / run.kv_bytes_full if run.kv_bytes_full else None,
     }
 
 
 def fidelity_ids(tokenizer, length: int, sample: int) -> torch.Tensor:
-    """``(1, length)`` prose tokens; sample ``i`` starts at a different offset into the pydoc_data text."""
+    """``(1, length)`` prose tokens; sample ``i`` starts at a different offset into the pydoc_data text (sample 0 is
+    ``kvaccel.compare.prompt_ids``'s prompt, the one ``compare`` and ``bench`` use)."""
     from kvaccel.compare import prose
 
     offset_chars = sample * 7919  # a prime stride: distinct, reproducible windows
@@ -272,68 +232,18 @@ def fidelity_ids(tokenizer, length: int, sample: int) -> torch.Tensor:
     return ids[:, :length]
 
 
-def _decode_steps(model, cache, ids, n: int, forced: list[int] | None = None):
-    """Prefill ``ids`` then ``n - 1`` decode steps; returns (tokens, (n, V) logits, prefill seconds)."""
-    t0 = time.perf_counter()
-    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    prefill_s = time.perf_counter() - t0
-    logits = [out.logits[0, -1].float()]
-    toks = [int(logits[-1].argmax())]
-    for step in range(n - 1):
-        fed = toks[-1] if forced is None else forced[step]
-        out = model(torch.tensor([[fed]], device=ids.device), past_key_values=cache, use_cache=True,
-                    logits_to_keep=1)
-        logits.append(out.logits[0, -1].float())
-        toks.append(int(logits[-1].argmax()))
-    return toks, torch.stack(logits), prefill_s
-
-
-def fidelity_reference(model, ids: torch.Tensor, n: int = FIDELITY_TOKENS) -> dict:
+def fidelity_reference(model, ids: torch.Tensor, n: int = FIDELITY_TOKENS) -> LoopRun:
     """The stock model's greedy continuation of ``n`` tokens and the logits that chose each."""
-    with torch.inference_mode():
-        cache = _new_cache(model, False)
-        toks, logits, prefill_s = _decode_steps(model, cache, ids, n)
-        kv, _ = _kv_bytes(model, cache, False)
-    return {"tokens": toks, "logits": logits, "prefill_s": prefill_s, "kv_bytes": kv}
+    return reference(model, ids, n)
 
 
-def fidelity_metrics(ref_logits: torch.Tensor, logits: torch.Tensor, ref_tokens: list[int], tokens: list[int]):
-    """Mean next-token KL(full ‖ method), top-1 agreement (teacher-forced) and greedy continuation match."""
-    p_ref = torch.log_softmax(ref_logits.double(), -1)
-    p = torch.log_softmax(logits.double(), -1)
-    kl_steps = (p_ref.exp() * (p_ref - p)).sum(-1).clamp_min(0.0)
-    top1 = float((ref_logits.argmax(-1) == logits.argmax(-1)).double().mean())
-    match = sum(a == b for a, b in zip(ref_tokens, tokens, strict=True)) / len(ref_tokens)
-    prefix = next((i for i, (a, b) in enumerate(zip(ref_tokens, tokens, strict=True)) if a != b), len(ref_tokens))
-    return {
-        "kl": float(kl_steps.mean()),
-        "kl_max": float(kl_steps.max()),
-        "top1_agreement": top1,
-        "greedy_match": match,
-        "greedy_prefix": prefix,
-    }
-
-
-def fidelity_run(model, ids: torch.Tensor, ref: dict, patched: bool) -> dict:
-    """Teacher-forced run on the reference continuation: KL and top-1 per step, and the greedy match.
-
-    The method's own greedy continuation equals the argmax of the teacher-forced run up to the first step where
-    it disagrees with full's token, so ``greedy_prefix`` (tokens identical before the first divergence) and
-    ``greedy_match`` = ``greedy_prefix / N`` (exact-prefix match of the free greedy continuation) need no extra run.
-    """
-    n = len(ref["tokens"])
-    if not patched:
-        m = fidelity_metrics(ref["logits"], ref["logits"], ref["tokens"], ref["tokens"])
-        return m | {"prefill_s": ref["prefill_s"], "kv_bytes": ref["kv_bytes"], "kv_bytes_full": ref["kv_bytes"],
-                    "kv_ratio": 1.0, "prompt_tokens": int(ids.shape[1])}
-    with torch.inference_mode():
-        cache = _new_cache(model, True)
-        forced_toks, forced_logits, prefill_s = _decode_steps(model, cache, ids, n, forced=ref["tokens"])
-        kv, kv_full = _kv_bytes(model, cache, True)
-    m = fidelity_metrics(ref["logits"], forced_logits, ref["tokens"], forced_toks)
-    m["greedy_match"] = m["greedy_prefix"] / n
-    return m | {"prefill_s": prefill_s, "kv_bytes": kv, "kv_bytes_full": kv_full,
-                "kv_ratio": kv / kv_full if kv_full else None, "prompt_tokens": int(ids.shape[1])}
+def fidelity_run(model, ids: torch.Tensor, ref: LoopRun, patched: bool) -> dict:
+    """``evals.loop.fidelity`` of the (patched) model teacher-forced on ``ref``, with its KV bytes and prefill time."""
+    run = forced_run(model, ids, ref, patched) if patched else ref
+    return fidelity(ref, run) | {"prefill_s": run.prefill_s, "kv_bytes": run.kv_bytes,
+                                 "kv_bytes_full": run.kv_bytes_full,
+                                 "kv_ratio": run.kv_bytes / run.kv_bytes_full if run.kv_bytes_full else None,
+                                 "prompt_tokens": run.prompt_tokens}
 
 
 # --------------------------------------------------------------------------------------------- results store
@@ -426,14 +336,18 @@ def run_eval(
     on_result: Callable[[dict], None] | None = None,
     model_id: str | None = None,
     write: bool = True,
+    fidelity_tokens: int = FIDELITY_TOKENS,
 ) -> dict:
     """Run the full baseline and every method on every (task, length, sample); returns the results dict.
 
+    ``fidelity_tokens``: N, the length of full's greedy continuation the ``fidelity`` task teacher-forces on.
     ``on_result`` is called with each new result row (after it is written). ``write`` also writes the reports
     (results.json complete, report.md, plots) at the end.
     """
     if samples is None or int(samples) <= 0:
         raise ValueError(f"samples must be >= 1, got {samples}")
+    if int(fidelity_tokens) < 1:
+        raise ValueError(f"fidelity_tokens must be >= 1, got {fidelity_tokens}")
     methods = check_methods(methods)
     tasks = check_tasks(tasks)
     lengths = check_lengths(model, lengths, margin=max(_new_tokens(t, new_tokens) for t in tasks))
@@ -449,7 +363,7 @@ def run_eval(
         "lengths": lengths,
         "samples": int(samples),
         "new_tokens": new_tokens,
-        "fidelity_tokens": FIDELITY_TOKENS,
+        "fidelity_tokens": int(fidelity_tokens),
     }
     check_resume(out, config)
     jsonl = out / "results.jsonl"
@@ -495,7 +409,7 @@ def run_eval(
                 from kvaccel.compare import input_device
 
                 ids = fidelity_ids(tokenizer, length, i).to(input_device(model))
-                ref = fidelity_reference(model, ids)
+                ref = fidelity_reference(model, ids, int(fidelity_tokens))
             for m in todo:
                 t0 = time.perf_counter()
                 with _method(model, m) as patched:

@@ -7,12 +7,10 @@ every method runs on the same prompt in the same process, interleaved over repet
 from __future__ import annotations
 
 import statistics
-import time
-from dataclasses import dataclass, field
 
 import torch
 
-from kvaccel.api import patch, report, unpatch
+FULL_NAME = "full (stock)"
 
 
 def prose(n_chars: int) -> str:
@@ -42,99 +40,53 @@ def prompt_ids(tokenizer, length: int, device: torch.device | str | None = None)
     return ids[:, :length].to(device) if device is not None else ids[:, :length]
 
 
-@dataclass
-class RunResult:
-    method: str
-    prefill_s: list[float] = field(default_factory=list)
-    decode_tok_s: list[float] = field(default_factory=list)
-    kv_bytes: int = 0
-    kv_bytes_full: int = 0
-    tokens: list[int] = field(default_factory=list)
-    step_logits: torch.Tensor | None = None  # (new_tokens, V) logits that chose each new token
-
-
-def run_once(
-    model, ids: torch.Tensor, new_tokens: int, res: RunResult, patched: bool, forced: list[int] | None = None
-) -> None:
-    """Greedy prefill + ``new_tokens`` decode steps with explicit timing of each phase.
-
-    With ``forced`` the tokens fed back are those (teacher forcing on the baseline's continuation), so the
-    per-step logits are comparable with the baseline's; otherwise the run is free (greedy) and timed.
-    """
-    from transformers import DynamicCache
-
-    from kvaccel.cache import KVAccelCache
-
-    with torch.inference_mode():
-        cache = KVAccelCache(model) if patched else DynamicCache(config=model.config)
-        t0 = time.perf_counter()
-        out = model(ids, past_key_values=cache, use_cache=True)
-        t1 = time.perf_counter()
-        logits = [out.logits[0, -1].float()]
-        toks = [int(logits[-1].argmax())]
-        for step in range(new_tokens - 1):
-            fed = toks[-1] if forced is None else forced[step]
-            out = model(torch.tensor([[fed]], device=ids.device), past_key_values=cache, use_cache=True)
-            logits.append(out.logits[0, -1].float())
-            toks.append(int(logits[-1].argmax()))
-        t2 = time.perf_counter()
-    res.step_logits = torch.stack(logits)
-    if forced is not None:
-        return
-    res.prefill_s.append(t1 - t0)
-    res.decode_tok_s.append((new_tokens - 1) / (t2 - t1) if new_tokens > 1 else float("nan"))
-    res.tokens = toks
-    if patched:
-        r = report(model)
-        res.kv_bytes, res.kv_bytes_full = r["kv_bytes"], r["kv_bytes_full"]
-    else:
-        res.kv_bytes = res.kv_bytes_full = sum(
-            layer.keys.nbytes + layer.values.nbytes for layer in cache.layers
-        )
-
-
 def compare(model, tokenizer, specs: list[str], length: int = 2048, new_tokens: int = 32, repeats: int = 2):
-    """Run stock full attention and each method spec; returns a list of row dicts (first row = full)."""
+    """Run stock full attention and each method spec; returns a list of row dicts (first row = full).
+
+    Timing: ``repeats`` free greedy runs per method, interleaved, through the harness's one loop
+    (``kvaccel.evals.loop.prefill_decode``); medians. KV bytes: the cache after the last decode step. Fidelity:
+    ``kvaccel.evals.loop.fidelity`` of each method teacher-forced on the stock model's ``new_tokens``-token greedy
+    continuation (``greedy_match`` = exact greedy prefix / ``new_tokens``; definitions in ``evals/loop.py``).
+    """
+    from kvaccel.evals.loop import FULL, fidelity, forced_run, method, prefill_decode, reference
+
     ids = prompt_ids(tokenizer, length, input_device(model))
-    results = {"full (stock)": RunResult("full (stock)")} | {s: RunResult(s) for s in specs}
-    run_once(model, ids[:, :64], 2, RunResult("warmup"), patched=False)  # warm-up
+    names = [FULL_NAME] + list(specs)
+    runs: dict[str, list] = {name: [] for name in names}
+    prefill_decode(model, ids[:, :64], 2, patched=False)  # warm-up
     for _ in range(repeats):  # interleaved so machine noise hits every method alike
-        for name, res in results.items():
-            if name == "full (stock)":
-                run_once(model, ids, new_tokens, res, patched=False)
-            else:
-                patch(model, name)
-                try:
-                    run_once(model, ids, new_tokens, res, patched=True)
-                finally:
-                    unpatch(model)
-    base = results["full (stock)"]
+        for name in names:
+            with method(model, FULL if name == FULL_NAME else name) as patched:
+                runs[name].append(prefill_decode(model, ids, new_tokens, patched))
+    ref = reference(model, ids, new_tokens)
+    base_prefill = statistics.median(r.prefill_s for r in runs[FULL_NAME])
+    base_tps = statistics.median(r.decode_steps / r.decode_s for r in runs[FULL_NAME])
+    base_kv_full = runs[FULL_NAME][-1].kv_bytes_full_end
     rows = []
-    for name, res in results.items():
-        if name != "full (stock)":  # fidelity: teacher-forced on the baseline's continuation
-            patch(model, name)
-            try:
-                run_once(model, ids, new_tokens, res, patched=True, forced=base.tokens)
-            finally:
-                unpatch(model)
-        p_ref = torch.log_softmax(base.step_logits.double(), -1)
-        p = torch.log_softmax(res.step_logits.double(), -1)
-        kl = float((p_ref.exp() * (p_ref - p)).sum(-1).mean())
-        top1 = float((base.step_logits.argmax(-1) == res.step_logits.argmax(-1)).double().mean())
-        match = sum(a == b for a, b in zip(base.tokens, res.tokens, strict=True)) / len(base.tokens)
-        prefill, tps = statistics.median(res.prefill_s), statistics.median(res.decode_tok_s)
+    for name in names:
+        with method(model, FULL if name == FULL_NAME else name) as patched:
+            fid = fidelity(ref, forced_run(model, ids, ref, patched) if patched else ref)
+        rs = runs[name]
+        prefill = statistics.median(r.prefill_s for r in rs)
+        tps = statistics.median(r.decode_steps / r.decode_s for r in rs)
+        kv = rs[-1].kv_bytes_end
         rows.append(
             {
                 "method": name,
                 "prefill_s": prefill,
-                "prefill_speedup": statistics.median(base.prefill_s) / prefill,
+                "prefill_speedup": base_prefill / prefill,
                 "decode_tok_s": tps,
-                "decode_speedup": tps / statistics.median(base.decode_tok_s),
-                "kv_mib": res.kv_bytes / 2**20,
-                "kv_ratio": res.kv_bytes / base.kv_bytes_full if base.kv_bytes_full else float("nan"),
-                "next_token_kl": kl,
-                "top1_agreement": top1,
-                "greedy_match": match,
+                "decode_speedup": tps / base_tps,
+                "kv_mib": kv / 2**20,
+                "kv_ratio": kv / base_kv_full if base_kv_full else float("nan"),
+                "next_token_kl": fid["kl"],
+                "kl_max": fid["kl_max"],
+                "top1_agreement": fid["top1_agreement"],
+                "greedy_match": fid["greedy_match"],
+                "greedy_prefix": fid["greedy_prefix"],
+                "prefill_s_runs": [r.prefill_s for r in rs],
+                "decode_tok_s_runs": [r.decode_steps / r.decode_s for r in rs],
+                "tokens": rs[-1].tokens[0],
             }
         )
     return rows

