@@ -18,6 +18,10 @@ prefill queries, RoarGraph-style (https://arxiv.org/abs/2408.08933):
 Tokens that leave the recent window later are *inserted*: each new key is searched in the graph with itself as the
 query (its ``degree`` largest-``k · k'`` keys become its out-edges) and reverse edges are added where a node has room.
 
+Measured (``benchmarks/retrieval_index.py``, default model, layers 3 and 17, 32 prose chunks x 1024 tokens = 32k keys
+per kv head, 48 held-out queries per kv head, recall@100 vs exact): attention-aware ef=128 0.935 scanning 3.9% of
+the keys per query head (GQA walk: 0.908 at 4.5% per walk for 3 heads); hnswlib on keys (M=32, ef=200) 0.593.
+
 One ``AttentionIndex`` holds the host K/V store and the graphs of ``rows`` independent heads (row = ``b * H_kv +
 h``), padded to a common capacity that doubles as tokens arrive. :meth:`AttentionIndex.search_exact` (a full scan) is
 the reference the approximate search is measured against; when ``k`` (or ``ef``) covers every key of a row the
