@@ -218,6 +218,20 @@ def test_evicts_flagged_tokens_and_bytes_match(tmp_path):
     assert rep2["kv_bytes"] < rep2["kv_bytes_full"]
 
 
+def test_tokens_fed_while_paused_are_kept(tmp_path):
+    model = tiny_model("llama")
+    path = _gates(model, tmp_path, bias=-20.0, window=2)  # every scored token is evicted once out of the window
+    cache = KVAccelCache(model)
+    with kvaccel.patched(model, AttentionGate(weights=str(path))):
+        model(_prompt(model, 20), past_key_values=cache, use_cache=True)
+        with kvaccel.paused(model):
+            model(_prompt(model, 10, seed=1), past_key_values=cache, use_cache=True)
+        for _ in range(4):
+            model(torch.tensor([[7]]), past_key_values=cache, use_cache=True)
+    # 2 sinks + 10 paused tokens + the last 2 tokens (window)
+    assert torch.equal(cache.layers[0].kept_per_head(), torch.full((1, 2), 14))
+
+
 def test_hook_removed_after_unpatch(tmp_path):
     model = tiny_model("llama")
     path = _gates(model, tmp_path)

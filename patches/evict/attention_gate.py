@@ -287,6 +287,7 @@ class AttentionGate(EvictionMethod):
         self._gates = gates.to(device=p.device, dtype=p.dtype).eval().requires_grad_(False)
         self._hidden: dict[int, weakref.ref] = {}
         self._past: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._scored_upto: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> tokens seen when scored
 
     def install_hooks(self, model, modules: list[nn.Module]) -> list:
         """Forward pre-hooks on every ``self_attn`` capturing (weakly) the layer input; removed by ``unpatch``."""
@@ -337,6 +338,10 @@ class AttentionGate(EvictionMethod):
         if st is None:
             st = torch.zeros(B, H, T, dtype=torch.bool, device=layer.keys.device)
         st[..., -q:] = flags
+        unscored = layer.seen - q - self._scored_upto.get(layer, layer.seen - q)
+        if unscored > 0:  # tokens fed inside kvaccel.paused(model) are kept whole
+            st[..., -(q + unscored) : -q] = True
+        self._scored_upto[layer] = layer.seen
         layer.token_state[STATE_KEY] = st
         valid = layer.full_valid().expand(B, H, T)
         from_end = valid.flip(-1).cumsum(-1).flip(-1)  # real tokens at or after each slot
