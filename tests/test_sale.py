@@ -71,7 +71,7 @@ def test_selection_recalls_important_blocks():
     assert keep[must].float().mean() >= 0.95
 
 
-@pytest.mark.parametrize("L,Hq,Hkv,D", [(700, 4, 2, 32), (513, 3, 1, 16), (800, 2, 2, 64)])
+@pytest.mark.parametrize("L,Hq,Hkv,D", [(520, 4, 2, 32), (513, 3, 1, 16), (640, 2, 2, 64)])
 def test_torch_path_matches_reference(L, Hq, Hkv, D):
     q, k = _qk(L, Hq, Hkv, D, seed=L)
     scale = D**-0.5
