@@ -11,7 +11,7 @@ import torch
 
 from kvaccel.kernels.window_scores import window_attention_scores, window_attention_scores_reference
 
-from conftest import TRITON_DEVICE, requires_triton
+from conftest import TRITON_DEVICE, require_triton_dtype, requires_triton
 
 
 def _make_inputs(
@@ -68,9 +68,10 @@ def test_torch_matches_reference(group: int, mask: str, W: int | str, causal: bo
 
 
 @pytest.mark.parametrize("W", [7, "T"])
-def test_torch_bf16(W: int | str) -> None:
-    kw = _make_inputs(1, 2, 3, W, 90, 64, mask="ragged", dtype=torch.bfloat16)
-    _check(kw, True, atol=1e-4, rtol=1e-3, backend="torch", chunk=16)  # math is float32 on the bf16 inputs
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_torch_low_precision(W: int | str, dtype: torch.dtype) -> None:
+    kw = _make_inputs(1, 2, 3, W, 90, 64, mask="ragged", dtype=dtype)
+    _check(kw, True, atol=1e-4, rtol=1e-3, backend="torch", chunk=16)  # fp32 math and output on the exact inputs
 
 
 def test_rows_sum_to_one() -> None:
@@ -121,3 +122,13 @@ def test_triton_matches_reference(group: int, mask: str, W: int | str) -> None:
 def test_triton_non_causal_batch_mask(W: int | str) -> None:
     kw = _make_inputs(2, 1, 3, W, 100, 16, mask="batch", device=TRITON_DEVICE)
     _check(kw, False, atol=1e-5, rtol=1e-4, backend="triton")
+
+
+@pytest.mark.triton
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("W", [7, "T"])
+def test_triton_low_precision(W: int | str, dtype: torch.dtype) -> None:
+    require_triton_dtype(dtype)
+    kw = _make_inputs(2, 2, 3, W, 100, 64 if W == "T" else 16, mask="ragged", dtype=dtype, device=TRITON_DEVICE)
+    _check(kw, True, atol=1e-4, rtol=1e-3, backend="triton")  # scores are fp32 whatever the input dtype
