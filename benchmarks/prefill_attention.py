@@ -7,7 +7,8 @@ summed time over layers, the speedup vs SDPA, the split estimation / attention, 
 relative error ``||o - o_dense|| / ||o_dense||`` (mean and max over layers). Prints a table, writes JSON.
 
     python benchmarks/prefill_attention.py --length 8192 --repeats 3 \
-        --method a_shape --method vertical_slash --method pbs --method sale --method seer --out runs/prefill_attention.json
+        --method a_shape --method vertical_slash --method pbs --method sale --method seer \
+        --out runs/prefill_attention.json
 """
 
 from __future__ import annotations
@@ -47,10 +48,14 @@ def capture_qkv(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tens
     return [captured[i] for i in sorted(captured)]
 
 
-def _timed(fn):
+def _timed(fn, *args):
     t0 = time.perf_counter()
-    out = fn()
+    out = fn(*args)
     return out, time.perf_counter() - t0
+
+
+def _sdpa(q, k, v, scale):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
 
 
 def run(model, layers, specs: list[str], repeats: int) -> list[dict]:
@@ -74,13 +79,12 @@ def run(model, layers, specs: list[str], repeats: int) -> list[dict]:
                 order = order if rep % 2 == 0 else order[::-1]
                 for spec, m in order:
                     if m is None:
-                        out, t = _timed(lambda: F.scaled_dot_product_attention(
-                            q, k, v, is_causal=True, scale=scale, enable_gqa=True))
+                        out, t = _timed(_sdpa, q, k, v, scale)
                         ref = out
                         times["sdpa"].append(t)
                     else:
                         stats = {"prefill_estimate_s": 0.0, "prefill_attention_s": 0.0, "_tiles": 0, "_causal_tiles": 0}
-                        out, t = _timed(lambda m=m, stats=stats: m.sparse_attention(q, k, v, scale, li, stats))
+                        out, t = _timed(m.sparse_attention, q, k, v, scale, li, stats)
                         times[spec].append((t, stats, out))
             dense_s[li] = statistics.median(times["sdpa"])
             for spec, _ in methods:
@@ -136,8 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'method':40s} {'time s':>8s} {'speedup':>8s} {'est s':>7s} {'attn s':>7s} {'density':>8s} "
           f"{'err mean':>9s} {'err max':>8s}")
     for r in rows:
-        print(f"{r['method']:40s} {r['time_s']:8.3f} {r['speedup']:8.2f} {r['estimate_s']:7.3f} {r['attention_s']:7.3f} "
-              f"{r['density']:8.3f} {r['rel_err_mean']:9.4f} {r['rel_err_max']:8.4f}")
+        print(f"{r['method']:40s} {r['time_s']:8.3f} {r['speedup']:8.2f} {r['estimate_s']:7.3f} "
+              f"{r['attention_s']:7.3f} {r['density']:8.3f} {r['rel_err_mean']:9.4f} {r['rel_err_max']:8.4f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"length": args.length, "threads": args.threads, "repeats": args.repeats,
