@@ -158,6 +158,8 @@ def eval_cmd(
     question_aware: bool = typer.Option(False, help="Prefill context + question together (default: question "
                                         "after compression)."),
     new_tokens: int | None = typer.Option(None, help="Answer tokens; default per task (12-32)."),
+    fidelity_tokens: int = typer.Option(16, min=1, help="Tokens of full's greedy continuation the fidelity task "
+                                        "teacher-forces (KL, top-1) and compares greedily."),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     dtype: str = typer.Option("float32", help=DTYPE_HELP),
     lm_eval: str = typer.Option("", "--lm-eval", help="Comma-separated lm-eval tasks run beside the built-in ones "
@@ -211,7 +213,7 @@ def eval_cmd(
         if task_list:
             res = run_eval(mdl, tok, specs, task_list, length_list, samples, out, seed=seed, new_tokens=new_tokens,
                            haystack=haystack, question_aware=question_aware, progress=True, model_id=model_id,
-                           write=not lm_tasks)
+                           write=not lm_tasks, fidelity_tokens=fidelity_tokens)
             if ray:  # the rows the Ray actors computed count as computed, not reused
                 res["computed"], res["skipped"] = res["computed"] + n_ray, res["skipped"] - n_ray
         if lm_tasks:
