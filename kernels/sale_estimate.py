@@ -27,7 +27,10 @@ hi + lo bf16 parts (~2^-17). It differs from the exact-int Triton/reference arit
 allow 0.05 in ``log r`` at the threshold). GQA: the 3 query heads of a kv head share K's quantization; query blocks
 go ``chunk`` rows at a time (temporaries ``O(G·chunk·L)`` bf16, never ``L x L``); only the estimated key range
 ``[sink, i·block_m - local_window)`` is multiplied; the exact sink + local statistics are a banded gather
-(``O(L · (sink + local_window + block_m))``).
+(``O(L · (sink + local_window + block_m))``). Whole estimate at L=8192 (same benchmark, one run): 0.51x SDPA
+(prepare 0.12x), so on this CPU SALE only wins when the kept density is well below ~0.4; on a GPU the INT4 kernel
+is the paper's ~11%. Selection quality on default-model q/k (``--quality``, L=1536, τ=0.008): 98-99% recall of
+the blocks an exact-score oracle keeps, 99.9% of tiles identical to the exact-integer INT4 reference.
 
 The Triton kernel (:mod:`kvaccel.kernels.triton.sale_estimate`) keeps the INT4 formulation: int8 tiles of int4
 values, ``tl.dot`` accumulated in int32, scales applied after, one program per (query block, head).

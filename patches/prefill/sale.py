@@ -21,7 +21,9 @@ per token instead). Shipped file for SmolLM2-135M-Instruct: one 8192-token prose
 tiles at 8k (per layer 0.16-0.87). ``kvaccel calibrate sale --prompts 1 --length 8192``: 171 s of CPU
 (``OMP_NUM_THREADS=1``; 11.5 min wall on the shared 2-core machine). The file stores every candidate's error and
 density, so :func:`rethreshold` gives thresholds for another tolerance without running the model (tolerance 2%:
-density 0.369; 5%: 0.296).
+density 0.369; 5%: 0.296). End to end with these thresholds (``kvaccel eval --method sale --tasks fidelity
+--lengths 8000 --samples 3``): KL(full ‖ sale) 1.5e-4 / 6.7e-5 / 1.2e-4, top-1 agreement 15/16, 16/16, 16/16
+(97.9%); prefill was 1.4x slower than dense SDPA on this CPU (sample 2: 90.9 s vs 64.6 s, shared machine).
 """
 
 from __future__ import annotations
