@@ -24,19 +24,23 @@ import torch
 import torch.nn.functional as F
 
 
-def capture_qkv(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]:
-    """(q, k, v, scale) of every layer for one dense prefill of ``ids`` (through a capturing prefill method)."""
+def capture_qkv(model, ids: torch.Tensor) -> tuple[list[tuple], tuple[torch.Tensor, torch.Tensor] | None]:
+    """(q, k, v, scale) of every layer for one dense prefill of ``ids`` (through a capturing prefill method), and the
+    RoPE ``(cos, sin)`` tables (SeerAttention's gate reads pre-RoPE q/k)."""
     import kvaccel
-    from kvaccel.patches.attention import dense_prefill
+    from kvaccel.patches.attention import dense_prefill, rope_tables
     from kvaccel.patches.prefill.base import PrefillMethod
 
     captured: dict[int, tuple] = {}
+    rope: list = []
 
     class Capture(PrefillMethod):
         name = "capture"
 
         def attention(self, ctx):
             captured[ctx.layer_idx] = (ctx.query.clone(), ctx.key.clone(), ctx.value.clone(), ctx.scaling)
+            if not rope and rope_tables(ctx) is not None:
+                rope.extend(t.clone() for t in rope_tables(ctx))
             return dense_prefill(ctx)
 
     kvaccel.patch(model, Capture())
@@ -45,7 +49,7 @@ def capture_qkv(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tens
             model(ids, use_cache=False, logits_to_keep=1)
     finally:
         kvaccel.unpatch(model)
-    return [captured[i] for i in sorted(captured)]
+    return [captured[i] for i in sorted(captured)], (tuple(rope) if rope else None)
 
 
 def _timed(fn, *args):
@@ -58,7 +62,24 @@ def _sdpa(q, k, v, scale):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
 
 
-def run(model, layers, specs: list[str], repeats: int) -> list[dict]:
+def _method_attention(m, q, k, v, scale, li, stats, rope):
+    """One layer through a method as the patched model runs it (SeerAttention first un-rotates q/k for its gate)."""
+    if getattr(m, "mode", None) == "gate" and hasattr(m, "_pre"):
+        from kvaccel.patches.prefill.attn_gate import unrotate
+
+        t0 = time.perf_counter()
+        m._pre = (unrotate(q, *rope), unrotate(k, *rope))
+        stats["prefill_estimate_s"] += time.perf_counter() - t0
+        try:
+            return m.sparse_attention(q, k, v, scale, li, stats)
+        finally:
+            m._pre = None
+    return m.sparse_attention(q, k, v, scale, li, stats)
+
+
+def run(model, layers, specs: list[str], repeats: int, rope=None, layer_ids: list[int] | None = None) -> list[dict]:
+    """``layers[i]`` is model layer ``layer_ids[i]`` (per-layer thresholds and gates are indexed by it)."""
+    layer_ids = list(range(len(layers))) if layer_ids is None else layer_ids
     from kvaccel.config import parse_spec
 
     methods = []
@@ -84,7 +105,7 @@ def run(model, layers, specs: list[str], repeats: int) -> list[dict]:
                         times["sdpa"].append(t)
                     else:
                         stats = {"prefill_estimate_s": 0.0, "prefill_attention_s": 0.0, "_tiles": 0, "_causal_tiles": 0}
-                        out, t = _timed(m.sparse_attention, q, k, v, scale, li, stats)
+                        out, t = _timed(_method_attention, m, q, k, v, scale, layer_ids[li], stats, rope)
                         times[spec].append((t, stats, out))
             dense_s[li] = statistics.median(times["sdpa"])
             for spec, _ in methods:
@@ -96,7 +117,7 @@ def run(model, layers, specs: list[str], repeats: int) -> list[dict]:
                 d["err"][li] = float((o - ref.float()).norm() / ref.float().norm())
                 d["tiles"] += stats["_tiles"]
                 d["causal"] += stats["_causal_tiles"]
-            print(f"layer {li:2d}: sdpa {dense_s[li] * 1e3:7.1f} ms  " + "  ".join(
+            print(f"layer {layer_ids[li]:2d}: sdpa {dense_s[li] * 1e3:7.1f} ms  " + "  ".join(
                 f"{s} {per[s]['time'][li] * 1e3:7.1f} ms err {per[s]['err'][li]:.4f}" for s, _ in methods), flush=True)
     total_dense = sum(dense_s)
     rows = [{"method": "sdpa", "time_s": total_dense, "speedup": 1.0, "estimate_s": 0.0, "attention_s": total_dense,
@@ -130,12 +151,11 @@ def main(argv: list[str] | None = None) -> None:
 
     model, tok = kvaccel.load_model(args.model)
     ids = prompt_ids(tok, args.length)
-    layers = capture_qkv(model, ids)
-    if args.layers != "all":
-        keep = [int(x) for x in args.layers.split(",")]
-        layers = [layers[i] for i in keep]
+    layers, rope = capture_qkv(model, ids)
+    keep = list(range(len(layers))) if args.layers == "all" else [int(x) for x in args.layers.split(",")]
+    layers = [layers[i] for i in keep]
     specs = args.method or ["a_shape", "vertical_slash", "pbs", "sale", "seer"]
-    rows = run(model, layers, specs, args.repeats)
+    rows = run(model, layers, specs, args.repeats, rope, keep)
     print(f"\nL={args.length}, {len(layers)} layers, {args.threads} threads, median of {args.repeats}")
     print(f"{'method':40s} {'time s':>8s} {'speedup':>8s} {'est s':>7s} {'attn s':>7s} {'density':>8s} "
           f"{'err mean':>9s} {'err max':>8s}")
