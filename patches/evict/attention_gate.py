@@ -49,7 +49,6 @@ threshold : float
 
 from __future__ import annotations
 
-import json
 import math
 import weakref
 from dataclasses import dataclass
@@ -61,12 +60,11 @@ from torch import Tensor, nn
 
 from kvaccel.cache import compact_slots
 from kvaccel.config import register
+from kvaccel.gate_files import WEIGHTS_FILE, GateFile
 
 from .base import EvictionMethod
 
 FORMAT = "kvaccel-attention-gate-1"
-WEIGHTS_FILE = "gate.safetensors"
-CONFIG_FILE = "gate.json"
 DATA_DIR = Path(__file__).parent / "data"
 STATE_KEY = "attention_gate"
 TRAIN_ATTENTION = "attention_gate_train"
@@ -143,9 +141,15 @@ def _text_config(model):
     return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
 
 
-class AttentionGates(nn.Module):
+class AttentionGates(GateFile, nn.Module):
     """The gates of every layer of one model, with the metadata saved beside the weights (``meta``: model name and
     fingerprint, shapes, ``window``, ``sink``, ``threshold``, training ``recipe``)."""
+
+    LABEL = "Attention-Gate file"
+    FORMAT = FORMAT
+    REQUIRED = ("model_name", "model_fingerprint", "num_layers", "hidden_size", "num_kv_heads", "gate_dim",
+                "gate_window", "window", "sink")
+    TRAIN_KIND = "attention_gate"
 
     def __init__(self, meta: dict[str, Any]):
         super().__init__()
@@ -181,68 +185,6 @@ class AttentionGates(nn.Module):
     @property
     def sink(self) -> int:
         return self.meta["sink"]
-
-    def check_model(self, model, where: str | Path = "gate") -> None:
-        """``ValueError`` naming both models when these gates were trained for another model."""
-        from kvaccel.models import model_fingerprint, model_name
-
-        name, fp = model_name(model), model_fingerprint(model)
-        if fp != self.meta.get("model_fingerprint"):
-            raise ValueError(
-                f"Attention-Gate file {where} was trained for model '{self.meta.get('model_name')}' (fingerprint "
-                f"{self.meta.get('model_fingerprint')}), not for '{name}' (fingerprint {fp}); train gates for this "
-                "model with `kvaccel train-gate attention_gate --model ... --out DIR` and pass weights=DIR"
-            )
-
-    def save(self, out: str | Path) -> Path:
-        """Write ``gate.safetensors`` + ``gate.json`` into directory ``out`` (created); returns it."""
-        from safetensors.torch import save_file
-
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": FORMAT})
-        (out / CONFIG_FILE).write_text(json.dumps(self.meta, indent=2, sort_keys=True) + "\n")
-        return out
-
-    @classmethod
-    def load(cls, path: str | Path) -> AttentionGates:
-        """Load a directory written by :meth:`save` (or its ``gate.safetensors``). Missing, corrupted or truncated
-        files raise ``ValueError`` naming the file."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        folder = path.parent if path.suffix == ".safetensors" else path
-        cfg_file, w_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-        for f in (cfg_file, w_file):
-            if not f.is_file():
-                raise ValueError(f"Attention-Gate file {f} does not exist (gates are {WEIGHTS_FILE} + {CONFIG_FILE})")
-        try:
-            meta = json.loads(cfg_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"Attention-Gate config {cfg_file} is not valid JSON ({e}); re-save or retrain") from None
-        required = ("model_name", "model_fingerprint", "num_layers", "hidden_size", "num_kv_heads", "gate_dim",
-                    "gate_window", "window", "sink")
-        meta = meta if isinstance(meta, dict) else {}
-        missing = [k for k in required if k not in meta]
-        if missing or meta.get("format") != FORMAT:
-            raise ValueError(f"Attention-Gate config {cfg_file} is not a {FORMAT} file (format "
-                             f"{meta.get('format')!r}, missing fields {missing})")
-        try:
-            tensors = load_file(str(w_file))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise ValueError(
-                f"Attention-Gate weights {w_file} are corrupted or truncated ({e}); re-save or retrain the gates"
-            ) from None
-        gates = cls(meta)
-        expected = {k: tuple(v.shape) for k, v in gates.state_dict().items()}
-        got = {k: tuple(v.shape) for k, v in tensors.items()}
-        if expected != got:
-            diff = sorted(set(expected.items()) ^ set(got.items()))[:4]
-            raise ValueError(f"Attention-Gate weights {w_file} do not match its config {cfg_file}: {diff}")
-        gates.load_state_dict(tensors)
-        return gates
 
 
 # ------------------------------------------------------------------------------------------ the method

@@ -24,7 +24,6 @@ Files: ``gate.safetensors`` (weights) + ``gate.json`` (model name and fingerprin
 from __future__ import annotations
 
 import functools
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -33,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-WEIGHTS_FILE = "gate.safetensors"
-CONFIG_FILE = "gate.json"
+from kvaccel.gate_files import GateFile
+
 FORMAT = "kvaccel-seer-gate/1"
 MASK_VALUE = -1e9  # finite block-causal mask: KL terms of masked blocks stay 0 instead of 0 * inf = nan
 DATA_DIR = Path(__file__).parent / "data"
@@ -211,12 +210,18 @@ def model_shape(model) -> dict[str, Any]:
     )
 
 
-class SeerGate(nn.Module):
+class SeerGate(GateFile, nn.Module):
     """The AttnGates of every layer of one model, with the metadata saved beside the weights.
 
     ``meta`` holds ``model_name``, ``model_fingerprint`` (see :mod:`kvaccel.models`), the shapes, ``block_size``,
     ``hidden`` and the training ``recipe``.
     """
+
+    LABEL = "SeerAttention gate"
+    FORMAT = FORMAT
+    REQUIRED = ("model_name", "model_fingerprint", "num_layers", "num_q_heads", "num_kv_heads", "head_dim", "hidden",
+                "block_size", "rope_theta")
+    TRAIN_KIND = "seer"
 
     def __init__(self, meta: dict[str, Any]):
         super().__init__()
@@ -240,77 +245,6 @@ class SeerGate(nn.Module):
     @property
     def block_size(self) -> int:
         return self.meta["block_size"]
-
-    def check_model(self, model, where: str | Path = "gate") -> None:
-        """``ValueError`` naming both models when this gate was trained for another model."""
-        from kvaccel.models import model_fingerprint, model_name
-
-        name, fp = model_name(model), model_fingerprint(model)
-        if fp != self.meta.get("model_fingerprint"):
-            raise ValueError(
-                f"SeerAttention gate {where} was trained for model '{self.meta.get('model_name')}' (fingerprint "
-                f"{self.meta.get('model_fingerprint')}), not for '{name}' (fingerprint {fp}); train one for this model "
-                "with `kvaccel train-gate seer --model ... --out DIR` and pass weights=DIR"
-            )
-
-    def save(self, out: str | Path) -> Path:
-        """Write ``gate.safetensors`` + ``gate.json`` into directory ``out`` (created); returns it."""
-        from safetensors.torch import save_file
-
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": FORMAT})
-        (out / CONFIG_FILE).write_text(json.dumps(self.meta, indent=2, sort_keys=True) + "\n")
-        return out
-
-    @classmethod
-    def load(cls, path: str | Path, device: str | torch.device | None = None) -> SeerGate:
-        """Load a gate directory written by :meth:`save` (or the path of its ``gate.safetensors``).
-
-        Missing, corrupted or truncated files raise ``ValueError`` naming the file, never an error deep in torch.
-        """
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        folder = path.parent if path.suffix == ".safetensors" else path
-        cfg_file, w_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-        for f in (cfg_file, w_file):
-            if not f.is_file():
-                raise ValueError(
-                    f"SeerAttention gate file {f} does not exist (a gate is {WEIGHTS_FILE} + {CONFIG_FILE})"
-                )
-        try:
-            meta = json.loads(cfg_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(
-                f"SeerAttention gate config {cfg_file} is not valid JSON ({e}); re-save or retrain"
-            ) from None
-        required = ("model_name", "model_fingerprint", "num_layers", "num_q_heads", "num_kv_heads", "head_dim",
-                    "hidden", "block_size", "rope_theta")
-        if not isinstance(meta, dict):
-            meta = {}
-        missing = [k for k in required if k not in meta]
-        if missing or meta.get("format") != FORMAT:
-            raise ValueError(
-                f"SeerAttention gate config {cfg_file} is not a {FORMAT} file (format {meta.get('format')!r}, "
-                f"missing fields {missing})"
-            )
-        try:
-            tensors = load_file(str(w_file))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise ValueError(
-                f"SeerAttention gate weights {w_file} are corrupted or truncated ({e}); re-save or retrain the gate"
-            ) from None
-        gate = cls(meta)
-        expected = {k: tuple(v.shape) for k, v in gate.state_dict().items()}
-        got = {k: tuple(v.shape) for k, v in tensors.items()}
-        if expected != got:
-            diff = sorted(set(expected.items()) ^ set(got.items()))[:4]
-            raise ValueError(f"SeerAttention gate weights {w_file} do not match its config {cfg_file}: {diff}")
-        gate.load_state_dict(tensors)
-        return gate.to(device) if device is not None else gate
 
 
 def shipped_gate_dir(model_name: str) -> Path:
