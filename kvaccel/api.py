@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,7 +26,9 @@ from kvaccel.patches.attention import (
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 _STATE_ATTR = "_kvaccel_state"
-_patched_models = 0  # number of live patches; the global registration is removed when it drops to 0
+# Live patched models; the global registration is removed when the last one is unpatched (a patched model that is
+# garbage-collected without unpatch() leaves the set by itself).
+_patched_models: weakref.WeakSet = weakref.WeakSet()
 
 
 def _register_globally() -> None:
@@ -125,9 +128,8 @@ def patch(model, *methods: str | Method, **options: Any):
         m.bind(model)
     if is_patched(model):
         unpatch(model)
-    global _patched_models
     _register_globally()
-    _patched_models += 1
+    _patched_models.add(model)
     modules = _attention_modules(model)
     state = PatchState(methods=stages, num_layers=len(modules), original_attn=model.config._attn_implementation)
     handles = []
@@ -241,9 +243,8 @@ def unpatch(model):
     model.set_attn_implementation(state.original_attn)
     delattr(model, _STATE_ATTR)
     state.cache = None
-    global _patched_models
-    _patched_models -= 1
-    if _patched_models == 0:
+    _patched_models.discard(model)
+    if not _patched_models:
         _unregister_globally()
     return model
 

@@ -120,7 +120,22 @@ def default_model():
         model, tok = kvaccel.load_model()
     except FileNotFoundError as e:  # the CI installs it; a dev machine without it skips loudly
         pytest.skip(str(e))
+    _SESSION_MODELS.append(model)
     return model, tok
+
+
+_SESSION_MODELS: list = []  # the session-scoped default model, once loaded
+
+
+@pytest.fixture(autouse=True)
+def _session_model_left_unpatched():
+    """A test that patches the shared default model must not leave it patched for the next tests."""
+    yield
+    import kvaccel
+
+    for model in _SESSION_MODELS:
+        if kvaccel.is_patched(model):
+            kvaccel.unpatch(model)
 
 
 def tiny_saved_model(path, family: str = "llama"):
