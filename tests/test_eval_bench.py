@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
+import mmap
 import statistics
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -68,11 +68,13 @@ def test_spread_and_rss_sampler():
     s = spread([1.0, 2.0, 3.0, 4.0, 5.0])
     assert s["median"] == 3 and s["p10"] == pytest.approx(1.4) and s["p90"] == pytest.approx(4.6)
     with RssSampler() as mem:
-        buf = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+        # 64 MiB of fresh anonymous pages, all touched (not the allocator's recycled, already-resident memory)
+        buf = mmap.mmap(-1, 64 * 2**20)
+        buf.write(b"\x01" * (64 * 2**20))
         deadline = time.monotonic() + 10.0  # give the sampling thread time to run on a loaded machine
         while mem.peak - mem.start <= 32 * 2**20 and time.monotonic() < deadline:
             time.sleep(0.01)
-        del buf
+        buf.close()
     assert mem.delta > 32 * 2**20
 
 
