@@ -63,18 +63,16 @@ def _sdpa(q, k, v, scale):
 
 
 def _method_attention(m, q, k, v, scale, li, stats, rope):
-    """One layer through a method as the patched model runs it (SeerAttention first un-rotates q/k for its gate)."""
-    if getattr(m, "mode", None) == "gate" and hasattr(m, "_pre"):
+    """One layer through a method as the patched model runs it (SeerAttention's gate also reads pre-RoPE q/k, which
+    ``Seer.select_inputs`` un-rotates from the forward's RoPE tables; here from the captured ones)."""
+    extra = ()
+    if getattr(m, "mode", None) == "gate":
         from kvaccel.patches.prefill.attn_gate import unrotate
 
         t0 = time.perf_counter()
-        m._pre = (unrotate(q, *rope), unrotate(k, *rope))
+        extra = (unrotate(q, *rope), unrotate(k, *rope))
         stats["prefill_estimate_s"] += time.perf_counter() - t0
-        try:
-            return m.sparse_attention(q, k, v, scale, li, stats)
-        finally:
-            m._pre = None
-    return m.sparse_attention(q, k, v, scale, li, stats)
+    return m.sparse_attention(q, k, v, scale, li, stats, *extra)
 
 
 def run(model, layers, specs: list[str], repeats: int, rope=None, layer_ids: list[int] | None = None) -> list[dict]:

@@ -88,15 +88,16 @@ class AttentionContext:
 # ------------------------------------------------------------------------------------------ dense paths
 
 
-def per_sequence(ctx: AttentionContext, fn) -> Tensor:
-    """Run ``fn(q, k, v) -> (b, l, H_q, Dv)`` on the whole batch, or per sequence on its real tokens when padded.
+def per_sequence(ctx: AttentionContext, fn, extra: tuple[Tensor, ...] = ()) -> Tensor:
+    """Run ``fn(q, k, v, *extra) -> (b, l, H_q, Dv)`` on the whole batch, or per sequence on its real tokens when
+    padded.
 
     Left/right padding is handled by slicing each sequence's one contiguous run of real tokens (O(B·L), no (L, L)
-    mask); padded rows of the output are zeros.
+    mask); padded rows of the output are zeros. ``extra`` tensors ``(B, H, L, ...)`` are sliced like ``q``.
     """
     q, k, v = ctx.query, ctx.key, ctx.value
     if ctx.pad is None:
-        return fn(q, k, v)
+        return fn(q, k, v, *extra)
     pad = ctx.pad[:, -q.shape[2] :]
     out = q.new_zeros(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])
     for b in range(q.shape[0]):
@@ -110,7 +111,8 @@ def per_sequence(ctx: AttentionContext, fn) -> Tensor:
                 f"sequence); sequence {b} has holes in its attention mask"
             )
         sl = slice(s, e)
-        out[b, sl] = fn(q[b : b + 1, :, sl], k[b : b + 1, :, sl], v[b : b + 1, :, sl])[0]
+        ex = tuple(x[b : b + 1, :, sl] for x in extra)
+        out[b, sl] = fn(q[b : b + 1, :, sl], k[b : b + 1, :, sl], v[b : b + 1, :, sl], *ex)[0]
     return out
 
 

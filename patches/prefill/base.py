@@ -82,10 +82,16 @@ class BlockSparsePrefill(PrefillMethod):
         if self.backend not in BACKENDS:
             raise ValueError(f"backend ({self.backend!r}) must be one of {BACKENDS}")
 
-    def select(self, q: Tensor, k: Tensor, v: Tensor, scale: float, layer_idx: int) -> BlockSelection:
+    def select(self, q: Tensor, k: Tensor, v: Tensor, scale: float, layer_idx: int, *extra: Tensor) -> BlockSelection:
         """Return the tiles to compute for ``q`` ``(B, H_q, L, D)`` over ``k``/``v`` ``(B, H_kv, L, D)`` of layer
-        ``layer_idx`` (per-layer thresholds or gates are indexed by it)."""
+        ``layer_idx`` (per-layer thresholds or gates are indexed by it); ``extra`` are the
+        :meth:`select_inputs` of this sequence."""
         raise NotImplementedError
+
+    def select_inputs(self, ctx: AttentionContext) -> tuple[Tensor, ...]:
+        """Extra per-token tensors ``(B, H, L, ...)`` ``select`` needs beside q/k/v (sliced per sequence like them);
+        their cost counts as estimation time. None by default."""
+        return ()
 
     def attention(self, ctx: AttentionContext) -> Tensor:
         from kvaccel.patches.attention import per_sequence, sdpa_attention_forward
@@ -93,11 +99,16 @@ class BlockSparsePrefill(PrefillMethod):
         stats = ctx.stats
         for key in ("prefill_estimate_s", "prefill_attention_s", "_tiles", "_causal_tiles"):
             stats[key] = 0
+        extra: tuple[Tensor, ...] = ()
+        if ctx.query.shape[2] >= self.min_length:  # else every sequence is dense
+            t0 = time.perf_counter()
+            extra = self.select_inputs(ctx)
+            stats["prefill_estimate_s"] += time.perf_counter() - t0
 
-        def run(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        def run(q: Tensor, k: Tensor, v: Tensor, *ex: Tensor) -> Tensor:
             L = q.shape[2]  # this sequence's real tokens (a padded batch is sliced per sequence)
             if L >= self.min_length:
-                return self.sparse_attention(q, k, v, ctx.scaling, ctx.layer_idx, stats)
+                return self.sparse_attention(q, k, v, ctx.scaling, ctx.layer_idx, stats, *ex)
             ctx.state.notes.add(
                 f"prefill: {self.name} computed prompts shorter than min_length={self.min_length} tokens densely"
             )
@@ -106,11 +117,13 @@ class BlockSparsePrefill(PrefillMethod):
             stats["_causal_tiles"] += n
             return sdpa_attention_forward(ctx.module, q, k, v, None, scaling=ctx.scaling, **ctx.kwargs)[0]
 
-        out = per_sequence(ctx, run)
+        out = per_sequence(ctx, run, extra)
         stats["prefill_density"] = stats["_tiles"] / max(1, stats["_causal_tiles"])
         return out
 
-    def sparse_attention(self, q: Tensor, k: Tensor, v: Tensor, scale: float, layer_idx: int, stats: dict) -> Tensor:
+    def sparse_attention(
+        self, q: Tensor, k: Tensor, v: Tensor, scale: float, layer_idx: int, stats: dict, *extra: Tensor
+    ) -> Tensor:
         """Select tiles, run the kernel; adds estimate/attention seconds and tile counts to ``stats``.
 
         Returns ``(B, L, H_q, Dv)``.
@@ -118,7 +131,7 @@ class BlockSparsePrefill(PrefillMethod):
         B, Hq, L, _ = q.shape
         _sync(q)
         t0 = time.perf_counter()
-        sel = self.select(q, k, v, scale, layer_idx)
+        sel = self.select(q, k, v, scale, layer_idx, *extra)
         causal = causal_block_mask(L, sel.block_m, sel.block_n, device=q.device)
         if sel.key_perm is None:
             diag = _diagonal_tiles(L, sel.block_m, sel.block_n, q.device)

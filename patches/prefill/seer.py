@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -84,7 +83,6 @@ class Seer(BlockSparsePrefill):
         if self.weights is not None and self.mode == "oracle":
             raise ValueError(f"weights ({self.weights!r}) are unused with mode='oracle'; drop one of them")
         self._gate: SeerGate | None = None
-        self._pre: tuple[Tensor, Tensor] | None = None  # pre-RoPE (q, k) of the sequence being selected
 
     @property
     def block_size(self) -> int:
@@ -111,10 +109,11 @@ class Seer(BlockSparsePrefill):
 
     # ------------------------------------------------------------------------------------------ attention
 
-    def attention(self, ctx):
-        if self.mode == "oracle" or ctx.query.shape[2] < self.min_length:
-            return super().attention(ctx)
-        from kvaccel.patches.attention import per_sequence, rope_tables
+    def select_inputs(self, ctx) -> tuple[Tensor, ...]:
+        """The gate reads pre-RoPE q/k: un-rotated with the forward's own RoPE tables (none in oracle mode)."""
+        if self.mode == "oracle":
+            return ()
+        from kvaccel.patches.attention import rope_tables
 
         if self._gate is None:
             raise RuntimeError("seer: the gate is not loaded; patch the model with kvaccel.patch(model, 'seer')")
@@ -124,36 +123,17 @@ class Seer(BlockSparsePrefill):
                 f"seer: {type(ctx.module).__name__} got no RoPE tables (position_embeddings) in its forward; the gate "
                 "needs pre-RoPE q/k, so it supports RoPE models (Llama, Qwen, Mistral...)"
             )
-        t0 = time.perf_counter()
-        q_pre, k_pre = unrotate(ctx.query, *rope), unrotate(ctx.key, *rope)
-        D = ctx.query.shape[-1]
-        # per_sequence slices padded batches per sequence; carry the pre-RoPE q/k beside q/k along the last dim
-        wide = replace(ctx, query=torch.cat([ctx.query, q_pre], -1), key=torch.cat([ctx.key, k_pre], -1))
-        stats = ctx.stats
-        for key in ("prefill_estimate_s", "prefill_attention_s", "_tiles", "_causal_tiles"):
-            stats[key] = 0
-        stats["prefill_estimate_s"] = time.perf_counter() - t0
+        return unrotate(ctx.query, *rope), unrotate(ctx.key, *rope)
 
-        def run(qw: Tensor, kw: Tensor, v: Tensor) -> Tensor:
-            self._pre = (qw[..., D:], kw[..., D:])
-            try:
-                return self.sparse_attention(qw[..., :D], kw[..., :D], v, ctx.scaling, ctx.layer_idx, stats)
-            finally:
-                self._pre = None
-
-        out = per_sequence(wide, run)
-        stats["prefill_density"] = stats["_tiles"] / max(1, stats["_causal_tiles"])
-        return out
-
-    def block_scores(self, q: Tensor, k: Tensor, scale: float, layer_idx: int) -> Tensor:
-        """Per-row block scores ``(B, H_q, nb, nb)`` (probabilities over causal blocks) for the current call."""
+    def block_scores(self, q: Tensor, k: Tensor, scale: float, layer_idx: int, *pre: Tensor) -> Tensor:
+        """Per-row block scores ``(B, H_q, nb, nb)`` (probabilities over causal blocks); ``pre`` = pre-RoPE (q, k)
+        for the gate."""
         if self.mode == "oracle":
             return pooled_attention_target(q, k, scale, self.block_size)
-        q_pre, k_pre = self._pre
-        return self._gate.layers[layer_idx].scores(q_pre, k_pre)
+        return self._gate.layers[layer_idx].scores(*pre)
 
-    def select(self, q: Tensor, k: Tensor, v: Tensor, scale: float, layer_idx: int) -> BlockSelection:
-        scores = self.block_scores(q, k, scale, layer_idx)
+    def select(self, q: Tensor, k: Tensor, v: Tensor, scale: float, layer_idx: int, *pre: Tensor) -> BlockSelection:
+        scores = self.block_scores(q, k, scale, layer_idx, *pre)
         bs = self.block_size
         return BlockSelection(self.mask_from_scores(scores), bs, bs)
 
