@@ -193,6 +193,25 @@ def _search_rows(qs, rows, keys, nbrs, deg, entries, n, k, ef, exact_below, out_
 
 
 @njit(cache=True, fastmath=_FM)
+def _add_candidate(ck, ci, cscore, cnode, nc, nslot, best, sc, node):
+    """Store ``node``'s per-head scores ``sc`` in a new slot and push it on the candidate heap with key ``best``,
+    doubling the buffers when they are full. Returns the (possibly new) buffers, heap size and slot count."""
+    cap = cnode.shape[0]
+    if nslot == cap:
+        cap *= 2
+        ck2 = np.empty(cap, np.float32)
+        ci2 = np.empty(cap, np.int64)
+        cs2 = np.empty((cap, cscore.shape[1]), np.float32)
+        cn2 = np.empty(cap, np.int64)
+        ck2[:nc], ci2[:nc], cs2[:nslot], cn2[:nslot] = ck[:nc], ci[:nc], cscore[:nslot], cnode[:nslot]
+        ck, ci, cscore, cnode = ck2, ci2, cs2, cn2
+    cscore[nslot] = sc
+    cnode[nslot] = node
+    nc = _push(ck, ci, nc, best, nslot)
+    return ck, ci, cscore, cnode, nc, nslot + 1
+
+
+@njit(cache=True, fastmath=_FM)
 def _group_search(qg, keys, nbrs, deg, entries, n, ef, out_ids, out_scores):
     """One best-first search for the ``G`` query heads of a kv head (GQA): every key visited is scored against all
     ``G`` queries (one memory read), each head keeps its own ``ef`` best; candidates are ordered by the largest
@@ -252,18 +271,7 @@ def _group_search(qg, keys, nbrs, deg, entries, n, ef, out_ids, out_scores):
                         if nr[g] > ef:
                             nr[g] = _pop(rs[g], ri[g], nr[g])
                 if improves:
-                    if nslot == cap:
-                        cap *= 2
-                        ck2 = np.empty(cap, np.float32)
-                        ci2 = np.empty(cap, np.int64)
-                        cs2 = np.empty((cap, G), np.float32)
-                        cn2 = np.empty(cap, np.int64)
-                        ck2[:nc], ci2[:nc], cs2[:nslot], cn2[:nslot] = ck[:nc], ci[:nc], cscore[:nslot], cnode[:nslot]
-                        ck, ci, cscore, cnode = ck2, ci2, cs2, cn2
-                    cscore[nslot] = sc
-                    cnode[nslot] = z
-                    nc = _push(ck, ci, nc, best, nslot)
-                    nslot += 1
+                    ck, ci, cscore, cnode, nc, nslot = _add_candidate(ck, ci, cscore, cnode, nc, nslot, best, sc, z)
             continue
         # an entry point
         visited[y] = 1
@@ -275,18 +283,7 @@ def _group_search(qg, keys, nbrs, deg, entries, n, ef, out_ids, out_scores):
             nr[g] = _push(rs[g], ri[g], nr[g], -sc[g], y)
             if nr[g] > ef:
                 nr[g] = _pop(rs[g], ri[g], nr[g])
-        if nslot == cap:
-            cap *= 2
-            ck2 = np.empty(cap, np.float32)
-            ci2 = np.empty(cap, np.int64)
-            cs2 = np.empty((cap, G), np.float32)
-            cn2 = np.empty(cap, np.int64)
-            ck2[:nc], ci2[:nc], cs2[:nslot], cn2[:nslot] = ck[:nc], ci[:nc], cscore[:nslot], cnode[:nslot]
-            ck, ci, cscore, cnode = ck2, ci2, cs2, cn2
-        cscore[nslot] = sc
-        cnode[nslot] = y
-        nc = _push(ck, ci, nc, best, nslot)
-        nslot += 1
+        ck, ci, cscore, cnode, nc, nslot = _add_candidate(ck, ci, cscore, cnode, nc, nslot, best, sc, y)
     k = out_ids.shape[1]
     for g in range(G):
         order = np.argsort(rs[g, : nr[g]])
