@@ -181,6 +181,9 @@ def dense_decode(ctx: AttentionContext) -> Tensor:
     q, k, v = ctx.query, ctx.key, ctx.value
     Q = q.shape[2]
     layer = ctx.layer
+    attend = getattr(layer, "attend", None)  # a layer with its own storage layout attends itself (e.g. varlen)
+    if attend is not None:
+        return attend(ctx)
     if layer is not None:
         valid, narrow = layer.valid, layer.narrow
     else:  # a cache that is not ours (or none): it holds every token, padding comes from the 2-D mask
