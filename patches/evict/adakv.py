@@ -1,4 +1,4 @@
-"""AdaKV: adaptive per-head budgets on top of a scorer, stored ragged (real bytes saved, not a mask)."""
+"""AdaKV: adaptive per-head budgets on top of a scorer, stored packed per head (bytes = budget, not a mask)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 from kvaccel.cache import compact_slots
 from kvaccel.config import register, validate_budget
+from kvaccel.varlen_cache import VarlenLayer
 
 from .base import EvictionMethod
 from .h2o import check_ratio
@@ -17,6 +18,7 @@ from .streaming import Streaming
 
 #: scorers whose prompt-time score is a pure function of the layer (no state accumulated in hooks)
 INNER = {"snapkv": SnapKV, "pyramidkv": PyramidKV, "streaming": Streaming}
+LAYOUTS = ("varlen", "padded")
 
 
 def ada_select(scores: torch.Tensor, capacity: int, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,9 +47,13 @@ class AdaKV(EvictionMethod):
 
     https://arxiv.org/abs/2407.11550 — scores of the ``inner`` method (SnapKV by default); every head keeps at
     least ``alpha_safeguard · budget`` tokens; then top-``H·budget`` over the flattened ``(head, token)`` scores.
-    Heads end up with different lengths; the cache stores them padded to the longest head (not to the prompt),
-    so the bytes saved are real, unlike a mask. Prompt-time eviction only (the cache grows while decoding, as in
-    the paper and kvpress' AdaKVPress).
+    Heads end up with different lengths. With ``layout="varlen"`` (default) the layer is replaced by a
+    :class:`~kvaccel.varlen_cache.VarlenLayer` holding every (sequence, head) packed at its own length, so the bytes
+    are the budget (plus a small decode-growth slack, counted); decoding runs ``varlen_decode_attention``.
+    ``layout="padded"`` keeps the ``KVAccelLayer`` padded to the longest head with a validity mask (the previous
+    layout: more bytes, composes with ThinK and retrieval decode). Prompt-time eviction only (the cache grows while
+    decoding, as in the paper and kvpress' AdaKVPress). When the budget covers the prompt nothing is evicted and the
+    layer is left as is (tokens identical to full attention).
 
     Parameters
     ----------
@@ -57,21 +63,28 @@ class AdaKV(EvictionMethod):
         Scorer: ``"snapkv"`` (default), ``"pyramidkv"`` (its per-layer budgets) or ``"streaming"``.
     alpha_safeguard : float
         Fraction of the per-head average every head keeps at least, in [0, 1]. Default 0.2 (the paper's).
+    layout : str
+        ``"varlen"`` (default, packed per head) or ``"padded"`` (padded to the longest head).
     """
 
     name = "adakv"
     budget: int | float = 0.25
     inner: str = "snapkv"
     alpha_safeguard: float = 0.2
+    layout: str = "varlen"
 
     def __post_init__(self):
         validate_budget(self.budget)
         if self.inner not in INNER:
             raise ValueError(f"inner ({self.inner!r}) must be one of {sorted(INNER)}")
         check_ratio("alpha_safeguard", self.alpha_safeguard)
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout ({self.layout!r}) must be one of {LAYOUTS}")
         self._scorer = INNER[self.inner](budget=self.budget)
 
     def after_prefill(self, ctx) -> None:
+        if self.layout == "varlen":
+            refuse_other_stages(ctx)
         cap = self._scorer.capacity(ctx)
         ctx.record_capacity(cap)
         layer = ctx.layer
@@ -81,4 +94,27 @@ class AdaKV(EvictionMethod):
         scores = scores.expand(layer.keys.shape[0], layer.keys.shape[1], scores.shape[-1])
         scores = scores.masked_fill(~layer.token_valid(), float("-inf"))
         idx, slot_valid = ada_select(scores, cap, self.alpha_safeguard)
-        layer.keep(idx, slot_valid)
+        if self.layout == "padded" or isinstance(layer, VarlenLayer):  # a later prompt chunk: repack in place
+            layer.keep(idx, slot_valid)
+            return
+        cache = ctx.state.cache  # the cache of this forward (the pre-hook of layer 0 records it)
+        if cache is None or cache.layers[ctx.layer_idx] is not layer:
+            raise RuntimeError(
+                f"adakv cannot find layer {ctx.layer_idx} of this forward's cache to replace it with its varlen "
+                "layout; use adakv(layout='padded')"
+            )
+        # The pre-hook reads cache.layers[i] at every forward: the next forward of this layer uses the new one.
+        cache.layers[ctx.layer_idx] = VarlenLayer.from_selection(layer, idx, slot_valid)
+
+
+def refuse_other_stages(ctx) -> None:
+    """The varlen layout is read by kvaccel's own attention only: refuse channels / decode methods, which read
+    the padded ``keys`` / ``values`` of a layer."""
+    for stage in ("channels", "decode"):
+        other = ctx.state.methods.get(stage)
+        if other is not None:
+            raise NotImplementedError(
+                f"adakv's varlen layout (per-head budgets packed, bytes = budget) cannot be combined with the "
+                f"{stage} method '{other.name}' yet (it reads the padded per-head keys); use "
+                f"adakv(layout='padded') with it, or drop '{other.name}'"
+            )
