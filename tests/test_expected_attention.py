@@ -14,6 +14,7 @@ from kvaccel.patches.evict.expected_attention import (
     ExpectedAttention,
     average_rotation,
     expected_logits,
+    future_offsets,
     query_statistics,
     unrotate,
 )
@@ -81,9 +82,18 @@ def test_query_statistics_masked_mean_and_population_covariance():
     torch.testing.assert_close(cov.double(), c.transpose(-1, -2) @ c / 6, atol=1e-6, rtol=0)
 
 
-def _reference_keep(model, ids, budget, n_future=512, n_sink=4):
+def _rope_matrix(cos, sin, p, D):
+    """The RoPE matrix of position ``p`` (index into ``cos``/``sin``), built column by column with HF's function."""
+    cols = torch.eye(D, dtype=torch.float64)[None, None]  # (1, 1, D, D) rows = basis vectors
+    r = apply_rotary_pos_emb(cols, cols, cos[:, p:p + 1].double(), sin[:, p:p + 1].double())[0][0, 0]
+    return r.T  # column j = RoPE(e_j)
+
+
+def _reference_keep(model, ids, budget, n_future=512, n_sink=4, offsets=None, obs=None):
     """Independent reference: pre-RoPE queries from ``q_proj``, explicit per-position RoPE of the mean and
-    covariance (mean of rotation matrices), post-RoPE keys from a stock DynamicCache; returns kept ids per layer."""
+    covariance (mean of rotation matrices; with ``offsets`` the mean over those future offsets of the per-position
+    softmax), post-RoPE keys from a stock DynamicCache; ``obs = (weight, window, kernel)`` mixes in SnapKV's window
+    attention computed with the full (L, L) softmax. Returns kept ids per layer."""
     cfg = model.config
     Hq, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
     D = cfg.hidden_size // Hq
@@ -98,30 +108,40 @@ def _reference_keep(model, ids, budget, n_future=512, n_sink=4):
     for h in hooks:
         h.remove()
     cos, sin = _rope(model, n_future, start=L)
-    eye = torch.eye(D, dtype=torch.float64)
-    rots = []
-    for p in range(n_future):  # the RoPE matrix of position p, built column by column with HF's own function
-        cols = eye[None, None]  # (1, 1, D, D) rows = basis vectors
-        r = apply_rotary_pos_emb(cols, cols, cos[:, p:p + 1].double(), sin[:, p:p + 1].double())[0][0, 0]
-        rots.append(r.T)  # column j = RoPE(e_j)
-    R = torch.stack(rots).mean(0)
+    if offsets is None:
+        rotations = [torch.stack([_rope_matrix(cos, sin, p, D) for p in range(n_future)]).mean(0)]
+    else:
+        rotations = [_rope_matrix(cos, sin, o, D) for o in offsets]
+    pcos, psin = _rope(model, L)
     kept = []
     for i in range(cfg.num_hidden_layers):
-        q = qs[i].double().view(1, L, Hq, D)[0, n_sink:]  # (L', Hq, D) pre-RoPE
+        q_all = qs[i].double().view(1, L, Hq, D)[0]  # (L, Hq, D) pre-RoPE
+        q = q_all[n_sink:]
         K = cache.layers[i].keys[0].double()  # (Hkv, L, D) post-RoPE
         V = cache.layers[i].values[0].double()
         layer_keep = []
         for kv in range(Hkv):
             score = torch.zeros(L - n_sink, dtype=torch.float64)
+            k = K[kv, n_sink:]
             for gq in range(G):
                 h = kv * G + gq
                 mu = q[:, h].mean(0)
                 c = q[:, h] - mu
                 cov = c.T @ c / c.shape[0]
-                mu_f, cov_f = R @ mu, R @ cov @ R.T
-                k = K[kv, n_sink:]
-                logit = k @ mu_f / math.sqrt(D) + torch.einsum("nd,de,ne->n", k, cov_f, k) / (2 * D)
-                score += logit.softmax(-1) / G
+                for R in rotations:
+                    mu_f, cov_f = R @ mu, R @ cov @ R.T
+                    logit = k @ mu_f / math.sqrt(D) + torch.einsum("nd,de,ne->n", k, cov_f, k) / (2 * D)
+                    score += logit.softmax(-1) / G / len(rotations)
+            if obs is not None:
+                lam, window, kernel = obs
+                qh = q_all[:, kv * G:(kv + 1) * G].transpose(0, 1)[:, None]  # (G, 1, L, D)
+                q_rot = apply_rotary_pos_emb(qh, qh, pcos.double(), psin.double())[0][:, 0]  # (G, L, D)
+                att = (q_rot @ K[kv].T / math.sqrt(D)).masked_fill(
+                    ~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf")).softmax(-1)  # (G, L, L)
+                w_score = att[:, L - window:].sum(1).mean(0)  # (L,)
+                pooled = torch.nn.functional.max_pool1d(w_score[None, None], kernel, 1, kernel // 2)[0, 0]
+                pooled = pooled[n_sink:] / pooled[n_sink:].sum()
+                score = (1 - lam) * score + lam * pooled
             score = score * V[kv, n_sink:].norm(dim=-1)
             top = (score.topk(budget - n_sink).indices + n_sink).tolist()
             layer_keep.append(sorted(list(range(n_sink)) + top))
@@ -129,25 +149,64 @@ def _reference_keep(model, ids, budget, n_future=512, n_sink=4):
     return kept
 
 
-def test_kept_set_matches_independent_reference():
-    model = tiny_model("llama")
-    model.config.max_position_embeddings = 4096
-    ids = torch.randint(3, 512, (1, 64), generator=torch.Generator().manual_seed(3))
-    budget = 20
-    want = _reference_keep(model, ids, budget)
-    with kvaccel.patched(model, ExpectedAttention(budget=budget)):
+def _kept_ids(model, ids, method):
+    with kvaccel.patched(model, method):
         cache = kvaccel.KVAccelCache(model)
         with torch.no_grad():
             model(ids, past_key_values=cache, use_cache=True)
     ref_cache = DynamicCache()
     with torch.no_grad():
         model(ids, past_key_values=ref_cache, use_cache=True)
+    got = []
     for i, layer in enumerate(cache.layers):
         full_k = ref_cache.layers[i].keys[0]
-        for h in range(layer.keys.shape[1]):
-            # identify kept tokens by their post-RoPE keys (unique per position, even for repeated token ids)
-            got = [int((full_k[h] - k).abs().sum(-1).argmin()) for k in layer.keys[0, h]]
-            assert got == want[i][h], (i, h)
+        # identify kept tokens by their post-RoPE keys (unique per position, even for repeated token ids)
+        got.append([[int((full_k[h] - k).abs().sum(-1).argmin()) for k in layer.keys[0, h]]
+                    for h in range(layer.keys.shape[1])])
+    return got
+
+
+def test_kept_set_matches_independent_reference():
+    model = tiny_model("llama")
+    model.config.max_position_embeddings = 4096
+    ids = torch.randint(3, 512, (1, 64), generator=torch.Generator().manual_seed(3))
+    budget = 20
+    assert _kept_ids(model, ids, ExpectedAttention(budget=budget)) == _reference_keep(model, ids, budget)
+
+
+def test_future_offsets_are_log_spaced_unique_and_in_range():
+    assert future_offsets(512, 8) == [0, 1, 5, 13, 34, 85, 209, 511]
+    assert future_offsets(4, 8) == [0, 1, 2, 3]  # duplicates removed
+    assert future_offsets(1, 3) == [0]
+    offs = future_offsets(1000, 20)
+    assert offs[0] == 0 and offs[-1] == 999 and offs == sorted(set(offs))
+
+
+def test_mixture_and_observation_kept_sets_match_independent_reference():
+    model = tiny_model("llama")
+    model.config.max_position_embeddings = 4096
+    ids = torch.randint(3, 512, (1, 64), generator=torch.Generator().manual_seed(5))
+    budget = 20
+    offsets = future_offsets(512, 8)
+    mixture = ExpectedAttention(budget=budget, future_positions="mixture")
+    assert _kept_ids(model, ids, mixture) == _reference_keep(model, ids, budget, offsets=offsets)
+    both = ExpectedAttention(budget=budget, future_positions="mixture", observation_weight=0.3,
+                             observation_window=8, observation_kernel=3)
+    want = _reference_keep(model, ids, budget, offsets=offsets, obs=(0.3, 8, 3))
+    assert _kept_ids(model, ids, both) == want
+    # the options change the kept set (the test would not notice them otherwise)
+    assert want != _reference_keep(model, ids, budget, offsets=offsets)
+    assert _reference_keep(model, ids, budget, offsets=offsets) != _reference_keep(model, ids, budget)
+
+
+def test_mixture_and_observation_give_full_attention_tokens_when_the_budget_covers_the_prompt():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 512, (1, 40), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=8, do_sample=False)
+    spec = "expected_attention(budget=40, future_positions='mixture', observation_weight=0.3, chunk=4)"
+    with kvaccel.patched(model, spec), torch.no_grad():
+        assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), want)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -168,6 +227,10 @@ def test_decode_budget_bounds_the_cache_and_keeps_sinks(family):
 @pytest.mark.parametrize("kwargs,field", [
     ({"n_future_positions": 0}, "n_future_positions"), ({"n_sink": -1}, "n_sink"), ({"window": 1.5}, "window"),
     ({"use_vnorm": 1}, "use_vnorm"), ({"decode_budget": 0}, "decode_budget"), ({"chunk": -2}, "chunk"),
+    ({"future_positions": "uniform"}, "future_positions"), ({"position_samples": 0}, "position_samples"),
+    ({"observation_weight": 1.5}, "observation_weight"), ({"observation_window": 0}, "observation_window"),
+    ({"observation_kernel": 4}, "observation_kernel"),
+    ({"observation_weight": 0.3, "decode_budget": 0.5}, "observation_weight"),
 ])
 def test_bad_input_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

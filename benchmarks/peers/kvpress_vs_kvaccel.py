@@ -213,7 +213,7 @@ KL_KVACCEL = {
     "expected_attention-chunk5": "expected_attention(budget={b}, chunk=5)",
     "expected_attention-chunk10": "expected_attention(budget={b}, chunk=10)",
 }
-KL_KVPRESS = ("streaming", "snapkv", "tova", "expected_attention", "adakv-expected_attention")
+KL_KVPRESS = ("streaming", "snapkv", "tova", "knorm", "expected_attention", "adakv-expected_attention")
 
 
 def export_kl(args) -> None:
@@ -243,12 +243,14 @@ def _kl_methods(framework: str, budgets, names: list[str] | None):
     """(name, budget, factory) for the KL protocol."""
     rows = []
     if framework == "kvpress":
-        from kvpress import AdaKVPress, ExpectedAttentionPress, SnapKVPress, StreamingLLMPress, TOVAPress
+        from kvpress import (AdaKVPress, ExpectedAttentionPress, KnormPress, SnapKVPress, StreamingLLMPress,
+                             TOVAPress)
 
         make = {
             "streaming": lambda c: StreamingLLMPress(compression_ratio=c, n_sink=4),
             "snapkv": lambda c: SnapKVPress(compression_ratio=c, window_size=32, kernel_size=7),
             "tova": lambda c: TOVAPress(compression_ratio=c),
+            "knorm": lambda c: KnormPress(compression_ratio=c),
             "expected_attention": lambda c: ExpectedAttentionPress(compression_ratio=c),
             "adakv-expected_attention": lambda c: AdaKVPress(ExpectedAttentionPress(compression_ratio=c)),
         }

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 
 import torch
 
 from kvaccel.config import register, resolve_budget, validate_budget
+from kvaccel.kernels.window_scores import window_attention_scores
 
 from .base import KEEP_SCORE, ScoredEviction, keep_top
-from .h2o import check_int
+from .h2o import check_int, check_ratio, group_mean
+from .snapkv import pool_scores
 
 Tensor = torch.Tensor
+
+
+#: ``future_positions`` values
+FUTURE_POSITIONS = ("average", "mixture")
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -51,6 +58,14 @@ def average_rotation(cos: Tensor, sin: Tensor) -> Tensor:
     eye = torch.eye(D, device=c.device, dtype=c.dtype)
     P = rotate_half(eye).T  # P @ x == rotate_half(x): column j of P is rotate_half(e_j)
     return torch.diag_embed(c) + s[:, :, None] * P
+
+
+def future_offsets(n_future_positions: int, samples: int) -> list[int]:
+    """Offsets ``0 .. n_future_positions - 1`` after the next position at which ``future_positions="mixture"``
+    evaluates the expected attention: ``samples`` log-spaced points ``round(logspace(0, log10 F, samples)) - 1``,
+    duplicates removed (e.g. 0, 1, 5, 13, ... F - 1: the near future weighs more, as a 1/offset prior)."""
+    pts = torch.logspace(0, math.log10(n_future_positions), samples, dtype=torch.float64).round().long() - 1
+    return sorted(set(pts.clamp(0, n_future_positions - 1).tolist()))
 
 
 def expected_logits(mu: Tensor, cov: Tensor | None, keys: Tensor, scale: float) -> Tensor:
@@ -113,6 +128,29 @@ class ExpectedAttention(ScoredEviction):
     decode_budget : int | float | None
         ``None``: no eviction while decoding (default). Tokens / fraction of the prompt: bound the cache while
         decoding as described above.
+    future_positions : str
+        How the future positions enter. ``"average"`` (kvpress, default): one Gaussian expectation with the
+        rotation averaged over the ``n_future_positions`` positions (``R̄``, which shrinks the rotating
+        components). ``"mixture"``: the expectation the method stands for, taken per position — the mean over
+        ``position_samples`` future offsets ``o`` (log-spaced in ``[0, n_future_positions)``, ``future_offsets``)
+        of ``softmax_k(E-logits with the exact rotation R_{start+o})``; ``position_samples`` times the scoring cost.
+    position_samples : int
+        Offsets of ``future_positions="mixture"``. Default 8 (offsets 0, 1, 5, 13, 34, 85, 209, 511 of 512).
+    observation_weight : float
+        In [0, 1]. Mix the *observed* attention of the last ``observation_window`` prompt queries (SnapKV's
+        score: their softmax attention summed, averaged over the group, max-pooled over ``observation_kernel``
+        tokens, normalised over the scored tokens) into the expected attention:
+        ``p = (1 - λ) p_expected + λ p_observed`` before the ``‖v‖`` weighting. The Gaussian of all prompt queries
+        models the future queries' spread; the window's real attention adds the recent queries' sharp, local
+        pattern the Gaussian averages away. Prompt-time only: ``observation_weight > 0`` with a
+        ``decode_budget`` is refused (decode-time re-scoring has no observation window). Default 0 (kvpress).
+    observation_window : int
+        Prompt queries of the observation term. Default 32 (SnapKV's window).
+    observation_kernel : int
+        Odd max-pooling kernel of the observation term. Default 7 (SnapKV's).
+
+    Recommended non-default setting (measured on kvpress' KL protocol, ``benchmarks/peers/README.md``):
+    ``expected_attention(future_positions="mixture", observation_weight=0.3)``.
     """
 
     name = "expected_attention"
@@ -123,12 +161,31 @@ class ExpectedAttention(ScoredEviction):
     use_vnorm: bool = True
     window: int = 0
     decode_budget: int | float | None = None
+    future_positions: str = "average"
+    position_samples: int = 8
+    observation_weight: float = 0.0
+    observation_window: int = 32
+    observation_kernel: int = 7
 
     def __post_init__(self):
         super().__post_init__()
         check_int("n_future_positions", self.n_future_positions, 1)
         check_int("n_sink", self.n_sink, 0)
         check_int("window", self.window, 0)
+        if self.future_positions not in FUTURE_POSITIONS:
+            raise ValueError(f"future_positions ({self.future_positions!r}) must be one of {FUTURE_POSITIONS}")
+        check_int("position_samples", self.position_samples, 1)
+        check_ratio("observation_weight", self.observation_weight)
+        check_int("observation_window", self.observation_window, 1)
+        check_int("observation_kernel", self.observation_kernel, 1)
+        if self.observation_kernel % 2 == 0:
+            raise ValueError(f"observation_kernel ({self.observation_kernel}) must be odd (same-length pooling)")
+        if self.observation_weight > 0 and self.decode_budget is not None:
+            raise ValueError(
+                f"observation_weight ({self.observation_weight}) mixes in the prompt's observation window, which "
+                "decode-time re-scoring does not have: use observation_weight=0 with a decode_budget, or "
+                "decode_budget=None"
+            )
         for f in ("use_covariance", "use_vnorm"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"{f} ({getattr(self, f)!r}) must be True or False")
@@ -180,22 +237,47 @@ class ExpectedAttention(ScoredEviction):
         nxt = torch.where(real, pos, pos.new_full((), -1)).amax(-1) + 1
         return mu, cov, nxt
 
+    def _position_probs(self, ctx, R: Tensor, mu: Tensor, cov: Tensor | None, keys: Tensor, scored: Tensor) -> Tensor:
+        """``(B, H_kv, N)`` group-mean softmax over the scored keys of the expected logits with rotation ``R``."""
+        mu_f = (R @ mu[..., None])[..., 0]
+        cov_f = None if cov is None else R @ cov @ R.transpose(-1, -2)
+        logits = expected_logits(mu_f, cov_f, keys, ctx.scaling)  # (B, Hkv, G, N)
+        masked = logits.masked_fill(~scored[:, :, None, :], float("-inf"))
+        return torch.softmax(masked, dim=-1).nan_to_num_(0.0).mean(2)
+
+    def observed_probs(self, ctx, scored: Tensor) -> Tensor:
+        """``(B, H_kv, N)`` SnapKV's observation score of the held tokens from this forward's last
+        ``observation_window`` queries, max-pooled, normalised to sum 1 over the ``scored`` tokens."""
+        keys, valid = ctx.layer.dense_keys()
+        w = min(self.observation_window, ctx.query.shape[2])
+        acc = group_mean(window_attention_scores(ctx.query[:, :, -w:], keys, scale=ctx.scaling, valid=valid),
+                         keys.shape[1])
+        acc = pool_scores(acc.float(), self.observation_kernel, "max").masked_fill(~scored, 0.0)
+        return acc / acc.sum(-1, keepdim=True).clamp_min(torch.finfo(acc.dtype).tiny)
+
     def scores_from(self, ctx, mu: Tensor, cov: Tensor | None, start: Tensor) -> Tensor:
         """``(B, H_kv, N)`` scores of the held tokens for queries at positions ``start .. start+F-1`` (per row)."""
         layer = ctx.layer
         keys, _ = layer.dense_keys()
         valid = layer.token_valid()
-        B, Hkv, N, D = keys.shape
-        fpos = start[:, None] + torch.arange(self.n_future_positions, device=keys.device)
-        cos, sin = self._rotary[ctx.module](mu, fpos)
-        R = average_rotation(cos, sin)[:, None]  # (B, 1, D, D)
-        mu_f = (R @ mu[..., None])[..., 0]
-        cov_f = None if cov is None else R @ cov @ R.transpose(-1, -2)
-        logits = expected_logits(mu_f, cov_f, keys, ctx.scaling)  # (B, Hkv, G, N)
         rank = valid.cumsum(-1) - 1
         sink = valid & (rank < self.n_sink)
-        scored = (valid & ~sink)[:, :, None, :]
-        probs = torch.softmax(logits.masked_fill(~scored, float("-inf")), dim=-1).nan_to_num_(0.0).mean(2)
+        scored = valid & ~sink
+        rotary = self._rotary[ctx.module]
+        if self.future_positions == "average":
+            fpos = start[:, None] + torch.arange(self.n_future_positions, device=keys.device)
+            cos, sin = rotary(mu, fpos)
+            probs = self._position_probs(ctx, average_rotation(cos, sin)[:, None], mu, cov, keys, scored)
+        else:  # mixture: the expectation per future position (exact rotation), averaged over sampled offsets
+            offsets = future_offsets(self.n_future_positions, self.position_samples)
+            probs = 0.0
+            for o in offsets:
+                cos, sin = rotary(mu, (start + o)[:, None])
+                probs = probs + self._position_probs(ctx, average_rotation(cos, sin)[:, None], mu, cov, keys, scored)
+            probs = probs / len(offsets)
+        if self.observation_weight > 0 and ctx.phase != "decode":
+            lam = self.observation_weight
+            probs = (1 - lam) * probs + lam * self.observed_probs(ctx, scored)
         if self.use_vnorm:
             nar = layer.narrow
             values = layer.values if nar is None else torch.cat([nar.dense_values(layer.values.shape[-1]),
