@@ -243,8 +243,7 @@ def _kl_methods(framework: str, budgets, names: list[str] | None):
     """(name, budget, factory) for the KL protocol."""
     rows = []
     if framework == "kvpress":
-        from kvpress import (AdaKVPress, ExpectedAttentionPress, KnormPress, SnapKVPress, StreamingLLMPress,
-                             TOVAPress)
+        from kvpress import AdaKVPress, ExpectedAttentionPress, KnormPress, SnapKVPress, StreamingLLMPress, TOVAPress
 
         make = {
             "streaming": lambda c: StreamingLLMPress(compression_ratio=c, n_sink=4),

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -58,11 +57,9 @@ def target_logits(model, layers_kv, L, tgt_ids):
 # ---------------------------------------------------------------------------------------------- scorers
 def ea_probs(q, k, rotary, n_future=512, n_sink=4, cov=True, window=0, positions="avg_rotation", n_pos=8):
     """(1, Hkv, L) expected attention probabilities (sinks excluded from the softmax and set to 0)."""
-    from kvaccel.patches.evict.expected_attention import (average_rotation, expected_logits, query_statistics,
-                                                          unrotate)
+    from kvaccel.patches.evict.expected_attention import average_rotation, expected_logits, query_statistics, unrotate
 
     B, Hq, L, D = q.shape
-    Hkv = k.shape[1]
     pos = torch.arange(L)[None]
     cos, sin = rotary(q, pos)
     q_pre = unrotate(q.float(), cos[:, None], sin[:, None])
