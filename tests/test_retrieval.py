@@ -11,15 +11,16 @@ import torch
 
 import kvaccel
 from kvaccel.cache import KVAccelCache
-from kvaccel.patches.decode.retrieval import STATE_ATTR, Retrieval
+from kvaccel.patches.decode.retrieval import STATE_ATTR, Retrieval, wait_for_index
 
 from conftest import tiny_model
 
 HAVE_DEPS = all(importlib.util.find_spec(m) is not None for m in ("faiss", "numba"))
 needs_deps = pytest.mark.skipif(not HAVE_DEPS, reason="retrieval needs faiss-cpu and numba: pip install '.[retrieval]'")
 
-# tiny static part so a 40-token prompt offloads most of it; top_k covers every host key -> exact
-EXACT = dict(sink=4, window=8, top_k=512, ef=512, spill_every=4)
+# tiny static part so a 40-token prompt offloads most of it; top_k covers every host key -> exact; the graph is
+# built during prefill (the background build has its own tests)
+EXACT = dict(sink=4, window=8, top_k=512, ef=512, spill_every=4, background_build=False)
 
 
 def _stock_logits(model, ids, mask, steps):
@@ -74,7 +75,8 @@ def test_small_top_k_differs_and_reports_recall(group_search):
     model = tiny_model("llama")
     ids, mask = _batch(1, L=200)
     _, ref_logits = _stock_logits(model, ids, mask, 4)
-    method = Retrieval(sink=4, window=8, top_k=8, ef=16, exact_below=0, group_search=group_search, measure_recall=True)
+    method = Retrieval(sink=4, window=8, top_k=8, ef=16, exact_below=0, group_search=group_search, measure_recall=True,
+                       background_build=False)
     with kvaccel.patched(model, method):
         out = model.generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False,
                              output_logits=True, return_dict_in_generate=True)
@@ -172,11 +174,114 @@ def test_index_recall_and_spill_insert():
 def test_exact_below_scans_small_rows():
     model = tiny_model("llama")
     ids, mask = _batch(1, L=200)
-    with kvaccel.patched(model, Retrieval(sink=4, window=8, top_k=8, ef=16, measure_recall=True)):  # 188 < 2048
+    method = Retrieval(sink=4, window=8, top_k=8, ef=16, measure_recall=True, background_build=False)
+    with kvaccel.patched(model, method):  # 188 host keys < exact_below=2048
         model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
         rep = kvaccel.report(model)
     assert all(r == pytest.approx(1.0) for r in rep["retrieval_recall"])
     assert all(f == pytest.approx(1.0) for f in rep["retrieval_scanned_fraction"])
+
+
+def _gated_builds(monkeypatch):
+    """Make every background graph build wait for the returned event before it runs."""
+    import threading
+
+    from kvaccel.kernels.attention_index import GraphBuild
+
+    gate = threading.Event()
+    run = GraphBuild.run
+
+    def gated(self):
+        assert gate.wait(60), "test gate never opened"
+        return run(self)
+
+    monkeypatch.setattr(GraphBuild, "run", gated)
+    return gate
+
+
+@needs_deps
+def test_background_build_exact_until_ready_then_index(monkeypatch):
+    """While the graph builds in the background, decode attends exactly over every host key (same logits as stock,
+    spilled tokens wait unlinked); once installed, the index is searched (top_k < host keys: logits change)."""
+    from transformers import DynamicCache
+
+    gate = _gated_builds(monkeypatch)
+    model = tiny_model("llama")
+    ids = torch.randint(3, 512, (1, 220), generator=torch.Generator().manual_seed(5))
+    L, steps = 200, 10
+    with torch.no_grad():
+        ref_cache = DynamicCache()
+        ref = [model(ids[:, :L], past_key_values=ref_cache).logits[:, -1]]
+        ref += [model(ids[:, i : i + 1], past_key_values=ref_cache).logits[:, -1] for i in range(L, L + 2 * steps)]
+        method = Retrieval(sink=4, window=8, top_k=8, ef=16, exact_below=0, spill_every=4)
+        with kvaccel.patched(model, method):
+            cache = KVAccelCache(model)
+            got = [model(ids[:, :L], past_key_values=cache).logits[:, -1]]
+            got += [model(ids[:, i : i + 1], past_key_values=cache).logits[:, -1] for i in range(L, L + steps)]
+            rep = kvaccel.report(model)
+            st = getattr(cache.layers[0], STATE_ATTR)
+            assert st.pending is not None and not st.pending.done()
+            assert (st.index.linked == 0).all() and st.index.n[0] > L - 12  # spilled decode tokens stored, unlinked
+            assert rep["retrieval_steps_before_index"] == [steps] * model.config.num_hidden_layers
+            assert not any(rep["retrieval_index_ready"])
+            gate.set()
+            assert wait_for_index(cache) >= 0
+            assert (st.index.linked == st.index.n).all()
+            after = [model(ids[:, i : i + 1], past_key_values=cache).logits[:, -1] for i in range(L + steps, L + 20)]
+            rep = kvaccel.report(model)
+    for a, b in zip(got, ref[: steps + 1], strict=True):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
+    assert not torch.allclose(torch.stack(after), torch.stack(ref[steps + 1 :]), atol=1e-4)
+    assert all(rep["retrieval_index_ready"])
+    assert rep["retrieval_steps_before_index"] == [steps] * model.config.num_hidden_layers  # no exact step since
+    assert all(0 < f < 1 for f in rep["retrieval_scanned_fraction"])
+    assert all(b > 0 and 0 < kb <= b for b, kb in zip(rep["retrieval_build_s"], rep["retrieval_build_knn_s"],
+                                                       strict=True))
+
+
+@needs_deps
+def test_background_build_installs_without_waiting(monkeypatch):
+    """A build that finishes while decoding is installed by the next step of its layer (no explicit wait)."""
+    import time
+
+    gate = _gated_builds(monkeypatch)
+    model = tiny_model("llama")
+    ids = torch.randint(3, 512, (1, 201), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad(), kvaccel.patched(model, Retrieval(sink=4, window=8, top_k=8, ef=16, exact_below=0)):
+        cache = KVAccelCache(model)
+        model(ids[:, :200], past_key_values=cache)
+        states = [getattr(layer, STATE_ATTR) for layer in cache.layers]
+        gate.set()
+        deadline = time.monotonic() + 60
+        while not all(s.pending.done() for s in states) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        model(ids[:, 200:], past_key_values=cache)
+        rep = kvaccel.report(model)
+    assert all(rep["retrieval_index_ready"]) and rep["retrieval_steps_before_index"] == [0] * len(states)
+    assert all(0 < f < 1 for f in rep["retrieval_scanned_fraction"])
+
+
+@needs_deps
+def test_attend_all_matches_reference():
+    from kvaccel.kernels.attention_index import AttentionIndex
+
+    rng = np.random.default_rng(1)
+    index = AttentionIndex(3, 16, 8)
+    n = [40, 0, 7]
+    index.store([rng.standard_normal((m, 16)).astype(np.float32) for m in n],
+                [rng.standard_normal((m, 8)).astype(np.float32) for m in n], [np.arange(m) for m in n])
+    q = rng.standard_normal((3, 5, 16)).astype(np.float32)
+    out, lse = index.attend_all(q, 0.3)
+    for g, m in enumerate(n):
+        if m == 0:
+            assert np.isneginf(lse[g]).all() and (out[g] == 0).all()
+            continue
+        logits = torch.from_numpy(q[g]).double() @ torch.from_numpy(index.keys[g, :m]).double().T * 0.3
+        want = torch.softmax(logits, -1) @ torch.from_numpy(index.values[g, :m]).double()
+        np.testing.assert_allclose(out[g], want.numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(lse[g], torch.logsumexp(logits, -1).numpy(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="install"):  # stored, not linked: the graph search refuses
+        index.search(q[0], np.zeros(5, np.int64), 4, 8)
 
 
 def test_bad_config_and_missing_state():

@@ -3,7 +3,11 @@ an attention-aware index retrieves, merged exactly with the device part by log-s
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
+import weakref
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -17,8 +21,8 @@ from kvaccel.kernels.lse_merge import lse_merge
 from .base import DecodeMethod
 
 if TYPE_CHECKING:
-    from kvaccel.cache import KVAccelLayer
-    from kvaccel.kernels.attention_index import AttentionIndex
+    from kvaccel.cache import KVAccelCache, KVAccelLayer
+    from kvaccel.kernels.attention_index import AttentionIndex, GraphBuild
     from kvaccel.patches.attention import AttentionContext
 
 Tensor = torch.Tensor
@@ -30,7 +34,42 @@ STAT_KEYS = (
     "retrieval_host_tokens", "retrieval_host_bytes", "retrieval_device_bytes", "retrieval_build_s",
     "retrieval_insert_s", "retrieval_search_s", "retrieval_host_attention_s", "retrieval_device_attention_s",
     "retrieval_merge_s", "retrieval_scanned_fraction", "retrieval_recall", "retrieval_steps",
+    "retrieval_build_knn_s", "retrieval_steps_before_index", "retrieval_index_ready",
 )
+
+
+class _GraphBuilder:
+    """One daemon thread running graph builds in submission order (layer order: the first layers, attended first
+    at every step, get their index first). The compiled build and faiss release the GIL, so decoding goes on in
+    the calling thread. A build whose layer state was dropped (its cache is gone) before it started is skipped."""
+
+    def __init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, job: GraphBuild, owner: object) -> Future:
+        future: Future = Future()
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="kvaccel-retrieval-build", daemon=True)
+                self._thread.start()
+        self._queue.put((future, job, weakref.ref(owner)))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            future, job, owner = self._queue.get()
+            if owner() is None or not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(job.run())
+            except BaseException as exc:  # re-raised in the decoding thread by future.result()
+                future.set_exception(exc)
+            del future, job
+
+
+_BUILDER = _GraphBuilder()
 
 
 class RetrievalLayerState:
@@ -39,7 +78,9 @@ class RetrievalLayerState:
     def __init__(self, index: AttentionIndex, batch: int, kv_heads: int):
         self.index = index
         self.batch, self.kv_heads = batch, kv_heads
-        self.build_s = self.insert_s = 0.0
+        self.build_s = self.build_knn_s = self.insert_s = 0.0
+        self.pending: Future | None = None  # the graph build running in the background, until installed
+        self.steps_before_index = 0  # attention calls served exactly over the host keys while the build ran
         self.search_s = self.host_s = self.device_s = self.merge_s = 0.0
         self.scanned_sum = 0.0
         self.recall_sum = 0.0
@@ -56,8 +97,9 @@ class Retrieval(DecodeMethod):
     Paper: https://arxiv.org/abs/2409.10516. Per query head, attention = the static part (``sink`` first + ``window``
     last tokens, on the model's device, exact) merged with the attention over the ``top_k`` keys retrieved from host
     memory through an attention-aware graph index (:mod:`kvaccel.kernels.attention_index`, built from the prefill
-    queries after prefill): ``lse = logaddexp(lse_r, lse_f)``, ``o = e^{lse_r−lse} o_r + e^{lse_f−lse} o_f``. Exact
-    when ``top_k`` covers every offloaded key. New tokens join the window; once ``spill_every`` tokens have slid
+    queries after prefill, in a background thread while the first steps attend exactly, ``background_build``):
+    ``lse = logaddexp(lse_r, lse_f)``, ``o = e^{lse_r−lse} o_r + e^{lse_f−lse} o_f``. Exact when ``top_k`` covers
+    every offloaded key. New tokens join the window; once ``spill_every`` tokens have slid
     out of it they move to host memory and are inserted into the graph (each linked to its nearest keys). The
     paper's 128 + 512 static tokens at 128K contexts are kept as the defaults for our 8k model (a 4k prompt offloads
     84% of its tokens).
@@ -74,8 +116,14 @@ class Retrieval(DecodeMethod):
         Out-degree of the projected graph (the paper uses ~35).
     build_top_k : int, default 64
         Exact top keys per prefill query used to build the graph.
-    build_queries : int, default 4096
-        Prefill queries per kv head used for the graph (a uniform sample of the group's heads and positions).
+    build_queries : int, default 8192
+        At most this many prefill queries per kv head build its graph (a uniform sample of the group's heads and
+        positions).
+    build_query_ratio : float, default 0.125
+        Prefill queries per host key used for the graph (at least 1024, at most ``build_queries``). The exact kNN
+        costs queries x keys, so the build grows with the square of the context; measured recall@100 at ef=128
+        (``benchmarks/retrieval_index.py``, layers 3 and 17): 8k keys 0.905 / 0.936 / 0.942 with 512 / 1024 /
+        4096 queries, 32k keys 0.862 / 0.898 / 0.918 / 0.930 with 512 / 1024 / 2048 / 4096.
     spill_every : int, default 64
         Tokens that slide out of the window wait on the device until this many can move to host together.
     exact_below : int, default 2048
@@ -87,8 +135,17 @@ class Retrieval(DecodeMethod):
     measure_recall : bool, default False
         Also run the exact search every step and report ``retrieval_recall`` (slow: a full scan).
 
+    background_build : bool, default True
+        Build the graph in a background thread (one for all layers, in layer order) while decoding goes on: until a
+        layer's graph is installed, its steps attend *exactly* over every host key (a compiled scan, same output as
+        full attention); the first step after the build finished installs it and searches from then on. False
+        builds during prefill, in the calling thread.
+
     ``retrieval_scanned_fraction`` in ``report()`` is keys read per graph walk / keys held (a walk serves one query
-    head, or a kv head's group with ``group_search``), averaged over walks and steps.
+    head, or a kv head's group with ``group_search``), averaged over walks and steps; ``retrieval_build_s`` the
+    graph build's seconds (of which ``retrieval_build_knn_s`` faiss' exact kNN), ``retrieval_steps_before_index``
+    the attention calls served exactly while it ran and ``retrieval_index_ready`` whether it is installed.
+    :func:`wait_for_index` blocks until every layer's graph is installed.
     """
 
     name = "retrieval"
@@ -100,11 +157,13 @@ class Retrieval(DecodeMethod):
     ef: int = 128
     degree: int = 32
     build_top_k: int = 64
-    build_queries: int = 4096
+    build_queries: int = 8192
+    build_query_ratio: float = 0.125
     spill_every: int = 64
     exact_below: int = 2048
     group_search: bool = True
     measure_recall: bool = False
+    background_build: bool = True
 
     def __post_init__(self):
         for field, low, high in (("top_k", 1, None), ("sink", 0, None), ("window", 1, None), ("degree", 2, 256),
@@ -114,6 +173,10 @@ class Retrieval(DecodeMethod):
             if isinstance(val, bool) or not isinstance(val, int) or val < low or (high is not None and val > high):
                 rng = f">= {low}" if high is None else f"in [{low}, {high}]"
                 raise ValueError(f"{field} must be an int {rng}, got {val!r}")
+        if isinstance(self.build_query_ratio, bool) or not isinstance(self.build_query_ratio, (int, float)) or not (
+            0 < self.build_query_ratio <= 64
+        ):
+            raise ValueError(f"build_query_ratio must be a number in (0, 64], got {self.build_query_ratio!r}")
         if not isinstance(self.ef, int) or self.ef < self.top_k:
             raise ValueError(f"ef ({self.ef!r}) must be an int >= top_k ({self.top_k}): the search list holds the "
                              "results; raise ef or lower top_k")
@@ -143,6 +206,8 @@ class Retrieval(DecodeMethod):
                 f"retrieval: the batch changed from {st.batch} to {B} after prefill (beam search / batch reordering "
                 "is not supported by retrieval; use greedy or sampling)"
             )
+        if st.pending is not None and st.pending.done():
+            _install(st)
         t0 = time.perf_counter()
         o_f, lse_f = _device_attention(q, k, v, ctx.scaling, layer.valid)
         t1 = time.perf_counter()
@@ -150,6 +215,17 @@ class Retrieval(DecodeMethod):
         index = st.index
         if int(index.n.max()) == 0:
             out = o_f
+        elif st.pending is not None:  # graph not ready: exact attention over every host key
+            G = Hq // st.kv_heads
+            qg = q.detach().float().cpu().numpy().reshape(B * st.kv_heads, G * Q, D)
+            o_r, lse_r = index.attend_all(qg, ctx.scaling)
+            t2 = time.perf_counter()
+            o_r = torch.from_numpy(o_r).to(device=q.device).view(B, Hq, Q, -1)
+            lse_r = torch.from_numpy(lse_r).to(device=q.device).view(B, Hq, Q)
+            out, _ = lse_merge(o_f, lse_f, o_r.to(o_f.dtype), lse_r)
+            st.host_s += t2 - t1
+            st.merge_s += time.perf_counter() - t2
+            st.steps_before_index += 1
         else:
             G = Hq // st.kv_heads
             most = int(index.n.max())  # no row holds more: larger k / ef only allocate empty result slots
@@ -229,15 +305,26 @@ class Retrieval(DecodeMethod):
                 vs.append(values[b, h][sel])
                 ps.append(pos[sel])
         index = st.index
-        if int(index.n.max()) == 0 and queries is not None:
-            st.build_s += index.build(ks, vs, ps, self._build_queries(ctx, queries, B, Hkv))
+        if int(index.n.max()) == 0 and queries is not None:  # first offload: store, build the graph from queries
+            index.store(ks, vs, ps)
+            job = index.graph_build(self._build_queries(ctx, queries, B, Hkv, index.n))
+            st.pending = Future()
+            if self.background_build:
+                st.pending = _BUILDER.submit(job, st)
+            else:
+                st.pending.set_result(job.run())
+                _install(st)
+        elif st.pending is not None:  # linked when the graph is installed
+            index.store(ks, vs, ps)
         else:
             st.insert_s += index.insert(ks, vs, ps, ef=max(self.degree, 32))
         keep = torch.cat([torch.arange(sink, device=layer.keys.device), torch.arange(end, T, device=layer.keys.device)])
         layer.keep(keep.view(1, 1, -1).expand(B, 1, -1))
 
-    def _build_queries(self, ctx: AttentionContext, queries: Tensor, B: int, Hkv: int) -> list[np.ndarray]:
-        """Per row, a uniform sample of ``build_queries`` prefill queries of the row's query heads (real tokens)."""
+    def _build_queries(self, ctx: AttentionContext, queries: Tensor, B: int, Hkv: int, held: np.ndarray
+                       ) -> list[np.ndarray]:
+        """Per row, a uniform sample of the prefill queries of the row's query heads (real tokens):
+        ``build_query_ratio`` per key ``held`` by the row, at least 1024, at most ``build_queries``."""
         _, Hq, L, D = queries.shape
         G = Hq // Hkv
         q = queries.detach().float().cpu().numpy()
@@ -248,8 +335,9 @@ class Retrieval(DecodeMethod):
             pos = np.arange(L) if real is None else np.nonzero(real[b])[0]
             for h in range(Hkv):
                 qb = q[b, h * G : (h + 1) * G][:, pos].reshape(-1, D)
-                if qb.shape[0] > self.build_queries:
-                    qb = qb[np.sort(rng.choice(qb.shape[0], self.build_queries, replace=False))]
+                want = min(self.build_queries, max(1024, int(self.build_query_ratio * held[b * Hkv + h])))
+                if qb.shape[0] > want:
+                    qb = qb[np.sort(rng.choice(qb.shape[0], want, replace=False))]
                 out.append(qb)
         return out
 
@@ -267,6 +355,31 @@ class Retrieval(DecodeMethod):
         s["retrieval_steps"] = st.steps
         s["retrieval_scanned_fraction"] = st.scanned_sum / st.rows_measured if st.rows_measured else None
         s["retrieval_recall"] = st.recall_sum / st.recall_rows if st.recall_rows else None
+        s["retrieval_build_knn_s"] = st.build_knn_s
+        s["retrieval_steps_before_index"] = st.steps_before_index
+        s["retrieval_index_ready"] = st.pending is None
+
+
+def _install(st: RetrievalLayerState) -> None:
+    """Put a finished background graph build into the layer's index (re-raising its error, if it failed) and link
+    the keys that were offloaded while it ran."""
+    build = st.pending.result()
+    st.pending = None
+    st.build_s += build.seconds
+    st.build_knn_s += build.knn_seconds
+    st.insert_s += st.index.install(build)
+
+
+def wait_for_index(cache: KVAccelCache) -> float:
+    """Block until the graph build of every retrieval layer of ``cache`` has finished, and install it (the next
+    steps search the index). Returns the seconds waited."""
+    t0 = time.perf_counter()
+    for layer in cache.layers:
+        st = getattr(layer, STATE_ATTR, None)
+        if st is not None and st.pending is not None:
+            st.pending.result()
+            _install(st)
+    return time.perf_counter() - t0
 
 
 def _widen(layer: KVAccelLayer) -> None:
