@@ -1,7 +1,8 @@
 """Decode-step latency of retrieval attention vs dense attention over the whole cache, side by side in one run.
 
 Attention step (``--cache-tokens``): for each captured layer of the default model, a synthetic cache of N tokens per
-kv head (concatenated prose chunks, as in ``benchmarks/retrieval_index.py``; the last ``--steps`` tokens of the last
+kv head (concatenated prose chunks, as in ``benchmarks/retrieval_index.py``, beyond ``--max-captured`` chunks repeated
+at earlier RoPE positions; the last ``--steps`` tokens of the last
 chunk are held out and decoded one at a time with their real queries). Per step, interleaved:
 ``dense`` = SDPA of the new query over all N keys (what stock transformers does), ``retrieval`` = the method's own
 ``attention`` (static sink + window on the device, graph search + host attention over ``top_k`` keys, LSE merge).
@@ -10,12 +11,15 @@ error of the output vs dense, ``mass`` = the exact softmax weight on static + re
 static + the exact top_k host keys (what any top_k retrieval could cover), and the method's time split.
 
 End to end (``--e2e LENGTH``): the default model on a prose prompt of LENGTH tokens (<= 8192), stock full attention
-vs ``retrieval``; greedy decode of ``--steps`` tokens with full attention, then the same tokens fed to the retrieval
-model (teacher forcing): median decode-step time, top-1 agreement and KL(full || retrieval) per step.
+vs a second copy patched with ``retrieval``, stepped alternately; greedy decode of ``--steps`` tokens by the stock
+model, the same tokens fed to the retrieval copy (teacher forcing): median decode-step time over the steps where
+every layer's graph was ready (and, separately, while some were still building in the background: exact over the
+host keys), the graph build time and the steps served before it was ready, top-1 agreement and KL(full ||
+retrieval) per step. ``--wait-index`` waits for the graph builds after prefill, so every step uses the index.
 
-    OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 .venv/bin/python benchmarks/retrieval_decode.py \\
-        --cache-tokens 32768 131072 --layers 3 17 --steps 16 --capture runs/retrieval_capture.npz
-    OMP_NUM_THREADS=2 NUMBA_NUM_THREADS=2 .venv/bin/python benchmarks/retrieval_decode.py --e2e 8192 --steps 32
+    OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 .venv/bin/python benchmarks/retrieval_decode.py --length 1024 \\
+        --cache-tokens 32768 131072 --layers 3 17 --steps 16 --capture runs/retr-cap-1k.npz --max-captured 32
+    OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 .venv/bin/python benchmarks/retrieval_decode.py --e2e 8192 --steps 32
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import kvaccel
 from kvaccel.cache import KVAccelCache, KVAccelLayer
 from kvaccel.compare import prompt_ids
 from kvaccel.patches.attention import AttentionContext, PatchState
-from kvaccel.patches.decode.retrieval import STATE_ATTR, Retrieval
+from kvaccel.patches.decode.retrieval import STATE_ATTR, Retrieval, wait_for_index
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from retrieval_index import load_or_capture  # noqa: E402
@@ -48,7 +52,7 @@ def attention_step(args, model, tok) -> None:
     hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
     g = hq // hkv
     chunks = max(args.cache_tokens) // args.length
-    cap = load_or_capture(model, tok, args.capture, args.length, chunks, args.layers)
+    cap = load_or_capture(model, tok, args.capture, args.length, chunks, args.layers, args.max_captured)
     print(f"{'cache':>8} {'layer':>5} {'dense ms':>9} {'retr ms':>8} {'speedup':>8} {'device KV':>10} "
           f"{'host MB':>8} {'recall':>7} {'rel err':>8} {'mass':>6} {'oracle':>6} {'build s':>8}  "
           "time split (search/host/device/merge ms)")
@@ -65,7 +69,8 @@ def attention_step(args, model, tok) -> None:
             layer = KVAccelLayer()
             layer.update(K[:, :, : N - S].contiguous(), V[:, :, : N - S].contiguous())
             method = Retrieval(top_k=args.top_k, ef=args.ef, sink=args.sink, window=args.window,
-                               build_queries=args.build_queries, spill_every=args.spill_every)
+                               build_queries=args.build_queries, build_query_ratio=args.build_query_ratio,
+                               spill_every=args.spill_every, background_build=False)
             state = PatchState({"decode": method}, 1, "sdpa")
             module = SimpleNamespace(layer_idx=0)
             ctx = AttentionContext(module, state, layer, Qa[:, :, : N - S], layer.keys, layer.values, None, scale,
@@ -120,47 +125,70 @@ def attention_step(args, model, tok) -> None:
 
 
 def end_to_end(args, model, tok) -> None:
+    """Stock model and a second copy patched with retrieval, stepped alternately (full, retrieval, full, ...) so
+    machine noise hits both alike; the retrieval copy is fed the stock model's greedy tokens (teacher forcing)."""
     ids = prompt_ids(tok, args.e2e)
     steps = args.steps
-
-    def run(patched: bool, feed: list[int] | None):
-        cache = KVAccelCache(model) if patched else None
+    patched, _ = kvaccel.load_model()
+    spec = Retrieval(top_k=args.top_k, ef=args.ef, sink=args.sink, window=args.window,
+                     build_queries=args.build_queries, build_query_ratio=args.build_query_ratio,
+                     spill_every=args.spill_every)
+    kvaccel.patch(patched, spec)
+    try:
         with torch.inference_mode():
             t0 = time.perf_counter()
-            out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            prefill = time.perf_counter() - t0
-            cache = out.past_key_values
-            logits, times, toks = [out.logits[0, -1]], [], []
-            for i in range(steps):
-                nxt = int(logits[-1].argmax()) if feed is None else feed[i]
-                toks.append(nxt)
+            out_f = model(ids, use_cache=True, logits_to_keep=1)
+            p_full = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            out_r = patched(ids, past_key_values=KVAccelCache(patched), use_cache=True, logits_to_keep=1)
+            p_ret = time.perf_counter() - t0
+            cache_f, cache_r = out_f.past_key_values, out_r.past_key_values
+            waited = wait_for_index(cache_r) if args.wait_index else 0.0
+            l_full, l_ret, t_full, t_ret, ready = [out_f.logits[0, -1]], [out_r.logits[0, -1]], [], [], []
+            for _ in range(steps):
+                nxt = torch.tensor([[int(l_full[-1].argmax())]])
                 t0 = time.perf_counter()
-                out = model(torch.tensor([[nxt]]), past_key_values=cache, use_cache=True)
-                times.append(time.perf_counter() - t0)
-                logits.append(out.logits[0, -1])
-        return prefill, times, toks, torch.stack(logits[:-1])
-
-    p_full, t_full, toks, l_full = run(False, None)
-    spec = Retrieval(top_k=args.top_k, ef=args.ef, sink=args.sink, window=args.window,
-                     build_queries=args.build_queries, spill_every=args.spill_every)
-    kvaccel.patch(model, spec)
-    try:
-        p_ret, t_ret, _, l_ret = run(True, toks)
-        rep = kvaccel.report(model)
+                out_f = model(nxt, past_key_values=cache_f, use_cache=True)
+                t_full.append(time.perf_counter() - t0)
+                # every layer's index finished before this step (a layer installs it at its own step)
+                ready.append(all(getattr(layer, STATE_ATTR).pending is None
+                                 or getattr(layer, STATE_ATTR).pending.done() for layer in cache_r.layers))
+                t0 = time.perf_counter()
+                out_r = patched(nxt, past_key_values=cache_r, use_cache=True)
+                t_ret.append(time.perf_counter() - t0)
+                l_full.append(out_f.logits[0, -1])
+                l_ret.append(out_r.logits[0, -1])
+        rep = kvaccel.report(patched)
     finally:
-        kvaccel.unpatch(model)
+        kvaccel.unpatch(patched)
+    l_full, l_ret = torch.stack(l_full[:-1]), torch.stack(l_ret[:-1])
     lp_full, lp_ret = l_full.float().log_softmax(-1), l_ret.float().log_softmax(-1)
     kl = (lp_full.exp() * (lp_full - lp_ret)).sum(-1)
     top1 = (l_full.argmax(-1) == l_ret.argmax(-1)).float().mean()
-    mf, mr = statistics.median(t_full[1:]), statistics.median(t_ret[1:])
+    pairs = [(f, r) for f, r, ok in zip(t_full, t_ret, ready, strict=True) if ok]  # same steps for both
     host = sum(v for v in rep["retrieval_host_bytes"] if v)
     build = sum(v for v in rep["retrieval_build_s"] if v)
+    knn = sum(v for v in rep["retrieval_build_knn_s"] if v)
+    before = rep["retrieval_steps_before_index"]
     scanned = [v for v in rep["retrieval_scanned_fraction"] if v is not None]
     print(f"e2e prompt {args.e2e} tokens, {steps} decode steps, {spec.spec()}")
-    print(f"  prefill s: full {p_full:.2f}, retrieval {p_ret:.2f} (index build {build:.2f} s of it)")
-    print(f"  decode step ms (median): full {mf * 1e3:.1f}, retrieval {mr * 1e3:.1f} -> {mf / mr:.2f}x")
+    print(f"  prefill s: full {p_full:.2f}, retrieval {p_ret:.2f}; graph build in the background: {build:.2f} s "
+          f"(faiss kNN {knn:.2f} s), {len(rep['retrieval_build_s'])} layers; waited {waited:.2f} s after prefill; "
+          f"steps served exactly before the index was ready: {min(before)}..{max(before)} per layer")
+    if pairs:
+        mf, mr = (statistics.median(p[i] for p in pairs) for i in (0, 1))
+        ratios = sorted(f / r for f, r in pairs)
+        print(f"  decode step ms (median over the {len(pairs)} steps with every index ready, interleaved): "
+              f"full {mf * 1e3:.1f}, retrieval {mr * 1e3:.1f} -> {mf / mr:.2f}x (per-step ratio quartiles "
+              f"{ratios[len(ratios) // 4]:.2f} / {ratios[len(ratios) // 2]:.2f} / {ratios[3 * len(ratios) // 4]:.2f})")
+    building = [(f, r) for f, r, ok in zip(t_full, t_ret, ready, strict=True) if not ok]
+    if building:
+        mf, mr = (statistics.median(p[i] for p in building) for i in (0, 1))
+        print(f"  decode step ms while some index was still building ({len(building)} steps, exact over the host "
+              f"keys): full {mf * 1e3:.1f}, retrieval {mr * 1e3:.1f}")
     print(f"  device KV {rep['kv_bytes'] / 2**20:.1f} MB of {rep['kv_bytes_full'] / 2**20:.1f} MB "
-          f"({rep['kv_ratio']:.3f}); host {host / 2**20:.1f} MB; scanned fraction {np.mean(scanned):.4f}")
+          f"({rep['kv_ratio']:.3f}); host {host / 2**20:.1f} MB; scanned fraction "
+          f"{np.mean(scanned) if scanned else float('nan'):.4f}")
     print(f"  fidelity (teacher-forced): top-1 agreement {top1:.3f}, mean KL {kl.mean():.4f}, max KL {kl.max():.4f}")
     for name in ("search_s", "host_attention_s", "device_attention_s", "merge_s", "insert_s"):
         vals = [v for v in rep[f"retrieval_{name}"] if v is not None]
@@ -178,8 +206,13 @@ def main() -> None:
     ap.add_argument("--sink", type=int, default=128)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--spill-every", type=int, default=64)
-    ap.add_argument("--build-queries", type=int, default=4096)
+    ap.add_argument("--build-queries", type=int, default=8192)
+    ap.add_argument("--build-query-ratio", type=float, default=0.125)
+    ap.add_argument("--wait-index", action="store_true",
+                    help="e2e: wait for the background graph builds after prefill (every timed step uses the index)")
     ap.add_argument("--capture", help="npz file of captured q/k/v (shared with retrieval_index.py)")
+    ap.add_argument("--max-captured", type=int, help="capture at most this many chunks; tile them by RoPE shifts "
+                    "beyond (retrieval_index.tile_by_rope)")
     ap.add_argument("--e2e", type=int, help="end to end on the default model with a prompt of this many tokens")
     args = ap.parse_args()
     model, tok = kvaccel.load_model()

@@ -3,7 +3,8 @@
 Keys and queries are captured (post-RoPE) from the default model on prose, for a few layers. The synthetic cache of
 ``--cache-tokens`` tokens per kv head is the concatenation of the keys of ``cache_tokens / --length`` prefills of
 *different* prose chunks of ``--length`` tokens each (the 8k default model cannot run a 128k prompt; RoPE phases
-restart per chunk, so the cache has the real key distribution at the size of a long context). The attention-aware
+restart per chunk, so the cache has the real key distribution at the size of a long context; with ``--max-captured``
+the captured chunks are repeated at earlier RoPE positions beyond that, see :func:`tile_by_rope`). The attention-aware
 index is built from the queries of every chunk (sub-sampled to ``--build-queries`` per kv head), except the test
 queries: the last ``--test-queries`` positions of the last chunk (held out, like decode queries after the prompt).
 Ground truth: the exact top-``k`` keys by ``q · k`` (= the top-``k`` attention weights) over the whole cache.
@@ -34,12 +35,14 @@ from kvaccel.compare import prose
 from kvaccel.kernels.attention_index import AttentionIndex
 
 
-def capture(model, tok, length: int, chunks: int, layers: list[int]) -> dict[int, tuple[np.ndarray, ...]]:
+def capture(model, tok, length: int, chunks: int, layers: list[int], first: int = 0
+            ) -> dict[int, tuple[np.ndarray, ...]]:
     """Post-RoPE ``q`` ``(chunks, H_q, L, D)``, ``k`` and ``v`` ``(chunks, H_kv, L, D)`` of ``layers`` on distinct
-    prose chunks."""
-    ids = tok(prose(length * chunks * 8), return_tensors="pt", add_special_tokens=False)["input_ids"]
-    if ids.shape[1] < length * chunks:
-        raise ValueError(f"prose gives {ids.shape[1]} tokens, need {length * chunks}")
+    prose chunks ``first .. first + chunks - 1`` (only the decoder layers up to the last captured one run)."""
+    end = first + chunks
+    ids = tok(prose(length * end * 8), return_tensors="pt", add_special_tokens=False)["input_ids"]
+    if ids.shape[1] < length * end:
+        raise ValueError(f"prose gives {ids.shape[1]} tokens, need {length * end}")
     store: dict[int, list] = {i: [] for i in layers}
 
     def record(module, query, key, value, attention_mask, **kwargs):
@@ -49,27 +52,65 @@ def capture(model, tok, length: int, chunks: int, layers: list[int]) -> dict[int
 
     AttentionInterface.register("retrieval_capture", record)
     previous = model.config._attn_implementation
+    decoder = model.model.layers
     model.set_attn_implementation("retrieval_capture")
+    model.model.layers = decoder[: max(layers) + 1]  # later layers do not change the captured q/k/v
     try:
         with torch.inference_mode():
-            for c in range(chunks):
-                model(ids[:, c * length : (c + 1) * length], use_cache=False, logits_to_keep=1)
+            for c in range(first, end):
+                model.model(ids[:, c * length : (c + 1) * length], use_cache=False)
     finally:
+        model.model.layers = decoder
         model.set_attn_implementation(previous)
     return {i: tuple(np.stack([t[j] for t in v]) for j in range(3)) for i, v in store.items()}
 
 
-def load_or_capture(model, tok, path: str | None, length: int, chunks: int, layers: list[int]) -> dict:
-    """:func:`capture`, reusing the npz file ``path`` when it holds enough chunks of this length."""
+def rope_shift(x: np.ndarray, offset: int, inv_freq: np.ndarray) -> np.ndarray:
+    """Post-RoPE vectors ``(..., D)`` (transformers' rotate-half layout) moved by ``offset`` positions: RoPE
+    rotations compose, so ``R(offset) R(p) x = R(p + offset) x`` is the vector the same token would have at
+    position ``p + offset``."""
+    ang = offset * inv_freq.astype(np.float64)
+    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def tile_by_rope(cap: dict, chunks: int, length: int, inv_freq: np.ndarray) -> dict:
+    """Extend captured chunks to ``chunks`` by copies of the captured ones moved back in position: copy ``i`` of
+    ``C`` captured chunks is placed ``i * C * length`` positions earlier (q, k rotated back by RoPE; v as is), the
+    earliest copies first, the captured chunks last (their queries are the held-out decode queries). The copies
+    repeat the text, so a query's top keys include near-duplicates from earlier copies (a repetitive document)."""
+    out = {}
+    for li, (q, k, v) in cap.items():
+        c = q.shape[0]
+        copies = -(-chunks // c)
+        parts = [tuple(rope_shift(t, -i * c * length, inv_freq) if j < 2 else t for j, t in enumerate((q, k, v)))
+                 for i in range(copies - 1, -1, -1)]
+        out[li] = tuple(np.concatenate([p[j] for p in parts])[-chunks:] for j in range(3))
+    return out
+
+
+def load_or_capture(model, tok, path: str | None, length: int, chunks: int, layers: list[int],
+                    max_captured: int | None = None) -> dict:
+    """:func:`capture`, reusing the npz file ``path``: the chunks it lacks (same ``length``, same layers) are
+    captured and appended to it. Beyond ``max_captured`` chunks, the captured ones are tiled (:func:`tile_by_rope`)."""
+    if max_captured is not None and chunks > max_captured:
+        cap = load_or_capture(model, tok, path, length, max_captured, layers)
+        return tile_by_rope(cap, chunks, length, model.model.rotary_emb.inv_freq.float().numpy())
+    cap = {}
     if path and os.path.exists(path):
         data = np.load(path)
+        if any(f"q{li}" not in data for li in layers) or data[f"q{layers[0]}"].shape[2] != length:
+            raise ValueError(f"{path} holds other layers or another --length; delete it to capture again")
         cap = {li: tuple(data[f"{n}{li}"][:chunks] for n in "qkv") for li in layers}
-        if any(q.shape[0] < chunks or q.shape[2] != length for q, _, _ in cap.values()):
-            raise ValueError(f"{path} holds fewer chunks or another --length; delete it to capture again")
-        return cap
-    cap = capture(model, tok, length, chunks, layers)
-    if path:
-        np.savez(path, **{f"{n}{li}": t for li, qkv in cap.items() for n, t in zip("qkv", qkv, strict=True)})
+    have = min((q.shape[0] for q, _, _ in cap.values()), default=0)
+    if have < chunks:
+        new = capture(model, tok, length, chunks - have, layers, first=have)
+        cap = {li: tuple(np.concatenate([cap[li][j], new[li][j]]) if cap else new[li][j] for j in range(3))
+               for li in layers}
+        if path:
+            np.savez(path, **{f"{n}{li}": t for li, qkv in cap.items() for n, t in zip("qkv", qkv, strict=True)})
     return cap
 
 
@@ -111,6 +152,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=4, help="projection: rank window of co-listed keys")
     ap.add_argument("--hubs", type=int, default=4, help="projection: best keys of a query every listed key links to")
     ap.add_argument("--no-hnsw", action="store_true")
+    ap.add_argument("--max-captured", type=int, help="capture at most this many chunks; tile them by RoPE shifts "
+                    "beyond (tile_by_rope): a 128k cache from 32 x 1024 captured tokens")
     ap.add_argument("--capture", help="npz file: reuse the captured q/k if it exists, else save them there")
     args = ap.parse_args()
 
@@ -120,7 +163,7 @@ def main() -> None:
     g = hq // hkv
     chunks = max(args.cache_tokens) // args.length
     t0 = time.perf_counter()
-    cap = load_or_capture(model, tok, args.capture, args.length, chunks, args.layers)
+    cap = load_or_capture(model, tok, args.capture, args.length, chunks, args.layers, args.max_captured)
     print(f"captured {chunks} x {args.length} tokens, layers {args.layers} in {time.perf_counter() - t0:.1f} s")
     rng = np.random.default_rng(0)
     rows = []
