@@ -139,10 +139,11 @@ class VarlenLayer(KVAccelLayer):
         if self.free < n:
             self._grow(n)
         S = B * H
-        rows = (self.seg_start.reshape(S, 1) + self.seg_len.reshape(S, 1)
-                + torch.arange(n, device=self.seg_len.device)).reshape(-1)
-        self.key_buffer.index_copy_(0, rows, key_states.reshape(S * n, -1).to(self.key_buffer.dtype))
-        self.value_buffer.index_copy_(0, rows, value_states.reshape(S * n, -1).to(self.value_buffer.dtype))
+        rows = (self.seg_start + self.seg_len).view(S, 1)  # next free row of every segment
+        if n > 1:
+            rows = rows + torch.arange(n, device=rows.device)
+        self.key_buffer.index_copy_(0, rows.view(-1), key_states.reshape(S * n, -1))
+        self.value_buffer.index_copy_(0, rows.view(-1), value_states.reshape(S * n, -1))
         self.seg_len += n
         self.free -= n
         self.max_len += n

@@ -141,6 +141,23 @@ def test_adakv_generate_batch_of_two_equals_each_alone():
     assert torch.equal(both, alone)
 
 
+def test_adakv_left_padded_batch_same_tokens_in_both_layouts():
+    """Left padding is never stored in the packed segments; generation equals the padded layout's."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 512, (2, 180), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones_like(ids)
+    mask[1, :30] = 0
+    ids[1, :30] = 0
+    gen = {"attention_mask": mask, "max_new_tokens": 10, "min_new_tokens": 10, "do_sample": False}
+    out = {}
+    for layout in ("varlen", "padded"):
+        with kvaccel.patched(model, f"adakv(budget=40, layout='{layout}')"), torch.no_grad():
+            out[layout] = model.generate(ids, **gen)
+            kept = kvaccel.report(model)["kept_tokens"]
+        assert all(sum(row) == (40 + 9) * len(row) for layer in kept for row in layer)  # + 9 decode forwards
+    assert torch.equal(out["varlen"], out["padded"])
+
+
 def test_adakv_beam_search_scores_what_it_returns():
     """Beam reordering moves whole packed segments: each beam's score equals its log-probability recomputed on a
     fresh cache with the same eviction."""
