@@ -212,6 +212,12 @@ KL_KVACCEL = {
     "expected_attention": "expected_attention(budget={b})",
     "expected_attention-chunk5": "expected_attention(budget={b}, chunk=5)",
     "expected_attention-chunk10": "expected_attention(budget={b}, chunk=10)",
+    # future_positions / observation_weight chosen on runs/kl-peers/kl_tune.jsonl (benchmarks/peers/README.md)
+    "expected_attention-mixture-obs":
+        "expected_attention(budget={b}, future_positions='mixture', observation_weight=0.2)",
+    "expected_attention-mixture": "expected_attention(budget={b}, future_positions='mixture')",
+    "expected_attention-mixture-obs-chunk10":
+        "expected_attention(budget={b}, future_positions='mixture', observation_weight=0.2, chunk=10)",
 }
 KL_KVPRESS = ("streaming", "snapkv", "tova", "knorm", "expected_attention", "adakv-expected_attention")
 
