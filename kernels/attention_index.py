@@ -350,6 +350,48 @@ def _attend_rows(ids, scores, rows, values, scale, out, lse):
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=_FM)
+def _attend_union_rows(ids, scores, rows, values, qs, skeys, svalues, svalid, scale, out):
+    """One softmax per row over the union of its retrieved host keys (``ids``, their ``q · k`` in ``scores``) and
+    the static keys ``skeys[rows[r]]`` (valid where ``svalid``): the LSE merge of the two parts in one pass."""
+    T = skeys.shape[1]
+    for r in prange(ids.shape[0]):
+        g = rows[r]
+        sl = np.empty(T, np.float32)
+        m = -np.inf
+        for j in range(T):
+            if svalid[g, j]:
+                sl[j] = scale * _dot(qs[r], skeys[g, j])
+                if sl[j] > m:
+                    m = sl[j]
+        for j in range(ids.shape[1]):
+            if ids[r, j] >= 0 and scale * scores[r, j] > m:
+                m = scale * scores[r, j]
+        for c in range(out.shape[1]):
+            out[r, c] = 0.0
+        if m == -np.inf:
+            continue
+        total = np.float32(0.0)
+        for j in range(T):
+            if svalid[g, j]:
+                p = np.float32(np.exp(sl[j] - m))
+                total += p
+                v = svalues[g, j]
+                for c in range(out.shape[1]):
+                    out[r, c] += p * v[c]
+        for j in range(ids.shape[1]):
+            i = ids[r, j]
+            if i < 0:
+                continue
+            p = np.float32(np.exp(scale * scores[r, j] - m))
+            total += p
+            v = values[g, i]
+            for c in range(out.shape[1]):
+                out[r, c] += p * v[c]
+        for c in range(out.shape[1]):
+            out[r, c] /= total
+
+
+@njit(cache=True, nogil=True, parallel=True, fastmath=_FM)
 def _attend_all_rows(qs, keys, values, n, scale, out, lse):
     """Exact softmax attention of the ``M`` queries of each row over its ``n[g]`` keys (one pass over the keys per
     row, online softmax; rows in parallel)."""
@@ -906,6 +948,19 @@ class AttentionIndex:
         lse = np.empty(ids.shape[0], np.float32)
         _attend_rows(ids, scores, np.ascontiguousarray(rows, dtype=np.int64), self.values, np.float32(scale), out, lse)
         return out, lse
+
+    def attend_union(self, ids: np.ndarray, scores: np.ndarray, rows: np.ndarray, scale: float,
+                     queries: np.ndarray, static_keys: np.ndarray, static_values: np.ndarray,
+                     static_valid: np.ndarray) -> np.ndarray:
+        """Softmax attention of each query ``(R, D)`` over its retrieved keys together with the static keys of its
+        row, ``static_keys[rows[r]]`` ``(rows, T, D)`` valid where ``static_valid`` ``(rows, T)``: the same result
+        as :meth:`attend` + ``lse_merge`` with the static part's attention, in one compiled pass (for a static part
+        held in host memory too, i.e. a CPU model). Returns ``(R, Dv)``."""
+        out = np.empty((ids.shape[0], self.dim_v), np.float32)
+        _attend_union_rows(ids, scores, np.ascontiguousarray(rows, dtype=np.int64), self.values,
+                           np.ascontiguousarray(queries, dtype=np.float32), static_keys, static_values,
+                           static_valid, np.float32(scale), out)
+        return out
 
     def attend_all(self, queries: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
         """Exact softmax attention over *every* stored key of a row (linked or not): ``queries`` ``(rows, M, D)``

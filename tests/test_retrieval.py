@@ -39,14 +39,16 @@ def _batch(B=2, L=40, pads=(0, 9), seed=0):
 
 
 @needs_deps
-@pytest.mark.parametrize(("family", "B"), [("llama", 1), ("llama", 2), ("qwen3", 2)])
-def test_exact_when_top_k_covers_host_keys(family, B):
-    """Logits over several decode steps (window spills included) equal stock attention; GQA 6/2 heads."""
+@pytest.mark.parametrize(("family", "B", "host_fused"),
+                         [("llama", 1, True), ("llama", 2, True), ("llama", 2, False), ("qwen3", 2, True)])
+def test_exact_when_top_k_covers_host_keys(family, B, host_fused):
+    """Logits over several decode steps (window spills included) equal stock attention; GQA 6/2 heads; the static
+    part merged by lse_merge or attended in the fused host pass."""
     model = tiny_model(family)
     ids, mask = _batch(B)
     steps = 12
     ref_seq, ref_logits = _stock_logits(model, ids, mask, steps)
-    with kvaccel.patched(model, Retrieval(**EXACT)):
+    with kvaccel.patched(model, Retrieval(**EXACT, host_fused=host_fused)):
         cache = KVAccelCache(model)
         out = model.generate(ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                              output_logits=True, return_dict_in_generate=True, past_key_values=cache)
@@ -88,6 +90,20 @@ def test_small_top_k_differs_and_reports_recall(group_search):
     for key in ("retrieval_search_s", "retrieval_host_attention_s", "retrieval_device_attention_s",
                 "retrieval_merge_s", "retrieval_build_s", "retrieval_host_bytes", "retrieval_device_bytes"):
         assert all(v is not None and v > 0 for v in rep[key]), key
+
+
+@needs_deps
+def test_fused_host_pass_equals_lse_merge():
+    """With top_k < host keys (approximate), the fused static + retrieved pass gives the lse_merge path's logits."""
+    model = tiny_model("llama")
+    ids, mask = _batch(2, L=200, pads=(0, 13))
+    got = []
+    for fused in (True, False):
+        method = Retrieval(sink=4, window=8, top_k=8, ef=16, exact_below=0, spill_every=4, background_build=False,
+                           host_fused=fused)
+        with kvaccel.patched(model, method):
+            got.append(_stock_logits(model, ids, mask, 8)[1])
+    torch.testing.assert_close(got[0], got[1], atol=1e-4, rtol=1e-4)
 
 
 @needs_deps

@@ -141,6 +141,11 @@ class Retrieval(DecodeMethod):
         full attention); the first step after the build finished installs it and searches from then on. False
         builds during prefill, in the calling thread.
 
+    host_fused : bool, default True
+        On a CPU model (float32, one query per step) the static part is in host memory as well: it is attended
+        together with the retrieved keys in one compiled pass (one softmax over their union, equal to the LSE merge
+        of the two parts; time counted as host attention). False always runs device attention + ``lse_merge``.
+
     ``retrieval_scanned_fraction`` in ``report()`` is keys read per graph walk / keys held (a walk serves one query
     head, or a kv head's group with ``group_search``), averaged over walks and steps; ``retrieval_build_s`` the
     graph build's seconds (of which ``retrieval_build_knn_s`` faiss' exact kNN), ``retrieval_steps_before_index``
@@ -164,6 +169,7 @@ class Retrieval(DecodeMethod):
     group_search: bool = True
     measure_recall: bool = False
     background_build: bool = True
+    host_fused: bool = True
 
     def __post_init__(self):
         for field, low, high in (("top_k", 1, None), ("sink", 0, None), ("window", 1, None), ("degree", 2, 256),
@@ -208,11 +214,15 @@ class Retrieval(DecodeMethod):
             )
         if st.pending is not None and st.pending.done():
             _install(st)
+        index = st.index
+        # a CPU model holds the static part in host memory too: one compiled pass over static + retrieved keys
+        fused = (self.host_fused and Q == 1 and q.device.type == "cpu" and k.dtype == v.dtype == torch.float32
+                 and st.pending is None and int(index.n.max()) > 0)
         t0 = time.perf_counter()
-        o_f, lse_f = _device_attention(q, k, v, ctx.scaling, layer.valid)
+        if not fused:
+            o_f, lse_f = _device_attention(q, k, v, ctx.scaling, layer.valid)
         t1 = time.perf_counter()
         st.device_s += t1 - t0
-        index = st.index
         if int(index.n.max()) == 0:
             out = o_f
         elif st.pending is not None:  # graph not ready: exact attention over every host key
@@ -243,7 +253,16 @@ class Retrieval(DecodeMethod):
                 walk_rows = rows
                 ids, scores, scanned = index.search(qs, rows, top_k, ef, self.exact_below)
             t2 = time.perf_counter()
-            o_r, lse_r = index.attend(ids, scores, rows, ctx.scaling)
+            if fused:
+                R, T = B * st.kv_heads, k.shape[2]
+                valid = layer.valid
+                svalid = (np.ones((R, T), np.bool_) if valid is None
+                          else valid.expand(B, st.kv_heads, T).reshape(R, T).numpy())
+                o = index.attend_union(ids, scores, rows, ctx.scaling, qs, k.detach().reshape(R, T, D).numpy(),
+                                       v.detach().reshape(R, T, -1).numpy(), svalid)
+                out = torch.from_numpy(o).view(B, Hq, Q, -1)
+            else:
+                o_r, lse_r = index.attend(ids, scores, rows, ctx.scaling)
             t3 = time.perf_counter()
             held = index.n[walk_rows]
             has = held > 0
@@ -255,10 +274,11 @@ class Retrieval(DecodeMethod):
                     want = exact[r][exact[r] >= 0]
                     st.recall_sum += len(np.intersect1d(ids[r], want)) / len(want)
                     st.recall_rows += 1
-            o_r = torch.from_numpy(o_r).to(device=q.device).view(B, Hq, Q, -1)
-            lse_r = torch.from_numpy(lse_r).to(device=q.device).view(B, Hq, Q)
             t4 = time.perf_counter()
-            out, _ = lse_merge(o_f, lse_f, o_r.to(o_f.dtype), lse_r)
+            if not fused:
+                o_r = torch.from_numpy(o_r).to(device=q.device).view(B, Hq, Q, -1)
+                lse_r = torch.from_numpy(lse_r).to(device=q.device).view(B, Hq, Q)
+                out, _ = lse_merge(o_f, lse_f, o_r.to(o_f.dtype), lse_r)
             st.search_s += t2 - t1
             st.host_s += t3 - t2
             st.merge_s += time.perf_counter() - t4
