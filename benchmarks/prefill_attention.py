@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -52,10 +53,13 @@ def capture_qkv(model, ids: torch.Tensor) -> tuple[list[tuple], tuple[torch.Tens
     return [captured[i] for i in sorted(captured)], (tuple(rope) if rope else None)
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.process_time (1 thread: the time the process ran, not waited)
+
+
 def _timed(fn, *args):
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     out = fn(*args)
-    return out, time.perf_counter() - t0
+    return out, CLOCK() - t0
 
 
 def _sdpa(q, k, v, scale):
@@ -69,9 +73,9 @@ def _method_attention(m, q, k, v, scale, li, stats, rope):
     if getattr(m, "mode", None) == "gate":
         from kvaccel.patches.prefill.attn_gate import unrotate
 
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         extra = (unrotate(q, *rope), unrotate(k, *rope))
-        stats["prefill_estimate_s"] += time.perf_counter() - t0
+        stats["prefill_estimate_s"] += CLOCK() - t0
     return m.sparse_attention(q, k, v, scale, li, stats, *extra)
 
 
@@ -140,9 +144,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--layers", type=str, default="all", help="'all' or comma-separated layer indices")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: elapsed time; cpu: process CPU time (only with --threads 1: on a shared machine it "
+                        "leaves out the time the process waited for a core)")
     p.add_argument("--out", default="runs/prefill_attention.json")
     args = p.parse_args(argv)
+    if args.clock == "cpu" and args.threads != 1:
+        p.error(f"--clock cpu needs --threads 1 (got --threads {args.threads}): CPU time sums the threads")
     torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        global CLOCK
+        from kvaccel.patches.prefill import base
+
+        CLOCK = base.clock = time.process_time
 
     import kvaccel
     from kvaccel.compare import prompt_ids
@@ -154,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     layers = [layers[i] for i in keep]
     specs = args.method or ["a_shape", "vertical_slash", "pbs", "sale", "seer"]
     rows = run(model, layers, specs, args.repeats, rope, keep)
-    print(f"\nL={args.length}, {len(layers)} layers, {args.threads} threads, median of {args.repeats}")
+    print(f"\nL={args.length}, {len(layers)} layers, {args.threads} threads, {args.clock} clock, median of "
+          f"{args.repeats}, load average {os.getloadavg()[0]:.2f}")
     print(f"{'method':40s} {'time s':>8s} {'speedup':>8s} {'est s':>7s} {'attn s':>7s} {'density':>8s} "
           f"{'err mean':>9s} {'err max':>8s}")
     for r in rows:
@@ -162,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['attention_s']:7.3f} {r['density']:8.3f} {r['rel_err_mean']:9.4f} {r['rel_err_max']:8.4f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"length": args.length, "threads": args.threads, "repeats": args.repeats,
+    out.write_text(json.dumps({"length": args.length, "threads": args.threads, "clock": args.clock,
+                               "load_average": os.getloadavg(), "repeats": args.repeats,
                                "argv": sys.argv[1:], "rows": rows}, indent=1))
     print(f"wrote {out}")
 

@@ -40,15 +40,26 @@ FlexAttention (``torch.compile(flex_attention)``, ``BlockMask.from_kv_blocks``) 
 or random masks at 1 thread, and clearly faster at 2 threads on the loaded machine (fewer, bigger ops:
 vertical_slash 2.9x vs 1.2x), but it is not used: on CPU it refuses ``return_lse`` (inductor: "return_lse is not
 supported yet"), its first compile took 25-30 s, every new prompt length recompiles (``dynamic=False``), and it is
-0.65x SDPA on all-blocks masks. A plain gather + bmm + softmax is 2-5x slower than the fused kernel. At 2 threads
-on a loaded CPU this path loses most of its gain (each of its ~30 ops per chunk waits for a descheduled OpenMP
-thread): measure on a quiet machine, or at 1 thread, with
-``OMP_NUM_THREADS=2 python benchmarks/block_sparse_kernel.py --length 8192 --repeat 5``.
+0.65x SDPA on all-blocks masks. A plain gather + bmm + softmax is 2-5x slower than the fused kernel.
+
+Threads: the chunks are independent, so with ``w = torch.get_num_threads() > 1`` they run on ``w`` Python worker
+threads (:func:`run_parallel`), each running its ops single-threaded, instead of every op splitting over ``w``
+OpenMP threads. The OpenMP version ended each of the ~30 ops per chunk in a barrier that waits for the slowest
+thread, so on this shared 2-core machine one descheduled thread stalled all: at 2 threads it was ~3x *slower* than
+SDPA on a SALE mask of density 0.47 (SDPA itself is one op). Measured on layer 17's real Q/K/V at 8k, load average
+6-7, wall time interleaved with SDPA at 2 threads, speed-up over SDPA: SALE mask 0.29-0.38 before, 0.89-1.16 with
+workers; A-shape-like 64x64 mask (density 0.45) 0.85-1.0 before, 1.3-1.75 with workers (at 1 thread: 1.1-1.4 and
+1.5-1.8). On a loaded machine 2 threads cannot beat 1 by much; the point is that they no longer lose.
+Per-call cost at 1 thread (CPU time): the fused kernel costs ~4.3 ns per (query, key) pair on 64-row items (it
+splits them in 32-row tiles) vs ~3.6 ns stacked to 192 rows and ~3.4 ns for SDPA, and the gathers are ~13% of
+the op, so SALE's per-head masks of 64x32 tiles cost ~1.5x SDPA per computed tile.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +76,8 @@ __all__ = [
     "num_blocks",
     "plan_block_sparse",
     "release_workspace",
+    "run_parallel",
+    "cpu_workers",
     "run_block_sparse",
 ]
 
@@ -373,22 +386,20 @@ def _block_sparse_attention_torch(q, k, v, block_mask, scale, block_m, block_n, 
     out = torch.zeros(n_items, R, D, dtype=dt, device=dev)
     lse = torch.full((n_items, R), neg_inf, dtype=torch.float32, device=dev)
     max_full, max_part = plan.full_idx.shape[1], plan.part_idx.shape[1]
-    chunk = max(1, GATHER_BYTES // max(1, (max_full + max_part) * block_n * 2 * D * q.element_size()))
+    workers = cpu_workers(dev)
+    chunk = max(1, GATHER_BYTES // workers // max(1, (max_full + max_part) * block_n * 2 * D * q.element_size()))
+    if workers > 1:  # enough chunks to balance the workers (items are sorted by tile count, largest first)
+        chunk = min(chunk, -(-plan.order.numel() // (4 * workers)))
     chunk = max(1, min(chunk, plan.order.numel()))
-    # Workspaces reused by every chunk (and every call, see _workspace): fresh large tensors cost page faults
-    # that dominate a gather on CPU.
     width = max(max_full, max_part) * block_n
-    ws_q, ws_k, ws_v, ws_bias, ws_pos, ws_hide = _workspace(
-        dev,
-        [
-            (chunk * R * D, dt),
-            (chunk * width * D, dt),
-            (chunk * width * D, dt),
-            (chunk * max(max_full * block_n, R * max_part * block_n), dt),
-            (chunk * max_part * block_n, plan.slot_pos.dtype),
-            (chunk * R * max_part * block_n, torch.bool),
-        ],
-    )
+    ws_parts = [
+        (chunk * R * D, dt),
+        (chunk * width * D, dt),
+        (chunk * width * D, dt),
+        (chunk * max(max_full * block_n, R * max_part * block_n), dt),
+        (chunk * max_part * block_n, plan.slot_pos.dtype),
+        (chunk * R * max_part * block_n, torch.bool),
+    ]
 
     def take(src: Tensor, idx: Tensor, ws: Tensor) -> Tensor:
         return torch.index_select(src, 0, idx, out=ws[: idx.numel() * src[0].numel()].view(-1, *src.shape[1:]))
@@ -398,7 +409,11 @@ def _block_sparse_attention_torch(q, k, v, block_mask, scale, block_m, block_n, 
     counts = torch.stack([plan.full_cnt[plan.order], plan.part_cnt[plan.order]])
     counts = F.pad(counts, (0, n_chunks * chunk - counts.shape[1]), value=-1).view(2, n_chunks, chunk)
     chunk_stats = torch.cat([counts.amax(-1), counts[0].masked_fill(counts[0] < 0, 1 << 30).amin(-1)[None]]).T
-    for c, (n_full, n_part, min_full) in enumerate(chunk_stats.tolist()):
+
+    def run_chunk(c: int, n_full: int, n_part: int, min_full: int) -> None:
+        # Workspaces reused by every chunk (and every call, see _workspace), one set per worker thread: fresh
+        # large tensors cost page faults that dominate a gather on CPU.
+        ws_q, ws_k, ws_v, ws_bias, ws_pos, ws_hide = _workspace(dev, ws_parts)
         ids = plan.order[c * chunk : (c + 1) * chunk]
         n = ids.numel()
         qrows = take(qi, ids, ws_q).unsqueeze(1)  # (n, 1, R, D)
@@ -442,8 +457,10 @@ def _block_sparse_attention_torch(q, k, v, block_mask, scale, block_m, block_n, 
             l_safe = torch.where(torch.isfinite(l), l, 0.0)  # a row that sees nothing: weights exp(-inf) = 0
             w_f, w_p = torch.exp(l_f - l_safe).unsqueeze(-1), torch.exp(l_p - l_safe).unsqueeze(-1)
             o = (o_f * w_f + o_p * w_p) if dt == torch.float32 else (o_f.float() * w_f + o_p.float() * w_p).to(dt)
-        out.index_copy_(0, ids, o)
+        out.index_copy_(0, ids, o)  # chunks own disjoint items: workers never write the same rows
         lse.index_copy_(0, ids, l)
+
+    run_parallel(run_chunk, [(c, *st) for c, st in enumerate(chunk_stats.tolist())], workers)
 
     out = out.view(B, U, nqb, Gs, block_m, D).transpose(2, 3).reshape(B * U, Gs, nqb * block_m, D)[:, :, :L]
     lse = lse.view(B, U, nqb, Gs, block_m).transpose(2, 3).reshape(B * U, Gs, nqb * block_m)[:, :, :L]
@@ -486,22 +503,25 @@ def _flash(q: Tensor, k: Tensor, v: Tensor, **kw) -> tuple[Tensor, Tensor]:
 
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # (out, lse): fused, float32 accumulation
-_scratch = threading.local()
+_scratch: dict[tuple[int, torch.device], Tensor] = {}  # (thread id, device) -> byte buffer
+_scratch_lock = threading.Lock()
 
 
 def _workspace(device: torch.device, parts: list[tuple[int, torch.dtype]]) -> list[Tensor]:
     """Flat scratch tensors carved from one byte buffer per thread and device, kept between calls.
 
     Every layer of a prefill calls the op with similar sizes; reusing the buffer saves the page faults of fresh
-    allocations. The buffer holds about ``4 * GATHER_BYTES`` at most; :func:`release_workspace` frees it.
+    allocations. The buffers hold about ``4 * GATHER_BYTES`` at most in all (each of ``w`` worker threads gets
+    ``1/w`` of it); :func:`release_workspace` frees them.
     """
     align = 64
     sizes = [-(-n * torch.empty(0, dtype=dt).element_size() // align) * align for n, dt in parts]
     need = sum(sizes)
-    bufs = _scratch.__dict__.setdefault("bufs", {})
-    buf = bufs.get(device)
-    if buf is None or buf.numel() < need:
-        buf = bufs[device] = torch.empty(need, dtype=torch.uint8, device=device)
+    key = (threading.get_ident(), torch.device(device))
+    with _scratch_lock:
+        buf = _scratch.get(key)
+        if buf is None or buf.numel() < need:
+            buf = _scratch[key] = torch.empty(need, dtype=torch.uint8, device=device)
     out, off = [], 0
     for (n, dt), size in zip(parts, sizes, strict=True):
         out.append(buf[off : off + size].view(dt)[:n])
@@ -510,8 +530,54 @@ def _workspace(device: torch.device, parts: list[tuple[int, torch.dtype]]) -> li
 
 
 def release_workspace() -> None:
-    """Free the PyTorch path's scratch buffers of the calling thread."""
-    _scratch.__dict__.pop("bufs", None)
+    """Free the PyTorch path's scratch buffers (of every thread that ran it)."""
+    with _scratch_lock:
+        _scratch.clear()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CPU worker threads
+# --------------------------------------------------------------------------------------------------------------
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def cpu_workers(device: torch.device | str) -> int:
+    """Worker threads :func:`run_parallel` uses for ops on ``device``: ``torch.get_num_threads()`` on CPU, else 1."""
+    return max(1, torch.get_num_threads()) if torch.device(device).type == "cpu" else 1
+
+
+def run_parallel(fn: Callable[..., None], tasks: Sequence[tuple], workers: int) -> None:
+    """``fn(*task)`` for every task; with ``workers > 1``, on that many Python threads, each running its PyTorch ops
+    single-threaded (intra-op threads set to 1 for the duration, restored after).
+
+    Why: the CPU path is a few dozen mid-sized ops per chunk. With ``w`` OpenMP threads every op ends in a barrier
+    that waits for the slowest thread; on a shared machine one descheduled thread stalls all of them, and the path
+    ran ~3x slower than with 1 thread (``benchmarks/block_sparse_kernel.py``). Independent chunks on ``w`` threads
+    (ATen releases the GIL inside ops) never wait for each other; tasks are taken in order as workers free up, so
+    the largest (first) chunks spread over the workers. Tasks must write disjoint outputs.
+    """
+    if workers <= 1 or len(tasks) <= 1:
+        for t in tasks:
+            fn(*t)
+        return
+    with _pools_lock:
+        pool = _pools.get(workers)
+        if pool is None:
+            pool = _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="kvaccel-cpu")
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()  # thread-local modes
+
+    def call(task: tuple) -> None:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            fn(*task)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # global: the workers' ops run single-threaded
+    try:
+        for _ in pool.map(call, tasks):
+            pass
+    finally:
+        torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------------------------------

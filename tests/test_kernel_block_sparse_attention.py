@@ -167,6 +167,56 @@ def test_small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     _check(kw)
 
 
+@pytest.mark.parametrize("mask_heads,perm,valid", [("per_head", "none", "none"), ("per_kv", "segment", "left")])
+def test_worker_threads(monkeypatch: pytest.MonkeyPatch, mask_heads: str, perm: str, valid: str) -> None:
+    """With 2 intra-op threads the chunks run on 2 worker threads (each single-threaded): same result as the
+    reference, inference mode carried into the workers, the caller's thread count restored."""
+    kw = _inputs(B=2, group=3, L=300, block_m=32, block_n=32, mask_heads=mask_heads, perm=perm, valid=valid)
+    monkeypatch.setattr(bsa, "GATHER_BYTES", 1 << 14)  # many small chunks for the two workers
+    threads = torch.get_num_threads()
+    seen: list[tuple[int, bool]] = []
+    flash = bsa._flash_cpu
+
+    def spy(*a, **k):
+        seen.append((torch.get_num_threads(), torch.is_inference_mode_enabled()))
+        return flash(*a, **k)
+
+    monkeypatch.setattr(bsa, "_flash_cpu", spy)
+    try:
+        torch.set_num_threads(2)
+        assert bsa.cpu_workers("cpu") == 2
+        _check(kw)
+        with torch.inference_mode():
+            out = block_sparse_attention(**kw)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        torch.testing.assert_close(block_sparse_attention(**kw), out, atol=1e-6, rtol=1e-6)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(seen) > 4 and all(n == 1 for n, _ in seen)  # the workers' ops run single-threaded
+    assert any(inf for _, inf in seen) and not all(inf for _, inf in seen)
+
+
+def test_run_parallel_raises_from_workers() -> None:
+    """An error in a worker reaches the caller, and the thread count is restored."""
+    threads = torch.get_num_threads()
+    done: list[int] = []
+
+    def task(i: int) -> None:
+        if i == 3:
+            raise ValueError("task 3")
+        done.append(i)
+
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(ValueError, match="task 3"):
+            bsa.run_parallel(task, [(i,) for i in range(8)], workers=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert 3 not in done
+
+
 @pytest.mark.parametrize("perm,valid", [("none", "none"), ("any", "left")])
 def test_matmul_attend_matches_reference(monkeypatch: pytest.MonkeyPatch, perm: str, valid: str) -> None:
     """The PyTorch path off CPU attends by matmul + softmax instead of the CPU flash kernel: same results."""

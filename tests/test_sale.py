@@ -90,6 +90,27 @@ def test_torch_path_matches_reference(L, Hq, Hkv, D):
     torch.testing.assert_close(scores[fin].double(), scores_ref[fin], atol=0.05, rtol=0.01)
 
 
+def test_torch_path_worker_threads():
+    """With 2 intra-op threads the estimate's chunks run on 2 worker threads: the same mask and scores as 1 thread
+    (two batch rows, a ragged tail, a dense head), and the caller's thread count is restored."""
+    q, k = _qk(L=650, Hq=4, Hkv=2, D=32, seed=5)
+    q, k = torch.cat([q, q.flip(2)]), torch.cat([k, k.flip(2)])
+    taus = torch.tensor([0.05, 0.0, 0.01, 0.2])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        keep1 = sale_estimate(q, k, scale=32**-0.5, threshold=taus, backend="torch", chunk=128)
+        scores1 = sale_block_scores(q, k, scale=32**-0.5, chunk=128)
+        torch.set_num_threads(2)
+        keep2 = sale_estimate(q, k, scale=32**-0.5, threshold=taus, backend="torch", chunk=128)
+        scores2 = sale_block_scores(q, k, scale=32**-0.5, chunk=128)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(keep1, keep2) and torch.equal(scores1, scores2)
+    assert 0 < keep1.float().mean() < 1
+
+
 @pytest.mark.triton
 @requires_triton
 @pytest.mark.parametrize("L,Hq,Hkv,D", [(700, 4, 2, 32), (300, 3, 1, 16)])
@@ -141,6 +162,27 @@ def test_tiny_threshold_keeps_every_block_and_equals_dense():
     out = block_sparse_attention(q, k, v, sel.mask, scale=0.25, block_m=sel.block_m, block_n=sel.block_n)
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.25, enable_gqa=True)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_dense_above_computes_dense_heads():
+    """A head selecting more than ``dense_above`` of the causal tiles gets every causal tile; the others keep their
+    estimate; ``dense_above=1`` never promotes."""
+    q, k = _qk(L=1100, Hq=4, Hkv=2, D=16, seed=2)
+    v = torch.randn(1, 2, 1100, 16)
+    tau = torch.tensor([0.2, 0.05, 0.2, 0.2])  # head 1 keeps ~0.67 of the causal tiles, the others ~0.38
+    causal = causal_block_mask(1100, 64, 32)
+    m = SALE()
+    m._tau = tau.expand(1, 4)  # per-head thresholds as bind() would set them
+    plain = SALE(dense_above=1.0)
+    plain._tau = m._tau
+    base = plain.select(q, k, v, 0.25, 0).mask & causal
+    density = base.flatten(2).sum(-1)[0] / causal.sum()
+    assert 1 > density[1] > 0.65 > density[[0, 2, 3]].max()
+    sel = m.select(q, k, v, 0.25, 0).mask & causal
+    assert torch.equal(sel[0, 1], causal)
+    assert torch.equal(sel[0, [0, 2, 3]], base[0, [0, 2, 3]])
+    with pytest.raises(ValueError, match=r"dense_above \(0\) must be a float in \(0, 1\]"):
+        SALE(dense_above=0)
 
 
 def test_tiny_threshold_model_matches_dense_and_reports():

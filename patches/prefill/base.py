@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 
 Tensor = torch.Tensor
 
+#: Clock of the estimate / attention split in ``report()`` (wall time). ``benchmarks/prefill_attention.py --clock cpu``
+#: swaps in ``time.process_time`` to time single-threaded runs on a loaded machine.
+clock = time.perf_counter
+
 
 @dataclass
 class PrefillMethod(Method):
@@ -101,9 +105,9 @@ class BlockSparsePrefill(PrefillMethod):
             stats[key] = 0
         extra: tuple[Tensor, ...] = ()
         if ctx.query.shape[2] >= self.min_length:  # else every sequence is dense
-            t0 = time.perf_counter()
+            t0 = clock()
             extra = self.select_inputs(ctx)
-            stats["prefill_estimate_s"] += time.perf_counter() - t0
+            stats["prefill_estimate_s"] += clock() - t0
 
         def run(q: Tensor, k: Tensor, v: Tensor, *ex: Tensor) -> Tensor:
             L = q.shape[2]  # this sequence's real tokens (a padded batch is sliced per sequence)
@@ -130,7 +134,7 @@ class BlockSparsePrefill(PrefillMethod):
         """
         B, Hq, L, _ = q.shape
         _sync(q)
-        t0 = time.perf_counter()
+        t0 = clock()
         sel = self.select(q, k, v, scale, layer_idx, *extra)
         causal = causal_block_mask(L, sel.block_m, sel.block_n, device=q.device)
         if sel.key_perm is None:
@@ -140,14 +144,14 @@ class BlockSparsePrefill(PrefillMethod):
             own, reach = _permuted_tiles(sel.key_perm, L, sel.block_m, sel.block_n, Hq)
             mask = (sel.mask | own) & reach
         _sync(q)
-        t1 = time.perf_counter()
+        t1 = clock()
         ks, vs = (k, v) if sel.key_perm is None else (sel.k, sel.v)
         out = block_sparse_attention(
             q, ks, vs, mask, scale=scale, block_m=sel.block_m, block_n=sel.block_n, key_perm=sel.key_perm,
             backend=self.backend,
         )
         _sync(q)
-        t2 = time.perf_counter()
+        t2 = clock()
         stats["prefill_estimate_s"] += t1 - t0
         stats["prefill_attention_s"] += t2 - t1
         stats["_tiles"] += int(mask.expand(B, Hq, -1, -1).sum())

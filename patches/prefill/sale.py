@@ -76,6 +76,12 @@ class SALE(BlockSparsePrefill):
         Quantization bits of the estimate. Default 4 (paper).
     min_length : int
         Prompts shorter than this are prefilled densely. Default 1025 (paper: prompts of <= 1024 tokens are dense).
+    dense_above : float
+        A head whose selection covers more than this fraction of the causal tiles is computed densely (every causal
+        tile: a superset of the selection, so its output is exact). Not in the paper: a cost rule for the CPU
+        kernel, which costs about ``1.5 x density`` of SDPA on SALE's per-head 64x32 tiles at 8k (measured on the
+        default model, ``benchmarks/prefill_attention.py``), so above ~0.65 the dense fused kernel is cheaper.
+        Default 0.65; 1 = never.
     backend : str
         See :class:`BlockSparsePrefill`; also picks the estimator's backend.
     """
@@ -89,6 +95,7 @@ class SALE(BlockSparsePrefill):
     local_window: int = 128
     bits: int = 4
     min_length: int = 1025
+    dense_above: float = 0.65
 
     def __post_init__(self):
         super().__post_init__()
@@ -102,6 +109,10 @@ class SALE(BlockSparsePrefill):
                 raise ValueError(f"{f} ({val!r}) must be an int >= 0 (tokens)")
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise ValueError(f"bits ({self.bits!r}) must be an int in [2, 8]")
+        d = self.dense_above
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1 or math.isnan(d):
+            raise ValueError(f"dense_above ({d!r}) must be a float in (0, 1]: the selected fraction of causal tiles "
+                             "above which a head is computed densely (1 = never)")
         self._tau: torch.Tensor | None = None  # (num_layers, H_q), 0 = dense head; set by bind()
         self._note = f"sale: uniform threshold={self.threshold} for every head (method not bound to a model)"
 
@@ -157,6 +168,10 @@ class SALE(BlockSparsePrefill):
             q, k, scale=scale, threshold=tau, block_m=self.block_m, block_n=self.block_n, sink=self.sink,
             local_window=self.local_window, bits=self.bits, backend=self.backend,
         )
+        if self.dense_above < 1:
+            causal = causal_block_mask(q.shape[2], self.block_m, self.block_n, device=mask.device)
+            density = (mask & causal).flatten(2).sum(-1) / causal.sum()  # (B, H_q)
+            mask = mask | ((density > self.dense_above)[..., None, None] & causal)
         return BlockSelection(mask, self.block_m, self.block_n)
 
 
