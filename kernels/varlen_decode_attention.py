@@ -9,12 +9,14 @@ The public op chooses the backend (``"auto"``: Triton on CUDA, PyTorch on CPU); 
 :mod:`kvaccel.kernels.triton.varlen_decode_attention`. The float64 :func:`varlen_decode_attention_reference` is
 what the tests compare both against.
 
-PyTorch path (CPU), chosen by measurement (``runs/varlen-scratch/mb.py``, 1 thread, SmolLM2 shapes: 3 kv heads,
-G = 3, D = 64, ~512 tokens per head): gather every segment into a transient ``(S, L_max, D)`` block with one
-``index_select`` of ``start + arange(L_max)`` and run one SDPA call. The gather costs ~15-35 us per layer (a few %
-of the SDPA call); a segment softmax over the flat rows (q gathered per key, ``scatter_reduce`` max,
-``index_add_`` sums) was 4x slower, and one SDPA call over the whole flat buffer with a block-diagonal mask
-1.2-2x slower (it computes ``S`` times the logits). Segments that are empty give zero rows and ``lse = -inf``.
+PyTorch path (CPU): gather every segment into a transient ``(B, H_kv, L_max, D)`` block with one ``index_select``
+of ``start + arange(L_max)`` per K and V, then one 4-D SDPA call (slots past a segment's end masked). Chosen by
+measurement while building it (1 thread, loaded 2-core machine, G = 3, D = 64, 0.5-1.5x ``avg`` tokens per head):
+a segment softmax over the flat rows (q gathered per key, ``scatter_reduce`` max, ``index_add_`` sums) was 4x
+slower; one SDPA call over the whole flat buffer with a block-diagonal mask (no gather, ``B * H_kv`` times the
+logits) was as fast at ``B * H_kv = 3`` and 1.2-2.2x slower at 6-12 segments. The gather is the price of packing:
+SDPA on an already padded ``(B, H_kv, L_max, D)`` cache (the padded layout, no gather) took 0.55-0.8x the time of
+this path; ``benchmarks/varlen_decode.py`` times the op on a real cache next to full attention.
 """
 
 from __future__ import annotations

@@ -272,11 +272,12 @@ class VarlenLayer(KVAccelLayer):
         rows, valid = self._dense_rows()
         return self.value_buffer[rows] * valid[..., None]
 
-    def keep(self, idx: Tensor, slot_valid: Tensor | None = None) -> None:
+    def keep(self, idx: Tensor, slot_valid: Tensor | None = None, reserve: int | None = None) -> None:
         """Keep only the tokens ``idx`` (B, 1|H, K) of the :meth:`dense_keys` axis, sorted ascending, where
-        ``slot_valid`` is True; repacked without slack (the memory of evicted tokens is freed)."""
+        ``slot_valid`` is True; repacked with ``reserve`` slack rows per segment (default none: the memory of
+        evicted tokens is freed, the next new token repacks with slack)."""
         lengths, total, key_src, value_src, src_rows, B, H = _selection(self, idx, slot_valid)
-        self._pack(key_src, value_src, src_rows, lengths.view(B, H), total, free=0)
+        self._pack(key_src, value_src, src_rows, lengths.view(B, H), total, free=reserve or 0)
 
     def _keep_with_narrow(self, idx: Tensor, slot_valid: Tensor | None) -> None:
         raise NotImplementedError("a VarlenLayer has no narrow segment (ThinK channel pruning is not supported)")

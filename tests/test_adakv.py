@@ -186,6 +186,10 @@ def test_adakv_varlen_refuses_channel_pruning_and_names_the_fix():
     refused = pytest.raises(NotImplementedError, match="layout='padded'")
     with kvaccel.patched(model, "adakv(budget=0.25)+think"), refused:
         model.generate(ids, max_new_tokens=2, do_sample=False)
+    think = kvaccel.parse_spec("think")[0]
+    with pytest.raises(NotImplementedError, match="channels method 'think'"):
+        AdaKV().check_stages({"evict": AdaKV(), "channels": think})  # usable at patch time
+    AdaKV(layout="padded").check_stages({"evict": AdaKV(layout="padded"), "channels": think})
     with kvaccel.patched(model, "adakv(budget=0.25, layout='padded')+think"):
         assert model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False).shape == (1, 202)
 

@@ -162,6 +162,9 @@ def test_keep_repacks_a_subset_of_the_dense_axis():
     layer.keep(idx)
     assert all(torch.equal(_held_tokens(layer)[b][h], before[b][h][-2:]) for b in range(B) for h in range(H))
     assert layer.nbytes() == B * H * 2 * (D + DV) * 4 + 2 * B * H * 8
+    layer.keep(torch.tensor([1]).expand(B, 1, 1), reserve=5)  # the newest token, 5 slack rows per segment
+    assert all(torch.equal(_held_tokens(layer)[b][h], before[b][h][-1:]) for b in range(B) for h in range(H))
+    assert layer.slack_tokens == 5 * B * H and layer.nbytes() == _storage_bytes(layer)
 
 
 def test_refusals_name_the_fix():

@@ -82,9 +82,22 @@ class AdaKV(EvictionMethod):
             raise ValueError(f"layout ({self.layout!r}) must be one of {LAYOUTS}")
         self._scorer = INNER[self.inner](budget=self.budget)
 
+    def check_stages(self, stages: dict) -> None:
+        """Refuse methods of other stages that the varlen layout cannot serve: channels / decode methods read a
+        layer's padded per-head ``keys`` / ``values``, which a ``VarlenLayer`` does not hold."""
+        if self.layout != "varlen":
+            return
+        for stage in ("channels", "decode"):
+            other = stages.get(stage)
+            if other is not None:
+                raise NotImplementedError(
+                    f"adakv's varlen layout (per-head budgets packed, bytes = budget) cannot be combined with the "
+                    f"{stage} method '{other.name}' yet (it reads the padded per-head keys); use "
+                    f"adakv(layout='padded') with it, or drop '{other.name}'"
+                )
+
     def after_prefill(self, ctx) -> None:
-        if self.layout == "varlen":
-            refuse_other_stages(ctx)
+        self.check_stages(ctx.state.methods)  # at first use: patch() does not call it yet
         cap = self._scorer.capacity(ctx)
         ctx.record_capacity(cap)
         layer = ctx.layer
@@ -105,16 +118,3 @@ class AdaKV(EvictionMethod):
             )
         # The pre-hook reads cache.layers[i] at every forward: the next forward of this layer uses the new one.
         cache.layers[ctx.layer_idx] = VarlenLayer.from_selection(layer, idx, slot_valid)
-
-
-def refuse_other_stages(ctx) -> None:
-    """The varlen layout is read by kvaccel's own attention only: refuse channels / decode methods, which read
-    the padded ``keys`` / ``values`` of a layer."""
-    for stage in ("channels", "decode"):
-        other = ctx.state.methods.get(stage)
-        if other is not None:
-            raise NotImplementedError(
-                f"adakv's varlen layout (per-head budgets packed, bytes = budget) cannot be combined with the "
-                f"{stage} method '{other.name}' yet (it reads the padded per-head keys); use "
-                f"adakv(layout='padded') with it, or drop '{other.name}'"
-            )
