@@ -77,6 +77,11 @@ def _window_scores_torch(
     B, Hq, W, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     G = Hq // Hkv
+    if W == 1:  # a decode step (the query sees every key): one matmul and one softmax, no chunk loop
+        s = (q.float().mul(scale).reshape(B, Hkv, G, D) @ k.float().transpose(-1, -2))  # (B, H_kv, G, T)
+        if valid is not None:
+            s.masked_fill_(~valid.unsqueeze(2), float("-inf"))
+        return torch.softmax(s, dim=-1).nan_to_num_(0.0).view(B, Hq, T)  # a row without valid key: 0
     offset = T - W  # absolute position of query 0
     qg = q.reshape(B, Hkv, G, W, D)
     kf = k.float()  # no copy for float32 input

@@ -109,6 +109,13 @@ def _resolve_methods(methods: tuple, options: dict[str, Any]) -> dict[str, Metho
                 f"stage ({', '.join(STAGES)}) — pick one"
             )
         by_stage[m.stage] = m
+    if getattr(by_stage.get("evict"), "rerotate", False):
+        for stage in ("channels", "decode"):
+            if stage in by_stage:
+                raise ValueError(
+                    f"'{by_stage['evict'].name}(rerotate=True)' cannot be combined with '{by_stage[stage].name}': "
+                    f"key re-rotation moves full-width keys in the device cache only; drop rerotate or {stage}"
+                )
     return by_stage
 
 
@@ -123,6 +130,10 @@ def patch(model, *methods: str | Method, **options: Any):
     """
     check_model(model)
     stages = _resolve_methods(methods, options)
+    for m in stages.values():  # a method that cannot compose with another one says so before anything is installed
+        check = getattr(m, "check_stages", None)
+        if check is not None:
+            check(stages)
     for m in stages.values():
         m.check_dependencies()
         m.bind(model)

@@ -37,6 +37,8 @@ class PatchState:
     cache: KVAccelCache | None = None  # the cache of the last forward (for report())
     #: weak refs to the ``(cos, sin)`` RoPE tables of the running forward (methods that need pre-RoPE q/k, e.g. seer)
     rope: tuple | None = None
+    #: ``position_ids`` ``(1|B, q)`` of the running forward (key re-rotation moves new tokens from them to slots)
+    position_ids: Tensor | None = None
 
     def __post_init__(self):
         self.layer_stats = [{} for _ in range(self.num_layers)]
@@ -262,6 +264,9 @@ def kvaccel_attention(
     else:
         phase = "prefill" if q_len == kv_len else "decode"
 
+    evict = state.methods.get("evict")
+    if layer is not None and getattr(evict, "rerotate", False):
+        query = _rerotate_new_tokens(evict, layer, query, state.position_ids)
     ctx = AttentionContext(module, state, layer, query, key, value, attention_mask, scaling, phase, kwargs)
     if phase == "prefill":
         prefill = state.methods.get("prefill")
@@ -284,6 +289,20 @@ def kvaccel_attention(
         if phase != "decode" and getattr(decode, "after_prefill", None) is not None:
             decode.after_prefill(ctx)
     return out, None
+
+
+def _rerotate_new_tokens(evict, layer: KVAccelLayer, query: Tensor, position_ids: Tensor | None) -> Tensor:
+    """Key re-rotation (``kvaccel.rope``): the new tokens' keys (in the cache) and queries move to their slots."""
+    shift = evict.rope_shift
+    if shift is None:
+        raise RuntimeError(f"{evict.name}(rerotate=True) was not bound to the model; patch it with kvaccel.patch")
+    if position_ids is None:
+        raise ValueError(
+            "rerotate=True needs the position_ids the model passes to its attention modules, and this model's "
+            "attention received none: use rerotate=False"
+        )
+    layer.rope = shift
+    return shift.place_new_tokens(layer, query, position_ids)
 
 
 def kvaccel_mask(
@@ -314,6 +333,7 @@ def cache_pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     """
     pe = kwargs.get("position_embeddings")
     module._kvaccel_state.rope = None if pe is None else tuple(weakref.ref(t) for t in pe)
+    module._kvaccel_state.position_ids = kwargs.get("position_ids")
     pkv = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.24 names it `cache`
     if isinstance(pkv, KVAccelCache):
         module._kvaccel_layer = weakref.ref(pkv.layers[module.layer_idx])

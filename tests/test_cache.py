@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kvaccel
-from kvaccel.cache import KVAccelCache, KVAccelLayer, NarrowSegment
+from kvaccel.cache import KVAccelCache, KVAccelLayer, NarrowSegment, SlotTensor, TokenState
 from kvaccel.patches.attention import grouped_attention
 
 from conftest import tiny_model
@@ -21,8 +21,10 @@ def _tensor_bytes(cache: KVAccelCache) -> int:
         for val in vars(layer).values():
             if isinstance(val, torch.Tensor):
                 total += val.numel() * val.element_size()
-            elif isinstance(val, dict):
-                total += sum(t.numel() * t.element_size() for t in val.values())
+            elif isinstance(val, SlotTensor):  # a buffer with spare slots: all of it is held
+                total += val.buf.numel() * val.buf.element_size()
+            elif isinstance(val, TokenState):
+                total += sum(s.buf.numel() * s.buf.element_size() for s in val.slots().values())
             elif isinstance(val, NarrowSegment):
                 total += sum(t.numel() * t.element_size() for t in val.tensors())
     return total

@@ -110,7 +110,7 @@ def test_normalized_merge_keeps_magnitude_and_decision_is_per_head():
 def test_layers_0_1_last_full_and_middle_layers_average_the_budget():
     model = tiny_model("llama", num_hidden_layers=6)
     ids = _ids(256, seed=1)
-    with kvaccel.patched(model, D2O(budget=0.25)):
+    with kvaccel.patched(model, D2O(budget=0.25, slack=1)):  # slack=1: evict at every decode step (the paper)
         cache = KVAccelCache(model)
         with torch.no_grad():
             out = model(ids, past_key_values=cache, use_cache=True)

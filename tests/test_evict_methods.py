@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import kvaccel
-from kvaccel.cache import KVAccelLayer
+from kvaccel.cache import KVAccelCache, KVAccelLayer
 from kvaccel.patches.evict.h2o import H2O
 from kvaccel.patches.evict.keyformer import Keyformer, gumbel_noise, noisy_scores, step_seed
 from kvaccel.patches.evict.pyramidkv import PyramidKV, pyramid_capacities
@@ -143,12 +143,19 @@ def test_budget_32_cache_is_bounded_and_bytes_shrink(name, kwargs, extra, state_
         else:
             assert caps == [32] * cfg.num_hidden_layers
         assert rep["kept_tokens"] == [[[c] * Hkv] for c in caps]
-        model.generate(ids, max_new_tokens=21, do_sample=False)  # prefill + 20 decode steps
+        cache = KVAccelCache(model)
+        model.generate(ids, max_new_tokens=21, do_sample=False, past_key_values=cache)  # prefill + 20 decode steps
         rep = kvaccel.report(model)
         assert rep["seen_tokens"] == 276
         assert rep["kept_tokens"] == [[[c + extra] * Hkv] for c in caps]
-        expected = sum(Hkv * (c + extra) * (2 * Dh * 4 + state_bytes) for c in caps)
-        assert rep["kv_bytes"] == expected
+        per_slot = Hkv * (2 * Dh * 4 + state_bytes)
+        for layer, c in zip(cache.layers, caps, strict=True):
+            slots = layer.nbytes() / per_slot  # tokens held + spare slots (bytes counted by report())
+            if extra:  # growing: spare slots of the last reallocation, max(4, n / 32)
+                assert c + extra <= slots <= c + extra + max(4, (c + extra) // 32)
+            else:  # bounded: capacity + the decode slack (max(1, c // 32) slots), evicted whenever full
+                assert slots == c + max(1, c // 32)
+        assert rep["kv_bytes"] == cache.nbytes()
         assert rep["kv_bytes"] < rep["kv_bytes_full"] * 0.3
 
 

@@ -66,6 +66,7 @@ def _prefilled_layer(seed: int) -> tuple[KVAccelLayer, torch.Tensor, torch.Tenso
     """A layer holding T random tokens, the prompt's queries, its keys/values and its bytes before pruning."""
     g = torch.Generator().manual_seed(seed)
     layer = KVAccelLayer()
+    layer.reserve = 0  # no spare slots: the byte counts below are of the tokens alone
     k, v = torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
     layer.update(k, v)
     return layer, torch.randn(B, Hkv * G, T, D, generator=g), k, v, layer.nbytes()
@@ -207,8 +208,8 @@ def test_stock_streaming_with_think_keeps_budget_during_decode():
     with kvaccel.patched(model, "streaming(budget=64)+think(ratio=0.4)"):
         cache = KVAccelCache(model)
         model.generate(_ids(300, seed=2), past_key_values=cache, max_new_tokens=20, do_sample=False)
-        for layer in cache.layers:
-            assert layer.kept_per_head().max() == 64 and layer.length == 64
+        for layer in cache.layers:  # at the budget, or above it by less than the decode slack (64 // 32 slots)
+            assert 64 <= layer.length < 64 + 2 and layer.kept_per_head().max() == layer.length
             assert layer.narrow is not None  # the sinks and older kept tokens stay narrow
         # the 4 sinks are still the first 4 tokens (narrow), the rest the most recent ones
         assert cache.get_seq_length() == 319

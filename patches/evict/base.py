@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from kvaccel.config import Method, resolve_budget, validate_budget
+from kvaccel.rope import RopeShift
 
 if TYPE_CHECKING:
     from kvaccel.patches.attention import AttentionContext
@@ -39,24 +40,54 @@ class ScoredEviction(EvictionMethod):
     chunk : int
         Span-preserving selection (ChunkKV, https://arxiv.org/abs/2502.00299): ``0``/``1`` = per-token top-k
         (default); ``N >= 2`` = keep whole chunks of ``N`` contiguous tokens, see ``keep_top``.
+    rerotate : bool
+        Key re-rotation (``kvaccel.rope``): cache slot ``s`` is kept at RoPE position ``s``, so positions stay
+        below the cache size and generation can run past the model's context window (StreamingLLM §3.2).
+        ``False`` (default): keys keep their true positions.
+    slack : int | None
+        Decode-time batching: the cache layer has ``capacity + slack`` slots; new tokens fill the spare slots in
+        place and, when they are full, one eviction cuts the layer back to ``capacity`` tokens (so an eviction
+        costs one gather every ``slack`` steps, not every step, and the cache never holds more than
+        ``capacity + slack`` slots, which ``report()`` counts). ``1`` = evict at every step (the papers' loop);
+        ``None`` (default) = ``max(1, capacity // 32)``, at most ~3% above the budget.
     """
 
     budget: int | float = 0.25
     chunk: int = 1
+    slack: int | None = None
+    rerotate: bool = False
+    #: False for scorers that depend on true positions (they refuse ``rerotate=True``)
+    supports_rerotate: ClassVar[bool] = True
 
     def __post_init__(self):
         validate_budget(self.budget)
         if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 0:
             raise ValueError(f"chunk ({self.chunk!r}) must be an int >= 0 (0 or 1 = per-token selection)")
+        check_slack(self.slack)
+        if not isinstance(self.rerotate, bool):
+            raise ValueError(f"rerotate ({self.rerotate!r}) must be True or False")
+        self.rope_shift = None  # set by bind() when rerotate
+
+    def bind(self, model) -> None:
+        if self.rerotate:
+            if not self.supports_rerotate:
+                raise ValueError(f"{self.name} scores tokens by their true positions and cannot use rerotate=True")
+            self.rope_shift = RopeShift.from_model(model)
 
     def spec(self) -> str:
-        """As ``Method.spec``, without ``chunk`` when it is off (spec strings of per-token scorers are unchanged)."""
+        """As ``Method.spec``, without ``chunk`` / ``slack`` / ``rerotate`` at their defaults (spec strings stay
+        short)."""
         args = ",".join(
             f"{f.name}={getattr(self, f.name)!r}"
             for f in dataclasses.fields(self)
-            if not (f.name == "chunk" and self.chunk <= 1)
+            if (f.name, getattr(self, f.name)) not in (("slack", None), ("rerotate", False))
+            and not (f.name == "chunk" and self.chunk <= 1)
         )
         return f"{self.name}({args})"
+
+    def decode_slack(self, capacity: int) -> int:
+        """Spare slots above ``capacity`` while decoding (see ``slack``)."""
+        return decode_slack(capacity, self.slack)
 
     def score(self, ctx: AttentionContext) -> torch.Tensor:
         """``(B, H_kv | 1, N)`` scores of the layer's ``N = layer.length`` tokens (``[narrow, full]`` axis when
@@ -70,12 +101,13 @@ class ScoredEviction(EvictionMethod):
     def after_prefill(self, ctx: AttentionContext) -> None:
         cap = self.capacity(ctx)
         ctx.record_capacity(cap)
+        ctx.layer.reserve = self.decode_slack(cap)
         if ctx.layer.length > cap:
             self.compress(ctx, cap)
 
     def after_decode(self, ctx: AttentionContext) -> None:
         cap = self.capacity(ctx)
-        if ctx.layer.length > cap:
+        if eviction_due(ctx.layer, cap, self.decode_slack(cap)):
             self.compress(ctx, cap)
 
     def compress(self, ctx: AttentionContext, capacity: int) -> None:
@@ -88,6 +120,23 @@ class ScoredEviction(EvictionMethod):
                 "use it without a channels method, or with decode eviction off"
             )
         keep_top(layer, scores, capacity, self.chunk)
+
+
+def check_slack(slack) -> None:
+    """Raise ``ValueError`` unless ``slack`` is ``None`` or an int >= 1."""
+    if slack is not None and (isinstance(slack, bool) or not isinstance(slack, int) or slack < 1):
+        raise ValueError(f"slack ({slack!r}) must be None (automatic) or an int >= 1 (1 = evict at every step)")
+
+
+def decode_slack(capacity: int, slack: int | None) -> int:
+    """Spare slots above a decode ``capacity``: ``slack``, or ``max(1, capacity // 32)`` when ``None``."""
+    return max(1, capacity // 32) if slack is None else slack
+
+
+def eviction_due(layer, capacity: int, slack: int) -> bool:
+    """True when a decoding layer filled its ``capacity + slack`` slots (and holds more than ``capacity``)."""
+    n = layer.length
+    return n > capacity and n >= capacity + slack
 
 
 #: score of tokens a scorer always keeps (sinks, observation / recent windows); chunked selection keeps them apart

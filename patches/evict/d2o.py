@@ -14,7 +14,7 @@ from kvaccel.cache import KVAccelLayer
 from kvaccel.config import register, validate_budget
 from kvaccel.kernels.window_scores import window_attention_scores
 
-from .base import EvictionMethod
+from .base import EvictionMethod, check_slack, decode_slack, eviction_due
 
 if TYPE_CHECKING:
     from kvaccel.patches.attention import AttentionContext
@@ -158,6 +158,9 @@ class D2O(EvictionMethod):
     per_head_merge : bool
         Decide the merge per head (``s_e[h] >= τ``). ``False`` = the reference's one decision on the mean over
         heads. Default True.
+    slack : int | None
+        Decode-time batching of evictions (and merges), as ``ScoredEviction.slack``: ``1`` = every step (the
+        paper), ``None`` = ``max(1, capacity // 32)``.
     """
 
     name = "d2o"
@@ -169,9 +172,11 @@ class D2O(EvictionMethod):
     beta: float = 0.5
     normalize_merge: bool = True
     per_head_merge: bool = True
+    slack: int | None = None
 
     def __post_init__(self):
         validate_budget(self.budget)
+        check_slack(self.slack)
         if not (0.0 <= self.recent_ratio <= 1.0):
             raise ValueError(f"recent_ratio ({self.recent_ratio!r}) must be in [0, 1]")
         if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
@@ -216,7 +221,10 @@ class D2O(EvictionMethod):
         B, Hq, N = col.shape
         grouped = col.view(B, K.shape[1], Hq // K.shape[1], N).sum(2)
         prev = layer.token_state.get(STATE)
-        layer.token_state[STATE] = grouped if prev is None else prev.float() + grouped
+        if prev is None:
+            layer.token_state[STATE] = grouped
+        else:
+            prev.add_(grouped)
         return col
 
     def _allocate_and_evict(self, ctx: AttentionContext) -> None:
@@ -240,6 +248,7 @@ class D2O(EvictionMethod):
                 continue
             st = self._layers.setdefault(layer, {"capacity": cap, "tau": None})
             st["capacity"] = cap
+            layer.reserve = decode_slack(cap, self.slack)
             if layer.length > cap:
                 self.compress(layer, cap, st)
             else:
@@ -251,7 +260,7 @@ class D2O(EvictionMethod):
         if st is None or not self.compressible(ctx.layer_idx, ctx.num_layers):
             return
         self._accumulate(ctx)
-        if ctx.layer.length > st["capacity"]:
+        if eviction_due(ctx.layer, st["capacity"], decode_slack(st["capacity"], self.slack)):
             self.compress(ctx.layer, st["capacity"], st)
 
     def compress(self, layer: KVAccelLayer, capacity: int, st: dict) -> None:

@@ -55,7 +55,8 @@ class H2O(ScoredEviction):
     every query seen (the whole prompt at prefill, each new token at decode) and averaged over the ``G`` query
     heads of a kv head; kept = ``round(recent_ratio * budget)`` most recent tokens + the top remaining by score.
     The running score lives in ``layer.token_state["h2o"]`` ``(B, H_kv, T)`` float32 and moves with its token;
-    evicted tokens lose theirs. Decoding keeps the cache at the budget (one eviction per step).
+    evicted tokens lose theirs. Decoding keeps the cache at the budget (one eviction every ``slack`` steps, see
+    ``ScoredEviction.slack``; ``slack=1`` is the paper's one eviction per step).
 
     Parameters
     ----------
@@ -85,7 +86,10 @@ class H2O(ScoredEviction):
     def add_scores(self, layer, add: torch.Tensor) -> None:
         """Add ``add`` ``(B, H_kv, T)`` to the running scores (new tokens were zero-extended by ``update()``)."""
         old = layer.token_state.get(self.state_key)
-        layer.token_state[self.state_key] = add if old is None else old + add
+        if old is None:
+            layer.token_state[self.state_key] = add
+        else:
+            old.add_(add)
 
     def score(self, ctx) -> torch.Tensor:
         layer = ctx.layer

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from kvaccel.config import register, resolve_budget
 
 from .snapkv import SnapKV
+
+
+@lru_cache(maxsize=256)  # pure: called per layer per decode step
+def _pyramid(budget: int, prompt_len: int, window: int, num_layers: int, beta: float) -> tuple[int, ...]:
+    return tuple(pyramid_capacities(budget, prompt_len, window, num_layers, beta))
 
 
 def pyramid_capacities(budget: int, prompt_len: int, window: int, num_layers: int, beta: float) -> list[int]:
@@ -68,7 +74,7 @@ class PyramidKV(SnapKV):
         total = resolve_budget(budget, ctx.layer.prompt_len)
         if ctx.layer.prompt_len <= total:  # short prompt: nothing is evicted in any layer
             return total
-        return pyramid_capacities(total, ctx.layer.prompt_len, self.window, ctx.num_layers, self.beta)[ctx.layer_idx]
+        return _pyramid(total, ctx.layer.prompt_len, self.window, ctx.num_layers, float(self.beta))[ctx.layer_idx]
 
     def capacity(self, ctx) -> int:
         return self._schedule(ctx, self.budget)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from kvaccel.config import register, resolve_budget, validate_budget
 from kvaccel.kernels.window_scores import window_attention_scores
 
-from .base import ScoredEviction, keep_top
+from .base import ScoredEviction, eviction_due, keep_top
 from .h2o import _KEEP, check_int, group_mean
 
 STATE = "snapkv"
@@ -55,8 +55,8 @@ class SnapKV(ScoredEviction):
     Decoding: with ``decode_budget=None`` (the paper) the cache grows by one token per step. With a budget,
     every held token carries ``token_state["snapkv"]`` = its unpooled window score from the prompt plus the
     group-mean attention probability of every generated query so far (H2O-style accumulation); when the
-    cache exceeds ``decode_budget`` it is cut back with the same rule (prefix pooled over the *kept* order,
-    last ``window`` tokens always kept), so it stays at ``decode_budget`` tokens.
+    cache fills ``decode_budget + slack`` slots it is cut back to ``decode_budget`` with the same rule (prefix
+    pooled over the *kept* order, last ``window`` tokens always kept); see ``ScoredEviction.slack``.
 
     Parameters
     ----------
@@ -122,6 +122,8 @@ class SnapKV(ScoredEviction):
         cap = self.capacity(ctx)
         ctx.record_capacity(cap)
         track = self.decode_budget is not None
+        if track:
+            layer.reserve = self.decode_slack(self.decode_capacity(ctx))
         if layer.length <= cap and not track:
             return
         acc = self.window_scores(ctx)
@@ -139,6 +141,6 @@ class SnapKV(ScoredEviction):
         layer = ctx.layer
         keys, valid = layer.dense_keys()
         probs = window_attention_scores(ctx.query, keys, scale=ctx.scaling, valid=valid)
-        layer.token_state[STATE] = layer.token_state[STATE] + group_mean(probs, keys.shape[1])
-        if layer.length > cap:
+        layer.token_state[STATE].add_(group_mean(probs, keys.shape[1]))
+        if eviction_due(layer, cap, self.decode_slack(cap)):
             keep_top(layer, self.score(ctx), cap, self.chunk)
