@@ -116,3 +116,61 @@ def test_budget_all_is_token_identical_with_chunks(name):
     ref = model.generate(ids, **gen)
     with kvaccel.patched(model, name, budget=10_000, chunk=10):
         assert torch.equal(model.generate(ids, **gen), ref)
+
+
+# ---------------------------------------------------------------------------------------------- sliding spans
+from kvaccel.patches.evict.spans import sliding_span_select  # noqa: E402
+
+
+def test_sliding_spans_keep_a_span_the_grid_cuts():
+    s = torch.tensor([[[0.0, 0, 0, 0, 0, 5, 5, 5, 5, 0, 0, 0]]])
+    assert sorted(sliding_span_select(s, 4, 4)[0, 0].tolist()) == [5, 6, 7, 8]
+    assert sorted(chunk_select(s, 4, 4)[0, 0].tolist()) == [4, 5, 6, 7]  # the grid keeps the span in part
+    # a second window completes a partly kept span before starting a weaker one
+    s = torch.tensor([[[0.0, 9, 9, 9, 9, 9, 9, 0, 0, 0, 1, 1, 1, 0]]])
+    assert sorted(sliding_span_select(s, 6, 4)[0, 0].tolist()) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("width", [2, 5, 16])
+@pytest.mark.parametrize("capacity", [3, 20, 40])
+def test_sliding_spans_exact_budget_forced_first_invalid_never(width, capacity):
+    g = torch.Generator().manual_seed(width * 7 + capacity)
+    s = torch.rand(2, 3, 50, generator=g)
+    s[0, :, 10:14] = float("-inf")  # not tokens
+    s[1, 1, :2] = KEEP_SCORE  # forced
+    idx = sliding_span_select(s, capacity, width)
+    assert idx.shape == (2, 3, capacity)
+    for b in range(2):
+        for h in range(3):
+            ids = idx[b, h].tolist()
+            assert len(set(ids)) == capacity
+            assert not any(10 <= i < 14 for i in ids) or b == 1
+            if b == 1 and h == 1:
+                assert {0, 1} <= set(ids)
+
+
+def test_sliding_spans_with_room_for_everything_keep_every_real_token():
+    s = torch.rand(1, 2, 10)
+    s[0, 0, 3] = float("-inf")
+    idx = sliding_span_select(s, 10, 4)
+    assert set(idx[0, 1].tolist()) == set(range(10))
+    assert set(idx[0, 0, :9].tolist()) == set(range(10)) - {3}
+
+
+def test_sliding_spans_rejects_width_below_two():
+    with pytest.raises(ValueError, match="width"):
+        sliding_span_select(torch.rand(1, 1, 5), 2, 1)
+
+
+def test_expected_attention_sliding_spans_budget_and_identity():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 512, (1, 60), generator=torch.Generator().manual_seed(8))
+    spec = "expected_attention(budget=20, chunk=6, span_rule='sliding', observation_weight=0.5)"
+    with kvaccel.patched(model, spec), torch.no_grad():
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+        Hkv = model.config.num_key_value_heads
+        assert kvaccel.report(model)["kept_tokens"][0][0] == [20 + 2] * Hkv
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=6, do_sample=False)
+    with kvaccel.patched(model, "expected_attention(budget=60, chunk=6, span_rule='sliding')"), torch.no_grad():
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), want)

@@ -14,12 +14,15 @@ from kvaccel.kernels.window_scores import window_attention_scores
 from .base import KEEP_SCORE, ScoredEviction, keep_top
 from .h2o import check_int, check_ratio, group_mean
 from .snapkv import pool_scores
+from .spans import sliding_span_select
 
 Tensor = torch.Tensor
 
 
 #: ``future_positions`` values
 FUTURE_POSITIONS = ("average", "mixture")
+#: ``span_rule`` values
+SPAN_RULES = ("grid", "sliding")
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -148,6 +151,10 @@ class ExpectedAttention(ScoredEviction):
         Prompt queries of the observation term. Default 32 (SnapKV's window).
     observation_kernel : int
         Odd max-pooling kernel of the observation term. Default 7 (SnapKV's).
+    span_rule : str
+        With ``chunk >= 2``: ``"grid"`` (default) = ``ScoredEviction``'s fixed chunks (``chunk_select``);
+        ``"sliding"`` = the best ``chunk``-wide windows wherever they start (``spans.sliding_span_select``), so a
+        span that straddles a grid boundary is not kept in part.
 
     Recommended non-default setting (measured on kvpress' KL protocol, ``benchmarks/peers/README.md``):
     ``expected_attention(future_positions="mixture", observation_weight=0.2)`` (chosen on 4 tuning windows).
@@ -166,6 +173,7 @@ class ExpectedAttention(ScoredEviction):
     observation_weight: float = 0.0
     observation_window: int = 32
     observation_kernel: int = 7
+    span_rule: str = "grid"
 
     def __post_init__(self):
         super().__post_init__()
@@ -180,6 +188,8 @@ class ExpectedAttention(ScoredEviction):
         check_int("observation_kernel", self.observation_kernel, 1)
         if self.observation_kernel % 2 == 0:
             raise ValueError(f"observation_kernel ({self.observation_kernel}) must be odd (same-length pooling)")
+        if self.span_rule not in SPAN_RULES:
+            raise ValueError(f"span_rule ({self.span_rule!r}) must be one of {SPAN_RULES}")
         if self.observation_weight > 0 and self.decode_budget is not None:
             raise ValueError(
                 f"observation_weight ({self.observation_weight}) mixes in the prompt's observation window, which "
@@ -295,6 +305,14 @@ class ExpectedAttention(ScoredEviction):
             self._stats[ctx.layer] = (mu, cov, start - ctx.layer.decode_steps)
         return self.scores_from(ctx, mu, cov, start)
 
+    def keep(self, layer, scores: Tensor, capacity: int) -> None:
+        """Keep ``capacity`` tokens per head by ``scores`` with this method's span rule."""
+        if self.chunk >= 2 and self.span_rule == "sliding":
+            scores = scores.float().masked_fill(~layer.token_valid(), float("-inf"))
+            layer.keep(sliding_span_select(scores, capacity, self.chunk).sort(dim=-1).values)
+        else:
+            keep_top(layer, scores, capacity, self.chunk)
+
     def decode_capacity(self, ctx) -> int | None:
         """Tokens kept per head while decoding in this layer, ``None`` = unbounded."""
         return None if self.decode_budget is None else resolve_budget(self.decode_budget, ctx.layer.prompt_len)
@@ -303,7 +321,7 @@ class ExpectedAttention(ScoredEviction):
         cap = self.capacity(ctx)
         ctx.record_capacity(cap)
         if ctx.layer.length > cap:
-            keep_top(ctx.layer, self.score(ctx), cap, self.chunk)
+            self.keep(ctx.layer, self.score(ctx), cap)
         elif self.decode_budget is not None:  # statistics for decode-time eviction
             mu, cov, start = self._prompt_statistics(ctx)
             self._stats[ctx.layer] = (mu, cov, start - ctx.layer.decode_steps)
@@ -311,4 +329,4 @@ class ExpectedAttention(ScoredEviction):
     def after_decode(self, ctx) -> None:
         cap = self.decode_capacity(ctx)
         if cap is not None and ctx.layer.length > cap:
-            keep_top(ctx.layer, self.score(ctx), cap, self.chunk)
+            self.keep(ctx.layer, self.score(ctx), cap)
