@@ -230,7 +230,7 @@ def test_decode_budget_bounds_the_cache_and_keeps_sinks(family):
     ({"future_positions": "uniform"}, "future_positions"), ({"position_samples": 0}, "position_samples"),
     ({"observation_weight": 1.5}, "observation_weight"), ({"observation_window": 0}, "observation_window"),
     ({"observation_kernel": 4}, "observation_kernel"),
-    ({"observation_weight": 0.3, "decode_budget": 0.5}, "observation_weight"),
+    ({"observation_weight": 0.3, "decode_budget": 0.5}, "observation_weight"), ({"span_rule": "x"}, "span_rule"),
 ])
 def test_bad_input_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
