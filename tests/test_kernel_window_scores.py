@@ -9,7 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvaccel.kernels.window_scores import window_attention_scores, window_attention_scores_reference
+from kvaccel.kernels.window_scores import (
+    decode_attention_probs,
+    window_attention_scores,
+    window_attention_scores_reference,
+)
 
 from conftest import TRITON_DEVICE, require_triton_dtype, requires_triton
 
@@ -132,3 +136,24 @@ def test_triton_low_precision(W: int | str, dtype: torch.dtype) -> None:
     require_triton_dtype(dtype)
     kw = _make_inputs(2, 2, 3, W, 100, 64 if W == "T" else 16, mask="ragged", dtype=dtype, device=TRITON_DEVICE)
     _check(kw, True, atol=1e-4, rtol=1e-3, backend="triton")  # scores are fp32 whatever the input dtype
+
+
+@pytest.mark.parametrize("mask", ["none", "ragged"])
+def test_decode_probs_over_narrow_keys_equal_zero_filled_keys(mask: str) -> None:
+    """One decode query over [narrow (ThinK-pruned) keys, full keys] = window scores over zero-filled dense keys."""
+    g = torch.Generator().manual_seed(4)
+    B, Hkv, G, Tn, T, D, Dk = 2, 2, 3, 20, 9, 16, 10
+    q = torch.randn(B, Hkv * G, 1, D, generator=g)
+    kn, k = torch.randn(B, Hkv, Tn, Dk, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+    ci = torch.stack([torch.randperm(D, generator=g)[:Dk].sort().values for _ in range(B * Hkv)]).view(B, Hkv, Dk)
+    vn = vf = None
+    if mask == "ragged":
+        vn, vf = torch.rand(B, Hkv, Tn, generator=g) > 0.3, torch.rand(B, 1, T, generator=g) > 0.3
+    dense = torch.zeros(B, Hkv, Tn, D).scatter_(-1, ci[:, :, None, :].expand(B, Hkv, Tn, Dk), kn)
+    keys = torch.cat([dense, k], dim=2)
+    valid = None
+    if mask == "ragged":
+        valid = torch.cat([vn, vf.expand(B, Hkv, T)], dim=-1)
+    want = window_attention_scores_reference(q, keys, scale=0.25, valid=valid)
+    got = decode_attention_probs(q, k, scale=0.25, valid=vf, k_narrow=kn, channel_idx=ci, valid_narrow=vn)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from kvaccel.config import register
-from kvaccel.kernels.window_scores import window_attention_scores
+from kvaccel.kernels.window_scores import decode_attention_probs, window_attention_scores
 
 from .base import ScoredEviction
 
@@ -33,6 +33,20 @@ def group_mean(scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """``(B, H_q, T)`` -> ``(B, H_kv, T)``: mean over the ``G = H_q / H_kv`` query heads of each kv head."""
     B, Hq, T = scores.shape
     return scores.view(B, num_kv_heads, Hq // num_kv_heads, T).mean(2)
+
+
+def held_attention_probs(layer, query: torch.Tensor, scale: float) -> torch.Tensor:
+    """``(B, H_q, N)`` attention probabilities of ``query``'s rows summed, over every token ``layer`` holds (the
+    ``[narrow, full]`` axis). A decode query over a ThinK-pruned layer reads the narrow keys directly (no zero-filled
+    copy of them per step)."""
+    nar = layer.narrow
+    if query.shape[2] == 1 and nar is not None:
+        return decode_attention_probs(
+            query, layer.keys, scale=scale, valid=layer.valid, k_narrow=nar.keys, channel_idx=nar.channel_idx,
+            valid_narrow=nar.valid,
+        )
+    keys, valid = layer.dense_keys()
+    return window_attention_scores(query, keys, scale=scale, valid=valid)
 
 
 def recent_mask(valid: torch.Tensor, n: int) -> torch.Tensor:
@@ -78,10 +92,8 @@ class H2O(ScoredEviction):
     def accumulate(self, ctx) -> None:
         """Add the attention probabilities of this forward's queries to every held token's running score."""
         layer = ctx.layer
-        keys, valid = layer.dense_keys()  # [narrow, full] axis: works after ThinK pruned channels
-        probs = window_attention_scores(ctx.query, keys, scale=ctx.scaling, valid=valid)
-        add = group_mean(probs, keys.shape[1])
-        self.add_scores(layer, add)
+        probs = held_attention_probs(layer, ctx.query, ctx.scaling)  # [narrow, full] axis: works after ThinK
+        self.add_scores(layer, group_mean(probs, layer.keys.shape[1]))
 
     def add_scores(self, layer, add: torch.Tensor) -> None:
         """Add ``add`` ``(B, H_kv, T)`` to the running scores (new tokens were zero-extended by ``update()``)."""

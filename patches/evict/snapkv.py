@@ -11,7 +11,7 @@ from kvaccel.config import register, resolve_budget, validate_budget
 from kvaccel.kernels.window_scores import window_attention_scores
 
 from .base import ScoredEviction, eviction_due, keep_top
-from .h2o import _KEEP, check_int, group_mean
+from .h2o import _KEEP, check_int, group_mean, held_attention_probs
 
 STATE = "snapkv"
 POOLINGS = ("max", "avg")
@@ -139,8 +139,7 @@ class SnapKV(ScoredEviction):
         if cap is None:
             return
         layer = ctx.layer
-        keys, valid = layer.dense_keys()
-        probs = window_attention_scores(ctx.query, keys, scale=ctx.scaling, valid=valid)
-        layer.token_state[STATE].add_(group_mean(probs, keys.shape[1]))
+        probs = held_attention_probs(layer, ctx.query, ctx.scaling)
+        layer.token_state[STATE].add_(group_mean(probs, layer.keys.shape[1]))
         if eviction_due(layer, cap, self.decode_slack(cap)):
             keep_top(layer, self.score(ctx), cap, self.chunk)
