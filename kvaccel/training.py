@@ -43,6 +43,7 @@ class GateKind:
     target: Callable[[Any, Tensor], Any]
     loss: Callable[[nn.Module, Any], Tensor]
     save: Callable[[nn.Module, Path, dict], Path]
+    task_haystacks: tuple[str, ...] = ("prose",)  # haystacks of the generated tasks in the default training data
 
 
 GATE_KINDS: dict[str, GateKind] = {}
@@ -148,15 +149,18 @@ def _ag(fn: str):  # the Attention-Gate kind lives in kvaccel.patches.evict.atte
     return call
 
 
+# the harness's tasks use the noise haystack by default: the gates see both kinds (their keep rate is content-driven)
 register_gate_kind(GateKind("attention_gate", _ag("build_gates"), _ag("train_target"), _ag("gate_loss"),
-                            _ag("save_gates")))
+                            _ag("save_gates"), task_haystacks=("noise", "prose")))
 
 
 # ------------------------------------------------------------------------------------------ data
 
 
-def default_texts(tokenizer, seq_len: int, n: int, seed: int = 0) -> list[str]:
-    """Offline training text: pydoc prose windows (2/3) and the harness's long-context tasks (1/3, prose haystack)."""
+def default_texts(tokenizer, seq_len: int, n: int, seed: int = 0,
+                  haystacks: tuple[str, ...] = ("prose",)) -> list[str]:
+    """Offline training text: pydoc prose windows (2/3) and the harness's long-context tasks (1/3), cycling through
+    the task names and the ``haystacks`` (shifted by one per round of names, so every pairing occurs)."""
     from kvaccel.evals import tasks
 
     rng = random.Random(seed)
@@ -170,7 +174,8 @@ def default_texts(tokenizer, seq_len: int, n: int, seed: int = 0) -> list[str]:
     names = ("passkey", "niah_single", "niah_multikey", "variable_tracking")
     for i in range(n_tasks):
         length = int(seq_len * 1.05) + 16  # tasks land within 2 % of their length: make sure seq_len tokens exist
-        sample = tasks.generate(names[i % len(names)], tokenizer, length, 1, seed=seed + i, haystack="prose")[0]
+        sample = tasks.generate(names[i % len(names)], tokenizer, length, 1, seed=seed + i,
+                                haystack=haystacks[(i + i // len(names)) % len(haystacks)])[0]
         texts.append(tasks.format_prompt(sample))
     return texts
 
@@ -280,13 +285,15 @@ def train_gate(
     set_seed(seed)
 
     model.requires_grad_(False).eval()
-    texts = default_texts(tokenizer, seq_len, num_sequences, seed) if data is None else load_texts(data)
+    texts = (default_texts(tokenizer, seq_len, num_sequences, seed, gk.task_haystacks) if data is None
+             else load_texts(data))
     sequences = tokenize_sequences(tokenizer, texts, seq_len)
     order = list(range(len(sequences)))
     random.Random(seed).shuffle(order)
 
+    default_data = f"default (pydoc prose + generated tasks, haystacks {'/'.join(gk.task_haystacks)})"
     rec = dict(kind=kind, steps=steps, lr=lr, seq_len=seq_len, seed=seed, grad_accum=grad_accum,
-               sequences=len(sequences), data="default (pydoc prose + generated tasks)" if data is None else str(
+               sequences=len(sequences), data=default_data if data is None else str(
                    data if isinstance(data, (str, Path)) else type(data).__name__), optimizer="AdamW(wd=0)",
                **(recipe or {}))
     gates = gk.build(model, rec).float()

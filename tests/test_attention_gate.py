@@ -117,7 +117,7 @@ def test_masked_attention_matches_reference():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("objective", ["local", "lm"])
+@pytest.mark.parametrize("objective", ["distill", "local", "lm"])
 def test_training_loss_decreases(objective, tmp_path):
     from kvaccel.training import gate_kind
 
@@ -252,3 +252,24 @@ def test_shipped_gates_default_model(default_model):
         model(ids, use_cache=True)
         rep = kvaccel.report(model)
     assert rep["kv_ratio"] < 0.8
+
+
+@pytest.mark.parametrize("family", FAMILIES3)
+def test_distill_replays_the_full_model_when_everything_is_kept(family):
+    """Objective "distill": with every flag *keep*, the continuation run over the recorded prompt k/v (positions
+    P..P+R) reproduces the full model's next-token distributions (KL 0); with every flag *evict* it does not."""
+    from kvaccel.training import gate_kind
+
+    model = tiny_model(family).requires_grad_(False)
+    gk = gate_kind("attention_gate")
+    rec = dict(gate_dim=4, gate_window=8, window=4, sink=1, rows=16, continuation=8, local_weight=0.0)
+    gates = gk.build(model, rec)
+    tgt = gk.target(model, torch.randint(3, 500, (1, 64), generator=torch.Generator().manual_seed(0)))
+    torch.manual_seed(0)
+    _, parts = ag.gate_loss(gates, tgt, return_parts=True)
+    assert abs(parts["distortion"]) < 1e-5 and parts["keep_rate"] == 1.0
+    with torch.no_grad():
+        for layer in gates.layers:
+            layer.direct.bias.fill_(-20.0)
+    _, parts = ag.gate_loss(gates, tgt, return_parts=True)
+    assert parts["distortion"] > 1e-3 and parts["keep_rate"] == 0.0
