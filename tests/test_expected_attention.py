@@ -14,6 +14,7 @@ from kvaccel.patches.evict.expected_attention import (
     ExpectedAttention,
     average_rotation,
     expected_logits,
+    forward_max_pool,
     future_offsets,
     query_statistics,
     unrotate,
@@ -231,7 +232,27 @@ def test_decode_budget_bounds_the_cache_and_keeps_sinks(family):
     ({"observation_weight": 1.5}, "observation_weight"), ({"observation_window": 0}, "observation_window"),
     ({"observation_kernel": 4}, "observation_kernel"),
     ({"observation_weight": 0.3, "decode_budget": 0.5}, "observation_weight"), ({"span_rule": "x"}, "span_rule"),
+    ({"observation_pooling": "max"}, "observation_pooling"),
 ])
 def test_bad_input_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         ExpectedAttention(**kwargs)
+
+
+def test_forward_max_pool_by_hand_and_against_a_loop():
+    x = torch.tensor([[[0.0, 5, 0, 0, 0, 1, 0]]])
+    assert forward_max_pool(x, 3).tolist() == [[[0.0, 5, 5, 5, 0, 1, 1]]]
+    assert torch.equal(forward_max_pool(x, 1), x)
+    y = torch.rand(2, 3, 20, generator=torch.Generator().manual_seed(9))
+    want = torch.stack([y[..., max(0, j - 4):j + 1].amax(-1) for j in range(20)], -1)
+    torch.testing.assert_close(forward_max_pool(y, 5), want, atol=0, rtol=0)
+
+
+def test_forward_pooling_changes_the_kept_set_and_keeps_the_budget():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 512, (1, 64), generator=torch.Generator().manual_seed(10))
+    base = dict(budget=20, observation_weight=1.0, observation_kernel=7)
+    centered = _kept_ids(model, ids, ExpectedAttention(**base))
+    forward = _kept_ids(model, ids, ExpectedAttention(**base, observation_pooling="forward"))
+    assert centered != forward
+    assert all(len(h) == 20 for layer in forward for h in layer)

@@ -21,6 +21,8 @@ Tensor = torch.Tensor
 
 #: ``future_positions`` values
 FUTURE_POSITIONS = ("average", "mixture")
+#: ``observation_pooling`` values
+OBSERVATION_POOLINGS = ("centered", "forward")
 #: ``span_rule`` values
 SPAN_RULES = ("grid", "sliding")
 
@@ -61,6 +63,15 @@ def average_rotation(cos: Tensor, sin: Tensor) -> Tensor:
     eye = torch.eye(D, device=c.device, dtype=c.dtype)
     P = rotate_half(eye).T  # P @ x == rotate_half(x): column j of P is rotate_half(e_j)
     return torch.diag_embed(c) + s[:, :, None] * P
+
+
+def forward_max_pool(scores: Tensor, kernel: int) -> Tensor:
+    """``out[..., j] = max(scores[..., j - kernel + 1 .. j])`` (same length, the window clipped at the start)."""
+    if kernel == 1 or scores.shape[-1] == 0:
+        return scores
+    shape = scores.shape
+    x = torch.nn.functional.pad(scores.reshape(-1, 1, shape[-1]), (kernel - 1, 0), value=float("-inf"))
+    return torch.nn.functional.max_pool1d(x, kernel, stride=1).reshape(shape)
 
 
 def future_offsets(n_future_positions: int, samples: int) -> list[int]:
@@ -151,6 +162,11 @@ class ExpectedAttention(ScoredEviction):
         Prompt queries of the observation term. Default 32 (SnapKV's window).
     observation_kernel : int
         Odd max-pooling kernel of the observation term. Default 7 (SnapKV's).
+    observation_pooling : str
+        ``"centered"`` (SnapKV's, default): a token takes the max over ``±kernel//2`` neighbours. ``"forward"``: a
+        token takes the max over itself and the ``kernel - 1`` tokens *before* it, so what follows an attended token
+        scores like it — the continuation a copy reads next (a question attends to the first digits of a number;
+        answering needs the rest of it).
     span_rule : str
         With ``chunk >= 2``: ``"grid"`` (default) = ``ScoredEviction``'s fixed chunks (``chunk_select``);
         ``"sliding"`` = the best ``chunk``-wide windows wherever they start (``spans.sliding_span_select``), so a
@@ -173,6 +189,7 @@ class ExpectedAttention(ScoredEviction):
     observation_weight: float = 0.0
     observation_window: int = 32
     observation_kernel: int = 7
+    observation_pooling: str = "centered"
     span_rule: str = "grid"
 
     def __post_init__(self):
@@ -188,6 +205,10 @@ class ExpectedAttention(ScoredEviction):
         check_int("observation_kernel", self.observation_kernel, 1)
         if self.observation_kernel % 2 == 0:
             raise ValueError(f"observation_kernel ({self.observation_kernel}) must be odd (same-length pooling)")
+        if self.observation_pooling not in OBSERVATION_POOLINGS:
+            raise ValueError(
+                f"observation_pooling ({self.observation_pooling!r}) must be one of {OBSERVATION_POOLINGS}"
+            )
         if self.span_rule not in SPAN_RULES:
             raise ValueError(f"span_rule ({self.span_rule!r}) must be one of {SPAN_RULES}")
         if self.observation_weight > 0 and self.decode_budget is not None:
@@ -262,7 +283,10 @@ class ExpectedAttention(ScoredEviction):
         w = min(self.observation_window, ctx.query.shape[2])
         acc = group_mean(window_attention_scores(ctx.query[:, :, -w:], keys, scale=ctx.scaling, valid=valid),
                          keys.shape[1])
-        acc = pool_scores(acc.float(), self.observation_kernel, "max").masked_fill(~scored, 0.0)
+        if self.observation_pooling == "forward":
+            acc = forward_max_pool(acc.float(), self.observation_kernel).masked_fill(~scored, 0.0)
+        else:
+            acc = pool_scores(acc.float(), self.observation_kernel, "max").masked_fill(~scored, 0.0)
         return acc / acc.sum(-1, keepdim=True).clamp_min(torch.finfo(acc.dtype).tiny)
 
     def scores_from(self, ctx, mu: Tensor, cov: Tensor | None, start: Tensor) -> Tensor:
