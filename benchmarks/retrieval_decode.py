@@ -81,6 +81,8 @@ def attention_step(args, model, tok) -> None:
             st = getattr(layer, STATE_ATTR)
             warm = st.index.search(Qa[0, :g, -1].numpy(), np.zeros(g, np.int64), args.top_k, args.ef)
             st.index.attend(warm[0], warm[1], np.zeros(g, np.int64), scale)  # compile / warm
+            st.index.attend_union(warm[0], warm[1], np.zeros(g, np.int64), scale, Qa[0, :g, -1].numpy(),
+                                  K[0, :1, :8].numpy(), V[0, :1, :8].numpy(), np.ones((1, 8), np.bool_))
             st.index.search_grouped(Qa[0, :g, -1][None].numpy(), np.zeros(1, np.int64), args.top_k, args.ef)
             for name in TIMES:
                 setattr(st, name, 0.0)
