@@ -174,6 +174,9 @@ class ExpectedAttention(ScoredEviction):
 
     Recommended non-default setting (measured on kvpress' KL protocol, ``benchmarks/peers/README.md``):
     ``expected_attention(future_positions="mixture", observation_weight=0.2)`` (chosen on 4 tuning windows).
+    For question-aware retrieval (the question is in the observation window; needles at budget 0.25):
+    ``expected_attention(observation_weight=1.0, observation_pooling="forward", observation_kernel=15, chunk=16,
+    span_rule="sliding")``.
     """
 
     name = "expected_attention"
