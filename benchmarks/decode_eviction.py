@@ -78,7 +78,7 @@ def main() -> None:
         rows.append(row)
     print(f"\n{args.length} tokens x batch {args.batch}, {args.steps} steps, {args.repeats} repetitions, "
           f"{args.threads} thread(s); speedup = full / method per repetition: median [min, max]")
-    print(f"| method | KV bytes / full | ms/step (wall) | speedup (wall) | ms/step (CPU) | speedup (CPU) |")
+    print("| method | KV bytes / full | ms/step (wall) | speedup (wall) | ms/step (CPU) | speedup (CPU) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['kv_ratio']:.3f} | {r['wall_s'] * 1e3:.1f} | {r['wall_speedup']:.2f}x "

@@ -107,15 +107,18 @@ def _decode_attention_torch(
     valid_narrow: Tensor | None,
     value_idx: Tensor | None,
     return_lse: bool,
+    probs: list | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """_decode_attention_torch: GQA as ``(B, H_kv, G, D)`` query rows against ``(B, H_kv, T, D)`` keys."""
+    """_decode_attention_torch: GQA as ``(B, H_kv, G, D)`` query rows against ``(B, H_kv, T, D)`` keys.
+
+    ``probs``: a list to which the normalised probabilities ``(B, H_q, Tn + T)`` float32 are appended."""
     B, Hq, _, D = q.shape
     Hkv = k.shape[1]
     Dv = v.shape[-1]
     G = Hq // Hkv
     qg = q.reshape(B, Hkv, G, D)  # the G query heads of a kv head become G "query rows": no K/V repeat
 
-    if k_narrow is None and not return_lse and q.dtype == k.dtype == v.dtype:
+    if k_narrow is None and not return_lse and probs is None and q.dtype == k.dtype == v.dtype:
         # Fastest on CPU (fused kernel, float32 accumulation, a fully masked row gives 0 in torch >= 2.5).
         mask = None if valid is None else valid.unsqueeze(2)  # (B, H_kv|1, 1, T)
         res = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
@@ -149,11 +152,40 @@ def _decode_attention_torch(
         else:  # narrow values: their contribution lands in the channels they kept
             acc.scatter_add_(-1, value_idx.unsqueeze(2).expand(B, Hkv, G, value_idx.shape[-1]), acc_n)
     has_any = l > 0
-    res = (acc / torch.where(has_any, l, torch.ones_like(l))).to(q.dtype).reshape(B, Hq, 1, Dv)
+    denom = torch.where(has_any, l, torch.ones_like(l))
+    if probs is not None:
+        probs.append((p / denom).view(B, Hq, -1))
+    res = (acc / denom).to(q.dtype).reshape(B, Hq, 1, Dv)
     lse = None
     if return_lse:
         lse = torch.where(has_any, m + torch.log(l), torch.full_like(l, float("-inf"))).reshape(B, Hq, 1)
     return res, lse
+
+
+def decode_attention_with_probs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float,
+    valid: Tensor | None = None,
+    k_narrow: Tensor | None = None,
+    channel_idx: Tensor | None = None,
+    v_narrow: Tensor | None = None,
+    valid_narrow: Tensor | None = None,
+    value_idx: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`decode_attention` (PyTorch path) that also returns the attention probabilities it computed.
+
+    Returns ``out`` ``(B, H_q, 1, Dv)`` and ``probs`` ``(B, H_q, Tn + T)`` float32 (``[narrow, full]`` slots; zero on
+    invalid ones): the weights an eviction scorer accumulates (H2O-style), without a second pass over the keys.
+    """
+    _check_inputs(q, k, v, valid, k_narrow, channel_idx, v_narrow, valid_narrow, None, value_idx)
+    probs: list[Tensor] = []
+    res, _ = _decode_attention_torch(
+        q, k, v, scale, valid, k_narrow, channel_idx, v_narrow, valid_narrow, value_idx, False, probs
+    )
+    return res, probs[0]
 
 
 def decode_attention_reference(

@@ -62,8 +62,8 @@ class NarrowSegment:
 
 
 def _rows_view(t4: Tensor) -> tuple[Tensor, int]:
-    """``(rows, C)``: ``t4`` (B, H, T, F...) as a 2-D view of ``B * H * C`` rows of its buffer, ``C >= T`` the slots per
-    head (a contiguous tensor, or the first ``T`` slots of a contiguous ``(B, H, C, F...)`` buffer); a copy otherwise."""
+    """``(rows, C)``: ``t4`` (B, H, T, F...) as a 2-D view of the rows of its buffer, ``C >= T`` slots per head (a
+    contiguous tensor, or the first ``T`` slots of a contiguous ``(B, H, C, F...)`` buffer); a copy otherwise."""
     B, H, T = t4.shape[:3]
     F = math.prod(t4.shape[3:])
     if t4.numel() and t4[0, 0, 0].is_contiguous() and t4.stride(2) == F and t4.stride(1) % F == 0:

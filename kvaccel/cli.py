@@ -301,6 +301,11 @@ def bench_cmd(
     console.print(f"[dim]{time.perf_counter() - t0:.0f} s; results in {out}/[/]")
 
 
+def _loss(value: float | None) -> str:
+    """A final loss for the console: ``n/a`` when no step ran (e.g. a resume with no steps left)."""
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 @app.command("train-gate")
 def train_gate_cmd(
     kind: str = typer.Argument(..., help="Gate kind: seer."),
@@ -330,7 +335,7 @@ def train_gate_cmd(
     except (ValueError, ImportError, FileNotFoundError) as e:
         _fail(e)
     console.print(
-        f"gate written to {summary['out']}: final loss {summary['final_loss']:.4f}, {summary['wall_s']:.0f} s"
+        f"gate written to {summary['out']}: final loss {_loss(summary['final_loss'])}, {summary['wall_s']:.0f} s"
     )
 
 

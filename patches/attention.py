@@ -19,7 +19,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvaccel.cache import KVAccelCache, KVAccelLayer
-from kvaccel.kernels.decode_attention import decode_attention
+from kvaccel.kernels.decode_attention import decode_attention, decode_attention_with_probs
 
 ATTENTION_NAME = "kvaccel"
 Tensor = torch.Tensor
@@ -62,6 +62,9 @@ class AttentionContext:
     scaling: float
     phase: str  # "prefill" | "extend" (later chunk of a prompt) | "decode"
     kwargs: dict
+    #: ``(B, H_q, N)`` attention probabilities of this decode step over the layer's held tokens, when the decode
+    #: path computed them for the eviction method (``EvictionMethod.wants_decode_probs``); else ``None``
+    decode_probs: Tensor | None = None
 
     @property
     def layer_idx(self) -> int:
@@ -191,7 +194,7 @@ def dense_decode(ctx: AttentionContext) -> Tensor:
     else:  # a cache that is not ours (or none): it holds every token, padding comes from the 2-D mask
         valid = None if ctx.pad is None else ctx.pad[:, None, -k.shape[2] :]
         narrow = None
-    if narrow is None and (valid is None or valid.shape[1] == 1):
+    if narrow is None and (valid is None or valid.shape[1] == 1) and not (Q == 1 and _fuse_decode_probs(ctx)):
         mask = None if valid is None else valid[:, :, None, :]
         if Q > 1:
             T = k.shape[2]
@@ -203,8 +206,23 @@ def dense_decode(ctx: AttentionContext) -> Tensor:
             k_narrow=narrow.keys, channel_idx=narrow.channel_idx, v_narrow=narrow.values, valid_narrow=narrow.valid,
             value_idx=narrow.value_idx,
         )
+        if _fuse_decode_probs(ctx):
+            out, ctx.decode_probs = decode_attention_with_probs(q, k, v, scale=ctx.scaling, valid=valid, **nk)
+            return out.transpose(1, 2)
         return decode_attention(q, k, v, scale=ctx.scaling, valid=valid, **nk).transpose(1, 2)
     return grouped_attention(q, k, v, ctx.scaling, valid=valid, narrow=narrow)
+
+
+def _fuse_decode_probs(ctx: AttentionContext) -> bool:
+    """Compute this decode step's attention probabilities in the attention itself (one pass over the keys instead
+    of two), for an eviction method that accumulates them: on CPU (the Triton kernel does not return them) and once
+    the layer holds fewer tokens than it saw (before any eviction, the stock fused path keeps tokens identical)."""
+    evict = ctx.state.methods.get("evict")
+    layer = ctx.layer
+    return (
+        evict is not None and evict.wants_decode_probs() and layer is not None and ctx.query.device.type == "cpu"
+        and layer.length < layer.seen
+    )
 
 
 # ------------------------------------------------------------------------------------------ registered functions

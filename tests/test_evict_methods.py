@@ -531,3 +531,26 @@ def test_paused_feeds_tokens_over_the_compressed_cache_without_compressing(spec)
     with pytest.raises(ValueError, match="patched"):
         with kvaccel.paused(model):
             pass
+
+
+@pytest.mark.parametrize(
+    "spec", ["h2o(budget=24,slack=4)", "snapkv(budget=24,decode_budget=24)", "h2o(budget=24)+think"]
+)
+def test_decode_probs_from_the_attention_equal_a_separate_scoring_pass(spec, monkeypatch):
+    """Scores accumulated from the probabilities the decode attention computed (one pass) equal a second pass."""
+    import kvaccel.patches.attention as attention
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 512, (1, 96), generator=torch.Generator().manual_seed(6))
+    states = []
+    for fuse in (True, False):
+        if not fuse:
+            monkeypatch.setattr(attention, "_fuse_decode_probs", lambda ctx: False)
+        with kvaccel.patched(model, spec):
+            cache = KVAccelCache(model)
+            out = model.generate(ids, past_key_values=cache, max_new_tokens=12, do_sample=False)
+            states.append((out, {k: v.clone() for k, v in cache.layers[1].token_state.items()}))
+    assert torch.equal(states[0][0], states[1][0])
+    assert states[0][1].keys() == states[1][1].keys() and states[0][1]
+    for name in states[0][1]:
+        torch.testing.assert_close(states[0][1][name], states[1][1][name], atol=1e-5, rtol=1e-4)

@@ -9,7 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvaccel.kernels.decode_attention import decode_attention, decode_attention_reference
+from kvaccel.kernels.decode_attention import (
+    decode_attention,
+    decode_attention_reference,
+    decode_attention_with_probs,
+)
 
 from conftest import TRITON_DEVICE, require_triton_dtype, requires_triton
 
@@ -105,6 +109,32 @@ def test_torch_low_precision(group: int, narrow: bool | str, dtype: torch.dtype)
     kw = _make_inputs(2, 2, group, 129, 64, mask="ragged", narrow=narrow, dtype=dtype)
     tol = LOW_PRECISION_TOL[dtype]
     _check(kw, "torch", atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("narrow", [False, True, "values"], ids=["full", "narrow", "narrow_values"])
+@pytest.mark.parametrize("mask", ["none", "ragged"])
+def test_with_probs_returns_the_reference_weights(mask: str, narrow: bool | str) -> None:
+    """The probabilities an eviction scorer accumulates: softmax of the reference logits over [narrow, full]."""
+    kw = _make_inputs(2, 2, 3, 50, 16, mask=mask, narrow=narrow)
+    out, probs = decode_attention_with_probs(**kw)
+    ref_out, ref_lse = decode_attention_reference(**kw)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-4)
+    q, k, G = kw["q"].double(), kw["k"].double(), 3
+    logits = kw["scale"] * torch.einsum("bhd,bhtd->bht", q[:, :, 0], k.repeat_interleave(G, 1))
+    valid = kw["valid"]
+    if valid is not None:
+        logits = logits.masked_fill(~valid.expand(2, 2, 50).repeat_interleave(G, 1), float("-inf"))
+    if narrow:
+        idx = kw["channel_idx"].repeat_interleave(G, 1)
+        qn = q[:, :, 0].gather(-1, idx)
+        ln = kw["scale"] * torch.einsum("bhd,bhtd->bht", qn, kw["k_narrow"].double().repeat_interleave(G, 1))
+        vn = kw["valid_narrow"]
+        if vn is not None:
+            ln = ln.masked_fill(~vn.expand(2, 2, ln.shape[-1]).repeat_interleave(G, 1), float("-inf"))
+        logits = torch.cat([ln, logits], dim=-1)
+    want = torch.exp(logits - ref_lse).nan_to_num(0.0)  # exp(-inf - -inf) of an empty row -> 0
+    assert probs.dtype == torch.float32 and probs.shape == want.shape
+    torch.testing.assert_close(probs.double(), want, atol=1e-6, rtol=1e-4)
 
 
 def test_all_invalid_row_is_zero() -> None:

@@ -1,4 +1,4 @@
-"""Key re-rotation (``rerotate=True``): cache slot s holds RoPE position s, so generation runs past the context window."""
+"""Key re-rotation (``rerotate=True``): cache slot s holds RoPE position s; generation runs past the context window."""
 
 from __future__ import annotations
 

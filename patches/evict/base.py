@@ -27,6 +27,11 @@ class EvictionMethod(Method):
     def after_decode(self, ctx: AttentionContext) -> None:
         """After one decode step: keep the cache bounded."""
 
+    def wants_decode_probs(self) -> bool:
+        """True when ``after_decode`` accumulates the step's attention probabilities: the decode path then computes
+        them with the attention (``ctx.decode_probs``) instead of a second pass over the keys."""
+        return False
+
 
 @dataclass
 class ScoredEviction(EvictionMethod):

@@ -216,10 +216,13 @@ class D2O(EvictionMethod):
     def _accumulate(self, ctx: AttentionContext) -> Tensor:
         """Add this forward's attention column sums to the layer's scores; returns them per query head."""
         layer = ctx.layer
-        K, _, valid = dense_view(layer)
-        col = window_attention_scores(ctx.query, K, scale=ctx.scaling, valid=valid, causal=True)  # (B, Hq, N)
+        col = getattr(ctx, "decode_probs", None)  # (B, Hq, N), computed by the decode attention itself
+        if col is None:
+            K, _, valid = dense_view(layer)
+            col = window_attention_scores(ctx.query, K, scale=ctx.scaling, valid=valid, causal=True)
         B, Hq, N = col.shape
-        grouped = col.view(B, K.shape[1], Hq // K.shape[1], N).sum(2)
+        Hkv = layer.keys.shape[1]
+        grouped = col.view(B, Hkv, Hq // Hkv, N).sum(2)
         prev = layer.token_state.get(STATE)
         if prev is None:
             layer.token_state[STATE] = grouped
@@ -255,6 +258,9 @@ class D2O(EvictionMethod):
                 state.notes.add(f"d2o: budget ({cap} tokens) >= prompt ({layer.length} tokens) in layer {l}")
 
     # ------------------------------------------------------------------ decode: keep each layer at its capacity
+    def wants_decode_probs(self) -> bool:
+        return True
+
     def after_decode(self, ctx: AttentionContext) -> None:
         st = self._layers.get(ctx.layer)
         if st is None or not self.compressible(ctx.layer_idx, ctx.num_layers):

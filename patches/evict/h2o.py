@@ -92,8 +92,13 @@ class H2O(ScoredEviction):
     def accumulate(self, ctx) -> None:
         """Add the attention probabilities of this forward's queries to every held token's running score."""
         layer = ctx.layer
-        probs = held_attention_probs(layer, ctx.query, ctx.scaling)  # [narrow, full] axis: works after ThinK
+        probs = getattr(ctx, "decode_probs", None)
+        if probs is None:
+            probs = held_attention_probs(layer, ctx.query, ctx.scaling)  # [narrow, full] axis: works after ThinK
         self.add_scores(layer, group_mean(probs, layer.keys.shape[1]))
+
+    def wants_decode_probs(self) -> bool:
+        return True
 
     def add_scores(self, layer, add: torch.Tensor) -> None:
         """Add ``add`` ``(B, H_kv, T)`` to the running scores (new tokens were zero-extended by ``update()``)."""

@@ -58,6 +58,11 @@ def noisy_scores(
     G = Hq // Hkv
     qg = q.reshape(B, Hkv, G * W, D)
     kt = k.float().transpose(-1, -2)
+    if W == 1:  # a decode step: one block of G rows that see every key (no causal mask to build)
+        logits = (qg.float() @ kt).mul_(scale).add_(gumbel_noise((B, Hkv, G, T), generator)).div_(tau)
+        if valid is not None:
+            logits.masked_fill_(~valid[:, :, None, :], float("-inf"))
+        return torch.softmax(logits, dim=-1).nan_to_num_(0.0).sum(2).div_(G)
     row_pos = (T - W + torch.arange(W, device=q.device)).repeat(G)  # absolute position of each stacked row
     key_pos = torch.arange(T, device=q.device)
     out = torch.zeros(B, Hkv, T, dtype=torch.float32, device=q.device)
@@ -152,6 +157,9 @@ class Keyformer(H2O):
                 f"{DEFAULT_LENGTH} steps; set keyformer(max_new_tokens=...)"
             )
         return DEFAULT_LENGTH
+
+    def wants_decode_probs(self) -> bool:
+        return False  # Keyformer accumulates noisy probabilities of its own (Gumbel logits), not the attention's
 
     def accumulate(self, ctx) -> None:
         """Add this step's Gumbel-softmax scores (window at the prompt, the new query at decode)."""

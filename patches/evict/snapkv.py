@@ -134,12 +134,17 @@ class SnapKV(ScoredEviction):
             sel = selection_scores(acc, min(self.window, cap), self.kernel_size, self.pooling)
             keep_top(layer, sel, cap, self.chunk)
 
+    def wants_decode_probs(self) -> bool:
+        return self.decode_budget is not None
+
     def after_decode(self, ctx) -> None:
         cap = self.decode_capacity(ctx)
         if cap is None:
             return
         layer = ctx.layer
-        probs = held_attention_probs(layer, ctx.query, ctx.scaling)
+        probs = getattr(ctx, "decode_probs", None)
+        if probs is None:
+            probs = held_attention_probs(layer, ctx.query, ctx.scaling)
         layer.token_state[STATE].add_(group_mean(probs, layer.keys.shape[1]))
         if eviction_due(layer, cap, self.decode_slack(cap)):
             keep_top(layer, self.score(ctx), cap, self.chunk)
