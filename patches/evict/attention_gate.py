@@ -6,7 +6,9 @@ Zeng et al. 2024, "In-context KV-Cache Eviction for LLMs via Attention-Gate", ht
 
 where ``X_l`` is the input of layer ``l``'s attention (after its input norm). A token whose flag says *evict* is
 invisible to every query more than ``window`` tokens later, and is dropped from the cache once it leaves the recent
-window. The paper has no public code; the choices below are ours.
+window (while decoding, drops are batched: a layer evicts once one of its heads has ``max(1, held / 32)`` tokens to
+drop, so such a token stays visible for at most that many more steps; the slack is counted in ``report()`` bytes).
+The paper has no public code; the choices below are ours.
 
 Gate (per layer, ``AttentionGateLayer``): a reduced multi-head attention over the layer input with one gate head per
 KV head, ``d_g`` (default 8) dims per head and a *sliding* causal context of ``gate_window`` (default 64) tokens;
@@ -297,7 +299,9 @@ class AttentionGate(EvictionMethod):
         valid = layer.full_valid().expand(B, H, T)
         from_end = valid.flip(-1).cumsum(-1).flip(-1)  # real tokens at or after each slot
         keep = valid & (st | (from_end <= gates.window))
-        if bool((keep == valid).all()):
+        dropped = int((valid & ~keep).sum(-1).max())
+        # decode: evict in batches, once a head has max(1, held / 32) tokens to drop (the slack report() counts)
+        if dropped == 0 or (ctx.phase == "decode" and dropped < max(1, T // 32)):
             return
         pos, slot_valid = compact_slots(keep)
         layer.keep(pos, slot_valid)
