@@ -55,7 +55,8 @@ def target_logits(model, layers_kv, L, tgt_ids):
 
 
 # ---------------------------------------------------------------------------------------------- scorers
-def ea_probs(q, k, rotary, n_future=512, n_sink=4, cov=True, window=0, positions="avg_rotation", n_pos=8):
+def ea_probs(q, k, rotary, n_future=512, n_sink=4, cov=True, window=0, positions="avg_rotation", n_pos=8,
+             group="mean"):
     """(1, Hkv, L) expected attention probabilities (sinks excluded from the softmax and set to 0)."""
     from kvaccel.patches.evict.expected_attention import average_rotation, expected_logits, query_statistics, unrotate
 
@@ -77,7 +78,8 @@ def ea_probs(q, k, rotary, n_future=512, n_sink=4, cov=True, window=0, positions
         cv_f = None if cv is None else R @ cv @ R.transpose(-1, -2)
         logits = expected_logits(mu_f, cv_f, k, scale)
         logits[..., :n_sink] = float("-inf")
-        return torch.softmax(logits, -1).mean(2)
+        p = torch.softmax(logits, -1)
+        return p.amax(2) if group == "max" else p.mean(2)
     # mixture over future positions: mean_p softmax(E-logits at position p) (log-spaced sample of offsets)
     offs = torch.unique(torch.logspace(0, math.log10(n_future), n_pos).round().long() - 1)
     if positions == "uniform":
@@ -90,7 +92,8 @@ def ea_probs(q, k, rotary, n_future=512, n_sink=4, cov=True, window=0, positions
         cv_f = None if cv is None else R @ cv @ R.transpose(-1, -2)
         logits = expected_logits(mu_f, cv_f, k, scale)
         logits[..., :n_sink] = float("-inf")
-        acc = acc + torch.softmax(logits, -1).mean(2)
+        p = torch.softmax(logits, -1)
+        acc = acc + (p.amax(2) if group == "max" else p.mean(2))
     return acc / len(offs)
 
 
@@ -126,6 +129,8 @@ def make_scores(name, q, k, v, rotary):
             kw["n_future"] = int(m[1:])
         elif m.startswith("win"):
             kw["window"] = int(m[3:])
+        elif m == "gmax":
+            kw["group"] = "max"
         elif m == "nocov":
             kw["cov"] = False
         elif m.startswith("mixu"):  # uniform offsets
