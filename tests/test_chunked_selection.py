@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kvaccel
-from kvaccel.cache import KVAccelLayer
+from kvaccel.cache import KVAccelCache, KVAccelLayer
 from kvaccel.patches.evict.base import KEEP_SCORE, chunk_select, keep_top
 
 from conftest import tiny_model
@@ -174,3 +174,26 @@ def test_expected_attention_sliding_spans_budget_and_identity():
         want = model.generate(ids, max_new_tokens=6, do_sample=False)
     with kvaccel.patched(model, "expected_attention(budget=60, chunk=6, span_rule='sliding')"), torch.no_grad():
         assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), want)
+
+
+def test_sliding_span_rule_is_an_option_of_every_scorer():
+    """span_rule='sliding' lives on ScoredEviction: snapkv / h2o keep exactly the budget through the sliding rule."""
+    from kvaccel.patches.evict.spans import sliding_span_select
+
+    g = torch.Generator().manual_seed(11)
+    layer = KVAccelLayer()
+    layer.update(torch.randn(1, 2, 40, 8, generator=g), torch.randn(1, 2, 40, 8, generator=g))
+    scores = torch.rand(1, 2, 40, generator=g)
+    want = sliding_span_select(scores, 12, 5).sort(dim=-1).values
+    keep_top(layer, scores, 12, chunk=5, span_rule="sliding")
+    kept = layer.keys
+    full = torch.randn(1, 2, 40, 8, generator=torch.Generator().manual_seed(11))  # the same draw as the keys above
+    torch.testing.assert_close(kept, full.gather(2, want[..., None].expand(1, 2, 12, 8)))
+    model = tiny_model("llama")
+    ids = torch.randint(3, 512, (1, 90), generator=g)
+    for spec in ("snapkv(budget=20,chunk=6,span_rule='sliding')", "h2o(budget=20,chunk=6,span_rule='sliding')"):
+        with kvaccel.patched(model, spec), torch.no_grad():
+            model(ids, use_cache=True, past_key_values=KVAccelCache(model))
+            assert kvaccel.report(model)["kept_tokens"][0] == [[20, 20]]
+    with pytest.raises(ValueError, match="span_rule"):
+        kvaccel.parse_spec("snapkv(span_rule='x')")

@@ -45,6 +45,10 @@ class ScoredEviction(EvictionMethod):
     chunk : int
         Span-preserving selection (ChunkKV, https://arxiv.org/abs/2502.00299): ``0``/``1`` = per-token top-k
         (default); ``N >= 2`` = keep whole chunks of ``N`` contiguous tokens, see ``keep_top``.
+    span_rule : str
+        With ``chunk >= 2``: ``"grid"`` (default) = fixed chunks (``chunk_select``); ``"sliding"`` = the best
+        ``chunk``-wide windows wherever they start (``spans.sliding_span_select``), so a span that straddles a grid
+        boundary is not kept in part.
     rerotate : bool
         Key re-rotation (``kvaccel.rope``): cache slot ``s`` is kept at RoPE position ``s``, so positions stay
         below the cache size and generation can run past the model's context window (StreamingLLM §3.2).
@@ -61,6 +65,7 @@ class ScoredEviction(EvictionMethod):
     chunk: int = 1
     slack: int | None = None
     rerotate: bool = False
+    span_rule: str = "grid"
     #: False for scorers that depend on true positions (they refuse ``rerotate=True``)
     supports_rerotate: ClassVar[bool] = True
 
@@ -69,6 +74,8 @@ class ScoredEviction(EvictionMethod):
         if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 0:
             raise ValueError(f"chunk ({self.chunk!r}) must be an int >= 0 (0 or 1 = per-token selection)")
         check_slack(self.slack)
+        if self.span_rule not in SPAN_RULES:
+            raise ValueError(f"span_rule ({self.span_rule!r}) must be one of {SPAN_RULES}")
         if not isinstance(self.rerotate, bool):
             raise ValueError(f"rerotate ({self.rerotate!r}) must be True or False")
         self.rope_shift = None  # set by bind() when rerotate
@@ -80,12 +87,12 @@ class ScoredEviction(EvictionMethod):
             self.rope_shift = RopeShift.from_model(model)
 
     def spec(self) -> str:
-        """As ``Method.spec``, without ``chunk`` / ``slack`` / ``rerotate`` at their defaults (spec strings stay
-        short)."""
+        """As ``Method.spec``, without ``chunk`` / ``slack`` / ``rerotate`` / ``span_rule`` at their defaults (spec
+        strings stay short)."""
         args = ",".join(
             f"{f.name}={getattr(self, f.name)!r}"
             for f in dataclasses.fields(self)
-            if (f.name, getattr(self, f.name)) not in (("slack", None), ("rerotate", False))
+            if (f.name, getattr(self, f.name)) not in (("slack", None), ("rerotate", False), ("span_rule", "grid"))
             and not (f.name == "chunk" and self.chunk <= 1)
         )
         return f"{self.name}({args})"
@@ -124,7 +131,11 @@ class ScoredEviction(EvictionMethod):
                 "(narrow + full-width): this method cannot yet evict after channel pruning during decode; "
                 "use it without a channels method, or with decode eviction off"
             )
-        keep_top(layer, scores, capacity, self.chunk)
+        keep_top(layer, scores, capacity, self.chunk, self.span_rule)
+
+
+#: ``span_rule`` values
+SPAN_RULES = ("grid", "sliding")
 
 
 def check_slack(slack) -> None:
@@ -148,11 +159,15 @@ def eviction_due(layer, capacity: int, slack: int) -> bool:
 KEEP_SCORE = torch.finfo(torch.float32).max
 
 
-def keep_top(layer, scores: torch.Tensor, capacity: int, chunk: int = 1) -> None:
-    """Keep the ``capacity`` highest-scoring real tokens of ``layer`` per head, in order (``chunk_select`` when
-    ``chunk >= 2``)."""
+def keep_top(layer, scores: torch.Tensor, capacity: int, chunk: int = 1, span_rule: str = "grid") -> None:
+    """Keep the ``capacity`` highest-scoring real tokens of ``layer`` per head, in order (``chunk >= 2``:
+    ``chunk_select``, or ``sliding_span_select`` with ``span_rule="sliding"``)."""
     scores = scores.float().masked_fill(~layer.token_valid(), float("-inf"))
-    if chunk >= 2:
+    if chunk >= 2 and span_rule == "sliding":
+        from .spans import sliding_span_select  # spans imports KEEP_SCORE from here
+
+        idx = sliding_span_select(scores, capacity, chunk)
+    elif chunk >= 2:
         idx = chunk_select(scores, capacity, chunk)
     else:
         idx = scores.topk(capacity, dim=-1).indices

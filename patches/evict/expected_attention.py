@@ -11,10 +11,9 @@ import torch
 from kvaccel.config import register, resolve_budget, validate_budget
 from kvaccel.kernels.window_scores import window_attention_scores
 
-from .base import KEEP_SCORE, ScoredEviction, keep_top
+from .base import KEEP_SCORE, ScoredEviction, eviction_due, keep_top
 from .h2o import check_int, check_ratio, group_mean
 from .snapkv import pool_scores
-from .spans import sliding_span_select
 
 Tensor = torch.Tensor
 
@@ -23,8 +22,6 @@ Tensor = torch.Tensor
 FUTURE_POSITIONS = ("average", "mixture")
 #: ``observation_pooling`` values
 OBSERVATION_POOLINGS = ("centered", "forward")
-#: ``span_rule`` values
-SPAN_RULES = ("grid", "sliding")
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -168,9 +165,7 @@ class ExpectedAttention(ScoredEviction):
         scores like it — the continuation a copy reads next (a question attends to the first digits of a number;
         answering needs the rest of it).
     span_rule : str
-        With ``chunk >= 2``: ``"grid"`` (default) = ``ScoredEviction``'s fixed chunks (``chunk_select``);
-        ``"sliding"`` = the best ``chunk``-wide windows wherever they start (``spans.sliding_span_select``), so a
-        span that straddles a grid boundary is not kept in part.
+        ``ScoredEviction``'s: ``"sliding"`` keeps the best ``chunk``-wide windows wherever they start.
 
     Recommended non-default setting (measured on kvpress' KL protocol, ``benchmarks/peers/README.md``):
     ``expected_attention(future_positions="mixture", observation_weight=0.2)`` (chosen on 4 tuning windows).
@@ -180,6 +175,7 @@ class ExpectedAttention(ScoredEviction):
     """
 
     name = "expected_attention"
+    supports_rerotate = False  # future query statistics are taken at the tokens' true positions
     budget: int | float = 0.25
     n_future_positions: int = 512
     n_sink: int = 4
@@ -193,7 +189,6 @@ class ExpectedAttention(ScoredEviction):
     observation_window: int = 32
     observation_kernel: int = 7
     observation_pooling: str = "centered"
-    span_rule: str = "grid"
 
     def __post_init__(self):
         super().__post_init__()
@@ -212,8 +207,6 @@ class ExpectedAttention(ScoredEviction):
             raise ValueError(
                 f"observation_pooling ({self.observation_pooling!r}) must be one of {OBSERVATION_POOLINGS}"
             )
-        if self.span_rule not in SPAN_RULES:
-            raise ValueError(f"span_rule ({self.span_rule!r}) must be one of {SPAN_RULES}")
         if self.observation_weight > 0 and self.decode_budget is not None:
             raise ValueError(
                 f"observation_weight ({self.observation_weight}) mixes in the prompt's observation window, which "
@@ -230,6 +223,7 @@ class ExpectedAttention(ScoredEviction):
         object.__setattr__(self, "_stats", weakref.WeakKeyDictionary())
 
     def bind(self, model) -> None:
+        super().bind(model)
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
         rotary = getattr(decoder, "rotary_emb", None)
         if rotary is None:
@@ -334,11 +328,7 @@ class ExpectedAttention(ScoredEviction):
 
     def keep(self, layer, scores: Tensor, capacity: int) -> None:
         """Keep ``capacity`` tokens per head by ``scores`` with this method's span rule."""
-        if self.chunk >= 2 and self.span_rule == "sliding":
-            scores = scores.float().masked_fill(~layer.token_valid(), float("-inf"))
-            layer.keep(sliding_span_select(scores, capacity, self.chunk).sort(dim=-1).values)
-        else:
-            keep_top(layer, scores, capacity, self.chunk)
+        keep_top(layer, scores, capacity, self.chunk, self.span_rule)
 
     def decode_capacity(self, ctx) -> int | None:
         """Tokens kept per head while decoding in this layer, ``None`` = unbounded."""
@@ -347,6 +337,8 @@ class ExpectedAttention(ScoredEviction):
     def after_prefill(self, ctx) -> None:
         cap = self.capacity(ctx)
         ctx.record_capacity(cap)
+        if self.decode_budget is not None:
+            ctx.layer.reserve = self.decode_slack(self.decode_capacity(ctx))
         if ctx.layer.length > cap:
             self.keep(ctx.layer, self.score(ctx), cap)
         elif self.decode_budget is not None:  # statistics for decode-time eviction
@@ -355,5 +347,5 @@ class ExpectedAttention(ScoredEviction):
 
     def after_decode(self, ctx) -> None:
         cap = self.decode_capacity(ctx)
-        if cap is not None and ctx.layer.length > cap:
+        if cap is not None and eviction_due(ctx.layer, cap, self.decode_slack(cap)):
             self.keep(ctx.layer, self.score(ctx), cap)
