@@ -32,6 +32,7 @@ def decode_attention(
     backend: str = "auto",
     return_lse: bool = False,
     out: Tensor | None = None,
+    return_probs: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """decode_attention: softmax attention of one query token over [narrow segment, full segment] of a KV cache.
 
@@ -72,13 +73,26 @@ def decode_attention(
         Also return the natural log-sum-exp of the scaled, masked logits.
     out : Tensor, optional
         ``(B, H_q, 1, Dv)`` in ``q.dtype``, written in place and returned.
+    return_probs : bool, default False
+        Also return the attention probabilities ``(B, H_q, Tn + T)`` float32 (``[narrow, full]`` slots, zero on
+        invalid ones): what an H2O-style scorer accumulates, without a second pass over the keys. PyTorch path only
+        (not with ``return_lse``).
 
     Returns
     -------
     Tensor or tuple of Tensor
-        ``out`` ``(B, H_q, 1, Dv)`` in ``q.dtype``; with ``return_lse`` also ``lse`` ``(B, H_q, 1)`` float32.
+        ``out`` ``(B, H_q, 1, Dv)`` in ``q.dtype``; with ``return_lse`` also ``lse`` ``(B, H_q, 1)`` float32; with
+        ``return_probs`` also ``probs``.
     """
     _check_inputs(q, k, v, valid, k_narrow, channel_idx, v_narrow, valid_narrow, out, value_idx)
+    if return_probs:
+        if return_lse or resolve_backend(backend, q) == "triton":
+            raise NotImplementedError("return_probs is computed by the PyTorch path, without return_lse")
+        probs: list[Tensor] = []
+        res, _ = _decode_attention_torch(
+            q, k, v, scale, valid, k_narrow, channel_idx, v_narrow, valid_narrow, value_idx, False, probs
+        )
+        return (res if out is None else out.copy_(res)), probs[0]
     if resolve_backend(backend, q) == "triton":
         res, lse = _decode_attention_triton(
             q, k, v, scale, valid, k_narrow, channel_idx, v_narrow, valid_narrow, value_idx, out
@@ -160,32 +174,6 @@ def _decode_attention_torch(
     if return_lse:
         lse = torch.where(has_any, m + torch.log(l), torch.full_like(l, float("-inf"))).reshape(B, Hq, 1)
     return res, lse
-
-
-def decode_attention_with_probs(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    scale: float,
-    valid: Tensor | None = None,
-    k_narrow: Tensor | None = None,
-    channel_idx: Tensor | None = None,
-    v_narrow: Tensor | None = None,
-    valid_narrow: Tensor | None = None,
-    value_idx: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """:func:`decode_attention` (PyTorch path) that also returns the attention probabilities it computed.
-
-    Returns ``out`` ``(B, H_q, 1, Dv)`` and ``probs`` ``(B, H_q, Tn + T)`` float32 (``[narrow, full]`` slots; zero on
-    invalid ones): the weights an eviction scorer accumulates (H2O-style), without a second pass over the keys.
-    """
-    _check_inputs(q, k, v, valid, k_narrow, channel_idx, v_narrow, valid_narrow, None, value_idx)
-    probs: list[Tensor] = []
-    res, _ = _decode_attention_torch(
-        q, k, v, scale, valid, k_narrow, channel_idx, v_narrow, valid_narrow, value_idx, False, probs
-    )
-    return res, probs[0]
 
 
 def decode_attention_reference(

@@ -19,7 +19,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvaccel.cache import KVAccelCache, KVAccelLayer
-from kvaccel.kernels.decode_attention import decode_attention, decode_attention_with_probs
+from kvaccel.kernels.decode_attention import decode_attention
 
 ATTENTION_NAME = "kvaccel"
 Tensor = torch.Tensor
@@ -207,7 +207,9 @@ def dense_decode(ctx: AttentionContext) -> Tensor:
             value_idx=narrow.value_idx,
         )
         if _fuse_decode_probs(ctx):
-            out, ctx.decode_probs = decode_attention_with_probs(q, k, v, scale=ctx.scaling, valid=valid, **nk)
+            out, ctx.decode_probs = decode_attention(
+                q, k, v, scale=ctx.scaling, valid=valid, backend="torch", return_probs=True, **nk
+            )
             return out.transpose(1, 2)
         return decode_attention(q, k, v, scale=ctx.scaling, valid=valid, **nk).transpose(1, 2)
     return grouped_attention(q, k, v, ctx.scaling, valid=valid, narrow=narrow)

@@ -9,11 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvaccel.kernels.decode_attention import (
-    decode_attention,
-    decode_attention_reference,
-    decode_attention_with_probs,
-)
+from kvaccel.kernels.decode_attention import decode_attention, decode_attention_reference
 
 from conftest import TRITON_DEVICE, require_triton_dtype, requires_triton
 
@@ -116,7 +112,7 @@ def test_torch_low_precision(group: int, narrow: bool | str, dtype: torch.dtype)
 def test_with_probs_returns_the_reference_weights(mask: str, narrow: bool | str) -> None:
     """The probabilities an eviction scorer accumulates: softmax of the reference logits over [narrow, full]."""
     kw = _make_inputs(2, 2, 3, 50, 16, mask=mask, narrow=narrow)
-    out, probs = decode_attention_with_probs(**kw)
+    out, probs = decode_attention(**kw, backend="torch", return_probs=True)
     ref_out, ref_lse = decode_attention_reference(**kw)
     torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-4)
     q, k, G = kw["q"].double(), kw["k"].double(), 3
