@@ -255,7 +255,8 @@ class KVAccelLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
-        reserve = self._reserve(self._k.n + n)
+        # the prompt is stored at its size (an uncompressed cache holds exactly its tokens); growth gets spare slots
+        reserve = 0 if self._k.n == 0 else self._reserve(self._k.n + n)
         self._k.append(key_states, reserve)
         self._v.append(value_states, reserve)
         if self._valid is not None:
