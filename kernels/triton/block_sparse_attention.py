@@ -17,6 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .online_softmax import online_softmax_step
+
 
 @triton.jit
 def _block_sparse_attention_fwd_inner(
@@ -69,19 +71,12 @@ def _block_sparse_attention_fwd_inner(
             keep = (pos < seq_len)[None, :] & (offs_m >= 0)[:, None]
         s = tl.where(keep, s, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen no key yet keeps m = -inf; subtract 0 instead so that no -inf - -inf NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(
             v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
             mask=in_seq[:, None] & mask_dv[None, :],
             other=0.0,
         )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_step(s, v, m_i, l_i, acc, INPUT_PRECISION)
     return acc, l_i, m_i
 
 
