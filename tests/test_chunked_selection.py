@@ -176,8 +176,9 @@ def test_expected_attention_sliding_spans_budget_and_identity():
         assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), want)
 
 
-def test_sliding_span_rule_is_an_option_of_every_scorer():
+def test_sliding_span_rule_is_an_option_of_every_scorer(monkeypatch):
     """span_rule='sliding' lives on ScoredEviction: snapkv / h2o keep exactly the budget through the sliding rule."""
+    from kvaccel.patches.evict import spans
     from kvaccel.patches.evict.spans import sliding_span_select
 
     g = torch.Generator().manual_seed(11)
@@ -191,9 +192,13 @@ def test_sliding_span_rule_is_an_option_of_every_scorer():
     torch.testing.assert_close(kept, full.gather(2, want[..., None].expand(1, 2, 12, 8)))
     model = tiny_model("llama")
     ids = torch.randint(3, 512, (1, 90), generator=g)
+    calls = []
+    monkeypatch.setattr(spans, "sliding_span_select", lambda *a: calls.append(1) or sliding_span_select(*a))
     for spec in ("snapkv(budget=20,chunk=6,span_rule='sliding')", "h2o(budget=20,chunk=6,span_rule='sliding')"):
+        calls.clear()
         with kvaccel.patched(model, spec), torch.no_grad():
             model(ids, use_cache=True, past_key_values=KVAccelCache(model))
             assert kvaccel.report(model)["kept_tokens"][0] == [[20, 20]]
+        assert len(calls) == model.config.num_hidden_layers  # every layer selected through the sliding rule
     with pytest.raises(ValueError, match="span_rule"):
         kvaccel.parse_spec("snapkv(span_rule='x')")

@@ -131,6 +131,10 @@ class ScoredEviction(EvictionMethod):
                 "(narrow + full-width): this method cannot yet evict after channel pruning during decode; "
                 "use it without a channels method, or with decode eviction off"
             )
+        self.keep(layer, scores, capacity)
+
+    def keep(self, layer, scores: torch.Tensor, capacity: int) -> None:
+        """Keep ``capacity`` tokens per head of ``layer`` by ``scores`` with this method's ``chunk`` / ``span_rule``."""
         keep_top(layer, scores, capacity, self.chunk, self.span_rule)
 
 

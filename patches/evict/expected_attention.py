@@ -11,7 +11,7 @@ import torch
 from kvaccel.config import register, resolve_budget, validate_budget
 from kvaccel.kernels.window_scores import window_attention_scores
 
-from .base import KEEP_SCORE, ScoredEviction, eviction_due, keep_top
+from .base import KEEP_SCORE, ScoredEviction, eviction_due
 from .h2o import check_int, check_ratio, group_mean
 from .snapkv import pool_scores
 
@@ -325,10 +325,6 @@ class ExpectedAttention(ScoredEviction):
         if self.decode_budget is not None:
             self._stats[ctx.layer] = (mu, cov, start - ctx.layer.decode_steps)
         return self.scores_from(ctx, mu, cov, start)
-
-    def keep(self, layer, scores: Tensor, capacity: int) -> None:
-        """Keep ``capacity`` tokens per head by ``scores`` with this method's span rule."""
-        keep_top(layer, scores, capacity, self.chunk, self.span_rule)
 
     def decode_capacity(self, ctx) -> int | None:
         """Tokens kept per head while decoding in this layer, ``None`` = unbounded."""

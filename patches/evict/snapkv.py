@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from kvaccel.config import register, resolve_budget, validate_budget
 from kvaccel.kernels.window_scores import window_attention_scores
 
-from .base import ScoredEviction, eviction_due, keep_top
-from .h2o import _KEEP, check_int, group_mean, held_attention_probs
+from .base import ScoredEviction, eviction_due
+from .h2o import _KEEP, check_int, group_mean, step_attention_probs
 
 STATE = "snapkv"
 POOLINGS = ("max", "avg")
@@ -132,7 +132,7 @@ class SnapKV(ScoredEviction):
             layer.token_state[STATE] = acc if old is None else old + acc
         if layer.length > cap:
             sel = selection_scores(acc, min(self.window, cap), self.kernel_size, self.pooling)
-            keep_top(layer, sel, cap, self.chunk)
+            self.keep(layer, sel, cap)
 
     def wants_decode_probs(self) -> bool:
         return self.decode_budget is not None
@@ -142,9 +142,6 @@ class SnapKV(ScoredEviction):
         if cap is None:
             return
         layer = ctx.layer
-        probs = getattr(ctx, "decode_probs", None)
-        if probs is None:
-            probs = held_attention_probs(layer, ctx.query, ctx.scaling)
-        layer.token_state[STATE].add_(group_mean(probs, layer.keys.shape[1]))
+        layer.token_state[STATE].add_(group_mean(step_attention_probs(ctx), layer.keys.shape[1]))
         if eviction_due(layer, cap, self.decode_slack(cap)):
-            keep_top(layer, self.score(ctx), cap, self.chunk)
+            self.keep(layer, self.score(ctx), cap)
