@@ -142,9 +142,6 @@ class SlotTensor:
         """The slots ``idx`` (B, H|1, K) in a new buffer with ``reserve`` spare slots."""
         return SlotTensor(_take(self.view, idx, reserve), idx.shape[2])
 
-    def nbytes(self) -> int:
-        return self.buf.numel() * self.buf.element_size()
-
 
 class TokenState(dict):
     """``{name: (B, 1|H, T) tensor}`` of per-token method state, each stored as a ``SlotTensor``.

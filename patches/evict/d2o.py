@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from kvaccel.cache import KVAccelLayer
 from kvaccel.config import register, validate_budget
-from kvaccel.kernels.window_scores import window_attention_scores
 
 from .base import EvictionMethod, check_slack, decode_slack, eviction_due
+from .h2o import step_attention_probs
 
 if TYPE_CHECKING:
     from kvaccel.patches.attention import AttentionContext
@@ -216,10 +216,7 @@ class D2O(EvictionMethod):
     def _accumulate(self, ctx: AttentionContext) -> Tensor:
         """Add this forward's attention column sums to the layer's scores; returns them per query head."""
         layer = ctx.layer
-        col = getattr(ctx, "decode_probs", None)  # (B, Hq, N), computed by the decode attention itself
-        if col is None:
-            K, _, valid = dense_view(layer)
-            col = window_attention_scores(ctx.query, K, scale=ctx.scaling, valid=valid, causal=True)
+        col = step_attention_probs(ctx)  # (B, Hq, N) over the [narrow, full] axis, causal among the queries
         B, Hq, N = col.shape
         Hkv = layer.keys.shape[1]
         grouped = col.view(B, Hkv, Hq // Hkv, N).sum(2)

@@ -49,6 +49,13 @@ def held_attention_probs(layer, query: torch.Tensor, scale: float) -> torch.Tens
     return window_attention_scores(query, keys, scale=scale, valid=valid)
 
 
+def step_attention_probs(ctx) -> torch.Tensor:
+    """``(B, H_q, N)`` attention probabilities of this forward's queries over the layer's held tokens: the decode
+    attention's own (``ctx.decode_probs``) when it computed them, else one pass of :func:`held_attention_probs`."""
+    probs = getattr(ctx, "decode_probs", None)
+    return probs if probs is not None else held_attention_probs(ctx.layer, ctx.query, ctx.scaling)
+
+
 def recent_mask(valid: torch.Tensor, n: int) -> torch.Tensor:
     """``(B, 1|H, T)`` bool: the last ``n`` real tokens of each row (padding slots are skipped)."""
     from_end = valid.flip(-1).cumsum(-1).flip(-1)  # real tokens at or after each slot
@@ -92,9 +99,7 @@ class H2O(ScoredEviction):
     def accumulate(self, ctx) -> None:
         """Add the attention probabilities of this forward's queries to every held token's running score."""
         layer = ctx.layer
-        probs = getattr(ctx, "decode_probs", None)
-        if probs is None:
-            probs = held_attention_probs(layer, ctx.query, ctx.scaling)  # [narrow, full] axis: works after ThinK
+        probs = step_attention_probs(ctx)  # [narrow, full] axis: works after ThinK
         self.add_scores(layer, group_mean(probs, layer.keys.shape[1]))
 
     def wants_decode_probs(self) -> bool:
