@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .backend import check_mask, resolve_backend
 
-__all__ = ["decode_attention", "decode_attention_reference"]
+__all__ = ["decode_attention", "decode_attention_probs", "decode_attention_reference"]
 
 
 def decode_attention(
@@ -138,19 +138,8 @@ def _decode_attention_torch(
         res = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
         return res.reshape(B, Hq, 1, Dv), None
 
-    qf = qg.float() * scale
-    s = qf @ k.float().transpose(-1, -2)  # (B, H_kv, G, T)
-    if valid is not None:
-        s.masked_fill_(~valid.unsqueeze(2), float("-inf"))
-    Tn = 0
-    if k_narrow is not None:
-        Tn, Dk = k_narrow.shape[2], k_narrow.shape[3]
-        qn = torch.gather(qf, -1, channel_idx.unsqueeze(2).expand(B, Hkv, G, Dk))  # (B, H_kv, G, Dk)
-        s_n = qn @ k_narrow.float().transpose(-1, -2)  # (B, H_kv, G, Tn)
-        if valid_narrow is not None:
-            s_n.masked_fill_(~valid_narrow.unsqueeze(2), float("-inf"))
-        s = torch.cat([s_n, s], dim=-1)  # logits are small (G rows); the values are never concatenated
-
+    s = _decode_logits(qg.float() * scale, k, valid, k_narrow, channel_idx, valid_narrow)
+    Tn = 0 if k_narrow is None else k_narrow.shape[2]
     if s.shape[-1] == 0:
         m = s.new_full((B, Hkv, G, 1), float("-inf"))
     else:
@@ -174,6 +163,48 @@ def _decode_attention_torch(
     if return_lse:
         lse = torch.where(has_any, m + torch.log(l), torch.full_like(l, float("-inf"))).reshape(B, Hq, 1)
     return res, lse
+
+
+def _decode_logits(
+    qf: Tensor, k: Tensor, valid: Tensor | None, k_narrow: Tensor | None, channel_idx: Tensor | None,
+    valid_narrow: Tensor | None,
+) -> Tensor:
+    """Masked logits ``(B, H_kv, G, Tn + T)`` float32 of the scaled query rows ``qf`` ``(B, H_kv, G, D)`` over
+    ``[narrow, full]`` keys (narrow logits are ``q[channel_idx] · K_narrow``; invalid slots ``-inf``)."""
+    s = qf @ k.float().transpose(-1, -2)  # (B, H_kv, G, T)
+    if valid is not None:
+        s.masked_fill_(~valid.unsqueeze(2), float("-inf"))
+    if k_narrow is None:
+        return s
+    B, Hkv, G, _ = qf.shape
+    qn = torch.gather(qf, -1, channel_idx.unsqueeze(2).expand(B, Hkv, G, k_narrow.shape[3]))  # (B, H_kv, G, Dk)
+    s_n = qn @ k_narrow.float().transpose(-1, -2)  # (B, H_kv, G, Tn)
+    if valid_narrow is not None:
+        s_n.masked_fill_(~valid_narrow.unsqueeze(2), float("-inf"))
+    return torch.cat([s_n, s], dim=-1)  # logits are small (G rows); the values are never concatenated
+
+
+def decode_attention_probs(
+    q: Tensor,
+    k: Tensor,
+    *,
+    scale: float,
+    valid: Tensor | None = None,
+    k_narrow: Tensor | None = None,
+    channel_idx: Tensor | None = None,
+    valid_narrow: Tensor | None = None,
+) -> Tensor:
+    """Attention probabilities of one decode query over ``[narrow keys, full-width keys]``, ``(B, H_q, Tn + T)`` fp32
+    (zero on invalid slots), without computing the output: what an H2O-style scorer accumulates when the attention
+    itself did not return them (``decode_attention(return_probs=True)``). Narrow logits are
+    ``q[channel_idx] · K_narrow``, i.e. the keys zero-filled in their pruned channels, never built."""
+    B, Hq, W, D = q.shape
+    if W != 1:
+        raise ValueError(f"decode_attention_probs takes one query per head, got {W}")
+    Hkv = k.shape[1]
+    qf = q.float().mul(scale).reshape(B, Hkv, Hq // Hkv, D)
+    s = _decode_logits(qf, k, valid, k_narrow, channel_idx, valid_narrow)
+    return torch.softmax(s, dim=-1).nan_to_num_(0.0).view(B, Hq, -1)  # a row without valid key: 0
 
 
 def decode_attention_reference(

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .backend import check_mask, resolve_backend
 
-__all__ = ["decode_attention_probs", "window_attention_scores", "window_attention_scores_reference"]
+__all__ = ["window_attention_scores", "window_attention_scores_reference"]
 
 
 def window_attention_scores(
@@ -108,42 +108,6 @@ def _window_scores_torch(
         scores[..., :hi] += p.sum(-2)
         del s, p  # free this chunk's logits before the next matmul allocates its own
     return scores.view(B, Hq, T)
-
-
-def decode_attention_probs(
-    q: Tensor,
-    k: Tensor,
-    *,
-    scale: float,
-    valid: Tensor | None = None,
-    k_narrow: Tensor | None = None,
-    channel_idx: Tensor | None = None,
-    valid_narrow: Tensor | None = None,
-) -> Tensor:
-    """Attention probabilities of one decode query over ``[narrow keys, full-width keys]``, ``(B, H_q, Tn + T)`` fp32.
-
-    ``q`` ``(B, H_q, 1, D)``; ``k`` ``(B, H_kv, T, D)`` with ``valid`` ``(B, 1|H_kv, T)``; ``k_narrow``
-    ``(B, H_kv, Tn, Dk)`` keys that keep only the channels ``channel_idx`` ``(B, H_kv, Dk)`` (ThinK), with
-    ``valid_narrow``. Equals :func:`window_attention_scores` of one query over the keys zero-filled in their pruned
-    channels, without building those ``(B, H_kv, Tn, D)`` keys: narrow logits are ``q[channel_idx] · K_narrow``.
-    """
-    if k_narrow is None:
-        return window_attention_scores(q, k, scale=scale, valid=valid)
-    B, Hq, W, D = q.shape
-    if W != 1:
-        raise ValueError(f"decode_attention_probs takes one query per head, got {W}")
-    Hkv, Tn = k.shape[1], k_narrow.shape[2]
-    G = Hq // Hkv
-    qg = q.float().mul(scale).reshape(B, Hkv, G, D)
-    qn = qg.gather(-1, channel_idx[:, :, None, :].expand(B, Hkv, G, channel_idx.shape[-1]))
-    s = torch.cat([qn @ k_narrow.float().transpose(-1, -2), qg @ k.float().transpose(-1, -2)], dim=-1)
-    if valid is not None or valid_narrow is not None:
-        vn = valid_narrow if valid_narrow is not None else k.new_ones(B, 1, Tn, dtype=torch.bool)
-        vf = valid if valid is not None else k.new_ones(B, 1, k.shape[2], dtype=torch.bool)
-        heads = max(vn.shape[1], vf.shape[1])
-        mask = torch.cat([vn.expand(B, heads, Tn), vf.expand(B, heads, vf.shape[-1])], dim=-1)
-        s.masked_fill_(~mask.unsqueeze(2), float("-inf"))
-    return torch.softmax(s, dim=-1).nan_to_num_(0.0).view(B, Hq, -1)
 
 
 def window_attention_scores_reference(

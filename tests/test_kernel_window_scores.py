@@ -9,11 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvaccel.kernels.window_scores import (
-    decode_attention_probs,
-    window_attention_scores,
-    window_attention_scores_reference,
-)
+from kvaccel.kernels.decode_attention import decode_attention_probs
+from kvaccel.kernels.window_scores import window_attention_scores, window_attention_scores_reference
 
 from conftest import TRITON_DEVICE, require_triton_dtype, requires_triton
 

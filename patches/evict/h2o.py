@@ -9,7 +9,8 @@ from typing import ClassVar
 import torch
 
 from kvaccel.config import register
-from kvaccel.kernels.window_scores import decode_attention_probs, window_attention_scores
+from kvaccel.kernels.decode_attention import decode_attention_probs
+from kvaccel.kernels.window_scores import window_attention_scores
 
 from .base import ScoredEviction
 
