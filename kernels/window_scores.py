@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .backend import check_mask, resolve_backend
+from .decode_attention import decode_attention_probs
 
 __all__ = ["window_attention_scores", "window_attention_scores_reference"]
 
@@ -78,10 +79,7 @@ def _window_scores_torch(
     Hkv, T = k.shape[1], k.shape[2]
     G = Hq // Hkv
     if W == 1:  # a decode step (the query sees every key): one matmul and one softmax, no chunk loop
-        s = (q.float().mul(scale).reshape(B, Hkv, G, D) @ k.float().transpose(-1, -2))  # (B, H_kv, G, T)
-        if valid is not None:
-            s.masked_fill_(~valid.unsqueeze(2), float("-inf"))
-        return torch.softmax(s, dim=-1).nan_to_num_(0.0).view(B, Hq, T)  # a row without valid key: 0
+        return decode_attention_probs(q, k, scale=scale, valid=valid)
     offset = T - W  # absolute position of query 0
     qg = q.reshape(B, Hkv, G, W, D)
     kf = k.float()  # no copy for float32 input
