@@ -70,8 +70,9 @@ def ea_probs(q, k, rotary, n_future=512, n_sink=4, cov=True, window=0, positions
         mask[:, : L - window] = False
     mu, cv = query_statistics(q_pre, mask, cov)
     scale = 1 / math.sqrt(D)
-    if positions == "avg_rotation":
-        fpos = torch.arange(L, L + n_future)[None]
+
+    def probs_at(fpos):
+        """Expected attention with the query statistics rotated by the average rotation over ``fpos``."""
         c, s = rotary(mu, fpos)
         R = average_rotation(c, s)[:, None]
         mu_f = (R @ mu[..., None])[..., 0]
@@ -80,21 +81,14 @@ def ea_probs(q, k, rotary, n_future=512, n_sink=4, cov=True, window=0, positions
         logits[..., :n_sink] = float("-inf")
         p = torch.softmax(logits, -1)
         return p.amax(2) if group == "max" else p.mean(2)
+
+    if positions == "avg_rotation":
+        return probs_at(torch.arange(L, L + n_future)[None])
     # mixture over future positions: mean_p softmax(E-logits at position p) (log-spaced sample of offsets)
     offs = torch.unique(torch.logspace(0, math.log10(n_future), n_pos).round().long() - 1)
     if positions == "uniform":
         offs = torch.linspace(0, n_future - 1, n_pos).round().long()
-    acc = 0
-    for o in offs.tolist():
-        c, s = rotary(mu, torch.tensor([[L + o]]))
-        R = average_rotation(c, s)[:, None]
-        mu_f = (R @ mu[..., None])[..., 0]
-        cv_f = None if cv is None else R @ cv @ R.transpose(-1, -2)
-        logits = expected_logits(mu_f, cv_f, k, scale)
-        logits[..., :n_sink] = float("-inf")
-        p = torch.softmax(logits, -1)
-        acc = acc + (p.amax(2) if group == "max" else p.mean(2))
-    return acc / len(offs)
+    return sum(probs_at(torch.tensor([[L + o]])) for o in offs.tolist()) / len(offs)
 
 
 def window_probs(q, k, window=32, pool=7):
