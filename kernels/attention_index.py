@@ -322,30 +322,43 @@ def _search_groups(qs, rows, keys, nbrs, deg, entries, n, k, ef, exact_below, ou
             scanned[p] = _group_search(qs[p], keys[g], nbrs[g], deg[g], entries[g], m, ef, out_ids[p], out_scores[p])
 
 
+@njit(cache=True, nogil=True, fastmath=_FM, inline="always")
+def _retrieved_max(ids, scores, scale, m):
+    """``max(m, scale · score)`` over the retrieved slots of one row (``ids < 0`` = empty slot)."""
+    for j in range(ids.shape[0]):
+        if ids[j] >= 0 and scale * scores[j] > m:
+            m = scale * scores[j]
+    return m
+
+
+@njit(cache=True, nogil=True, fastmath=_FM, inline="always")
+def _retrieved_accumulate(ids, scores, values, scale, m, out):
+    """Add ``exp(scale · score − m) · v`` of one row's retrieved keys into ``out``; returns the sum of the weights."""
+    total = np.float32(0.0)
+    for j in range(ids.shape[0]):
+        i = ids[j]
+        if i < 0:
+            continue
+        p = np.float32(np.exp(scale * scores[j] - m))
+        total += p
+        v = values[i]
+        for c in range(out.shape[0]):
+            out[c] += p * v[c]
+    return total
+
+
 @njit(cache=True, nogil=True, parallel=True, fastmath=_FM)
 def _attend_rows(ids, scores, rows, values, scale, out, lse):
     """Softmax over the retrieved keys of each row (logit = scale · q·k, already computed by the search)."""
     for r in prange(ids.shape[0]):
         g = rows[r]
-        m = -np.inf
-        for j in range(ids.shape[1]):
-            if ids[r, j] >= 0 and scale * scores[r, j] > m:
-                m = scale * scores[r, j]
+        m = _retrieved_max(ids[r], scores[r], scale, -np.inf)
         for c in range(out.shape[1]):
             out[r, c] = 0.0
         if m == -np.inf:
             lse[r] = -np.inf
             continue
-        total = np.float32(0.0)
-        for j in range(ids.shape[1]):
-            i = ids[r, j]
-            if i < 0:
-                continue
-            p = np.float32(np.exp(scale * scores[r, j] - m))
-            total += p
-            v = values[g, i]
-            for c in range(out.shape[1]):
-                out[r, c] += p * v[c]
+        total = _retrieved_accumulate(ids[r], scores[r], values[g], scale, m, out[r])
         for c in range(out.shape[1]):
             out[r, c] /= total
         lse[r] = m + np.log(total)
@@ -365,9 +378,7 @@ def _attend_union_rows(ids, scores, rows, values, qs, skeys, svalues, svalid, sc
                 sl[j] = scale * _dot(qs[r], skeys[g, j])
                 if sl[j] > m:
                     m = sl[j]
-        for j in range(ids.shape[1]):
-            if ids[r, j] >= 0 and scale * scores[r, j] > m:
-                m = scale * scores[r, j]
+        m = _retrieved_max(ids[r], scores[r], scale, m)
         for c in range(out.shape[1]):
             out[r, c] = 0.0
         if m == -np.inf:
@@ -380,15 +391,7 @@ def _attend_union_rows(ids, scores, rows, values, qs, skeys, svalues, svalid, sc
                 v = svalues[g, j]
                 for c in range(out.shape[1]):
                     out[r, c] += p * v[c]
-        for j in range(ids.shape[1]):
-            i = ids[r, j]
-            if i < 0:
-                continue
-            p = np.float32(np.exp(scale * scores[r, j] - m))
-            total += p
-            v = values[g, i]
-            for c in range(out.shape[1]):
-                out[r, c] += p * v[c]
+        total += _retrieved_accumulate(ids[r], scores[r], values[g], scale, m, out[r])
         for c in range(out.shape[1]):
             out[r, c] /= total
 
