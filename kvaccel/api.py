@@ -109,13 +109,6 @@ def _resolve_methods(methods: tuple, options: dict[str, Any]) -> dict[str, Metho
                 f"stage ({', '.join(STAGES)}) — pick one"
             )
         by_stage[m.stage] = m
-    if getattr(by_stage.get("evict"), "rerotate", False):
-        for stage in ("channels", "decode"):
-            if stage in by_stage:
-                raise ValueError(
-                    f"'{by_stage['evict'].name}(rerotate=True)' cannot be combined with '{by_stage[stage].name}': "
-                    f"key re-rotation moves full-width keys in the device cache only; drop rerotate or {stage}"
-                )
     return by_stage
 
 

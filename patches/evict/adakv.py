@@ -97,7 +97,6 @@ class AdaKV(EvictionMethod):
                 )
 
     def after_prefill(self, ctx) -> None:
-        self.check_stages(ctx.state.methods)  # at first use: patch() does not call it yet
         cap = self._scorer.capacity(ctx)
         ctx.record_capacity(cap)
         layer = ctx.layer

@@ -80,6 +80,18 @@ class ScoredEviction(EvictionMethod):
             raise ValueError(f"rerotate ({self.rerotate!r}) must be True or False")
         self.rope_shift = None  # set by bind() when rerotate
 
+    def check_stages(self, stages: dict) -> None:
+        """Key re-rotation moves full-width keys of the device cache only: refuse channel pruning and decode
+        methods beside it (called by ``patch()`` before anything is installed)."""
+        if not self.rerotate:
+            return
+        for stage in ("channels", "decode"):
+            if stage in stages:
+                raise ValueError(
+                    f"'{self.name}(rerotate=True)' cannot be combined with '{stages[stage].name}': key re-rotation "
+                    f"moves full-width keys in the device cache only; drop rerotate or {stage}"
+                )
+
     def bind(self, model) -> None:
         if self.rerotate:
             if not self.supports_rerotate:
