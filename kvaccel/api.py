@@ -206,7 +206,12 @@ def _install_default_cache(model) -> None:
         use_cache = model.config.use_cache if use_cache is None else use_cache
         if given_cache(kwargs) is None and use_cache:
             kwargs[cache_kw] = KVAccelCache(model)
-        return inner_forward(*args, **kwargs)
+        out = inner_forward(*args, **kwargs)
+        for m in list(state.methods.values()):  # methods that act once the whole forward ran (e.g. kvzip)
+            after = getattr(m, "after_forward", None)
+            if after is not None and isinstance(given_cache(kwargs), KVAccelCache):
+                after(model, given_cache(kwargs), kwargs.get("input_ids", args[0] if args else None))
+        return out
 
     model.generate = generate
     model.forward = forward

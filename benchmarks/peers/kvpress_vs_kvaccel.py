@@ -215,6 +215,11 @@ KL_KVACCEL = {
     # future_positions / observation_weight chosen on runs/kl-peers/kl_tune.jsonl (benchmarks/peers/README.md)
     "expected_attention-mixture-obs":
         "expected_attention(budget={b}, future_positions='mixture', observation_weight=0.2)",
+    "kvzip": "kvzip(budget={b})",
+    "kvzip-layer": "kvzip(budget={b}, allocation='layer')",
+    "kvzip-expected30": "kvzip(budget={b}, expected_weight=0.3)",
+    "kvzip-expected50": "kvzip(budget={b}, expected_weight=0.5)",
+    "kvzip-expected70": "kvzip(budget={b}, expected_weight=0.7)",
     "expected_attention-mixture": "expected_attention(budget={b}, future_positions='mixture')",
     "expected_attention-mixture-obs-chunk10":
         "expected_attention(budget={b}, future_positions='mixture', observation_weight=0.2, chunk=10)",
@@ -245,11 +250,36 @@ def export_kl(args) -> None:
     print(f"wrote {out} ({args.samples} samples of {args.context} + {args.tokens} tokens)")
 
 
+def _plain_text_kvzip() -> None:
+    """KVzip builds its "repeat the context" prompt from the tokenizer's chat template and takes the template's
+    prefix to be the first tokens of the context (never scored). Our contexts are plain prose from position 0,
+    so KVzip gets the tokenizer without a chat template (its own plain-text branch: no prefix, "\n" suffix)."""
+    from kvpress.presses import kvzip_press
+    from transformers import AutoTokenizer
+
+    class PlainTokenizer:
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            tok = AutoTokenizer.from_pretrained(*args, **kwargs)
+            tok.chat_template = None
+            return tok
+
+    kvzip_press.AutoTokenizer = PlainTokenizer
+
+
 def _kl_methods(framework: str, budgets, names: list[str] | None):
     """(name, budget, factory) for the KL protocol."""
     rows = []
     if framework == "kvpress":
-        from kvpress import AdaKVPress, ExpectedAttentionPress, KnormPress, SnapKVPress, StreamingLLMPress, TOVAPress
+        from kvpress import (
+            AdaKVPress,
+            ExpectedAttentionPress,
+            KnormPress,
+            KVzipPress,
+            SnapKVPress,
+            StreamingLLMPress,
+            TOVAPress,
+        )
 
         make = {
             "streaming": lambda c: StreamingLLMPress(compression_ratio=c, n_sink=4),
@@ -258,7 +288,10 @@ def _kl_methods(framework: str, budgets, names: list[str] | None):
             "knorm": lambda c: KnormPress(compression_ratio=c),
             "expected_attention": lambda c: ExpectedAttentionPress(compression_ratio=c),
             "adakv-expected_attention": lambda c: AdaKVPress(ExpectedAttentionPress(compression_ratio=c)),
+            # context reconstruction (2-3x the prefill); budgets vary per layer and head (masked, not freed)
+            "kvzip": lambda c: KVzipPress(compression_ratio=c),
         }
+        _plain_text_kvzip()
         for b in budgets:
             for name in names or KL_KVPRESS:
                 rows.append((name, b, lambda name=name, b=b: make[name](1 - b)))

@@ -54,9 +54,112 @@ def target_logits(model, layers_kv, L, tgt_ids):
     return model(tgt_ids, past_key_values=cache, use_cache=True, position_ids=pos).logits[0].double()
 
 
+MASKS: dict = {}  # layer -> (1, Hkv, L) bool keep-mask of the context keys (per-head budgets, masked not freed)
+
+
+def masked_target_logits(model, layers_kv, masks, L, tgt_ids):
+    """Target logits over the full context cache with per-head keep-masks (how kvpress applies AdaKV / KVzip)."""
+    from transformers import AttentionInterface
+
+    def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+        G = query.shape[1] // key.shape[1]
+        n = query.shape[2]
+        keep = MASKS[module.layer_idx].repeat_interleave(G, 1)[:, :, None, :]  # (1, Hq, 1, L)
+        bias = torch.zeros(1, query.shape[1], n, key.shape[2], dtype=query.dtype)
+        bias[..., :L] = bias[..., :L].masked_fill(~keep, float("-inf"))
+        bias[..., L:] = torch.full((n, n), float("-inf")).triu(1)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key.repeat_interleave(G, 1), value.repeat_interleave(G, 1), attn_mask=bias, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("lab_masked", attend)
+    MASKS.clear()
+    MASKS.update(enumerate(masks))
+    old = model.config._attn_implementation
+    model.set_attn_implementation("lab_masked")
+    try:
+        return target_logits(model, layers_kv, L, tgt_ids)
+    finally:
+        model.set_attn_implementation(old)
+
+
+ZIP: dict = {}  # layer -> (1, Hkv, L) KVzip scores of the current window
+
+
+def reconstruction_scores(model, tokenizer, layers_kv, ctx_ids):
+    """KVzip (https://arxiv.org/abs/2505.23416; kvpress' KVzipPress on plain text, one chunk): feed
+    "\n\nRepeat the previous context exactly." + "\n" + context over the context's cache; a context key's score is
+    the max, over the repeat queries and the group's query heads, of its softmax attention (over context + repeat)."""
+    from transformers import AttentionInterface, DynamicCache
+
+    L = ctx_ids.shape[1]
+    rep = tokenizer.encode("\n\nRepeat the previous context exactly.", add_special_tokens=False)
+    rep = rep + tokenizer.encode("\n", add_special_tokens=False)
+    ids = torch.cat([torch.tensor([rep]), ctx_ids], 1)
+    n = ids.shape[1]
+
+    def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+        Hkv = key.shape[1]
+        G = query.shape[1] // Hkv
+        a = torch.einsum("bhgqd,bhkd->bhgqk", query.view(1, Hkv, G, n, -1).float(), key.float()) * scaling
+        a[..., L:] += torch.full((n, n), float("-inf")).triu(1)
+        a = torch.softmax(a, -1)
+        ZIP[module.layer_idx] = a[..., :L].amax((2, 3))
+        del a
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key.repeat_interleave(G, 1), value.repeat_interleave(G, 1),
+            attn_mask=torch.cat([torch.zeros(n, L), torch.full((n, n), float("-inf")).triu(1)], 1), scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(layers_kv):
+        cache.update(k, v, i)
+    AttentionInterface.register("lab_zip", attend)
+    old = model.config._attn_implementation
+    model.set_attn_implementation("lab_zip")
+    try:
+        ZIP.clear()
+        model(ids, past_key_values=cache, use_cache=True, position_ids=torch.arange(L, L + n)[None])
+    finally:
+        model.set_attn_implementation(old)
+
+
+def allocate(scores, cap, rule, alpha=0.2):
+    """Per-head keep-masks from per-layer scores [(1, Hkv, L)] with ``cap`` tokens per head on average.
+    ``head``: AdaKV within each layer (top cap*Hkv of the layer's heads, each head >= alpha*cap);
+    ``global``: across every layer and head, scores normalised per head (each head's finite scores sum to 1)."""
+    def norm(s):
+        f = torch.isfinite(s)
+        z = torch.where(f, s, torch.zeros_like(s))
+        z = z / z.sum(-1, keepdim=True).clamp(min=1e-30)
+        return torch.where(f, z, torch.full_like(s, 1e9))  # sinks first
+
+    masks = []
+    if rule == "raw":  # KVzip's: global top over the raw scores of every layer and head (sinks first)
+        z = torch.stack([torch.where(torch.isfinite(s), s, torch.full_like(s, 1e9)) for s in scores])
+        keep = torch.zeros_like(z, dtype=torch.bool)
+        keep.view(-1)[z.flatten().topk(cap * z.shape[2] * z.shape[0]).indices] = True
+        return list(keep)
+    if rule == "head":
+        for s in scores:
+            H = s.shape[1]
+            z = norm(s)
+            keep = torch.zeros_like(z, dtype=torch.bool)
+            safe = z.topk(int(alpha * cap), -1).indices
+            keep.scatter_(-1, safe, True)
+            rest = z.masked_fill(keep, -1.0).flatten()
+            keep.view(-1)[rest.topk(cap * H - int(alpha * cap) * H).indices] = True
+            masks.append(keep)
+        return masks
+    z = torch.stack([norm(s) for s in scores])  # (layers, 1, H, L)
+    keep = torch.zeros_like(z, dtype=torch.bool)
+    keep.view(-1)[z.flatten().topk(cap * z.shape[2] * z.shape[0]).indices] = True
+    return list(keep)
+
+
 # ---------------------------------------------------------------------------------------------- scorers
 def ea_probs(q, k, rotary, n_future=512, n_sink=4, cov=True, window=0, positions="avg_rotation", n_pos=8,
-             group="mean"):
+             group="mean", cov_scale=1.0):
     """(1, Hkv, L) expected attention probabilities (sinks excluded from the softmax and set to 0)."""
     from kvaccel.patches.evict.expected_attention import average_rotation, expected_logits, query_statistics, unrotate
 
@@ -69,6 +172,8 @@ def ea_probs(q, k, rotary, n_future=512, n_sink=4, cov=True, window=0, positions
     if window:
         mask[:, : L - window] = False
     mu, cv = query_statistics(q_pre, mask, cov)
+    if cv is not None:
+        cv = cv * cov_scale
     scale = 1 / math.sqrt(D)
 
     def probs_at(fpos):
@@ -91,6 +196,31 @@ def ea_probs(q, k, rotary, n_future=512, n_sink=4, cov=True, window=0, positions
     return sum(probs_at(torch.tensor([[L + o]])) for o in offs.tolist()) / len(offs)
 
 
+def empirical_probs(q, k, rotary, n_future=512, n_sink=4, n_q=128, n_pos=8, stride=False):
+    """(1, Hkv, L) Monte Carlo expected attention: ``n_q`` real prompt queries (pre-RoPE; the last ones, or spread
+    over the prompt with ``stride``), each placed at ``n_pos`` log-spaced future positions; softmax over the keys
+    (sinks excluded), averaged over queries, positions and the group."""
+    from kvaccel.patches.evict.expected_attention import unrotate
+
+    B, Hq, L, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    cos, sin = rotary(q, torch.arange(L)[None])
+    q_pre = unrotate(q.float(), cos[:, None], sin[:, None])
+    idx = torch.linspace(n_sink, L - 1, n_q).round().long() if stride else torch.arange(max(n_sink, L - n_q), L)
+    qs = q_pre[:, :, idx]  # (1, Hq, n, D)
+    offs = torch.unique(torch.logspace(0, math.log10(n_future), n_pos).round().long() - 1)
+    kk = k.float()
+    acc = 0
+    for o in offs.tolist():
+        c, s_ = rotary(qs, torch.full((1, 1), L + o))
+        qr = qs * c[:, None] + torch.cat((-qs[..., D // 2:], qs[..., : D // 2]), -1) * s_[:, None]
+        a = torch.einsum("bhgnd,bhld->bhgnl", qr.view(B, Hkv, G, -1, D), kk) / math.sqrt(D)
+        a[..., :n_sink] = float("-inf")
+        acc = acc + torch.softmax(a, -1).mean((2, 3))
+    return acc / len(offs)
+
+
 def window_probs(q, k, window=32, pool=7):
     """(1, Hkv, L) SnapKV: attention of the last ``window`` queries, averaged over queries and group, max-pooled."""
     B, Hq, L, D = q.shape
@@ -107,7 +237,7 @@ def window_probs(q, k, window=32, pool=7):
     return s
 
 
-def make_scores(name, q, k, v, rotary):
+def make_scores(name, q, k, v, rotary, layer=0):
     """Parse ``name`` = '+'-joined parts: base scorer then modifiers. Returns (scores (1,Hkv,L), chunk)."""
     parts = name.split("+")
     base, mods = parts[0], parts[1:]
@@ -123,6 +253,8 @@ def make_scores(name, q, k, v, rotary):
             kw["n_future"] = int(m[1:])
         elif m.startswith("win"):
             kw["window"] = int(m[3:])
+        elif m.startswith("cov"):
+            kw["cov_scale"] = float(m[3:])
         elif m == "gmax":
             kw["group"] = "max"
         elif m == "nocov":
@@ -134,8 +266,36 @@ def make_scores(name, q, k, v, rotary):
             kw["positions"] = "mixture"
             if m[6:]:
                 kw["n_pos"] = int(m[6:])
-    if base == "ea":
+    if base == "zip":
+        s = ZIP[layer].clone()
+    elif base in ("pmax", "zmax"):  # max attention over every prompt query (and the group); zmax: max with KVzip's
+        Hkv, G = k.shape[1], q.shape[1] // k.shape[1]
+        a = torch.einsum("bhgqd,bhkd->bhgqk", q.view(1, Hkv, G, L, -1).float(), k.float()) / math.sqrt(q.shape[-1])
+        a = torch.softmax(a + torch.full((L, L), float("-inf")).triu(1), -1)
+        s = a.amax((2, 3))
+        if base == "zmax":
+            s = torch.maximum(s, ZIP[layer])
+    elif base.startswith("zhyb"):  # zhybA: (1-A) * normalised KVzip + A * (EA-mixture + 20% SnapKV) (A in percent)
+        a = int(base[4:]) / 100
+        z = ZIP[layer].clone()
+        z[..., :4] = 0
+        kw.setdefault("positions", "mixture")
+        e = ea_probs(q, k, rotary, **kw)
+        w = window_probs(q, k, obs_w, obs_pool)
+        w[..., :4] = 0
+        h = 0.8 * e + 0.2 * w / w.sum(-1, keepdim=True)
+        s = (1 - a) * z / z.sum(-1, keepdim=True) + a * h
+    elif base == "ea":
         s = ea_probs(q, k, rotary, **kw)
+    elif base.startswith("emp"):  # empN[s]: empirical expected attention of N queries (s: strided), mixture offsets
+        n = int(base[3:].rstrip("s"))
+        s = empirical_probs(q, k, rotary, n_q=n, stride=base.endswith("s"))
+    elif base.startswith("ehyb"):  # ehybA_N[s]: (1-A) * empirical + A * SnapKV
+        a, n = base[4:].split("_")
+        e = empirical_probs(q, k, rotary, n_q=int(n.rstrip("s")), stride=n.endswith("s"))
+        w = window_probs(q, k, obs_w, obs_pool)
+        w[..., :4] = 0
+        s = (1 - int(a) / 100) * e + int(a) / 100 * w / w.sum(-1, keepdim=True)
     elif base == "snapkv":
         s = window_probs(q, k)
     elif base.startswith("hyb"):  # hybA: (1-A) * EA + A * SnapKV probabilities (A in percent)
@@ -149,6 +309,8 @@ def make_scores(name, q, k, v, rotary):
     vn = v.float().norm(dim=-1)
     chunk = 1
     for m in mods:
+        if m.startswith("vpow"):
+            vn = vn ** float(m[4:])
         if m == "novnorm":
             vn = None
         elif m == "caote":  # attention-output error of dropping j: p_j * ||v_j - o||, o the expected output
@@ -160,7 +322,7 @@ def make_scores(name, q, k, v, rotary):
             s[..., L - int(m[6:]):] = float("inf")
         elif m.startswith("chunk"):
             chunk = int(m[5:])
-    if vn is not None and base != "snapkv":
+    if vn is not None and base not in ("snapkv", "zip", "pmax", "zmax") or "vn" in mods:
         s = s * vn
     s = s.clone()
     s[..., :4] = float("inf")  # sinks
@@ -186,7 +348,7 @@ def main():
     import kvaccel
 
     torch.set_num_threads(1)
-    model, _ = kvaccel.load_model()
+    model, tokenizer = kvaccel.load_model()
     rotary = model.model.rotary_emb
     prompts = [json.loads(x) for x in Path(args.prompts).read_text().splitlines() if x.strip()]
     if args.limit:
@@ -201,16 +363,25 @@ def main():
             L = ctx.shape[1]
             layers = capture(model, ctx)
             ref = torch.log_softmax(target_logits(model, [(k, v) for _, k, v in layers], L, tgt), -1)
+            if any("zip" in c for c in cands):
+                reconstruction_scores(model, tokenizer, [(k, v) for _, k, v in layers], ctx)
             for b in (float(x) for x in args.budgets.split(",")):
                 cap = int(L * b)
                 for c in cands:
-                    kv = []
-                    for q, k, v in layers:
-                        s, chunk = make_scores(c, q, k, v, rotary)
-                        idx = select(s, cap, chunk)
-                        g = idx[..., None].expand(-1, -1, -1, k.shape[-1])
-                        kv.append((k.gather(2, g), v.gather(2, g)))
-                    lp = torch.log_softmax(target_logits(model, kv, L, tgt), -1)
+                    rule, _, scorer = c.rpartition("|")  # "head|..." / "global|...": per-head budgets (masked)
+                    if rule:
+                        scores = [make_scores(scorer, q, k, v, rotary, i)[0] for i, (q, k, v) in enumerate(layers)]
+                        masks = allocate(scores, cap, rule)
+                        logits = masked_target_logits(model, [(k, v) for _, k, v in layers], masks, L, tgt)
+                        lp = torch.log_softmax(logits, -1)
+                    else:
+                        kv = []
+                        for i, (q, k, v) in enumerate(layers):
+                            s, chunk = make_scores(c, q, k, v, rotary, i)
+                            idx = select(s, cap, chunk)
+                            g = idx[..., None].expand(-1, -1, -1, k.shape[-1])
+                            kv.append((k.gather(2, g), v.gather(2, g)))
+                        lp = torch.log_softmax(target_logits(model, kv, L, tgt), -1)
                     kl = float((ref.exp() * (ref - lp)).sum(-1).mean())
                     res[(b, c)].append(kl)
                     if out:

@@ -8,12 +8,13 @@ from .expected_attention import ExpectedAttention
 from .full import Full
 from .h2o import H2O
 from .keyformer import Keyformer
+from .kvzip import KVzip
 from .pyramidkv import PyramidKV
 from .snapkv import SnapKV
 from .streaming import Streaming
 
 __all__ = [
     "AdaKV", "D2O", "EvictionMethod", "ExpectedAttention", "Full", "H2O", "Keyformer", "PyramidKV", "ScoredEviction",
-    "AttentionGate",
+    "AttentionGate", "KVzip",
     "SnapKV", "Streaming",
 ]

@@ -1,0 +1,287 @@
+"""KVzip: score every prompt token by how much the model attends to it while *reconstructing* the prompt."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from kvaccel.cache import KVAccelLayer, compact_slots
+from kvaccel.config import register, resolve_budget, validate_budget
+from kvaccel.varlen_cache import VarlenLayer
+
+from .base import EvictionMethod
+from .expected_attention import ExpectedAttention
+from .h2o import check_int, check_ratio
+
+Tensor = torch.Tensor
+
+#: ``allocation`` values
+ALLOCATIONS = ("global", "layer")
+#: rows of reconstruction queries scored at once (bounds the (G * rows, keys) probability block)
+ROW_BLOCK = 512
+
+
+def reconstruction_max_attention(query: Tensor, keys: Tensor, scale: float, scored: slice, n_sink: int) -> Tensor:
+    """``(B, H_kv, len(scored))``: per key of ``keys[:, :, scored]``, the max over the ``Q`` reconstruction queries
+    and the ``G`` query heads of its kv head of the softmax attention probability.
+
+    ``query`` ``(B, H_q, Q, D)`` are the last ``Q`` tokens of ``keys`` ``(B, H_kv, T, D)`` (causal among
+    themselves). As kvpress' KVzipPress, the softmax runs over the first ``n_sink`` keys, the ``scored`` keys and
+    the ``Q`` reconstruction keys (not over other chunks of the prompt). GQA without repeating K/V; fp32 inside.
+    """
+    B, Hq, Q, D = query.shape
+    Hkv, T = keys.shape[1], keys.shape[2]
+    G = Hq // Hkv
+    parts = [keys[:, :, :n_sink], keys[:, :, scored], keys[:, :, T - Q :]]
+    k = torch.cat(parts, dim=2).float()  # (B, Hkv, S + C + Q, D)
+    S, C = parts[0].shape[2], parts[1].shape[2]
+    q = query.reshape(B, Hkv, G, Q, D).float()
+    best = k.new_zeros(B, Hkv, C)
+    for r0 in range(0, Q, ROW_BLOCK):
+        r1 = min(Q, r0 + ROW_BLOCK)
+        logits = torch.einsum("bhgqd,bhkd->bhgqk", q[:, :, :, r0:r1], k) * scale
+        rows = torch.arange(r0, r1, device=k.device)[:, None]
+        future = torch.arange(Q, device=k.device)[None, :] > rows  # causal among the reconstruction tokens
+        logits[..., S + C :] = logits[..., S + C :].masked_fill(future, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)[..., S : S + C]
+        best = torch.maximum(best, probs.amax(dim=(2, 3)))
+    return best
+
+
+def normalise_heads(scores: Tensor, sink: Tensor) -> Tensor:
+    """Scores ``(B, H, N)`` divided by their sum over each head's non-sink tokens (sinks excluded, kept apart)."""
+    s = scores.float().masked_fill(sink, 0.0)
+    return s / s.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+@register
+@dataclass
+class KVzip(EvictionMethod):
+    """KVzip: query-agnostic eviction scored by context reconstruction, budgets allocated across layers and heads.
+
+    https://arxiv.org/abs/2505.23416 (as kvpress' ``KVzipPress``): after the prompt ``x`` is prefilled, the model is
+    fed ``prompt + "\\n" + x`` (``prompt`` = "Repeat the previous context exactly.") over the prompt's cache, in
+    chunks of ``chunk_size`` prompt tokens; a cached token's score is the max, over the reconstruction queries and
+    the query heads of its kv head, of its softmax attention probability (softmax over the first ``n_sink`` tokens,
+    the chunk and the reconstruction tokens). The reconstruction tokens are then dropped from the cache and the
+    prompt is evicted at once: ``allocation="global"`` (the paper's and kvpress' default) keeps the
+    ``budget · L · H_kv · layers`` highest scores over every layer and kv head of a sequence (layers and heads end up
+    with different lengths), ``"layer"`` keeps ``budget · L · H_kv`` per layer over its heads. Every (layer, head)
+    keeps its first ``n_sink`` tokens. The layers are stored packed per head (``VarlenLayer``, bytes = budget).
+    Cost: the reconstruction is a second forward over ~the prompt's length (kvpress measures 2–3x the prefill).
+
+    kvaccel's option ``expected_weight=a`` (``a`` in [0, 1]) mixes the reconstruction score ``z`` with the
+    probabilities ``p`` of ``expected_attention(future_positions="mixture", observation_weight=0.2)`` (the attention
+    future queries are expected to pay, plus what the prompt's last 32 queries paid; ``p`` sums to 1 per head):
+    ``s = ((1 - a) z / Σz + a p) · ‖v‖``, and the allocation runs on ``s`` normalised per head (so heads and layers
+    compete on shares of their own mass). ``a = 0`` (default) is KVzip as published (raw ``z``, no ``‖v‖``).
+
+    Prompt-time only: the cache grows while decoding (as the paper and kvpress). Limits, each a clear error: one
+    prefill forward per cache (feed later prompt chunks inside ``kvaccel.paused``), ``input_ids`` (not
+    ``inputs_embeds``), no padding, and no channel (``think``) or decode (``retrieval``) method alongside (the packed
+    layout). When the budget covers the prompt nothing runs (tokens identical to full attention).
+
+    Parameters
+    ----------
+    budget : int | float
+        Tokens kept per head on average (int) or fraction of the prompt (float in (0, 1]). Default 0.25.
+    n_sink : int
+        First tokens every (layer, head) keeps. Default 4.
+    allocation : str
+        ``"global"`` (default) or ``"layer"``.
+    chunk_size : int
+        Prompt tokens reconstructed per forward. Default 2048 (kvpress').
+    expected_weight : float
+        Weight of the expected-attention score, in [0, 1]. Default 0 (KVzip).
+    prompt_ids : tuple[int, ...] | None
+        Token ids of ``"\\n\\nRepeat the previous context exactly." + "\\n"``; ``None`` (default): built with the
+        model's tokenizer (``AutoTokenizer`` from the model's local path) when patched.
+    """
+
+    name = "kvzip"
+    budget: int | float = 0.25
+    n_sink: int = 4
+    allocation: str = "global"
+    chunk_size: int = 2048
+    expected_weight: float = 0.0
+    prompt_ids: tuple[int, ...] | None = None
+
+    PROMPT = "\n\nRepeat the previous context exactly."
+    NEXT_CHUNK_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with"
+    #: previous chunk's last tokens given to a later chunk's prompt (kvpress: 8)
+    OVERLAP = 8
+
+    def __post_init__(self):
+        validate_budget(self.budget)
+        check_int("n_sink", self.n_sink, 0)
+        check_int("chunk_size", self.chunk_size, 1)
+        check_ratio("expected_weight", self.expected_weight)
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation ({self.allocation!r}) must be one of {ALLOCATIONS}")
+        if self.prompt_ids is not None:
+            ids = self.prompt_ids
+            if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+                raise TypeError(f"prompt_ids ({ids!r}) must be a sequence of token ids")
+            ids = tuple(ids)
+            if len(ids) < 2 or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+                raise ValueError(
+                    f"prompt_ids ({ids!r}) must hold >= 2 non-negative token ids: the reconstruction instruction "
+                    "followed by a newline"
+                )
+            self.prompt_ids = ids
+        object.__setattr__(self, "_expected", None)
+        object.__setattr__(self, "_prompts", None)  # (first chunk ids, next-chunk ids, "\n" ids)
+        object.__setattr__(self, "_pending", {})  # layer index -> expected-attention scores | None
+        object.__setattr__(self, "_busy", False)
+
+    # ------------------------------------------------------------------ patch()-time
+    def check_stages(self, stages: dict) -> None:
+        for stage in ("channels", "decode"):
+            other = stages.get(stage)
+            if other is not None:
+                raise NotImplementedError(
+                    f"kvzip stores each head packed at its own length, which the {stage} method '{other.name}' cannot "
+                    f"read yet; drop '{other.name}' or use a per-token eviction method with it"
+                )
+
+    def bind(self, model) -> None:
+        if self.expected_weight > 0:
+            ea = ExpectedAttention(budget=1.0, future_positions="mixture", observation_weight=0.2, n_sink=self.n_sink)
+            ea.bind(model)
+            object.__setattr__(self, "_expected", ea)
+        object.__setattr__(self, "_prompts", self._prompt_token_ids(model))
+
+    def _prompt_token_ids(self, model) -> tuple[list[int], list[int], list[int]]:
+        if self.prompt_ids is not None:
+            return list(self.prompt_ids[:-1]), list(self.prompt_ids[:-1]), list(self.prompt_ids[-1:])
+        path = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as err:  # noqa: BLE001 - any failure means the same thing to the user
+            raise ValueError(
+                f"kvzip builds its reconstruction prompt with the model's tokenizer and could not load one from "
+                f"{path!r} ({type(err).__name__}: {err}); pass kvzip(prompt_ids=...) with the token ids of "
+                f"{self.PROMPT!r} followed by the id(s) of a newline"
+            ) from None
+
+        def enc(text: str) -> list[int]:
+            return tok.encode(text, add_special_tokens=False)
+
+        return enc(self.PROMPT), enc(self.NEXT_CHUNK_PROMPT), enc("\n")
+
+    # ------------------------------------------------------------------ inside the prefill forward
+    def after_prefill(self, ctx) -> None:
+        if self._busy:  # a reconstruction forward: score the chunk's prompt tokens
+            self._score_chunk(ctx)
+            return
+        if ctx.phase != "prefill":
+            raise NotImplementedError(
+                "kvzip compresses the prompt once, after its first forward; feed later tokens of the prompt (e.g. a "
+                "question) inside `with kvaccel.paused(model): ...`, or prefill the whole prompt in one forward"
+            )
+        if ctx.pad is not None:
+            raise NotImplementedError(
+                "kvzip does not support padded batches yet (the reconstruction prompt would sit after the padding); "
+                "run the sequences one by one or as a batch of equal lengths"
+            )
+        cap = resolve_budget(self.budget, ctx.layer.length)
+        ctx.record_capacity(cap)
+        if cap >= ctx.layer.length:
+            return
+        extra = None
+        if self._expected is not None:
+            extra = self._expected.score(ctx).float()  # sinks carry KEEP_SCORE; replaced at allocation
+        self._pending[ctx.layer_idx] = {"expected": extra, "layer": ctx.layer}
+
+    # ------------------------------------------------------------------ after the prefill forward
+    def after_forward(self, model, cache, input_ids: Tensor | None) -> None:
+        """Called by ``patch()``'s forward wrapper after every forward: run the reconstruction and evict."""
+        if self._busy or not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        if len(pending) != len(cache.layers):
+            raise RuntimeError(f"kvzip expected every layer of the prefill to be pending, got {sorted(pending)}")
+        if input_ids is None:
+            raise ValueError("kvzip reconstructs the prompt from its token ids: call the model with input_ids")
+        L = input_ids.shape[1]
+        first, later, newline = self._prompts
+        dev = input_ids.device
+        scores = [torch.zeros(input_ids.shape[0], cache.layers[i].keys.shape[1], L, device=dev)
+                  for i in range(len(cache.layers))]
+        object.__setattr__(self, "_scores", scores)
+        object.__setattr__(self, "_busy", True)
+        try:
+            for c0 in range(0, L, self.chunk_size):
+                c1 = min(L, c0 + self.chunk_size)
+                head = first if c0 == 0 else later
+                prefix = torch.tensor(head, dtype=input_ids.dtype, device=dev).expand(input_ids.shape[0], -1)
+                parts = [prefix]
+                if c0 > 0:
+                    parts.append(input_ids[:, max(0, c0 - self.OVERLAP) : c0])
+                parts += [torch.tensor(newline, dtype=input_ids.dtype, device=dev).expand(input_ids.shape[0], -1),
+                          input_ids[:, c0:c1]]
+                ids = torch.cat(parts, dim=1)
+                object.__setattr__(self, "_chunk", slice(c0, c1))
+                pos = torch.arange(L, L + ids.shape[1], device=dev)[None].expand(ids.shape[0], -1)
+                with torch.no_grad():
+                    model(input_ids=ids, position_ids=pos, use_cache=True, **{_cache_kw(model): cache})
+                for layer in cache.layers:
+                    _drop_tail(layer, L)
+        finally:
+            object.__setattr__(self, "_busy", False)
+        self._evict(cache, pending, scores, L)
+
+    def _score_chunk(self, ctx) -> None:
+        ch = self._chunk
+        n_sink = min(self.n_sink, ch.start)
+        best = reconstruction_max_attention(ctx.query, ctx.key, ctx.scaling, ch, n_sink)
+        self._scores[ctx.layer_idx][..., ch] = best
+
+    def _evict(self, cache, pending: dict, scores: list[Tensor], L: int) -> None:
+        B = scores[0].shape[0]
+        cap = resolve_budget(self.budget, L)
+        sink = torch.arange(L, device=scores[0].device) < self.n_sink
+        mixed = []
+        for i, z in enumerate(scores):
+            s = z
+            e = pending[i]["expected"]
+            if e is not None:
+                a = self.expected_weight
+                vnorm = pending[i]["layer"].values.float().norm(dim=-1)
+                s = normalise_heads((1 - a) * normalise_heads(z, sink) * vnorm + a * e.masked_fill(sink, 0.0), sink)
+            mixed.append(s.masked_fill(sink, float("inf")))
+        if self.allocation == "global":
+            flat = torch.cat([s.reshape(B, -1) for s in mixed], dim=1)  # (B, layers * H * L)
+            keep = _top_mask(flat, cap * sum(s.shape[1] for s in mixed))
+            masks = list(keep.split([s.shape[1] * L for s in mixed], dim=1))
+            masks = [m.view(B, s.shape[1], L) for m, s in zip(masks, mixed, strict=True)]
+        else:
+            masks = [_top_mask(s.reshape(B, -1), cap * s.shape[1]).view_as(s) for s in mixed]
+        for i, mask in enumerate(masks):
+            layer = pending[i]["layer"]
+            idx, slot_valid = compact_slots(mask, min_width=1)
+            cache.layers[i] = VarlenLayer.from_selection(layer, idx, slot_valid)
+
+
+def _cache_kw(model) -> str:
+    """transformers >= 5.24 names the forward's cache argument ``cache`` (``past_key_values`` is deprecated)."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def _top_mask(scores: Tensor, k: int) -> Tensor:
+    """``(B, N)`` bool: the ``k`` highest scores of each row."""
+    k = min(k, scores.shape[1])
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(k, dim=1).indices, True)
+
+
+def _drop_tail(layer: KVAccelLayer, n: int) -> None:
+    """Forget every token of ``layer`` after the first ``n`` (the reconstruction tokens): counters and slot views."""
+    for slot in [layer._k, layer._v, layer._valid, *layer.token_state.slots().values()]:
+        if slot is not None:
+            slot.n = n
+    layer.seen = layer.prompt_len = n
+
