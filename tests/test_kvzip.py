@@ -105,7 +105,7 @@ def test_kvzip_first_chunk_scores_equal_a_dense_recomputation():
         torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-6)
 
 
-def test_kvzip_refusals():
+def test_kvzip_refusals_and_later_tokens():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="allocation"):
         KVzip(allocation="heads")
@@ -125,7 +125,7 @@ def test_kvzip_refusals():
             model(ids, attention_mask=mask, past_key_values=KVAccelCache(model), use_cache=True)
         cache = KVAccelCache(model)
         model(ids[:1], past_key_values=cache, use_cache=True)
-        with pytest.raises(NotImplementedError, match="paused"):
-            model(ids[:1, :5], past_key_values=cache, use_cache=True)
-        with kvaccel.paused(model):  # the kvpress protocol: the question over the compressed cache
-            assert torch.isfinite(model(ids[:1, :5], past_key_values=cache, use_cache=True).logits).all()
+        held = [layer.seg_len.clone() for layer in cache.layers]
+        model(ids[:1, :5], past_key_values=cache, use_cache=True)  # a question after the compressed context: kept
+        assert all(torch.equal(layer.seg_len, h + 5) for layer, h in zip(cache.layers, held, strict=True))
+        assert any("kept uncompressed" in n for n in kvaccel.report(model)["notes"])

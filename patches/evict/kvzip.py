@@ -78,10 +78,10 @@ class KVzip(EvictionMethod):
     ``s = ((1 - a) z / Σz + a p) · ‖v‖``, and the allocation runs on ``s`` normalised per head (so heads and layers
     compete on shares of their own mass). ``a = 0`` (default) is KVzip as published (raw ``z``, no ``‖v‖``).
 
-    Prompt-time only: the cache grows while decoding (as the paper and kvpress). Limits, each a clear error: one
-    prefill forward per cache (feed later prompt chunks inside ``kvaccel.paused``), ``input_ids`` (not
-    ``inputs_embeds``), no padding, and no channel (``think``) or decode (``retrieval``) method alongside (the packed
-    layout). When the budget covers the prompt nothing runs (tokens identical to full attention).
+    Prompt-time only: the prompt is compressed once, after the first forward; tokens fed later (a question, decoded
+    tokens) are kept (as the paper and kvpress; ``report()`` notes it). Limits, each a clear error: ``input_ids``
+    (not ``inputs_embeds``), no padding, and no channel (``think``) or decode (``retrieval``) method alongside (the
+    packed layout). When the budget covers the prompt nothing runs (tokens identical to full attention).
 
     Parameters
     ----------
@@ -178,11 +178,9 @@ class KVzip(EvictionMethod):
         if self._busy:  # a reconstruction forward: score the chunk's prompt tokens
             self._score_chunk(ctx)
             return
-        if ctx.phase != "prefill":
-            raise NotImplementedError(
-                "kvzip compresses the prompt once, after its first forward; feed later tokens of the prompt (e.g. a "
-                "question) inside `with kvaccel.paused(model): ...`, or prefill the whole prompt in one forward"
-            )
+        if ctx.phase != "prefill":  # compressed once, at the first forward: later tokens stay, as decoded ones
+            ctx.state.notes.add("kvzip: tokens fed after the first forward (e.g. a question) are kept uncompressed")
+            return
         if ctx.pad is not None:
             raise NotImplementedError(
                 "kvzip does not support padded batches yet (the reconstruction prompt would sit after the padding); "
