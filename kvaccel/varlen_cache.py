@@ -37,6 +37,19 @@ from kvaccel.kernels.varlen_decode_attention import varlen_decode_attention
 Tensor = torch.Tensor
 
 
+def check_varlen_stages(name: str, stages: dict, fix: str) -> None:
+    """Refuse, at ``patch()`` time, channel / decode methods next to an eviction method ``name`` that stores its layers
+    as ``VarlenLayer`` (they read a layer's padded per-head ``keys`` / ``values``). ``fix`` is the advice, formatted
+    with ``other`` (the refused method's name)."""
+    for stage in ("channels", "decode"):
+        other = stages.get(stage)
+        if other is not None:
+            raise NotImplementedError(
+                f"{name} stores each head packed at its own length, which the {stage} method '{other.name}' cannot "
+                f"read yet (it reads the padded per-head keys); {fix.format(other=other.name)}"
+            )
+
+
 def _segment_rows(starts: Tensor, lengths: Tensor, total: int) -> tuple[Tensor, Tensor]:
     """For segments ``starts``/``lengths`` (S,) holding ``total`` tokens: ``(segment id, row)`` of every token,
     in segment order."""

@@ -8,7 +8,7 @@ import torch
 
 from kvaccel.cache import compact_slots
 from kvaccel.config import register, validate_budget
-from kvaccel.varlen_cache import VarlenLayer
+from kvaccel.varlen_cache import VarlenLayer, check_varlen_stages
 
 from .base import EvictionMethod
 from .h2o import check_ratio
@@ -85,16 +85,9 @@ class AdaKV(EvictionMethod):
     def check_stages(self, stages: dict) -> None:
         """Refuse methods of other stages that the varlen layout cannot serve: channels / decode methods read a
         layer's padded per-head ``keys`` / ``values``, which a ``VarlenLayer`` does not hold."""
-        if self.layout != "varlen":
-            return
-        for stage in ("channels", "decode"):
-            other = stages.get(stage)
-            if other is not None:
-                raise NotImplementedError(
-                    f"adakv's varlen layout (per-head budgets packed, bytes = budget) cannot be combined with the "
-                    f"{stage} method '{other.name}' yet (it reads the padded per-head keys); use "
-                    f"adakv(layout='padded') with it, or drop '{other.name}'"
-                )
+        if self.layout == "varlen":
+            check_varlen_stages("adakv's varlen layout (per-head budgets packed, bytes = budget)", stages,
+                                "use adakv(layout='padded') with it, or drop '{other}'")
 
     def after_prefill(self, ctx) -> None:
         cap = self._scorer.capacity(ctx)

@@ -9,7 +9,7 @@ import torch
 
 from kvaccel.cache import KVAccelLayer, compact_slots
 from kvaccel.config import register, resolve_budget, validate_budget
-from kvaccel.varlen_cache import VarlenLayer
+from kvaccel.varlen_cache import VarlenLayer, check_varlen_stages
 
 from .base import EvictionMethod
 from .expected_attention import ExpectedAttention
@@ -138,13 +138,7 @@ class KVzip(EvictionMethod):
 
     # ------------------------------------------------------------------ patch()-time
     def check_stages(self, stages: dict) -> None:
-        for stage in ("channels", "decode"):
-            other = stages.get(stage)
-            if other is not None:
-                raise NotImplementedError(
-                    f"kvzip stores each head packed at its own length, which the {stage} method '{other.name}' cannot "
-                    f"read yet; drop '{other.name}' or use a per-token eviction method with it"
-                )
+        check_varlen_stages("kvzip", stages, "drop '{other}' or use a per-token eviction method with it")
 
     def bind(self, model) -> None:
         if self.expected_weight > 0:
