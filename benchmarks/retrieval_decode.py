@@ -134,9 +134,10 @@ def end_to_end(args, model, tok) -> None:
     ids = prompt_ids(tok, args.e2e)
     steps = args.steps
     patched, _ = kvaccel.load_model()
+    extra = {} if args.exact_below is None else {"exact_below": args.exact_below}
     spec = Retrieval(top_k=args.top_k, ef=args.ef, sink=args.sink, window=args.window,
                      build_queries=args.build_queries, build_query_ratio=args.build_query_ratio,
-                     spill_every=args.spill_every)
+                     spill_every=args.spill_every, **extra)
     kvaccel.patch(patched, spec)
     try:
         with torch.inference_mode():
@@ -152,20 +153,24 @@ def end_to_end(args, model, tok) -> None:
             cache_s = model(ids[:, -(args.sink + args.window) :], use_cache=True, logits_to_keep=1).past_key_values
             waited = wait_for_index(cache_r) if args.wait_index else 0.0
             l_full, l_ret, t_full, t_ret, t_small, ready = [out_f.logits[0, -1]], [out_r.logits[0, -1]], [], [], [], []
+            c_full, c_ret, c_small = [], [], []  # process CPU time (all threads) of each step
             for _ in range(steps):
                 nxt = torch.tensor([[int(l_full[-1].argmax())]])
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 out_f = model(nxt, past_key_values=cache_f, use_cache=True)
                 t_full.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
+                c_full.append(time.process_time() - c0)
+                t0, c0 = time.perf_counter(), time.process_time()
                 model(nxt, past_key_values=cache_s, use_cache=True)
                 t_small.append(time.perf_counter() - t0)
+                c_small.append(time.process_time() - c0)
                 # every layer's index finished before this step (a layer installs it at its own step)
                 ready.append(all(getattr(layer, STATE_ATTR).pending is None
                                  or getattr(layer, STATE_ATTR).pending.done() for layer in cache_r.layers))
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 out_r = patched(nxt, past_key_values=cache_r, use_cache=True)
                 t_ret.append(time.perf_counter() - t0)
+                c_ret.append(time.process_time() - c0)
                 l_full.append(out_f.logits[0, -1])
                 l_ret.append(out_r.logits[0, -1])
         rep = kvaccel.report(patched)
@@ -176,6 +181,7 @@ def end_to_end(args, model, tok) -> None:
     kl = (lp_full.exp() * (lp_full - lp_ret)).sum(-1)
     top1 = (l_full.argmax(-1) == l_ret.argmax(-1)).float().mean()
     pairs = [(f, r, m) for f, r, m, ok in zip(t_full, t_ret, t_small, ready, strict=True) if ok]  # same steps
+    cpairs = [(f, r, m) for f, r, m, ok in zip(c_full, c_ret, c_small, ready, strict=True) if ok]
     host = sum(v for v in rep["retrieval_host_bytes"] if v)
     build = sum(v for v in rep["retrieval_build_s"] if v)
     knn = sum(v for v in rep["retrieval_build_knn_s"] if v)
@@ -192,6 +198,10 @@ def end_to_end(args, model, tok) -> None:
               f"full {mf * 1e3:.1f}, retrieval {mr * 1e3:.1f} -> {mf / mr:.2f}x (per-step ratio quartiles "
               f"{ratios[len(ratios) // 4]:.2f} / {ratios[len(ratios) // 2]:.2f} / {ratios[3 * len(ratios) // 4]:.2f}); "
               f"floor = stock over {args.sink + args.window} cached tokens {ms * 1e3:.1f} -> at most {mf / ms:.2f}x")
+        cf, cr, cs = (statistics.median(p[i] for p in cpairs) for i in (0, 1, 2))
+        print(f"  decode step CPU ms (process time, same steps): full {cf * 1e3:.1f}, retrieval {cr * 1e3:.1f} -> "
+              f"{cf / cr:.2f}x; floor {cs * 1e3:.1f} -> at most {cf / cs:.2f}x; load average "
+              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; torch threads {torch.get_num_threads()}")
     building = [(f, r) for f, r, ok in zip(t_full, t_ret, ready, strict=True) if not ok]
     if building:
         mf, mr = (statistics.median(p[i] for p in building) for i in (0, 1))
@@ -201,6 +211,8 @@ def end_to_end(args, model, tok) -> None:
           f"({rep['kv_ratio']:.3f}); host {host / 2**20:.1f} MB; scanned fraction "
           f"{np.mean(scanned) if scanned else float('nan'):.4f}")
     print(f"  fidelity (teacher-forced): top-1 agreement {top1:.3f}, mean KL {kl.mean():.4f}, max KL {kl.max():.4f}")
+    print(f"  search path: {sum(rep['retrieval_exact_steps'])} layer-steps exact scan, "
+          f"{sum(rep['retrieval_graph_steps'])} graph search; notes: {rep['notes']}")
     for name in ("search_s", "host_attention_s", "device_attention_s", "merge_s", "insert_s"):
         vals = [v for v in rep[f"retrieval_{name}"] if v is not None]
         print(f"  retrieval_{name}: {sum(vals) / steps * 1e3:.2f} ms/step (all layers)")
@@ -218,6 +230,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--spill-every", type=int, default=64)
     ap.add_argument("--build-queries", type=int, default=8192)
+    ap.add_argument("--exact-below", type=int, help="Retrieval's exact_below (default: the method's)")
     ap.add_argument("--build-query-ratio", type=float, default=0.125)
     ap.add_argument("--wait-index", action="store_true",
                     help="e2e: wait for the background graph builds after prefill (every timed step uses the index)")

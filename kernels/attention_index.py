@@ -49,6 +49,15 @@ from numba import njit, prange
 
 __all__ = ["AttentionIndex", "GraphBuild"]
 
+
+def _torch():
+    import torch
+
+    return torch
+
+#: scan_rows computes at most this many scores per row at once (queries in blocks): 64 MiB per row in float32
+SCAN_BLOCK_SCORES = 1 << 24
+
 #: fast-math without the no-NaN/no-inf assumptions (-inf marks empty slots): lets the dot products vectorise
 _FM = {"reassoc", "contract", "nsz", "arcp"}
 
@@ -202,6 +211,97 @@ def _search_rows(qs, rows, keys, nbrs, deg, entries, n, k, ef, exact_below, out_
             scanned[r] = _scan_row(qs[r], keys[g], m, out_ids[r], out_scores[r])
         else:
             scanned[r] = _beam_search(qs[r], keys[g], nbrs[g], deg[g], entries[g], m, ef, out_ids[r], out_scores[r])
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _block_max(s, n, bmax):
+    """Maximum of each block of 32 of the first ``n`` (finite) scores: full fast-math lets the max vectorise."""
+    for b in range(bmax.shape[0]):
+        m = s[b * 32]
+        for j in range(b * 32 + 1, min(n, b * 32 + 32)):
+            m = max(m, s[j])
+        bmax[b] = m
+
+
+@njit(cache=True, nogil=True, fastmath=_FM)
+def _top_of_scores(s, n, out_ids, out_scores):
+    """Top-k of the first ``n`` scores ``s`` into ``out_ids`` / ``out_scores`` (descending; ``-1`` / ``-inf`` past
+    ``n``), in time linear in ``n`` whatever the order of the scores. The maxima of blocks of 32 scores give a
+    floor (the k-th largest block maximum: k blocks hold a score at least that high, so every top-k score is too);
+    one sequential pass gathers the scores at or above it, a quickselect among those gives the k-th largest, a
+    second pass over the gathered keeps the k best (ties at the k-th by index), sorted. Measured slower on real
+    attention scores (which rise toward recent keys): a size-k heap pass (~5x), numba's ``np.partition`` of all
+    ``n`` (~5x on random scores), visiting blocks in decreasing order of their maximum (~2x on cold memory)."""
+    k = out_ids.shape[0]
+    kk = min(k, n)
+    nb = (n + 31) // 32
+    floor = -np.inf
+    if nb > k and k > 0:
+        bmax = np.empty(nb, np.float32)
+        _block_max(s, n, bmax)
+        floor = np.partition(bmax, nb - k)[nb - k]
+    cnt = 0
+    for j in range(n):
+        if s[j] >= floor:
+            cnt += 1
+    cid = np.empty(cnt, np.int64)
+    csc = np.empty(cnt, np.float32)
+    c = 0
+    for j in range(n):
+        if s[j] >= floor:
+            cid[c] = j
+            csc[c] = s[j]
+            c += 1
+    if kk > 0:
+        t = np.partition(csc, cnt - kk)[cnt - kk]  # the k-th largest
+        ties = kk
+        for j in range(cnt):
+            if csc[j] > t:
+                ties -= 1
+        c = 0
+        for j in range(cnt):
+            v = csc[j]
+            if v > t or (v == t and ties > 0):
+                if v == t:
+                    ties -= 1
+                out_ids[c] = cid[j]
+                out_scores[c] = v
+                c += 1
+        order = np.argsort(-out_scores[:kk], kind="mergesort")
+        top_ids = out_ids[:kk][order]
+        top_scores = out_scores[:kk][order]
+        out_ids[:kk] = top_ids
+        out_scores[:kk] = top_scores
+    for j in range(kk, k):
+        out_ids[j] = -1
+        out_scores[j] = -np.inf
+
+
+@njit(cache=True, nogil=True, parallel=True, fastmath=_FM)
+def _select_rows(scores, n, out_ids, out_scores):
+    """Top-k of every query's scores ``(R, M, m)`` over the ``n[r]`` keys of its row (rows in parallel)."""
+    for r in prange(scores.shape[0]):
+        for g in range(scores.shape[1]):
+            _top_of_scores(scores[r, g], n[r], out_ids[r, g], out_scores[r, g])
+
+
+@njit(cache=True, nogil=True, parallel=True, fastmath=_FM)
+def _rescore_rows(qs, keys, cand, out_ids, out_scores):
+    """Exact ``q · k`` of each query's candidates ``cand`` ``(R, M, kc)`` (``-1`` = none); the best ``k`` of them,
+    descending, into ``out_ids`` / ``out_scores`` ``(R, M, k)``."""
+    k = out_ids.shape[2]
+    kc = cand.shape[2]
+    for r in prange(qs.shape[0]):
+        s = np.empty(kc, np.float32)
+        for g in range(qs.shape[1]):
+            for j in range(kc):
+                i = cand[r, g, j]
+                s[j] = _dot(qs[r, g], keys[r, i]) if i >= 0 else -np.inf
+            order = np.argsort(-s)
+            for j in range(k):
+                i = cand[r, g, order[j]]
+                out_ids[r, g, j] = i
+                out_scores[r, g, j] = s[order[j]] if i >= 0 else -np.inf
 
 
 @njit(cache=True, nogil=True, fastmath=_FM)
@@ -368,7 +468,7 @@ def _attend_rows(ids, scores, rows, values, scale, out, lse):
 def _attend_union_rows(ids, scores, rows, values, qs, skeys, svalues, svalid, scale, out):
     """One softmax per row over the union of its retrieved host keys (``ids``, their ``q · k`` in ``scores``) and
     the static keys ``skeys[rows[r]]`` (valid where ``svalid``): the LSE merge of the two parts in one pass."""
-    T = skeys.shape[1]
+    T = svalid.shape[1]  # skeys may hold spare slots past T
     for r in prange(ids.shape[0]):
         g = rows[r]
         sl = np.empty(T, np.float32)
@@ -394,6 +494,47 @@ def _attend_union_rows(ids, scores, rows, values, qs, skeys, svalues, svalid, sc
         total += _retrieved_accumulate(ids[r], scores[r], values[g], scale, m, out[r])
         for c in range(out.shape[1]):
             out[r, c] /= total
+
+
+@njit(cache=True, nogil=True, parallel=True, fastmath=_FM)
+def _attend_union_groups(ids, scores, values, qs, skeys, svalues, svalid, scale, out):
+    """:func:`_attend_union_rows` for the ``G`` query heads of each row (one query each, GQA): every static key and
+    value is read once for the whole group. ``ids`` / ``scores`` ``(R, G, k)``, ``qs`` ``(R, G, D)``, ``out``
+    ``(R, G, Dv)``."""
+    T = svalid.shape[1]
+    G = qs.shape[1]
+    for r in prange(qs.shape[0]):
+        sl = np.empty((G, T), np.float32)
+        m = np.full(G, -np.inf, np.float32)
+        for j in range(T):
+            if svalid[r, j]:
+                kj = skeys[r, j]
+                for g in range(G):
+                    x = scale * _dot(qs[r, g], kj)
+                    sl[g, j] = x
+                    if x > m[g]:
+                        m[g] = x
+        for g in range(G):
+            m[g] = _retrieved_max(ids[r, g], scores[r, g], scale, m[g])
+            for c in range(out.shape[2]):
+                out[r, g, c] = 0.0
+        total = np.zeros(G, np.float32)
+        for j in range(T):
+            if svalid[r, j]:
+                vj = svalues[r, j]
+                for g in range(G):
+                    if m[g] == -np.inf:
+                        continue
+                    p = np.float32(np.exp(sl[g, j] - m[g]))
+                    total[g] += p
+                    for c in range(out.shape[2]):
+                        out[r, g, c] += p * vj[c]
+        for g in range(G):
+            if m[g] == -np.inf:
+                continue
+            total[g] += _retrieved_accumulate(ids[r, g], scores[r, g], values[r], scale, m[g], out[r, g])
+            for c in range(out.shape[2]):
+                out[r, g, c] /= total[g]
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=_FM)
@@ -784,6 +925,9 @@ class AttentionIndex:
         self.linked = np.zeros(rows, np.int64)  # of which linked into the row's graph (the first `linked`)
         self._alloc(max(1, capacity))
         self.entries = np.full((rows, entry_points), -1, np.int64)
+        self._scores = None  # scan_rows' score buffer (a torch tensor), kept between calls
+        self._scores_bf16 = None
+        self._scan_keys = None  # scan_rows' bfloat16 copy of the keys (torch), made on its first bfloat16 scan
 
     def _alloc(self, capacity: int) -> None:
         """(Re)allocate the arrays with room for ``capacity`` keys per row. New arrays, never resized in place: a
@@ -809,8 +953,11 @@ class AttentionIndex:
             self._alloc(cap)
 
     def nbytes(self) -> int:
-        """Host bytes held: the K/V store, positions and the graph (capacity included)."""
-        return sum(a.nbytes for a in (self.keys, self.values, self.nbrs, self.deg, self.positions, self.entries))
+        """Host bytes held: the K/V store, positions, the graph (capacity included) and the scan's score buffer."""
+        scores = sum(t.numel() * t.element_size() for t in (self._scores, self._scores_bf16, self._scan_keys)
+                     if t is not None)
+        return scores + sum(a.nbytes for a in (self.keys, self.values, self.nbrs, self.deg, self.positions,
+                                                self.entries))
 
     def store(self, keys: list[np.ndarray], values: list[np.ndarray], positions: list[np.ndarray]) -> None:
         """Append ``keys[g]`` ``(n_g, D)``, ``values[g]`` ``(n_g, Dv)`` and their token ``positions[g]`` to row
@@ -824,6 +971,26 @@ class AttentionIndex:
             b = a + keys[g].shape[0]
             self.keys[g, a:b], self.values[g, a:b], self.positions[g, a:b] = keys[g], values[g], positions[g]
             self.n[g] = b
+
+    def _scan_copy(self, m: int):
+        """The bfloat16 copy of the first ``m`` key slots of every row, contiguous ``(rows, m, D)`` (a batched
+        bfloat16 matmul over a strided slice takes a ~9x slower path, measured): extended by the keys stored since
+        the last call (a copy of the old part per ``spill_every`` tokens)."""
+        torch = _torch()
+        old = self._scan_keys
+        if old is not None and old.shape[1] == m and (self._scan_n == self.n).all():
+            return old
+        lo = 0 if old is None else int(min(self._scan_n.min(), old.shape[1]))
+        new = torch.empty((self.rows, m, self.dim), dtype=torch.bfloat16)
+        if lo:
+            new[:, :lo] = old[:, :lo]
+        new[:, lo:] = torch.from_numpy(self.keys[:, lo:m])
+        self._scan_keys, self._scan_n = new, self.n.copy()
+        return new
+
+    def release_scan_copy(self) -> None:
+        """Drop the bfloat16 key copy of :meth:`scan_rows` (made again if it scans in bfloat16 later)."""
+        self._scan_keys = None
 
     def graph_build(self, queries: list[np.ndarray]) -> GraphBuild:
         """The graph build of every row that holds keys but no graph, from ``queries[g]`` ``(Nq_g, D)`` (the
@@ -933,6 +1100,60 @@ class AttentionIndex:
                        scores, scanned)
         return ids, scores, scanned
 
+    def scan_rows(self, queries: np.ndarray, k: int, bf16_margin: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-``k`` keys by ``q · k`` of every row's stored keys (linked or not) for its ``M`` queries:
+        ``queries`` ``(rows, M, D)`` -> ``ids`` ``(rows, M, k)`` (``-1`` past a row's keys) and their ``q · k``
+        ``(rows, M, k)`` float32, descending. The scores of all rows in one batched matmul (BLAS, torch's threads;
+        into a buffer kept between calls) and a compiled selection (``torch.topk`` measured 2-5x slower here): the
+        path for rows too small for a graph walk to pay off (a scan streams the keys, a walk reads them at random).
+        Queries go in blocks of at most ``SCAN_BLOCK_SCORES`` scores per row.
+
+        ``bf16_margin``: scan a bfloat16 copy of the keys instead (half the bytes: the scan is memory-bound; the
+        copy is extended by the keys stored since the last scan, :meth:`release_scan_copy` frees it), keep the best
+        ``k + bf16_margin`` per query and re-score those exactly in float32 for the final ``k`` (returned scores are
+        float32 ``q · k``; a key may be missed only if bfloat16 rounding moved it below ``k + bf16_margin``
+        others)."""
+        torch = _torch()
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if q.ndim != 3 or q.shape[0] != self.rows or q.shape[2] != self.dim:
+            raise ValueError(f"scan_rows wants queries (rows={self.rows}, M, {self.dim}), got {q.shape}")
+        R, M = q.shape[:2]
+        ids = np.empty((R, M, k), np.int64)
+        scores = np.empty((R, M, k), np.float32)
+        m = int(self.n.max())
+        if m == 0 or k == 0:
+            ids.fill(-1)
+            scores.fill(-np.inf)
+            return ids, scores
+        bf16 = bf16_margin is not None and k + bf16_margin < m  # else scanning every key exactly is as cheap
+        if bf16:
+            keys_t = self._scan_copy(m).transpose(1, 2)
+            kc = k + bf16_margin
+            cand = np.empty((R, M, kc), np.int64)
+            cand_scores = np.empty((R, M, kc), np.float32)
+        else:
+            keys_t = torch.from_numpy(self.keys)[:, :m].transpose(1, 2)  # (rows, D, m) view
+        q_t = torch.from_numpy(q)
+        block = max(1, min(M, SCAN_BLOCK_SCORES // m))
+        if self._scores is None or self._scores.numel() < R * block * m:
+            self._scores = torch.empty(R * block * m)
+            self._scores_bf16 = torch.empty(R * block * m, dtype=torch.bfloat16) if bf16 else None
+        if bf16 and self._scores_bf16 is None:
+            self._scores_bf16 = torch.empty(self._scores.numel(), dtype=torch.bfloat16)
+        for a in range(0, M, block):
+            b = min(M, a + block)
+            buf = self._scores[: R * (b - a) * m].view(R, b - a, m)
+            if bf16:
+                low = self._scores_bf16[: R * (b - a) * m].view(R, b - a, m)
+                torch.matmul(q_t[:, a:b].to(torch.bfloat16), keys_t, out=low)
+                buf.copy_(low)
+                _select_rows(buf.numpy(), self.n, cand[:, a:b], cand_scores[:, a:b])
+                _rescore_rows(q[:, a:b], self.keys, cand[:, a:b], ids[:, a:b], scores[:, a:b])
+            else:
+                torch.matmul(q_t[:, a:b], keys_t, out=buf)
+                _select_rows(buf.numpy(), self.n, ids[:, a:b], scores[:, a:b])
+        return ids, scores
+
     def search_exact(self, queries: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Reference: exact top-``k`` by a full scan (numpy), same layout as :meth:`search`."""
         q = np.asarray(queries, dtype=np.float32)
@@ -958,14 +1179,40 @@ class AttentionIndex:
                      queries: np.ndarray, static_keys: np.ndarray, static_values: np.ndarray,
                      static_valid: np.ndarray) -> np.ndarray:
         """Softmax attention of each query ``(R, D)`` over its retrieved keys together with the static keys of its
-        row, ``static_keys[rows[r]]`` ``(rows, T, D)`` valid where ``static_valid`` ``(rows, T)``: the same result
-        as :meth:`attend` + ``lse_merge`` with the static part's attention, in one compiled pass (for a static part
-        held in host memory too, i.e. a CPU model). Returns ``(R, Dv)``."""
+        row, ``static_keys[rows[r]]`` ``(rows, >= T, D)`` (slots past ``T`` ignored: a slot buffer with spare slots
+        needs no copy) valid where ``static_valid`` ``(rows, T)``: the same result as :meth:`attend` + ``lse_merge``
+        with the static part's attention, in one compiled pass (for a static part held in host memory too, i.e. a
+        CPU model). Returns ``(R, Dv)``."""
+        T = static_valid.shape[1]
+        if static_keys.shape[1] < T or static_values.shape[1] < T:
+            raise ValueError(f"static keys {static_keys.shape} / values {static_values.shape} hold fewer than the "
+                             f"{T} slots of static_valid")
         out = np.empty((ids.shape[0], self.dim_v), np.float32)
         c = np.ascontiguousarray  # one compiled signature (a strided view would compile another variant)
         _attend_union_rows(c(ids, dtype=np.int64), c(scores, dtype=np.float32), c(rows, dtype=np.int64), self.values,
                            c(queries, dtype=np.float32), c(static_keys, dtype=np.float32),
                            c(static_values, dtype=np.float32), c(static_valid, dtype=np.bool_), np.float32(scale), out)
+        return out
+
+    def attend_union_groups(self, ids: np.ndarray, scores: np.ndarray, scale: float, queries: np.ndarray,
+                            static_keys: np.ndarray, static_values: np.ndarray, static_valid: np.ndarray
+                            ) -> np.ndarray:
+        """:meth:`attend_union` for one query per query head of every row (a decode step), in row-major group
+        layout: ``ids`` / ``scores`` ``(rows, G, k)``, ``queries`` ``(rows, G, D)``; each static key and value is
+        read once for the ``G`` heads of its row. Returns ``(rows, G, Dv)``."""
+        T = static_valid.shape[1]
+        if ids.shape[0] != self.rows or queries.shape[:2] != ids.shape[:2]:
+            raise ValueError(f"attend_union_groups wants ids {ids.shape} and queries {queries.shape} as (rows="
+                             f"{self.rows}, G, ...)")
+        if static_keys.shape[1] < T or static_values.shape[1] < T:
+            raise ValueError(f"static keys {static_keys.shape} / values {static_values.shape} hold fewer than the "
+                             f"{T} slots of static_valid")
+        out = np.empty((ids.shape[0], ids.shape[1], self.dim_v), np.float32)
+        c = np.ascontiguousarray
+        _attend_union_groups(c(ids, dtype=np.int64), c(scores, dtype=np.float32), self.values,
+                             c(queries, dtype=np.float32), c(static_keys, dtype=np.float32),
+                             c(static_values, dtype=np.float32), c(static_valid, dtype=np.bool_), np.float32(scale),
+                             out)
         return out
 
     def attend_all(self, queries: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:

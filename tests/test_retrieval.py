@@ -314,3 +314,108 @@ def test_missing_dependency_names_pip_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "faiss" else real(name, *a))
     with pytest.raises(ImportError, match="pip install 'faiss-cpu"):
         Retrieval().check_dependencies()
+
+
+@needs_deps
+@pytest.mark.parametrize("bf16_margin", [None, 16])
+def test_scan_rows_matches_reference(bf16_margin, monkeypatch):
+    """The batched exact scan (float32, or bfloat16 + float32 re-scoring) against the numpy full-scan reference:
+    ragged rows, an empty row, k above a row's keys, several query blocks, adversarial score orders."""
+    from kvaccel.kernels.attention_index import AttentionIndex
+
+    rng = np.random.default_rng(2)
+    D, n = 16, [700, 0, 90]
+    index = AttentionIndex(3, D, 4)
+    keys = [rng.standard_normal((m, D)).astype(np.float32) for m in n]
+    keys[0][:300] *= np.linspace(0.1, 3, 300, dtype=np.float32)[:, None]  # scores rising with the key index
+    index.store(keys, [np.ones((m, 4), np.float32) for m in n], [np.arange(m) for m in n])
+    q = rng.standard_normal((3, 5, D)).astype(np.float32)
+    for k in (20, 100):
+        ids, scores = index.scan_rows(q, k, bf16_margin)
+        assert ids.shape == scores.shape == (3, 5, k)
+        for g, m in enumerate(n):
+            ref, ref_s = index.search_exact(q[g], np.full(5, g), k)
+            if m == 0:
+                assert (ids[g] == -1).all() and np.isneginf(scores[g]).all()
+                continue
+            got = ids[g][ids[g] >= 0].reshape(5, -1)
+            assert got.shape[1] == min(k, m)
+            np.testing.assert_allclose(scores[g][:, : got.shape[1]], np.einsum("qkd,qd->qk", keys[g][got], q[g]),
+                                       rtol=1e-5, atol=1e-5)  # float32 q . k of the returned keys
+            assert (np.diff(scores[g][:, : got.shape[1]], axis=1) <= 0).all()
+            rec = np.mean([len(np.intersect1d(a, b[b >= 0])) / (b >= 0).sum() for a, b in zip(got, ref, strict=True)])
+            assert rec == 1.0 if bf16_margin is None else rec >= 0.98, rec
+    # many queries with a small score buffer: queries go in blocks (7 per block here)
+    import kvaccel.kernels.attention_index as ai
+
+    monkeypatch.setattr(ai, "SCAN_BLOCK_SCORES", 7 * 700)
+    many = rng.standard_normal((3, 40, D)).astype(np.float32)
+    ids_all, _ = index.scan_rows(many, 10, bf16_margin)
+    assert index._scores.numel() == 3 * 7 * 700
+    for g in (0, 2):
+        ref, _ = index.search_exact(many[g], np.full(40, g), 10)
+        same = np.mean([len(np.intersect1d(a, b)) / 10 for a, b in zip(ids_all[g], ref, strict=True)])
+        assert same == 1.0 if bf16_margin is None else same >= 0.98
+
+
+@needs_deps
+def test_top_of_scores_orders_and_ties():
+    from kvaccel.kernels.attention_index import _select_rows
+
+    rng = np.random.default_rng(4)
+    m = 2000
+    cases = np.stack([rng.standard_normal(m), np.arange(m), -np.arange(m), np.round(rng.standard_normal(m) * 2) / 2,
+                      np.zeros(m)]).astype(np.float32)[None]  # random, ascending, descending, many ties, constant
+    n = np.array([m])
+    for k in (1, 50, 64):
+        ids = np.empty((1, cases.shape[1], k), np.int64)
+        scores = np.empty((1, cases.shape[1], k), np.float32)
+        _select_rows(cases, n, ids, scores)
+        for c in range(cases.shape[1]):
+            want = np.sort(cases[0, c])[::-1][:k]
+            np.testing.assert_array_equal(scores[0, c], want)
+            np.testing.assert_array_equal(cases[0, c][ids[0, c]], scores[0, c])
+            assert len(set(ids[0, c].tolist())) == k
+    short = np.array([30])  # fewer keys than k: the rest is -1 / -inf
+    ids = np.empty((1, 5, 50), np.int64)
+    scores = np.empty((1, 5, 50), np.float32)
+    _select_rows(cases, short, ids, scores)
+    assert (ids[:, :, 30:] == -1).all() and np.isneginf(scores[:, :, 30:]).all() and (ids[:, :, :30] < 30).all()
+
+
+@needs_deps
+def test_graph_built_once_exact_below_is_crossed():
+    """Below exact_below the host keys are scanned exactly and no graph exists (no build work); the decode spill
+    that crosses it builds the graph from the kept prefill queries, after which the graph is searched."""
+    model = tiny_model("llama")
+    ids, mask = _batch(1, L=60)
+    method = Retrieval(sink=4, window=8, top_k=8, ef=16, spill_every=4, exact_below=60, background_build=False)
+    with kvaccel.patched(model, method):
+        cache = KVAccelCache(model)
+        model(ids, attention_mask=mask, past_key_values=cache)
+        st = getattr(cache.layers[0], STATE_ATTR)
+        assert not st.graph and st.pending is None and (st.index.linked == 0).all() and st.index.n[0] == 48
+        G = model.config.num_attention_heads // model.config.num_key_value_heads
+        assert st.build_queries is not None and st.build_queries[0].shape[0] == 60 * G  # every prefill query kept
+        nxt = ids[:, -1:]
+        for _ in range(24):
+            nxt = model(nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
+        rep = kvaccel.report(model)
+    assert st.graph and st.build_queries is None and (st.index.linked == st.index.n).all() and st.index.n[0] > 60
+    assert all(e > 0 and g > 0 for e, g in zip(rep["retrieval_exact_steps"], rep["retrieval_graph_steps"], strict=True))
+    assert any("exact_below=60" in note for note in rep["notes"])
+    assert all(b > 0 for b in rep["retrieval_build_s"])
+
+
+def test_slot_rows_views_slot_buffers():
+    from kvaccel.patches.decode.retrieval import _slot_rows
+
+    buf = torch.randn(2, 3, 10, 4)
+    view = buf[:, :, :6]
+    rows = _slot_rows(view)
+    assert rows.shape == (6, 10, 4) and np.shares_memory(rows, buf.numpy())
+    np.testing.assert_array_equal(rows[:, :6], view.reshape(6, 6, 4).numpy())
+    strided = buf[:, :, :, :2]  # not a slot buffer's prefix: copied
+    rows = _slot_rows(strided)
+    assert rows.shape == (6, 10, 2) and not np.shares_memory(rows, buf.numpy())
+    np.testing.assert_array_equal(rows, strided.reshape(6, 10, 2).numpy())

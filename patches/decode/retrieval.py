@@ -3,6 +3,7 @@ an attention-aware index retrieves, merged exactly with the device part by log-s
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
@@ -34,8 +35,44 @@ STAT_KEYS = (
     "retrieval_host_tokens", "retrieval_host_bytes", "retrieval_device_bytes", "retrieval_build_s",
     "retrieval_insert_s", "retrieval_search_s", "retrieval_host_attention_s", "retrieval_device_attention_s",
     "retrieval_merge_s", "retrieval_scanned_fraction", "retrieval_recall", "retrieval_steps",
-    "retrieval_build_knn_s", "retrieval_steps_before_index", "retrieval_index_ready",
+    "retrieval_build_knn_s", "retrieval_steps_before_index", "retrieval_index_ready", "retrieval_exact_steps",
+    "retrieval_graph_steps",
 )
+
+
+#: candidates beyond top_k kept by the bfloat16 scan for the float32 re-scoring (measured: the float32 exact top-100
+#: recovered on every query of the captured keys at 16, 99.5% at 0)
+BF16_MARGIN = 16
+
+
+@functools.cache
+def _fast_bf16() -> bool:
+    """oneDNN has a native bfloat16 matmul on this CPU (AVX512-BF16 / AMX): otherwise bfloat16 is emulated, slower."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+#: torch's thread count when retrieval first ran, before numba's OpenMP pool started (starting it sets the
+#: process-wide OpenMP thread count, hence torch's, to NUMBA_NUM_THREADS: measured 1 -> 2 with OMP_NUM_THREADS=1)
+_TORCH_THREADS: list[int] = []
+
+
+def _match_threads() -> None:
+    """Compiled (numba) parallel kernels use as many threads as torch (``torch.get_num_threads()``, e.g.
+    ``OMP_NUM_THREADS``) in the calling thread, and starting numba's pool does not change torch's: a per-step kernel
+    of ~1 ms that waits on a second thread the OS has not scheduled costs ~8 ms on a loaded machine (measured)."""
+    import numba
+
+    if not _TORCH_THREADS:
+        _TORCH_THREADS.append(torch.get_num_threads())
+        numba.get_num_threads()  # starts the pool
+        torch.set_num_threads(_TORCH_THREADS[0])
+    want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if getattr(_THREAD_SET, "n", None) != want:  # numba's setting is per calling thread
+        numba.set_num_threads(want)
+        _THREAD_SET.n = want
+
+
+_THREAD_SET = threading.local()
 
 
 class _GraphBuilder:
@@ -58,6 +95,7 @@ class _GraphBuilder:
         return future
 
     def _run(self) -> None:
+        _match_threads()
         while True:
             future, job, owner = self._queue.get()
             if owner() is None or not future.set_running_or_notify_cancel():
@@ -80,7 +118,12 @@ class RetrievalLayerState:
         self.batch, self.kv_heads = batch, kv_heads
         self.build_s = self.build_knn_s = self.insert_s = 0.0
         self.pending: Future | None = None  # the graph build running in the background, until installed
+        self.graph = False  # the graphs are installed (searched from then on)
+        self.build_queries: list[np.ndarray] | None = None  # per row: the prefill queries kept for the graph build
         self.steps_before_index = 0  # attention calls served exactly over the host keys while the build ran
+        self.exact_steps = self.graph_steps = 0  # attention calls served by the exact scan / the graph search
+        self.rows: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}  # (B, Hq, Q) -> row maps
+        self.all_valid = np.ones((0, 0), np.bool_)  # static part without padding: every slot valid
         self.search_s = self.host_s = self.device_s = self.merge_s = 0.0
         self.scanned_sum = 0.0
         self.recall_sum = 0.0
@@ -170,6 +213,7 @@ class Retrieval(DecodeMethod):
     measure_recall: bool = False
     background_build: bool = True
     host_fused: bool = True
+    scan_precision: str = "auto"
 
     def __post_init__(self):
         for field, low, high in (("top_k", 1, None), ("sink", 0, None), ("window", 1, None), ("degree", 2, 256),
@@ -183,6 +227,8 @@ class Retrieval(DecodeMethod):
             0 < self.build_query_ratio <= 64
         ):
             raise ValueError(f"build_query_ratio must be a number in (0, 64], got {self.build_query_ratio!r}")
+        if self.scan_precision not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"scan_precision must be 'auto', 'float32' or 'bfloat16', got {self.scan_precision!r}")
         if not isinstance(self.ef, int) or self.ef < self.top_k:
             raise ValueError(f"ef ({self.ef!r}) must be an int >= top_k ({self.top_k}): the search list holds the "
                              "results; raise ef or lower top_k")
@@ -194,7 +240,11 @@ class Retrieval(DecodeMethod):
         if ctx.phase == "prefill" or getattr(layer, STATE_ATTR, None) is None:
             self._new_state(ctx, layer)
         _widen(layer)
-        self._spill(ctx, layer, queries=ctx.query, min_spill=1)
+        st: RetrievalLayerState = getattr(layer, STATE_ATTR)
+        if not st.graph and st.pending is None:  # queries for the graph build (now or once exact_below is crossed)
+            self._keep_build_queries(ctx, st, layer)
+        _match_threads()
+        self._spill(ctx, layer, min_spill=1)
 
     # ------------------------------------------------------------------ decode
     def attention(self, ctx: AttentionContext) -> Tensor:
@@ -212,21 +262,23 @@ class Retrieval(DecodeMethod):
                 f"retrieval: the batch changed from {st.batch} to {B} after prefill (beam search / batch reordering "
                 "is not supported by retrieval; use greedy or sampling)"
             )
+        _match_threads()
         if st.pending is not None and st.pending.done():
             _install(st)
         index = st.index
+        most = int(index.n.max())  # no row holds more: larger k / ef only allocate empty result slots
         # a CPU model holds the static part in host memory too: one compiled pass over static + retrieved keys
         fused = (self.host_fused and Q == 1 and q.device.type == "cpu" and k.dtype == v.dtype == torch.float32
-                 and st.pending is None and int(index.n.max()) > 0)
+                 and st.pending is None and most > 0)
         t0 = time.perf_counter()
         if not fused:
             o_f, lse_f = _device_attention(q, k, v, ctx.scaling, layer.valid)
         t1 = time.perf_counter()
         st.device_s += t1 - t0
-        if int(index.n.max()) == 0:
+        G = Hq // st.kv_heads
+        if most == 0:
             out = o_f
         elif st.pending is not None:  # graph not ready: exact attention over every host key
-            G = Hq // st.kv_heads
             qg = q.detach().float().cpu().numpy().reshape(B * st.kv_heads, G * Q, D)
             o_r, lse_r = index.attend_all(qg, ctx.scaling)
             t2 = time.perf_counter()
@@ -236,38 +288,55 @@ class Retrieval(DecodeMethod):
             st.host_s += t2 - t1
             st.merge_s += time.perf_counter() - t2
             st.steps_before_index += 1
+            ctx.state.notes.add("retrieval: steps while a layer's graph was building attended exactly over every "
+                                "host key")
         else:
-            G = Hq // st.kv_heads
-            most = int(index.n.max())  # no row holds more: larger k / ef only allocate empty result slots
-            top_k, ef = min(self.top_k, most), min(self.ef, most)
-            qs = q.detach().float().cpu().numpy().reshape(B * Hq * Q, D)
-            head_row = (np.arange(B)[:, None] * st.kv_heads + np.arange(Hq)[None, :] // G).reshape(-1)
-            rows = np.repeat(head_row, Q)
-            if self.group_search:  # one walk per (b, kv head, query): (P, G, D) -> ids back in (b, h_q, query) order
+            top_k = min(self.top_k, most)
+            qs = q.detach().float().cpu().numpy().reshape(B * Hq * Q, D)  # (b, h_q, query) order
+            rows, walk_rows = self._rows(st, B, Hq, Q)
+            if not st.graph or most <= self.exact_below:  # exact top-k: one batched scan of all rows
+                ids, scores = index.scan_rows(qs.reshape(B * st.kv_heads, G * Q, D), top_k,
+                                              BF16_MARGIN if self._scan_bf16 else None)
+                ids, scores = ids.reshape(B * Hq * Q, -1), scores.reshape(B * Hq * Q, -1)
+                scanned = None  # every key of every row
+                st.exact_steps += 1
+                ctx.state.notes.add(self._exact_note())
+            elif self.group_search:  # one walk per (b, kv head, query): (P, G, D) -> ids back in (b, h_q, q) order
+                ef = min(self.ef, most)
                 qg = qs.reshape(B, st.kv_heads, G, Q, D).transpose(0, 1, 3, 2, 4).reshape(-1, G, D)
-                walk_rows = np.repeat(np.arange(B * st.kv_heads), Q)
                 ids, scores, scanned = index.search_grouped(qg, walk_rows, top_k, ef, self.exact_below)
                 ids, scores = (a.reshape(B, st.kv_heads, Q, G, -1).transpose(0, 1, 3, 2, 4).reshape(B * Hq * Q, -1)
                                for a in (ids, scores))
+                st.graph_steps += 1
             else:
                 walk_rows = rows
-                ids, scores, scanned = index.search(qs, rows, top_k, ef, self.exact_below)
+                ids, scores, scanned = index.search(qs, rows, top_k, min(self.ef, most), self.exact_below)
+                st.graph_steps += 1
             t2 = time.perf_counter()
             if fused:
                 R, T = B * st.kv_heads, k.shape[2]
                 valid = layer.valid
-                svalid = (np.ones((R, T), np.bool_) if valid is None
-                          else valid.expand(B, st.kv_heads, T).reshape(R, T).numpy())
-                o = index.attend_union(ids, scores, rows, ctx.scaling, qs, k.detach().reshape(R, T, D).numpy(),
-                                       v.detach().reshape(R, T, -1).numpy(), svalid)
+                if valid is None:
+                    if st.all_valid.shape != (R, T):
+                        st.all_valid = np.ones((R, T), np.bool_)
+                    svalid = st.all_valid
+                else:
+                    svalid = valid.expand(B, st.kv_heads, T).reshape(R, T).numpy()
+                o = index.attend_union_groups(ids.reshape(R, G, -1), scores.reshape(R, G, -1), ctx.scaling,
+                                              qs.reshape(R, G, D), _slot_rows(k), _slot_rows(v), svalid)
                 out = torch.from_numpy(o).view(B, Hq, Q, -1)
             else:
                 o_r, lse_r = index.attend(ids, scores, rows, ctx.scaling)
             t3 = time.perf_counter()
-            held = index.n[walk_rows]
-            has = held > 0
-            st.scanned_sum += float((scanned[has] / held[has]).sum())
-            st.rows_measured += int(has.sum())
+            if scanned is None:
+                rows_held = int(np.count_nonzero(index.n))
+                st.scanned_sum += rows_held
+                st.rows_measured += rows_held
+            else:
+                held = index.n[walk_rows]
+                has = held > 0
+                st.scanned_sum += float((scanned[has] / held[has]).sum())
+                st.rows_measured += int(has.sum())
             if self.measure_recall:
                 exact, _ = index.search_exact(qs, rows, top_k)
                 for r in np.nonzero(index.n[rows] > 0)[0]:
@@ -284,11 +353,25 @@ class Retrieval(DecodeMethod):
             st.merge_s += time.perf_counter() - t4
         st.steps += 1
         if ctx.phase == "decode":
-            self._spill(ctx, layer, queries=None, min_spill=self.spill_every)
+            self._spill(ctx, layer, min_spill=self.spill_every)
         self._record(ctx, layer, st)
         return out.transpose(1, 2).to(q.dtype)
 
     # ------------------------------------------------------------------ internals
+    def _exact_note(self) -> str:
+        note = getattr(self, "_note", None)
+        if note is None:
+            precision = "bfloat16 scan + float32 re-scoring" if self._scan_bf16 else "float32 scan"
+            note = self._note = (f"retrieval: layers holding <= exact_below={self.exact_below} host keys per row are "
+                                 f"searched exactly ({precision}; no graph built)")
+        return note
+
+    @property
+    def _scan_bf16(self) -> bool:
+        if self.scan_precision == "auto":
+            return _fast_bf16()
+        return self.scan_precision == "bfloat16"
+
     def _layer(self, ctx: AttentionContext) -> KVAccelLayer:
         if ctx.layer is None:
             raise RuntimeError("retrieval needs a KVAccelCache (generate() creates one on a patched model)")
@@ -303,14 +386,25 @@ class Retrieval(DecodeMethod):
         )
         setattr(layer, STATE_ATTR, RetrievalLayerState(index, B, Hkv))
 
-    def _spill(self, ctx: AttentionContext, layer: KVAccelLayer, queries: Tensor | None, min_spill: int) -> None:
-        """Move the slots between the sink and the window to the host index (build it first if it is empty)."""
+    def _rows(self, st: RetrievalLayerState, B: int, Hq: int, Q: int) -> tuple[np.ndarray, np.ndarray]:
+        """Index row of every (b, query head, query) and of every (b, kv head, query) walk (cached per shape)."""
+        key = (B, Hq, Q)
+        if key not in st.rows:
+            G = Hq // st.kv_heads
+            head_row = (np.arange(B)[:, None] * st.kv_heads + np.arange(Hq)[None, :] // G).reshape(-1)
+            st.rows[key] = (np.repeat(head_row, Q), np.repeat(np.arange(B * st.kv_heads), Q))
+        return st.rows[key]
+
+    def _spill(self, ctx: AttentionContext, layer: KVAccelLayer, min_spill: int) -> None:
+        """Move the slots between the sink and the window to host memory: linked into the graph when there is one,
+        else stored (scanned exactly); the graph is built once a row holds more than ``exact_below`` keys."""
         st: RetrievalLayerState = getattr(layer, STATE_ATTR)
         T = layer.keys.shape[2]
         sink = min(self.sink, T)
         end = T - self.window
         if end - sink < min_spill:
             return
+        t0 = time.perf_counter()
         B, Hkv = st.batch, st.kv_heads
         keys = layer.keys[:, :, sink:end].detach().float().cpu().numpy()
         values = layer.values[:, :, sink:end].detach().float().cpu().numpy()
@@ -325,41 +419,58 @@ class Retrieval(DecodeMethod):
                 vs.append(values[b, h][sel])
                 ps.append(pos[sel])
         index = st.index
-        if int(index.n.max()) == 0 and queries is not None:  # first offload: store, build the graph from queries
+        if st.graph:
+            index.insert(ks, vs, ps, ef=max(self.degree, 32))
+        else:  # no graph (yet, or still building): stored; linked when a graph is installed
             index.store(ks, vs, ps)
-            job = index.graph_build(self._build_queries(ctx, queries, B, Hkv, index.n))
-            st.pending = Future()
-            if self.background_build:
-                st.pending = _BUILDER.submit(job, st)
-            else:
-                st.pending.set_result(job.run())
-                _install(st)
-        elif st.pending is not None:  # linked when the graph is installed
-            index.store(ks, vs, ps)
-        else:
-            st.insert_s += index.insert(ks, vs, ps, ef=max(self.degree, 32))
+            if st.pending is None and int(index.n.max()) > self.exact_below:
+                self._start_build(st)
         keep = torch.cat([torch.arange(sink, device=layer.keys.device), torch.arange(end, T, device=layer.keys.device)])
         layer.keep(keep.view(1, 1, -1).expand(B, 1, -1))
+        st.insert_s += time.perf_counter() - t0
 
-    def _build_queries(self, ctx: AttentionContext, queries: Tensor, B: int, Hkv: int, held: np.ndarray
-                       ) -> list[np.ndarray]:
-        """Per row, a uniform sample of the prefill queries of the row's query heads (real tokens):
-        ``build_query_ratio`` per key ``held`` by the row, at least 1024, at most ``build_queries``."""
+    def _start_build(self, st: RetrievalLayerState) -> None:
+        """Build the graphs of the rows holding keys from the kept prefill queries: in the background thread
+        (``background_build``; exact attention over the host keys until installed) or here."""
+        if st.build_queries is None:
+            raise RuntimeError("retrieval: no prefill queries were kept to build the graph from (the layer was not "
+                               "prefilled through the patched model)")
+        job = st.index.graph_build(st.build_queries)
+        st.build_queries = None
+        if self.background_build:
+            st.pending = _BUILDER.submit(job, st)
+        else:
+            st.pending = Future()
+            st.pending.set_result(job.run())
+            _install(st)
+
+    def _keep_build_queries(self, ctx: AttentionContext, st: RetrievalLayerState, layer: KVAccelLayer) -> None:
+        """Per row, a uniform sample of this prompt pass's queries of the row's query heads (real tokens), added to
+        those kept from earlier passes: ``build_query_ratio`` per key the row will hold when its graph is built
+        (now, or once it holds more than ``exact_below``), at least 1024, at most ``build_queries``."""
+        queries = ctx.query
+        B, Hkv = st.batch, st.kv_heads
         _, Hq, L, D = queries.shape
         G = Hq // Hkv
         q = queries.detach().float().cpu().numpy()
         real = None if ctx.pad is None else ctx.pad[:, -L:].cpu().numpy()
         rng = np.random.default_rng(ctx.layer_idx)
+        spill = max(0, layer.keys.shape[2] - min(self.sink, layer.keys.shape[2]) - self.window)
+        held = np.maximum(st.index.n + spill, self.exact_below + 1)
+        kept = st.build_queries
         out = []
         for b in range(B):
             pos = np.arange(L) if real is None else np.nonzero(real[b])[0]
             for h in range(Hkv):
+                r = b * Hkv + h
                 qb = q[b, h * G : (h + 1) * G][:, pos].reshape(-1, D)
-                want = min(self.build_queries, max(1024, int(self.build_query_ratio * held[b * Hkv + h])))
+                if kept is not None:
+                    qb = np.concatenate([kept[r], qb])
+                want = min(self.build_queries, max(1024, int(self.build_query_ratio * held[r])))
                 if qb.shape[0] > want:
                     qb = qb[np.sort(rng.choice(qb.shape[0], want, replace=False))]
-                out.append(qb)
-        return out
+                out.append(np.ascontiguousarray(qb))
+        st.build_queries = out
 
     def _record(self, ctx: AttentionContext, layer: KVAccelLayer, st: RetrievalLayerState) -> None:
         s = ctx.stats
@@ -378,6 +489,8 @@ class Retrieval(DecodeMethod):
         s["retrieval_build_knn_s"] = st.build_knn_s
         s["retrieval_steps_before_index"] = st.steps_before_index
         s["retrieval_index_ready"] = st.pending is None
+        s["retrieval_exact_steps"] = st.exact_steps
+        s["retrieval_graph_steps"] = st.graph_steps
 
 
 def _install(st: RetrievalLayerState) -> None:
@@ -385,6 +498,7 @@ def _install(st: RetrievalLayerState) -> None:
     the keys that were offloaded while it ran."""
     build = st.pending.result()
     st.pending = None
+    st.graph = True
     st.build_s += build.seconds
     st.build_knn_s += build.knn_seconds
     st.insert_s += st.index.install(build)
@@ -400,6 +514,19 @@ def wait_for_index(cache: KVAccelCache) -> float:
             st.pending.result()
             _install(st)
     return time.perf_counter() - t0
+
+
+def _slot_rows(t: Tensor) -> np.ndarray:
+    """A CPU float32 ``(B, H, T, D)`` tensor as a C-contiguous ``(B * H, C, D)`` array of ``C >= T`` slots per head:
+    without a copy when ``t`` is the first ``T`` slots of a ``(B, H, C, D)`` buffer (the cache's slot buffers; the
+    slots past ``T`` are spare), else a contiguous copy (``C = T``)."""
+    B, H, T, D = t.shape
+    sb, sh, st, sd = t.stride()
+    if sd == 1 and st == D and sh % D == 0 and sh >= T * D and (B == 1 or sb == H * sh):
+        C = sh // D
+        if t.storage_offset() + B * H * sh <= t.untyped_storage().nbytes() // t.element_size():
+            return torch.as_strided(t.detach(), (B * H, C, D), (sh, D, 1)).numpy()
+    return t.detach().reshape(B * H, T, D).contiguous().numpy()
 
 
 def _widen(layer: KVAccelLayer) -> None:
