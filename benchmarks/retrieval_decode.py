@@ -49,6 +49,12 @@ from retrieval_index import load_or_capture  # noqa: E402
 TIMES = ("search_s", "host_s", "device_s", "merge_s")
 
 
+def method_options(args) -> dict:
+    """The Retrieval options given on the command line (the method's defaults otherwise)."""
+    names = ("exact_below", "ef_per_key", "scan_precision")
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
 def attention_step(args, model, tok) -> None:
     cfg = model.config
     hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -72,7 +78,7 @@ def attention_step(args, model, tok) -> None:
             layer.update(K[:, :, : N - S].contiguous(), V[:, :, : N - S].contiguous())
             method = Retrieval(top_k=args.top_k, ef=args.ef, sink=args.sink, window=args.window,
                                build_queries=args.build_queries, build_query_ratio=args.build_query_ratio,
-                               spill_every=args.spill_every, background_build=False)
+                               spill_every=args.spill_every, background_build=False, **method_options(args))
             state = PatchState({"decode": method}, 1, "sdpa")
             module = SimpleNamespace(layer_idx=0)
             ctx = AttentionContext(module, state, layer, Qa[:, :, : N - S], layer.keys, layer.values, None, scale,
@@ -81,8 +87,9 @@ def attention_step(args, model, tok) -> None:
             st = getattr(layer, STATE_ATTR)
             warm = st.index.search(Qa[0, :g, -1].numpy(), np.zeros(g, np.int64), args.top_k, args.ef)
             st.index.attend(warm[0], warm[1], np.zeros(g, np.int64), scale)  # compile / warm
-            st.index.attend_union(warm[0], warm[1], np.zeros(g, np.int64), scale, Qa[0, :g, -1].numpy(),
-                                  K[0, :1, :8].numpy(), V[0, :1, :8].numpy(), np.ones((1, 8), np.bool_))
+            st.index.attend_union_groups(np.repeat(warm[0][None], hkv, 0), np.repeat(warm[1][None], hkv, 0), scale,
+                                         Qa[0, :, -1].reshape(hkv, g, -1).numpy(), K[0, :, :8].numpy(),
+                                         V[0, :, :8].numpy(), np.ones((hkv, 8), np.bool_))
             st.index.search_grouped(Qa[0, :g, -1][None].numpy(), np.zeros(1, np.int64), args.top_k, args.ef)
             for name in TIMES:
                 setattr(st, name, 0.0)
@@ -102,11 +109,12 @@ def attention_step(args, model, tok) -> None:
                 errs.append(float((out.transpose(1, 2) - ref).norm() / ref.norm()))
                 rows = np.arange(hq) // g
                 qn = q[0, :, 0].numpy()
+                ef = method._ef(int(st.index.n.max()))  # the search list the method used
                 if method.group_search:
-                    gi, _, _ = st.index.search_grouped(qn.reshape(hkv, g, -1), np.arange(hkv), args.top_k, args.ef)
+                    gi, _, _ = st.index.search_grouped(qn.reshape(hkv, g, -1), np.arange(hkv), args.top_k, ef)
                     ids = gi.reshape(hq, -1)
                 else:
-                    ids, _, _ = st.index.search(qn, rows, args.top_k, args.ef)
+                    ids, _, _ = st.index.search(qn, rows, args.top_k, ef)
                 exact, _ = st.index.search_exact(qn, rows, args.top_k)
                 recalls.append(np.mean([len(np.intersect1d(a, b[b >= 0])) / max(1, (b >= 0).sum())
                                         for a, b in zip(ids, exact, strict=True)]))
@@ -134,10 +142,9 @@ def end_to_end(args, model, tok) -> None:
     ids = prompt_ids(tok, args.e2e)
     steps = args.steps
     patched, _ = kvaccel.load_model()
-    extra = {} if args.exact_below is None else {"exact_below": args.exact_below}
     spec = Retrieval(top_k=args.top_k, ef=args.ef, sink=args.sink, window=args.window,
                      build_queries=args.build_queries, build_query_ratio=args.build_query_ratio,
-                     spill_every=args.spill_every, **extra)
+                     spill_every=args.spill_every, **method_options(args))
     kvaccel.patch(patched, spec)
     try:
         with torch.inference_mode():
@@ -231,6 +238,9 @@ def main() -> None:
     ap.add_argument("--spill-every", type=int, default=64)
     ap.add_argument("--build-queries", type=int, default=8192)
     ap.add_argument("--exact-below", type=int, help="Retrieval's exact_below (default: the method's)")
+    ap.add_argument("--ef-per-key", type=float, help="Retrieval's ef_per_key (default: the method's)")
+    ap.add_argument("--scan-precision", choices=("auto", "float32", "bfloat16"),
+                    help="Retrieval's scan_precision (default: the method's)")
     ap.add_argument("--build-query-ratio", type=float, default=0.125)
     ap.add_argument("--wait-index", action="store_true",
                     help="e2e: wait for the background graph builds after prefill (every timed step uses the index)")

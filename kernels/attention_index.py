@@ -37,6 +37,12 @@ One ``AttentionIndex`` holds the host K/V store and the graphs of ``rows`` indep
 h``), padded to a common capacity that doubles as tokens arrive. :meth:`AttentionIndex.search_exact` (a full scan) is
 the reference the approximate search is measured against; when ``k`` (or ``ef``) covers every key of a row the
 compiled search scans the row exactly.
+
+Rows too small for a walk to pay off are searched exactly by :meth:`AttentionIndex.scan_rows` instead: all queries
+of all rows against all stored keys in one batched matmul (optionally over a bfloat16 copy of the keys, then the
+best ``k + margin`` re-scored in float32) and a linear-time compiled top-k selection. Cache-cold, 1 thread, 3 rows x
+3 queries, top-100: 7.5k keys per row 0.79 ms (bfloat16) / 0.81 ms (float32) vs a grouped walk at ef=128 1.11 ms;
+16k 1.15 / 1.56 vs 1.28; 32k 1.94 / 2.94 vs 1.26 (the walk's cost barely grows with the keys, the scan's linearly).
 """
 
 from __future__ import annotations

@@ -191,7 +191,7 @@ def test_exact_below_scans_small_rows():
     model = tiny_model("llama")
     ids, mask = _batch(1, L=200)
     method = Retrieval(sink=4, window=8, top_k=8, ef=16, measure_recall=True, background_build=False)
-    with kvaccel.patched(model, method):  # 188 host keys < exact_below=2048
+    with kvaccel.patched(model, method):  # 188 host keys < exact_below (default 16384)
         model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
         rep = kvaccel.report(model)
     assert all(r == pytest.approx(1.0) for r in rep["retrieval_recall"])
@@ -307,6 +307,14 @@ def test_bad_config_and_missing_state():
         Retrieval(window=0)
     with pytest.raises(ValueError, match="spill_every"):
         Retrieval(spill_every=0)
+    with pytest.raises(ValueError, match="ef_per_key"):
+        Retrieval(ef_per_key=2.0)
+    with pytest.raises(ValueError, match="scan_precision"):
+        Retrieval(scan_precision="int8")
+    # the search list grows with the host part, never below ef nor above the keys held
+    method = Retrieval(ef=128, ef_per_key=1 / 256)
+    assert (method._ef(20_000), method._ef(131_072), method._ef(90)) == (128, 512, 90)
+    assert Retrieval(ef=128, ef_per_key=0)._ef(131_072) == 128
 
 
 def test_missing_dependency_names_pip_command(monkeypatch):
@@ -419,3 +427,18 @@ def test_slot_rows_views_slot_buffers():
     rows = _slot_rows(strided)
     assert rows.shape == (6, 10, 2) and not np.shares_memory(rows, buf.numpy())
     np.testing.assert_array_equal(rows, strided.reshape(6, 10, 2).numpy())
+
+
+@needs_deps
+def test_compiled_kernels_follow_torch_threads():
+    """numba's pool start resets the process' OpenMP thread count (torch's too): retrieval undoes it, and its
+    kernels run on torch's thread count."""
+    import numba
+
+    model = tiny_model("llama")
+    ids, mask = _batch(1, L=60)
+    before = torch.get_num_threads()
+    with kvaccel.patched(model, Retrieval(sink=4, window=8, top_k=8, ef=16, background_build=False)):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+    assert torch.get_num_threads() == before
+    assert numba.get_num_threads() == min(before, numba.config.NUMBA_NUM_THREADS)

@@ -140,7 +140,8 @@ class Retrieval(DecodeMethod):
     Paper: https://arxiv.org/abs/2409.10516. Per query head, attention = the static part (``sink`` first + ``window``
     last tokens, on the model's device, exact) merged with the attention over the ``top_k`` keys retrieved from host
     memory through an attention-aware graph index (:mod:`kvaccel.kernels.attention_index`, built from the prefill
-    queries after prefill, in a background thread while the first steps attend exactly, ``background_build``):
+    queries after prefill, in a background thread while the first steps attend exactly, ``background_build``; a
+    layer whose host part holds at most ``exact_below`` keys per row is searched exactly instead, without a graph):
     ``lse = logaddexp(lse_r, lse_f)``, ``o = e^{lse_r−lse} o_r + e^{lse_f−lse} o_f``. Exact when ``top_k`` covers
     every offloaded key. New tokens join the window; once ``spill_every`` tokens have slid
     out of it they move to host memory and are inserted into the graph (each linked to its nearest keys). The
@@ -154,7 +155,14 @@ class Retrieval(DecodeMethod):
     sink, window : int, default 128, 512
         Static tokens kept on the device: the first ``sink`` and the last ``window`` (the paper's numbers).
     ef : int, default 128
-        Search list size of the graph search (``>= top_k``; larger = higher recall, more keys scanned).
+        Search list size of the graph search (``>= top_k``; larger = higher recall, more keys scanned), at least:
+        the search list grows with the host part as ``ef_per_key`` x the keys of the largest row.
+    ef_per_key : float, default 1/256
+        The search list scales with the keys held (recall at a fixed ``ef`` falls as the cache grows): ``max(ef,
+        ef_per_key * host keys)``, i.e. 128 up to 32k host keys, 512 at 128k. 0 keeps ``ef`` fixed. Measured
+        (``benchmarks/retrieval_decode.py``, 128k tokens, layers 3 / 17, one run each, same load): recall@100 0.887
+        / 0.950 at 10.0x / 7.2x the dense step, vs 0.739 / 0.792 at 22.7x / 25.4x with ef fixed at 128; the index
+        benchmark's GQA walk at ef=512 reads 4.3% of the keys (recall 0.923).
     degree : int, default 32
         Out-degree of the projected graph (the paper uses ~35).
     build_top_k : int, default 64
@@ -169,9 +177,22 @@ class Retrieval(DecodeMethod):
         4096 queries, 32k keys 0.862 / 0.898 / 0.918 / 0.930 with 512 / 1024 / 2048 / 4096.
     spill_every : int, default 64
         Tokens that slide out of the window wait on the device until this many can move to host together.
-    exact_below : int, default 2048
-        A (batch, kv head) row holding at most this many host keys is scanned exactly instead of searched (a
-        sequential scan costs ~10x less per key than a graph walk's random reads; short prompts get exact top-k).
+    exact_below : int, default 16384
+        Crossover between exact search and the graph. While every (batch, kv head) row of a layer holds at most this
+        many host keys, the layer's top-k is exact: one batched matmul of all its queries over all its host keys
+        (a scan streams the keys, memory-bound) and a linear-time compiled selection; no graph exists (no build
+        work). The spill that takes a row past it builds the layer's graph from prefill queries kept for that (in
+        the background, ``background_build``), searched from then on. Measured on this CPU, 30 (or 4) cache-cold
+        layers, 1 thread, ms per layer-step for 3 kv heads x 3 query heads, exact scan (bfloat16 / float32) vs
+        graph walk (ef=128): 7.5k keys 0.79 / 0.81 vs 1.11, 16k 1.15 / 1.56 vs 1.28, 24k 1.69 / 2.29 vs 1.27, 32k
+        1.94 / 2.94 vs 1.26 (``runs/retr10-prof/scan_bench.py``): the bfloat16 scan wins below ~17k keys, the
+        float32 one below ~12k. ``report()`` notes which path ran (``retrieval_exact_steps`` /
+        ``retrieval_graph_steps`` per layer).
+    scan_precision : {"auto", "float32", "bfloat16"}, default "auto"
+        The exact scan reads a bfloat16 copy of the host keys (half the bytes) and re-scores the best ``top_k +
+        16`` per head in float32 (the returned set and its logits are float32; on the default model's keys it
+        recovered the float32 top-100 on every query tested, 99.5% with no margin). "auto": bfloat16 where oneDNN
+        has a native bfloat16 matmul (AVX512-BF16 / AMX), else float32 (bfloat16 would be emulated: slower).
     group_search : bool, default True
         GQA: one graph walk per kv head scores each visited key against all its query heads (each head keeps its
         own top-k); False runs one walk per query head, as the paper.
@@ -189,11 +210,16 @@ class Retrieval(DecodeMethod):
         together with the retrieved keys in one compiled pass (one softmax over their union, equal to the LSE merge
         of the two parts; time counted as host attention). False always runs device attention + ``lse_merge``.
 
+    The compiled kernels run on as many threads as torch (``torch.get_num_threads()``): a per-step kernel waiting
+    on a second thread of a loaded machine costs ~8x more (measured); numba's thread pool start, which resets the
+    process' OpenMP thread count (torch's too) to NUMBA_NUM_THREADS, is undone once.
+
     ``retrieval_scanned_fraction`` in ``report()`` is keys read per graph walk / keys held (a walk serves one query
-    head, or a kv head's group with ``group_search``), averaged over walks and steps; ``retrieval_build_s`` the
-    graph build's seconds (of which ``retrieval_build_knn_s`` faiss' exact kNN), ``retrieval_steps_before_index``
-    the attention calls served exactly while it ran and ``retrieval_index_ready`` whether it is installed.
-    :func:`wait_for_index` blocks until every layer's graph is installed.
+    head, or a kv head's group with ``group_search``; 1 for an exact scan), averaged over walks and steps;
+    ``retrieval_build_s`` the graph build's seconds (of which ``retrieval_build_knn_s`` faiss' exact kNN),
+    ``retrieval_steps_before_index`` the attention calls served exactly while it ran and ``retrieval_index_ready``
+    whether no build is outstanding (a layer still below ``exact_below`` has none). :func:`wait_for_index` blocks
+    until every layer's graph is installed.
     """
 
     name = "retrieval"
@@ -203,12 +229,13 @@ class Retrieval(DecodeMethod):
     sink: int = 128
     window: int = 512
     ef: int = 128
+    ef_per_key: float = 1 / 256
     degree: int = 32
     build_top_k: int = 64
     build_queries: int = 8192
     build_query_ratio: float = 0.125
     spill_every: int = 64
-    exact_below: int = 2048
+    exact_below: int = 16384
     group_search: bool = True
     measure_recall: bool = False
     background_build: bool = True
@@ -227,6 +254,10 @@ class Retrieval(DecodeMethod):
             0 < self.build_query_ratio <= 64
         ):
             raise ValueError(f"build_query_ratio must be a number in (0, 64], got {self.build_query_ratio!r}")
+        if isinstance(self.ef_per_key, bool) or not isinstance(self.ef_per_key, (int, float)) or not (
+            0 <= self.ef_per_key <= 1
+        ):
+            raise ValueError(f"ef_per_key must be a number in [0, 1], got {self.ef_per_key!r}")
         if self.scan_precision not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"scan_precision must be 'auto', 'float32' or 'bfloat16', got {self.scan_precision!r}")
         if not isinstance(self.ef, int) or self.ef < self.top_k:
@@ -302,7 +333,7 @@ class Retrieval(DecodeMethod):
                 st.exact_steps += 1
                 ctx.state.notes.add(self._exact_note())
             elif self.group_search:  # one walk per (b, kv head, query): (P, G, D) -> ids back in (b, h_q, q) order
-                ef = min(self.ef, most)
+                ef = self._ef(most)
                 qg = qs.reshape(B, st.kv_heads, G, Q, D).transpose(0, 1, 3, 2, 4).reshape(-1, G, D)
                 ids, scores, scanned = index.search_grouped(qg, walk_rows, top_k, ef, self.exact_below)
                 ids, scores = (a.reshape(B, st.kv_heads, Q, G, -1).transpose(0, 1, 3, 2, 4).reshape(B * Hq * Q, -1)
@@ -310,7 +341,7 @@ class Retrieval(DecodeMethod):
                 st.graph_steps += 1
             else:
                 walk_rows = rows
-                ids, scores, scanned = index.search(qs, rows, top_k, min(self.ef, most), self.exact_below)
+                ids, scores, scanned = index.search(qs, rows, top_k, self._ef(most), self.exact_below)
                 st.graph_steps += 1
             t2 = time.perf_counter()
             if fused:
@@ -358,6 +389,10 @@ class Retrieval(DecodeMethod):
         return out.transpose(1, 2).to(q.dtype)
 
     # ------------------------------------------------------------------ internals
+    def _ef(self, most: int) -> int:
+        """The graph search's list size for a layer whose largest row holds ``most`` host keys."""
+        return min(max(self.ef, int(self.ef_per_key * most)), most)
+
     def _exact_note(self) -> str:
         note = getattr(self, "_note", None)
         if note is None:
