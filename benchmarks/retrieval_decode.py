@@ -16,12 +16,14 @@ model, the same tokens fed to the retrieval copy (teacher forcing): median decod
 every layer's graph was ready (and, separately, while some were still building in the background: exact over the
 host keys), the graph build time and the steps served before it was ready, top-1 agreement and KL(full ||
 retrieval) per step, and the floor: the stock model stepped over a cache of ``sink + window`` tokens (what a step
-would cost if the host part were free). ``--wait-index`` waits for the graph builds after prefill, so every step
-uses the index.
+would cost if the host part were free); step times both in wall time and in process CPU time (``time.process_time``:
+less sensitive to other jobs on a shared machine), with the load average, and which search path ran (exact scan
+below ``exact_below`` host keys per row, else the graph). ``--wait-index`` waits for the graph builds after
+prefill, so every step uses the index.
 
-    OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 .venv/bin/python benchmarks/retrieval_decode.py --length 1024 \\
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/retrieval_decode.py --length 1024 \\
         --cache-tokens 32768 131072 --layers 3 17 --steps 16 --capture runs/retr-cap-1k.npz --max-captured 32
-    OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 .venv/bin/python benchmarks/retrieval_decode.py --e2e 8192 --steps 32
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/retrieval_decode.py --e2e 8100 --steps 64
 """
 
 from __future__ import annotations

@@ -230,6 +230,35 @@ def _block_max(s, n, bmax):
 
 
 @njit(cache=True, nogil=True, fastmath=_FM)
+def _kth_largest(a, k):
+    """The ``k``-th largest (1-based) of ``a`` by in-place quickselect (median-of-3 pivot, Hoare partition; ~3x
+    faster than numba's ``np.partition`` here). Reorders ``a``."""
+    lo, hi = 0, a.shape[0] - 1
+    want = k - 1  # index in descending order
+    while hi > lo:
+        mid = (lo + hi) >> 1
+        x, y, z = a[lo], a[mid], a[hi]
+        pivot = max(min(x, y), min(max(x, y), z))
+        i, j = lo, hi
+        while i <= j:
+            while a[i] > pivot:
+                i += 1
+            while a[j] < pivot:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if want <= j:
+            hi = j
+        elif want >= i:
+            lo = i
+        else:
+            return a[want]
+    return a[want]
+
+
+@njit(cache=True, nogil=True, fastmath=_FM)
 def _top_of_scores(s, n, out_ids, out_scores):
     """Top-k of the first ``n`` scores ``s`` into ``out_ids`` / ``out_scores`` (descending; ``-1`` / ``-inf`` past
     ``n``), in time linear in ``n`` whatever the order of the scores. The maxima of blocks of 32 scores give a
@@ -245,7 +274,7 @@ def _top_of_scores(s, n, out_ids, out_scores):
     if nb > k and k > 0:
         bmax = np.empty(nb, np.float32)
         _block_max(s, n, bmax)
-        floor = np.partition(bmax, nb - k)[nb - k]
+        floor = _kth_largest(bmax, k)
     cnt = 0
     for j in range(n):
         if s[j] >= floor:
@@ -259,7 +288,7 @@ def _top_of_scores(s, n, out_ids, out_scores):
             csc[c] = s[j]
             c += 1
     if kk > 0:
-        t = np.partition(csc, cnt - kk)[cnt - kk]  # the k-th largest
+        t = _kth_largest(csc.copy(), kk)
         ties = kk
         for j in range(cnt):
             if csc[j] > t:
@@ -289,6 +318,20 @@ def _select_rows(scores, n, out_ids, out_scores):
     for r in prange(scores.shape[0]):
         for g in range(scores.shape[1]):
             _top_of_scores(scores[r, g], n[r], out_ids[r, g], out_scores[r, g])
+
+
+@njit(cache=True, nogil=True, parallel=True, fastmath=_FM)
+def _select_rows_bf16(bits, n, out_ids, out_scores):
+    """:func:`_select_rows` over bfloat16 scores given as their bits ``(R, M, m)`` uint16: each query's row is widened
+    to float32 (the bits shifted into the high half) in a scratch row that stays in cache, then selected."""
+    for r in prange(bits.shape[0]):
+        wide = np.empty(bits.shape[2], np.uint32)
+        row = wide.view(np.float32)
+        for g in range(bits.shape[1]):
+            b = bits[r, g]
+            for j in range(n[r]):
+                wide[j] = np.uint32(b[j]) << np.uint32(16)
+            _top_of_scores(row, n[r], out_ids[r, g], out_scores[r, g])
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=_FM)
@@ -1141,21 +1184,20 @@ class AttentionIndex:
             keys_t = torch.from_numpy(self.keys)[:, :m].transpose(1, 2)  # (rows, D, m) view
         q_t = torch.from_numpy(q)
         block = max(1, min(M, SCAN_BLOCK_SCORES // m))
-        if self._scores is None or self._scores.numel() < R * block * m:
-            self._scores = torch.empty(R * block * m)
-            self._scores_bf16 = torch.empty(R * block * m, dtype=torch.bfloat16) if bf16 else None
-        if bf16 and self._scores_bf16 is None:
-            self._scores_bf16 = torch.empty(self._scores.numel(), dtype=torch.bfloat16)
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        name = "_scores_bf16" if bf16 else "_scores"
+        if getattr(self, name) is None or getattr(self, name).numel() < R * block * m:
+            setattr(self, name, torch.empty(R * block * m, dtype=dtype))
         for a in range(0, M, block):
             b = min(M, a + block)
-            buf = self._scores[: R * (b - a) * m].view(R, b - a, m)
             if bf16:
                 low = self._scores_bf16[: R * (b - a) * m].view(R, b - a, m)
                 torch.matmul(q_t[:, a:b].to(torch.bfloat16), keys_t, out=low)
-                buf.copy_(low)
-                _select_rows(buf.numpy(), self.n, cand[:, a:b], cand_scores[:, a:b])
+                _select_rows_bf16(low.view(torch.int16).numpy().view(np.uint16), self.n, cand[:, a:b],
+                                  cand_scores[:, a:b])
                 _rescore_rows(q[:, a:b], self.keys, cand[:, a:b], ids[:, a:b], scores[:, a:b])
             else:
+                buf = self._scores[: R * (b - a) * m].view(R, b - a, m)
                 torch.matmul(q_t[:, a:b], keys_t, out=buf)
                 _select_rows(buf.numpy(), self.n, ids[:, a:b], scores[:, a:b])
         return ids, scores

@@ -510,7 +510,7 @@ class Retrieval(DecodeMethod):
     def _record(self, ctx: AttentionContext, layer: KVAccelLayer, st: RetrievalLayerState) -> None:
         s = ctx.stats
         s["retrieval_host_tokens"] = int(st.index.n.sum())
-        s["retrieval_host_bytes"] = st.index.nbytes()
+        s["retrieval_host_bytes"] = st.index.nbytes() + sum(q.nbytes for q in st.build_queries or ())  # + kept
         s["retrieval_device_bytes"] = layer.nbytes()
         s["retrieval_build_s"] = st.build_s
         s["retrieval_insert_s"] = st.insert_s
