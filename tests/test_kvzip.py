@@ -16,16 +16,19 @@ from conftest import tiny_model
 PROMPT = (7, 8, 9, 10)  # stands for the tokenizer's "Repeat the previous context exactly." + "\n" in tiny models
 
 
-def test_reconstruction_max_attention_matches_naive():
-    """Per scored key: max over queries and the group of softmax over [sinks, chunk, reconstruction keys]."""
+@pytest.mark.parametrize("include_own", [False, True])
+def test_reconstruction_max_attention_matches_naive(include_own):
+    """Per scored key: max over queries and the group of softmax over [sinks, chunk, reconstruction keys]; with
+    ``include_own`` the reconstruction keys' own scores follow."""
     g = torch.Generator().manual_seed(0)
     B, Hkv, G, D, T, Q = 2, 2, 3, 8, 30, 7
     keys = torch.randn(B, Hkv, T, D, generator=g)
     query = torch.randn(B, Hkv * G, Q, D, generator=g)
     scored, n_sink, scale = slice(6, 20), 2, 0.35
-    got = reconstruction_max_attention(query, keys, scale, scored, n_sink)
+    got = reconstruction_max_attention(query, keys, scale, scored, n_sink, include_own=include_own)
     cols = list(range(n_sink)) + list(range(scored.start, scored.stop)) + list(range(T - Q, T))
-    want = torch.zeros(B, Hkv, scored.stop - scored.start)
+    out_cols = list(range(scored.start, scored.stop)) + (list(range(T - Q, T)) if include_own else [])
+    want = torch.zeros(B, Hkv, len(out_cols))
     for b in range(B):
         for h in range(Hq := Hkv * G):
             kv = h // G
@@ -34,8 +37,9 @@ def test_reconstruction_max_attention_matches_naive():
                 logits = torch.stack([query[b, h, i] @ keys[b, kv, c] * scale for c in visible])
                 p = torch.softmax(logits, 0)
                 for j, c in enumerate(visible):
-                    if scored.start <= c < scored.stop:
-                        want[b, kv, c - scored.start] = max(want[b, kv, c - scored.start], p[j])
+                    if c in out_cols:
+                        o = out_cols.index(c)
+                        want[b, kv, o] = max(want[b, kv, o], p[j])
     assert Hq == 6
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
@@ -55,14 +59,15 @@ def _held(cache: KVAccelCache) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("allocation", ["global", "layer"])
 @pytest.mark.parametrize("expected_weight", [0.0, 0.5])
-def test_kvzip_keeps_the_budget(allocation, expected_weight):
+@pytest.mark.parametrize("observation_window", [0, 16])
+def test_kvzip_keeps_the_budget(allocation, expected_weight, observation_window):
     """Every sequence keeps budget * L * H_kv tokens per layer on average (global) or per layer (layer), each
     (layer, head) its sinks; the cache drops the reconstruction tokens and counts the prompt as seen."""
     model = tiny_model("llama")
     B, L, cap = 2, 96, 24
     ids = torch.randint(11, 512, (B, L), generator=torch.Generator().manual_seed(3))
     method = KVzip(budget=cap, prompt_ids=PROMPT, allocation=allocation, expected_weight=expected_weight,
-                   chunk_size=40)  # 3 reconstruction chunks
+                   observation_window=observation_window, chunk_size=40)  # 3 reconstruction chunks
     with kvaccel.patched(model, method), torch.no_grad():
         cache = KVAccelCache(model)
         model(ids, past_key_values=cache, use_cache=True)

@@ -220,6 +220,8 @@ KL_KVACCEL = {
     "kvzip-expected30": "kvzip(budget={b}, expected_weight=0.3)",
     "kvzip-expected50": "kvzip(budget={b}, expected_weight=0.5)",
     "kvzip-expected70": "kvzip(budget={b}, expected_weight=0.7)",
+    # observation_window chosen on 4 tuning windows (runs/kl-lab/zip3.log: 8 / 32 / 128 -> 128)
+    "kvzip-window128": "kvzip(budget={b}, observation_window=128)",
     "expected_attention-mixture": "expected_attention(budget={b}, future_positions='mixture')",
     "expected_attention-mixture-obs-chunk10":
         "expected_attention(budget={b}, future_positions='mixture', observation_weight=0.2, chunk=10)",

@@ -268,6 +268,12 @@ def make_scores(name, q, k, v, rotary, layer=0):
                 kw["n_pos"] = int(m[6:])
     if base == "zip":
         s = ZIP[layer].clone()
+    elif base.startswith("zwin"):  # KVzip's max with the last N prompt queries' own attention added to its queries
+        n = int(base[4:])
+        Hkv, G = k.shape[1], q.shape[1] // k.shape[1]
+        a = torch.einsum("bhgqd,bhkd->bhgqk", q[:, :, L - n:].reshape(1, Hkv, G, n, -1).float(), k.float())
+        a = a / math.sqrt(q.shape[-1]) + torch.full((n, L), float("-inf")).triu(L - n + 1)
+        s = torch.maximum(ZIP[layer], torch.softmax(a, -1).amax((2, 3)))
     elif base in ("pmax", "zmax"):  # max attention over every prompt query (and the group); zmax: max with KVzip's
         Hkv, G = k.shape[1], q.shape[1] // k.shape[1]
         a = torch.einsum("bhgqd,bhkd->bhgqk", q.view(1, Hkv, G, L, -1).float(), k.float()) / math.sqrt(q.shape[-1])
@@ -322,7 +328,7 @@ def make_scores(name, q, k, v, rotary, layer=0):
             s[..., L - int(m[6:]):] = float("inf")
         elif m.startswith("chunk"):
             chunk = int(m[5:])
-    if vn is not None and base not in ("snapkv", "zip", "pmax", "zmax") or "vn" in mods:
+    if vn is not None and base not in ("snapkv", "zip", "pmax", "zmax") and not base.startswith("zwin") or "vn" in mods:
         s = s * vn
     s = s.clone()
     s[..., :4] = float("inf")  # sinks

@@ -23,13 +23,15 @@ ALLOCATIONS = ("global", "layer")
 ROW_BLOCK = 512
 
 
-def reconstruction_max_attention(query: Tensor, keys: Tensor, scale: float, scored: slice, n_sink: int) -> Tensor:
+def reconstruction_max_attention(query: Tensor, keys: Tensor, scale: float, scored: slice, n_sink: int,
+                                 include_own: bool = False) -> Tensor:
     """``(B, H_kv, len(scored))``: per key of ``keys[:, :, scored]``, the max over the ``Q`` reconstruction queries
     and the ``G`` query heads of its kv head of the softmax attention probability.
 
     ``query`` ``(B, H_q, Q, D)`` are the last ``Q`` tokens of ``keys`` ``(B, H_kv, T, D)`` (causal among
     themselves). As kvpress' KVzipPress, the softmax runs over the first ``n_sink`` keys, the ``scored`` keys and
     the ``Q`` reconstruction keys (not over other chunks of the prompt). GQA without repeating K/V; fp32 inside.
+    ``include_own``: also return the scores of the queries' own ``Q`` keys, ``(B, H_kv, len(scored) + Q)``.
     """
     B, Hq, Q, D = query.shape
     Hkv, T = keys.shape[1], keys.shape[2]
@@ -38,14 +40,14 @@ def reconstruction_max_attention(query: Tensor, keys: Tensor, scale: float, scor
     k = torch.cat(parts, dim=2).float()  # (B, Hkv, S + C + Q, D)
     S, C = parts[0].shape[2], parts[1].shape[2]
     q = query.reshape(B, Hkv, G, Q, D).float()
-    best = k.new_zeros(B, Hkv, C)
+    best = k.new_zeros(B, Hkv, C + Q if include_own else C)
     for r0 in range(0, Q, ROW_BLOCK):
         r1 = min(Q, r0 + ROW_BLOCK)
         logits = torch.einsum("bhgqd,bhkd->bhgqk", q[:, :, :, r0:r1], k) * scale
         rows = torch.arange(r0, r1, device=k.device)[:, None]
         future = torch.arange(Q, device=k.device)[None, :] > rows  # causal among the reconstruction tokens
         logits[..., S + C :] = logits[..., S + C :].masked_fill(future, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)[..., S : S + C]
+        probs = torch.softmax(logits, dim=-1)[..., S:] if include_own else torch.softmax(logits, dim=-1)[..., S : S + C]
         best = torch.maximum(best, probs.amax(dim=(2, 3)))
     return best
 
@@ -78,6 +80,12 @@ class KVzip(EvictionMethod):
     ``s = ((1 - a) z / Σz + a p) · ‖v‖``, and the allocation runs on ``s`` normalised per head (so heads and layers
     compete on shares of their own mass). ``a = 0`` (default) is KVzip as published (raw ``z``, no ``‖v‖``).
 
+    kvaccel's option ``observation_window=N`` adds the prompt's own last ``N`` queries to the reconstruction
+    queries: ``z_j = max(z_j, max over those queries and the group of their prefill attention to j)`` (causal
+    softmax over the prompt). Reconstruction asks "which tokens are needed to say the context again"; the last
+    queries add "which tokens the text being written now reads" (SnapKV's observation window, as a max so it stays
+    on KVzip's raw scale and its global allocation still compares heads and layers). ``0`` (default) = KVzip.
+
     Prompt-time only: the prompt is compressed once, after the first forward; tokens fed later (a question, decoded
     tokens) are kept (as the paper and kvpress; ``report()`` notes it). Limits, each a clear error: ``input_ids``
     (not ``inputs_embeds``), no padding, and no channel (``think``) or decode (``retrieval``) method alongside (the
@@ -95,6 +103,8 @@ class KVzip(EvictionMethod):
         Prompt tokens reconstructed per forward. Default 2048 (kvpress').
     expected_weight : float
         Weight of the expected-attention score, in [0, 1]. Default 0 (KVzip).
+    observation_window : int
+        Last prompt queries whose attention joins the reconstruction max. Default 0 (KVzip).
     prompt_ids : tuple[int, ...] | None
         Token ids of ``"\\n\\nRepeat the previous context exactly." + "\\n"``; ``None`` (default): built with the
         model's tokenizer (``AutoTokenizer`` from the model's local path) when patched.
@@ -106,6 +116,7 @@ class KVzip(EvictionMethod):
     allocation: str = "global"
     chunk_size: int = 2048
     expected_weight: float = 0.0
+    observation_window: int = 0
     prompt_ids: tuple[int, ...] | None = None
 
     PROMPT = "\n\nRepeat the previous context exactly."
@@ -118,6 +129,7 @@ class KVzip(EvictionMethod):
         check_int("n_sink", self.n_sink, 0)
         check_int("chunk_size", self.chunk_size, 1)
         check_ratio("expected_weight", self.expected_weight)
+        check_int("observation_window", self.observation_window, 0)
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation ({self.allocation!r}) must be one of {ALLOCATIONS}")
         if self.prompt_ids is not None:
@@ -184,10 +196,15 @@ class KVzip(EvictionMethod):
         ctx.record_capacity(cap)
         if cap >= ctx.layer.length:
             return
-        extra = None
+        extra = window = None
         if self._expected is not None:
             extra = self._expected.score(ctx).float()  # sinks carry KEEP_SCORE; replaced at allocation
-        self._pending[ctx.layer_idx] = {"expected": extra, "layer": ctx.layer}
+        n = min(self.observation_window, ctx.layer.length)
+        if n:  # the prompt's last n queries: their own max attention over the whole prompt (causal)
+            L = ctx.layer.length
+            window = reconstruction_max_attention(ctx.query[:, :, L - n :], ctx.key, ctx.scaling, slice(0, L - n), 0,
+                                                  include_own=True)
+        self._pending[ctx.layer_idx] = {"expected": extra, "window": window, "layer": ctx.layer}
 
     # ------------------------------------------------------------------ after the prefill forward
     def after_forward(self, model, cache, input_ids: Tensor | None) -> None:
@@ -239,6 +256,8 @@ class KVzip(EvictionMethod):
         sink = torch.arange(L, device=scores[0].device) < self.n_sink
         mixed = []
         for i, z in enumerate(scores):
+            if pending[i]["window"] is not None:
+                z = torch.maximum(z, pending[i]["window"])
             s = z
             e = pending[i]["expected"]
             if e is not None:
