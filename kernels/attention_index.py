@@ -259,14 +259,15 @@ def _kth_largest(a, k):
 
 
 @njit(cache=True, nogil=True, fastmath=_FM)
-def _top_of_scores(s, n, out_ids, out_scores):
-    """Top-k of the first ``n`` scores ``s`` into ``out_ids`` / ``out_scores`` (descending; ``-1`` / ``-inf`` past
-    ``n``), in time linear in ``n`` whatever the order of the scores. The maxima of blocks of 32 scores give a
-    floor (the k-th largest block maximum: k blocks hold a score at least that high, so every top-k score is too);
-    one sequential pass gathers the scores at or above it, a quickselect among those gives the k-th largest, a
-    second pass over the gathered keeps the k best (ties at the k-th by index), sorted. Measured slower on real
-    attention scores (which rise toward recent keys): a size-k heap pass (~5x), numba's ``np.partition`` of all
-    ``n`` (~5x on random scores), visiting blocks in decreasing order of their maximum (~2x on cold memory)."""
+def _top_of_scores(s, n, out_ids, out_scores, ordered):
+    """Top-k of the first ``n`` scores ``s`` into ``out_ids`` / ``out_scores`` (``-1`` / ``-inf`` past ``n``;
+    descending if ``ordered``, else in no particular order), in time linear in ``n`` whatever the order of the
+    scores. The maxima of blocks of 32 scores give a floor (the k-th largest block maximum: k blocks hold a score
+    at least that high, so every top-k score is too); one sequential pass gathers the scores at or above it, a
+    quickselect among those gives the k-th largest, a second pass over the gathered keeps the k best (ties at the
+    k-th by index). Measured slower on real attention scores (which rise toward recent keys): a size-k heap pass
+    (~5x), numba's ``np.partition`` of all ``n`` (~5x on random scores), visiting blocks in decreasing order of
+    their maximum (~2x on cold memory)."""
     k = out_ids.shape[0]
     kk = min(k, n)
     nb = (n + 31) // 32
@@ -302,11 +303,12 @@ def _top_of_scores(s, n, out_ids, out_scores):
                 out_ids[c] = cid[j]
                 out_scores[c] = v
                 c += 1
-        order = np.argsort(-out_scores[:kk], kind="mergesort")
-        top_ids = out_ids[:kk][order]
-        top_scores = out_scores[:kk][order]
-        out_ids[:kk] = top_ids
-        out_scores[:kk] = top_scores
+        if ordered:
+            order = np.argsort(-out_scores[:kk], kind="mergesort")
+            top_ids = out_ids[:kk][order]
+            top_scores = out_scores[:kk][order]
+            out_ids[:kk] = top_ids
+            out_scores[:kk] = top_scores
     for j in range(kk, k):
         out_ids[j] = -1
         out_scores[j] = -np.inf
@@ -317,13 +319,14 @@ def _select_rows(scores, n, out_ids, out_scores):
     """Top-k of every query's scores ``(R, M, m)`` over the ``n[r]`` keys of its row (rows in parallel)."""
     for r in prange(scores.shape[0]):
         for g in range(scores.shape[1]):
-            _top_of_scores(scores[r, g], n[r], out_ids[r, g], out_scores[r, g])
+            _top_of_scores(scores[r, g], n[r], out_ids[r, g], out_scores[r, g], True)
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=_FM)
 def _select_rows_bf16(bits, n, out_ids, out_scores):
     """:func:`_select_rows` over bfloat16 scores given as their bits ``(R, M, m)`` uint16: each query's row is widened
-    to float32 (the bits shifted into the high half) in a scratch row that stays in cache, then selected."""
+    to float32 (the bits shifted into the high half) in a scratch row that stays in cache, then selected (in no
+    particular order: the candidates are re-scored and sorted by :func:`_rescore_rows`)."""
     for r in prange(bits.shape[0]):
         wide = np.empty(bits.shape[2], np.uint32)
         row = wide.view(np.float32)
@@ -331,7 +334,7 @@ def _select_rows_bf16(bits, n, out_ids, out_scores):
             b = bits[r, g]
             for j in range(n[r]):
                 wide[j] = np.uint32(b[j]) << np.uint32(16)
-            _top_of_scores(row, n[r], out_ids[r, g], out_scores[r, g])
+            _top_of_scores(row, n[r], out_ids[r, g], out_scores[r, g], False)  # re-scored and sorted next
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=_FM)

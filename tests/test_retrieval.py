@@ -423,6 +423,16 @@ def test_slot_rows_views_slot_buffers():
     rows = _slot_rows(view)
     assert rows.shape == (6, 10, 4) and np.shares_memory(rows, buf.numpy())
     np.testing.assert_array_equal(rows[:, :6], view.reshape(6, 6, 4).numpy())
+    # the layer state keeps the view while the static part stays in its buffer (a new token needs no new view)
+    from kvaccel.kernels.attention_index import AttentionIndex
+    from kvaccel.patches.decode.retrieval import RetrievalLayerState
+
+    st = RetrievalLayerState(AttentionIndex(6, 4, 4), 2, 3)
+    first = st.slot_rows("k", view)
+    assert st.slot_rows("k", buf[:, :, :7]) is first
+    moved = buf.clone()[:, :, :7]
+    again = st.slot_rows("k", moved)
+    assert again is not first and np.shares_memory(again, moved.numpy())
     strided = buf[:, :, :, :2]  # not a slot buffer's prefix: copied
     rows = _slot_rows(strided)
     assert rows.shape == (6, 10, 2) and not np.shares_memory(rows, buf.numpy())

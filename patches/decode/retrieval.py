@@ -124,12 +124,25 @@ class RetrievalLayerState:
         self.exact_steps = self.graph_steps = 0  # attention calls served by the exact scan / the graph search
         self.rows: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}  # (B, Hq, Q) -> row maps
         self.all_valid = np.ones((0, 0), np.bool_)  # static part without padding: every slot valid
+        self.slot_views: dict[str, tuple[tuple, np.ndarray]] = {}  # name -> (buffer key, numpy view of its slots)
         self.search_s = self.host_s = self.device_s = self.merge_s = 0.0
         self.scanned_sum = 0.0
         self.recall_sum = 0.0
         self.rows_measured = 0
         self.recall_rows = 0
         self.steps = 0
+
+    def slot_rows(self, name: str, t: Tensor) -> np.ndarray:
+        """:func:`_slot_rows` of the static ``t``, the view kept while ``t`` stays in the same slot buffer (its
+        slots past ``T`` are ignored, so a new token in the buffer needs no new view)."""
+        key = (t.data_ptr(), t.shape[:2], t.shape[3], t.stride())
+        hit = self.slot_views.get(name)
+        if hit is not None and hit[0] == key and hit[1].shape[1] >= t.shape[2]:
+            return hit[1]
+        rows, is_view = _slot_rows(t, with_flag=True)
+        if is_view:
+            self.slot_views[name] = (key, rows)
+        return rows
 
 
 @register
@@ -354,7 +367,7 @@ class Retrieval(DecodeMethod):
                 else:
                     svalid = valid.expand(B, st.kv_heads, T).reshape(R, T).numpy()
                 o = index.attend_union_groups(ids.reshape(R, G, -1), scores.reshape(R, G, -1), ctx.scaling,
-                                              qs.reshape(R, G, D), _slot_rows(k), _slot_rows(v), svalid)
+                                              qs.reshape(R, G, D), st.slot_rows("k", k), st.slot_rows("v", v), svalid)
                 out = torch.from_numpy(o).view(B, Hq, Q, -1)
             else:
                 o_r, lse_r = index.attend(ids, scores, rows, ctx.scaling)
@@ -551,17 +564,19 @@ def wait_for_index(cache: KVAccelCache) -> float:
     return time.perf_counter() - t0
 
 
-def _slot_rows(t: Tensor) -> np.ndarray:
+def _slot_rows(t: Tensor, with_flag: bool = False):
     """A CPU float32 ``(B, H, T, D)`` tensor as a C-contiguous ``(B * H, C, D)`` array of ``C >= T`` slots per head:
     without a copy when ``t`` is the first ``T`` slots of a ``(B, H, C, D)`` buffer (the cache's slot buffers; the
-    slots past ``T`` are spare), else a contiguous copy (``C = T``)."""
+    slots past ``T`` are spare), else a contiguous copy (``C = T``). ``with_flag``: also whether it is a view."""
     B, H, T, D = t.shape
     sb, sh, st, sd = t.stride()
     if sd == 1 and st == D and sh % D == 0 and sh >= T * D and (B == 1 or sb == H * sh):
         C = sh // D
         if t.storage_offset() + B * H * sh <= t.untyped_storage().nbytes() // t.element_size():
-            return torch.as_strided(t.detach(), (B * H, C, D), (sh, D, 1)).numpy()
-    return t.detach().reshape(B * H, T, D).contiguous().numpy()
+            rows = torch.as_strided(t.detach(), (B * H, C, D), (sh, D, 1)).numpy()
+            return (rows, True) if with_flag else rows
+    rows = t.detach().reshape(B * H, T, D).contiguous().numpy()
+    return (rows, False) if with_flag else rows
 
 
 def _widen(layer: KVAccelLayer) -> None:
