@@ -292,6 +292,7 @@ def _kl_methods(framework: str, budgets, names: list[str] | None):
             "adakv-expected_attention": lambda c: AdaKVPress(ExpectedAttentionPress(compression_ratio=c)),
             # context reconstruction (2-3x the prefill); budgets vary per layer and head (masked, not freed)
             "kvzip": lambda c: KVzipPress(compression_ratio=c),
+            "kvzip-plus": lambda c: KVzipPress(compression_ratio=c, kvzip_plus_normalization=True),
         }
         _plain_text_kvzip()
         for b in budgets:
