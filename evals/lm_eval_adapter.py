@@ -20,11 +20,12 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
-import inspect
 import os
 from typing import Any
 
 import torch
+
+from kvaccel.cache import cache_kwarg
 
 INSTALL_HINT = "pip install 'kvaccel[eval]'"
 
@@ -38,11 +39,6 @@ def _require_lm_eval():
             f"lm-eval is not installed; it is an optional extra of kvaccel: {INSTALL_HINT}"
         ) from e
     return HFLM
-
-
-def _cache_kwarg(model) -> str:
-    """The forward's cache argument: ``cache`` from transformers 5.24 on (``past_key_values`` is deprecated)."""
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
 def _split(context: list[int], continuation: list[int], max_length: int) -> tuple[list[int], list[int]]:
@@ -71,7 +67,7 @@ def _prefill(model, head: list[int]):
         cache = DynamicCache(config=model.config)
     with torch.inference_mode():
         out = model(torch.tensor([head], device=input_device(model)), logits_to_keep=1, use_cache=True,
-                    **{_cache_kwarg(model): cache})
+                    **{cache_kwarg(model): cache})
     return cache, out.logits[0, -1:]
 
 
@@ -83,7 +79,7 @@ def _score(model, cache, first_logits: torch.Tensor, tail: list[int], continuati
     if tail:
         with torch.inference_mode():
             logits.append(model(torch.tensor([tail], device=input_device(model)), use_cache=True,
-                                **{_cache_kwarg(model): cache}).logits[0])
+                                **{cache_kwarg(model): cache}).logits[0])
     logp = torch.log_softmax(torch.cat(logits).float(), dim=-1)
     target = torch.tensor(continuation, device=logp.device)
     return logp.gather(-1, target[:, None])[:, 0], logp.argmax(-1)

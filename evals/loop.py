@@ -19,27 +19,16 @@ Fidelity definitions (the same numbers in every front end):
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from kvaccel.cache import cache_kwarg
+
 FULL = "full"
 _clock = time.perf_counter  # module attribute: the tests drive the loop with a fake clock
-
-
-@functools.cache
-def _cache_kwarg_of(cls: type) -> str:
-    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
-
-
-def cache_kwarg(model) -> str:
-    """The name under which ``model.forward`` takes the KV cache: ``cache`` on transformers >= 5.24, else
-    ``past_key_values`` (the same test as ``kvaccel.api.patch``; the deprecated alias warns on every call)."""
-    return _cache_kwarg_of(type(model))
 
 
 @contextlib.contextmanager

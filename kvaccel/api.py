@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import inspect
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -14,7 +13,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from kvaccel.cache import KVAccelCache
+from kvaccel.cache import KVAccelCache, cache_kwarg
 from kvaccel.config import STAGES, Method, parse_spec
 from kvaccel.patches.attention import (
     ATTENTION_NAME,
@@ -164,8 +163,7 @@ def _install_default_cache(model) -> None:
     state: PatchState = getattr(model, _STATE_ATTR)
     previous = {name: model.__dict__.get(name, _MISSING) for name in ("generate", "forward")}
     inner_generate, inner_forward = model.generate, model.forward  # instance wrappers (accelerate) or the class's
-    # transformers >= 5.24 renamed the forward/generate argument ``past_key_values`` to ``cache`` (old name deprecated)
-    cache_kw = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    cache_kw = cache_kwarg(model)
 
     def given_cache(kwargs: dict):
         return kwargs.get("cache", kwargs.get("past_key_values"))
@@ -207,10 +205,12 @@ def _install_default_cache(model) -> None:
         if given_cache(kwargs) is None and use_cache:
             kwargs[cache_kw] = KVAccelCache(model)
         out = inner_forward(*args, **kwargs)
-        for m in list(state.methods.values()):  # methods that act once the whole forward ran (e.g. kvzip)
-            after = getattr(m, "after_forward", None)
-            if after is not None and isinstance(given_cache(kwargs), KVAccelCache):
-                after(model, given_cache(kwargs), kwargs.get("input_ids", args[0] if args else None))
+        cache = given_cache(kwargs)
+        if isinstance(cache, KVAccelCache):
+            for m in list(state.methods.values()):  # methods that act once the whole forward ran (e.g. kvzip)
+                after = getattr(m, "after_forward", None)
+                if after is not None:
+                    after(model, cache, kwargs.get("input_ids", args[0] if args else None))
         return out
 
     model.generate = generate

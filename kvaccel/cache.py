@@ -21,6 +21,8 @@ tokens *seen*, so positions of new tokens stay right after eviction.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,6 +31,17 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 Tensor = torch.Tensor
+
+
+@functools.cache
+def _cache_kwarg_of(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def cache_kwarg(model) -> str:
+    """The name under which ``model.forward`` takes the KV cache: ``cache`` on transformers >= 5.24, else
+    ``past_key_values`` (the old name still works there but warns on every call)."""
+    return _cache_kwarg_of(type(model))
 
 
 @dataclass
@@ -282,6 +295,14 @@ class KVAccelLayer(CacheLayerMixin):
             "KVAccelCache cannot be cropped: evicted tokens are gone. Assisted/speculative decoding that rolls "
             "the cache back is not supported with kvaccel; use a DynamicCache for it."
         )
+
+    def drop_tail(self, n: int) -> None:
+        """Forget every token after the first ``n`` (counters and slot views; the buffers keep their size): for
+        tokens fed only to be looked at, e.g. kvzip's reconstruction pass. Not ``crop``: nothing was evicted."""
+        for slot in [self._k, self._v, self._valid, *self._state.slots().values()]:
+            if slot is not None:
+                slot.n = n
+        self.seen = self.prompt_len = n
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 
-from kvaccel.cache import KVAccelLayer, compact_slots
+from kvaccel.cache import cache_kwarg, compact_slots
 from kvaccel.config import register, resolve_budget, validate_budget
 from kvaccel.varlen_cache import VarlenLayer, check_varlen_stages
 
@@ -47,7 +46,7 @@ def reconstruction_max_attention(query: Tensor, keys: Tensor, scale: float, scor
         rows = torch.arange(r0, r1, device=k.device)[:, None]
         future = torch.arange(Q, device=k.device)[None, :] > rows  # causal among the reconstruction tokens
         logits[..., S + C :] = logits[..., S + C :].masked_fill(future, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)[..., S:] if include_own else torch.softmax(logits, dim=-1)[..., S : S + C]
+        probs = torch.softmax(logits, dim=-1)[..., S : None if include_own else S + C]
         best = torch.maximum(best, probs.amax(dim=(2, 3)))
     return best
 
@@ -148,7 +147,7 @@ class KVzip(EvictionMethod):
             self.prompt_ids = ids
         object.__setattr__(self, "_expected", None)
         object.__setattr__(self, "_prompts", None)  # (first chunk ids, next-chunk ids, "\n" ids)
-        object.__setattr__(self, "_pending", {})  # layer index -> expected-attention scores | None
+        object.__setattr__(self, "_pending", {})  # layer index -> {"expected", "window", "layer"} of the prefill
         object.__setattr__(self, "_busy", False)
 
     # ------------------------------------------------------------------ patch()-time
@@ -240,9 +239,9 @@ class KVzip(EvictionMethod):
                 object.__setattr__(self, "_chunk", slice(c0, c1))
                 pos = torch.arange(L, L + ids.shape[1], device=dev)[None].expand(ids.shape[0], -1)
                 with torch.no_grad():
-                    model(input_ids=ids, position_ids=pos, use_cache=True, **{_cache_kw(model): cache})
+                    model(input_ids=ids, position_ids=pos, use_cache=True, **{cache_kwarg(model): cache})
                 for layer in cache.layers:
-                    _drop_tail(layer, L)
+                    layer.drop_tail(L)
         finally:
             object.__setattr__(self, "_busy", False)
         self._evict(cache, pending, scores, L)
@@ -281,21 +280,8 @@ class KVzip(EvictionMethod):
             cache.layers[i] = VarlenLayer.from_selection(layer, idx, slot_valid)
 
 
-def _cache_kw(model) -> str:
-    """transformers >= 5.24 names the forward's cache argument ``cache`` (``past_key_values`` is deprecated)."""
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-
-
 def _top_mask(scores: Tensor, k: int) -> Tensor:
     """``(B, N)`` bool: the ``k`` highest scores of each row."""
     k = min(k, scores.shape[1])
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(k, dim=1).indices, True)
-
-
-def _drop_tail(layer: KVAccelLayer, n: int) -> None:
-    """Forget every token of ``layer`` after the first ``n`` (the reconstruction tokens): counters and slot views."""
-    for slot in [layer._k, layer._v, layer._valid, *layer.token_state.slots().values()]:
-        if slot is not None:
-            slot.n = n
-    layer.seen = layer.prompt_len = n
 
