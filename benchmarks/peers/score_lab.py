@@ -13,6 +13,7 @@ Numbers reported as results come from ``kvpress_vs_kvaccel.py kl`` (the real pat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import time
@@ -22,9 +23,23 @@ from pathlib import Path
 import torch
 
 
+@contextlib.contextmanager
+def attention_function(model, name: str, fn):
+    """Run the block with ``fn`` registered as ``name`` and set as the model's attention implementation."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(name, fn)
+    old = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(old)
+
+
 def capture(model, ctx_ids):
     """Dense prefill; returns the cache and per layer (q post-RoPE (1,Hq,L,D), k, v (1,Hkv,L,D))."""
-    from transformers import AttentionInterface, DynamicCache
+    from transformers import DynamicCache
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     grabbed = {}
@@ -33,14 +48,8 @@ def capture(model, ctx_ids):
         grabbed[module.layer_idx] = (query.detach(), key.detach(), value.detach())
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
 
-    AttentionInterface.register("lab_capture", grab)
-    old = model.config._attn_implementation
-    model.set_attn_implementation("lab_capture")
-    try:
-        cache = DynamicCache()
-        model(ctx_ids, past_key_values=cache, use_cache=True)
-    finally:
-        model.set_attn_implementation(old)
+    with attention_function(model, "lab_capture", grab):
+        model(ctx_ids, past_key_values=DynamicCache(), use_cache=True)
     return [grabbed[i] for i in range(len(grabbed))]
 
 
@@ -59,7 +68,6 @@ MASKS: dict = {}  # layer -> (1, Hkv, L) bool keep-mask of the context keys (per
 
 def masked_target_logits(model, layers_kv, masks, L, tgt_ids):
     """Target logits over the full context cache with per-head keep-masks (how kvpress applies AdaKV / KVzip)."""
-    from transformers import AttentionInterface
 
     def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
         G = query.shape[1] // key.shape[1]
@@ -72,15 +80,10 @@ def masked_target_logits(model, layers_kv, masks, L, tgt_ids):
             query, key.repeat_interleave(G, 1), value.repeat_interleave(G, 1), attn_mask=bias, scale=scaling)
         return out.transpose(1, 2).contiguous(), None
 
-    AttentionInterface.register("lab_masked", attend)
     MASKS.clear()
     MASKS.update(enumerate(masks))
-    old = model.config._attn_implementation
-    model.set_attn_implementation("lab_masked")
-    try:
+    with attention_function(model, "lab_masked", attend):
         return target_logits(model, layers_kv, L, tgt_ids)
-    finally:
-        model.set_attn_implementation(old)
 
 
 ZIP: dict = {}  # layer -> (1, Hkv, L) KVzip scores of the current window
@@ -89,8 +92,11 @@ ZIP: dict = {}  # layer -> (1, Hkv, L) KVzip scores of the current window
 def reconstruction_scores(model, tokenizer, layers_kv, ctx_ids):
     """KVzip (https://arxiv.org/abs/2505.23416; kvpress' KVzipPress on plain text, one chunk): feed
     "\n\nRepeat the previous context exactly." + "\n" + context over the context's cache; a context key's score is
-    the max, over the repeat queries and the group's query heads, of its softmax attention (over context + repeat)."""
-    from transformers import AttentionInterface, DynamicCache
+    the max, over the repeat queries and the group's query heads, of its softmax attention (over context + repeat):
+    ``kvaccel.patches.evict.kvzip.reconstruction_max_attention``, the method's own scoring."""
+    from transformers import DynamicCache
+
+    from kvaccel.patches.evict.kvzip import reconstruction_max_attention
 
     L = ctx_ids.shape[1]
     rep = tokenizer.encode("\n\nRepeat the previous context exactly.", add_special_tokens=False)
@@ -99,13 +105,8 @@ def reconstruction_scores(model, tokenizer, layers_kv, ctx_ids):
     n = ids.shape[1]
 
     def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
-        Hkv = key.shape[1]
-        G = query.shape[1] // Hkv
-        a = torch.einsum("bhgqd,bhkd->bhgqk", query.view(1, Hkv, G, n, -1).float(), key.float()) * scaling
-        a[..., L:] += torch.full((n, n), float("-inf")).triu(1)
-        a = torch.softmax(a, -1)
-        ZIP[module.layer_idx] = a[..., :L].amax((2, 3))
-        del a
+        G = query.shape[1] // key.shape[1]
+        ZIP[module.layer_idx] = reconstruction_max_attention(query, key, scaling, slice(0, L), 0)
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key.repeat_interleave(G, 1), value.repeat_interleave(G, 1),
             attn_mask=torch.cat([torch.zeros(n, L), torch.full((n, n), float("-inf")).triu(1)], 1), scale=scaling)
@@ -114,14 +115,9 @@ def reconstruction_scores(model, tokenizer, layers_kv, ctx_ids):
     cache = DynamicCache()
     for i, (k, v) in enumerate(layers_kv):
         cache.update(k, v, i)
-    AttentionInterface.register("lab_zip", attend)
-    old = model.config._attn_implementation
-    model.set_attn_implementation("lab_zip")
-    try:
-        ZIP.clear()
+    ZIP.clear()
+    with attention_function(model, "lab_zip", attend):
         model(ids, past_key_values=cache, use_cache=True, position_ids=torch.arange(L, L + n)[None])
-    finally:
-        model.set_attn_implementation(old)
 
 
 def allocate(scores, cap, rule, alpha=0.2):
@@ -269,11 +265,12 @@ def make_scores(name, q, k, v, rotary, layer=0):
     if base == "zip":
         s = ZIP[layer].clone()
     elif base.startswith("zwin"):  # KVzip's max with the last N prompt queries' own attention added to its queries
+        from kvaccel.patches.evict.kvzip import reconstruction_max_attention
+
         n = int(base[4:])
-        Hkv, G = k.shape[1], q.shape[1] // k.shape[1]
-        a = torch.einsum("bhgqd,bhkd->bhgqk", q[:, :, L - n:].reshape(1, Hkv, G, n, -1).float(), k.float())
-        a = a / math.sqrt(q.shape[-1]) + torch.full((n, L), float("-inf")).triu(L - n + 1)
-        s = torch.maximum(ZIP[layer], torch.softmax(a, -1).amax((2, 3)))
+        own = reconstruction_max_attention(q[:, :, L - n :], k, 1 / math.sqrt(q.shape[-1]), slice(0, L - n), 0,
+                                           include_own=True)
+        s = torch.maximum(ZIP[layer], own)
     elif base in ("pmax", "zmax"):  # max attention over every prompt query (and the group); zmax: max with KVzip's
         Hkv, G = k.shape[1], q.shape[1] // k.shape[1]
         a = torch.einsum("bhgqd,bhkd->bhgqk", q.view(1, Hkv, G, L, -1).float(), k.float()) / math.sqrt(q.shape[-1])
