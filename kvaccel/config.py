@@ -37,6 +37,10 @@ class Method:
     def bind(self, model) -> None:
         """Check the method against the model it is patched into (layers, heads...). Raise ``ValueError``."""
 
+    def report_stats(self, cache, layer_stats: list[dict]) -> None:
+        """Fill ``layer_stats`` (one dict per layer) with statistics read from ``cache`` when :func:`kvaccel.report`
+        is called, for what would cost too much to record at every decode step. Default: nothing."""
+
     def spec(self) -> str:
         """The method as a spec string, e.g. ``streaming(budget=256,sink=4)``."""
         args = ",".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))

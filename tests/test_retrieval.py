@@ -356,14 +356,44 @@ def test_scan_rows_matches_reference(bf16_margin, monkeypatch):
     # many queries with a small score buffer: queries go in blocks (7 per block here)
     import kvaccel.kernels.attention_index as ai
 
-    monkeypatch.setattr(ai, "SCAN_BLOCK_SCORES", 7 * 700)
+    width = 700 if bf16_margin is None else ai.SCAN_COPY_STEP  # the bfloat16 copy's rows are padded to a step
+    monkeypatch.setattr(ai, "SCAN_BLOCK_SCORES", 7 * width)
     many = rng.standard_normal((3, 40, D)).astype(np.float32)
     ids_all, _ = index.scan_rows(many, 10, bf16_margin)
-    assert (index._scores if bf16_margin is None else index._scores_bf16).numel() == 3 * 7 * 700
+    assert (index._scores if bf16_margin is None else index._scores_bf16).numel() == 3 * 7 * width
     for g in (0, 2):
         ref, _ = index.search_exact(many[g], np.full(40, g), 10)
         same = np.mean([len(np.intersect1d(a, b)) / 10 for a, b in zip(ids_all[g], ref, strict=True)])
         assert same == 1.0 if bf16_margin is None else same >= 0.98
+
+
+@needs_deps
+def test_scan_copy_follows_stored_keys():
+    """The bfloat16 key copy of the scan is extended row by row as keys are stored (within its padded width and past
+    it, regrown): it always equals the stored keys in bfloat16, zero past each row's keys, and the scan stays exact
+    against the reference."""
+    import torch
+
+    from kvaccel.kernels.attention_index import SCAN_COPY_STEP, AttentionIndex
+
+    rng = np.random.default_rng(5)
+    D = 8
+    index = AttentionIndex(2, D, 2)
+    held = [np.zeros((0, D), np.float32)] * 2
+    for step, add in enumerate(([300, 40], [64, 0], [SCAN_COPY_STEP, 700], [1, 1])):
+        new = [rng.standard_normal((m, D)).astype(np.float32) for m in add]
+        index.store(new, [np.ones((m, 2), np.float32) for m in add], [np.arange(m) for m in add])
+        held = [np.concatenate([h, x]) for h, x in zip(held, new, strict=True)]
+        q = rng.standard_normal((2, 3, D)).astype(np.float32)
+        ids, _ = index.scan_rows(q, 20, 16)
+        copy = index._scan_keys
+        assert copy.shape[1] % SCAN_COPY_STEP == 0 and copy.shape[1] >= max(len(h) for h in held), step
+        for r, h in enumerate(held):
+            assert torch.equal(copy[r, : len(h)], torch.from_numpy(h).to(torch.bfloat16)), (step, r)
+            assert not copy[r, len(h):].any(), (step, r)
+            ref, _ = index.search_exact(q[r], np.full(3, r), 20)
+            rec = np.mean([len(np.intersect1d(a, b)) / 20 for a, b in zip(ids[r], ref, strict=True)])
+            assert rec >= 0.98, (step, r, rec)
 
 
 @needs_deps
@@ -373,7 +403,8 @@ def test_top_of_scores_orders_and_ties():
     rng = np.random.default_rng(4)
     m = 2000
     cases = np.stack([rng.standard_normal(m), np.arange(m), -np.arange(m), np.round(rng.standard_normal(m) * 2) / 2,
-                      np.zeros(m)]).astype(np.float32)[None]  # random, ascending, descending, many ties, constant
+                      np.zeros(m), -5 - np.abs(rng.standard_normal(m))]).astype(np.float32)[None]
+    # random, ascending, descending, many ties, constant, all negative (the selection orders floats by their bits)
     n = np.array([m])
     for k in (1, 50, 64):
         ids = np.empty((1, cases.shape[1], k), np.int64)
@@ -385,8 +416,8 @@ def test_top_of_scores_orders_and_ties():
             np.testing.assert_array_equal(cases[0, c][ids[0, c]], scores[0, c])
             assert len(set(ids[0, c].tolist())) == k
     short = np.array([30])  # fewer keys than k: the rest is -1 / -inf
-    ids = np.empty((1, 5, 50), np.int64)
-    scores = np.empty((1, 5, 50), np.float32)
+    ids = np.empty((1, cases.shape[1], 50), np.int64)
+    scores = np.empty((1, cases.shape[1], 50), np.float32)
     _select_rows(cases, short, ids, scores)
     assert (ids[:, :, 30:] == -1).all() and np.isneginf(scores[:, :, 30:]).all() and (ids[:, :, :30] < 30).all()
 

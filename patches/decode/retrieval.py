@@ -195,11 +195,12 @@ class Retrieval(DecodeMethod):
         many host keys, the layer's top-k is exact: one batched matmul of all its queries over all its host keys
         (a scan streams the keys, memory-bound) and a linear-time compiled selection; no graph exists (no build
         work). The spill that takes a row past it builds the layer's graph from prefill queries kept for that (in
-        the background, ``background_build``), searched from then on. Measured on this CPU, 30 (or 4) cache-cold
-        layers, 1 thread, ms per layer-step for 3 kv heads x 3 query heads, exact scan (bfloat16 / float32) vs
-        graph walk (ef=128): 7.5k keys 0.79 / 0.81 vs 1.11, 16k 1.15 / 1.56 vs 1.28, 24k 1.69 / 2.29 vs 1.27, 32k
-        1.94 / 2.94 vs 1.26 (``runs/retr10-prof/scan_bench.py``): the bfloat16 scan wins below ~17k keys, the
-        float32 one below ~12k. ``report()`` notes which path ran (``retrieval_exact_steps`` /
+        the background, ``background_build``), searched from then on. Measured on this CPU
+        (``benchmarks/retrieval_scan.py``: 30 cache-cold layers, 1 thread, ms per layer-step for 3 kv heads x 3
+        query heads), exact scan (bfloat16 / float32, recall 1.0) vs graph walk (ef=128, recall 0.90 / 0.90 / 0.67):
+        7.5k keys 0.60 / 0.59 vs 0.79, 16k 1.03 / 1.18 vs 0.84, 32k 1.93 / 2.59 vs 1.20: at 7.5k the exact scan is
+        faster, at 16k it costs ~20% more than the walk and stays exact; past it the walk wins (its search list
+        grows with the keys, ``ef_per_key``). ``report()`` notes which path ran (``retrieval_exact_steps`` /
         ``retrieval_graph_steps`` per layer).
     scan_precision : {"auto", "float32", "bfloat16"}, default "auto"
         The exact scan reads a bfloat16 copy of the host keys (half the bytes) and re-scores the best ``top_k +
@@ -398,7 +399,6 @@ class Retrieval(DecodeMethod):
         st.steps += 1
         if ctx.phase == "decode":
             self._spill(ctx, layer, min_spill=self.spill_every)
-        self._record(ctx, layer, st)
         return out.transpose(1, 2).to(q.dtype)
 
     # ------------------------------------------------------------------ internals
@@ -520,8 +520,16 @@ class Retrieval(DecodeMethod):
                 out.append(np.ascontiguousarray(qb))
         st.build_queries = out
 
-    def _record(self, ctx: AttentionContext, layer: KVAccelLayer, st: RetrievalLayerState) -> None:
-        s = ctx.stats
+    def report_stats(self, cache: KVAccelCache, layer_stats: list[dict]) -> None:
+        """The ``retrieval_*`` statistics of every layer, read from its state when :func:`kvaccel.report` runs (not
+        at every step: bytes and sums cost ~0.1 ms per layer-step, measured)."""
+        for layer, stats in zip(cache.layers, layer_stats, strict=False):
+            st = getattr(layer, STATE_ATTR, None)
+            if st is not None:
+                self._record(stats, layer, st)
+
+    @staticmethod
+    def _record(s: dict, layer: KVAccelLayer, st: RetrievalLayerState) -> None:
         s["retrieval_host_tokens"] = int(st.index.n.sum())
         s["retrieval_host_bytes"] = st.index.nbytes() + sum(q.nbytes for q in st.build_queries or ())  # + kept
         s["retrieval_device_bytes"] = layer.nbytes()
