@@ -174,7 +174,8 @@ class Retrieval(DecodeMethod):
         The search list scales with the keys held (recall at a fixed ``ef`` falls as the cache grows): ``max(ef,
         ef_per_key * host keys)``, i.e. 128 up to 32k host keys, 512 at 128k. 0 keeps ``ef`` fixed. Measured
         (``benchmarks/retrieval_decode.py``, 128k tokens, layers 3 / 17, one run each, same load): recall@100 0.887
-        / 0.950 at 10.0x / 7.2x the dense step, vs 0.739 / 0.792 at 22.7x / 25.4x with ef fixed at 128; the index
+        / 0.950 at 10.0x / 7.2x the dense step, vs 0.739 / 0.792 at 22.7x / 25.4x with ef fixed at 128 (and, in a
+        later run on a quieter machine, 0.911 / 0.966 at 5.36x / 5.85x with ``ef_per_key=0.0052``, ef 682); the index
         benchmark's GQA walk at ef=512 reads 4.3% of the keys (recall 0.923).
     degree : int, default 32
         Out-degree of the projected graph (the paper uses ~35).
