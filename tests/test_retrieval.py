@@ -119,6 +119,22 @@ def test_think_composes_exactly():
 
 
 @needs_deps
+def test_sparse_prefill_composes_exactly():
+    """A block-sparse prefill (a_shape, sparse on this prompt) then retrieval decode with top_k covering the host
+    keys: the same logits as the prefill method alone (retrieval moves the cache to host memory, nothing else)."""
+    model = tiny_model("llama")
+    ids, mask = _batch(1, L=96)
+    prefill = "a_shape(sink_blocks=1,local_blocks=1,block_size=16,min_length=16)"
+    with kvaccel.patched(model, prefill):
+        _, ref = _stock_logits(model, ids, mask, 6)
+        assert min(kvaccel.report(model)["prefill_density"]) < 1.0  # the prefill really was sparse
+    with kvaccel.patched(model, prefill + "+retrieval(sink=4,window=8,top_k=512,ef=512,spill_every=4)"):
+        _, got = _stock_logits(model, ids, mask, 6)
+        assert kvaccel.report(model)["retrieval_host_tokens"][0] > 0
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=2e-4)
+
+
+@needs_deps
 def test_prompt_chunk_after_prefill_is_exact():
     """A later multi-token chunk (a question after the context) attends host + device parts causally, then spills."""
     from transformers import DynamicCache
