@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from retrieval_index import load_or_capture  # noqa: E402
+from retrieval_index import load_or_capture, recall  # noqa: E402
 
 from kvaccel.kernels.attention_index import AttentionIndex  # noqa: E402
 from kvaccel.patches.decode.retrieval import BF16_MARGIN, _match_threads  # noqa: E402
@@ -80,7 +80,7 @@ def main() -> None:
         if not args.no_graph:
             paths[f"graph walk ef={args.ef}"] = lambda ix, g: ix.search_grouped(g, np.arange(3), args.k, args.ef)[0]
         times = {p: [] for p in paths}
-        recall = {p: [] for p in paths}
+        recalls = {p: [] for p in paths}
         for rep in range(2):  # the first round compiles and warms up
             for s in range(args.queries):
                 for index, groups in copies:
@@ -92,11 +92,9 @@ def main() -> None:
                             times[p].append(dt)
                             if index is copies[0][0]:
                                 ref, _ = index.scan_rows(groups[s], args.k)
-                                recall[p] += [len(np.intersect1d(a, b)) / args.k
-                                              for a, b in zip(ids.reshape(-1, args.k), ref.reshape(-1, args.k),
-                                                              strict=True)]
+                                recalls[p].append(recall(ids.reshape(-1, args.k), ref.reshape(-1, args.k)))
         for p in paths:
-            print(f"{n:>7} {p:<22} {np.median(times[p]) * 1e3:>9.3f} {np.mean(recall[p]):>7.3f}", flush=True)
+            print(f"{n:>7} {p:<22} {np.median(times[p]) * 1e3:>9.3f} {np.mean(recalls[p]):>7.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -930,6 +930,13 @@ class GraphBuild:
         return self
 
 
+def _check_static_slots(static_keys: np.ndarray, static_values: np.ndarray, T: int) -> None:
+    """The static part's key / value buffers hold at least the ``T`` slots its validity covers."""
+    if static_keys.shape[1] < T or static_values.shape[1] < T:
+        raise ValueError(f"static keys {static_keys.shape} / values {static_values.shape} hold fewer than the {T} "
+                         "slots of static_valid")
+
+
 class AttentionIndex:
     """Host K/V store plus one attention-aware graph per row (row = ``b * H_kv + kv_head``).
 
@@ -1058,10 +1065,6 @@ class AttentionIndex:
         self._scan_keys, self._scan_n = new, self.n.copy()
         return new
 
-    def release_scan_copy(self) -> None:
-        """Drop the bfloat16 key copy of :meth:`scan_rows` (made again if it scans in bfloat16 later)."""
-        self._scan_keys = None
-
     def graph_build(self, queries: list[np.ndarray]) -> GraphBuild:
         """The graph build of every row that holds keys but no graph, from ``queries[g]`` ``(Nq_g, D)`` (the
         prefill queries of the row's query heads). Run it (:meth:`GraphBuild.run`, any thread), then
@@ -1179,7 +1182,7 @@ class AttentionIndex:
         Queries go in blocks of at most ``SCAN_BLOCK_SCORES`` scores per row.
 
         ``bf16_margin``: scan a bfloat16 copy of the keys instead (half the bytes: the scan is memory-bound; the
-        copy is extended by the keys stored since the last scan, :meth:`release_scan_copy` frees it), keep the best
+        copy is extended by the keys stored since the last scan), keep the best
         ``k + bf16_margin`` per query and re-score those exactly in float32 for the final ``k`` (returned scores are
         float32 ``q · k``; a key may be missed only if bfloat16 rounding moved it below ``k + bf16_margin``
         others)."""
@@ -1248,9 +1251,7 @@ class AttentionIndex:
         with the static part's attention, in one compiled pass (for a static part held in host memory too, i.e. a
         CPU model). Returns ``(R, Dv)``."""
         T = static_valid.shape[1]
-        if static_keys.shape[1] < T or static_values.shape[1] < T:
-            raise ValueError(f"static keys {static_keys.shape} / values {static_values.shape} hold fewer than the "
-                             f"{T} slots of static_valid")
+        _check_static_slots(static_keys, static_values, T)
         out = np.empty((ids.shape[0], self.dim_v), np.float32)
         c = np.ascontiguousarray  # one compiled signature (a strided view would compile another variant)
         _attend_union_rows(c(ids, dtype=np.int64), c(scores, dtype=np.float32), c(rows, dtype=np.int64), self.values,
@@ -1268,9 +1269,7 @@ class AttentionIndex:
         if ids.shape[0] != self.rows or queries.shape[:2] != ids.shape[:2]:
             raise ValueError(f"attend_union_groups wants ids {ids.shape} and queries {queries.shape} as (rows="
                              f"{self.rows}, G, ...)")
-        if static_keys.shape[1] < T or static_values.shape[1] < T:
-            raise ValueError(f"static keys {static_keys.shape} / values {static_values.shape} hold fewer than the "
-                             f"{T} slots of static_valid")
+        _check_static_slots(static_keys, static_values, T)
         out = np.empty((ids.shape[0], ids.shape[1], self.dim_v), np.float32)
         c = np.ascontiguousarray
         _attend_union_groups(c(ids, dtype=np.int64), c(scores, dtype=np.float32), self.values,

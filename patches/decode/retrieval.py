@@ -31,14 +31,6 @@ Tensor = torch.Tensor
 #: attribute of a ``KVAccelLayer`` holding this method's per-layer state
 STATE_ATTR = "_kvaccel_retrieval"
 
-STAT_KEYS = (
-    "retrieval_host_tokens", "retrieval_host_bytes", "retrieval_device_bytes", "retrieval_build_s",
-    "retrieval_insert_s", "retrieval_search_s", "retrieval_host_attention_s", "retrieval_device_attention_s",
-    "retrieval_merge_s", "retrieval_scanned_fraction", "retrieval_recall", "retrieval_steps",
-    "retrieval_build_knn_s", "retrieval_steps_before_index", "retrieval_index_ready", "retrieval_exact_steps",
-    "retrieval_graph_steps",
-)
-
 
 #: candidates beyond top_k kept by the bfloat16 scan for the float32 re-scoring (measured: the float32 exact top-100
 #: recovered on every query of the captured keys at 16, 99.5% at 0)
