@@ -117,6 +117,80 @@ def test_masked_attention_matches_reference():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def _naive_observation_feature(q, k, scale, valid=None):
+    """log(n · maxpool_7(s) + 1e-3), s = attention each key receives from the last W queries (causal), averaged over
+    queries and a kv head's query heads; one loop per (batch, head, query)."""
+    B, Hq, W, D = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    s = torch.zeros(B, Hkv, T, dtype=torch.float64)
+    for b in range(B):
+        ok = torch.ones(T, dtype=torch.bool) if valid is None else valid[b, 0]
+        for h in range(Hq):
+            for i in range(W):
+                js = [j for j in range(T - W + i + 1) if ok[j]]
+                p = torch.softmax(q[b, h, i].double() @ k[b, h // G, js].double().T * scale, -1)
+                s[b, h // G, js] += p / (W * G)
+        n = float(ok.sum())
+        s[b] = n * torch.nn.functional.max_pool1d(s[b][:, None], 7, 1, 3)[:, 0]
+    return torch.log(s + 1e-3).float()
+
+
+def test_observation_feature_matches_naive():
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 23, 8)
+    torch.testing.assert_close(ag.observation_feature(q, k, 0.4), _naive_observation_feature(q, k, 0.4),
+                               rtol=1e-4, atol=1e-4)
+    valid = torch.ones(2, 1, 23, dtype=torch.bool)
+    valid[1, :, :6] = False  # left padding
+    torch.testing.assert_close(ag.observation_feature(q, k, 0.4, valid), _naive_observation_feature(q, k, 0.4, valid),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_observation_term_flags_at_prefill_and_decode(tmp_path):
+    """Prompt tokens: σ(gate + a_h·g + c_h) with g from the prompt's last queries; decode tokens: σ(gate + c_h)."""
+    model = tiny_model("llama")
+    g = AttentionGates.for_model(model, gate_dim=4, gate_window=8, window=64, sink=2, observation_window=6)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for layer in g.layers:
+            torch.nn.init.normal_(layer.direct.weight, std=0.3)
+            layer.direct.bias.zero_()
+            torch.nn.init.normal_(layer.obs_scale, std=1.0)
+            torch.nn.init.normal_(layer.obs_bias, std=0.3)
+    path = g.save(tmp_path / "gate")
+    ids = _prompt(model, 30)
+    nxt = [5, 9, 11, 13]
+    cache = KVAccelCache(model)
+    with kvaccel.patched(model, AttentionGate(weights=str(path))):
+        model(ids, past_key_values=cache, use_cache=True)
+        for t in nxt[:-1]:
+            model(torch.tensor([[t]]), past_key_values=cache, use_cache=True)
+    full = torch.cat([ids, torch.tensor([nxt[:-1]])], dim=1)  # window 64: nothing evicted, so x/q/k are the stock ones
+    records = ag.record_layers(model, full)
+    n_flagged = 0
+    for li, (x, q, k, _) in enumerate(records):
+        gate = g.layers[li]
+        with torch.no_grad():
+            logit = gate(x)[0]
+            obs = ag.observation_feature(q[:, :, 24:30], k[:, :, :30], q.shape[-1] ** -0.5)
+            want = torch.cat([logit[..., :30] + gate.observation_logits(obs),
+                              logit[..., 30:] + gate.observation_logits(None)], dim=-1) > 0
+        want[..., :2] = True  # sinks
+        got = cache.layers[li].token_state[ag.STATE_KEY]
+        assert torch.equal(got, want), li
+        n_flagged += int((~want).sum())
+    assert n_flagged > 0
+
+
+def test_observation_window_needs_the_distill_objective():
+    from kvaccel.training import gate_kind
+
+    with pytest.raises(ValueError, match="observation_window"):
+        gate_kind("attention_gate").build(tiny_model("llama"), dict(objective="lm", observation_window=8))
+    assert gate_kind("attention_gate").build(tiny_model("llama"), dict(objective="lm")).observation_window == 0
+
+
 @pytest.mark.parametrize("objective", ["distill", "local", "lm"])
 def test_training_loss_decreases(objective, tmp_path):
     from kvaccel.training import gate_kind
@@ -266,6 +340,10 @@ def test_distill_replays_the_full_model_when_everything_is_kept(family):
     gk = gate_kind("attention_gate")
     rec = dict(gate_dim=4, gate_window=8, window=4, sink=1, rows=16, continuation=8, local_weight=0.0)
     gates = gk.build(model, rec)
+    assert gates.observation_window == 32  # the distill default: the global-context term ...
+    with torch.no_grad():
+        for layer in gates.layers:
+            layer.obs_scale.zero_()  # ... switched off here, so that every flag says keep
     tgt = gk.target(model, torch.randint(3, 500, (1, 64), generator=torch.Generator().manual_seed(0)))
     torch.manual_seed(0)
     _, parts = ag.gate_loss(gates, tgt, return_parts=True)
