@@ -162,7 +162,9 @@ def test_observation_term_flags_at_prefill_and_decode(tmp_path):
     ids = _prompt(model, 30)
     nxt = [5, 9, 11, 13]
     cache = KVAccelCache(model)
-    with kvaccel.patched(model, AttentionGate(weights=str(path))):
+    method = AttentionGate(weights=str(path))
+    with kvaccel.patched(model, method):
+        method._defer = False  # score decode tokens as they come (else they wait until `window` are pending)
         model(ids, past_key_values=cache, use_cache=True)
         for t in nxt[:-1]:
             model(torch.tensor([[t]]), past_key_values=cache, use_cache=True)
@@ -292,6 +294,46 @@ def test_evicts_flagged_tokens_and_bytes_match(tmp_path):
         old = valid & (from_end > 4)
         assert bool(flags[old].all()), li
     assert rep2["kv_bytes"] < rep2["kv_bytes_full"]
+
+
+def test_deferred_scoring_and_skipped_counts_evict_as_every_step(tmp_path):
+    """Decode scores tokens in groups and skips counting droppable tokens until a head could have reached the batch
+    size: the cache after every step equals the one of a run that scores and counts at every step."""
+    model = tiny_model("llama")
+    path = _gates(model, tmp_path, window=3)
+    gates = AttentionGates.load(path)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for layer in gates.layers:
+            torch.nn.init.normal_(layer.direct.weight, std=0.5)
+            layer.direct.bias.fill_(-0.3)
+    gates.save(path)
+    ids = _prompt(model, 70)
+    steps = torch.randint(3, 500, (40,), generator=torch.Generator().manual_seed(4))
+    states, caches = [], []
+    for every_step in (False, True):
+        method, cache, seen = AttentionGate(weights=str(path)), KVAccelCache(model), []
+        with kvaccel.patched(model, method):
+            model(ids, past_key_values=cache, use_cache=True)
+            for t in steps:
+                if every_step:
+                    method._check_at.clear()
+                    method._defer = False
+                model(t.view(1, 1), past_key_values=cache, use_cache=True)
+                seen.append([(la.keys.clone(), la.full_valid().clone(), la.kept_per_head().clone())
+                             for la in cache.layers])
+        states.append(seen)
+        caches.append(cache)
+    n_evictions = 0
+    for step, (a, b) in enumerate(zip(*states, strict=True)):
+        for (ka, va, na), (kb, vb, nb) in zip(a, b, strict=True):
+            assert torch.equal(va, vb) and torch.equal(ka, kb) and torch.equal(na, nb), step
+        n_evictions += step > 0 and bool((a[0][2] <= states[0][step - 1][0][2]).any())
+    assert n_evictions > 0
+    for la, lb in zip(caches[0].layers, caches[1].layers, strict=True):  # flags outside the recent window
+        va = la.full_valid().expand_as(la.token_state[ag.STATE_KEY])
+        old = va & (va.flip(-1).cumsum(-1).flip(-1) > 3)
+        assert torch.equal(la.token_state[ag.STATE_KEY][old], lb.token_state[ag.STATE_KEY][old])
 
 
 def test_tokens_fed_while_paused_are_kept(tmp_path):

@@ -10,7 +10,8 @@ below (prompt tokens only; a token fed while decoding has none and gets ``c_lh``
 *evict* is invisible to every query more than ``window`` tokens later, and is dropped from the cache once it leaves
 the recent window (while decoding, drops are batched: a layer evicts once one of its heads has ``max(1, held /
 32)`` tokens to drop, so such a token stays visible for at most that many more steps; the slack is counted in
-``report()`` bytes).
+``report()`` bytes). Decode tokens are flagged in groups once ``window`` of them are pending (until then they all sit
+in the recent window, where no flag is read): the same flags as token by token, with ~1/``window`` of the gate calls.
 The paper has no public code; the choices below are ours.
 
 Gate (per layer, ``AttentionGateLayer``): a reduced multi-head attention over the layer input with one gate head per
@@ -295,6 +296,9 @@ class AttentionGate(EvictionMethod):
         self._hidden: dict[int, weakref.ref] = {}
         self._past: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._scored_upto: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> tokens seen when scored
+        self._check_at: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> when to count drops again
+        self._pending: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> decode inputs not scored
+        self._defer = True  # False: score every decode token at once (tests compare both)
 
     def install_hooks(self, model, modules: list[nn.Module]) -> list:
         """Forward pre-hooks on every ``self_attn`` capturing (weakly) the layer input; removed by ``unpatch``."""
@@ -327,44 +331,77 @@ class AttentionGate(EvictionMethod):
             raise RuntimeError(f"attention_gate: the layer input of layer {ctx.layer_idx} was not captured")
         gates = self.gates()
         q = x.shape[1]
-        past = self._past.get(layer)
-        P = 0 if past is None else past[0].shape[2]
-        key_valid = None
-        if ctx.pad is not None:
-            key_valid = ctx.pad[:, -(P + q):]
-        gate = gates.layers[ctx.layer_idx]
-        logits, self._past[layer] = gate(x, past, key_valid)
-        obs = None
-        if ctx.phase == "prefill" and gate.observe:  # global context: the prompt's last queries (decode: c_h alone)
-            keys, valid = layer.dense_keys()
-            w = min(gates.observation_window, q)
-            obs = observation_feature(ctx.query[:, :, -w:], keys, ctx.scaling, valid)[..., -q:]
-        flags = torch.sigmoid(logits + gate.observation_logits(obs)) > self.threshold  # (B, H_kv, q)
-        # sinks: the first `sink` real tokens of each sequence
-        if ctx.pad is not None:
-            real_idx = ctx.pad.long().cumsum(-1)[:, -q:] - 1  # (B, q)
-        else:
-            real_idx = (layer.seen - q + torch.arange(q, device=flags.device))[None]
-        flags = flags | (real_idx < gates.sink)[:, None, :]
         B, H, T = layer.keys.shape[:3]
         st = layer.token_state.get(STATE_KEY)
         if st is None:
             st = torch.zeros(B, H, T, dtype=torch.bool, device=layer.keys.device)
-        st[..., -q:] = flags
+        layer.token_state[STATE_KEY] = st
+        pending = self._pending.setdefault(layer, [])
         unscored = layer.seen - q - self._scored_upto.get(layer, layer.seen - q)
         if unscored > 0:  # tokens fed inside kvaccel.paused(model) are kept whole
+            self._score(ctx, st, after=q + unscored, prompt=False)  # the decode tokens before them
             st[..., -(q + unscored) : -q] = True
         self._scored_upto[layer] = layer.seen
-        layer.token_state[STATE_KEY] = st
+        decode = ctx.phase == "decode"
+        if not decode:
+            self._score(ctx, st, after=q, prompt=False)  # decode tokens before this prompt (a later turn)
+            pending.append(x)
+            self._score(ctx, st, after=0, prompt=True)
+        else:
+            # decode tokens are scored in groups, once `window` are pending: until then they are all inside the
+            # recent window, where no flag is read (it says keep); the flags are those of scoring token by token
+            pending.append(x)
+            st[..., -q:] = True
+            if not self._defer or sum(p.shape[1] for p in pending) >= gates.window:
+                self._score(ctx, st, after=0, prompt=False)
+            if layer.seen < self._check_at.get(layer, 0):
+                return  # too few tokens fed since the last count for a head to reach the batch size (see below)
         valid = layer.full_valid().expand(B, H, T)
         from_end = valid.flip(-1).cumsum(-1).flip(-1)  # real tokens at or after each slot
         keep = valid & (st | (from_end <= gates.window))
         dropped = int((valid & ~keep).sum(-1).max())
-        # decode: evict in batches, once a head has max(1, held / 32) tokens to drop (the slack report() counts)
-        if dropped == 0 or (ctx.phase == "decode" and dropped < max(1, T // 32)):
+        # decode: evict in batches, once a head has max(1, held / 32) tokens to drop (the slack report() counts).
+        # Each token fed moves at most one token per head out of the recent window, so a head's count of tokens to
+        # drop grows by at most 1 per token: the next count is due after `batch - dropped` more tokens.
+        batch = max(1, T // 32)
+        if dropped == 0 or (decode and dropped < batch):
+            self._check_at[layer] = layer.seen + (batch - dropped if decode else 1)
             return
+        self._score(ctx, st, after=0, prompt=False)  # the pending tokens stay: they are the last slots only until now
         pos, slot_valid = compact_slots(keep)
         layer.keep(pos, slot_valid)
+        self._check_at[layer] = layer.seen + max(1, layer.keys.shape[2] // 32)  # nothing left to drop
+
+    def _score(self, ctx, st: Tensor, after: int, prompt: bool) -> None:
+        """Flag the layer's pending tokens (``self._pending``, the ``n`` slots before the last ``after``) into ``st``:
+        one gate call over all of them, with the gate keys/values carried from the previous call; ``prompt``: they
+        are this prefill call's tokens (the global-context term applies)."""
+        layer = ctx.layer
+        pending = self._pending.get(layer)
+        if not pending:
+            return
+        x = pending[0] if len(pending) == 1 else torch.cat(pending, dim=1)
+        pending.clear()
+        gates = self.gates()
+        gate = gates.layers[ctx.layer_idx]
+        n = x.shape[1]
+        past = self._past.get(layer)
+        P = 0 if past is None else past[0].shape[2]
+        pad = None if ctx.pad is None else ctx.pad[:, : ctx.pad.shape[1] - after]
+        logits, self._past[layer] = gate(x, past, None if pad is None else pad[:, -(P + n) :])
+        obs = None
+        if prompt and gate.observe:  # global context: the prompt's last queries (decode tokens: c_h alone)
+            keys, valid = layer.dense_keys()
+            w = min(gates.observation_window, n)
+            obs = observation_feature(ctx.query[:, :, -w:], keys, ctx.scaling, valid)[..., -n:]
+        flags = torch.sigmoid(logits + gate.observation_logits(obs)) > self.threshold  # (B, H_kv, n)
+        # sinks: the first `sink` real tokens of each sequence
+        if pad is not None:
+            real_idx = pad.long().cumsum(-1)[:, -n:] - 1  # (B, n)
+        else:
+            real_idx = (layer.seen - after - n + torch.arange(n, device=flags.device))[None]
+        T = st.shape[-1]
+        st[..., T - after - n : T - after] = flags | (real_idx < gates.sink)[:, None, :]
 
 
 # ------------------------------------------------------------------------------------------ training
