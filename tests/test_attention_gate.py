@@ -254,16 +254,22 @@ def test_keep_all_equals_full_attention(family, tmp_path):
                                             for k in rep["kept_tokens"])
 
 
-def test_evicts_flagged_tokens_and_bytes_match(tmp_path):
-    model = tiny_model("llama")
-    path = _gates(model, tmp_path, window=4)
+def _random_gates(model, tmp_path, window: int, seed: int, bias: float):
+    """Gate files whose flags depend on the token: random direct weights (std 0.5) and a common bias."""
+    path = _gates(model, tmp_path, window=window)
     gates = AttentionGates.load(path)
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     with torch.no_grad():
         for layer in gates.layers:
             torch.nn.init.normal_(layer.direct.weight, std=0.5)
-            layer.direct.bias.zero_()
+            layer.direct.bias.fill_(bias)
     gates.save(path)
+    return path
+
+
+def test_evicts_flagged_tokens_and_bytes_match(tmp_path):
+    model = tiny_model("llama")
+    path = _random_gates(model, tmp_path, window=4, seed=1, bias=0.0)
     ids = _prompt(model, 50)
     cache = KVAccelCache(model)
     with kvaccel.patched(model, AttentionGate(weights=str(path))):
@@ -300,14 +306,7 @@ def test_deferred_scoring_and_skipped_counts_evict_as_every_step(tmp_path):
     """Decode scores tokens in groups and skips counting droppable tokens until a head could have reached the batch
     size: the cache after every step equals the one of a run that scores and counts at every step."""
     model = tiny_model("llama")
-    path = _gates(model, tmp_path, window=3)
-    gates = AttentionGates.load(path)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for layer in gates.layers:
-            torch.nn.init.normal_(layer.direct.weight, std=0.5)
-            layer.direct.bias.fill_(-0.3)
-    gates.save(path)
+    path = _random_gates(model, tmp_path, window=3, seed=3, bias=-0.3)
     ids = _prompt(model, 70)
     steps = torch.randint(3, 500, (40,), generator=torch.Generator().manual_seed(4))
     states, caches = [], []
