@@ -60,9 +60,9 @@ set to the gate's measured KV bytes, which it ends ~3% above; README has the com
 0.0060 (KV/full 0.342) vs snapkv 0.0290 / 0.0104 (0.353); 2k 0.0141 / 0.0078 (0.311) vs 0.0265 / 0.0089 (0.320); the
 paired difference of the means has a 95% bootstrap interval above 0 at both lengths. The gate's lead is SnapKV's
 rare large misses (up to 0.31): per sample the gate is lower on 17 of 32. On the harness's needles (question after
-compression, n=4) it answers NIAH 4/4 at 1k and 2k and passkey 3/4 and 1/4 (full 4/4, 1/4); SnapKV at the same
-bytes 0/4 everywhere. The first shipped gates (no global term, same recipe otherwise) tied SnapKV: 1k 0.0345 at KV
-0.392 vs 0.0346, 2k 0.0223 vs 0.0215 (n=8).
+compression, n=4, seeds 0 and 7) it answers NIAH 4/4 at 1k and 2k and passkey 3/4 and 1/4, then 2/4 and 1/4 (full
+4/4, 1/4); SnapKV at the same bytes 0/4 everywhere. The first shipped gates (no global term, same recipe
+otherwise) tied SnapKV: 1k 0.0345 at KV 0.392 vs 0.0346, 2k 0.0223 vs 0.0215 (n=8).
 
 Files: ``gate.safetensors`` + ``gate.json`` (model name and fingerprint, shapes, window/sink/observation_window,
 training recipe).
