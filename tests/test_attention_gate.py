@@ -147,18 +147,23 @@ def test_observation_feature_matches_naive():
                                rtol=1e-4, atol=1e-4)
 
 
-def test_observation_term_flags_at_prefill_and_decode(tmp_path):
-    """Prompt tokens: σ(gate + a_h·g + c_h) with g from the prompt's last queries; decode tokens: σ(gate + c_h)."""
-    model = tiny_model("llama")
-    g = AttentionGates.for_model(model, gate_dim=4, gate_window=8, window=64, sink=2, observation_window=6)
-    torch.manual_seed(2)
+def _observing_gates(model, tmp_path, window: int, seed: int):
+    """Gates with the global-context term over 6 queries and random direct / term weights; ``(gates, saved path)``."""
+    g = AttentionGates.for_model(model, gate_dim=4, gate_window=8, window=window, sink=2, observation_window=6)
+    torch.manual_seed(seed)
     with torch.no_grad():
         for layer in g.layers:
-            torch.nn.init.normal_(layer.direct.weight, std=0.3)
+            torch.nn.init.normal_(layer.direct.weight, std=0.4)
             layer.direct.bias.zero_()
             torch.nn.init.normal_(layer.obs_scale, std=1.0)
             torch.nn.init.normal_(layer.obs_bias, std=0.3)
-    path = g.save(tmp_path / "gate")
+    return g, g.save(tmp_path / "gate")
+
+
+def test_observation_term_flags_at_prefill_and_decode(tmp_path):
+    """Prompt tokens: σ(gate + a_h·g + c_h) with g from the prompt's last queries; decode tokens: σ(gate + c_h)."""
+    model = tiny_model("llama")
+    g, path = _observing_gates(model, tmp_path, window=64, seed=2)
     ids = _prompt(model, 30)
     nxt = [5, 9, 11, 13]
     cache = KVAccelCache(model)
@@ -333,6 +338,35 @@ def test_deferred_scoring_and_skipped_counts_evict_as_every_step(tmp_path):
         va = la.full_valid().expand_as(la.token_state[ag.STATE_KEY])
         old = va & (va.flip(-1).cumsum(-1).flip(-1) > 3)
         assert torch.equal(la.token_state[ag.STATE_KEY][old], lb.token_state[ag.STATE_KEY][old])
+
+
+def test_left_padded_batch_equals_each_sequence_alone(tmp_path):
+    """Gate context, sinks, the global-context term and the recent window count real tokens only: a left-padded
+    batch keeps, per row, the tokens that row keeps alone, and gives the same logits after prefill and one step."""
+    model = tiny_model("llama")
+    _, path = _observing_gates(model, tmp_path, window=4, seed=5)
+    ids = torch.randint(3, 500, (2, 40), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[1, :11] = 0
+    nxt = torch.tensor([[17], [23]])
+
+    def run(i, m, step):
+        cache = KVAccelCache(model)
+        with kvaccel.patched(model, AttentionGate(weights=str(path))):
+            first = model(i, attention_mask=m, past_key_values=cache, use_cache=True).logits[:, -1]
+            m2 = None if m is None else torch.cat([m, torch.ones_like(m[:, :1])], dim=1)
+            second = model(step, attention_mask=m2, past_key_values=cache, use_cache=True).logits[:, -1]
+            kept = torch.tensor(kvaccel.report(model)["kept_tokens"])  # (layers, B, H)
+        return first, second, kept
+
+    both = run(ids.masked_fill(mask == 0, 0), mask, nxt)
+    for row in range(2):
+        real = ids[row : row + 1, int((mask[row] == 0).sum()) :]
+        alone = run(real, None, nxt[row : row + 1])
+        assert (alone[2] < real.shape[1] + 1).any()  # something was evicted
+        torch.testing.assert_close(both[0][row], alone[0][0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(both[1][row], alone[1][0], rtol=1e-4, atol=1e-4)
+        assert torch.equal(both[2][:, row], alone[2][:, 0]), row
 
 
 def test_tokens_fed_while_paused_are_kept(tmp_path):
