@@ -319,10 +319,13 @@ def test_deferred_scoring_and_skipped_counts_evict_as_every_step(tmp_path):
         method, cache, seen = AttentionGate(weights=str(path)), KVAccelCache(model), []
         with kvaccel.patched(model, method):
             model(ids, past_key_values=cache, use_cache=True)
-            for t in steps:
+            for i, t in enumerate(steps):
                 if every_step:
                     method._check_at.clear()
                     method._defer = False
+                if i == 21:  # tokens fed while paused, with decode tokens pending before them
+                    with kvaccel.paused(model):
+                        model(ids[:, :5], past_key_values=cache, use_cache=True)
                 model(t.view(1, 1), past_key_values=cache, use_cache=True)
                 seen.append([(la.keys.clone(), la.full_valid().clone(), la.kept_per_head().clone())
                              for la in cache.layers])

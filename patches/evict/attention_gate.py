@@ -367,8 +367,7 @@ class AttentionGate(EvictionMethod):
         if dropped == 0 or (decode and dropped < batch):
             self._check_at[layer] = layer.seen + (batch - dropped if decode else 1)
             return
-        self._score(ctx, st, after=0, prompt=False)  # the pending tokens stay: they are the last slots only until now
-        pos, slot_valid = compact_slots(keep)
+        pos, slot_valid = compact_slots(keep)  # pending tokens are in the recent window: kept, flags written later
         layer.keep(pos, slot_valid)
         self._check_at[layer] = layer.seen + max(1, layer.keys.shape[2] // 32)  # nothing left to drop
 
@@ -400,8 +399,18 @@ class AttentionGate(EvictionMethod):
             real_idx = pad.long().cumsum(-1)[:, -n:] - 1  # (B, n)
         else:
             real_idx = (layer.seen - after - n + torch.arange(n, device=flags.device))[None]
+        flags = flags | (real_idx < gates.sink)[:, None, :]
         T = st.shape[-1]
-        st[..., T - after - n : T - after] = flags | (real_idx < gates.sink)[:, None, :]
+        if prompt:  # this prefill call's tokens, padding included: its last slots
+            st[..., T - after - n : T - after] = flags
+            return
+        # decode tokens (all real): the n held tokens of each head before the last `after` slots' real tokens; an
+        # eviction since they were fed moved them (front-packed rows padded to the fullest head)
+        valid = layer.full_valid().expand_as(st)
+        tail = valid[..., T - after :].sum(-1, keepdim=True)
+        from_end = valid.flip(-1).cumsum(-1).flip(-1)
+        where = valid & (from_end > tail) & (from_end <= tail + n)
+        st.masked_scatter_(where, flags.expand(st.shape[0], st.shape[1], n).contiguous())
 
 
 # ------------------------------------------------------------------------------------------ training
