@@ -55,14 +55,14 @@ training kept 0.44 of the tokens but 0.62 of the bytes). The default training da
 the noise and the prose haystack: the keep rate is content-driven, and gates that never saw the noise haystack kept
 0.76 of the bytes on the harness's passkey prompts (vs 0.37 on prose).
 
-Measured (shipped gates, trained at 1k with the global term; harness fidelity task, n=16, snapkv with its budget
-set to the gate's measured KV bytes, which it ends ~3% above; README has the commands): KL mean / median 1k 0.0144 /
-0.0060 (KV/full 0.342) vs snapkv 0.0290 / 0.0104 (0.353); 2k 0.0141 / 0.0078 (0.311) vs 0.0265 / 0.0089 (0.320); the
-paired difference of the means has a 95% bootstrap interval above 0 at both lengths. The gate's lead is SnapKV's
-rare large misses (up to 0.31): per sample the gate is lower on 17 of 32. On the harness's needles (question after
-compression, n=4, seeds 0 and 7) it answers NIAH 4/4 at 1k and 2k and passkey 3/4 and 1/4, then 2/4 and 1/4 (full
-4/4, 1/4); SnapKV at the same bytes 0/4 everywhere. The first shipped gates (no global term, same recipe
-otherwise) tied SnapKV: 1k 0.0345 at KV 0.392 vs 0.0346, 2k 0.0223 vs 0.0215 (n=8).
+Measured (shipped gates, trained at 1k with the global term; harness fidelity task, n=16, snapkv with its budget set to
+the gate's measured KV bytes, which it ends ~3% above; README has the commands): KL mean / median 1k 0.0144 / 0.0060
+(KV/full 0.342) vs snapkv 0.0290 / 0.0104 (0.353); 2k 0.0141 / 0.0078 (0.311) vs 0.0265 / 0.0089 (0.320); the paired
+difference of the means has a 95% bootstrap interval above 0 at both lengths. The gate's lead is SnapKV's rare large
+misses (up to 0.31): per sample the gate is lower on 17 of 32. At 4k (n=8): 0.0070 / 0.0062 (0.275) vs 0.0114 / 0.0053
+(0.284). On the harness's needles (question after compression, n=4, seeds 0 and 7) it answers NIAH 4/4 at 1k and 2k and
+passkey 3/4 and 1/4, then 2/4 and 1/4 (full 4/4, 1/4); SnapKV at the same bytes 0/4 everywhere. The first shipped gates
+(no global term, same recipe otherwise) tied SnapKV: 1k 0.0345 at KV 0.392 vs 0.0346, 2k 0.0223 vs 0.0215 (n=8).
 
 Files: ``gate.safetensors`` + ``gate.json`` (model name and fingerprint, shapes, window/sink/observation_window,
 training recipe).
