@@ -89,11 +89,9 @@ from torch import Tensor, nn
 from kvaccel.cache import compact_slots
 from kvaccel.config import register
 from kvaccel.gate_files import WEIGHTS_FILE, GateFile
-from kvaccel.kernels.window_scores import window_attention_scores
 
 from .base import EvictionMethod
-from .h2o import group_mean
-from .snapkv import pool_scores
+from .snapkv import group_window_scores, pool_scores
 
 FORMAT = "kvaccel-attention-gate-1"
 DATA_DIR = Path(__file__).parent / "data"
@@ -142,7 +140,7 @@ def observation_feature(query: Tensor, keys: Tensor, scaling: float, valid: Tens
     own q/k (SnapKV's score); ``n`` counts the valid keys, so uniform attention gives ``g ≈ 0``. ``keys`` ``(B, H_kv,
     T, D)``, ``valid`` ``(B, 1|H_kv, T)`` bool or ``None``."""
     W = query.shape[2]
-    s = group_mean(window_attention_scores(query, keys, scale=scaling, valid=valid), keys.shape[1]).float() / W
+    s = group_window_scores(query, keys, scaling, valid).float() / W
     n = keys.shape[2] if valid is None else valid.sum(-1, keepdim=True).clamp_min(1).float()
     return torch.log(n * pool_scores(s, OBS_KERNEL, "max") + OBS_EPS)
 

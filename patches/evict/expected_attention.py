@@ -9,11 +9,10 @@ from dataclasses import dataclass
 import torch
 
 from kvaccel.config import register, resolve_budget, validate_budget
-from kvaccel.kernels.window_scores import window_attention_scores
 
 from .base import KEEP_SCORE, ScoredEviction, eviction_due
-from .h2o import check_int, check_ratio, group_mean
-from .snapkv import pool_scores
+from .h2o import check_int, check_ratio
+from .snapkv import group_window_scores, pool_scores
 
 Tensor = torch.Tensor
 
@@ -278,8 +277,7 @@ class ExpectedAttention(ScoredEviction):
         ``observation_window`` queries, max-pooled, normalised to sum 1 over the ``scored`` tokens."""
         keys, valid = ctx.layer.dense_keys()
         w = min(self.observation_window, ctx.query.shape[2])
-        acc = group_mean(window_attention_scores(ctx.query[:, :, -w:], keys, scale=ctx.scaling, valid=valid),
-                         keys.shape[1])
+        acc = group_window_scores(ctx.query[:, :, -w:], keys, ctx.scaling, valid)
         if self.observation_pooling == "forward":
             acc = forward_max_pool(acc.float(), self.observation_kernel).masked_fill(~scored, 0.0)
         else:

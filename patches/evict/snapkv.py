@@ -30,6 +30,13 @@ def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str) -> torch.T
     return pool(x, kernel_size=kernel_size, stride=1, padding=kernel_size // 2).reshape(B, H, T)
 
 
+def group_window_scores(query: torch.Tensor, keys: torch.Tensor, scaling: float,
+                        valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, H_kv, T)`` attention mass each key receives from ``query`` ``(B, H_q, W, D)`` (the sequence's last ``W``
+    queries, causal), summed over them and averaged over each kv head's ``G`` query heads (SnapKV's score, unpooled)."""
+    return group_mean(window_attention_scores(query, keys, scale=scaling, valid=valid), keys.shape[1])
+
+
 def selection_scores(acc: torch.Tensor, keep_last: int, kernel_size: int, pooling: str) -> torch.Tensor:
     """SnapKV's selection: pooled scores of the prefix, ``+max`` for the last ``keep_last`` slots (the window).
 
@@ -104,8 +111,7 @@ class SnapKV(ScoredEviction):
         layer = ctx.layer
         w = min(self.window, ctx.query.shape[2])
         keys, valid = layer.dense_keys()  # [narrow, full] axis: works after ThinK pruned channels
-        probs = window_attention_scores(ctx.query[:, :, -w:], keys, scale=ctx.scaling, valid=valid)
-        return group_mean(probs, keys.shape[1])
+        return group_window_scores(ctx.query[:, :, -w:], keys, ctx.scaling, valid)
 
     def score(self, ctx) -> torch.Tensor:
         """Selection scores (higher = keep) for the layer's current tokens, given the capacity they are cut to."""
