@@ -251,6 +251,12 @@ def _sortable(s, m, out):
         out[j] = b ^ ((b >> 31) & np.int32(0x7FFFFFFF))
 
 
+@njit(cache=True, nogil=True)
+def _float_of_key(key):
+    """The float32 whose :func:`_sortable` key is ``key`` (the transform is its own inverse)."""
+    return np.array([key ^ ((key >> 31) & np.int32(0x7FFFFFFF))], np.int32).view(np.float32)[0]
+
+
 @njit(cache=True, nogil=True, fastmath=True)
 def _count_ge(keys, m, x):
     c = 0
@@ -293,8 +299,7 @@ def _top_of_scores(s, n, out_ids, out_scores, ordered):
         _sortable(gmax, nb, gkey)
         floor = -np.inf
         if nb > kk:  # the k-th largest group maximum (a key of a real score: back to its float)
-            fk = _kth_key(gkey, nb, kk)
-            floor = np.array([fk ^ ((fk >> 31) & np.int32(0x7FFFFFFF))], np.int32).view(np.float32)[0]
+            floor = _float_of_key(_kth_key(gkey, nb, kk))
         cid = np.empty(n, np.int64)
         csc = np.empty(n, np.float32)
         cnt = 0

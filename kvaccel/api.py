@@ -320,12 +320,11 @@ def report(model) -> dict[str, Any]:
         "notes": sorted(state.notes),
     }
     cache = state.cache
-    if cache is not None:
-        for method in state.methods.values():
-            method.report_stats(cache, state.layer_stats)
     if cache is None:
         out.update(kv_bytes=0, kv_bytes_full=0, kv_ratio=None, seen_tokens=0, kept_tokens=[])
     else:
+        for method in state.methods.values():
+            method.report_stats(cache, state.layer_stats)
         kv, full = cache.nbytes(), cache.full_nbytes()
         out.update(
             kv_bytes=kv,
