@@ -42,8 +42,9 @@ def _check_device_dtype(device: str, dtype: str) -> None:
 
 @app.command("methods")
 def methods_cmd() -> None:
-    """List every registered method with its stage, options and summary."""
+    """List every registered method with its stage, options and summary, then the named presets."""
     import kvaccel
+    from kvaccel.presets import presets
 
     table = Table(title="kvaccel methods")
     for col in ("stage", "name", "options", "summary"):
@@ -52,6 +53,9 @@ def methods_cmd() -> None:
         opts = ", ".join(f"{f['name']}={f['default']!r}" for f in m["fields"])
         table.add_row(m["stage"], m["name"], opts, m["summary"])
     console.print(table)
+    console.print("\n[bold]presets[/] (a name usable as a method; options override its settings):")
+    for p in presets():
+        console.print(f"  [bold]{p['name']}[/] = {escape(p['spec'])}\n      {escape(p['summary'])}", soft_wrap=True)
 
 
 @app.command("generate")

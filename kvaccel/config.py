@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from kvaccel.presets import PRESETS
+
 STAGES = ("prefill", "evict", "channels", "decode")
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -53,6 +55,8 @@ def register(cls: type[Method]) -> type[Method]:
         raise ValueError(f"method {cls.__name__} has stage {cls.stage!r}; expected one of {STAGES}")
     if not cls.name:
         raise ValueError(f"method {cls.__name__} needs a non-empty `name`")
+    if cls.name in PRESETS:
+        raise ValueError(f"method {cls.__name__}: '{cls.name}' is a preset's name (kvaccel/presets.py); pick another")
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -73,9 +77,11 @@ def _load_builtin_methods() -> None:
 def method_class(name: str) -> type[Method]:
     reg = registry()
     if name not in reg:
-        close = difflib.get_close_matches(name, reg, n=1)
+        close = difflib.get_close_matches(name, [*reg, *PRESETS], n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ValueError(f"unknown method '{name}'.{hint} Available: {', '.join(sorted(reg))}")
+        raise ValueError(
+            f"unknown method '{name}'.{hint} Available: {', '.join(sorted(reg))}; presets: {', '.join(PRESETS)}"
+        )
     return reg[name]
 
 
@@ -170,8 +176,20 @@ def parse_spec(spec: str) -> list[Method]:
         if not m:
             raise ValueError(f"cannot parse method spec '{part}'; expected name or name(key=value, ...)")
         name, args = m.group(1), m.group(2) or ""
-        out.append(build_method(name, _parse_kwargs(args, part)))
+        kwargs = _parse_kwargs(args, part)
+        out.extend(_expand_preset(name, kwargs) if name in PRESETS else [build_method(name, kwargs)])
     return out
+
+
+def _expand_preset(name: str, kwargs: dict[str, Any]) -> list[Method]:
+    """The configs of preset ``name`` (``kvaccel/presets.py``), its settings overridden by ``kwargs``."""
+    spec = PRESETS[name].spec
+    if not kwargs:
+        return parse_spec(spec)
+    if len(_split_top(spec, "+")) != 1:
+        raise ValueError(f"preset '{name}' stands for several methods ({spec}); write that spec with your options")
+    m = _SPEC.match(spec)
+    return [build_method(m.group(1), {**_parse_kwargs(m.group(2) or "", spec), **kwargs})]
 
 
 def build_method(name: str, kwargs: dict[str, Any]) -> Method:
