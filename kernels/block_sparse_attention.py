@@ -57,9 +57,6 @@ the op, so SALE's per-head masks of 64x32 tiles cost ~1.5x SDPA per computed til
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +64,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import resolve_backend
+from .cpu_ops import cpu_workers, run_parallel
+from .cpu_ops import flash_cpu as _flash_cpu
+from .cpu_ops import workspace as _workspace
 
 __all__ = [
     "block_sparse_attention",
@@ -75,9 +75,6 @@ __all__ = [
     "causal_block_count",
     "num_blocks",
     "plan_block_sparse",
-    "release_workspace",
-    "run_parallel",
-    "cpu_workers",
     "run_block_sparse",
 ]
 
@@ -500,84 +497,6 @@ def _flash(q: Tensor, k: Tensor, v: Tensor, **kw) -> tuple[Tensor, Tensor]:
     if q.device.type == "cpu":
         return _flash_cpu(q, k, v, **kw)
     return _attend_matmul(q, k, v, **kw)
-
-
-_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # (out, lse): fused, float32 accumulation
-_scratch: dict[tuple[int, torch.device], Tensor] = {}  # (thread id, device) -> byte buffer
-_scratch_lock = threading.Lock()
-
-
-def _workspace(device: torch.device, parts: list[tuple[int, torch.dtype]]) -> list[Tensor]:
-    """Flat scratch tensors carved from one byte buffer per thread and device, kept between calls.
-
-    Every layer of a prefill calls the op with similar sizes; reusing the buffer saves the page faults of fresh
-    allocations. The buffers hold about ``4 * GATHER_BYTES`` at most in all (each of ``w`` worker threads gets
-    ``1/w`` of it); :func:`release_workspace` frees them.
-    """
-    align = 64
-    sizes = [-(-n * torch.empty(0, dtype=dt).element_size() // align) * align for n, dt in parts]
-    need = sum(sizes)
-    key = (threading.get_ident(), torch.device(device))
-    with _scratch_lock:
-        buf = _scratch.get(key)
-        if buf is None or buf.numel() < need:
-            buf = _scratch[key] = torch.empty(need, dtype=torch.uint8, device=device)
-    out, off = [], 0
-    for (n, dt), size in zip(parts, sizes, strict=True):
-        out.append(buf[off : off + size].view(dt)[:n])
-        off += size
-    return out
-
-
-def release_workspace() -> None:
-    """Free the PyTorch path's scratch buffers (of every thread that ran it)."""
-    with _scratch_lock:
-        _scratch.clear()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# CPU worker threads
-# --------------------------------------------------------------------------------------------------------------
-_pools: dict[int, ThreadPoolExecutor] = {}
-_pools_lock = threading.Lock()
-
-
-def cpu_workers(device: torch.device | str) -> int:
-    """Worker threads :func:`run_parallel` uses for ops on ``device``: ``torch.get_num_threads()`` on CPU, else 1."""
-    return max(1, torch.get_num_threads()) if torch.device(device).type == "cpu" else 1
-
-
-def run_parallel(fn: Callable[..., None], tasks: Sequence[tuple], workers: int) -> None:
-    """``fn(*task)`` for every task; with ``workers > 1``, on that many Python threads, each running its PyTorch ops
-    single-threaded (intra-op threads set to 1 for the duration, restored after).
-
-    Why: the CPU path is a few dozen mid-sized ops per chunk. With ``w`` OpenMP threads every op ends in a barrier
-    that waits for the slowest thread; on a shared machine one descheduled thread stalls all of them, and the path
-    ran ~3x slower than with 1 thread (``benchmarks/block_sparse_kernel.py``). Independent chunks on ``w`` threads
-    (ATen releases the GIL inside ops) never wait for each other; tasks are taken in order as workers free up, so
-    the largest (first) chunks spread over the workers. Tasks must write disjoint outputs.
-    """
-    if workers <= 1 or len(tasks) <= 1:
-        for t in tasks:
-            fn(*t)
-        return
-    with _pools_lock:
-        pool = _pools.get(workers)
-        if pool is None:
-            pool = _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="kvaccel-cpu")
-    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()  # thread-local modes
-
-    def call(task: tuple) -> None:
-        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-            fn(*task)
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # global: the workers' ops run single-threaded
-    try:
-        for _ in pool.map(call, tasks):
-            pass
-    finally:
-        torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------------------------------

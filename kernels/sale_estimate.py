@@ -60,15 +60,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import resolve_backend
-from .block_sparse_attention import (
-    _flash_cpu,
-    _workspace,
-    causal_block_mask,
-    check_block_size,
-    cpu_workers,
-    num_blocks,
-    run_parallel,
-)
+from .block_sparse_attention import causal_block_mask, check_block_size, num_blocks
+from .cpu_ops import cpu_workers, run_parallel
+from .cpu_ops import flash_cpu as _flash_cpu
+from .cpu_ops import workspace as _workspace
 
 __all__ = [
     "sale_quantize",
