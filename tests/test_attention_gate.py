@@ -170,9 +170,9 @@ def test_observation_term_flags_at_prefill_and_decode(tmp_path):
     method = AttentionGate(weights=str(path))
     with kvaccel.patched(model, method):
         method._defer = False  # score decode tokens as they come (else they wait until `window` are pending)
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, cache=cache, use_cache=True)
         for t in nxt[:-1]:
-            model(torch.tensor([[t]]), past_key_values=cache, use_cache=True)
+            model(torch.tensor([[t]]), cache=cache, use_cache=True)
     full = torch.cat([ids, torch.tensor([nxt[:-1]])], dim=1)  # window 64: nothing evicted, so x/q/k are the stock ones
     records = ag.record_layers(model, full)
     n_flagged = 0
@@ -190,22 +190,28 @@ def test_observation_term_flags_at_prefill_and_decode(tmp_path):
     assert n_flagged > 0
 
 
-def test_observation_window_needs_the_distill_objective():
+def test_removed_objectives_are_clear_errors():
+    """The "lm" and "local" objectives masked the keys prompt queries see, which inference never does: refused."""
     from kvaccel.training import gate_kind
 
-    with pytest.raises(ValueError, match="observation_window"):
-        gate_kind("attention_gate").build(tiny_model("llama"), dict(objective="lm", observation_window=8))
-    assert gate_kind("attention_gate").build(tiny_model("llama"), dict(objective="lm")).observation_window == 0
+    build = gate_kind("attention_gate").build
+    for objective in ("lm", "local"):
+        with pytest.raises(ValueError, match=rf"objective \('{objective}'\) was removed.*prompt queries"):
+            build(tiny_model("llama"), dict(objective=objective))
+    with pytest.raises(ValueError, match=r"rows \(16\) is no longer a recipe key"):
+        build(tiny_model("llama"), dict(rows=16))
+    with pytest.raises(ValueError, match=r"objective \('kl'\) must be 'distill'"):
+        build(tiny_model("llama"), dict(objective="kl"))
+    assert build(tiny_model("llama"), dict(observation_window=0)).observation_window == 0
 
 
-@pytest.mark.parametrize("objective", ["distill", "local", "lm"])
-def test_training_loss_decreases(objective, tmp_path):
+def test_training_loss_decreases(tmp_path):
     from kvaccel.training import gate_kind
 
     torch.manual_seed(0)
     model = tiny_model("llama").requires_grad_(False)
     gk = gate_kind("attention_gate")
-    rec = dict(objective=objective, gate_dim=4, gate_window=8, window=4, sink=1, target_evict=0.5, rows=32)
+    rec = dict(gate_dim=4, gate_window=8, window=4, sink=1, target_evict=0.5, continuation=16)
     gates = gk.build(model, rec)
     opt = torch.optim.AdamW(gates.parameters(), lr=2e-2)
     tgt = gk.target(model, torch.randint(3, 500, (1, 48)))
@@ -220,7 +226,49 @@ def test_training_loss_decreases(objective, tmp_path):
     assert model.config._attn_implementation == "sdpa"
     assert not any(m._forward_pre_hooks for m in kvaccel.api._attention_modules(model))
     out = gk.save(gates, tmp_path / "g", rec)
-    assert AttentionGates.load(out).meta["recipe"]["objective"] == objective
+    assert AttentionGates.load(out).meta["recipe"]["objective"] == "distill"
+
+
+def test_local_term_is_the_continuation_attention_per_layer():
+    """The per-layer term of the loss is the attention-output distortion of the continuation queries, each seeing
+    the prompt keys the gates keep (+ sinks + the recent window) and the continuation: the inference rule. Prompt
+    queries are never masked (a naive loop over queries and keys, float64)."""
+    from kvaccel.training import gate_kind
+
+    model = tiny_model("llama").requires_grad_(False)
+    gk = gate_kind("attention_gate")
+    L, R, P, window, sink = 32, 16, 16, 4, 1  # P is drawn in [max(sink + 1, L // 2), L - R]: here always 16
+    rec = dict(gate_dim=4, gate_window=8, window=window, sink=sink, continuation=R, observation_window=0)
+    gates = gk.build(model, rec)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for layer in gates.layers:
+            torch.nn.init.normal_(layer.direct.weight, std=0.5)
+            layer.direct.bias.zero_()
+    ids = torch.randint(3, 500, (1, L), generator=torch.Generator().manual_seed(1))
+    parts = {}
+    for w in (0.0, 1.0):
+        gates.meta["recipe"]["local_weight"] = w
+        with torch.no_grad():
+            parts[w] = ag.gate_loss(gates, gk.target(model, ids), return_parts=True)[1]["distortion"]
+    errs, n_masked = [], 0
+    for gate, (x, q, k, v) in zip(gates.layers, ag.record_layers(model, ids), strict=True):
+        with torch.no_grad():
+            flags = gate(x)[0][0, :, :P] > 0  # (H_kv, P)
+        q, k, v = q[0].double(), k[0].double(), v[0].double()
+        G = q.shape[0] // k.shape[0]
+        num = den = 0.0
+        for h in range(q.shape[0]):
+            for i in range(P, P + R):
+                seen = [j for j in range(i + 1) if j >= P or j < sink or i - j < window or bool(flags[h // G, j])]
+                n_masked += i + 1 - len(seen)
+                full = torch.softmax(q[h, i] @ k[h // G, : i + 1].T * q.shape[-1] ** -0.5, -1) @ v[h // G, : i + 1]
+                gated = torch.softmax(q[h, i] @ k[h // G, seen].T * q.shape[-1] ** -0.5, -1) @ v[h // G, seen]
+                num += float(((gated - full) ** 2).sum())
+                den += float((full**2).sum())
+        errs.append(num / den)
+    assert n_masked > 0
+    assert parts[1.0] - parts[0.0] == pytest.approx(sum(errs) / len(errs), rel=1e-4, abs=1e-7)
 
 
 def test_train_gate_function(tmp_path):
@@ -234,7 +282,7 @@ def test_train_gate_function(tmp_path):
     model = tiny_model("llama")
     texts = ["".join(chr(97 + (i * 7 + j) % 26) for j in range(80)) for i in range(3)]
     summary = train_gate("attention_gate", model, Tok(), data=texts, steps=3, out=tmp_path / "ag", seq_len=64,
-                         recipe=dict(gate_dim=4, gate_window=8, window=4, rows=16), progress=False)
+                         recipe=dict(gate_dim=4, gate_window=8, window=4), progress=False)
     gates = AttentionGates.load(summary["out"])
     gates.check_model(model)
     assert gates.meta["recipe"]["steps"] == 3 and len(summary["losses"]) == 3
@@ -278,11 +326,11 @@ def test_evicts_flagged_tokens_and_bytes_match(tmp_path):
     ids = _prompt(model, 50)
     cache = KVAccelCache(model)
     with kvaccel.patched(model, AttentionGate(weights=str(path))):
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, cache=cache, use_cache=True)
         rep = kvaccel.report(model)
         nxt = torch.tensor([[7]])
         for _ in range(8):  # decode: tokens flagged evict drop out once they leave the window
-            model(nxt, past_key_values=cache, use_cache=True)
+            model(nxt, cache=cache, use_cache=True)
         rep2 = kvaccel.report(model)
     kept = torch.tensor(rep["kept_tokens"])  # (layers, B, H)
     assert (kept < 50).any() and (kept >= 4 + 2).all()
@@ -318,15 +366,15 @@ def test_deferred_scoring_and_skipped_counts_evict_as_every_step(tmp_path):
     for every_step in (False, True):
         method, cache, seen = AttentionGate(weights=str(path)), KVAccelCache(model), []
         with kvaccel.patched(model, method):
-            model(ids, past_key_values=cache, use_cache=True)
+            model(ids, cache=cache, use_cache=True)
             for i, t in enumerate(steps):
                 if every_step:
                     method._check_at.clear()
                     method._defer = False
                 if i == 21:  # tokens fed while paused, with decode tokens pending before them
                     with kvaccel.paused(model):
-                        model(ids[:, :5], past_key_values=cache, use_cache=True)
-                model(t.view(1, 1), past_key_values=cache, use_cache=True)
+                        model(ids[:, :5], cache=cache, use_cache=True)
+                model(t.view(1, 1), cache=cache, use_cache=True)
                 seen.append([(la.keys.clone(), la.full_valid().clone(), la.kept_per_head().clone())
                              for la in cache.layers])
         states.append(seen)
@@ -356,9 +404,9 @@ def test_left_padded_batch_equals_each_sequence_alone(tmp_path):
     def run(i, m, step):
         cache = KVAccelCache(model)
         with kvaccel.patched(model, AttentionGate(weights=str(path))):
-            first = model(i, attention_mask=m, past_key_values=cache, use_cache=True).logits[:, -1]
+            first = model(i, attention_mask=m, cache=cache, use_cache=True).logits[:, -1]
             m2 = None if m is None else torch.cat([m, torch.ones_like(m[:, :1])], dim=1)
-            second = model(step, attention_mask=m2, past_key_values=cache, use_cache=True).logits[:, -1]
+            second = model(step, attention_mask=m2, cache=cache, use_cache=True).logits[:, -1]
             kept = torch.tensor(kvaccel.report(model)["kept_tokens"])  # (layers, B, H)
         return first, second, kept
 
@@ -377,11 +425,11 @@ def test_tokens_fed_while_paused_are_kept(tmp_path):
     path = _gates(model, tmp_path, bias=-20.0, window=2)  # every scored token is evicted once out of the window
     cache = KVAccelCache(model)
     with kvaccel.patched(model, AttentionGate(weights=str(path))):
-        model(_prompt(model, 20), past_key_values=cache, use_cache=True)
+        model(_prompt(model, 20), cache=cache, use_cache=True)
         with kvaccel.paused(model):
-            model(_prompt(model, 10, seed=1), past_key_values=cache, use_cache=True)
+            model(_prompt(model, 10, seed=1), cache=cache, use_cache=True)
         for _ in range(4):
-            model(torch.tensor([[7]]), past_key_values=cache, use_cache=True)
+            model(torch.tensor([[7]]), cache=cache, use_cache=True)
     # 2 sinks + 10 paused tokens + the last 2 tokens (window)
     assert torch.equal(cache.layers[0].kept_per_head(), torch.full((1, 2), 14))
 
@@ -416,7 +464,7 @@ def test_distill_replays_the_full_model_when_everything_is_kept(family):
 
     model = tiny_model(family).requires_grad_(False)
     gk = gate_kind("attention_gate")
-    rec = dict(gate_dim=4, gate_window=8, window=4, sink=1, rows=16, continuation=8, local_weight=0.0)
+    rec = dict(gate_dim=4, gate_window=8, window=4, sink=1, continuation=8, local_weight=0.0)
     gates = gk.build(model, rec)
     assert gates.observation_window == 32  # the distill default: the global-context term ...
     with torch.no_grad():

@@ -111,7 +111,7 @@ def test_cli_unknown_kind_fails_before_loading():
 def test_attention_gate_resume_equals_uninterrupted(tmp_path):
     """The distill objective draws its prompt cut from the global RNG: a resumed run must draw the same cuts."""
     model = tiny_model("llama")
-    args = {**ARGS, "lr": 2e-2, "recipe": dict(gate_dim=4, gate_window=8, window=4, sink=1, rows=16, continuation=8)}
+    args = {**ARGS, "lr": 2e-2, "recipe": dict(gate_dim=4, gate_window=8, window=4, sink=1, continuation=8)}
     full = train_gate("attention_gate", model, CharTokenizer(), steps=4, out=tmp_path / "full", **args)
     train_gate("attention_gate", model, CharTokenizer(), steps=2, out=tmp_path / "cut", **args)
     resumed = train_gate("attention_gate", model, CharTokenizer(), steps=4, out=tmp_path / "cut", resume=True, **args)

@@ -6,13 +6,17 @@ Zeng et al. 2024, "In-context KV-Cache Eviction for LLMs via Attention-Gate", ht
 (t < sink)``
 
 where ``X_l`` is the input of layer ``l``'s attention (after its input norm) and ``g`` the global-context feature
-below (prompt tokens only; a token fed while decoding has none and gets ``c_lh`` alone). A token whose flag says
-*evict* is invisible to every query more than ``window`` tokens later, and is dropped from the cache once it leaves
-the recent window (while decoding, drops are batched: a layer evicts once one of its heads has ``max(1, held /
-32)`` tokens to drop, so such a token stays visible for at most that many more steps; the slack is counted in
-``report()`` bytes). Decode tokens are flagged in groups once ``window`` of them are pending (until then they all sit
-in the recent window, where no flag is read): the same flags as token by token, with ~1/``window`` of the gate calls.
-The paper has no public code; the choices below are ours.
+below (prompt tokens only; a token fed while decoding has none and gets ``c_lh`` alone).
+
+Inference: a prompt is attended densely (each of its queries sees every earlier token of the prompt and all the
+cache holds); after the prefill, each layer drops the prompt tokens whose flag says *evict*, the last ``window``
+tokens and the sinks excepted. Decode tokens are flagged too and dropped once they leave the recent window. So a
+token flagged *evict* is invisible to every decode query more than ``window`` tokens after it, give or take the
+batching of decode drops: a layer evicts once one of its heads has ``max(1, held / 32)`` tokens to drop, so such a
+token stays visible for at most that many more steps (the slack is counted in ``report()`` bytes). Decode tokens are
+flagged in groups once ``window`` of them are pending (until then they all sit in the recent window, where no flag
+is read): the same flags as token by token, with ~1/``window`` of the gate calls. The paper has no public code; the
+choices below are ours.
 
 Gate (per layer, ``AttentionGateLayer``): a reduced multi-head attention over the layer input with one gate head per
 KV head, ``d_g`` (default 8) dims per head and a *sliding* causal context of ``gate_window`` (default 64) tokens;
@@ -26,46 +30,31 @@ gate "accepts the global context as input". Ours gets it at prefill from the att
 from the prompt's last W queries, computed with the layer's own q/k (the score SnapKV ranks by, ~W·L·d per head, no
 new projections): ``g[t, h] = log(n · maxpool_7(s)[t, h] + 1e-3)``, ``s`` that attention averaged over the W queries
 and the kv head's query heads, ``n`` the number of keys (uniform attention gives ``g ≈ 0``); ``a_lh``, ``c_lh``
-learned per layer and KV head (init 0.1 and 0, :func:`observation_feature`). Without it (the first shipped gates)
-the gate only tied SnapKV on mean KL, being uniformly moderate where SnapKV is near-lossless with rare large misses:
-a token's own 64-token context cannot tell what the end of the prompt will look up; the learned combination of both
-beats SnapKV at the same bytes (numbers below). It needs ``objective="distill"``, whose replay has a prompt end.
+learned per layer and KV head (init 0.1 and 0, :func:`observation_feature`). A token's own 64-token context cannot
+tell what the end of the prompt will look up; the term gives the gate that signal.
 
-Training (``kvaccel train-gate attention_gate``, see :func:`gate_loss`): base model frozen; a training-only attention
-function (registered as ``"attention_gate_train"``, an eager fp32 attention) applies the flags as a multiplicative
-key mask after the softmax, renormalised — i.e. exactly attention over the kept keys: query ``i`` sees key ``j``
-iff ``j <= i`` and (``i - j < window`` or ``j < sink`` or ``keep[j]``). The flags use a straight-through estimator:
-forward the hard ``1[s > τ]``, backward ``∂/∂s`` (:func:`straight_through`). Loss = distortion + ``rate_weight ·
-(keep_rate − (1 − target_evict))²`` + ``balance_weight ·`` (variance of the keep rates across a layer's KV heads),
-``keep_rate`` the straight-through fraction of evictable tokens kept. Initial bias ``+0.5`` (``s ≈ 0.62``): the
-start keeps everything but, with the global term, the keys that receive under ~0.6% of a uniform share (``g < −5``).
-
-The distortion of the shipped gates (``objective="distill"``, the default) is the issue's LM loss in its
-distillation form, replaying the inference rule: a training sequence is cut at a random ``P`` (``L/2 <= P <= L −
-32``); the prompt ``[0, P)`` is prefilled densely (its per-layer k/v and gate inputs come from one recorded frozen
-forward per sequence), the gates prune it, and the next ``continuation`` (32) tokens run through the frozen model
-attending only the kept prompt keys (+ sinks + the recent window) and themselves; distortion = mean over those tokens
-of ``KL(p_full ‖ p_gated)`` of the next-token distributions (what the harness's fidelity task measures), plus
-``local_weight`` (0.5) x the per-layer attention-output distortion of the last ``rows`` (128) queries
-(``objective="local"``, ``‖o_gated − o_full‖² / ‖o_full‖²`` averaged over layers), which gives every layer a direct
-signal. The backward runs through the 32 continuation tokens only (~3 s per step at 2k on this CPU, vs 115-145 s for
-the LM loss through all 512 positions of a gated training sequence, ``objective="lm"``, kept and tested). The
-head-balance term matters for bytes: the ragged storage is padded to a layer's fullest head (without it an earlier
-training kept 0.44 of the tokens but 0.62 of the bytes). The default training data holds generated tasks on both
-the noise and the prose haystack: the keep rate is content-driven, and gates that never saw the noise haystack kept
-0.76 of the bytes on the harness's passkey prompts (vs 0.37 on prose).
-
-Measured (shipped gates, trained at 1k with the global term; harness fidelity task, n=16, snapkv with its budget set to
-the gate's measured KV bytes, which it ends ~3% above; README has the commands): KL mean / median 1k 0.0144 / 0.0060
-(KV/full 0.342) vs snapkv 0.0290 / 0.0104 (0.353); 2k 0.0141 / 0.0078 (0.311) vs 0.0265 / 0.0089 (0.320); the paired
-difference of the means has a 95% bootstrap interval above 0 at both lengths. The gate's lead is SnapKV's rare large
-misses (up to 0.31): per sample the gate is lower on 17 of 32. At 4k (n=8): 0.0070 / 0.0062 (0.275) vs 0.0114 / 0.0053
-(0.284). On the harness's needles (question after compression, n=4, seeds 0 and 7) it answers NIAH 4/4 at 1k and 2k and
-passkey 3/4 and 1/4, then 2/4 and 1/4 (full 4/4, 1/4); SnapKV at the same bytes 0/4 everywhere. The first shipped gates
-(no global term, same recipe otherwise) tied SnapKV: 1k 0.0345 at KV 0.392 vs 0.0346, 2k 0.0223 vs 0.0215 (n=8).
+Training (``kvaccel train-gate attention_gate``, see :func:`gate_loss`) replays the inference rule: base model
+frozen; a training sequence is cut at a random ``P`` (``L/2 <= P <= L − continuation``); the prompt ``[0, P)`` is
+prefilled densely (its per-layer k/v and gate inputs come from one recorded frozen forward per sequence), the gates
+flag it, and the next ``continuation`` (32) tokens run through the frozen model attending only the kept prompt keys
+(+ sinks + the recent window) and themselves, with a training-only attention function (an eager fp32 attention,
+:func:`masked_attention`, registered as ``"attention_gate_train"`` while the loss runs). The flags use a
+straight-through estimator: forward the hard ``1[s > τ]``, backward ``∂/∂s`` (:func:`straight_through`). Loss =
+distortion + ``rate_weight · (keep_rate − (1 − target_evict))²`` + ``balance_weight ·`` (variance of the keep rates
+across a layer's KV heads), ``keep_rate`` the straight-through fraction of prompt tokens from ``sink`` on kept.
+Distortion = mean over the continuation tokens of ``KL(p_full ‖ p_gated)`` of the next-token distributions (what the
+harness's fidelity task measures), plus ``local_weight`` (0.5) x the per-layer attention-output distortion of the
+same continuation queries (``‖o_gated − o_full‖² / ‖o_full‖²`` on recorded q/k/v, averaged over layers), which gives
+every layer a direct signal. Prompt queries are never masked, as at inference. Initial bias ``+0.5`` (``s ≈ 0.62``):
+the start keeps everything but, with the global term, the keys that receive under ~0.6% of a uniform share
+(``g < −5``). The head-balance term matters for bytes: the ragged storage is padded to a layer's fullest head. The
+default training data holds generated tasks on both the noise and the prose haystack: the keep rate is
+content-driven.
 
 Files: ``gate.safetensors`` + ``gate.json`` (model name and fingerprint, shapes, window/sink/observation_window,
-training recipe).
+training recipe). The shipped gates' training command and measured fidelity against SnapKV: README (Attention-Gate).
+They were trained before the per-layer term took the continuation queries: theirs took the last 128 queries of the
+whole sequence as a prompt, masked (recipe ``rows``).
 
 Parameters
 ----------
@@ -440,11 +429,10 @@ def masked_attention(query: Tensor, key: Tensor, value: Tensor, keep: Tensor, wi
 
 def gated_train_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask,
                           scaling: float | None = None, dropout: float = 0.0, **kwargs) -> tuple[Tensor, None]:
-    """Training-only attention (objectives ``"lm"``, ``"distill"``): :func:`masked_attention` with the flags the
-    pre-hook put on the module (``_ag_keep``; with ``_ag_prefix = (k, v)`` of a recorded prompt, the queries are the
-    tokens after it and attend ``[prompt, themselves]``); with ``module._ag_record`` set it records ``(q, k, v)``
-    instead and runs plain causal attention.
-    Registered as ``"attention_gate_train"``."""
+    """Training-only attention: with ``module._ag_record`` set it records ``(q, k, v)`` and runs plain causal
+    attention; otherwise the queries continue a densely prefilled prompt (``module._ag_prefix = (k, v)``, recorded)
+    and attend ``[prompt, themselves]`` through :func:`masked_attention` with the prompt flags ``module._ag_keep``
+    (the continuation's own keys all kept: it is the recent window). Registered as ``"attention_gate_train"``."""
     scaling = module.scaling if scaling is None else scaling
     record = getattr(module, "_ag_record", None)
     if record is not None:
@@ -453,55 +441,61 @@ def gated_train_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
         out = masked_attention(query, key, value, keep, 1, 0, scaling)
         return out.to(value.dtype).transpose(1, 2).contiguous(), None
     window, sink = module._ag_rule
-    keep = module._ag_keep
-    prefix = getattr(module, "_ag_prefix", None)
-    if prefix is not None:  # objective "distill": these queries continue a recorded (dense) prompt
-        k_pre, v_pre = prefix
-        key, value = torch.cat([k_pre.to(key.dtype), key], dim=2), torch.cat([v_pre.to(value.dtype), value], dim=2)
-        keep = torch.cat([keep, keep.new_ones(keep.shape[0], keep.shape[1], query.shape[2])], dim=-1)
+    k_pre, v_pre = module._ag_prefix
+    key, value = torch.cat([k_pre.to(key.dtype), key], dim=2), torch.cat([v_pre.to(value.dtype), value], dim=2)
+    keep = _with_continuation(module._ag_keep, query.shape[2])
     out = masked_attention(query, key, value, keep, window, sink, scaling).to(value.dtype)
     return out.transpose(1, 2).contiguous(), None
 
 
+def _with_continuation(prompt_flags: Tensor, n: int) -> Tensor:
+    """Flags of ``[prompt, n continuation tokens]``: the continuation is kept (it is the recent window)."""
+    return torch.cat([prompt_flags, prompt_flags.new_ones(*prompt_flags.shape[:2], n)], dim=-1)
+
+
+#: objectives of earlier versions, refused: they masked the keys of prompt queries, which inference attends densely
+REMOVED_OBJECTIVES = ("local", "lm")
+
+
 def build_gates(model, recipe: dict) -> AttentionGates:
-    """``GateKind.build``: fresh gates. Recipe keys (defaults): ``objective`` (``"distill"``: next-token KL to the
-    full model on tokens after a gated prompt, see :func:`gate_loss`; ``"local"``: per-layer attention-output
-    distillation on recorded q/k/v; ``"lm"``: LM loss through the gated model), ``gate_dim`` (8), ``gate_window``
-    (64), ``window`` (32), ``sink`` (4), ``target_evict`` (0.7), ``rate_weight`` (10), ``balance_weight`` (10: spread
-    of keep rates across a layer's heads, which the padded per-head storage pays for), ``rows`` (128: queries per
-    layer in the local loss, the last ones of the sequence), ``continuation`` (32: tokens after the prompt in the
-    distill loss), ``local_weight`` (0.5: weight of the local loss added to the distill loss),
-    ``observation_window`` (32 with ``"distill"``, else 0: prompt queries of the global-context term; it needs the
-    prompt end that only ``"distill"`` replays)."""
+    """``GateKind.build``: fresh gates. Recipe keys (defaults): ``objective`` (``"distill"``, the only one: see
+    :func:`gate_loss`), ``gate_dim`` (8), ``gate_window`` (64), ``window`` (32), ``sink`` (4), ``target_evict`` (0.7),
+    ``rate_weight`` (10), ``balance_weight`` (10: spread of keep rates across a layer's heads, which the padded
+    per-head storage pays for), ``continuation`` (32: tokens after the prompt), ``local_weight`` (0.5: weight of the
+    per-layer attention-output loss of the continuation queries), ``observation_window`` (32: prompt queries of the
+    global-context term; 0 leaves the term out)."""
     for k, v in dict(objective="distill", gate_dim=8, gate_window=64, window=32, sink=4, target_evict=0.7,
-                     rate_weight=10.0, balance_weight=10.0, threshold=0.5, rows=128, continuation=32,
-                     local_weight=0.5).items():
+                     rate_weight=10.0, balance_weight=10.0, threshold=0.5, continuation=32, local_weight=0.5,
+                     observation_window=32).items():
         recipe.setdefault(k, v)
-    recipe.setdefault("observation_window", 32 if recipe["objective"] == "distill" else 0)
-    if recipe["observation_window"] and recipe["objective"] != "distill":
-        raise ValueError(f"observation_window ({recipe['observation_window']!r}) needs objective 'distill' (the "
-                         f"prompt end its queries come from), not {recipe['objective']!r}; set observation_window=0")
+    if recipe["objective"] in REMOVED_OBJECTIVES:
+        raise ValueError(f"objective ({recipe['objective']!r}) was removed: it masked the keys prompt queries see, "
+                         "which inference attends densely; use objective 'distill' (the default)")
+    if recipe["objective"] != "distill":
+        raise ValueError(f"objective ({recipe['objective']!r}) must be 'distill'")
+    if "rows" in recipe:
+        raise ValueError(f"rows ({recipe['rows']!r}) is no longer a recipe key: the per-layer loss is taken on the "
+                         "continuation queries (set continuation)")
     te = recipe["target_evict"]
     if not (isinstance(te, (int, float)) and 0.0 <= te < 1.0):
         raise ValueError(f"target_evict ({te!r}) must be a float in [0, 1)")
-    if recipe["objective"] not in ("distill", "local", "lm"):
-        raise ValueError(f"objective ({recipe['objective']!r}) must be 'distill', 'local' or 'lm'")
-    for k in ("continuation", "rows"):
-        if isinstance(recipe[k], bool) or not isinstance(recipe[k], int) or recipe[k] < 1:
-            raise ValueError(f"{k} ({recipe[k]!r}) must be an int >= 1")
+    k = "continuation"
+    if isinstance(recipe[k], bool) or not isinstance(recipe[k], int) or recipe[k] < 1:
+        raise ValueError(f"{k} ({recipe[k]!r}) must be an int >= 1")
     return AttentionGates.for_model(model, recipe["gate_dim"], recipe["gate_window"], recipe["window"],
                                     recipe["sink"], recipe=recipe, observation_window=recipe["observation_window"])
 
 
 class TrainTarget:
-    """One training sequence: the frozen model (weakly), its token ids ``(1, L)`` and, for the local objective, the
-    recorded per-layer ``(x, q, k, v)`` (filled on first use, then cached by the trainer with this object)."""
+    """One training sequence: the frozen model (weakly), its token ids ``(1, L)`` and the recorded per-layer
+    ``(x, q, k, v)`` and final normed hidden states (filled on first use, then cached by the trainer with this
+    object)."""
 
     def __init__(self, model, input_ids: Tensor):
         self.model = weakref.ref(model)
         self.input_ids = input_ids
         self.layers: list[tuple] | None = None
-        self.final: Tensor | None = None  # objective "distill": the frozen model's final normed hidden states
+        self.final: Tensor | None = None
 
     def get_model(self):
         model = self.model()
@@ -511,7 +505,7 @@ class TrainTarget:
 
 
 def train_target(model, input_ids: Tensor) -> TrainTarget:
-    """``GateKind.target``: the sequence; layer records are computed lazily by the local objective."""
+    """``GateKind.target``: the sequence; its frozen forward is recorded on first use by :func:`gate_loss`."""
     return TrainTarget(model, input_ids)
 
 
@@ -552,7 +546,7 @@ def record_layers(model, input_ids: Tensor, final: bool = False):
     if final:
         norm = getattr(model.get_decoder(), "norm", None)
         if norm is None:
-            raise ValueError(f"{type(model).__name__}: the decoder has no final `norm`; use objective 'local' or 'lm'")
+            raise ValueError(f"{type(model).__name__}: the decoder has no final `norm` to distill from")
         handle = norm.register_forward_hook(lambda m, a, out: finals.append(out.detach()))
     try:
         with torch.no_grad():
@@ -564,55 +558,53 @@ def record_layers(model, input_ids: Tensor, final: bool = False):
     return (layers, finals[-1]) if final else layers
 
 
-def _local_distortion(gates, layers, flags: list[Tensor], window: int, sink: int, rows: int) -> Tensor:
-    """Mean over layers of ``‖o_gated − o_full‖² / ‖o_full‖²`` of the last ``rows`` queries' attention outputs."""
+def local_distortion(layers: list[tuple], flags: list[Tensor], window: int, sink: int, n: int) -> Tensor:
+    """Mean over layers of ``‖o_gated − o_full‖² / ‖o_full‖²`` of the attention outputs of the ``n`` queries after
+    a prompt of ``P`` tokens, on recorded ``(x, q, k, v)`` (each ``(1, H, ≥ P + n, D)``) with the prompt ``flags``
+    ``(1, H_kv, P)``: the continuation's attention, one layer at a time (the prompt's own queries are never
+    masked)."""
     errs = []
-    for f, (q, k, v, full) in zip(flags, layers, strict=True):
-        out = masked_attention(q, k, v, f, window, sink, q.shape[-1] ** -0.5, rows)
+    for f, (_, q, k, v) in zip(flags, layers, strict=True):
+        end = f.shape[-1] + n
+        q, k, v = q[:, :, :end], k[:, :, :end], v[:, :, :end]
+        keep = _with_continuation(f, n)
+        scaling = q.shape[-1] ** -0.5
+        out = masked_attention(q, k, v, keep, window, sink, scaling, n)
+        with torch.no_grad():
+            full = masked_attention(q, k, v, torch.ones_like(keep), 1, 0, scaling, n)
         errs.append(((out - full) ** 2).sum(-1).mean() / (full**2).sum(-1).mean())
     return torch.stack(errs).mean()
 
 
-def _distill(gates, target: TrainTarget, rec: dict, threshold: float, window: int, sink: int):
-    """Objective ``"distill"``: the inference rule replayed on a cut of the sequence. Prompt = the first ``P`` tokens
-    (``P`` drawn per step from the global torch RNG, which accelerate checkpoints), prefilled densely (its per-layer
-    k/v and the gate inputs come from one recorded frozen forward); the next ``continuation`` tokens attend the prompt
-    keys the gates keep (+ sinks, + the recent window) and themselves. Distortion = mean over those positions of
-    ``KL(p_full ‖ p_gated)`` of the next-token distributions, plus ``local_weight ·`` the local distortion.
-    Returns ``(distortion, evictable prompt flags per layer)``."""
+def _replay(gates, target: TrainTarget, rec: dict, threshold: float, window: int, sink: int):
+    """The inference rule replayed on a cut of the sequence. Prompt = the first ``P`` tokens (``P`` drawn per step
+    from the global torch RNG, which accelerate checkpoints), prefilled densely (its per-layer k/v and the gate inputs
+    come from one recorded frozen forward); the next ``continuation`` tokens attend the prompt keys the gates keep
+    (+ sinks, + the recent window) and themselves. Distortion = mean over those positions of ``KL(p_full ‖
+    p_gated)`` of the next-token distributions, plus ``local_weight ·`` :func:`local_distortion` of the same
+    queries. Returns ``(distortion, evictable prompt flags per layer)``."""
     model = target.get_model()
     ids = target.input_ids
     L = ids.shape[1]
     R = min(int(rec.get("continuation", 32)), L - 1)
-    rows = int(rec.get("rows", 128))
     local_weight = float(rec.get("local_weight", 0.0))
     obs_w = gates.observation_window
     if target.layers is None:
-        layers, final = record_layers(model, ids, final=True)
-        target.final = final
-        target.layers = []
-        for x, q, k, v in layers:
-            local = (q[:, :, -rows:], k, v, masked_attention(q, k, v, torch.ones_like(k[..., 0]), 1, 0,
-                                                             q.shape[-1] ** -0.5, rows)) if local_weight else None
-            # the global-context feature of the whole sequence as a prompt (for the local loss) and q to make it at P
-            end = observation_feature(q[:, :, -obs_w:], k, q.shape[-1] ** -0.5) if obs_w and local_weight else None
-            target.layers.append((x, k, v, local, q if obs_w else None, end))
+        target.layers, target.final = record_layers(model, ids, final=True)
     lo = min(max(sink + 1, L // 2), L - R)
     P = int(torch.randint(lo, L - R + 1, (1,)))
-    flags, flags_end = [], []  # prompt [0, P) with the term at P; whole sequence with the term at L (local loss)
-    for gate, (x, k, _, _, q, end) in zip(gates.layers, target.layers, strict=True):
-        logit = gate(x)[0]
+    flags = []  # prompt [0, P), the global-context term from its last queries
+    for gate, (x, q, k, _) in zip(gates.layers, target.layers, strict=True):
+        logit = gate(x[:, :P])[0]
         g = None
         if gate.observe:
             with torch.no_grad():
                 g = observation_feature(q[:, :, max(0, P - obs_w) : P], k[:, :, :P], q.shape[-1] ** -0.5)
-        flags.append(straight_through(torch.sigmoid(logit[..., :P] + gate.observation_logits(g)), threshold))
-        if local_weight:
-            flags_end.append(straight_through(torch.sigmoid(logit + gate.observation_logits(end)), threshold))
+        flags.append(straight_through(torch.sigmoid(logit + gate.observation_logits(g)), threshold))
 
     def hook(module, args, kwargs):
         i = module.layer_idx
-        _, k, v, *_ = target.layers[i]
+        _, _, k, v = target.layers[i]
         module._ag_keep, module._ag_rule, module._ag_prefix = flags[i], (window, sink), (k[:, :, :P], v[:, :, :P])
 
     pos = torch.arange(P, P + R, device=ids.device)[None]
@@ -622,8 +614,7 @@ def _distill(gates, target: TrainTarget, rec: dict, threshold: float, window: in
     logp = torch.log_softmax(logits.float(), dim=-1)
     distortion = (ref.exp() * (ref - logp)).sum(-1).mean()
     if local_weight:
-        distortion = distortion + local_weight * _local_distortion(
-            gates, [t[3] for t in target.layers], flags_end, window, sink, rows)
+        distortion = distortion + local_weight * local_distortion(target.layers, flags, window, sink, R)
     return distortion, [f[..., sink:P] for f in flags]
 
 
@@ -631,50 +622,13 @@ def gate_loss(gates: AttentionGates, target: TrainTarget, return_parts: bool = F
     """``GateKind.loss``: distortion + ``rate_weight · (keep_rate − (1 − target_evict))²`` + ``balance_weight ·``
     the variance of the keep rates across each layer's KV heads.
 
-    ``keep_rate`` is the straight-through fraction of evictable tokens kept. The distortion is, per the recipe's
-    ``objective``:
-
-    - ``"distill"`` (default): KL of the full model's next-token distribution to the gated model's on tokens that
-      continue a densely prefilled prompt whose cache the gates pruned — the inference rule (see :func:`_distill`);
-    - ``"local"``: mean over layers of ``‖o_gated − o_full‖² / ‖o_full‖²`` of the attention outputs of the last
-      ``rows`` queries, on q/k/v recorded once per sequence (no backward through the model: ~100x cheaper);
-    - ``"lm"``: the LM cross-entropy of the frozen model run with the gated attention on every position.
-
-    For ``"local"``/``"lm"`` the evictable tokens are ``sink <= t < L − window`` (later tokens are never masked inside
-    a training sequence); for ``"distill"`` every prompt token from ``sink`` on.
+    The distortion is that of tokens continuing a densely prefilled prompt whose cache the gates pruned, the
+    inference rule (see :func:`_replay`); ``keep_rate`` is the straight-through fraction of the prompt tokens from
+    ``sink`` on that the gates keep.
     """
     inner = getattr(gates, "module", gates)  # accelerate may wrap it
     rec = inner.meta.get("recipe", {})
-    threshold = rec.get("threshold", 0.5)
-    window, sink = inner.window, inner.sink
-    L = target.input_ids.shape[1]
-    lo, hi = min(sink, L), max(min(sink, L), L - window)
-    kept: list[Tensor] = []
-    objective = rec.get("objective", "local")
-    if objective == "distill":
-        distortion, kept = _distill(inner, target, rec, threshold, window, sink)
-    elif objective == "lm":
-        model = target.get_model()
-
-        def hook(module, args, kwargs):
-            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            flags = straight_through(torch.sigmoid(inner.layers[module.layer_idx](x)[0]), threshold)
-            module._ag_keep, module._ag_rule = flags, (window, sink)
-            kept.append(flags[..., lo:hi] if hi > lo else flags)
-
-        ids = target.input_ids
-        distortion = _run_with(model, hook, input_ids=ids, labels=ids, use_cache=False).loss
-    else:
-        rows = rec.get("rows", 256)
-        if target.layers is None:  # (x, q, k, v, full attention output of the last `rows` queries) per layer
-            target.layers = [
-                (x, q, k, v, masked_attention(q, k, v, torch.ones_like(k[..., 0]), 1, 0, q.shape[-1] ** -0.5, rows))
-                for x, q, k, v in record_layers(target.get_model(), target.input_ids)
-            ]
-        flags = [straight_through(torch.sigmoid(gate(x)[0]), threshold)
-                 for gate, (x, *_) in zip(inner.layers, target.layers, strict=True)]
-        kept = [f[..., lo:hi] if hi > lo else f for f in flags]
-        distortion = _local_distortion(inner, [t[1:] for t in target.layers], flags, window, sink, rows)
+    distortion, kept = _replay(inner, target, rec, rec.get("threshold", 0.5), inner.window, inner.sink)
     per_head = torch.stack([f.mean(dim=(0, 2)) for f in kept])  # (layers, H_kv)
     keep_rate = per_head.mean()
     reg = rec.get("rate_weight", 10.0) * (keep_rate - (1.0 - rec.get("target_evict", 0.6))) ** 2
