@@ -8,7 +8,7 @@ import torch
 
 import kvaccel
 from kvaccel.kernels.block_sparse_attention import causal_block_mask
-from kvaccel.patches.prefill import PBS, AShape, VerticalSlash
+from kvaccel.patches.prefill import PBS, SALE, AShape, VerticalSlash
 from kvaccel.patches.prefill.base import _diagonal_tiles, _permuted_tiles
 from kvaccel.patches.prefill.pbs import block_mean, mass_selection, segment_permutation
 from kvaccel.patches.prefill.vertical_slash import diagonal_sums, last_query_attention, slash_tiles
@@ -227,6 +227,48 @@ def test_report_density_matches_the_selected_masks():
     assert len(masks) == model.config.num_hidden_layers
     assert rep["prefill_density"] == pytest.approx(want)
     assert all(0 < d < 1 for d in rep["prefill_density"])
+
+
+@pytest.mark.parametrize("method", [AShape(sink_blocks=1, local_blocks=2, block_size=32, min_length=150),
+                                    PBS(tau=0.5, block_size=128, segment_size=256, min_length=150),
+                                    SALE(threshold=0.05, min_length=150)])
+def test_padded_batch_density_weighs_each_sequence_by_its_causal_tiles_in_the_method_unit(method):
+    """A left-padded batch of a short prompt (below min_length: dense) and a long one (sparse): the density is the
+    sum of computed tiles over the sum of causal tiles, both in the method's tile size (not 64x64)."""
+    model = tiny_model("llama")
+    lens = (100, 300)
+    L = max(lens)
+    ids = torch.zeros(2, L, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, n in enumerate(lens):
+        ids[b, L - n :] = prompt(n, seed=20 + b)[0]
+        mask[b, L - n :] = 1
+    masks = []
+    select = method.select
+
+    def recording(*args):
+        sel = select(*args)
+        masks.append(sel)
+        return sel
+
+    method.select = recording
+    with kvaccel.patched(model, method):
+        logits(model, ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+        rep = kvaccel.report(model)
+    H = model.config.num_attention_heads
+    bm, bn = masks[0].block_m, masks[0].block_n
+    short = causal_block_mask(lens[0], bm, bn).sum() * H  # dense fallback: every causal tile, in the method's unit
+    want = []
+    for sel in masks:  # one sparse (long) sequence per layer
+        causal = causal_block_mask(L, bm, bn)
+        if sel.key_perm is None:
+            tiles = ((sel.mask | _diagonal_tiles(L, bm, bn, None)) & causal).expand(1, H, -1, -1).sum()
+        else:
+            own, reach = _permuted_tiles(sel.key_perm, L, bm, bn, H)
+            tiles = ((sel.mask | own) & reach).sum()
+        want.append(float((tiles + short) / (causal.sum() * H + short)))
+    assert len(masks) == model.config.num_hidden_layers
+    assert rep["prefill_density"] == pytest.approx(want)
 
 
 @pytest.mark.parametrize("method", sorted(SPARSE))

@@ -17,6 +17,7 @@ from kvaccel.config import Method
 from kvaccel.kernels.backend import BACKENDS
 from kvaccel.kernels.block_sparse_attention import (
     block_sparse_attention,
+    causal_block_count,
     causal_block_mask,
     check_block_size,
 )
@@ -68,6 +69,9 @@ class BlockSparsePrefill(PrefillMethod):
 
     The diagonal tile of every query block is always computed (each query sees itself, so no row is empty).
     Prompts shorter than ``min_length`` tokens are prefilled densely, and ``report()`` says so in its notes.
+    ``prefill_density`` is the computed tiles over the causal tiles of each sequence's real tokens, both counted in
+    the method's :meth:`tile_shape` and summed over sequences and heads: in a padded batch every sequence weighs by
+    its own causal tiles, whether it ran sparse or fell back to dense.
 
     Parameters
     ----------
@@ -91,6 +95,11 @@ class BlockSparsePrefill(PrefillMethod):
         ``layer_idx`` (per-layer thresholds or gates are indexed by it); ``extra`` are the
         :meth:`select_inputs` of this sequence."""
         raise NotImplementedError
+
+    def tile_shape(self) -> tuple[int, int]:
+        """``(block_m, block_n)``: the query / key block sizes of the tiles this method selects, the unit of
+        ``prefill_density`` (a dense fallback counts its causal tiles in the same unit)."""
+        return self.block_size, self.block_size
 
     def select_inputs(self, ctx: AttentionContext) -> tuple[Tensor, ...]:
         """Extra per-token tensors ``(B, H, L, ...)`` ``select`` needs beside q/k/v (sliced per sequence like them);
@@ -116,7 +125,7 @@ class BlockSparsePrefill(PrefillMethod):
             ctx.state.notes.add(
                 f"prefill: {self.name} computed prompts shorter than min_length={self.min_length} tokens densely"
             )
-            n = causal_block_mask(L, 64, 64).sum().item() * q.shape[0] * q.shape[1]
+            n = causal_block_count(L, *self.tile_shape()) * q.shape[0] * q.shape[1]
             stats["_tiles"] += n
             stats["_causal_tiles"] += n
             return sdpa_attention_forward(ctx.module, q, k, v, None, scaling=ctx.scaling, **ctx.kwargs)[0]

@@ -158,6 +158,9 @@ class SALE(BlockSparsePrefill):
         return self.threshold if self._tau is None else self._tau[layer]
 
     # ------------------------------------------------------------------------------------------ prefill
+    def tile_shape(self) -> tuple[int, int]:
+        return self.block_m, self.block_n
+
     def attention(self, ctx):
         ctx.state.notes.add(self._note)
         return super().attention(ctx)
