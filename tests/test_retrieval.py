@@ -38,6 +38,20 @@ def _batch(B=2, L=40, pads=(0, 9), seed=0):
     return ids.masked_fill(mask == 0, 0), mask
 
 
+def _assert_rows_split(layer, st, real, cfg):
+    """Per row: the device holds its first ``sink`` real tokens and its last ``window`` (+ tokens waiting to spill),
+    the index every real token between them in sequence order (positions ``sink, sink + 1, ...``), padding nowhere."""
+    B = len(real)
+    on_device = torch.full((B,), layer.keys.shape[2]) if layer.valid is None else layer.valid[:, 0].sum(-1)
+    held = st.index.n.reshape(B, -1)
+    for b in range(B):
+        assert cfg["sink"] + cfg["window"] <= on_device[b] < cfg["sink"] + cfg["window"] + cfg["spill_every"], b
+        assert (held[b] == int(real[b]) - int(on_device[b])).all(), (b, held[b], real[b], on_device[b])
+        for r in range(b * held.shape[1], (b + 1) * held.shape[1]):
+            np.testing.assert_array_equal(st.index.positions[r, : held[b, 0]],
+                                          np.arange(cfg["sink"], cfg["sink"] + held[b, 0]))
+
+
 @needs_deps
 @pytest.mark.parametrize(("family", "B", "host_fused"),
                          [("llama", 1, True), ("llama", 2, True), ("llama", 2, False), ("qwen3", 2, True)])
@@ -51,24 +65,45 @@ def test_exact_when_top_k_covers_host_keys(family, B, host_fused):
     with kvaccel.patched(model, Retrieval(**EXACT, host_fused=host_fused)):
         cache = KVAccelCache(model)
         out = model.generate(ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True, past_key_values=cache)
+                             output_logits=True, return_dict_in_generate=True, cache=cache)
         logits = torch.stack(out.logits, 1)
         torch.testing.assert_close(logits, ref_logits, atol=2e-4, rtol=2e-4)
         assert torch.equal(out.sequences, ref_seq)
         rep = kvaccel.report(model)
     layer = cache.layers[0]
     st = getattr(layer, STATE_ATTR)
-    # device holds only sink + window (+ tokens waiting to spill); the rest is in the index, padding left out
-    assert layer.keys.shape[2] < EXACT["sink"] + EXACT["window"] + EXACT["spill_every"]
-    held = st.index.n.reshape(B, -1)
-    spilled = ids.shape[1] + steps - 1 - layer.keys.shape[2]  # slots moved to host (prompt + spilled decode tokens)
-    for b in range(B):
-        pad_spilled = max(0, int((mask[b] == 0).sum()) - EXACT["sink"])  # left padding beyond the sink slots
-        assert (held[b] == spilled - pad_spilled).all(), (b, held[b], spilled, pad_spilled)
+    _assert_rows_split(layer, st, mask.sum(1) + steps - 1, EXACT)
     assert st.insert_s > 0  # decode tokens were spilled into the index
     assert rep["retrieval_host_tokens"][0] == int(st.index.n.sum())
     assert rep["retrieval_scanned_fraction"][0] == pytest.approx(1.0)  # k covers every key: exact scan
     assert rep["kv_bytes"] < rep["kv_bytes_full"]
+
+
+@needs_deps
+@pytest.mark.parametrize("host_fused", [True, False])
+def test_left_padded_batch_decodes_each_sequence_alone(host_fused):
+    """Approximate retrieval (top_k < host keys: the scan really selects) on a left-padded batch of two prompts of
+    different lengths: each row's sink is its own first real tokens, and each row's greedy tokens and logits are those
+    of its prompt decoded alone (the host part, its spills and its top-k are per row)."""
+    model = tiny_model("llama")
+    lengths, steps = (57, 40), 14
+    ids, mask = _batch(2, L=max(lengths), pads=[max(lengths) - n for n in lengths], seed=7)
+    method = Retrieval(sink=4, window=8, top_k=6, ef=16, spill_every=4, background_build=False, host_fused=host_fused)
+    with kvaccel.patched(model, method):
+        cache = KVAccelCache(model)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, cache=cache)
+        both = torch.stack(out.logits, 1)
+        st = getattr(cache.layers[0], STATE_ATTR)
+        _assert_rows_split(cache.layers[0], st, torch.tensor(lengths) + steps - 1, method.__dict__)
+        assert (st.index.n > method.top_k).all() and st.exact_steps > 0  # the exact scan's top-k really selects
+        for b, n in enumerate(lengths):
+            real = ids[b : b + 1, max(lengths) - n :]
+            alone = model.generate(real, attention_mask=torch.ones_like(real), max_new_tokens=steps,
+                                   min_new_tokens=steps, do_sample=False, output_logits=True,
+                                   return_dict_in_generate=True)
+            assert torch.equal(out.sequences[b, max(lengths):], alone.sequences[0, n:]), b
+            torch.testing.assert_close(both[b], torch.stack(alone.logits, 1)[0], atol=1e-4, rtol=1e-4)
 
 
 @needs_deps
@@ -143,15 +178,15 @@ def test_prompt_chunk_after_prefill_is_exact():
     ids = torch.randint(3, 512, (1, 60), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref_cache = DynamicCache()
-        model(ids[:, :30], past_key_values=ref_cache)
-        ref = [model(ids[:, 30:50], past_key_values=ref_cache).logits]
-        ref += [model(ids[:, i : i + 1], past_key_values=ref_cache).logits for i in range(50, 60)]
+        model(ids[:, :30], cache=ref_cache)
+        ref = [model(ids[:, 30:50], cache=ref_cache).logits]
+        ref += [model(ids[:, i : i + 1], cache=ref_cache).logits for i in range(50, 60)]
         with kvaccel.patched(model, Retrieval(**EXACT)):
             cache = KVAccelCache(model)
-            model(ids[:, :30], past_key_values=cache)
-            got = [model(ids[:, 30:50], past_key_values=cache).logits]
+            model(ids[:, :30], cache=cache)
+            got = [model(ids[:, 30:50], cache=cache).logits]
             assert cache.layers[0].keys.shape[2] == EXACT["sink"] + EXACT["window"]  # the chunk spilled too
-            got += [model(ids[:, i : i + 1], past_key_values=cache).logits for i in range(50, 60)]
+            got += [model(ids[:, i : i + 1], cache=cache).logits for i in range(50, 60)]
     for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
 
@@ -243,13 +278,13 @@ def test_background_build_exact_until_ready_then_index(monkeypatch):
     L, steps = 200, 10
     with torch.no_grad():
         ref_cache = DynamicCache()
-        ref = [model(ids[:, :L], past_key_values=ref_cache).logits[:, -1]]
-        ref += [model(ids[:, i : i + 1], past_key_values=ref_cache).logits[:, -1] for i in range(L, L + 2 * steps)]
+        ref = [model(ids[:, :L], cache=ref_cache).logits[:, -1]]
+        ref += [model(ids[:, i : i + 1], cache=ref_cache).logits[:, -1] for i in range(L, L + 2 * steps)]
         method = Retrieval(sink=4, window=8, top_k=8, ef=16, exact_below=0, spill_every=4)
         with kvaccel.patched(model, method):
             cache = KVAccelCache(model)
-            got = [model(ids[:, :L], past_key_values=cache).logits[:, -1]]
-            got += [model(ids[:, i : i + 1], past_key_values=cache).logits[:, -1] for i in range(L, L + steps)]
+            got = [model(ids[:, :L], cache=cache).logits[:, -1]]
+            got += [model(ids[:, i : i + 1], cache=cache).logits[:, -1] for i in range(L, L + steps)]
             rep = kvaccel.report(model)
             st = getattr(cache.layers[0], STATE_ATTR)
             assert st.pending is not None and not st.pending.done()
@@ -259,7 +294,7 @@ def test_background_build_exact_until_ready_then_index(monkeypatch):
             gate.set()
             assert wait_for_index(cache) >= 0
             assert (st.index.linked == st.index.n).all()
-            after = [model(ids[:, i : i + 1], past_key_values=cache).logits[:, -1] for i in range(L + steps, L + 20)]
+            after = [model(ids[:, i : i + 1], cache=cache).logits[:, -1] for i in range(L + steps, L + 20)]
             rep = kvaccel.report(model)
     for a, b in zip(got, ref[: steps + 1], strict=True):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
@@ -281,13 +316,13 @@ def test_background_build_installs_without_waiting(monkeypatch):
     ids = torch.randint(3, 512, (1, 201), generator=torch.Generator().manual_seed(6))
     with torch.no_grad(), kvaccel.patched(model, Retrieval(sink=4, window=8, top_k=8, ef=16, exact_below=0)):
         cache = KVAccelCache(model)
-        model(ids[:, :200], past_key_values=cache)
+        model(ids[:, :200], cache=cache)
         states = [getattr(layer, STATE_ATTR) for layer in cache.layers]
         gate.set()
         deadline = time.monotonic() + 60
         while not all(s.pending.done() for s in states) and time.monotonic() < deadline:
             time.sleep(0.01)
-        model(ids[:, 200:], past_key_values=cache)
+        model(ids[:, 200:], cache=cache)
         rep = kvaccel.report(model)
     assert all(rep["retrieval_index_ready"]) and rep["retrieval_steps_before_index"] == [0] * len(states)
     assert all(0 < f < 1 for f in rep["retrieval_scanned_fraction"])
@@ -447,14 +482,14 @@ def test_graph_built_once_exact_below_is_crossed():
     method = Retrieval(sink=4, window=8, top_k=8, ef=16, spill_every=4, exact_below=60, background_build=False)
     with kvaccel.patched(model, method):
         cache = KVAccelCache(model)
-        model(ids, attention_mask=mask, past_key_values=cache)
+        model(ids, attention_mask=mask, cache=cache)
         st = getattr(cache.layers[0], STATE_ATTR)
         assert not st.graph and st.pending is None and (st.index.linked == 0).all() and st.index.n[0] == 48
         G = model.config.num_attention_heads // model.config.num_key_value_heads
         assert st.build_queries is not None and st.build_queries[0].shape[0] == 60 * G  # every prefill query kept
         nxt = ids[:, -1:]
         for _ in range(24):
-            nxt = model(nxt, past_key_values=cache).logits[:, -1:].argmax(-1)
+            nxt = model(nxt, cache=cache).logits[:, -1:].argmax(-1)
         rep = kvaccel.report(model)
     assert st.graph and st.build_queries is None and (st.index.linked == st.index.n).all() and st.index.n[0] > 60
     assert all(e > 0 and g > 0 for e, g in zip(rep["retrieval_exact_steps"], rep["retrieval_graph_steps"], strict=True))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from kvaccel.cache import compact_slots
 from kvaccel.config import register
 from kvaccel.kernels.decode_attention import decode_attention
 from kvaccel.kernels.lse_merge import lse_merge
@@ -158,7 +159,8 @@ class Retrieval(DecodeMethod):
     top_k : int, default 100
         Keys retrieved per query head and step (the paper's 100).
     sink, window : int, default 128, 512
-        Static tokens kept on the device: the first ``sink`` and the last ``window`` (the paper's numbers).
+        Static tokens kept on the device: the first ``sink`` and the last ``window`` (the paper's numbers), per row
+        (a left-padded row's sink is its first real tokens; each row spills on its own schedule, as it would alone).
     ef : int, default 128
         Search list size of the graph search (``>= top_k``; larger = higher recall, more keys scanned), at least:
         the search list grows with the host part as ``ef_per_key`` x the keys of the largest row.
@@ -436,29 +438,45 @@ class Retrieval(DecodeMethod):
             st.rows[key] = (np.repeat(head_row, Q), np.repeat(np.arange(B * st.kv_heads), Q))
         return st.rows[key]
 
-    def _spill(self, ctx: AttentionContext, layer: KVAccelLayer, min_spill: int) -> None:
-        """Move the slots between the sink and the window to host memory: linked into the graph when there is one,
-        else stored (scanned exactly); the graph is built once a row holds more than ``exact_below`` keys."""
-        st: RetrievalLayerState = getattr(layer, STATE_ATTR)
+    def _middle(self, layer: KVAccelLayer) -> tuple[Tensor, Tensor]:
+        """Per row ``(B, 1|H_kv, T)``: the slots to move to host memory (real tokens after the row's first ``sink``
+        real ones, before the last ``window`` slots) and every slot's rank among the row's real tokens. A left-padded
+        row's sink starts at its first real token, not at its first slot."""
         T = layer.keys.shape[2]
-        sink = min(self.sink, T)
-        end = T - self.window
-        if end - sink < min_spill:
+        slot = torch.arange(T, device=layer.keys.device)
+        if layer.valid is None:
+            rank = slot.view(1, 1, T)
+            return ((rank >= self.sink) & (rank < T - self.window)).expand(layer.keys.shape[0], 1, T), rank
+        rank = layer.valid.cumsum(-1) - 1
+        return layer.valid & (rank >= self.sink) & (slot < T - self.window), rank
+
+    def _spill(self, ctx: AttentionContext, layer: KVAccelLayer, min_spill: int) -> None:
+        """Move each row's middle (:meth:`_middle`) to host memory once it holds ``min_spill`` tokens: linked into the
+        graph when there is one, else stored (scanned exactly); the graph is built once a row holds more than
+        ``exact_below`` keys. Rows spill on their own schedule (a padded row as it would alone); the device keeps
+        each row's real tokens right-aligned (left padding first), so the last ``window`` slots stay its window."""
+        st: RetrievalLayerState = getattr(layer, STATE_ATTR)
+        B, Hkv = st.batch, st.kv_heads
+        middle, rank = self._middle(layer)
+        middle = middle & (middle.sum(-1, keepdim=True) >= min_spill)
+        if not bool(middle.any()):
             return
         t0 = time.perf_counter()
-        B, Hkv = st.batch, st.kv_heads
-        keys = layer.keys[:, :, sink:end].detach().float().cpu().numpy()
-        values = layer.values[:, :, sink:end].detach().float().cpu().numpy()
-        valid = None if layer.valid is None else layer.valid[:, :, sink:end].expand(B, Hkv, -1).cpu().numpy()
-        first_pos = layer.seen - T  # arrival positions (exact unless an eviction method dropped tokens before)
-        pos = np.arange(first_pos + sink, first_pos + end)
+        T = layer.keys.shape[2]
+        used = torch.nonzero(middle.any(0).any(0))[:, 0]
+        lo, hi = int(used[0]), int(used[-1]) + 1
+        keys = layer.keys[:, :, lo:hi].detach().float().cpu().numpy()
+        values = layer.values[:, :, lo:hi].detach().float().cpu().numpy()
+        take = middle[:, :, lo:hi].expand(B, Hkv, -1).cpu().numpy()
+        # sequence position of a token: the row's real tokens before it (its sink and host keys, then its rank)
+        pos = rank[:, :, lo:hi].expand(B, Hkv, -1).cpu().numpy() + st.index.n.reshape(B, Hkv, 1)
         ks, vs, ps = [], [], []
         for b in range(B):
             for h in range(Hkv):
-                sel = slice(None) if valid is None else valid[b, h]
+                sel = take[b, h]
                 ks.append(keys[b, h][sel])
                 vs.append(values[b, h][sel])
-                ps.append(pos[sel])
+                ps.append(pos[b, h][sel])
         index = st.index
         if st.graph:
             index.insert(ks, vs, ps, ef=max(self.degree, 32))
@@ -466,8 +484,15 @@ class Retrieval(DecodeMethod):
             index.store(ks, vs, ps)
             if st.pending is None and int(index.n.max()) > self.exact_below:
                 self._start_build(st)
-        keep = torch.cat([torch.arange(sink, device=layer.keys.device), torch.arange(end, T, device=layer.keys.device)])
-        layer.keep(keep.view(1, 1, -1).expand(B, 1, -1))
+        if layer.valid is None:  # no padding: every row spills the same slots
+            slot = torch.arange(T, device=layer.keys.device)
+            layer.keep(torch.cat([slot[:lo], slot[hi:]]).view(1, 1, -1).expand(B, 1, -1))
+        else:  # per row: its kept slots right-aligned, left padding (invalid) before them
+            kept = layer.valid & ~middle
+            pos_kept, _ = compact_slots(kept)
+            count = kept.sum(-1, keepdim=True)
+            j = torch.arange(pos_kept.shape[-1], device=kept.device) - (pos_kept.shape[-1] - count)
+            layer.keep(pos_kept.gather(-1, j.clamp(min=0)), slot_valid=j >= 0)
         st.insert_s += time.perf_counter() - t0
 
     def _start_build(self, st: RetrievalLayerState) -> None:
@@ -496,7 +521,7 @@ class Retrieval(DecodeMethod):
         q = queries.detach().float().cpu().numpy()
         real = None if ctx.pad is None else ctx.pad[:, -L:].cpu().numpy()
         rng = np.random.default_rng(ctx.layer_idx)
-        spill = max(0, layer.keys.shape[2] - min(self.sink, layer.keys.shape[2]) - self.window)
+        spill = self._middle(layer)[0].sum(-1).expand(B, Hkv).reshape(-1).cpu().numpy()
         held = np.maximum(st.index.n + spill, self.exact_below + 1)
         kept = st.build_queries
         out = []
