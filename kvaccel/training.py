@@ -13,7 +13,9 @@ A gate *kind* (``GATE_KINDS``) supplies four functions; the trainer owns everyth
 block-pooled pre-RoPE q/k features and the self-distillation target (true attention max-pooled to blocks, computed
 blockwise); the gates then train on those tensors alone, so a training step costs a few small matmuls:
 ``loss = mean over layers, heads and query blocks i >= nb/4 of KL(target_i || softmax(gate_i))``.
-A second kind (Attention-Gate eviction, LM loss through the gated model) plugs in with ``register_gate_kind``.
+``attention_gate`` (Attention-Gate eviction, https://arxiv.org/abs/2410.12876): the next-token KL of tokens continuing
+a densely prefilled prompt the gates pruned, see :mod:`kvaccel.attention_gate_training`. Other kinds plug in with
+``register_gate_kind``.
 """
 
 from __future__ import annotations
@@ -140,11 +142,11 @@ register_gate_kind(GateKind("seer", _seer_build, _seer_target, _seer_loss, _seer
 # ------------------------------------------------------------------------------------------ attention_gate
 
 
-def _ag(fn: str):  # the Attention-Gate kind lives in kvaccel.patches.evict.attention_gate (imported when used)
+def _ag(fn: str):  # the Attention-Gate kind lives in kvaccel.attention_gate_training (imported when used)
     def call(*args):
-        from kvaccel.patches.evict import attention_gate
+        from kvaccel import attention_gate_training
 
-        return getattr(attention_gate, fn)(*args)
+        return getattr(attention_gate_training, fn)(*args)
 
     return call
 

@@ -1,4 +1,4 @@
-"""Attention-Gate eviction: gate shapes, files, straight-through gradient, training, inference invariants."""
+"""Attention-Gate eviction: gate shapes, files, inference invariants, and its training (attention_gate_training)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import kvaccel
+from kvaccel import attention_gate_training as agt
+from kvaccel.attention_gate_training import straight_through
 from kvaccel.cache import KVAccelCache
 from kvaccel.patches.evict import attention_gate as ag
-from kvaccel.patches.evict.attention_gate import AttentionGate, AttentionGates, straight_through
+from kvaccel.patches.evict.attention_gate import AttentionGate, AttentionGates
 
 from conftest import tiny_model
 
@@ -106,7 +108,7 @@ def test_masked_attention_matches_reference():
     B, Hq, Hkv, L, D = 1, 4, 2, 12, 8
     q, k, v = torch.randn(B, Hq, L, D), torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D)
     keep = (torch.rand(B, Hkv, L) > 0.5).float()
-    out = ag.masked_attention(q, k, v, keep, window=3, sink=1, scaling=0.3)
+    out = agt.masked_attention(q, k, v, keep, window=3, sink=1, scaling=0.3)
     ref = torch.empty_like(out)
     for h in range(Hq):
         kh = h // (Hq // Hkv)
@@ -174,7 +176,7 @@ def test_observation_term_flags_at_prefill_and_decode(tmp_path):
         for t in nxt[:-1]:
             model(torch.tensor([[t]]), cache=cache, use_cache=True)
     full = torch.cat([ids, torch.tensor([nxt[:-1]])], dim=1)  # window 64: nothing evicted, so x/q/k are the stock ones
-    records = ag.record_layers(model, full)
+    records = agt.record_layers(model, full)
     n_flagged = 0
     for li, (x, q, k, _) in enumerate(records):
         gate = g.layers[li]
@@ -250,9 +252,9 @@ def test_local_term_is_the_continuation_attention_per_layer():
     for w in (0.0, 1.0):
         gates.meta["recipe"]["local_weight"] = w
         with torch.no_grad():
-            parts[w] = ag.gate_loss(gates, gk.target(model, ids), return_parts=True)[1]["distortion"]
+            parts[w] = agt.gate_loss(gates, gk.target(model, ids), return_parts=True)[1]["distortion"]
     errs, n_masked = [], 0
-    for gate, (x, q, k, v) in zip(gates.layers, ag.record_layers(model, ids), strict=True):
+    for gate, (x, q, k, v) in zip(gates.layers, agt.record_layers(model, ids), strict=True):
         with torch.no_grad():
             flags = gate(x)[0][0, :, :P] > 0  # (H_kv, P)
         q, k, v = q[0].double(), k[0].double(), v[0].double()
@@ -472,10 +474,10 @@ def test_distill_replays_the_full_model_when_everything_is_kept(family):
             layer.obs_scale.zero_()  # ... switched off here, so that every flag says keep
     tgt = gk.target(model, torch.randint(3, 500, (1, 64), generator=torch.Generator().manual_seed(0)))
     torch.manual_seed(0)
-    _, parts = ag.gate_loss(gates, tgt, return_parts=True)
+    _, parts = agt.gate_loss(gates, tgt, return_parts=True)
     assert abs(parts["distortion"]) < 1e-5 and parts["keep_rate"] == 1.0
     with torch.no_grad():
         for layer in gates.layers:
             layer.direct.bias.fill_(-20.0)
-    _, parts = ag.gate_loss(gates, tgt, return_parts=True)
+    _, parts = agt.gate_loss(gates, tgt, return_parts=True)
     assert parts["distortion"] > 1e-3 and parts["keep_rate"] == 0.0
