@@ -1,0 +1,137 @@
+"""kvaccel.kernels.cpu_ops: worker threads that leave torch's thread count alone, per-thread scratch buffers."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import kvaccel.kernels.block_sparse_attention as bsa
+from kvaccel.kernels.block_sparse_attention import block_sparse_attention, block_sparse_attention_reference
+from kvaccel.kernels.cpu_ops import release_workspace, run_parallel, workspace
+
+TIMEOUT = 60  # seconds any wait of the tests below may take before the test fails instead of hanging
+
+
+def _threads_of_a_new_thread() -> int:
+    """``torch.get_num_threads()`` as a thread started now sees it (torch's process-wide default)."""
+    seen: list[int] = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join(TIMEOUT)
+    return seen[0]
+
+
+def test_concurrent_calls_leave_the_thread_count_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While one thread's ``run_parallel`` call is in flight, three more threads start (each reads its thread count)
+    and run the block-sparse kernel at once: every thread, the caller, and a thread started afterwards see torch's
+    count unchanged; every result equals the float64 reference; the workers' ops run single-threaded."""
+    monkeypatch.setattr(bsa, "GATHER_BYTES", 1 << 14)  # many small chunks: the kernel calls run_parallel
+    gen = torch.Generator().manual_seed(0)
+    B, Hkv, G, L, D, blk = 1, 2, 3, 256, 16, 32
+    kw = {
+        "q": torch.randn(B, Hkv * G, L, D, generator=gen),
+        "k": torch.randn(B, Hkv, L, D, generator=gen),
+        "v": torch.randn(B, Hkv, L, D, generator=gen),
+        "block_mask": torch.rand(B, Hkv * G, L // blk, L // blk, generator=gen) < 0.5,
+        "scale": D**-0.5,
+        "block_m": blk,
+        "block_n": blk,
+    }
+    ref = block_sparse_attention_reference(**kw)[0].float()
+    a, b = torch.randn(4, 64, 64, generator=gen), torch.randn(4, 64, 64, generator=gen)
+    prod = torch.empty(4, 64, 64)
+    in_flight, release = threading.Event(), threading.Event()
+    started = threading.Barrier(4, timeout=TIMEOUT)  # the three kernel threads and this one
+    worker_threads: list[int] = []
+    seen: dict[str, int] = {}
+    results: dict[str, torch.Tensor] = {}
+    errors: list[BaseException] = []
+
+    def gated(i: int) -> None:  # task 0 holds the call open until the other threads have started
+        worker_threads.append(torch.get_num_threads())
+        if i == 0:
+            in_flight.set()
+            assert release.wait(TIMEOUT)
+        torch.matmul(a[i], b[i], out=prod[i])
+
+    def caller() -> None:
+        try:
+            run_parallel(gated, [(i,) for i in range(4)], workers=2)
+            seen["caller after"] = torch.get_num_threads()
+        except BaseException as err:  # noqa: BLE001 - reported by the main thread
+            errors.append(err)
+
+    def kernel_user(name: str) -> None:
+        try:
+            seen[f"{name} start"] = torch.get_num_threads()
+            started.wait()
+            results[name] = block_sparse_attention(**kw)
+            seen[f"{name} after"] = torch.get_num_threads()
+        except BaseException as err:  # noqa: BLE001 - reported by the main thread
+            errors.append(err)
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        first = threading.Thread(target=caller)
+        first.start()
+        assert in_flight.wait(TIMEOUT)
+        users = [threading.Thread(target=kernel_user, args=(f"user {i}",)) for i in range(3)]
+        for t in users:
+            t.start()
+        started.wait()
+        release.set()
+        for t in [first, *users]:
+            t.join(TIMEOUT)
+        assert not errors, errors
+        names = ["caller after"] + [f"user {i} {when}" for i in range(3) for when in ("start", "after")]
+        assert seen == dict.fromkeys(names, 2)
+        assert torch.get_num_threads() == 2
+        assert _threads_of_a_new_thread() == 2
+    finally:
+        release.set()
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(prod, a @ b)
+    for out in results.values():
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert len(results) == 3
+    assert worker_threads == [1, 1, 1, 1]
+
+
+def test_run_parallel_raises_from_workers_and_keeps_modes() -> None:
+    """An error in a task reaches the caller; the caller's inference mode and grad mode reach the tasks."""
+    modes: list[tuple[bool, bool]] = []
+
+    def task(i: int) -> None:
+        modes.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
+        if i == 3:
+            raise ValueError("task 3")
+
+    with pytest.raises(ValueError, match="task 3"):
+        run_parallel(task, [(i,) for i in range(8)], workers=2)
+    assert modes and set(modes) == {(False, True)}
+    modes.clear()
+    with torch.inference_mode():
+        run_parallel(task, [(i,) for i in range(3)], workers=2)
+    with torch.no_grad():
+        run_parallel(task, [(i,) for i in range(3)], workers=2)
+    assert modes.count((True, False)) == 3 and modes.count((False, False)) == 3
+
+
+def test_workspace_is_per_thread_reused_and_aligned() -> None:
+    """The same thread gets the same memory back for a request no larger than before; another thread gets its own;
+    every part starts 64-byte aligned and has the asked size and dtype."""
+    release_workspace()
+    parts = [(10, torch.float32), (3, torch.int64), (7, torch.bool)]
+    x, y, z = workspace(torch.device("cpu"), parts)
+    assert [(t.numel(), t.dtype) for t in (x, y, z)] == [(n, dt) for n, dt in parts]
+    assert all(t.data_ptr() % 64 == 0 for t in (x, y, z))
+    assert workspace(torch.device("cpu"), parts[:1])[0].data_ptr() == x.data_ptr()
+    other: list[int] = []
+    t = threading.Thread(target=lambda: other.append(workspace(torch.device("cpu"), parts)[0].data_ptr()))
+    t.start()
+    t.join(TIMEOUT)
+    assert other and other[0] != x.data_ptr()
+    release_workspace()
