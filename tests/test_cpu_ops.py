@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import kvaccel.kernels.block_sparse_attention as bsa
+from kvaccel.kernels import cpu_ops
 from kvaccel.kernels.block_sparse_attention import block_sparse_attention, block_sparse_attention_reference
 from kvaccel.kernels.cpu_ops import release_workspace, run_parallel, workspace
 
@@ -135,3 +136,22 @@ def test_workspace_is_per_thread_reused_and_aligned() -> None:
     t.join(TIMEOUT)
     assert other and other[0] != x.data_ptr()
     release_workspace()
+
+
+def test_without_per_thread_counts_the_work_stays_in_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch build without per-thread thread counts: ``cpu_workers`` is 1 with a warning, and ``run_parallel``
+    refuses worker threads rather than change the process-wide count."""
+    monkeypatch.setattr(cpu_ops, "_per_thread_setters", lambda: None)
+    cpu_ops._warn_no_workers.cache_clear()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.warns(RuntimeWarning, match="calling thread"):
+            assert cpu_ops.cpu_workers("cpu") == 1
+        with pytest.raises(RuntimeError, match="per-thread thread count"):
+            run_parallel(lambda i: None, [(0,), (1,)], workers=2)
+        run_parallel(lambda i: None, [(0,), (1,)], workers=1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+        cpu_ops._warn_no_workers.cache_clear()
