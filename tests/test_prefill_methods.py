@@ -271,6 +271,11 @@ def test_padded_batch_density_weighs_each_sequence_by_its_causal_tiles_in_the_me
     assert rep["prefill_density"] == pytest.approx(want)
 
 
+#: relative logit error ||out - ref|| / ||ref|| of SPARSE on the tiny qwen2 model, prompt(320, seed=4), measured
+#: 2026-12-06 (a_shape 0.243, pbs 0.207, vertical_slash 0.173): the bounds leave ~20% headroom for BLAS differences
+SPARSE_ERROR_BOUND = {"a_shape": 0.29, "pbs": 0.25, "vertical_slash": 0.21}
+
+
 @pytest.mark.parametrize("method", sorted(SPARSE))
 def test_sparse_settings_compute_fewer_tiles_and_stay_close(method):
     model = tiny_model("qwen2")
@@ -280,8 +285,8 @@ def test_sparse_settings_compute_fewer_tiles_and_stay_close(method):
         out = logits(model, ids)
         dens = kvaccel.report(model)["prefill_density"]
     assert all(d < 1 for d in dens), dens
-    assert not torch.equal(out, ref)  # something was skipped
-    assert torch.isfinite(out).all()
+    err = float((out - ref).norm() / ref.norm())
+    assert 0.05 < err < SPARSE_ERROR_BOUND[method], err  # something was skipped, and not much more than measured
 
 
 @pytest.mark.parametrize("method", ["vertical_slash", "pbs", "a_shape"])

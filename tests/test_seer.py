@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -219,23 +220,62 @@ def test_oracle_sparse_keeps_the_heavy_blocks():
     assert mask[0, :, 2:, 1].all()
 
 
+def seer_tiles(scores: torch.Tensor, density: float, dense_last_rows: int) -> int:
+    """Tiles seer's density mode computes, counted row by row from the block scores ``(B, H, n, n)``: the
+    ``ceil(density·(i+1))`` highest-scoring causal blocks of row ``i`` plus its diagonal block when they miss it,
+    or all ``i + 1`` causal blocks in the last ``dense_last_rows`` rows."""
+    B, H, n, _ = scores.shape
+    total = 0
+    for b in range(B):
+        for h in range(H):
+            for i in range(n):
+                if i >= n - dense_last_rows:
+                    total += i + 1
+                    continue
+                k = max(1, math.ceil(density * (i + 1)))
+                top = scores[b, h, i, : i + 1].topk(k).indices.tolist()
+                total += k + (i not in top)
+    return total
+
+
+def recording_scores(method: Seer) -> list[torch.Tensor]:
+    """Record every ``block_scores`` result of ``method`` (one per sequence and layer, in call order)."""
+    calls = []
+    block_scores = method.block_scores
+
+    def record(*args):
+        out = block_scores(*args)
+        calls.append(out)
+        return out
+
+    method.block_scores = record
+    return calls
+
+
 def test_gate_mode_runs_and_pads(tmp_path):
     model = tiny_model("llama")
     SeerGate.for_model(model, hidden=16).save(tmp_path)
     ids = _ids(260, batch=2)
     mask = torch.ones_like(ids)
     mask[0, :40] = 0  # left padding
+    sparse_method = Seer(weights=str(tmp_path), density=0.2, dense_last_rows=0, min_length=0)
     with torch.no_grad():
         kvaccel.patch(model, Seer(weights=str(tmp_path), threshold=0.0, min_length=0))
         out = model(ids, attention_mask=mask).logits
-        kvaccel.patch(model, Seer(weights=str(tmp_path), density=0.2, dense_last_rows=0, min_length=0))
+        kvaccel.patch(model, sparse_method)
+        calls = recording_scores(sparse_method)
         sparse = model(ids, attention_mask=mask).logits
         d_sparse = kvaccel.report(model)["prefill_density"]
         kvaccel.unpatch(model)
         ref = model(ids, attention_mask=mask).logits
     real = mask.bool()
     torch.testing.assert_close(out[real], ref[real], atol=2e-5, rtol=1e-4)
-    assert all(d < 0.9 for d in d_sparse)
+    H = model.config.num_attention_heads
+    causal = H * (10 + 15)  # 220 real tokens: 4 blocks (10 causal tiles); 260: 5 blocks (15)
+    assert [c.shape[-1] for c in calls] == [4, 5] * model.config.num_hidden_layers  # per sequence, per layer
+    want = [(seer_tiles(calls[2 * i], 0.2, 0) + seer_tiles(calls[2 * i + 1], 0.2, 0)) / causal
+            for i in range(model.config.num_hidden_layers)]
+    assert d_sparse == pytest.approx(want)
     assert torch.isfinite(sparse[real]).all()
 
 
@@ -300,7 +340,34 @@ def test_default_model_finds_shipped_gate(default_model):
     with torch.no_grad():
         ref = model(ids).logits[:, -1]
         with kvaccel.patched(model, "seer(density=0.5)"):  # the shipped gate, found by bind()
+            calls = recording_scores(model._kvaccel_state.methods["prefill"])
             out = model(ids).logits[:, -1]
             dens = kvaccel.report(model)["prefill_density"]
-    assert sum(dens) / len(dens) < 0.8
+    n = 18  # ceil(1100 / 64) blocks, the last 2 rows dense (the default dense_last_rows)
+    H = model.config.num_attention_heads
+    assert dens == pytest.approx([seer_tiles(c, 0.5, 2) / (H * n * (n + 1) // 2) for c in calls])
     assert int(out.argmax()) == int(ref.argmax())
+
+
+def test_sparse_gate_left_padded_batch_equals_each_prompt_alone(tmp_path):
+    """A left-padded batch of two prompts of different lengths gives, per row, the logits of each prompt alone
+    (sparse: threshold 0.3 on a random gate drops blocks)."""
+    model = tiny_model("llama")
+    SeerGate.for_model(model, hidden=16).save(tmp_path)
+    lens = (300, 233)
+    L = max(lens)
+    seqs = [_ids(n, seed=30 + i)[0] for i, n in enumerate(lens)]
+    ids = torch.zeros(2, L, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, s in enumerate(seqs):
+        ids[b, L - len(s) :] = s
+        mask[b, L - len(s) :] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    method = Seer(weights=str(tmp_path), threshold=0.3, dense_last_rows=0, min_length=0)
+    with torch.no_grad(), kvaccel.patched(model, method):
+        batched = model(ids, attention_mask=mask, position_ids=pos).logits
+        dens = kvaccel.report(model)["prefill_density"]
+        single = [model(s[None]).logits[0] for s in seqs]
+    assert all(d < 0.7 for d in dens), dens  # sparse (0.6 measured): not dense vs dense
+    for b, s in enumerate(seqs):
+        torch.testing.assert_close(batched[b, L - len(s) :], single[b], atol=2e-5, rtol=1e-4)
