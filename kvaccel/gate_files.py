@@ -1,7 +1,8 @@
 """Trained gate files: ``gate.safetensors`` + ``gate.json`` naming the base model, shared by every gate kind.
 
 A gate class (an ``nn.Module`` built from its ``meta`` dict) mixes in :class:`GateFile` and sets ``LABEL``,
-``FORMAT``, ``REQUIRED`` (meta fields a valid file must have) and ``TRAIN_KIND`` (the ``kvaccel train-gate`` kind).
+``FORMAT``, ``REQUIRED`` (meta fields a valid file must have), ``TRAIN_KIND`` (the ``kvaccel train-gate`` kind) and,
+for gates shipped in the package, ``DATA_DIR`` and ``SHIPPED_PREFIX``.
 No pickle: weights are safetensors, the config is JSON. Every failure is a ``ValueError`` naming the file.
 """
 
@@ -9,12 +10,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 WEIGHTS_FILE = "gate.safetensors"
 CONFIG_FILE = "gate.json"
+
+
+def text_config(model) -> Any:
+    """The decoder's text config of a transformers model (its ``config`` itself for a text-only model): the shapes a
+    gate for it must match."""
+    cfg = model.config
+    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
 
 
 class GateFile:
@@ -24,7 +32,17 @@ class GateFile:
     FORMAT: ClassVar[str] = ""
     REQUIRED: ClassVar[tuple[str, ...]] = ("model_name", "model_fingerprint")
     TRAIN_KIND: ClassVar[str] = ""
+    DATA_DIR: ClassVar[Path | None] = None  # the package folder holding the shipped gates of this kind
+    SHIPPED_PREFIX: ClassVar[str] = ""  # a shipped gate's folder: DATA_DIR / f"{SHIPPED_PREFIX}_{model name}"
     meta: dict
+
+    @classmethod
+    def shipped_dir(cls, model_name: str) -> Path:
+        """Where the package keeps the trained gate of this kind for a model (it may not exist)."""
+        if cls.DATA_DIR is None:
+            raise ValueError(f"no {cls.LABEL} ships with the package; train one with `kvaccel train-gate "
+                             f"{cls.TRAIN_KIND} --model ... --out DIR`")
+        return cls.DATA_DIR / f"{cls.SHIPPED_PREFIX}_{model_name}"
 
     def check_model(self, model, where: str | Path = "gate") -> None:
         """``ValueError`` naming both models when this gate was trained for another model."""

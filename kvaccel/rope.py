@@ -1,4 +1,6 @@
-"""Key re-rotation: cached post-RoPE keys moved to the positions of their cache slots (StreamingLLM's endless streams).
+"""RoPE helpers: undoing transformers' rotation (:func:`unrotate`), and key re-rotation (:class:`RopeShift`).
+
+Key re-rotation: cached post-RoPE keys moved to the positions of their cache slots (StreamingLLM's endless streams).
 
 RoPE rotates each channel pair ``(c, c + D/2)`` of a key at position ``p`` by ``p·θ_c``, so a key cached at
 position ``p`` is moved to position ``s`` by one more rotation by ``(s − p)·θ_c`` (rotations compose). With
@@ -24,6 +26,26 @@ Tensor = torch.Tensor
 
 #: RoPE types whose frequencies do not depend on the sequence length (a rotation by a delta is exact)
 CONSTANT_FREQUENCY_ROPE = ("default", "linear", "llama3", "yarn")
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """``P x`` with ``P`` the RoPE quarter turn of transformers' half-split layout: ``[x1, x2] -> [-x2, x1]``."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def unrotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Invert transformers' ``apply_rotary_pos_emb``: ``x`` ``(B, H, L, D)`` post-RoPE -> pre-RoPE, in ``x``'s dtype.
+
+    ``y = x·cos + P(x)·sin`` is a rotation scaled by ``cos² + sin²`` (1, or the ``attention_scaling`` of YaRN-like
+    RoPE), so ``x = (y·cos − P(y)·sin) / (cos² + sin²)``, exact for any position ids (left padding included).
+    ``cos``/``sin``: the forward's tables ``(B|1, L, D)`` (the head axis is added, as ``apply_rotary_pos_emb`` does)
+    or already ``(B|1, 1|H, L, D)``.
+    """
+    if cos.dim() == x.dim() - 1:
+        cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return (x * cos - rotate_half(x) * sin) / (cos * cos + sin * sin)
 
 
 def _rotary_embedding(model) -> torch.nn.Module | None:

@@ -89,7 +89,8 @@ def _capture_method(block_size: int, records: dict):
 def _capture_layer(ctx, block_size: int, records: dict):
     """Record one layer's pooled pre-RoPE q/k features and the pooled-attention target; return dense attention."""
     from kvaccel.patches.attention import dense_prefill, rope_tables
-    from kvaccel.patches.prefill.attn_gate import AttnGate, pool_blocks, pooled_attention_target, unrotate
+    from kvaccel.patches.prefill.attn_gate import AttnGate, pool_blocks, pooled_attention_target
+    from kvaccel.rope import unrotate
 
     if ctx.pad is not None:
         raise ValueError("gate training sequences must not be padded (one sequence per forward)")

@@ -90,6 +90,33 @@ def test_bad_files_are_clear_errors(tmp_path):
         AttentionGate(threshold=1.5)
 
 
+def test_shared_helpers_have_one_home():
+    """rotate_half / unrotate live in kvaccel.rope, text_config and the shipped-gate folder in kvaccel.gate_files;
+    the modules that used to define their own copies use these. unrotate takes the forward's RoPE tables with or
+    without the head axis (a batch of 2 with 2 heads: a missing axis would broadcast the batch over the heads)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    import kvaccel.rope
+    from kvaccel.gate_files import text_config
+    from kvaccel.patches.evict import expected_attention
+    from kvaccel.patches.prefill import attn_gate
+
+    for name in ("rotate_half", "unrotate"):
+        assert getattr(expected_attention, name) is getattr(kvaccel.rope, name) is getattr(attn_gate, name)
+    model = tiny_model("llama")
+    q = torch.randn(2, 2, 9, model.config.head_dim, dtype=torch.float64)
+    pos = torch.tensor([list(range(9)), list(range(30, 39))])
+    cos, sin = (t.double() for t in model.model.rotary_emb(q, pos))  # (B, L, D)
+    rotated, _ = apply_rotary_pos_emb(q, q, cos, sin)
+    for c, s in ((cos, sin), (cos[:, None], sin[:, None])):
+        torch.testing.assert_close(kvaccel.rope.unrotate(rotated, c, s), q, atol=1e-12, rtol=0)
+    assert text_config(model) is model.config
+    assert AttentionGates.shipped_dir("m") == ag.DATA_DIR / "attention_gate_m"
+    assert attn_gate.shipped_gate_dir("m") == attn_gate.SeerGate.shipped_dir("m") == attn_gate.DATA_DIR / "seer_gate_m"
+    assert (AttentionGates.shipped_dir("SmolLM2-135M-Instruct") / "gate.safetensors").is_file()
+    assert (attn_gate.shipped_gate_dir("SmolLM2-135M-Instruct") / "gate.safetensors").is_file()
+
+
 def test_straight_through_gradient():
     p = torch.tensor([0.2, 0.6, 0.49, 0.9], requires_grad=True)
     f = straight_through(p, 0.5)

@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from kvaccel.cache import compact_slots
 from kvaccel.config import register
-from kvaccel.gate_files import WEIGHTS_FILE, GateFile
+from kvaccel.gate_files import WEIGHTS_FILE, GateFile, text_config
 
 from .base import EvictionMethod
 from .snapkv import group_window_scores, pool_scores
@@ -70,11 +70,6 @@ DATA_DIR = Path(__file__).parent / "data"
 STATE_KEY = "attention_gate"
 OBS_EPS = 1e-3  # floor of n · s inside the observation feature's log
 OBS_KERNEL = 7  # max-pooling of the observation scores along tokens (SnapKV's default)
-
-
-def shipped_gate_dir(model_name: str) -> Path:
-    """Where the package keeps the trained Attention-Gate for a model (it may not exist)."""
-    return DATA_DIR / f"attention_gate_{model_name}"
 
 
 # ------------------------------------------------------------------------------------------ gate modules
@@ -157,11 +152,6 @@ class AttentionGateLayer(nn.Module):
         return logits, (k[:, :, -keep:].detach(), v[:, :, -keep:].detach()) if keep else (k[:, :, :0], v[:, :, :0])
 
 
-def _text_config(model):
-    cfg = model.config
-    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
-
-
 class AttentionGates(GateFile, nn.Module):
     """The gates of every layer of one model, with the metadata saved beside the weights (``meta``: model name and
     fingerprint, shapes, ``window``, ``sink``, ``threshold``, training ``recipe``)."""
@@ -171,6 +161,8 @@ class AttentionGates(GateFile, nn.Module):
     REQUIRED = ("model_name", "model_fingerprint", "num_layers", "hidden_size", "num_kv_heads", "gate_dim",
                 "gate_window", "window", "sink")
     TRAIN_KIND = "attention_gate"
+    DATA_DIR = DATA_DIR
+    SHIPPED_PREFIX = "attention_gate"
 
     def __init__(self, meta: dict[str, Any]):
         super().__init__()
@@ -192,7 +184,7 @@ class AttentionGates(GateFile, nn.Module):
                               ("sink", sink, 0), ("observation_window", observation_window, 0)):
             if isinstance(val, bool) or not isinstance(val, int) or val < lo:
                 raise ValueError(f"{name} ({val!r}) must be an int >= {lo}")
-        cfg = _text_config(model)
+        cfg = text_config(model)
         meta = dict(
             format=FORMAT, model_name=model_name(model), model_fingerprint=model_fingerprint(model),
             num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size,
@@ -246,7 +238,7 @@ class AttentionGate(EvictionMethod):
         if self.weights is not None:
             where = Path(self.weights)
         else:
-            where = shipped_gate_dir(model_name(model))
+            where = AttentionGates.shipped_dir(model_name(model))
             if not (where / WEIGHTS_FILE).is_file():
                 raise ValueError(
                     f"attention_gate has no shipped gates for model '{model_name(model)}' (looked in {where}); train "

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from kvaccel.config import register, resolve_budget, validate_budget
+from kvaccel.rope import rotate_half, unrotate
 
 from .base import KEEP_SCORE, ScoredEviction, eviction_due
 from .h2o import check_int, check_ratio
@@ -21,21 +22,6 @@ Tensor = torch.Tensor
 FUTURE_POSITIONS = ("average", "mixture")
 #: ``observation_pooling`` values
 OBSERVATION_POOLINGS = ("centered", "forward")
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    """``P x`` with ``P`` the RoPE quarter turn of the half-split layout: ``[x1, x2] -> [-x2, x1]``."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def unrotate(q: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Invert ``q_rot = q cos + P(q) sin`` (HF's ``apply_rotary_pos_emb``), ``cos``/``sin`` broadcastable to ``q``.
-
-    ``cos`` and ``sin`` may carry the RoPE ``attention_scaling`` ``a`` (``cos² + sin² = a²``): dividing by that sum
-    undoes it, so the result is the query before RoPE.
-    """
-    return (q * cos - rotate_half(q) * sin) / (cos * cos + sin * sin)
 
 
 def query_statistics(q_pre: Tensor, mask: Tensor, covariance: bool) -> tuple[Tensor, Tensor | None]:

@@ -42,29 +42,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kvaccel.gate_files import GateFile
+from kvaccel.gate_files import GateFile, text_config
+from kvaccel.rope import rotate_half, unrotate
 
 FORMAT = "kvaccel-seer-gate/1"
 MASK_VALUE = -1e9  # finite block-causal mask: KL terms of masked blocks stay 0 instead of 0 * inf = nan
 DATA_DIR = Path(__file__).parent / "data"
 
 
-# ------------------------------------------------------------------------------------------ RoPE helpers
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def unrotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Invert transformers' ``apply_rotary_pos_emb`` (rotate_half convention): ``x`` ``(B, H, L, D)`` post-RoPE.
-
-    ``y = x·cos + rot(x)·sin`` is a rotation scaled by ``cos² + sin²`` (1, or the attention scaling of YaRN-like
-    RoPE), so ``x = (y·cos − rot(y)·sin) / (cos² + sin²)``. ``cos``/``sin`` ``(B|1, L, D)``.
-    """
-    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
-    return (x * cos - rotate_half(x) * sin) / (cos * cos + sin * sin)
+# ------------------------------------------------------------------------------------------ block RoPE
 
 
 @functools.lru_cache(maxsize=64)
@@ -200,14 +186,9 @@ class AttnGate(nn.Module):
         return torch.softmax(self(*self.features(q_pre, k_pre)), dim=-1)
 
 
-def _text_config(model):
-    cfg = model.config
-    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
-
-
 def model_shape(model) -> dict[str, Any]:
     """Layers, heads, head dim and RoPE base of a transformers causal LM (what a gate for it must match)."""
-    cfg = _text_config(model)
+    cfg = text_config(model)
     hq = cfg.num_attention_heads
     rope = getattr(cfg, "rope_parameters", None) or {}
     theta = rope.get("rope_theta") if isinstance(rope, dict) else None
@@ -232,6 +213,8 @@ class SeerGate(GateFile, nn.Module):
     REQUIRED = ("model_name", "model_fingerprint", "num_layers", "num_q_heads", "num_kv_heads", "head_dim", "hidden",
                 "block_size", "rope_theta")
     TRAIN_KIND = "seer"
+    DATA_DIR = DATA_DIR
+    SHIPPED_PREFIX = "seer_gate"
 
     def __init__(self, meta: dict[str, Any]):
         super().__init__()
@@ -257,6 +240,7 @@ class SeerGate(GateFile, nn.Module):
         return self.meta["block_size"]
 
 
-def shipped_gate_dir(model_name: str) -> Path:
-    """Where the package keeps the trained gate for a model (it may not exist)."""
-    return DATA_DIR / f"seer_gate_{model_name}"
+shipped_gate_dir = SeerGate.shipped_dir  # the name seer.py, the benchmarks and the tests import
+
+__all__ = ["AttnGate", "SeerGate", "block_rope", "model_shape", "pool_blocks", "pooled_attention_target",
+           "shipped_gate_dir", "unrotate"]
