@@ -5,33 +5,34 @@ nearest to other *keys*, not the keys a *query* attends to. RetrievalAttention t
 prefill queries, RoarGraph-style (https://arxiv.org/abs/2408.08933):
 
 1. exact kNN at build time (faiss ``IndexFlatIP``): every (sub-sampled) prefill query's ``build_top_k`` keys with the
-   largest ``q · k``, and every key's nearest query;
-2. projection of the query→key bipartite graph onto keys: the query's top key (its *pivot*) links to the other keys
-   of the query's list, and every key links to the top keys of its nearest query; each node keeps its ``degree``
-   best candidates (largest ``q · k``, deduplicated); then reverse edges (up to ``max_degree``) and one in-edge for
-   every key without any (so every key is reachable);
+   largest ``q · k`` (its ranked list), and every key's nearest query;
+2. projection of the query→key bipartite graph onto keys (:func:`_project`): a key at rank ``i`` of a query's list
+   gets as candidates the keys within ``window`` ranks of ``i`` and the query's ``hubs`` best keys; every key also
+   gets its nearest query's ``hubs`` best keys. A key keeps the ``degree`` candidates that the most queries share
+   (ties: the better rank). Then reverse edges (into the slack up to ``max_degree``) and one in-edge for every key
+   without any;
 3. entry points: the keys most often some prefill query's top key, plus the top keys of random prefill queries;
-   then every key not reachable from them is linked from its nearest reachable key (connectivity enhancement);
+   then every key not reachable from them is linked from its nearest reachable key (connectivity enhancement,
+   :func:`_connect`), which also records a spanning tree of the graph (``parent``: the edge each key is reached by);
 4. search: best-first search maximising ``q · k`` (HNSW's search-layer with ``ef`` results), compiled with
    numba and batched over every (query head, query) row of a layer in one parallel call.
 
 Tokens that leave the recent window later are *inserted*: each new key is searched in the graph with itself as the
-query (its ``degree`` largest-``k · k'`` keys become its out-edges) and reverse edges are added where a node has room.
+query (its ``degree`` largest-``k · k'`` keys become its out-edges) and reverse edges are added where a node has room;
+one reverse edge is always made, the new key's spanning-tree edge.
+
+A full neighbour list that must take an edge (an in-edge at build, the connection of an unreachable key, the tree
+edge of an inserted key) is re-selected by the occlusion rule of HNSW / NSG neighbour selection (:func:`_prune_insert`,
+inner product as similarity): the least similar neighbour that a more similar one occludes goes, spanning-tree edges
+never do, so every key stays reachable from the entry points.
 
 Build cost: the exact kNN (``queries x keys x dim``, faiss BLAS) dominates; the projection is linear in ``queries x
 build_top_k x (2 window + hubs)`` and selects each node's ``degree`` edges with a small heap. The build is a
 :class:`GraphBuild` job that reads only the keys stored when it was made and writes only its own arrays, so it runs
 in another thread (every compiled function is ``nogil``; faiss releases the GIL) while the index serves exact
 attention over the stored keys (:meth:`AttentionIndex.attend_all`); :meth:`AttentionIndex.install` then puts the
-graphs in and links the keys stored meanwhile. Measured on this loaded 2-core CPU, one row, 4096 build queries:
-8k keys 0.64 s (faiss kNN 0.52 s of it), 2k keys 0.2 s; before (per-rank scans, full argsort per node) the
-projection alone took 0.27 s at 2k keys.
-
-Measured (``benchmarks/retrieval_index.py``, default model, layers 3 and 17, 32 prose chunks x 1024 tokens = 32k keys
-per kv head, 48 held-out queries per kv head, recall@100 vs exact): attention-aware ef=128 0.935 scanning 3.9% of
-the keys per query head (GQA walk: 0.908 at 4.5% per walk for 3 heads); hnswlib on keys (M=32, ef=200) 0.593.
-128k keys (the 32k tiled by RoPE shifts, ``--max-captured 32``; 8192 build queries): ef=128 / 256 / 512 recall 0.837
-/ 0.917 / 0.960 scanning 1.3% / 2.2% / 3.8% (GQA walk 0.767 / 0.863 / 0.923 at 1.4% / 2.5% / 4.3%).
+graphs in and links the keys stored meanwhile. Recall, keys scanned and the scan / walk crossover are measured in
+``docs/results.md`` (section "Retrieval attention").
 
 One ``AttentionIndex`` holds the host K/V store and the graphs of ``rows`` independent heads (row = ``b * H_kv +
 h``), padded to a common capacity that doubles as tokens arrive. :meth:`AttentionIndex.search_exact` (a full scan) is
@@ -40,10 +41,8 @@ compiled search scans the row exactly.
 
 Rows too small for a walk to pay off are searched exactly by :meth:`AttentionIndex.scan_rows` instead: all queries
 of all rows against all stored keys in one batched matmul (optionally over a bfloat16 copy of the keys, then the
-best ``k + margin`` re-scored in float32) and a linear-time compiled top-k selection. Cache-cold, 1 thread, 3 rows x
-3 queries, top-100 (``benchmarks/retrieval_scan.py``): 7.5k keys per row 0.60 ms (bfloat16) / 0.59 ms (float32) vs a
-grouped walk at ef=128 0.79 ms; 16k 1.03 / 1.18 vs 0.84; 32k 1.93 / 2.59 vs 1.20 (the walk's cost barely grows with
-the keys, the scan's linearly).
+best ``k + margin`` re-scored in float32) and a linear-time compiled top-k selection (the walk's cost barely grows
+with the keys, the scan's linearly).
 """
 
 from __future__ import annotations
@@ -653,7 +652,7 @@ def _add_edge(nbrs, deg, src, dst, cap):
 
 
 @njit(cache=True, nogil=True)
-def _project(qk, kq, n, degree, window, hubs, nbrs, deg):
+def _project(keys, qk, kq, n, degree, window, hubs, nbrs, deg):
     """RoarGraph-style projection of the query→key bipartite graph onto the ``n`` keys of one row (module doc).
 
     Candidates of key ``L[i]`` in a query's top list ``L``: the keys ``L[j]`` with ``|i - j| <= window`` and the
@@ -773,6 +772,7 @@ def _project(qk, kq, n, degree, window, hubs, nbrs, deg):
     for x in range(n):
         for t in range(base[x], deg[x]):
             indeg[nbrs[x, t]] += 1
+    no_parent = np.full(n, -1, np.int32)  # no edge is protected yet (_connect makes every key reachable after)
     for x in range(n):
         if indeg[x] > 0:
             continue
@@ -782,15 +782,95 @@ def _project(qk, kq, n, degree, window, hubs, nbrs, deg):
             if y >= 0 and y != x and _add_edge(nbrs, deg, y, x, cap):
                 indeg[x] += 1
                 break
-        if indeg[x] == 0:  # every candidate is full: overwrite the last slot of the query's best key
-            p = qk[q, 0]
-            if p >= 0 and p != x:
-                nbrs[p, cap - 1] = x
-                deg[p] = cap
+        p = qk[q, 0]
+        if indeg[x] == 0 and p >= 0 and p != x:  # every candidate is full: re-select the list of the query's best key
+            if _prune_insert(keys, nbrs, deg, no_parent, p, x):
+                indeg[x] += 1
 
 
 @njit(cache=True, nogil=True)
-def _flood(nbrs, deg, reached, stack, top):
+def _prune_insert(keys, nbrs, deg, parent, y, x):
+    """Add the edge ``y -> x``; when ``y``'s list is full, re-select it from its neighbours and ``x`` by the occlusion
+    rule of HNSW / NSG's neighbour selection (inner product as similarity): candidates in order of ``k_y · k_c``, a
+    candidate ``c`` is occluded by an already selected ``z`` with ``k_z · k_c > k_y · k_c``. ``x`` and the
+    spanning-tree edges (``parent[c] == y``) are always kept; the list is filled back to full, so one edge goes: the
+    least similar occluded candidate (else the least similar unprotected one). The dropped key is linked from its
+    occluder where that has room (HNSW drops it; the tree edges already keep every key reachable). Returns False
+    (nothing changed) when every slot of ``y`` is a tree edge."""
+    cap = nbrs.shape[1]
+    d = deg[y]
+    for t in range(d):
+        if nbrs[y, t] == x:
+            return True
+    if d < cap:
+        nbrs[y, d] = x
+        deg[y] = d + 1
+        return True
+    m = d + 1
+    cand = np.empty(m, np.int64)
+    for t in range(d):
+        cand[t] = nbrs[y, t]
+    cand[d] = x
+    sim = np.empty(m, np.float32)
+    for t in range(m):
+        sim[t] = _dot(keys[y], keys[cand[t]])
+    order = np.argsort(-sim)
+    chosen = np.empty(m, np.int64)
+    nchosen = 0
+    drop = -1  # slot of the candidate to drop, and the selected key that occludes it (-1: none)
+    occluder = -1
+    fallback = -1  # the least similar unprotected candidate
+    for o in range(m):
+        t = order[o]
+        c = cand[t]
+        keep = c == x or parent[c] == y
+        by = -1
+        if not keep:
+            fallback = t
+            for u in range(nchosen):
+                z = cand[chosen[u]]
+                if _dot(keys[z], keys[c]) > sim[t]:
+                    by = z
+                    break
+        if by < 0:
+            chosen[nchosen] = t
+            nchosen += 1
+        else:
+            drop, occluder = t, by
+    if drop < 0:
+        drop = fallback
+    if drop < 0:
+        return False
+    gone = cand[drop]  # never x (always kept): drop < d is a slot of y's list
+    nbrs[y, drop] = x
+    if occluder >= 0:
+        _add_edge(nbrs, deg, occluder, gone, cap)
+    return True
+
+
+@njit(cache=True, nogil=True)
+def _attach(keys, nbrs, deg, parent, cands, x, reached):
+    """Link ``x`` from a reached key (``reached[y]``, or every key ``< x`` when ``reached`` is empty): the first of
+    ``cands`` (``-1`` ends them) that takes the edge (:func:`_prune_insert`), else any reached key that does.
+    Records the edge as ``x``'s spanning-tree edge (``parent[x]``) and returns its source (-1: none could)."""
+    every = reached.shape[0] == 0
+    for j in range(cands.shape[0]):
+        y = cands[j]
+        if y < 0:
+            break
+        if y != x and (y < x if every else reached[y] == 1) and _prune_insert(keys, nbrs, deg, parent, y, x):
+            parent[x] = y
+            return y
+    for y in range(x if every else reached.shape[0]):
+        if y != x and (every or reached[y] == 1) and _prune_insert(keys, nbrs, deg, parent, y, x):
+            parent[x] = y
+            return y
+    return -1
+
+
+@njit(cache=True, nogil=True)
+def _flood(nbrs, deg, reached, stack, top, parent):
+    """Mark every key reachable from the ``top`` keys on ``stack``, recording the edge each was reached by."""
     while top > 0:
         top -= 1
         x = stack[top]
@@ -798,6 +878,7 @@ def _flood(nbrs, deg, reached, stack, top):
             y = nbrs[x, t]
             if not reached[y]:
                 reached[y] = 1
+                parent[y] = x
                 stack[top] = y
                 top += 1
     return top
@@ -806,50 +887,57 @@ def _flood(nbrs, deg, reached, stack, top):
 @njit(cache=True, nogil=True)
 def _connect(keys, nbrs, deg, entries, n, ef):
     """Make every key reachable from the entry points (RoarGraph/NSG connectivity enhancement): a key the entries
-    cannot reach is searched for (with its own key as query) and linked from the nearest reachable key found."""
-    cap = nbrs.shape[1]
+    cannot reach is searched for (with its own key as query) and linked from the nearest reachable key found
+    (:func:`_attach`). Without a valid entry point, key 0 becomes the first. Returns the spanning tree of the
+    result, ``parent`` ``(n,)`` int32 (the edge each key is reached by; -1 for the entry points): edges later
+    pruning never drops, so every key stays reachable."""
+    parent = np.full(n, -1, np.int32)
+    if n == 0:
+        return parent
     reached = np.zeros(n, np.uint8)
     stack = np.empty(n, np.int64)
     top = 0
     for e in entries:
-        if e >= 0 and not reached[e]:
+        if 0 <= e < n and not reached[e]:
             reached[e] = 1
             stack[top] = e
             top += 1
-    _flood(nbrs, deg, reached, stack, top)
+    if top == 0:
+        entries[0] = 0
+        reached[0] = 1
+        stack[0] = 0
+        top = 1
+    _flood(nbrs, deg, reached, stack, top, parent)
     ids = np.empty(ef, np.int64)
     sc = np.empty(ef, np.float32)
     for x in range(n):
         if reached[x]:
             continue
         _beam_search(keys[x], keys, nbrs, deg, entries, n, ef, ids, sc)
-        attached = False
-        for j in range(ef):
-            y = ids[j]
-            if y < 0:
-                break
-            if reached[y] and _add_edge(nbrs, deg, y, x, cap):
-                attached = True
-                break
-        if not attached:
-            y = ids[0]
-            nbrs[y, cap - 1] = x
-            deg[y] = cap
+        if _attach(keys, nbrs, deg, parent, ids, x, reached) < 0:
+            raise RuntimeError("attention index: no reachable key can link a new key (every edge is a tree edge)")
         reached[x] = 1
         stack[0] = x
-        _flood(nbrs, deg, reached, stack, 1)
+        _flood(nbrs, deg, reached, stack, 1, parent)
+    return parent
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _insert_rows(keys, nbrs, deg, entries, n_old, n_new, degree, ef):
-    """Link the keys ``[n_old[g], n_new[g])`` of every row ``g`` into its graph (rows in parallel)."""
+def _insert_rows(keys, nbrs, deg, parent, entries, n_old, n_new, degree, ef, failed):
+    """Link the keys ``[n_old[g], n_new[g])`` of every row ``g`` into its graph (rows in parallel): out-edges to the
+    key's ``degree`` nearest found by a search, reverse edges where those have room, and one reverse edge that is
+    always made (:func:`_attach`, pruning a full list): the key's spanning-tree edge, so it stays reachable.
+    ``failed[g]`` is set if a key of row ``g`` found no key to link it (impossible: a tree of ``m`` keys has
+    ``m - 1`` edges, fewer than their slots)."""
     cap = nbrs.shape[2]
+    none = np.empty(0, np.uint8)
     for g in prange(keys.shape[0]):
         ids = np.empty(ef, np.int64)
         sc = np.empty(ef, np.float32)
         for x in range(n_old[g], n_new[g]):
             if x == 0:
                 entries[g, 0] = 0
+                parent[g, 0] = -1
                 continue
             _beam_search(keys[g, x], keys[g], nbrs[g], deg[g], entries[g], x, ef, ids, sc)
             for j in range(min(degree, ef)):
@@ -857,17 +945,17 @@ def _insert_rows(keys, nbrs, deg, entries, n_old, n_new, degree, ef):
                 if y < 0:
                     break
                 _add_edge(nbrs[g], deg[g], x, y, degree)
-            linked = False
+            linked = -1
             for j in range(min(degree, ef)):
                 y = ids[j]
                 if y < 0:
                     break
-                linked = _add_edge(nbrs[g], deg[g], y, x, cap) or linked
-            if not linked:  # keep the new key reachable: overwrite the last slot of its nearest key
-                y = ids[0]
-                if y >= 0:
-                    nbrs[g, y, cap - 1] = x
-                    deg[g, y] = cap
+                if _add_edge(nbrs[g], deg[g], y, x, cap) and linked < 0:
+                    linked = y
+            if linked >= 0:
+                parent[g, x] = linked
+            elif _attach(keys[g], nbrs[g], deg[g], parent[g], ids, x, none) < 0:
+                failed[g] = 1
 
 
 # ------------------------------------------------------------------------------------------ the index
@@ -889,7 +977,7 @@ class GraphBuild:
     window: int
     hubs: int
     entry_points: int
-    graphs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+    graphs: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] | None = None
     seconds: float = 0.0
     knn_seconds: float = 0.0
 
@@ -912,7 +1000,7 @@ class GraphBuild:
             self.knn_seconds += time.perf_counter() - t1
             nbrs = np.zeros((n, self.max_degree), np.int32)
             deg = np.zeros(n, np.int32)
-            _project(qk.astype(np.int64), kq[:, 0].astype(np.int64), n, self.degree, self.window, self.hubs, nbrs,
+            _project(k, qk.astype(np.int64), kq[:, 0].astype(np.int64), n, self.degree, self.window, self.hubs, nbrs,
                      deg)
             # entry points: half the most frequent pivots (top key of a prefill query), half the pivots of random
             # queries (coverage of the query distribution); then every key is made reachable from them
@@ -928,8 +1016,8 @@ class GraphBuild:
                     seen.add(p)
             entries = np.full(E, -1, np.int64)
             entries[: len(chosen)] = chosen
-            _connect(k, nbrs, deg, entries, n, 64)
-            graphs.append((nbrs, deg, entries))
+            parent = _connect(k, nbrs, deg, entries, n, 64)
+            graphs.append((nbrs, deg, entries, parent))
         self.graphs = graphs
         self.seconds = time.perf_counter() - t0
         return self
@@ -1010,12 +1098,14 @@ class AttentionIndex:
         values = np.zeros((self.rows, capacity, self.dim_v), np.float32)
         nbrs = np.zeros((self.rows, capacity, self.max_degree), np.int32)
         deg = np.zeros((self.rows, capacity), np.int32)
+        parent = np.full((self.rows, capacity), -1, np.int32)
         positions = np.zeros((self.rows, capacity), np.int64)
         if old is not None:
             c = self.capacity
             keys[:, :c], values[:, :c], nbrs[:, :c], deg[:, :c] = self.keys, self.values, self.nbrs, self.deg
-            positions[:, :c] = self.positions
+            parent[:, :c], positions[:, :c] = self.parent, self.positions
         self.keys, self.values, self.nbrs, self.deg, self.positions = keys, values, nbrs, deg, positions
+        self.parent = parent  # per key: the neighbour-list edge of the spanning tree that keeps it reachable
         self.capacity = capacity
 
     def _reserve(self, needed: int) -> None:
@@ -1029,8 +1119,8 @@ class AttentionIndex:
         """Host bytes held: the K/V store, positions, the graph (capacity included) and the scan's score buffer."""
         scores = sum(t.numel() * t.element_size() for t in (self._scores, self._scores_bf16, self._scan_keys)
                      if t is not None)
-        return scores + sum(a.nbytes for a in (self.keys, self.values, self.nbrs, self.deg, self.positions,
-                                                self.entries))
+        return scores + sum(a.nbytes for a in (self.keys, self.values, self.nbrs, self.deg, self.parent,
+                                                self.positions, self.entries))
 
     def store(self, keys: list[np.ndarray], values: list[np.ndarray], positions: list[np.ndarray]) -> None:
         """Append ``keys[g]`` ``(n_g, D)``, ``values[g]`` ``(n_g, Dv)`` and their token ``positions[g]`` to row
@@ -1091,11 +1181,11 @@ class AttentionIndex:
         made (:meth:`link`). Returns the seconds spent linking."""
         if build.graphs is None:
             raise RuntimeError("install() needs a finished GraphBuild: call its run() first")
-        for g, k, (nbrs, deg, entries) in zip(build.rows, build.keys, build.graphs, strict=True):
+        for g, k, (nbrs, deg, entries, parent) in zip(build.rows, build.keys, build.graphs, strict=True):
             if self.linked[g] != 0:
                 raise RuntimeError(f"row {g} already has a graph; a GraphBuild is installed once")
             n = k.shape[0]
-            self.nbrs[g, :n], self.deg[g, :n], self.entries[g] = nbrs, deg, entries
+            self.nbrs[g, :n], self.deg[g, :n], self.parent[g, :n], self.entries[g] = nbrs, deg, parent, entries
             self.linked[g] = n
         return self.link(ef)
 
@@ -1105,8 +1195,12 @@ class AttentionIndex:
         Returns the seconds spent."""
         t0 = time.perf_counter()
         if (self.linked < self.n).any():
-            _insert_rows(self.keys, self.nbrs, self.deg, self.entries, self.linked.copy(), self.n.copy(),
-                         self.degree, max(ef, 1))
+            failed = np.zeros(self.rows, np.uint8)
+            _insert_rows(self.keys, self.nbrs, self.deg, self.parent, self.entries, self.linked.copy(), self.n.copy(),
+                         self.degree, max(ef, 1), failed)
+            if failed.any():
+                raise RuntimeError(f"attention index rows {np.nonzero(failed)[0].tolist()}: a new key found no key to "
+                                   "link it from (every edge slot holds a spanning-tree edge)")
             self.linked[:] = self.n
         return time.perf_counter() - t0
 
