@@ -76,7 +76,7 @@ def test_inserts_keep_every_key_reachable_and_recall():
 def test_connect_without_entry_point_writes_no_row_minus_one():
     """A key no search can reach from (no valid entry point) used to be linked through id -1, i.e. into the last
     key's list. Now key 0 becomes the entry point and every key is linked from a reachable one."""
-    from kvaccel.kernels.attention_index import _connect
+    from kvaccel.kernels.attention_index_graph import _connect
 
     rng = np.random.default_rng(0)
     n, cap = 20, 6
@@ -95,7 +95,7 @@ def test_connect_without_entry_point_writes_no_row_minus_one():
 def test_full_list_is_reselected_by_occlusion():
     """A full list taking a new edge: the new key and the spanning-tree edge stay, the least similar occluded
     neighbour goes and is linked from the neighbour that occludes it."""
-    from kvaccel.kernels.attention_index import _prune_insert
+    from kvaccel.kernels.attention_index_graph import _prune_insert
 
     D, cap = 2, 3
     # y = 0 at (1, 0); its list: 1 (a tree edge, least similar), 2 and 3 (3 just past 2 in the same direction)

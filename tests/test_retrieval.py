@@ -449,7 +449,7 @@ def test_scan_copy_follows_stored_keys():
 
 @needs_deps
 def test_top_of_scores_orders_and_ties():
-    from kvaccel.kernels.attention_index import _select_rows
+    from kvaccel.kernels.attention_index_scan import _select_rows
 
     rng = np.random.default_rng(4)
     m = 2000

@@ -1,0 +1,55 @@
+"""Shared compiled helpers of the attention index (:mod:`kvaccel.kernels.attention_index`): the float32 dot product
+and the binary max-heap (push / pop on parallel score and id arrays) its searches and selections keep results in."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+#: fast-math without the no-NaN/no-inf assumptions (-inf marks empty slots): lets the dot products vectorise
+_FM = {"reassoc", "contract", "nsz", "arcp"}
+
+
+@njit(cache=True, nogil=True, fastmath=_FM, inline="always")
+def _dot(a, b):
+    s = np.float32(0.0)
+    for i in range(a.shape[0]):
+        s += a[i] * b[i]
+    return s
+
+
+@njit(cache=True, nogil=True, fastmath=_FM)
+def _push(hs, hi, size, s, i):
+    """Push ``(s, i)`` onto the max-heap ``hs``/``hi`` of ``size`` items; returns the new size."""
+    c = size
+    hs[c] = s
+    hi[c] = i
+    while c > 0:
+        p = (c - 1) >> 1
+        if hs[p] >= hs[c]:
+            break
+        hs[p], hs[c] = hs[c], hs[p]
+        hi[p], hi[c] = hi[c], hi[p]
+        c = p
+    return size + 1
+
+
+@njit(cache=True, nogil=True, fastmath=_FM)
+def _pop(hs, hi, size):
+    """Drop the top of the max-heap; returns the new size."""
+    size -= 1
+    hs[0] = hs[size]
+    hi[0] = hi[size]
+    c = 0
+    while True:
+        a = 2 * c + 1
+        if a >= size:
+            break
+        b = a + 1
+        m = b if b < size and hs[b] > hs[a] else a
+        if hs[c] >= hs[m]:
+            break
+        hs[m], hs[c] = hs[c], hs[m]
+        hi[m], hi[c] = hi[c], hi[m]
+        c = m
+    return size

@@ -1,0 +1,232 @@
+"""Graph search of the attention index (:mod:`kvaccel.kernels.attention_index`): HNSW's best-first search-layer for
+the keys with the largest ``q · k`` (one walk per query, or one per GQA group scoring every visited key against the
+group's queries), and the exact per-query heap scan used when a row is too small for a walk, batched over rows in
+parallel."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from kvaccel.kernels.attention_index_heap import _FM, _dot, _pop, _push
+
+
+@njit(cache=True, nogil=True, fastmath=_FM)
+def _beam_search(q, keys, nbrs, deg, entries, n, ef, out_ids, out_scores):
+    """Best-first search (HNSW's search-layer) of one row's graph for the largest ``q · k``: a max-heap of candidates
+    to expand and a heap of the ``ef`` best found (worst on top); stops when the best candidate is worse than the
+    worst of a full result set. Returns the number of keys scored."""
+    cap = 4 * ef + 64
+    cs = np.empty(cap, np.float32)  # candidates, max-heap by score
+    ci = np.empty(cap, np.int64)
+    rs = np.empty(ef + 1, np.float32)  # results, max-heap by -score (worst result on top)
+    ri = np.empty(ef + 1, np.int64)
+    visited = np.zeros(n, np.uint8)
+    nc = 0
+    nr = 0
+    scanned = 0
+    for e in entries:
+        if e < 0 or e >= n or visited[e]:
+            continue
+        visited[e] = 1
+        scanned += 1
+        s = _dot(q, keys[e])
+        if nc == cap:
+            cap *= 2
+            cs2 = np.empty(cap, np.float32)
+            ci2 = np.empty(cap, np.int64)
+            cs2[:nc] = cs[:nc]
+            ci2[:nc] = ci[:nc]
+            cs, ci = cs2, ci2
+        nc = _push(cs, ci, nc, s, e)
+        nr = _push(rs, ri, nr, -s, e)
+        if nr > ef:
+            nr = _pop(rs, ri, nr)
+    while nc > 0:
+        s0 = cs[0]
+        node = ci[0]
+        if nr >= ef and s0 < -rs[0]:
+            break
+        nc = _pop(cs, ci, nc)
+        for t in range(deg[node]):
+            y = nbrs[node, t]
+            if visited[y]:
+                continue
+            visited[y] = 1
+            scanned += 1
+            s = _dot(q, keys[y])
+            if nr < ef or s > -rs[0]:
+                if nc == cap:
+                    cap *= 2
+                    cs2 = np.empty(cap, np.float32)
+                    ci2 = np.empty(cap, np.int64)
+                    cs2[:nc] = cs[:nc]
+                    ci2[:nc] = ci[:nc]
+                    cs, ci = cs2, ci2
+                nc = _push(cs, ci, nc, s, y)
+                nr = _push(rs, ri, nr, -s, y)
+                if nr > ef:
+                    nr = _pop(rs, ri, nr)
+    order = np.argsort(rs[:nr])  # ascending -score = descending score
+    k = out_ids.shape[0]
+    for j in range(k):
+        if j < nr:
+            out_ids[j] = ri[order[j]]
+            out_scores[j] = -rs[order[j]]
+        else:
+            out_ids[j] = -1
+            out_scores[j] = -np.inf
+    return scanned
+
+
+@njit(cache=True, nogil=True, fastmath=_FM)
+def _scan_row(q, keys, n, out_ids, out_scores):
+    """Exact top-k of ``q · k`` over the ``n`` keys of a row (a size-k heap); returns ``n``."""
+    k = out_ids.shape[0]
+    rs = np.empty(k + 1, np.float32)  # max-heap by -score: the worst kept key on top
+    ri = np.empty(k + 1, np.int64)
+    nr = 0
+    for j in range(n):
+        s = _dot(q, keys[j])
+        if nr < k or s > -rs[0]:
+            nr = _push(rs, ri, nr, -s, j)
+            if nr > k:
+                nr = _pop(rs, ri, nr)
+    order = np.argsort(rs[:nr])
+    for j in range(k):
+        if j < nr:
+            out_ids[j] = ri[order[j]]
+            out_scores[j] = -rs[order[j]]
+        else:
+            out_ids[j] = -1
+            out_scores[j] = -np.inf
+    return n
+
+
+@njit(cache=True, nogil=True, parallel=True, fastmath=_FM)
+def _search_rows(qs, rows, keys, nbrs, deg, entries, n, k, ef, exact_below, out_ids, out_scores, scanned):
+    for r in prange(qs.shape[0]):
+        g = rows[r]
+        m = n[g]
+        if k >= m or ef >= m or m <= exact_below:
+            scanned[r] = _scan_row(qs[r], keys[g], m, out_ids[r], out_scores[r])
+        else:
+            scanned[r] = _beam_search(qs[r], keys[g], nbrs[g], deg[g], entries[g], m, ef, out_ids[r], out_scores[r])
+
+
+@njit(cache=True, nogil=True, fastmath=_FM)
+def _add_candidate(ck, ci, cscore, cnode, nc, nslot, best, sc, node):
+    """Store ``node``'s per-head scores ``sc`` in a new slot and push it on the candidate heap with key ``best``,
+    doubling the buffers when they are full. Returns the (possibly new) buffers, heap size and slot count."""
+    cap = cnode.shape[0]
+    if nslot == cap:
+        cap *= 2
+        ck2 = np.empty(cap, np.float32)
+        ci2 = np.empty(cap, np.int64)
+        cs2 = np.empty((cap, cscore.shape[1]), np.float32)
+        cn2 = np.empty(cap, np.int64)
+        ck2[:nc], ci2[:nc], cs2[:nslot], cn2[:nslot] = ck[:nc], ci[:nc], cscore[:nslot], cnode[:nslot]
+        ck, ci, cscore, cnode = ck2, ci2, cs2, cn2
+    cscore[nslot] = sc
+    cnode[nslot] = node
+    nc = _push(ck, ci, nc, best, nslot)
+    return ck, ci, cscore, cnode, nc, nslot + 1
+
+
+@njit(cache=True, nogil=True, fastmath=_FM)
+def _group_search(qg, keys, nbrs, deg, entries, n, ef, out_ids, out_scores):
+    """One best-first search for the ``G`` query heads of a kv head (GQA): every key visited is scored against all
+    ``G`` queries (one memory read), each head keeps its own ``ef`` best; candidates are ordered by the largest
+    score normalised by the query norm, and the search stops when the best candidate improves no head."""
+    G = qg.shape[0]
+    inv = np.empty(G, np.float32)
+    for g in range(G):
+        inv[g] = 1.0 / max(np.sqrt(_dot(qg[g], qg[g])), np.float32(1e-6))
+    cap = 4 * ef + 64
+    ck = np.empty(cap, np.float32)  # candidate heap key: max_g s_g / |q_g|
+    ci = np.empty(cap, np.int64)  # candidate slot in cscore
+    cscore = np.empty((cap, G), np.float32)
+    cnode = np.empty(cap, np.int64)
+    nslot = 0
+    rs = np.empty((G, ef + 1), np.float32)  # per head: max-heap by -score (worst kept on top)
+    ri = np.empty((G, ef + 1), np.int64)
+    nr = np.zeros(G, np.int64)
+    visited = np.zeros(n, np.uint8)
+    sc = np.empty(G, np.float32)
+    nc = 0
+    scanned = 0
+    total = entries.shape[0]
+    for step in range(total + n):
+        if step < total:
+            y = entries[step]
+            if y < 0 or y >= n or visited[y]:
+                continue
+        else:
+            if nc == 0:
+                break
+            slot = ci[0]
+            useful = False
+            for g in range(G):
+                if nr[g] < ef or cscore[slot, g] >= -rs[g, 0]:
+                    useful = True
+                    break
+            if not useful:
+                break
+            nc = _pop(ck, ci, nc)
+            node = cnode[slot]
+            y = -1
+            for t in range(deg[node]):
+                z = nbrs[node, t]
+                if visited[z]:
+                    continue
+                visited[z] = 1
+                scanned += 1
+                best = -np.inf
+                improves = False
+                for g in range(G):
+                    sc[g] = _dot(qg[g], keys[z])
+                    if sc[g] * inv[g] > best:
+                        best = sc[g] * inv[g]
+                    if nr[g] < ef or sc[g] > -rs[g, 0]:
+                        improves = True
+                        nr[g] = _push(rs[g], ri[g], nr[g], -sc[g], z)
+                        if nr[g] > ef:
+                            nr[g] = _pop(rs[g], ri[g], nr[g])
+                if improves:
+                    ck, ci, cscore, cnode, nc, nslot = _add_candidate(ck, ci, cscore, cnode, nc, nslot, best, sc, z)
+            continue
+        # an entry point
+        visited[y] = 1
+        scanned += 1
+        best = -np.inf
+        for g in range(G):
+            sc[g] = _dot(qg[g], keys[y])
+            best = max(best, sc[g] * inv[g])
+            nr[g] = _push(rs[g], ri[g], nr[g], -sc[g], y)
+            if nr[g] > ef:
+                nr[g] = _pop(rs[g], ri[g], nr[g])
+        ck, ci, cscore, cnode, nc, nslot = _add_candidate(ck, ci, cscore, cnode, nc, nslot, best, sc, y)
+    k = out_ids.shape[1]
+    for g in range(G):
+        order = np.argsort(rs[g, : nr[g]])
+        for j in range(k):
+            if j < nr[g]:
+                out_ids[g, j] = ri[g, order[j]]
+                out_scores[g, j] = -rs[g, order[j]]
+            else:
+                out_ids[g, j] = -1
+                out_scores[g, j] = -np.inf
+    return scanned
+
+
+@njit(cache=True, nogil=True, parallel=True, fastmath=_FM)
+def _search_groups(qs, rows, keys, nbrs, deg, entries, n, k, ef, exact_below, out_ids, out_scores, scanned):
+    for p in prange(qs.shape[0]):
+        g = rows[p]
+        m = n[g]
+        if k >= m or ef >= m or m <= exact_below:
+            scanned[p] = m
+            for h in range(qs.shape[1]):
+                _scan_row(qs[p, h], keys[g], m, out_ids[p, h], out_scores[p, h])
+        else:
+            scanned[p] = _group_search(qs[p], keys[g], nbrs[g], deg[g], entries[g], m, ef, out_ids[p], out_scores[p])
