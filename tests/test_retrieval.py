@@ -96,7 +96,7 @@ def test_left_padded_batch_decodes_each_sequence_alone(host_fused):
         both = torch.stack(out.logits, 1)
         st = getattr(cache.layers[0], STATE_ATTR)
         _assert_rows_split(cache.layers[0], st, torch.tensor(lengths) + steps - 1, method.__dict__)
-        assert (st.index.n > method.top_k).all() and st.exact_steps > 0  # the exact scan's top-k really selects
+        assert (st.index.n > method.top_k).all() and st.exact_steps == steps - 1  # exact scan, top-k < keys
         for b, n in enumerate(lengths):
             real = ids[b : b + 1, max(lengths) - n :]
             alone = model.generate(real, attention_mask=torch.ones_like(real), max_new_tokens=steps,
@@ -119,9 +119,13 @@ def test_small_top_k_differs_and_reports_recall(group_search):
                              output_logits=True, return_dict_in_generate=True)
         rep = kvaccel.report(model)
     assert not torch.allclose(torch.stack(out.logits, 1), ref_logits, atol=1e-4)
-    rec = [r for r in rep["retrieval_recall"] if r is not None]
-    assert len(rec) == model.config.num_hidden_layers and all(0.0 < r <= 1.0 for r in rec)
-    assert all(0 < f < 1 for f in rep["retrieval_scanned_fraction"])
+    n_layers = model.config.num_hidden_layers
+    # 3 decode steps, every one a graph walk (exact_below=0); 2 kv heads x (200 - 4 - 8) host keys; no spill yet
+    assert rep["retrieval_steps"] == rep["retrieval_graph_steps"] == [3] * n_layers
+    assert rep["retrieval_exact_steps"] == rep["retrieval_steps_before_index"] == [0] * n_layers
+    assert rep["retrieval_host_tokens"] == [2 * 188] * n_layers and all(rep["retrieval_index_ready"])
+    assert min(rep["retrieval_recall"]) >= 0.98  # measured on this seed: 0.986 / 0.993 (per head / grouped) at worst
+    assert all(0 < f < 1 for f in rep["retrieval_scanned_fraction"])  # walks, not scans (a scan reads every key: 1)
     for key in ("retrieval_search_s", "retrieval_host_attention_s", "retrieval_device_attention_s",
                 "retrieval_merge_s", "retrieval_build_s", "retrieval_host_bytes", "retrieval_device_bytes"):
         assert all(v is not None and v > 0 for v in rep[key]), key
@@ -165,7 +169,8 @@ def test_sparse_prefill_composes_exactly():
         assert min(kvaccel.report(model)["prefill_density"]) < 1.0  # the prefill really was sparse
     with kvaccel.patched(model, prefill + "+retrieval(sink=4,window=8,top_k=512,ef=512,spill_every=4)"):
         _, got = _stock_logits(model, ids, mask, 6)
-        assert kvaccel.report(model)["retrieval_host_tokens"][0] > 0
+        # per kv head: the prompt's 96 - 4 - 8 tokens, then the 4 that slid out of the window after 4 decode steps
+        assert kvaccel.report(model)["retrieval_host_tokens"][0] == 2 * (96 - 12 + 4)
     torch.testing.assert_close(got, ref, atol=2e-4, rtol=2e-4)
 
 
@@ -207,10 +212,11 @@ def test_index_recall_and_spill_insert():
     ids, scores, scanned = index.search(test, rows, 20, 64)
     exact, exact_s = index.search_exact(test, rows, 20)
     rec = np.mean([len(np.intersect1d(a, b)) / 20 for a, b in zip(ids, exact, strict=True)])
-    assert rec > 0.9 and scanned.mean() < 0.2 * N, (rec, scanned.mean())
+    # measured on this fixed set: recall 0.97, 4.9% of the keys read per query, the top key found for 97% of queries
+    assert rec >= 0.96 and scanned.mean() < 0.06 * N, (rec, scanned.mean())
     np.testing.assert_allclose(scores, np.einsum("rkd,rd->rk", keys[ids], test), rtol=1e-4, atol=1e-4)
     assert (np.diff(scores, axis=1) <= 0).all()  # descending
-    assert np.mean(ids[:, 0] == exact[:, 0]) >= 0.9
+    assert np.mean(ids[:, 0] == exact[:, 0]) >= 0.96
     # GQA: one walk for a group of 2 query heads (attending the same region, as a kv head's group does on the real
     # model) finds each head's top keys while reading fewer keys than 2 walks
     pair = np.repeat(centers[rng.integers(0, C, 50)], 2, axis=0) + 0.5 * rng.standard_normal((100, D))
@@ -219,7 +225,8 @@ def test_index_recall_and_spill_insert():
     exact, _ = index.search_exact(pair, rows, 20)
     gids, gscores, gscanned = index.search_grouped(pair.reshape(50, 2, D), np.zeros(50, np.int64), 20, 64)
     grec = np.mean([len(np.intersect1d(a, b)) / 20 for a, b in zip(gids.reshape(100, 20), exact, strict=True)])
-    assert grec > 0.9 and gscanned.sum() < scanned.sum(), (grec, gscanned.sum(), scanned.sum())
+    # measured: recall 0.98 reading 50% of the keys two walks read
+    assert grec >= 0.97 and gscanned.sum() < 0.6 * scanned.sum(), (grec, gscanned.sum(), scanned.sum())
     np.testing.assert_allclose(gscores.reshape(100, 20), np.einsum("rkd,rd->rk", keys[gids.reshape(100, 20)], pair),
                                rtol=1e-4, atol=1e-4)
     # k >= keys held: exact scan
@@ -245,8 +252,11 @@ def test_exact_below_scans_small_rows():
     with kvaccel.patched(model, method):  # 188 host keys < exact_below (default 16384)
         model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
         rep = kvaccel.report(model)
-    assert all(r == pytest.approx(1.0) for r in rep["retrieval_recall"])
-    assert all(f == pytest.approx(1.0) for f in rep["retrieval_scanned_fraction"])
+    n_layers = model.config.num_hidden_layers
+    assert rep["retrieval_recall"] == rep["retrieval_scanned_fraction"] == [1.0] * n_layers  # exact: every key read
+    assert rep["retrieval_steps"] == rep["retrieval_exact_steps"] == [2] * n_layers  # 3 tokens: 2 decode steps
+    assert rep["retrieval_graph_steps"] == [0] * n_layers and rep["retrieval_build_s"] == [0.0] * n_layers  # no graph
+    assert rep["retrieval_host_tokens"] == [2 * 188] * n_layers
 
 
 def _gated_builds(monkeypatch):
@@ -300,8 +310,11 @@ def test_background_build_exact_until_ready_then_index(monkeypatch):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
     assert not torch.allclose(torch.stack(after), torch.stack(ref[steps + 1 :]), atol=1e-4)
     assert all(rep["retrieval_index_ready"])
-    assert rep["retrieval_steps_before_index"] == [steps] * model.config.num_hidden_layers  # no exact step since
-    assert all(0 < f < 1 for f in rep["retrieval_scanned_fraction"])
+    n_layers = model.config.num_hidden_layers
+    assert rep["retrieval_steps_before_index"] == [steps] * n_layers  # no exact step since
+    assert rep["retrieval_graph_steps"] == [steps] * n_layers and rep["retrieval_exact_steps"] == [0] * n_layers
+    assert rep["retrieval_steps"] == [2 * steps] * n_layers
+    assert all(0 < f < 1 for f in rep["retrieval_scanned_fraction"])  # walks, not scans (a scan reads every key: 1)
     assert all(b > 0 and 0 < kb <= b for b, kb in zip(rep["retrieval_build_s"], rep["retrieval_build_knn_s"],
                                                        strict=True))
 
@@ -325,6 +338,7 @@ def test_background_build_installs_without_waiting(monkeypatch):
         model(ids[:, 200:], cache=cache)
         rep = kvaccel.report(model)
     assert all(rep["retrieval_index_ready"]) and rep["retrieval_steps_before_index"] == [0] * len(states)
+    assert rep["retrieval_graph_steps"] == rep["retrieval_steps"] == [1] * len(states)  # the one step walked the graph
     assert all(0 < f < 1 for f in rep["retrieval_scanned_fraction"])
 
 
@@ -403,7 +417,7 @@ def test_scan_rows_matches_reference(bf16_margin, monkeypatch):
                                        rtol=1e-5, atol=1e-5)  # float32 q . k of the returned keys
             assert (np.diff(scores[g][:, : got.shape[1]], axis=1) <= 0).all()
             rec = np.mean([len(np.intersect1d(a, b[b >= 0])) / (b >= 0).sum() for a, b in zip(got, ref, strict=True)])
-            assert rec == 1.0 if bf16_margin is None else rec >= 0.98, rec
+            assert rec == 1.0, rec  # bfloat16: the float32 re-scoring of the best k + 16 recovers every top key here
     # many queries with a small score buffer: queries go in blocks (7 per block here)
     import kvaccel.kernels.attention_index as ai
 
@@ -415,7 +429,7 @@ def test_scan_rows_matches_reference(bf16_margin, monkeypatch):
     for g in (0, 2):
         ref, _ = index.search_exact(many[g], np.full(40, g), 10)
         same = np.mean([len(np.intersect1d(a, b)) / 10 for a, b in zip(ids_all[g], ref, strict=True)])
-        assert same == 1.0 if bf16_margin is None else same >= 0.98
+        assert same == 1.0
 
 
 @needs_deps
@@ -444,7 +458,7 @@ def test_scan_copy_follows_stored_keys():
             assert not copy[r, len(h):].any(), (step, r)
             ref, _ = index.search_exact(q[r], np.full(3, r), 20)
             rec = np.mean([len(np.intersect1d(a, b)) / 20 for a, b in zip(ids[r], ref, strict=True)])
-            assert rec >= 0.98, (step, r, rec)
+            assert rec == 1.0, (step, r, rec)
 
 
 @needs_deps
@@ -491,8 +505,10 @@ def test_graph_built_once_exact_below_is_crossed():
         for _ in range(24):
             nxt = model(nxt, cache=cache).logits[:, -1:].argmax(-1)
         rep = kvaccel.report(model)
-    assert st.graph and st.build_queries is None and (st.index.linked == st.index.n).all() and st.index.n[0] > 60
-    assert all(e > 0 and g > 0 for e, g in zip(rep["retrieval_exact_steps"], rep["retrieval_graph_steps"], strict=True))
+    assert st.graph and st.build_queries is None and (st.index.linked == st.index.n).all() and st.index.n[0] == 72
+    # 48 host keys after the prompt, 4 more every 4 steps: the spill after step 16 makes 64 > 60 and builds the graph
+    n_layers = model.config.num_hidden_layers
+    assert rep["retrieval_exact_steps"] == [16] * n_layers and rep["retrieval_graph_steps"] == [8] * n_layers
     assert any("exact_below=60" in note for note in rep["notes"])
     assert all(b > 0 for b in rep["retrieval_build_s"])
 
