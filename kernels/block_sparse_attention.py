@@ -94,16 +94,28 @@ def check_block_size(name: str, block: int) -> None:
         )
 
 
-def causal_block_mask(L: int, block_m: int, block_n: int, device=None) -> Tensor:
-    """``(nQB, nKB)`` bool: tiles with at least one (query, key) pair on or below the causal diagonal."""
-    qb_last = torch.clamp(torch.arange(num_blocks(L, block_m), device=device) * block_m + block_m - 1, max=L - 1)
+def first_query_block(L: int, q_len: int | None, block_m: int) -> int:
+    """Index of the query block (of the ``L``-position grid) holding the first of the last ``q_len`` positions."""
+    return 0 if q_len is None else (L - q_len) // block_m
+
+
+def causal_block_mask(L: int, block_m: int, block_n: int, device=None, q_len: int | None = None) -> Tensor:
+    """``(nQB, nKB)`` bool: tiles with at least one (query, key) pair on or below the causal diagonal.
+
+    With ``q_len``, only the query blocks holding the last ``q_len`` of the ``L`` positions (a later prompt chunk
+    over the cache): rows from :func:`first_query_block` on.
+    """
+    i0 = first_query_block(L, q_len, block_m)
+    qb = torch.arange(i0, num_blocks(L, block_m), device=device)
+    qb_last = torch.clamp(qb * block_m + block_m - 1, max=L - 1)
     kb_first = torch.arange(num_blocks(L, block_n), device=device) * block_n
     return kb_first[None, :] <= qb_last[:, None]
 
 
-def causal_block_count(L: int, block_m: int, block_n: int) -> int:
-    """Number of causal tiles of an ``L``-token prompt (the denominator of ``prefill_density``)."""
-    return int(causal_block_mask(L, block_m, block_n).sum())
+def causal_block_count(L: int, block_m: int, block_n: int, q_len: int | None = None) -> int:
+    """Number of causal tiles of an ``L``-token prompt, or of its last ``q_len`` positions' query blocks (the
+    denominator of ``prefill_density``)."""
+    return int(causal_block_mask(L, block_m, block_n, q_len=q_len).sum())
 
 
 def _check_inputs(q, k, v, block_mask, block_m, block_n, key_perm, key_valid) -> None:
@@ -111,11 +123,12 @@ def _check_inputs(q, k, v, block_mask, block_m, block_n, key_perm, key_valid) ->
     check_block_size("block_n", block_n)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D (B, H, L, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    B, Hq, L, D = q.shape
-    Bk, Hkv, Lk, Dk = k.shape
-    if (Bk, Lk, Dk) != (B, L, D) or v.shape[:3] != k.shape[:3]:
+    B, Hq, Lq, D = q.shape
+    Bk, Hkv, L, Dk = k.shape
+    if (Bk, Dk) != (B, D) or L < Lq or v.shape[:3] != k.shape[:3]:
         raise ValueError(
-            f"k {tuple(k.shape)} and v {tuple(v.shape)} must be (B={B}, H_kv, L={L}, D={D}|Dv) for q {tuple(q.shape)}"
+            f"k {tuple(k.shape)} and v {tuple(v.shape)} must be (B={B}, H_kv, L>={Lq}, D={D}|Dv) for q "
+            f"{tuple(q.shape)} (the queries are the last {Lq} of the L key positions)"
         )
     if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device == block_mask.device):
         raise ValueError(
@@ -124,7 +137,7 @@ def _check_inputs(q, k, v, block_mask, block_m, block_n, key_perm, key_valid) ->
         )
     if Hq % Hkv:
         raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
-    nqb, nkb = num_blocks(L, block_m), num_blocks(L, block_n)
+    nqb, nkb = num_blocks(L, block_m) - first_query_block(L, Lq, block_m), num_blocks(L, block_n)
     if (
         block_mask.dtype != torch.bool
         or block_mask.dim() != 4
@@ -133,8 +146,8 @@ def _check_inputs(q, k, v, block_mask, block_m, block_n, key_perm, key_valid) ->
         or tuple(block_mask.shape[2:]) != (nqb, nkb)
     ):
         raise ValueError(
-            f"block_mask must be bool ({B}, {Hq} or 1, {nqb}, {nkb}) for L={L}, block_m={block_m}, "
-            f"block_n={block_n}; got {block_mask.dtype} {tuple(block_mask.shape)}"
+            f"block_mask must be bool ({B}, {Hq} or 1, {nqb}, {nkb}) for {Lq} queries over L={L} keys, "
+            f"block_m={block_m}, block_n={block_n}; got {block_mask.dtype} {tuple(block_mask.shape)}"
         )
     if key_perm is not None and (key_perm.shape != (B, Hkv, L) or key_perm.dtype not in (torch.int32, torch.int64)):
         raise ValueError(
@@ -164,12 +177,15 @@ def block_sparse_attention(
     Parameters
     ----------
     q : Tensor
-        ``(B, H_q, L, D)`` queries, post-RoPE, in original order.
+        ``(B, H_q, Lq, D)`` queries, post-RoPE, in original order: the last ``Lq <= L`` positions of the ``L`` keys
+        (``Lq < L``: a later prompt chunk over the cached keys, query ``i`` at position ``L - Lq + i``).
     k, v : Tensor
         ``(B, H_kv, L, D)`` / ``(B, H_kv, L, Dv)``, slot order (permuted when ``key_perm`` is given). GQA: query
         head ``h`` reads kv head ``h // (H_q // H_kv)``; K/V are never repeated.
     block_mask : Tensor
-        ``(B, H_q | 1, ceil(L/block_m), ceil(L/block_n))`` bool. Tiles above the diagonal are ignored.
+        ``(B, H_q | 1, nQB, ceil(L/block_m))`` bool, query blocks on the grid of the ``L`` positions: ``nQB =
+        ceil(L/block_m) - (L - Lq) // block_m``, the blocks holding the queries (:func:`causal_block_mask` with
+        ``q_len``). Tiles above the diagonal are ignored.
     scale : float
         Logit scale (``1/sqrt(D)`` for the models here).
     block_m, block_n : int
@@ -179,13 +195,13 @@ def block_sparse_attention(
     key_valid : Tensor, optional
         ``(B, L)`` bool over original positions; ``False`` keys (padding) are never attended.
     return_lse : bool
-        Also return the natural-log log-sum-exp ``(B, H_q, L)`` float32 (``-inf`` for rows that see nothing).
+        Also return the natural-log log-sum-exp ``(B, H_q, Lq)`` float32 (``-inf`` for rows that see nothing).
     backend : str
         ``"auto"``, ``"torch"`` or ``"triton"``.
 
     Returns
     -------
-    ``out`` ``(B, H_q, L, Dv)`` in ``q.dtype`` (zeros for rows that see no key), and ``lse`` if asked.
+    ``out`` ``(B, H_q, Lq, Dv)`` in ``q.dtype`` (zeros for rows that see no key), and ``lse`` if asked.
     """
     _check_inputs(q, k, v, block_mask, block_m, block_n, key_perm, key_valid)
     if resolve_backend(backend, q) == "triton":
@@ -233,6 +249,7 @@ class TilePlan:
     kb_min: Tensor  # (B * H_kv * (n_k_blocks + 1),) smallest valid position of each key block (L if none)
     dense_units: Tensor  # (n_dense,) flat unit ids (b * units + u) computed as plain causal attention
     kv_of_unit: Tensor  # (B * units,) flat kv head (b * H_kv + h) each unit reads
+    q_len: int = -1  # queries: the last q_len of the L positions (-1: all L)
 
 
 def _slot_positions(B: int, Hkv: int, L: int, key_perm: Tensor | None, key_valid: Tensor | None, dev) -> Tensor:
@@ -243,16 +260,17 @@ def _slot_positions(B: int, Hkv: int, L: int, key_perm: Tensor | None, key_valid
     return pos
 
 
-def _tile_classes(slot_pos: Tensor, L: int, block_m: int) -> tuple[Tensor, Tensor]:
-    """Tile classes ``nonempty``, ``full`` ``(B, H_kv, nqb, nkb)`` from ``slot_pos`` ``(B, H_kv, nkb, block_n)``.
+def _tile_classes(slot_pos: Tensor, L: int, block_m: int, q_len: int) -> tuple[Tensor, Tensor]:
+    """Tile classes ``nonempty``, ``full`` ``(B, H_kv, nqb, nkb)`` from ``slot_pos`` ``(B, H_kv, nkb, block_n)``, for
+    the query blocks holding the last ``q_len`` positions.
 
     A tile is non-empty when some valid key in it is at or before the block's last query, full when every valid
     key is at or before its first query (then no query of the block needs a causal mask).
     """
-    nqb = num_blocks(L, block_m)
+    i0 = first_query_block(L, q_len, block_m)
     kb_min = slot_pos.amin(-1)
     kb_max = torch.where(slot_pos < L, slot_pos, -1).amax(-1)  # largest valid position (-1 if none)
-    q_first = torch.arange(nqb, device=slot_pos.device) * block_m
+    q_first = torch.arange(i0, num_blocks(L, block_m), device=slot_pos.device) * block_m
     q_last = torch.clamp(q_first + block_m - 1, max=L - 1)
     nonempty = kb_min[:, :, None, :] <= q_last[:, None]
     return nonempty, nonempty & (kb_max[:, :, None, :] <= q_first[:, None])
@@ -269,16 +287,20 @@ def plan_block_sparse(
     key_perm: Tensor | None = None,
     key_valid: Tensor | None = None,
     fuse_dense: bool = True,
+    q_len: int | None = None,
 ) -> TilePlan:
-    """Classify the selected tiles (empty / full / partial) and build the sorted work list of the PyTorch path."""
+    """Classify the selected tiles (empty / full / partial) and build the sorted work list of the PyTorch path.
+
+    ``L`` keys; the queries are the last ``q_len`` positions (default all ``L``), ``block_mask`` on their blocks."""
     B = block_mask.shape[0]
     dev = block_mask.device
     Hkv, G = num_kv_heads, num_heads // num_kv_heads
-    nqb, nkb = num_blocks(L, block_m), num_blocks(L, block_n)
+    q_len = L if q_len is None else q_len
+    nqb, nkb = num_blocks(L, block_m) - first_query_block(L, q_len, block_m), num_blocks(L, block_n)
     pos = _slot_positions(B, Hkv, L, key_perm, key_valid, dev)
     slot_pos = F.pad(pos, (0, (nkb + 1) * block_n - L), value=L).view(B, Hkv, nkb + 1, block_n)
     kb_min = slot_pos.amin(-1)  # (B, Hkv, nkb + 1)
-    nonempty, full = _tile_classes(slot_pos[:, :, :nkb], L, block_m)
+    nonempty, full = _tile_classes(slot_pos[:, :, :nkb], L, block_m, q_len)
 
     mask = block_mask
     stacked = mask.shape[1] == 1 or G == 1
@@ -316,7 +338,7 @@ def plan_block_sparse(
     order = order[: int((total > 0).sum())]  # items with no tile keep out 0 / lse -inf
     return TilePlan(
         L, block_m, block_n, stacked, units, nqb, nkb, order, full_idx, full_cnt, part_idx, part_cnt,
-        slot_pos.reshape(-1, block_n), kb_min.reshape(-1), dense.nonzero().flatten(), kv_of_unit,
+        slot_pos.reshape(-1, block_n), kb_min.reshape(-1), dense.nonzero().flatten(), kv_of_unit, q_len,
     )
 
 
@@ -326,13 +348,15 @@ def run_block_sparse(
     """Run the PyTorch path with a :func:`plan_block_sparse` plan (plan once, run many: e.g. threshold calibration
     over the same tiles). Same result as :func:`block_sparse_attention` with the mask, ``key_perm`` and ``key_valid``
     the plan was built from; ``k``/``v`` in the same slot order."""
-    B, Hq, L, _ = q.shape
+    B, Hq, Lq, _ = q.shape
+    L = plan.L
     Hkv = k.shape[1] if k.dim() == 4 else -1
     units_ok = plan.units == (Hkv if plan.stacked else Hq) and plan.kv_of_unit.numel() == B * plan.units
-    if q.dim() != 4 or L != plan.L or not units_ok or k.shape[:3] != (B, Hkv, L) or v.shape[:3] != k.shape[:3]:
+    if q.dim() != 4 or Lq != plan.q_len or not units_ok or k.shape[:3] != (B, Hkv, L) or v.shape[:3] != k.shape[:3]:
         raise ValueError(
-            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match the plan (L={plan.L}, "
-            f"{plan.units} {'kv' if plan.stacked else 'query'} heads per batch row, {plan.kv_of_unit.numel()} in all)"
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match the plan ({plan.q_len} queries "
+            f"over L={L} keys, {plan.units} {'kv' if plan.stacked else 'query'} heads per batch row, "
+            f"{plan.kv_of_unit.numel()} in all)"
         )
     if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device == plan.order.device):
         raise ValueError(f"q, k, v and the plan must share a device and q, k, v a dtype, got {q.dtype} on {q.device}")
@@ -347,37 +371,39 @@ def _block_sparse_attention_torch(q, k, v, block_mask, scale, block_m, block_n, 
     original positions. The two parts run as two fused calls merged by log-sum-exp:
     ``lse = logaddexp(lse_f, lse_p)``, ``o = e^(lse_f - lse) o_f + e^(lse_p - lse) o_p``.
     """
-    B, Hq, L, D = q.shape
-    Hkv, Dv_out = k.shape[1], v.shape[-1]
+    B, Hq, Lq, D = q.shape
+    Hkv, L, Dv_out = k.shape[1], k.shape[2], v.shape[-1]
     G = Hq // Hkv
     if plan is None:
         plan = plan_block_sparse(
             block_mask, L, Hq, Hkv, block_m=block_m, block_n=block_n, key_perm=key_perm, key_valid=key_valid,
-            fuse_dense=q.device.type == "cpu",  # elsewhere the matmul fallback would hold (L, L) logits
+            fuse_dense=q.device.type == "cpu", q_len=Lq,  # elsewhere the matmul fallback would hold (L, L) logits
         )
     nqb, nkb, U = plan.n_q_blocks, plan.n_k_blocks, plan.units
     Gs = G if plan.stacked else 1  # query heads stacked per unit
     R = Gs * block_m  # query rows per item
     dev, dt = q.device, q.dtype
     neg_inf = float("-inf")
+    i0 = first_query_block(L, Lq, block_m)
+    shift = L - Lq - i0 * block_m  # rows of the first query block before the first query (a chunk's start)
     if plan.dense_units.numel() == B * U and D == Dv_out:  # every unit selects every causal tile: no gather
         ku, vu = k.reshape(B * Hkv, 1, L, D), v.reshape(B * Hkv, 1, L, D)
         if not plan.stacked:
             ku, vu = ku.index_select(0, plan.kv_of_unit), vu.index_select(0, plan.kv_of_unit)
-        out, lse = _flash(q.reshape(B * U, Gs, L, D), ku, vu, is_causal=True, scale=scale)
-        return out.reshape(B, Hq, L, D), lse.reshape(B, Hq, L)
+        out, lse = _causal_flash(q.reshape(B * U, Gs, Lq, D), ku, vu, scale)
+        return out.reshape(B, Hq, Lq, D), lse.reshape(B, Hq, Lq)
     # The fused kernel needs one head size: zero channels leave q.k unchanged and add output columns we drop.
     D = max(D, Dv_out)
 
     # Queries as items (B * U * nqb, R, D), rows = (stacked head, row in block); K/V as flat blocks with one dummy
     # block per head: (B * H_kv * (nkb + 1), block_n, D).
-    qp = F.pad(q, (0, D - q.shape[-1], 0, nqb * block_m - L))
+    qp = F.pad(q, (0, D - q.shape[-1], shift, nqb * block_m - shift - Lq))
     qi = qp.view(B, U, Gs, nqb, block_m, D).transpose(2, 3).reshape(-1, R, D)
     kb = F.pad(k, (0, D - k.shape[-1], 0, (nkb + 1) * block_n - L)).view(-1, block_n, D)
     vb = F.pad(v, (0, D - Dv_out, 0, (nkb + 1) * block_n - L)).view(-1, block_n, D)
     key_bias = torch.zeros(plan.slot_pos.shape, dtype=dt, device=dev).masked_fill_(plan.slot_pos >= L, neg_inf)
     n_items = qi.shape[0]
-    q_first = (torch.arange(n_items, device=dev) % nqb) * block_m
+    q_first = (i0 + torch.arange(n_items, device=dev) % nqb) * block_m
     row_pos = q_first[:, None] + torch.arange(block_m, device=dev).repeat(Gs)  # (n_items, R)
 
     out = torch.zeros(n_items, R, D, dtype=dt, device=dev)
@@ -450,30 +476,50 @@ def _block_sparse_attention_torch(q, k, v, block_mask, scale, block_m, block_n, 
         elif o_f is None:
             o, l = o_p, l_p
         else:
-            l = torch.logaddexp(l_f, l_p)
-            l_safe = torch.where(torch.isfinite(l), l, 0.0)  # a row that sees nothing: weights exp(-inf) = 0
-            w_f, w_p = torch.exp(l_f - l_safe).unsqueeze(-1), torch.exp(l_p - l_safe).unsqueeze(-1)
-            o = (o_f * w_f + o_p * w_p) if dt == torch.float32 else (o_f.float() * w_f + o_p.float() * w_p).to(dt)
+            o, l = _merge(o_f, l_f, o_p, l_p)
         out.index_copy_(0, ids, o)  # chunks own disjoint items: workers never write the same rows
         lse.index_copy_(0, ids, l)
 
     run_parallel(run_chunk, [(c, *st) for c, st in enumerate(chunk_stats.tolist())], workers)
 
-    out = out.view(B, U, nqb, Gs, block_m, D).transpose(2, 3).reshape(B * U, Gs, nqb * block_m, D)[:, :, :L]
-    lse = lse.view(B, U, nqb, Gs, block_m).transpose(2, 3).reshape(B * U, Gs, nqb * block_m)[:, :, :L]
+    rows = slice(shift, shift + Lq)
+    out = out.view(B, U, nqb, Gs, block_m, D).transpose(2, 3).reshape(B * U, Gs, nqb * block_m, D)[:, :, rows]
+    lse = lse.view(B, U, nqb, Gs, block_m).transpose(2, 3).reshape(B * U, Gs, nqb * block_m)[:, :, rows]
     if plan.dense_units.numel():  # every causal tile selected: one causal fused call, no gather
         du = plan.dense_units
         kv = plan.kv_of_unit.index_select(0, du)
-        o_d, l_d = _flash(
-            qp[:, :, :L].reshape(B * U, Gs, L, D).index_select(0, du),
+        o_d, l_d = _causal_flash(
+            qp[:, :, rows].reshape(B * U, Gs, Lq, D).index_select(0, du),
             kb.view(B * Hkv, -1, D)[:, :L].index_select(0, kv).unsqueeze(1),
             vb.view(B * Hkv, -1, D)[:, :L].index_select(0, kv).unsqueeze(1),
-            is_causal=True,
-            scale=scale,
+            scale,
         )
         out = out.index_copy(0, du, o_d)
         lse = lse.index_copy(0, du, l_d)
-    return out.reshape(B, Hq, L, D)[..., :Dv_out], lse.reshape(B, Hq, L)
+    return out.reshape(B, Hq, Lq, D)[..., :Dv_out], lse.reshape(B, Hq, Lq)
+
+
+def _merge(o_a: Tensor, l_a: Tensor, o_b: Tensor, l_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Attention over two disjoint key sets merged by log-sum-exp: ``lse = logaddexp(l_a, l_b)``,
+    ``o = e^(l_a - lse) o_a + e^(l_b - lse) o_b`` (a row that sees nothing keeps lse ``-inf`` and output 0)."""
+    l = torch.logaddexp(l_a, l_b)
+    l_safe = torch.where(torch.isfinite(l), l, 0.0)  # a row that sees nothing: weights exp(-inf) = 0
+    w_a, w_b = torch.exp(l_a - l_safe).unsqueeze(-1), torch.exp(l_b - l_safe).unsqueeze(-1)
+    if o_a.dtype == torch.float32:
+        return o_a * w_a + o_b * w_b, l
+    return (o_a.float() * w_a + o_b.float() * w_b).to(o_a.dtype), l
+
+
+def _causal_flash(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Causal fused attention of the last ``Lq`` of ``L`` positions: ``q`` ``(N, H, Lq, D)``, ``k``/``v``
+    ``(N, 1|H, L, D)``. With ``Lq < L`` the earlier keys are seen by every query (one call, no mask) and the last
+    ``Lq`` causally (a square causal call), merged by log-sum-exp."""
+    Lq, L = q.shape[2], k.shape[2]
+    if Lq == L:
+        return _flash(q, k, v, is_causal=True, scale=scale)
+    o_c, l_c = _flash(q, k[:, :, L - Lq :], v[:, :, L - Lq :], is_causal=True, scale=scale)
+    o_p, l_p = _flash(q, k[:, :, : L - Lq], v[:, :, : L - Lq], scale=scale)
+    return _merge(o_p, l_p, o_c, l_c)
 
 
 def _attend_matmul(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None, scale: float, is_causal=False):
@@ -512,18 +558,21 @@ def block_sparse_csr(
     block_n: int = 64,
     key_perm: Tensor | None = None,
     key_valid: Tensor | None = None,
+    q_len: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """CSR tile lists of the Triton kernel: one row per ``(b, query head, query block)``.
+    """CSR tile lists of the Triton kernel: one row per ``(b, query head, query block)`` (the blocks holding the last
+    ``q_len`` of the ``L`` positions; default all).
 
     Returns ``indptr`` ``(rows + 1,)``, ``nfull`` ``(rows,)`` and ``indices`` ``(nnz,)`` (int32). A row lists its
     full tiles (ascending), then its partial ones; tiles where no valid key is visible to the block are dropped.
     """
     B = block_mask.shape[0]
     G = num_heads // num_kv_heads
-    nqb, nkb = num_blocks(L, block_m), num_blocks(L, block_n)
+    q_len = L if q_len is None else q_len
+    nqb, nkb = num_blocks(L, block_m) - first_query_block(L, q_len, block_m), num_blocks(L, block_n)
     pos = _slot_positions(B, num_kv_heads, L, key_perm, key_valid, block_mask.device)
     slot_pos = F.pad(pos, (0, nkb * block_n - L), value=L).view(B, num_kv_heads, nkb, block_n)
-    nonempty, full = _tile_classes(slot_pos, L, block_m)
+    nonempty, full = _tile_classes(slot_pos, L, block_m, q_len)
     sel = block_mask.expand(B, num_heads, nqb, nkb) & nonempty.repeat_interleave(G, 1)
     rank = sel.to(torch.int8) + (sel & full.repeat_interleave(G, 1)).to(torch.int8)  # 2 full, 1 partial, 0 none
     rank = rank.reshape(-1, nkb)
@@ -541,11 +590,11 @@ def _block_sparse_attention_triton(q, k, v, block_mask, scale, block_m, block_n,
 
     from .triton.block_sparse_attention import _block_sparse_attention_fwd
 
-    B, Hq, L, D = q.shape
-    Hkv, Dv = k.shape[1], v.shape[-1]
-    nqb = num_blocks(L, block_m)
+    B, Hq, Lq, D = q.shape
+    Hkv, L, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    nqb = block_mask.shape[2]
     indptr, nfull, indices = block_sparse_csr(
-        block_mask, L, Hq, Hkv, block_m=block_m, block_n=block_n, key_perm=key_perm, key_valid=key_valid
+        block_mask, L, Hq, Hkv, block_m=block_m, block_n=block_n, key_perm=key_perm, key_valid=key_valid, q_len=Lq
     )
     has_pos = key_perm is not None or key_valid is not None
     pos = (
@@ -553,14 +602,14 @@ def _block_sparse_attention_triton(q, k, v, block_mask, scale, block_m, block_n,
         if has_pos
         else torch.zeros(1, 1, 1, dtype=torch.int32, device=q.device)  # dummy: never read when HAS_POS is False
     )
-    out = torch.empty(B, Hq, L, Dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
+    out = torch.empty(B, Hq, Lq, Dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
     BLOCK_D = max(16, triton.next_power_of_2(D))
     BLOCK_DV = max(16, triton.next_power_of_2(Dv))
     num_warps = 4 if block_m * max(BLOCK_D, BLOCK_DV) <= 64 * 128 else 8
     _block_sparse_attention_fwd[(nqb, B * Hq)](
         q, k, v, pos, indptr, nfull, indices, out, lse,
-        float(scale), L, nqb,
+        float(scale), L, nqb, L - Lq, first_query_block(L, Lq, block_m) * block_m,
         *q.stride(), *k.stride(), *v.stride(), *pos.stride(), *out.stride(), *lse.stride(),
         H_Q=Hq,
         GROUP=Hq // Hkv,
@@ -601,14 +650,17 @@ def block_sparse_attention_reference(
     Returns ``out`` ``(B, H_q, L, Dv)`` and ``lse`` ``(B, H_q, L)``, both float64; rows that see nothing are 0 / -inf.
     """
     _check_inputs(q, k, v, block_mask, block_m, block_n, key_perm, key_valid)
-    B, Hq, L, _ = q.shape
+    B, Hq, Lq, _ = q.shape
+    L = k.shape[2]
     G = Hq // k.shape[1]
     k64 = k.double().repeat_interleave(G, dim=1)
     v64 = v.double().repeat_interleave(G, dim=1)
     pos = _key_positions(k, key_perm).repeat_interleave(G, dim=1)  # (B, Hq, L) original position per slot
+    shift = L - Lq - first_query_block(L, Lq, block_m) * block_m  # rows of the first block before the queries
     tile = block_mask.expand(B, Hq, -1, -1)
-    tile = tile.repeat_interleave(block_m, dim=2)[:, :, :L].repeat_interleave(block_n, dim=3)[:, :, :, :L]
-    rows = torch.arange(L, device=q.device)
+    tile = tile.repeat_interleave(block_m, dim=2)[:, :, shift : shift + Lq]
+    tile = tile.repeat_interleave(block_n, dim=3)[:, :, :, :L]
+    rows = torch.arange(L - Lq, L, device=q.device)  # query positions
     mask = tile & (pos[:, :, None, :] <= rows[None, None, :, None])
     if key_valid is not None:
         mask = mask & torch.gather(key_valid[:, None, :].expand(B, Hq, L), 2, pos)[:, :, None, :]

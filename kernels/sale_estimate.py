@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import resolve_backend
-from .block_sparse_attention import causal_block_mask, check_block_size, num_blocks
+from .block_sparse_attention import causal_block_mask, check_block_size, first_query_block, num_blocks
 from .cpu_ops import cpu_workers, run_parallel
 from .cpu_ops import flash_cpu as _flash_cpu
 from .cpu_ops import workspace as _workspace
@@ -95,8 +95,11 @@ def _check(q: Tensor, k: Tensor, block_m: int, block_n: int, sink: int, local_wi
     check_block_size("block_n", block_n)
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"q and k must be 4-D (B, H, L, D), got {tuple(q.shape)} and {tuple(k.shape)}")
-    if k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
-        raise ValueError(f"k {tuple(k.shape)} must be (B, H_kv, L, D) for q {tuple(q.shape)}")
+    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3] or k.shape[2] < q.shape[2]:
+        raise ValueError(
+            f"k {tuple(k.shape)} must be (B, H_kv, L, D) with L >= {q.shape[2]} for q {tuple(q.shape)} (the queries "
+            "are the last positions of the keys)"
+        )
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
     for name, val in (("sink", sink), ("local_window", local_window)):
@@ -104,37 +107,44 @@ def _check(q: Tensor, k: Tensor, block_m: int, block_n: int, sink: int, local_wi
             raise ValueError(f"{name} ({val!r}) must be an int >= 0 (tokens)")
 
 
-def _local_start_block(nqb: int, block_m: int, block_n: int, local_window: int, device) -> Tensor:
-    """``(nQB,)`` first key block of each query block's exact local window (keys ``>= i*block_m - local_window``)."""
-    start = torch.clamp(torch.arange(nqb, device=device) * block_m - local_window, min=0)
+def _local_start_block(nqb: int, block_m: int, block_n: int, local_window: int, device, i0: int = 0) -> Tensor:
+    """``(nQB,)`` first key block of the exact local window of query blocks ``i0 ..`` (keys
+    ``>= i*block_m - local_window``)."""
+    start = torch.clamp(torch.arange(i0, i0 + nqb, device=device) * block_m - local_window, min=0)
     return start // block_n
 
 
-def _exact_blocks(L: int, block_m: int, block_n: int, sink_blocks: int, local_window: int, device) -> Tensor:
-    """``(nQB, nKB)`` bool: the sink and local key blocks (computed exactly, always kept), causal."""
-    nqb, nkb = num_blocks(L, block_m), num_blocks(L, block_n)
-    j = torch.arange(nkb, device=device)[None, :]
-    lo = _local_start_block(nqb, block_m, block_n, local_window, device)[:, None]
-    return ((j < sink_blocks) | (j >= lo)) & causal_block_mask(L, block_m, block_n, device=device)
+def _exact_blocks(L: int, block_m: int, block_n: int, sink_blocks: int, local_window: int, device,
+                  q_len: int | None = None) -> Tensor:
+    """``(nQB, nKB)`` bool: the sink and local key blocks (computed exactly, always kept), causal; with ``q_len``
+    the query blocks holding the last ``q_len`` positions only."""
+    causal = causal_block_mask(L, block_m, block_n, device=device, q_len=q_len)
+    j = torch.arange(causal.shape[1], device=device)[None, :]
+    lo = _local_start_block(causal.shape[0], block_m, block_n, local_window, device,
+                            first_query_block(L, q_len, block_m))[:, None]
+    return ((j < sink_blocks) | (j >= lo)) & causal
 
 
 def _row_stats(qf: Tensor, kc: Tensor, scale: float, block_m: int, block_n: int, sink_blocks: int,
                local_window: int, chunk: int) -> Tensor:
-    """``(B, H_q, L)`` float32 ``m_i + log l_i`` of the exact logits ``scale * <q_i, k_j - k̄>`` over the sink and
-    local blocks of row ``i``'s query block (causal), gathered per query block (``O(L · window)``).
+    """``(B, H_q, Lq)`` float32 ``m_i + log l_i`` of the exact logits ``scale * <q_i, k_j - k̄>`` over the sink and
+    local blocks of row ``i``'s query block (causal), gathered per query block (``O(L · window)``). The queries are
+    the last ``Lq`` of the ``L`` key positions.
 
     CPU: the fused flash kernel returns the log-sum-exp of each row over the gathered keys (one call per chunk of
     query blocks: query blocks as the batch, kv heads as the heads, the ``G`` query heads of a kv head stacked, one
     broadcast mask), instead of separate logits, mask and ``logsumexp`` passes; elsewhere logits + ``logsumexp``.
     """
-    B, Hq, L, D = qf.shape
-    Hkv = kc.shape[1]
+    B, Hq, Lq, D = qf.shape
+    Hkv, L = kc.shape[1], kc.shape[2]
     G = Hq // Hkv
-    nqb = num_blocks(L, block_m)
+    qb0 = first_query_block(L, Lq, block_m)
+    shift = L - Lq - qb0 * block_m  # rows of the first query block before the first query
+    nqb = num_blocks(L, block_m) - qb0
     dev = qf.device
     sink_end = min(L, sink_blocks * block_n)
-    lo = _local_start_block(nqb, block_m, block_n, local_window, dev) * block_n  # (nQB,) first local key
-    q_end = torch.clamp((torch.arange(nqb, device=dev) + 1) * block_m, max=L)
+    lo = _local_start_block(nqb, block_m, block_n, local_window, dev, qb0) * block_n  # (nQB,) first local key
+    q_end = torch.clamp((torch.arange(qb0, qb0 + nqb, device=dev) + 1) * block_m, max=L)
     width = int((q_end - lo).max())  # block_m + local_window when the blocks align
     pos = torch.cat(
         [torch.arange(sink_end, device=dev).expand(nqb, sink_end), lo[:, None] + torch.arange(width, device=dev)], 1
@@ -142,13 +152,13 @@ def _row_stats(qf: Tensor, kc: Tensor, scale: float, block_m: int, block_n: int,
     dup = torch.zeros_like(pos, dtype=torch.bool)
     dup[:, sink_end:] = pos[:, sink_end:] < sink_end  # local keys that are also sink keys
     idx = pos.clamp(max=L - 1)
-    rows_all = torch.arange(nqb * block_m, device=dev).view(nqb, block_m)
+    rows_all = torch.arange(qb0 * block_m, (qb0 + nqb) * block_m, device=dev).view(nqb, block_m)  # positions
     bad_all = (pos[:, None, :] > rows_all[:, :, None]) | dup[:, None, :]  # (nQB, m, W)
     fused = dev.type == "cpu"
     if fused:  # additive mask (nQB, 1, G*m, W): the same for the G stacked heads and, broadcast, every kv head
         bias_all = torch.zeros(bad_all.shape, dtype=qf.dtype, device=dev).masked_fill_(bad_all, float("-inf"))
         bias_all = bias_all[:, None].expand(nqb, G, block_m, -1).reshape(nqb, 1, G * block_m, -1)
-    qpad = F.pad(qf, (0, 0, 0, nqb * block_m - L))
+    qpad = F.pad(qf, (0, 0, shift, nqb * block_m - shift - Lq))
     out = torch.empty(B, Hq, nqb * block_m, dtype=torch.float32, device=dev)
     qb_per_chunk = max(1, chunk // block_m)
 
@@ -169,21 +179,25 @@ def _row_stats(qf: Tensor, kc: Tensor, scale: float, block_m: int, block_n: int,
         out[:, :, r0:r1] = lse.view(nb, B, Hkv, G, block_m).permute(1, 2, 3, 0, 4).reshape(B, Hq, nb * block_m)
 
     run_parallel(run, [(i0,) for i0 in range(0, nqb, qb_per_chunk)], cpu_workers(dev))
-    return out[:, :, :L]
+    return out[:, :, shift : shift + Lq]
 
 
 def sale_prepare(q: Tensor, k: Tensor, *, scale: float, block_m: int = 64, block_n: int = 32, sink: int = 32,
-                 local_window: int = 128, bits: int = 4, chunk: int = 256) -> dict[str, Tensor]:
+                 local_window: int = 128, bits: int = 4, chunk: int = 256, q_mean: Tensor | None = None
+                 ) -> dict[str, Tensor]:
     """The shared first pass: centred, quantized Q and K, the bias ``<q̄, k_j - k̄>`` and the exact row statistics.
 
-    Returns a dict with ``qi`` ``(B, H_q, L, D)`` int8, ``sq`` ``(B, H_q, L)``, ``ki`` ``(B, H_kv, L, D)`` int8,
-    ``sk`` ``(B, H_kv, L)``, ``bias`` ``(B, H_q, L)`` (``<q̄_h, k_j - k̄>``) and ``lse`` ``(B, H_q, L)``
-    (``m_i + log l_i`` of the exact sink + local logits); all float32 except the int8 values.
+    ``q`` ``(B, H_q, Lq, D)`` are the last ``Lq`` of the ``L`` positions of ``k``; ``q_mean`` ``(B, H_q, 1, D)`` is the
+    query centre (default: the mean of ``q``). Returns a dict with ``qi`` ``(B, H_q, Lq, D)`` int8, ``sq``
+    ``(B, H_q, Lq)``, ``ki`` ``(B, H_kv, L, D)`` int8, ``sk`` ``(B, H_kv, L)``, ``bias`` ``(B, H_q, L)``
+    (``<q̄_h, k_j - k̄>``) and ``lse`` ``(B, H_q, Lq)`` (``m_i + log l_i`` of the exact sink + local logits); all
+    float32 except the int8 values.
     """
     _check(q, k, block_m, block_n, sink, local_window)
     G = q.shape[1] // k.shape[1]
     qf, kf = q.float(), k.float()
-    qm, km = qf.mean(2, keepdim=True), kf.mean(2, keepdim=True)
+    qm = qf.mean(2, keepdim=True) if q_mean is None else q_mean.float().expand(*q.shape[:2], 1, q.shape[3])
+    km = kf.mean(2, keepdim=True)
     kc = kf - km
     qi, sq = sale_quantize(qf - qm, bits)
     ki, sk = sale_quantize(kc, bits)
@@ -218,6 +232,7 @@ def sale_estimate(
     bits: int = 4,
     chunk: int = 256,
     backend: str = "auto",
+    q_mean: Tensor | None = None,
 ) -> Tensor:
     """sale_estimate: SALE's block mask, ``keep[b, h, I, J] = J exact  or  max_{i∈I, j∈J} r_ij > τ_h``.
 
@@ -227,7 +242,9 @@ def sale_estimate(
     Parameters
     ----------
     q : Tensor
-        ``(B, H_q, L, D)`` queries, post-RoPE.
+        ``(B, H_q, Lq, D)`` queries, post-RoPE: the last ``Lq <= L`` positions of the keys (``Lq < L``: a later
+        prompt chunk over the cache; query blocks on the grid of the ``L`` positions, as
+        :func:`~kvaccel.kernels.block_sparse_attention.block_sparse_attention` takes them).
     k : Tensor
         ``(B, H_kv, L, D)`` keys (GQA: query head ``h`` reads kv head ``h // G``; K is never repeated).
     scale : float
@@ -246,27 +263,32 @@ def sale_estimate(
         PyTorch path: query rows per step (temporaries ``O(G · chunk · L)``).
     backend : str
         ``"auto"`` (Triton on CUDA, PyTorch on CPU), ``"torch"`` or ``"triton"``.
+    q_mean : Tensor, optional
+        ``(B, H_q, 1, D)`` query centre; default the mean of ``q`` (a chunked prefill passes the mean of the prompt's
+        queries so far, see :class:`~kvaccel.patches.prefill.sale.SALE`).
 
     Returns
     -------
-    ``(B, H_q, ceil(L/block_m), ceil(L/block_n))`` bool.
+    ``(B, H_q, nQB, ceil(L/block_n))`` bool, ``nQB`` the query blocks holding the queries (``ceil(L/block_m)``
+    for a whole prompt).
     """
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < block_m:
         raise ValueError(f"chunk ({chunk!r}) must be an int >= block_m ({block_m})")
-    B, Hq, L, _ = q.shape
+    B, Hq, Lq, _ = q.shape
+    L = k.shape[2]
     log_tau = _as_log_tau(threshold, Hq, q.device)
-    causal = causal_block_mask(L, block_m, block_n, device=q.device)
+    causal = causal_block_mask(L, block_m, block_n, device=q.device, q_len=Lq)
     if bool(torch.isinf(log_tau).all()):  # every head dense: nothing to estimate
         _check(q, k, block_m, block_n, sink, local_window)
         return causal.expand(B, Hq, -1, -1).clone()
     prep = sale_prepare(q, k, scale=scale, block_m=block_m, block_n=block_n, sink=sink, local_window=local_window,
-                        bits=bits, chunk=chunk)
+                        bits=bits, chunk=chunk, q_mean=q_mean)
     sink_blocks = num_blocks(sink, block_n)
     if resolve_backend(backend, q) == "triton":
         keep = _estimate_triton(prep, scale, log_tau, block_m, block_n, sink_blocks, local_window)
     else:
         keep = _estimate_torch(prep, scale, log_tau, block_m, block_n, sink_blocks, local_window, chunk)
-    keep |= _exact_blocks(L, block_m, block_n, sink_blocks, local_window, q.device)
+    keep |= _exact_blocks(L, block_m, block_n, sink_blocks, local_window, q.device, q_len=Lq)
     keep |= torch.isinf(log_tau)[None, :, None, None]  # dense heads
     return keep & causal
 
@@ -288,13 +310,13 @@ def sale_block_scores(
     Exact (sink / local) blocks are ``+inf``, tiles above the diagonal ``-inf``: ``sale_estimate(threshold=τ)`` equals
     ``scores > log τ``. Used by calibration (one estimate, every candidate ``τ``).
     """
-    B, Hq, L, _ = q.shape
+    Lq, L = q.shape[2], k.shape[2]
     prep = sale_prepare(q, k, scale=scale, block_m=block_m, block_n=block_n, sink=sink, local_window=local_window,
                         bits=bits, chunk=chunk)
     sink_blocks = num_blocks(sink, block_n)
     scores = _estimate_torch(prep, scale, None, block_m, block_n, sink_blocks, local_window, chunk)
-    scores.masked_fill_(_exact_blocks(L, block_m, block_n, sink_blocks, local_window, q.device), float("inf"))
-    return scores.masked_fill_(~causal_block_mask(L, block_m, block_n, device=q.device), float("-inf"))
+    scores.masked_fill_(_exact_blocks(L, block_m, block_n, sink_blocks, local_window, q.device, Lq), float("inf"))
+    return scores.masked_fill_(~causal_block_mask(L, block_m, block_n, device=q.device, q_len=Lq), float("-inf"))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -321,10 +343,12 @@ def _estimate_torch(prep, scale, log_tau, block_m, block_n, sink_blocks, local_w
     - 1`` blocks per row are computed and discarded (``valid`` below).
     """
     qi, sq, ki, sk, bias, lse = (prep[n] for n in ("qi", "sq", "ki", "sk", "bias", "lse"))
-    B, Hq, L, D = qi.shape
-    Hkv = ki.shape[1]
+    B, Hq, Lq, D = qi.shape
+    Hkv, L = ki.shape[1], ki.shape[2]
     G = Hq // Hkv
-    nqb, nkb = num_blocks(L, block_m), num_blocks(L, block_n)
+    qb0 = first_query_block(L, Lq, block_m)
+    shift = L - Lq - qb0 * block_m  # rows of the first query block before the first query
+    nqb, nkb = num_blocks(L, block_m) - qb0, num_blocks(L, block_n)
     dev = qi.device
     scores_mode = log_tau is None
     if scores_mode:
@@ -340,8 +364,9 @@ def _estimate_torch(prep, scale, log_tau, block_m, block_n, sink_blocks, local_w
     Lp = nqb * block_m
     t_hi, t_lo = _split_bf16(-thr)
     b_hi, b_lo = _split_bf16(scale * bias)
-    # rows padded to whole query blocks by repeating the last real row (which leaves every block max unchanged)
-    rows = torch.arange(Lp, device=dev).clamp_(max=L - 1)
+    # rows padded to whole query blocks by repeating the first / last real row (which leaves every block max unchanged:
+    # the estimated keys of a block precede its local window, so every row of the block sees all of them)
+    rows = (torch.arange(Lp, device=dev) - shift).clamp_(min=0, max=Lq - 1)
     q_aug = torch.zeros(B, Hq, Lp, width, dtype=bf, device=dev)
     q_aug[..., :D] = qi[:, :, rows] * (scale * sq[:, :, rows]).unsqueeze(-1)
     q_aug[..., D : D + 2] = 1
@@ -352,7 +377,7 @@ def _estimate_torch(prep, scale, log_tau, block_m, block_n, sink_blocks, local_w
     k_aug[:, :, D] = b_hi
     k_aug[:, :, D + 1] = b_lo
     k_aug[:, :, D + 2 : D + 4] = 1
-    lo_blk = _local_start_block(nqb, block_m, block_n, local_window, dev)  # estimated blocks: [sink_blocks, lo)
+    lo_blk = _local_start_block(nqb, block_m, block_n, local_window, dev, qb0)  # estimated: [sink_blocks, lo)
     rows_per = max(block_m, chunk // block_m * block_m)
     lo_list = lo_blk.tolist()
     jk = torch.arange(nkb, device=dev)
@@ -397,17 +422,18 @@ def _estimate_triton(prep, scale, log_tau, block_m, block_n, sink_blocks, local_
     from .triton.sale_estimate import _sale_estimate_fwd
 
     qi, sq, ki, sk, bias, lse = (prep[n] for n in ("qi", "sq", "ki", "sk", "bias", "lse"))
-    B, Hq, L, D = qi.shape
-    Hkv = ki.shape[1]
-    nqb, nkb = num_blocks(L, block_m), num_blocks(L, block_n)
+    B, Hq, Lq, D = qi.shape
+    Hkv, L = ki.shape[1], ki.shape[2]
+    qb0 = first_query_block(L, Lq, block_m)
+    nqb, nkb = num_blocks(L, block_m) - qb0, num_blocks(L, block_n)
     thr = (lse + log_tau.view(1, Hq, 1)).contiguous()  # -inf for dense heads: every block passes
     out = torch.zeros(B, Hq, nqb, nkb, dtype=torch.int8, device=qi.device)
     block_d = max(16, 1 << (D - 1).bit_length())
     qi, ki, sq, sk, bias = (t.contiguous() for t in (qi, ki, sq, sk, bias))
     _sale_estimate_fwd[(nqb, B * Hq)](
         qi, ki, sq, sk, bias, thr, out,
-        float(scale), L, D, sink_blocks, local_window,
-        *qi.stride(), *ki.stride(), *sq.stride(), *sk.stride(), *out.stride(),
+        float(scale), L, D, sink_blocks, local_window, L - Lq, qb0 * block_m,
+        *qi.stride(), *ki.stride(), *sq.stride(), *sk.stride(), *bias.stride(), *out.stride(),
         H_Q=Hq, GROUP=Hq // Hkv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
     )
     return out.bool()
@@ -427,37 +453,41 @@ def sale_estimate_reference(
     sink: int = 32,
     local_window: int = 128,
     bits: int = 4,
+    q_mean: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """sale_estimate_reference: float64, full ``(L, L)`` matrices, token-level masks expanded from the definition.
+    """sale_estimate_reference: float64, full ``(Lq, L)`` matrices, token-level masks expanded from the definition.
 
     Returns ``(keep, scores)``: the block mask of :func:`sale_estimate` and the float64 block max ``log r_ij`` of the
     estimated blocks (``+inf`` exact, ``-inf`` above the diagonal), to check margins near ``τ``.
     """
     _check(q, k, block_m, block_n, sink, local_window)
-    B, Hq, L, D = q.shape
+    B, Hq, Lq, D = q.shape
+    L = k.shape[2]
     G = Hq // k.shape[1]
     log_tau = _as_log_tau(threshold, Hq, q.device).double()
     qd, kd = q.double(), k.double().repeat_interleave(G, dim=1)
-    qm, km = qd.mean(2, keepdim=True), kd.mean(2, keepdim=True)
+    qm = qd.mean(2, keepdim=True) if q_mean is None else q_mean.double().expand(B, Hq, 1, D)
+    km = kd.mean(2, keepdim=True)
     qi, sq = sale_quantize(qd - qm, bits)
     ki, sk = sale_quantize(kd - km, bits)
     est = scale * (sq.double()[..., :, None] * sk.double()[..., None, :] * (qi.double() @ ki.double().transpose(-1, -2))
-                   + ((kd - km) @ qm.transpose(-1, -2)).transpose(-1, -2))  # (B, Hq, L, L)
+                   + ((kd - km) @ qm.transpose(-1, -2)).transpose(-1, -2))  # (B, Hq, Lq, L)
     exact = scale * qd @ (kd - km).transpose(-1, -2)
     sink_blocks = num_blocks(sink, block_n)
-    blocks = _exact_blocks(L, block_m, block_n, sink_blocks, local_window, q.device)  # (nQB, nKB)
-    tok = blocks.repeat_interleave(block_m, 0)[:L].repeat_interleave(block_n, 1)[:, :L]  # (L, L) exact region
+    blocks = _exact_blocks(L, block_m, block_n, sink_blocks, local_window, q.device, Lq)  # (nQB, nKB)
+    shift = L - Lq - first_query_block(L, Lq, block_m) * block_m  # rows of the first block before the queries
+    tok = blocks.repeat_interleave(block_m, 0)[shift : shift + Lq].repeat_interleave(block_n, 1)[:, :L]  # exact region
     i = torch.arange(L, device=q.device)
-    causal = i[None, :] <= i[:, None]
+    causal = i[None, :] <= i[L - Lq :, None]
     e = exact.masked_fill(~(tok & causal), float("-inf"))
     lse = torch.logsumexp(e, -1, keepdim=True)
     logr = (est - lse).masked_fill(tok | ~causal, float("-inf"))
     nqb, nkb = blocks.shape
     pad = logr.new_full((B, Hq, nqb * block_m, nkb * block_n), float("-inf"))
-    pad[:, :, :L, :L] = logr
+    pad[:, :, shift : shift + Lq, :L] = logr
     scores = pad.view(B, Hq, nqb, block_m, nkb, block_n).amax((3, 5))
     keep = (scores > log_tau.view(1, Hq, 1, 1)) | blocks | torch.isinf(log_tau).view(1, Hq, 1, 1)
-    cb = causal_block_mask(L, block_m, block_n, device=q.device)
+    cb = causal_block_mask(L, block_m, block_n, device=q.device, q_len=Lq)
     keep &= cb
     scores = scores.masked_fill(blocks, float("inf")).masked_fill(~cb, float("-inf"))
     return keep, scores

@@ -3,7 +3,8 @@
 Data flow of a patched forward (stock ``*Attention.forward`` computes q/k/v and RoPE, then calls
 ``cache.update`` and the registered attention function)::
 
-    kvaccel_attention -> prefill method (first forward) | decode method (later forwards)
+    kvaccel_attention -> prefill method (first forward, and later prompt chunks it computes: phase "extend")
+                         | decode method (later forwards)
                       -> eviction method compresses the cache layer in place -> channel method prunes keys
 
 Nothing here copies model code; everything reads ``module.layer_idx`` and the cache layer the pre-hook stored.
@@ -93,31 +94,44 @@ class AttentionContext:
 # ------------------------------------------------------------------------------------------ dense paths
 
 
-def per_sequence(ctx: AttentionContext, fn, extra: tuple[Tensor, ...] = ()) -> Tensor:
-    """Run ``fn(q, k, v, *extra) -> (b, l, H_q, Dv)`` on the whole batch, or per sequence on its real tokens when
-    padded.
-
-    Left/right padding is handled by slicing each sequence's one contiguous run of real tokens (O(B·L), no (L, L)
-    mask); padded rows of the output are zeros. ``extra`` tensors ``(B, H, L, ...)`` are sliced like ``q``.
-    """
-    q, k, v = ctx.query, ctx.key, ctx.value
-    if ctx.pad is None:
-        return fn(q, k, v, *extra)
-    pad = ctx.pad[:, -q.shape[2] :]
-    out = q.new_zeros(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])
-    for b in range(q.shape[0]):
-        real = pad[b].nonzero().flatten()
-        if real.numel() == 0:
-            continue
-        s, e = int(real[0]), int(real[-1]) + 1
+def real_runs(ctx: AttentionContext) -> list[tuple[slice, slice] | None]:
+    """Per sequence, ``(key slice, query slice)`` of its one contiguous run of real tokens, or ``None`` when none of
+    its queries is real. The queries are the last ``Lq`` of the ``Lk`` keys (``Lq < Lk``: a later prompt chunk over
+    the cache), so a sequence's queries are the part of its run in the chunk. ``ValueError`` on holes."""
+    Lq, Lk = ctx.query.shape[2], ctx.key.shape[2]
+    first = Lk - Lq
+    runs: list[tuple[slice, slice] | None] = []
+    for b, row in enumerate(ctx.pad[:, -Lk:]):
+        real = row.nonzero().flatten()
+        s, e = (int(real[0]), int(real[-1]) + 1) if real.numel() else (0, 0)
         if e - s != real.numel():
             raise ValueError(
                 "kvaccel supports left or right padding only (one contiguous run of real tokens per "
                 f"sequence); sequence {b} has holes in its attention mask"
             )
-        sl = slice(s, e)
-        ex = tuple(x[b : b + 1, :, sl] for x in extra)
-        out[b, sl] = fn(q[b : b + 1, :, sl], k[b : b + 1, :, sl], v[b : b + 1, :, sl], *ex)[0]
+        qs = max(s, first)
+        runs.append((slice(s, e), slice(qs - first, e - first)) if qs < e else None)
+    return runs
+
+
+def per_sequence(ctx: AttentionContext, fn, extra: tuple[Tensor, ...] = ()) -> Tensor:
+    """Run ``fn(q, k, v, *extra) -> (b, lq, H_q, Dv)`` on the whole batch, or per sequence on its real tokens when
+    padded.
+
+    Left/right padding is handled by slicing each sequence's one contiguous run of real tokens (O(B·L), no (L, L)
+    mask; :func:`real_runs`); padded rows of the output are zeros. ``extra`` tensors ``(B, H, Lq | Lk, ...)`` are
+    sliced like ``q`` or like ``k`` by their length (the same slice when ``Lq == Lk``).
+    """
+    q, k, v = ctx.query, ctx.key, ctx.value
+    if ctx.pad is None:
+        return fn(q, k, v, *extra)
+    out = q.new_zeros(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])
+    for b, run in enumerate(real_runs(ctx)):
+        if run is None:
+            continue
+        ks, qs = run
+        ex = tuple(x[b : b + 1, :, ks if x.shape[2] == k.shape[2] else qs] for x in extra)
+        out[b, qs] = fn(q[b : b + 1, :, qs], k[b : b + 1, :, ks], v[b : b + 1, :, ks], *ex)[0]
     return out
 
 
@@ -281,17 +295,19 @@ def kvaccel_attention(
             new = attention_mask[:, -q_len:]
             if first or not bool(new.all()):
                 layer.mark_padding(new)
-    else:
-        phase = "prefill" if q_len == kv_len else "decode"
+    else:  # a cache that is not ours (or none) holds every token: a multi-token forward over it is a later chunk
+        phase = "prefill" if q_len == kv_len else ("extend" if q_len > 1 else "decode")
 
     evict = state.methods.get("evict")
     if layer is not None and getattr(evict, "rerotate", False):
         query = _rerotate_new_tokens(evict, layer, query, state.position_ids)
     ctx = AttentionContext(module, state, layer, query, key, value, attention_mask, scaling, phase, kwargs)
+    prefill = state.methods.get("prefill")
     if phase == "prefill":
-        prefill = state.methods.get("prefill")
         out = prefill.attention(ctx) if prefill is not None else dense_prefill(ctx)
         ctx.stats.setdefault("prefill_density", 1.0)
+    elif phase == "extend" and prefill is not None and prefill.extends(ctx):  # a later prompt chunk, sparse
+        out = prefill.attention(ctx)
     else:
         decode = state.methods.get("decode")
         out = decode.attention(ctx) if decode is not None else dense_decode(ctx)

@@ -347,3 +347,64 @@ def test_triton_bf16() -> None:
         device=TRITON_DEVICE,
     )
     _check(kw, backend="triton", atol=2e-2, rtol=2e-2)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A later prompt chunk: the queries are the last positions of the keys
+# --------------------------------------------------------------------------------------------------------------
+def _chunk(kw: dict, start: int) -> dict:
+    """The same problem for the queries at positions ``[start, L)`` only: their rows of the mask (query blocks on the
+    grid of the key positions, from the block holding ``start``)."""
+    out = dict(kw)
+    out["q"] = kw["q"][:, :, start:]
+    out["block_mask"] = kw["block_mask"][:, :, start // kw["block_m"] :]
+    return out
+
+
+def _check_chunk(kw: dict, start: int, backend: str) -> None:
+    """A chunk's output and lse equal the whole prompt's rows ``[start, L)`` and the reference."""
+    full, full_lse = block_sparse_attention(**kw, return_lse=True, backend=backend)
+    ch = _chunk(kw, start)
+    out, lse = block_sparse_attention(**ch, return_lse=True, backend=backend)
+    assert out.shape == ch["q"].shape[:3] + (kw["v"].shape[-1],)
+    torch.testing.assert_close(out, full[:, :, start:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, full_lse[:, :, start:], atol=1e-5, rtol=1e-5)
+    _check(ch, backend=backend)
+
+
+@pytest.mark.parametrize("start", [64, 77, 190])
+@pytest.mark.parametrize("perm,valid", [("none", "none"), ("segment", "left"), ("any", "right")])
+@pytest.mark.parametrize("mask_heads", ["per_kv", "per_head"])
+def test_chunk_equals_the_whole_prompts_rows(start: int, perm: str, valid: str, mask_heads: str) -> None:
+    kw = _inputs(L=200, block_m=32, block_n=16, perm=perm, valid=valid, mask_heads=mask_heads, density=0.4, Dv=24)
+    _check_chunk(kw, start, "torch")
+
+
+@pytest.mark.parametrize("start", [64, 77])
+@pytest.mark.parametrize("mask_heads", ["shared", "per_head"])
+def test_chunk_with_every_tile_equals_sdpa_rows(start: int, mask_heads: str) -> None:
+    """Every causal tile of the chunk's blocks: the dense fused path (earlier keys + a causal square)."""
+    kw = _inputs(L=200, block_m=32, block_n=32, mask_heads=mask_heads, density=2.0)
+    ch = _chunk(kw, start)
+    out = block_sparse_attention(**ch)
+    ref = F.scaled_dot_product_attention(kw["q"], kw["k"], kw["v"], is_causal=True, enable_gqa=True, scale=kw["scale"])
+    torch.testing.assert_close(out, ref[:, :, start:], atol=1e-5, rtol=1e-5)
+
+
+def test_chunk_mask_rows_must_match_the_chunks_blocks() -> None:
+    kw = _inputs(L=200, block_m=32, block_n=32)
+    ch = _chunk(kw, 77)
+    ch["block_mask"] = kw["block_mask"]  # every block row of the prompt, not the chunk's (from block 2)
+    with pytest.raises(ValueError, match=r"block_mask must be bool \(2, 6 or 1, 5, 7\) for 123 queries over L=200"):
+        block_sparse_attention(**ch)
+    assert causal_block_mask(200, 32, 32, q_len=123).shape == (5, 7)
+
+
+@pytest.mark.triton
+@requires_triton
+@pytest.mark.parametrize("start", [32, 45])
+@pytest.mark.parametrize("perm,valid", [("none", "none"), ("segment", "left")])
+def test_triton_chunk_equals_the_whole_prompts_rows(start: int, perm: str, valid: str) -> None:
+    kw = _inputs(B=2, Hkv=1, group=3, L=77, block_m=16, block_n=32, perm=perm, valid=valid, Dv=24, density=0.5,
+                 device=TRITON_DEVICE)
+    _check_chunk(kw, start, "triton")

@@ -125,6 +125,31 @@ def test_triton_matches_reference(L, Hq, Hkv, D):
     assert 0 < keep.float().mean() < 1
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=[pytest.mark.triton, requires_triton])])
+@pytest.mark.parametrize("start", [256, 300])
+def test_chunk_selects_what_the_whole_prompt_selects_for_its_rows(backend, start):
+    """Queries ``[start, L)`` over every key, centred on the whole prompt's query mean: the tiles of the whole
+    prompt's estimate for the query blocks of the chunk (the chunk's first block, when ``start`` falls inside it,
+    over its rows in the chunk: the reference's definition)."""
+    L, Hq, Hkv, D = 650, 4, 2, 32
+    q, k = _qk(L, Hq, Hkv, D, seed=11)
+    dev = TRITON_DEVICE if backend == "triton" else "cpu"
+    q, k = q.to(dev), k.to(dev)
+    taus = torch.tensor([0.05, 0.0, 0.01, 0.2])
+    kw = dict(scale=D**-0.5, threshold=taus)
+    qm = q.mean(2, keepdim=True)
+    full = sale_estimate(q, k, **kw, backend=backend, chunk=128)
+    chunk = sale_estimate(q[:, :, start:], k, **kw, backend=backend, chunk=128, q_mean=qm)
+    keep_ref, scores_ref = sale_estimate_reference(q[:, :, start:].cpu(), k.cpu(), **kw, q_mean=qm.cpu())
+    i0 = start // 64
+    assert chunk.shape == (1, Hq, 11 - i0, 21)
+    whole = 0 if start % 64 == 0 else 1  # query blocks of the chunk with all their rows in it
+    assert torch.equal(chunk[:, :, whole:], full[:, :, i0 + whole :])
+    margin = (scores_ref - torch.log(taus.clamp(min=1e-30).double()).view(1, -1, 1, 1)).abs() < 0.05
+    assert ((chunk.cpu() != keep_ref) & ~margin).sum() == 0
+    assert 0 < chunk.float().mean() < 1
+
+
 def _hand_case(A: float):
     """All queries equal e1, keys a_j e1: the centred query is 0, so the estimate is exact (bias term only)."""
     L, D = 64, 16

@@ -3,13 +3,15 @@
 Only the ``@triton.jit`` code lives here; the launcher (CSR tile lists, grid, ``num_warps``) is
 :func:`kvaccel.kernels.block_sparse_attention.block_sparse_attention`.
 
-One program handles one ``(batch, query head, query block)``: it loads its ``BLOCK_M`` queries once and walks the
-key blocks listed for that row in CSR form (``indptr``/``indices``, built by the launcher from the block mask),
-reading K/V of its kv head ``h // GROUP`` (GQA: K/V are never repeated; one program per query head because the
-heads of a kv head may select different tiles). Each row's list holds its *full* tiles first (every valid key is at
-or before the block's first query: only key validity is checked) and then its *partial* tiles (token-level causal
-mask on original key positions ``pos[slot] <= query position``). Online softmax in base 2 (``exp2``); the output
-and the natural-log ``lse`` are written once. A row that sees no key gets 0 and ``lse = -inf``.
+One program handles one ``(batch, query head, query block)``; query blocks sit on the grid of the key positions, so
+a later prompt chunk (queries = the last positions, from ``q_pos0``) starts at the block holding its first query. It
+loads its ``BLOCK_M`` queries once and walks the key blocks listed for that row in CSR form (``indptr``/``indices``,
+built by the launcher from the block mask), reading K/V of its kv head ``h // GROUP`` (GQA: K/V are never repeated;
+one program per query head because the heads of a kv head may select different tiles). Each row's list holds its
+*full* tiles first (every valid key is at or before the block's first query: only key validity is checked) and then
+its *partial* tiles (token-level causal mask on original key positions ``pos[slot] <= query position``). Online
+softmax in base 2 (``exp2``); the output and the natural-log ``lse`` are written once. A row that sees no key gets 0
+and ``lse = -inf``.
 """
 
 from __future__ import annotations
@@ -92,8 +94,10 @@ def _block_sparse_attention_fwd(
     out_ptr,  # (B, H_q, L, Dv)
     lse_ptr,  # (B, H_q, L) float32
     sm_scale,
-    seq_len,
+    seq_len,  # keys (positions 0 .. seq_len - 1)
     n_q_blocks,
+    q_pos0,  # position of query row 0: the queries are the last seq_len - q_pos0 positions
+    block_pos0,  # position of the first row of query block 0 (a multiple of BLOCK_M, <= q_pos0)
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -118,8 +122,9 @@ def _block_sparse_attention_fwd(
     off_h = pid_bh % H_Q
     off_hkv = off_h // GROUP
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < seq_len  # ragged last query block
+    offs_m = block_pos0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query positions
+    rows_m = offs_m - q_pos0  # rows of q / out / lse
+    mask_m = (offs_m < seq_len) & (rows_m >= 0)  # ragged last block; rows before a chunk's first query
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
@@ -128,7 +133,7 @@ def _block_sparse_attention_fwd(
 
     qk_scale = sm_scale * 1.44269504  # 1/ln 2
     q = tl.load(
-        q_ptr + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        q_ptr + off_b * stride_qb + off_h * stride_qh + rows_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
         mask=mask_m[:, None] & mask_d[None, :],
         other=0.0,
     )
@@ -163,8 +168,8 @@ def _block_sparse_attention_fwd(
     out = acc / tl.where(has_any, l_i, 1.0)[:, None]
     lse = tl.where(has_any, (m_i + tl.log2(tl.where(has_any, l_i, 1.0))) * 0.6931471805599453, float("-inf"))  # ln 2
     tl.store(
-        out_ptr + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+        out_ptr + off_b * stride_ob + off_h * stride_oh + rows_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
         out.to(out_ptr.dtype.element_ty),
         mask=mask_m[:, None] & mask_dv[None, :],
     )
-    tl.store(lse_ptr + off_b * stride_lb + off_h * stride_lh + offs_m * stride_lm, lse, mask=mask_m)
+    tl.store(lse_ptr + off_b * stride_lb + off_h * stride_lh + rows_m * stride_lm, lse, mask=mask_m)

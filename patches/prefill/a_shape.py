@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kvaccel.config import register
-from kvaccel.kernels.block_sparse_attention import num_blocks
+from kvaccel.kernels.block_sparse_attention import first_query_block, num_blocks
 
 from .base import BlockSelection, BlockSparsePrefill, validate_blocks
 
@@ -18,7 +18,8 @@ class AShape(BlockSparsePrefill):
     """A-shape: sink + local band of key blocks for every query block (StreamingLLM's pattern, at prefill).
 
     https://arxiv.org/abs/2407.02490 (MInference, the A-shape baseline) — query block ``i`` reads key blocks
-    ``[0, sink_blocks)`` and ``(i - local_blocks, i]``; token-level causal inside the diagonal block.
+    ``[0, sink_blocks)`` and ``(i - local_blocks, i]``; token-level causal inside the diagonal block. The pattern
+    depends on positions only, so a chunked prefill computes exactly the unchunked tiles.
 
     Parameters
     ----------
@@ -49,9 +50,9 @@ class AShape(BlockSparsePrefill):
         validate_blocks(self, block_size=self.block_size)
 
     def select(self, q, k, v, scale, layer_idx) -> BlockSelection:
-        L, bs = q.shape[2], self.block_size
+        L, bs = k.shape[2], self.block_size
         n = num_blocks(L, bs)
-        i = torch.arange(n, device=q.device)
-        j = i[None, :]
+        i = torch.arange(first_query_block(L, q.shape[2], bs), n, device=q.device)  # a chunk's query blocks
+        j = torch.arange(n, device=q.device)[None, :]
         mask = (j < self.sink_blocks) | ((j <= i[:, None]) & (j > i[:, None] - self.local_blocks))
         return BlockSelection(mask[None, None], bs, bs)

@@ -47,6 +47,7 @@ from .base import BlockSelection, BlockSparsePrefill, PrefillMethod, validate_bl
 FORMAT = "kvaccel.sale_thresholds/1"
 DATA_DIR = Path(__file__).parent / "data" / "sale"  # package data: <model name>.json
 BESIDE_MODEL = "sale_thresholds.json"
+_QUERY_SUM = "_kvaccel_sale_query_sum"  # cache-layer attribute: the running query sum of a chunked prompt
 
 
 @register
@@ -86,6 +87,13 @@ class SALE(BlockSparsePrefill):
         0.71. Default 0.65; 1 = never.
     backend : str
         See :class:`BlockSparsePrefill`; also picks the estimator's backend.
+
+    Chunked prefill: a later chunk's queries are estimated over every key so far, centred (the INT4 estimate's query
+    mean) on the mean of the prompt's queries so far, kept per sequence on the cache layer. The last chunk therefore
+    selects exactly what the unchunked prompt selects for the rows of its whole query blocks (a block split by the
+    chunk boundary takes its max over its rows in the chunk); an earlier chunk's centre has not seen the later
+    queries (the centre only moves the INT4 rounding). ``dense_above`` is decided per forward, over the rows it
+    computes: it only ever adds tiles, so outputs stay exact where it differs.
     """
 
     name = "sale"
@@ -163,18 +171,44 @@ class SALE(BlockSparsePrefill):
 
     def attention(self, ctx):
         ctx.state.notes.add(self._note)
+        self._query_sum(ctx)  # every chunk, dense ones too: a later chunk centres on the prompt's queries so far
         return super().attention(ctx)
 
-    def select(self, q, k, v, scale, layer_idx) -> BlockSelection:
+    def _query_sum(self, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add this forward's real queries to the running per-sequence query sum kept on the cache layer (float64,
+        ``(B, H_q, D)`` and counts ``(B,)``), restarted by the first forward of a prompt; returns the sum so far."""
+        q = ctx.query.double()
+        real = None if ctx.pad is None else ctx.pad[:, -q.shape[2] :]
+        total = q.sum(2) if real is None else (q * real[:, None, :, None]).sum(2)
+        count = torch.full((q.shape[0],), q.shape[2], device=q.device) if real is None else real.sum(-1)
+        previous = getattr(ctx.layer, _QUERY_SUM, None) if ctx.phase == "extend" else None
+        if previous is not None:
+            total, count = total + previous[0], count + previous[1]
+        elif ctx.phase == "extend":
+            ctx.state.notes.add("sale: a later prompt chunk centres the estimate on its own queries (no KVAccelCache "
+                                "kept the earlier chunks' query sum)")
+        if ctx.layer is not None:
+            setattr(ctx.layer, _QUERY_SUM, (total, count))
+        return total, count
+
+    def select_inputs(self, ctx) -> tuple[torch.Tensor, ...]:
+        """The query centre of every sequence (its queries so far), broadcast over this forward's rows."""
+        kept = getattr(ctx.layer, _QUERY_SUM, None)
+        total, count = kept if kept is not None else self._query_sum(ctx)
+        mean = (total / count.clamp(min=1)[:, None, None]).float()
+        return (mean[:, :, None, :].expand(ctx.query.shape[0], -1, ctx.query.shape[2], -1),)
+
+    def select(self, q, k, v, scale, layer_idx, q_mean=None) -> BlockSelection:
         tau = self.head_thresholds(layer_idx)
         if isinstance(tau, torch.Tensor):
             tau = tau.to(q.device)
         mask = sale_estimate(
             q, k, scale=scale, threshold=tau, block_m=self.block_m, block_n=self.block_n, sink=self.sink,
             local_window=self.local_window, bits=self.bits, backend=self.backend,
+            q_mean=None if q_mean is None else q_mean[:, :, :1],
         )
         if self.dense_above < 1:
-            causal = causal_block_mask(q.shape[2], self.block_m, self.block_n, device=mask.device)
+            causal = causal_block_mask(k.shape[2], self.block_m, self.block_n, device=mask.device, q_len=q.shape[2])
             density = (mask & causal).flatten(2).sum(-1) / causal.sum()  # (B, H_q)
             mask = mask | ((density > self.dense_above)[..., None, None] & causal)
         return BlockSelection(mask, self.block_m, self.block_n)

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 
 from kvaccel.config import register
+from kvaccel.kernels.block_sparse_attention import first_query_block
+from kvaccel.rope import _rotary_embedding
 
 from .attn_gate import SeerGate, pooled_attention_target, shipped_gate_dir, unrotate
 from .base import BlockSelection, BlockSparsePrefill
@@ -39,7 +41,13 @@ class Seer(BlockSparsePrefill):
     they need. The default τ=0.01 is the ~80%-sparsity point at 8k.
 
     ``mode="oracle"`` scores blocks with the *true* attention max-pooled to blocks (computed in query chunks, as
-    dense as full attention: for testing the method and kernel, not for speed).
+    dense as full attention: for testing the method and kernel, not for speed). It scores whole prompts only: later
+    chunks of a chunked prefill are computed densely, with a note in ``report()``.
+
+    Chunked prefill (gate mode): a later chunk's query blocks are scored against every key so far (the keys
+    un-rotated with the model's RoPE at their positions, consecutive up to the chunk's last token), so it selects
+    exactly what the unchunked prompt selects for the rows of its whole query blocks; a block split by the chunk
+    boundary pools its rows in the chunk. The ``dense_last_rows`` are the last rows of each forward.
 
     Parameters
     ----------
@@ -109,6 +117,12 @@ class Seer(BlockSparsePrefill):
         gate.check_model(model, where=str(path))
         param = next(model.parameters())
         self._gate = gate.to(param.device).eval().requires_grad_(False)
+        self._rotary = _rotary_embedding(model)  # RoPE tables of the cached keys' positions (a later prompt chunk)
+
+    def extend_blocker(self, ctx) -> str | None:
+        if self.mode == "oracle":
+            return "seer(mode='oracle') scores whole prompts only"
+        return super().extend_blocker(ctx)
 
     # ------------------------------------------------------------------------------------------ attention
 
@@ -126,14 +140,42 @@ class Seer(BlockSparsePrefill):
                 f"seer: {type(ctx.module).__name__} got no RoPE tables (position_embeddings) in its forward; the gate "
                 "needs pre-RoPE q/k, so it supports RoPE models (Llama, Qwen, Mistral...)"
             )
-        return unrotate(ctx.query, *rope), unrotate(ctx.key, *rope)
+        Lq, L = ctx.query.shape[2], ctx.key.shape[2]
+        return unrotate(ctx.query, *rope), unrotate(ctx.key, *(rope if Lq == L else self._key_tables(ctx)))
+
+    def _key_tables(self, ctx) -> tuple[Tensor, Tensor]:
+        """RoPE ``(cos, sin)`` ``(B|1, L, D)`` of every key of a later prompt chunk's forward: positions consecutive up
+        to the chunk's last token (``position_ids[:, -1] - L + 1 + j``), from the model's rotary embedding."""
+        pos = ctx.state.position_ids
+        if self._rotary is None or pos is None or pos.dim() != 2:
+            raise RuntimeError(
+                "seer: a later prompt chunk needs the RoPE of the cached keys: the model's rotary embedding "
+                "(model.model.rotary_emb) and 2-D position_ids in the forward; this model/forward has "
+                f"{'no rotary embedding' if self._rotary is None else 'no 2-D position_ids'}"
+            )
+        L = ctx.key.shape[2]
+        keys = pos[:, -1:] - (L - 1) + torch.arange(L, device=pos.device)
+        return self._rotary(ctx.key, keys)
 
     def block_scores(self, q: Tensor, k: Tensor, scale: float, layer_idx: int, *pre: Tensor) -> Tensor:
-        """Per-row block scores ``(B, H_q, nb, nb)`` (probabilities over causal blocks); ``pre`` = pre-RoPE (q, k)
-        for the gate."""
+        """Per-row block scores ``(B, H_q, nq, nb)`` (probabilities over causal blocks) of the query blocks holding
+        ``q`` (the last positions of ``k``); ``pre`` = pre-RoPE (q, k) for the gate."""
         if self.mode == "oracle":
             return pooled_attention_target(q, k, scale, self.block_size)
-        return self._gate.layers[layer_idx].scores(*pre)
+        gate = self._gate.layers[layer_idx]
+        q_pre, k_pre = pre
+        Lq, L = q_pre.shape[2], k_pre.shape[2]
+        if Lq == L:
+            return gate.scores(q_pre, k_pre)
+        # a later chunk: pool its rows on the prompt's block grid (the first block over its rows in the chunk),
+        # place them at their block positions, score every block row (block-level, cheap) and keep the chunk's
+        bs = self.block_size
+        i0 = first_query_block(L, Lq, bs)
+        shift = L - Lq - i0 * bs
+        qf, kf = gate.features(torch.nn.functional.pad(q_pre, (0, 0, shift, 0)), k_pre)
+        qf[:, :, 0] *= min(bs, Lq + shift) / (min(bs, Lq + shift) - shift)  # the mean over the real rows only
+        qf = torch.nn.functional.pad(qf, (0, 0, i0, 0))  # (B, H_q, nb, D): empty rows before the chunk
+        return torch.softmax(gate(qf, kf), dim=-1)[:, :, i0:]
 
     def select(self, q: Tensor, k: Tensor, v: Tensor, scale: float, layer_idx: int, *pre: Tensor) -> BlockSelection:
         scores = self.block_scores(q, k, scale, layer_idx, *pre)
@@ -141,18 +183,20 @@ class Seer(BlockSparsePrefill):
         return BlockSelection(self.mask_from_scores(scores), bs, bs)
 
     def mask_from_scores(self, scores: Tensor) -> Tensor:
-        """Bool block mask ``(B, H_q, nb, nb)`` from block scores (threshold or per-row density; last rows dense)."""
-        n = scores.shape[-1]
+        """Bool block mask ``(B, H_q, nq, nb)`` from the block scores of the last ``nq`` block rows (threshold or
+        per-row density; the last rows dense)."""
+        nq, n = scores.shape[-2:]
         if self.density is not None:
-            rows = torch.arange(n, device=scores.device)
+            cols = torch.arange(n, device=scores.device)
+            rows = cols[n - nq :]  # block row of each score row
             keep_k = torch.clamp(torch.ceil(self.density * (rows + 1).double()).long(), min=1)  # per row
             order = scores.argsort(dim=-1, descending=True, stable=True)
-            rank = torch.empty_like(order).scatter_(-1, order, rows.expand_as(order).contiguous())
+            rank = torch.empty_like(order).scatter_(-1, order, cols.expand_as(order).contiguous())
             mask = rank < keep_k[:, None]
         else:
             tau = DEFAULT_THRESHOLD if self.threshold is None else self.threshold
             mask = scores >= tau
         if self.dense_last_rows:
-            mask[..., max(0, n - self.dense_last_rows) :, :] = True
+            mask[..., max(0, nq - self.dense_last_rows) :, :] = True
         return mask
 

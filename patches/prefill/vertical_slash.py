@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kvaccel.config import register, resolve_budget, validate_budget
-from kvaccel.kernels.block_sparse_attention import num_blocks
+from kvaccel.kernels.block_sparse_attention import first_query_block, num_blocks
 
 from .base import BlockSelection, BlockSparsePrefill, validate_blocks
 
@@ -25,14 +25,15 @@ _CHUNK_ELEMS = 1 << 24
 def last_query_attention(q: Tensor, k: Tensor, scale: float, last_q: int) -> Tensor:
     """Exact causal attention probabilities of the last ``last_q`` queries: ``(B, H_q, last_q, L)`` float32.
 
-    GQA without repeating K: the ``G`` query heads of a kv head are stacked along rows.
+    ``q`` ``(B, H_q, Lq, D)`` are the last ``Lq`` of the ``L`` positions of ``k`` (``Lq >= last_q``). GQA without
+    repeating K: the ``G`` query heads of a kv head are stacked along rows.
     """
-    B, Hq, L, D = q.shape
-    Hkv = k.shape[1]
+    B, Hq, Lq, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
     G = Hq // Hkv
     ar = torch.arange(last_q, device=q.device)
     above = ar[None, :] > ar[:, None]  # (last_q, last_q): keys after the query among the last ones
-    qg = q[:, :, L - last_q :].reshape(B, Hkv, G * last_q, D).float()
+    qg = q[:, :, Lq - last_q :].reshape(B, Hkv, G * last_q, D).float()
     step = max(1, _CHUNK_ELEMS // max(1, B * G * last_q * L))
     out = []
     for h0 in range(0, Hkv, step):  # chunks of kv heads, not a loop per head (one chunk at 8k)
@@ -91,6 +92,11 @@ class VerticalSlash(BlockSparsePrefill):
     higher (measured in ``report(model)['prefill_density']``). On SmolLM2-135M (4k-token prose, 9 of 30 layers) the
     defaults compute 35% of the causal tiles (22-61% per layer) at output relative error 0.087 (a_shape: 48%, 0.078).
 
+    Chunked prefill: the pattern of a chunk comes from the last ``last_q`` queries *of that chunk* over every key so
+    far, sized for the prompt so far (MInference estimates from the last queries of each forward). The last chunk
+    therefore selects exactly what the unchunked prompt selects for its rows; an earlier chunk selects from its own
+    last queries, which have not seen the rest of the prompt.
+
     Parameters
     ----------
     vertical_size : int or float
@@ -130,7 +136,8 @@ class VerticalSlash(BlockSparsePrefill):
 
     def select(self, q, k, v, scale, layer_idx) -> BlockSelection:
         p = last_query_attention(q, k, scale, min(self.last_q, q.shape[2]))  # (B, Hq, last_q, L) fp32
-        return BlockSelection(self.pattern(p), self.block_size, self.block_size)
+        i0 = first_query_block(k.shape[2], q.shape[2], self.block_size)  # a chunk's first query block
+        return BlockSelection(self.pattern(p)[:, :, i0:], self.block_size, self.block_size)
 
     def pattern(self, p: Tensor) -> Tensor:
         """Tiles ``(B, H_q, nB, nB)`` from the last queries' attention ``p`` ``(B, H_q, Q, L)``."""
