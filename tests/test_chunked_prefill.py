@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 import kvaccel
 from kvaccel.kernels.block_sparse_attention import causal_block_mask
@@ -166,3 +167,42 @@ def test_chunk_after_eviction_is_dense_and_said_so():
     assert torch.isfinite(out).all()
     assert any("a_shape computed later prompt chunks densely: the cache holds" in n for n in rep["notes"]), rep
     assert all(d > 0 for d in rep["prefill_density"])
+
+
+@pytest.mark.parametrize("name", ["a_shape", "seer"])
+def test_left_padded_batch_in_chunks_equals_the_unchunked_batch(name, gate_dir):
+    """A left-padded batch of two prompts prefilled in two chunks: per row, the logits of the unchunked batch (each
+    sequence's keys and queries sliced to its real run; seer's cached keys un-rotated at their own positions)."""
+    model = tiny_model("llama")
+    lens = (L, 250)
+    ids = torch.zeros(2, L, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, n in enumerate(lens):
+        ids[b, L - n :] = torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(5 + b))
+        mask[b, L - n :] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    method = methods(gate_dir)[name]
+    with kvaccel.patched(model, method), torch.no_grad():
+        ref = model(ids, attention_mask=mask, position_ids=pos, cache=kvaccel.KVAccelCache(model)).logits
+        cache = kvaccel.KVAccelCache(model)
+        out = torch.cat([model(ids[:, a:b], attention_mask=mask[:, :b], position_ids=pos[:, a:b], cache=cache).logits
+                         for a, b in ((0, P), (P, L))], 1)
+        rep = kvaccel.report(model)
+    assert not any("densely" in n for n in rep["notes"]), rep["notes"]
+    real = mask.bool()
+    torch.testing.assert_close(out[real], ref[real], atol=2e-5, rtol=1e-4)
+
+
+def test_chunk_over_a_cache_that_is_not_ours_is_sparse():
+    """A second forward over transformers' own cache (no KVAccelCache): the chunk runs the sparse path too."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 500, (1, L), generator=torch.Generator().manual_seed(6))
+    method = methods(None)["a_shape"]
+    with kvaccel.patched(model, method), torch.no_grad():
+        calls = recording(model._kvaccel_state.methods["prefill"])
+        ref = model(ids).logits
+        cache = DynamicCache(config=model.config)
+        first = model(ids[:, :P], cache=cache, use_cache=True).logits
+        out = torch.cat([first, model(ids[:, P:], cache=cache, use_cache=True).logits], 1)
+    assert len(calls) == 3 * model.config.num_hidden_layers  # unchunked, then both chunks in every layer
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
