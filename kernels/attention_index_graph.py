@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from kvaccel.kernels.attention_index_heap import _dot
+from kvaccel.kernels.attention_index_heap import _dot, _pop, _push
 from kvaccel.kernels.attention_index_search import _beam_search
 
 
@@ -93,7 +93,7 @@ def _project(keys, qk, kq, n, degree, window, hubs, nbrs, deg):
     mark = np.full(n, -1, np.int64)  # unique candidates of node x with their co-occurrence weight
     acc = np.zeros(n, np.float64)
     uid = np.empty(n, np.int64)
-    hw = np.empty(degree, np.float64)  # min-heap of the best `degree` weights (weakest on top)
+    hw = np.empty(degree, np.float64)  # max-heap of the best `degree` weights, negated (weakest on top)
     hid = np.empty(degree, np.int64)
     for x in range(n):
         m = 0
@@ -111,32 +111,11 @@ def _project(keys, qk, kq, n, degree, window, hubs, nbrs, deg):
             if y == x:
                 continue
             w = acc[y]
-            if size < degree:  # push, sift up (min-heap)
-                c = size
-                hw[c], hid[c] = w, y
-                while c > 0:
-                    p = (c - 1) >> 1
-                    if hw[p] <= hw[c]:
-                        break
-                    hw[p], hw[c] = hw[c], hw[p]
-                    hid[p], hid[c] = hid[c], hid[p]
-                    c = p
-                size += 1
-            elif w > hw[0]:  # replace the weakest, sift down
-                hw[0], hid[0] = w, y
-                c = 0
-                while True:
-                    a = 2 * c + 1
-                    if a >= size:
-                        break
-                    b = a + 1
-                    s = b if b < size and hw[b] < hw[a] else a
-                    if hw[c] <= hw[s]:
-                        break
-                    hw[s], hw[c] = hw[c], hw[s]
-                    hid[s], hid[c] = hid[c], hid[s]
-                    c = s
-        for t in np.argsort(-hw[:size]):  # strongest first
+            if size < degree:
+                size = _push(hw, hid, size, -w, y)
+            elif w > -hw[0]:  # replace the weakest
+                size = _push(hw, hid, _pop(hw, hid, size), -w, y)
+        for t in np.argsort(hw[:size]):  # strongest first
             _add_edge(nbrs, deg, x, hid[t], degree)
     # reverse edges (into the slack up to max_degree), then an in-edge for every key that has none
     base = deg.copy()

@@ -53,3 +53,30 @@ def _pop(hs, hi, size):
         hi[m], hi[c] = hi[c], hi[m]
         c = m
     return size
+
+
+@njit(cache=True, nogil=True, fastmath=_FM)
+def _push_grow(hs, hi, size, s, i):
+    """:func:`_push`, first doubling the heap's buffers when they are full. Returns the (possibly new) buffers and
+    the new size."""
+    if size == hs.shape[0]:
+        hs2 = np.empty(2 * size, hs.dtype)
+        hi2 = np.empty(2 * size, hi.dtype)
+        hs2[:size] = hs[:size]
+        hi2[:size] = hi[:size]
+        hs, hi = hs2, hi2
+    return hs, hi, _push(hs, hi, size, s, i)
+
+
+@njit(cache=True, nogil=True, fastmath=_FM)
+def _write_results(rs, ri, nr, out_ids, out_scores):
+    """The ``nr`` results of a heap keyed by ``-score`` into ``out_ids`` / ``out_scores`` by descending score
+    (``-1`` / ``-inf`` past ``nr``)."""
+    order = np.argsort(rs[:nr])  # ascending -score = descending score
+    for j in range(out_ids.shape[0]):
+        if j < nr:
+            out_ids[j] = ri[order[j]]
+            out_scores[j] = -rs[order[j]]
+        else:
+            out_ids[j] = -1
+            out_scores[j] = -np.inf

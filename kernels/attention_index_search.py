@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from kvaccel.kernels.attention_index_heap import _FM, _dot, _pop, _push
+from kvaccel.kernels.attention_index_heap import _FM, _dot, _pop, _push, _push_grow, _write_results
 
 
 @njit(cache=True, nogil=True, fastmath=_FM)
@@ -31,14 +31,7 @@ def _beam_search(q, keys, nbrs, deg, entries, n, ef, out_ids, out_scores):
         visited[e] = 1
         scanned += 1
         s = _dot(q, keys[e])
-        if nc == cap:
-            cap *= 2
-            cs2 = np.empty(cap, np.float32)
-            ci2 = np.empty(cap, np.int64)
-            cs2[:nc] = cs[:nc]
-            ci2[:nc] = ci[:nc]
-            cs, ci = cs2, ci2
-        nc = _push(cs, ci, nc, s, e)
+        cs, ci, nc = _push_grow(cs, ci, nc, s, e)
         nr = _push(rs, ri, nr, -s, e)
         if nr > ef:
             nr = _pop(rs, ri, nr)
@@ -56,26 +49,11 @@ def _beam_search(q, keys, nbrs, deg, entries, n, ef, out_ids, out_scores):
             scanned += 1
             s = _dot(q, keys[y])
             if nr < ef or s > -rs[0]:
-                if nc == cap:
-                    cap *= 2
-                    cs2 = np.empty(cap, np.float32)
-                    ci2 = np.empty(cap, np.int64)
-                    cs2[:nc] = cs[:nc]
-                    ci2[:nc] = ci[:nc]
-                    cs, ci = cs2, ci2
-                nc = _push(cs, ci, nc, s, y)
+                cs, ci, nc = _push_grow(cs, ci, nc, s, y)
                 nr = _push(rs, ri, nr, -s, y)
                 if nr > ef:
                     nr = _pop(rs, ri, nr)
-    order = np.argsort(rs[:nr])  # ascending -score = descending score
-    k = out_ids.shape[0]
-    for j in range(k):
-        if j < nr:
-            out_ids[j] = ri[order[j]]
-            out_scores[j] = -rs[order[j]]
-        else:
-            out_ids[j] = -1
-            out_scores[j] = -np.inf
+    _write_results(rs, ri, nr, out_ids, out_scores)
     return scanned
 
 
@@ -92,14 +70,7 @@ def _scan_row(q, keys, n, out_ids, out_scores):
             nr = _push(rs, ri, nr, -s, j)
             if nr > k:
                 nr = _pop(rs, ri, nr)
-    order = np.argsort(rs[:nr])
-    for j in range(k):
-        if j < nr:
-            out_ids[j] = ri[order[j]]
-            out_scores[j] = -rs[order[j]]
-        else:
-            out_ids[j] = -1
-            out_scores[j] = -np.inf
+    _write_results(rs, ri, nr, out_ids, out_scores)
     return n
 
 
@@ -206,16 +177,8 @@ def _group_search(qg, keys, nbrs, deg, entries, n, ef, out_ids, out_scores):
             if nr[g] > ef:
                 nr[g] = _pop(rs[g], ri[g], nr[g])
         ck, ci, cscore, cnode, nc, nslot = _add_candidate(ck, ci, cscore, cnode, nc, nslot, best, sc, y)
-    k = out_ids.shape[1]
     for g in range(G):
-        order = np.argsort(rs[g, : nr[g]])
-        for j in range(k):
-            if j < nr[g]:
-                out_ids[g, j] = ri[g, order[j]]
-                out_scores[g, j] = -rs[g, order[j]]
-            else:
-                out_ids[g, j] = -1
-                out_scores[g, j] = -np.inf
+        _write_results(rs[g], ri[g], nr[g], out_ids[g], out_scores[g])
     return scanned
 
 
