@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from prefill_helpers import left_padded, recording
 from transformers import DynamicCache
 
 import kvaccel
@@ -37,20 +38,6 @@ def gate_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("seer_gate")
     SeerGate.for_model(tiny_model("llama"), hidden=16).save(path)
     return path
-
-
-def recording(method) -> list:
-    """Record every selection of ``method`` (in call order: layer by layer, forward by forward)."""
-    calls = []
-    select = method.select
-
-    def record(*args):
-        sel = select(*args)
-        calls.append(sel)
-        return sel
-
-    method.select = record
-    return calls
 
 
 def computed_tiles(sel, L: int, Lq: int, H: int) -> int:
@@ -174,13 +161,8 @@ def test_left_padded_batch_in_chunks_equals_the_unchunked_batch(name, gate_dir):
     """A left-padded batch of two prompts prefilled in two chunks: per row, the logits of the unchunked batch (each
     sequence's keys and queries sliced to its real run; seer's cached keys un-rotated at their own positions)."""
     model = tiny_model("llama")
-    lens = (L, 250)
-    ids = torch.zeros(2, L, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, n in enumerate(lens):
-        ids[b, L - n :] = torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(5 + b))
-        mask[b, L - n :] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids, mask, pos = left_padded([torch.randint(3, 500, (n,), generator=torch.Generator().manual_seed(5 + b))
+                                  for b, n in enumerate((L, 250))])
     method = methods(gate_dir)[name]
     with kvaccel.patched(model, method), torch.no_grad():
         ref = model(ids, attention_mask=mask, position_ids=pos, cache=kvaccel.KVAccelCache(model)).logits

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from prefill_helpers import left_padded, recording
 
 import kvaccel
 from kvaccel.kernels.block_sparse_attention import causal_block_mask
@@ -209,20 +210,13 @@ def test_report_density_matches_the_selected_masks():
     model = tiny_model("llama")
     ids = prompt(400, seed=3)
     method = VerticalSlash(vertical_size=31, slash_size=50, block_size=32, min_length=16)
-    masks = []
-    select = method.select
-
-    def recording(*args):
-        sel = select(*args)
-        masks.append(sel.mask)
-        return sel
-
-    method.select = recording
+    selections = recording(method)
     with kvaccel.patched(model, method):
         logits(model, ids)
         rep = kvaccel.report(model)
     causal = causal_block_mask(400, 32, 32)
     diag = _diagonal_tiles(400, 32, 32, None)
+    masks = [sel.mask for sel in selections]
     want = [float(((m | diag) & causal).sum() / (causal.sum() * m.shape[1])) for m in masks]
     assert len(masks) == model.config.num_hidden_layers
     assert rep["prefill_density"] == pytest.approx(want)
@@ -238,22 +232,10 @@ def test_padded_batch_density_weighs_each_sequence_by_its_causal_tiles_in_the_me
     model = tiny_model("llama")
     lens = (100, 300)
     L = max(lens)
-    ids = torch.zeros(2, L, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, n in enumerate(lens):
-        ids[b, L - n :] = prompt(n, seed=20 + b)[0]
-        mask[b, L - n :] = 1
-    masks = []
-    select = method.select
-
-    def recording(*args):
-        sel = select(*args)
-        masks.append(sel)
-        return sel
-
-    method.select = recording
+    ids, mask, pos = left_padded([prompt(n, seed=20 + b)[0] for b, n in enumerate(lens)])
+    masks = recording(method)
     with kvaccel.patched(model, method):
-        logits(model, ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+        logits(model, ids, attention_mask=mask, position_ids=pos)
         rep = kvaccel.report(model)
     H = model.config.num_attention_heads
     bm, bn = masks[0].block_m, masks[0].block_n

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from prefill_helpers import padded_batch_and_alone
 from typer.testing import CliRunner
 
 import kvaccel
@@ -228,23 +229,13 @@ def test_left_padded_batch_equals_each_prompt_alone():
     """A left-padded batch of two prompts of different lengths gives, per row, the logits of each prompt alone
     (every statistic of the estimate, the centring means included, is per sequence)."""
     model = tiny_model("llama")
-    lens = (300, 233)
-    L = max(lens)
     g = torch.Generator().manual_seed(7)
-    seqs = [torch.randint(3, 500, (n,), generator=g) for n in lens]
-    ids = torch.zeros(2, L, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, s in enumerate(seqs):
-        ids[b, L - len(s) :] = s
-        mask[b, L - len(s) :] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad(), kvaccel.patched(model, SALE(threshold=0.2, local_window=32, min_length=100, dense_above=1.0)):
-        batched = model(ids, attention_mask=mask, position_ids=pos).logits
-        dens = kvaccel.report(model)["prefill_density"]
-        single = [model(s[None]).logits[0] for s in seqs]
+    seqs = [torch.randint(3, 500, (n,), generator=g) for n in (300, 233)]
+    method = SALE(threshold=0.2, local_window=32, min_length=100, dense_above=1.0)
+    dens, batched, single = padded_batch_and_alone(model, method, seqs)
     assert all(d < 0.7 for d in dens), dens  # sparse (0.64 measured): not dense vs dense
-    for b, s in enumerate(seqs):
-        torch.testing.assert_close(batched[b, L - len(s) :], single[b], atol=2e-5, rtol=1e-4)
+    for row, alone in zip(batched, single, strict=True):
+        torch.testing.assert_close(row, alone, atol=2e-5, rtol=1e-4)
 
 
 def test_dense_fallback_below_min_length():

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from prefill_helpers import padded_batch_and_alone, recording
 
 import kvaccel
 from kvaccel.patches.prefill.attn_gate import (
@@ -238,20 +239,6 @@ def seer_tiles(scores: torch.Tensor, density: float, dense_last_rows: int) -> in
     return total
 
 
-def recording_scores(method: Seer) -> list[torch.Tensor]:
-    """Record every ``block_scores`` result of ``method`` (one per sequence and layer, in call order)."""
-    calls = []
-    block_scores = method.block_scores
-
-    def record(*args):
-        out = block_scores(*args)
-        calls.append(out)
-        return out
-
-    method.block_scores = record
-    return calls
-
-
 def test_gate_mode_runs_and_pads(tmp_path):
     model = tiny_model("llama")
     SeerGate.for_model(model, hidden=16).save(tmp_path)
@@ -263,7 +250,7 @@ def test_gate_mode_runs_and_pads(tmp_path):
         kvaccel.patch(model, Seer(weights=str(tmp_path), threshold=0.0, min_length=0))
         out = model(ids, attention_mask=mask).logits
         kvaccel.patch(model, sparse_method)
-        calls = recording_scores(sparse_method)
+        calls = recording(sparse_method, "block_scores")
         sparse = model(ids, attention_mask=mask).logits
         d_sparse = kvaccel.report(model)["prefill_density"]
         kvaccel.unpatch(model)
@@ -340,7 +327,7 @@ def test_default_model_finds_shipped_gate(default_model):
     with torch.no_grad():
         ref = model(ids).logits[:, -1]
         with kvaccel.patched(model, "seer(density=0.5)"):  # the shipped gate, found by bind()
-            calls = recording_scores(model._kvaccel_state.methods["prefill"])
+            calls = recording(model._kvaccel_state.methods["prefill"], "block_scores")
             out = model(ids).logits[:, -1]
             dens = kvaccel.report(model)["prefill_density"]
     n = 18  # ceil(1100 / 64) blocks, the last 2 rows dense (the default dense_last_rows)
@@ -354,20 +341,9 @@ def test_sparse_gate_left_padded_batch_equals_each_prompt_alone(tmp_path):
     (sparse: threshold 0.3 on a random gate drops blocks)."""
     model = tiny_model("llama")
     SeerGate.for_model(model, hidden=16).save(tmp_path)
-    lens = (300, 233)
-    L = max(lens)
-    seqs = [_ids(n, seed=30 + i)[0] for i, n in enumerate(lens)]
-    ids = torch.zeros(2, L, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, s in enumerate(seqs):
-        ids[b, L - len(s) :] = s
-        mask[b, L - len(s) :] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    seqs = [_ids(n, seed=30 + i)[0] for i, n in enumerate((300, 233))]
     method = Seer(weights=str(tmp_path), threshold=0.3, dense_last_rows=0, min_length=0)
-    with torch.no_grad(), kvaccel.patched(model, method):
-        batched = model(ids, attention_mask=mask, position_ids=pos).logits
-        dens = kvaccel.report(model)["prefill_density"]
-        single = [model(s[None]).logits[0] for s in seqs]
+    dens, batched, single = padded_batch_and_alone(model, method, seqs)
     assert all(d < 0.7 for d in dens), dens  # sparse (0.6 measured): not dense vs dense
-    for b, s in enumerate(seqs):
-        torch.testing.assert_close(batched[b, L - len(s) :], single[b], atol=2e-5, rtol=1e-4)
+    for row, alone in zip(batched, single, strict=True):
+        torch.testing.assert_close(row, alone, atol=2e-5, rtol=1e-4)
