@@ -160,17 +160,16 @@ class Retrieval(DecodeMethod):
         Keys retrieved per query head and step (the paper's 100).
     sink, window : int, default 128, 512
         Static tokens kept on the device: the first ``sink`` and the last ``window`` (the paper's numbers), per row
-        (a left-padded row's sink is its first real tokens; each row spills on its own schedule, as it would alone).
+        (a left-padded row's sink is its first real tokens; each row spills on its own schedule, as it would alone,
+        so with the exact scan a padded batch decodes each sequence as alone; the switch to the graph and ``ef``
+        follow the batch's largest row).
     ef : int, default 128
         Search list size of the graph search (``>= top_k``; larger = higher recall, more keys scanned), at least:
         the search list grows with the host part as ``ef_per_key`` x the keys of the largest row.
     ef_per_key : float, default 1/256
         The search list scales with the keys held (recall at a fixed ``ef`` falls as the cache grows): ``max(ef,
-        ef_per_key * host keys)``, i.e. 128 up to 32k host keys, 512 at 128k. 0 keeps ``ef`` fixed. Measured
-        (``benchmarks/retrieval_decode.py``, 128k tokens, layers 3 / 17, one run each, same load): recall@100 0.887
-        / 0.950 at 10.0x / 7.2x the dense step, vs 0.739 / 0.792 at 22.7x / 25.4x with ef fixed at 128 (and, in a
-        later run on a quieter machine, 0.911 / 0.966 at 5.36x / 5.85x with ``ef_per_key=0.0052``, ef 682); the index
-        benchmark's GQA walk at ef=512 reads 4.3% of the keys (recall 0.923).
+        ef_per_key * host keys)``, i.e. 128 up to 32k host keys, 512 at 128k. 0 keeps ``ef`` fixed. Recall and speed
+        at 32k / 128k: ``docs/results.md`` (section "Retrieval attention").
     degree : int, default 32
         Out-degree of the projected graph (the paper uses ~35).
     build_top_k : int, default 64
@@ -180,9 +179,8 @@ class Retrieval(DecodeMethod):
         positions).
     build_query_ratio : float, default 0.125
         Prefill queries per host key used for the graph (at least 1024, at most ``build_queries``). The exact kNN
-        costs queries x keys, so the build grows with the square of the context; measured recall@100 at ef=128
-        (``benchmarks/retrieval_index.py``, layers 3 and 17): 8k keys 0.905 / 0.936 / 0.942 with 512 / 1024 /
-        4096 queries, 32k keys 0.862 / 0.898 / 0.918 / 0.930 with 512 / 1024 / 2048 / 4096.
+        costs queries x keys, so the build grows with the square of the context; recall rises with the queries
+        (``benchmarks/retrieval_index.py``).
     spill_every : int, default 64
         Tokens that slide out of the window wait on the device until this many can move to host together.
     exact_below : int, default 16384
@@ -190,17 +188,12 @@ class Retrieval(DecodeMethod):
         many host keys, the layer's top-k is exact: one batched matmul of all its queries over all its host keys
         (a scan streams the keys, memory-bound) and a linear-time compiled selection; no graph exists (no build
         work). The spill that takes a row past it builds the layer's graph from prefill queries kept for that (in
-        the background, ``background_build``), searched from then on. Measured on this CPU
-        (``benchmarks/retrieval_scan.py``: 30 cache-cold layers, 1 thread, ms per layer-step for 3 kv heads x 3
-        query heads), exact scan (bfloat16 / float32, recall 1.0) vs graph walk (ef=128, recall 0.90 / 0.90 / 0.67):
-        7.5k keys 0.60 / 0.59 vs 0.79, 16k 1.03 / 1.18 vs 0.84, 32k 1.93 / 2.59 vs 1.20: at 7.5k the exact scan is
-        faster, at 16k it costs ~20% more than the walk and stays exact; past it the walk wins (its search list
-        grows with the keys, ``ef_per_key``). ``report()`` notes which path ran (``retrieval_exact_steps`` /
-        ``retrieval_graph_steps`` per layer).
+        the background, ``background_build``), searched from then on. The default is where the scan stops being
+        cheaper than a walk on this CPU (``benchmarks/retrieval_scan.py``; ``docs/results.md``, "Exact scan vs graph
+        walk"). ``report()`` notes which path ran (``retrieval_exact_steps`` / ``retrieval_graph_steps`` per layer).
     scan_precision : {"auto", "float32", "bfloat16"}, default "auto"
         The exact scan reads a bfloat16 copy of the host keys (half the bytes) and re-scores the best ``top_k +
-        16`` per head in float32 (the returned set and its logits are float32; on the default model's keys it
-        recovered the float32 top-100 on every query tested, 99.5% with no margin). "auto": bfloat16 where oneDNN
+        16`` per head in float32 (the returned set and its logits are float32). "auto": bfloat16 where oneDNN
         has a native bfloat16 matmul (AVX512-BF16 / AMX), else float32 (bfloat16 would be emulated: slower).
     group_search : bool, default True
         GQA: one graph walk per kv head scores each visited key against all its query heads (each head keeps its
