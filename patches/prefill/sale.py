@@ -177,9 +177,11 @@ class SALE(BlockSparsePrefill):
     def _query_sum(self, ctx) -> tuple[torch.Tensor, torch.Tensor]:
         """Add this forward's real queries to the running per-sequence query sum kept on the cache layer (float64,
         ``(B, H_q, D)`` and counts ``(B,)``), restarted by the first forward of a prompt; returns the sum so far."""
-        q = ctx.query.double()
+        q = ctx.query
         real = None if ctx.pad is None else ctx.pad[:, -q.shape[2] :]
-        total = q.sum(2) if real is None else (q * real[:, None, :, None]).sum(2)
+        if real is not None:
+            q = q.masked_fill(~real[:, None, :, None], 0)
+        total = q.sum(2, dtype=torch.float64)
         count = torch.full((q.shape[0],), q.shape[2], device=q.device) if real is None else real.sum(-1)
         previous = getattr(ctx.layer, _QUERY_SUM, None) if ctx.phase == "extend" else None
         if previous is not None:
