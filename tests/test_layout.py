@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import tomllib
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,3 +53,40 @@ def test_readme_quick_start_runs_from_the_root():
     done = _run_in_root("import kvaccel; model, tok = kvaccel.load_model(); print(type(model).__name__)")
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-1] == "LlamaForCausalLM"
+
+
+def _lock() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def test_lock_pins_every_dependency_within_the_declared_ranges():
+    """`make test` installs requirements.lock, then kvaccel with --no-deps: the lock must hold every requirement of
+    pyproject (extras included) at a version its range allows."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = project["dependencies"] + [r for extra in ("dev", "eval", "ray", "retrieval")
+                                          for r in project["optional-dependencies"][extra]]
+    pins = _lock()
+    for text in declared:
+        req = Requirement(text)
+        if req.marker is not None and not req.marker.evaluate():
+            continue
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is required by pyproject but not pinned in requirements.lock: make lock"
+        assert req.specifier.contains(pins[name], prereleases=True), f"lock pins {name}=={pins[name]}, outside {req}"
+
+
+def test_lock_matches_the_environment_the_suite_runs_in():
+    """The suite runs in the environment `make test` built from the lock: every pin is what is installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name, pinned in _lock().items():
+        try:
+            installed = version(name)
+        except PackageNotFoundError:
+            pytest.fail(f"{name}=={pinned} is in requirements.lock but not installed: make install")
+        assert installed.split("+")[0] == pinned, f"{name}: installed {installed}, locked {pinned} (make install)"
