@@ -75,7 +75,7 @@ def main() -> None:
     for spec in args.methods:
         with kvaccel.patched(model, spec), first_keep_recorded() as kept, torch.inference_mode():
             cache = KVAccelCache(model)
-            model(ids, past_key_values=cache, use_cache=True)
+            model(ids, cache=cache, use_cache=True)
             per_layer = []
             for layer in cache.layers:
                 idx = kept.get(id(layer))

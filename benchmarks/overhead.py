@@ -24,11 +24,11 @@ def timed_run(model, ids, decode_tokens: int, patched: bool) -> tuple[float, flo
     cache = kvaccel.KVAccelCache(model) if patched else DynamicCache(config=model.config)
     with torch.inference_mode():
         t0 = time.perf_counter()
-        out = model(ids, past_key_values=cache, use_cache=True)
+        out = model(ids, cache=cache, use_cache=True)
         t1 = time.perf_counter()
         tok = out.logits[:, -1:].argmax(-1)
         for _ in range(decode_tokens):
-            tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            tok = model(tok, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
         t2 = time.perf_counter()
     return t1 - t0, (t2 - t1) / decode_tokens
 

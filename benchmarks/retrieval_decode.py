@@ -154,30 +154,30 @@ def end_to_end(args, model, tok) -> None:
             out_f = model(ids, use_cache=True, logits_to_keep=1)
             p_full = time.perf_counter() - t0
             t0 = time.perf_counter()
-            out_r = patched(ids, past_key_values=KVAccelCache(patched), use_cache=True, logits_to_keep=1)
+            out_r = patched(ids, cache=KVAccelCache(patched), use_cache=True, logits_to_keep=1)
             p_ret = time.perf_counter() - t0
-            cache_f, cache_r = out_f.past_key_values, out_r.past_key_values
+            cache_f, cache_r = out_f.cache, out_r.cache
             # floor: the stock model over a cache as small as retrieval's static part (what a step would cost if
             # the host part were free)
-            cache_s = model(ids[:, -(args.sink + args.window) :], use_cache=True, logits_to_keep=1).past_key_values
+            cache_s = model(ids[:, -(args.sink + args.window) :], use_cache=True, logits_to_keep=1).cache
             waited = wait_for_index(cache_r) if args.wait_index else 0.0
             l_full, l_ret, t_full, t_ret, t_small, ready = [out_f.logits[0, -1]], [out_r.logits[0, -1]], [], [], [], []
             c_full, c_ret, c_small = [], [], []  # process CPU time (all threads) of each step
             for _ in range(steps):
                 nxt = torch.tensor([[int(l_full[-1].argmax())]])
                 t0, c0 = time.perf_counter(), time.process_time()
-                out_f = model(nxt, past_key_values=cache_f, use_cache=True)
+                out_f = model(nxt, cache=cache_f, use_cache=True)
                 t_full.append(time.perf_counter() - t0)
                 c_full.append(time.process_time() - c0)
                 t0, c0 = time.perf_counter(), time.process_time()
-                model(nxt, past_key_values=cache_s, use_cache=True)
+                model(nxt, cache=cache_s, use_cache=True)
                 t_small.append(time.perf_counter() - t0)
                 c_small.append(time.process_time() - c0)
                 # every layer's index finished before this step (a layer installs it at its own step)
                 ready.append(all(getattr(layer, STATE_ATTR).pending is None
                                  or getattr(layer, STATE_ATTR).pending.done() for layer in cache_r.layers))
                 t0, c0 = time.perf_counter(), time.process_time()
-                out_r = patched(nxt, past_key_values=cache_r, use_cache=True)
+                out_r = patched(nxt, cache=cache_r, use_cache=True)
                 t_ret.append(time.perf_counter() - t0)
                 c_ret.append(time.process_time() - c0)
                 l_full.append(out_f.logits[0, -1])

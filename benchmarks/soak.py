@@ -46,11 +46,11 @@ def soak(model, tok, method: str, steps: int, prompt_length: int, sample_every: 
     samples = []
     try:
         with torch.inference_mode():
-            out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
             nxt = out.logits[:, -1:].argmax(-1)
             t_last = time.perf_counter()
             for step in range(1, steps + 1):
-                out = model(nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                out = model(nxt, cache=cache, use_cache=True, logits_to_keep=1)
                 nxt = out.logits[:, -1:].argmax(-1)
                 if step % sample_every == 0 or step == steps:
                     now = time.perf_counter()

@@ -37,7 +37,7 @@ def prefill(model, ids: torch.Tensor, mode: str, budget: float):
         kvaccel.patch(model, f"adakv(budget={budget}, layout='{mode}')")
     cache = DynamicCache(config=model.config) if mode == "full" else kvaccel.KVAccelCache(model)
     with torch.inference_mode():
-        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
     if mode == "full":
         nbytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
         ratio = 1.0
@@ -54,10 +54,10 @@ def decode_step_s(model, cache, tok: torch.Tensor, mode: str, budget: float, ste
         kvaccel.patch(model, f"adakv(budget={budget}, layout='{mode}')")
     try:
         with torch.inference_mode():
-            tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)  # warm step
+            tok = model(tok, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)  # warm step
             t0 = time.perf_counter()
             for _ in range(steps):
-                tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                tok = model(tok, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
             return (time.perf_counter() - t0) / steps
     finally:
         if mode != "full":

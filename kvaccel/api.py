@@ -282,9 +282,9 @@ def paused(model) -> Iterator[Any]:
     kvpress' protocol: compress the context, then feed the question (and teacher-forced answer tokens) over the
     compressed cache without compressing again::
 
-        model(context_ids, past_key_values=cache)          # prefill: evicts to the budget
+        model(context_ids, cache=cache)          # prefill: evicts to the budget
         with kvaccel.paused(model):
-            logits = model(question_ids, past_key_values=cache).logits   # attends the kept cache, evicts nothing
+            logits = model(question_ids, cache=cache).logits   # attends the kept cache, evicts nothing
 
     Prefill and decode methods (how attention is computed) stay active. Tokens fed while paused are kept whole
     and count as prompt (``prompt_len``) for budgets resolved later. Methods come back on exit, also on error.

@@ -484,7 +484,7 @@ class KVAccelCache(Cache):
     """A ``Cache`` of ``KVAccelLayer``s, one per decoder layer of ``model`` (or of a config).
 
     ``generate()`` on a patched model creates one automatically; pass one explicitly to ``model(...)`` or
-    ``generate(past_key_values=KVAccelCache(model))`` to keep it.
+    ``generate(cache=KVAccelCache(model))`` to keep it.
     """
 
     def __init__(self, model_or_config=None, num_layers: int | None = None):

@@ -277,7 +277,7 @@ def kvaccel_attention(
             f"the patched methods ({', '.join(m.name for m in state.methods.values())}) act on the KV cache, but this "
             "forward has " + ("a cache that is not a KVAccelCache" if getattr(module, "_kvaccel_foreign", False)
                               else "no cache (use_cache=False)")
-            + "; call generate(), or pass past_key_values=kvaccel.KVAccelCache(model) and use_cache=True"
+            + "; call generate(), or pass cache=kvaccel.KVAccelCache(model) and use_cache=True"
         )
 
     window = kwargs.get("sliding_window")

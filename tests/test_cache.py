@@ -41,7 +41,7 @@ def test_streaming_2k_prompt_memory_positions_and_bounded_decode():
     try:
         cache = KVAccelCache(model)
         with torch.no_grad():
-            out = model(ids, past_key_values=cache, use_cache=True)
+            out = model(ids, cache=cache, use_cache=True)
         r = kvaccel.report(model)
         assert r["kv_bytes"] == _tensor_bytes(cache) == cache.nbytes()
         full = sum(2 * 1 * 2 * 2048 * 16 * 4 for _ in cache.layers)  # K+V, B=1, Hkv=2, T, D=16, fp32
@@ -54,7 +54,7 @@ def test_streaming_2k_prompt_memory_positions_and_bounded_decode():
         sizes = []
         with torch.no_grad():
             for _ in range(1000):
-                out = model(tok, past_key_values=cache, use_cache=True)
+                out = model(tok, cache=cache, use_cache=True)
                 tok = out.logits[:, -1:].argmax(-1)
                 sizes.append(cache.nbytes())
         assert positions[0] == 2047 and positions[1:] == list(range(2048, 3048))  # continue from tokens seen
@@ -74,14 +74,14 @@ def test_streaming_generate_with_left_padding_keeps_real_sinks():
     mask[1, :20] = 0
     with kvaccel.patched(model, "streaming(budget=16, sink=4)"):
         cache = KVAccelCache(model)
-        model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=8, do_sample=False)
+        model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=8, do_sample=False)
         layer = cache.layers[1]
         assert layer.keys.shape[2] == 16 and layer.valid is None  # the padding was evicted first
         assert cache.get_seq_length() == 64 + 7
     # the sinks of sequence 1 are its first real tokens: compare its keys with an unpadded run of it alone
     with kvaccel.patched(model, "streaming(budget=16, sink=4)"):
         solo = KVAccelCache(model)
-        model.generate(ids[1:, 20:], past_key_values=solo, max_new_tokens=8, do_sample=False)
+        model.generate(ids[1:, 20:], cache=solo, max_new_tokens=8, do_sample=False)
     torch.testing.assert_close(cache.layers[0].keys[1, :, :4], solo.layers[0].keys[0, :, :4], atol=1e-5, rtol=1e-5)
 
 

@@ -91,14 +91,14 @@ def test_every_scorer_keeps_whole_spans_end_to_end(spec):
     ids = torch.randint(3, 512, (1, 200), generator=torch.Generator().manual_seed(6))
     with kvaccel.patched(model, spec), torch.no_grad():
         cache = kvaccel.KVAccelCache(model)
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, cache=cache, use_cache=True)
         rep = kvaccel.report(model)
         assert rep["kept_tokens"] == [[[40, 40]]] * 3
         # kept positions: recover them from the RoPE'd keys of an uncompressed run
         ref = kvaccel.KVAccelCache(model)
     kvaccel.patch(model)
     with torch.no_grad():
-        model(ids, past_key_values=ref, use_cache=True)
+        model(ids, cache=ref, use_cache=True)
     kvaccel.unpatch(model)
     for layer, full in zip(cache.layers, ref.layers, strict=True):
         for h in range(2):
@@ -197,7 +197,7 @@ def test_sliding_span_rule_is_an_option_of_every_scorer(monkeypatch):
     for spec in ("snapkv(budget=20,chunk=6,span_rule='sliding')", "h2o(budget=20,chunk=6,span_rule='sliding')"):
         calls.clear()
         with kvaccel.patched(model, spec), torch.no_grad():
-            model(ids, use_cache=True, past_key_values=KVAccelCache(model))
+            model(ids, use_cache=True, cache=KVAccelCache(model))
             assert kvaccel.report(model)["kept_tokens"][0] == [[20, 20]]
         assert len(calls) == model.config.num_hidden_layers  # every layer selected through the sliding rule
     with pytest.raises(ValueError, match="span_rule"):

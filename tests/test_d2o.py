@@ -113,7 +113,7 @@ def test_layers_0_1_last_full_and_middle_layers_average_the_budget():
     with kvaccel.patched(model, D2O(budget=0.25, slack=1)):  # slack=1: evict at every decode step (the paper)
         cache = KVAccelCache(model)
         with torch.no_grad():
-            out = model(ids, past_key_values=cache, use_cache=True)
+            out = model(ids, cache=cache, use_cache=True)
         r = kvaccel.report(model)
         caps = r["capacity"]
         assert caps[0] == caps[1] == caps[5] == 256
@@ -129,7 +129,7 @@ def test_layers_0_1_last_full_and_middle_layers_average_the_budget():
         tok = out.logits[:, -1:].argmax(-1)
         with torch.no_grad():
             for _ in range(5):
-                tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                tok = model(tok, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
         r = kvaccel.report(model)
         assert [r["kept_tokens"][l] for l in (2, 3, 4)] == [[[c] * 2] for c in mid]
         assert r["kept_tokens"][0] == [[261, 261]]

@@ -144,7 +144,7 @@ def test_budget_32_cache_is_bounded_and_bytes_shrink(name, kwargs, extra, state_
             assert caps == [32] * cfg.num_hidden_layers
         assert rep["kept_tokens"] == [[[c] * Hkv] for c in caps]
         cache = KVAccelCache(model)
-        model.generate(ids, max_new_tokens=21, do_sample=False, past_key_values=cache)  # prefill + 20 decode steps
+        model.generate(ids, max_new_tokens=21, do_sample=False, cache=cache)  # prefill + 20 decode steps
         rep = kvaccel.report(model)
         assert rep["seen_tokens"] == 276
         assert rep["kept_tokens"] == [[[c + extra] * Hkv] for c in caps]
@@ -365,8 +365,8 @@ def test_keyformer_temperature_follows_the_generation_length(monkeypatch):
         lengths.clear()
         cache = kvaccel.KVAccelCache(model)  # a manual loop: no generate(), the documented default, noted
         with torch.no_grad():
-            model(ids, past_key_values=cache, use_cache=True)
-            model(ids[:, :1], past_key_values=cache, use_cache=True)
+            model(ids, cache=cache, use_cache=True)
+            model(ids[:, :1], cache=cache, use_cache=True)
         assert set(lengths[3:]) == {128}
         assert any("generation length unknown" in n for n in kvaccel.report(model)["notes"])
     lengths.clear()
@@ -445,8 +445,8 @@ def test_chunked_prompt_is_compressed_after_each_chunk(name):
     ids = torch.randint(3, 512, (1, 160), generator=torch.Generator().manual_seed(8))
     with kvaccel.patched(model, name, budget=24), torch.no_grad():
         cache = KVAccelCache(model)
-        model(ids[:, :100], past_key_values=cache, use_cache=True)
-        model(ids[:, 100:], past_key_values=cache, use_cache=True)  # phase "extend"
+        model(ids[:, :100], cache=cache, use_cache=True)
+        model(ids[:, 100:], cache=cache, use_cache=True)  # phase "extend"
         assert [layer.kept_per_head().tolist() for layer in cache.layers] == [[[24, 24]]] * 3
         assert cache.get_seq_length() == 160
 
@@ -466,12 +466,12 @@ def test_every_scorer_composes_with_think(spec, value_ratio):
     ids = torch.randint(3, 512, (1, 140), generator=torch.Generator().manual_seed(9))
     with kvaccel.patched(model, f"{spec}+think(ratio=0.4, window=8, value_ratio={value_ratio})"), torch.no_grad():
         cache = KVAccelCache(model)
-        model(ids[:, :120], past_key_values=cache, use_cache=True)  # context
+        model(ids[:, :120], cache=cache, use_cache=True)  # context
         assert any(layer.narrow is not None for layer in cache.layers)  # (a tiny top pyramid layer may not)
-        model(ids[:, 120:], past_key_values=cache, use_cache=True)  # question: phase "extend"
+        model(ids[:, 120:], cache=cache, use_cache=True)  # question: phase "extend"
         tok = ids[:, -1:]
         for _ in range(6):  # decode steps
-            tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            tok = model(tok, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
         assert cache.get_seq_length() == 146
         capacities = kvaccel.report(model)["capacity"]
         for layer, cap in zip(cache.layers, capacities, strict=True):
@@ -507,26 +507,26 @@ def test_paused_feeds_tokens_over_the_compressed_cache_without_compressing(spec)
     ctx_ids, q_ids = ids[:, :100], ids[:, 100:]
     with kvaccel.patched(model, spec), torch.no_grad():
         cache = KVAccelCache(model)
-        model(ctx_ids, past_key_values=cache, use_cache=True)
+        model(ctx_ids, cache=cache, use_cache=True)
         assert kvaccel.report(model)["kept_tokens"][0][0] == [24, 24]
         snapshot = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
         with kvaccel.paused(model):
             assert "evict" not in kvaccel.report(model)["methods"]
-            out = model(q_ids, past_key_values=cache, use_cache=True).logits
+            out = model(q_ids, cache=cache, use_cache=True).logits
         assert kvaccel.report(model)["kept_tokens"][0][0] == [34, 34]  # nothing evicted, the 10 tokens appended
         assert kvaccel.report(model)["methods"]["evict"] == kvaccel.parse_spec(spec)[0].spec()  # back on exit
         for (k, v), layer in zip(snapshot, cache.layers, strict=True):  # the compressed context is untouched
             assert torch.equal(layer.keys[:, :, :24], k) and torch.equal(layer.values[:, :, :24], v)
         # the same logits as feeding the 10 tokens one at a time over the kept cache, paused
         cache2 = KVAccelCache(model)
-        model(ctx_ids, past_key_values=cache2, use_cache=True)
+        model(ctx_ids, cache=cache2, use_cache=True)
         with kvaccel.paused(model):
-            steps = [model(q_ids[:, i:i + 1], past_key_values=cache2, use_cache=True).logits for i in range(10)]
+            steps = [model(q_ids[:, i:i + 1], cache=cache2, use_cache=True).logits for i in range(10)]
         torch.testing.assert_close(torch.cat(steps, 1), out, atol=1e-4, rtol=1e-4)
         # without the pause, the question is compressed again (the cache is cut back to the budget)
         cache3 = KVAccelCache(model)
-        model(ctx_ids, past_key_values=cache3, use_cache=True)
-        model(q_ids, past_key_values=cache3, use_cache=True)
+        model(ctx_ids, cache=cache3, use_cache=True)
+        model(q_ids, cache=cache3, use_cache=True)
         assert kvaccel.report(model)["kept_tokens"][0][0] == [24, 24]
     with pytest.raises(ValueError, match="patched"):
         with kvaccel.paused(model):
@@ -548,7 +548,7 @@ def test_decode_probs_from_the_attention_equal_a_separate_scoring_pass(spec, mon
             monkeypatch.setattr(attention, "_fuse_decode_probs", lambda ctx: False)
         with kvaccel.patched(model, spec):
             cache = KVAccelCache(model)
-            out = model.generate(ids, past_key_values=cache, max_new_tokens=12, do_sample=False)
+            out = model.generate(ids, cache=cache, max_new_tokens=12, do_sample=False)
             states.append((out, {k: v.clone() for k, v in cache.layers[1].token_state.items()}))
     assert torch.equal(states[0][0], states[1][0])
     assert states[0][1].keys() == states[1][1].keys() and states[0][1]

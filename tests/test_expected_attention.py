@@ -105,7 +105,7 @@ def _reference_keep(model, ids, budget, n_future=512, n_sink=4, offsets=None, ob
         lambda m, a, o, i=i: qs.__setitem__(i, o.detach())) for i, layer in enumerate(model.model.layers)]
     cache = DynamicCache()
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, cache=cache, use_cache=True)
     for h in hooks:
         h.remove()
     cos, sin = _rope(model, n_future, start=L)
@@ -154,10 +154,10 @@ def _kept_ids(model, ids, method):
     with kvaccel.patched(model, method):
         cache = kvaccel.KVAccelCache(model)
         with torch.no_grad():
-            model(ids, past_key_values=cache, use_cache=True)
+            model(ids, cache=cache, use_cache=True)
     ref_cache = DynamicCache()
     with torch.no_grad():
-        model(ids, past_key_values=ref_cache, use_cache=True)
+        model(ids, cache=ref_cache, use_cache=True)
     got = []
     for i, layer in enumerate(cache.layers):
         full_k = ref_cache.layers[i].keys[0]

@@ -198,11 +198,11 @@ def test_eviction_without_our_cache_is_an_error():
         with pytest.raises(RuntimeError, match="use_cache=False"):
             model(ids, use_cache=False)
         with pytest.raises(RuntimeError, match="not a KVAccelCache"):
-            model(ids, past_key_values=DynamicCache(config=model.config))
+            model(ids, cache=DynamicCache(config=model.config))
     with kvaccel.patched(model):  # no cache method: any cache works, same logits as stock
         ref = tiny_model("llama")(ids, use_cache=False).logits
         torch.testing.assert_close(model(ids, use_cache=False).logits, ref, rtol=0, atol=0)
-        torch.testing.assert_close(model(ids, past_key_values=DynamicCache(config=model.config)).logits, ref,
+        torch.testing.assert_close(model(ids, cache=DynamicCache(config=model.config)).logits, ref,
                                    rtol=0, atol=0)
 
 

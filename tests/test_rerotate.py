@@ -44,7 +44,7 @@ def test_generation_past_the_context_window_keeps_slots_at_their_positions():
     ids = torch.randint(3, 500, (1, 40), generator=torch.Generator().manual_seed(1))
     with kvaccel.patched(model, "streaming(budget=16,slack=1,rerotate=True)"):
         cache = KVAccelCache(model)
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=200, do_sample=False)
+        out = model.generate(ids, cache=cache, max_new_tokens=200, do_sample=False)
         assert out.shape[1] == 240 and cache.get_seq_length() == 239  # 4x past the 64-position window
         keys = cache.layers[0].keys  # (1, Hkv, 16, D), slots 0..15
         assert keys.shape[2] == 16
@@ -59,9 +59,9 @@ def test_generation_past_the_context_window_keeps_slots_at_their_positions():
             stock.update(layer.keys.clone(), layer.values.clone(), i)
         with torch.no_grad():  # one more step, patched: the query lands in slot 16
             nxt = out[:, -1:]
-            got = model(nxt, past_key_values=cache, use_cache=True).logits[0, -1]
+            got = model(nxt, cache=cache, use_cache=True).logits[0, -1]
     with torch.no_grad():
-        want = model(nxt, past_key_values=stock, position_ids=torch.tensor([[16]]), use_cache=True).logits[0, -1]
+        want = model(nxt, cache=stock, position_ids=torch.tensor([[16]]), use_cache=True).logits[0, -1]
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert torch.isfinite(got).all()
 

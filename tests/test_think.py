@@ -114,9 +114,9 @@ def test_default_prunes_every_prompt_slot_and_decode_tokens_stay_full():
     model = tiny_model("llama")
     with kvaccel.patched(model, "think(ratio=0.4)"), torch.no_grad():
         cache = KVAccelCache(model)
-        model(_ids(100), past_key_values=cache, use_cache=True)
+        model(_ids(100), cache=cache, use_cache=True)
         assert all(l.narrow.keys.shape[2] == 100 and l.keys.shape[2] == 0 for l in cache.layers)
-        model(_ids(1, seed=3), past_key_values=cache, use_cache=True)
+        model(_ids(1, seed=3), cache=cache, use_cache=True)
         assert all(l.narrow.keys.shape[2] == 100 and l.keys.shape[2] == 1 for l in cache.layers)
     with pytest.raises(ValueError, match="full_recent"):
         ThinK(full_recent=-1)
@@ -186,7 +186,7 @@ def test_compose_generate_and_decode_matches_zero_filled_float64(evict, value_ra
     methods = [ThinK(ratio=0.4, value_ratio=value_ratio)] + ([evict] if evict is not None else [])
     with kvaccel.patched(model, *methods):
         cache = KVAccelCache(model)
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=30, do_sample=False)
+        out = model.generate(ids, cache=cache, max_new_tokens=30, do_sample=False)
         assert out.shape[1] == 330
         r = kvaccel.report(model)
         assert r["kv_bytes"] < r["kv_bytes_full"]
@@ -198,7 +198,7 @@ def test_compose_generate_and_decode_matches_zero_filled_float64(evict, value_ra
         seen = cache.get_seq_length()
         tok = out[:, -1:]
         with torch.no_grad():
-            logits = model(tok, past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(tok, cache=cache, use_cache=True).logits[:, -1]
     ref = _ref64_decode_logits(snapshot, tok, seen)
     torch.testing.assert_close(logits.double(), ref, atol=2e-4, rtol=1e-4)
 
@@ -208,7 +208,7 @@ def test_stock_streaming_with_think_keeps_budget_during_decode():
     model = tiny_model("llama", num_hidden_layers=6)
     with kvaccel.patched(model, "streaming(budget=64)+think(ratio=0.4)"):
         cache = KVAccelCache(model)
-        model.generate(_ids(300, seed=2), past_key_values=cache, max_new_tokens=20, do_sample=False)
+        model.generate(_ids(300, seed=2), cache=cache, max_new_tokens=20, do_sample=False)
         for layer in cache.layers:  # at the budget, or above it by less than the decode slack (64 // 32 slots)
             assert 64 <= layer.length < 64 + 2 and layer.kept_per_head().max() == layer.length
             assert layer.narrow is not None  # the sinks and older kept tokens stay narrow
