@@ -253,8 +253,14 @@ class KVzip(EvictionMethod):
         self._scores[ctx.layer_idx][..., ch] = best
 
     def _evict(self, cache, pending: dict, scores: list[Tensor], L: int) -> None:
-        B = scores[0].shape[0]
-        cap = resolve_budget(self.budget, L)
+        masks = allocate(self._mixed_scores(pending, scores, L), resolve_budget(self.budget, L), self.allocation)
+        for i, mask in enumerate(masks):
+            layer = pending[i]["layer"]
+            idx, slot_valid = compact_slots(mask, min_width=1)
+            cache.layers[i] = VarlenLayer.from_selection(layer, idx, slot_valid)
+
+    def _mixed_scores(self, pending: dict, scores: list[Tensor], L: int) -> list[Tensor]:
+        """Per layer ``(B, H_kv, L)``: the score the allocation ranks (``inf`` on the sinks)."""
         sink = torch.arange(L, device=scores[0].device) < self.n_sink
         mixed = []
         for i, z in enumerate(scores):
@@ -267,17 +273,21 @@ class KVzip(EvictionMethod):
                 vnorm = pending[i]["layer"].values.float().norm(dim=-1)
                 s = normalise_heads((1 - a) * normalise_heads(z, sink) * vnorm + a * e.masked_fill(sink, 0.0), sink)
             mixed.append(s.masked_fill(sink, float("inf")))
-        if self.allocation == "global":
-            flat = torch.cat([s.reshape(B, -1) for s in mixed], dim=1)  # (B, layers * H * L)
-            keep = _top_mask(flat, cap * sum(s.shape[1] for s in mixed))
-            masks = list(keep.split([s.shape[1] * L for s in mixed], dim=1))
-            masks = [m.view(B, s.shape[1], L) for m, s in zip(masks, mixed, strict=True)]
-        else:
-            masks = [_top_mask(s.reshape(B, -1), cap * s.shape[1]).view_as(s) for s in mixed]
-        for i, mask in enumerate(masks):
-            layer = pending[i]["layer"]
-            idx, slot_valid = compact_slots(mask, min_width=1)
-            cache.layers[i] = VarlenLayer.from_selection(layer, idx, slot_valid)
+        return mixed
+
+
+def allocate(mixed: list[Tensor], cap: int, allocation: str) -> list[Tensor]:
+    """Keep masks ``(B, H_kv, L)`` per layer: the ``cap · H_kv · layers`` highest of ``mixed`` over every layer and
+    head of a sequence (``"global"``), or the ``cap · H_kv`` highest of each layer (``"layer"``)."""
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation ({allocation!r}) must be one of {ALLOCATIONS}")
+    B, L = mixed[0].shape[0], mixed[0].shape[-1]
+    if allocation == "layer":
+        return [_top_mask(s.reshape(B, -1), cap * s.shape[1]).view_as(s) for s in mixed]
+    flat = torch.cat([s.reshape(B, -1) for s in mixed], dim=1)  # (B, layers * H * L)
+    keep = _top_mask(flat, cap * sum(s.shape[1] for s in mixed))
+    masks = keep.split([s.shape[1] * L for s in mixed], dim=1)
+    return [m.view(B, s.shape[1], L) for m, s in zip(masks, mixed, strict=True)]
 
 
 def _top_mask(scores: Tensor, k: int) -> Tensor:
