@@ -62,6 +62,8 @@ for spec, check in [
     kvaccel.unpatch(model)
     assert tokens.shape == stock.shape, f"{spec}: generated {tokens.shape[0]} tokens, expected {stock.shape[0]}"
     assert check(report), f"{spec}: report() shows it did nothing: {report}"
-    print(f"{spec}: ok, {int((tokens == stock).sum())}/{len(stock)} tokens as stock, report {report}")
+    density = sum(report["prefill_density"]) / len(report["prefill_density"])
+    print(f"{spec}: ok, {int((tokens == stock).sum())}/{len(stock)} tokens as stock, "
+          f"KV bytes {report['kv_ratio']:.3f} of full, prefill density {density:.3f}")
 assert torch.equal(generate(), stock), "after unpatch the model does not give stock tokens"
 print("wheel smoke test passed")
