@@ -5,12 +5,13 @@ attention over every stored key of a row (online softmax) while a graph build is
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from kvaccel.kernels.attention_index_heap import _FM, _dot
+from kvaccel.kernels.attention_index_jit import kernel
 
 
-@njit(cache=True, nogil=True, fastmath=_FM, inline="always")
+@kernel(fastmath=_FM, inline="always")
 def _retrieved_max(ids, scores, scale, m):
     """``max(m, scale · score)`` over the retrieved slots of one row (``ids < 0`` = empty slot)."""
     for j in range(ids.shape[0]):
@@ -19,7 +20,7 @@ def _retrieved_max(ids, scores, scale, m):
     return m
 
 
-@njit(cache=True, nogil=True, fastmath=_FM, inline="always")
+@kernel(fastmath=_FM, inline="always")
 def _retrieved_accumulate(ids, scores, values, scale, m, out):
     """Add ``exp(scale · score − m) · v`` of one row's retrieved keys into ``out``; returns the sum of the weights."""
     total = np.float32(0.0)
@@ -35,7 +36,7 @@ def _retrieved_accumulate(ids, scores, values, scale, m, out):
     return total
 
 
-@njit(cache=True, nogil=True, parallel=True, fastmath=_FM)
+@kernel(parallel=True, fastmath=_FM)
 def _attend_rows(ids, scores, rows, values, scale, out, lse):
     """Softmax over the retrieved keys of each row (logit = scale · q·k, already computed by the search)."""
     for r in prange(ids.shape[0]):
@@ -52,7 +53,7 @@ def _attend_rows(ids, scores, rows, values, scale, out, lse):
         lse[r] = m + np.log(total)
 
 
-@njit(cache=True, nogil=True, parallel=True, fastmath=_FM)
+@kernel(parallel=True, fastmath=_FM)
 def _attend_union_rows(ids, scores, rows, values, qs, skeys, svalues, svalid, scale, out):
     """One softmax per row over the union of its retrieved host keys (``ids``, their ``q · k`` in ``scores``) and
     the static keys ``skeys[rows[r]]`` (valid where ``svalid``): the LSE merge of the two parts in one pass."""
@@ -84,7 +85,7 @@ def _attend_union_rows(ids, scores, rows, values, qs, skeys, svalues, svalid, sc
             out[r, c] /= total
 
 
-@njit(cache=True, nogil=True, parallel=True, fastmath=_FM)
+@kernel(parallel=True, fastmath=_FM)
 def _attend_union_groups(ids, scores, values, qs, skeys, svalues, svalid, scale, out):
     """:func:`_attend_union_rows` for the ``G`` query heads of each row (one query each, GQA): every static key and
     value is read once for the whole group. ``ids`` / ``scores`` ``(R, G, k)``, ``qs`` ``(R, G, D)``, ``out``
@@ -125,7 +126,7 @@ def _attend_union_groups(ids, scores, values, qs, skeys, svalues, svalid, scale,
                 out[r, g, c] /= total[g]
 
 
-@njit(cache=True, nogil=True, parallel=True, fastmath=_FM)
+@kernel(parallel=True, fastmath=_FM)
 def _attend_all_rows(qs, keys, values, n, scale, out, lse):
     """Exact softmax attention of the ``M`` queries of each row over its ``n[g]`` keys (one pass over the keys per
     row, online softmax; rows in parallel)."""

@@ -9,13 +9,14 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from kvaccel.kernels.attention_index_heap import _dot, _pop, _push
+from kvaccel.kernels.attention_index_jit import kernel
 from kvaccel.kernels.attention_index_search import _beam_search
 
 
-@njit(cache=True, nogil=True)
+@kernel()
 def _add_edge(nbrs, deg, src, dst, cap):
     d = deg[src]
     if d >= cap or src == dst:
@@ -28,7 +29,7 @@ def _add_edge(nbrs, deg, src, dst, cap):
     return True
 
 
-@njit(cache=True, nogil=True)
+@kernel()
 def _project(keys, qk, kq, n, degree, window, hubs, nbrs, deg):
     """RoarGraph-style projection of the query→key bipartite graph onto the ``n`` keys of one row (module doc).
 
@@ -144,7 +145,7 @@ def _project(keys, qk, kq, n, degree, window, hubs, nbrs, deg):
                 indeg[x] += 1
 
 
-@njit(cache=True, nogil=True)
+@kernel()
 def _prune_insert(keys, nbrs, deg, parent, y, x):
     """Add the edge ``y -> x``; when ``y``'s list is full, re-select it from its neighbours and ``x`` by the occlusion
     rule of HNSW / NSG's neighbour selection (inner product as similarity): candidates in order of ``k_y · k_c``, a
@@ -204,7 +205,7 @@ def _prune_insert(keys, nbrs, deg, parent, y, x):
     return True
 
 
-@njit(cache=True, nogil=True)
+@kernel()
 def _attach(keys, nbrs, deg, parent, cands, x, reached):
     """Link ``x`` from a reached key (``reached[y]``, or every key ``< x`` when ``reached`` is empty): the first of
     ``cands`` (``-1`` ends them) that takes the edge (:func:`_prune_insert`), else any reached key that does.
@@ -224,7 +225,7 @@ def _attach(keys, nbrs, deg, parent, cands, x, reached):
     return -1
 
 
-@njit(cache=True, nogil=True)
+@kernel()
 def _flood(nbrs, deg, reached, stack, top, parent):
     """Mark every key reachable from the ``top`` keys on ``stack``, recording the edge each was reached by."""
     while top > 0:
@@ -240,7 +241,7 @@ def _flood(nbrs, deg, reached, stack, top, parent):
     return top
 
 
-@njit(cache=True, nogil=True)
+@kernel()
 def _connect(keys, nbrs, deg, entries, n, ef):
     """Make every key reachable from the entry points (RoarGraph/NSG connectivity enhancement): a key the entries
     cannot reach is searched for (with its own key as query) and linked from the nearest reachable key found
@@ -278,7 +279,7 @@ def _connect(keys, nbrs, deg, entries, n, ef):
     return parent
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@kernel(parallel=True)
 def _insert_rows(keys, nbrs, deg, parent, entries, n_old, n_new, degree, ef, failed):
     """Link the keys ``[n_old[g], n_new[g])`` of every row ``g`` into its graph (rows in parallel): out-edges to the
     key's ``degree`` nearest found by a search, reverse edges where those have room, and one reverse edge that is

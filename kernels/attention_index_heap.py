@@ -4,13 +4,14 @@ and the binary max-heap (push / pop on parallel score and id arrays) its searche
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+
+from kvaccel.kernels.attention_index_jit import kernel
 
 #: fast-math without the no-NaN/no-inf assumptions (-inf marks empty slots): lets the dot products vectorise
 _FM = {"reassoc", "contract", "nsz", "arcp"}
 
 
-@njit(cache=True, nogil=True, fastmath=_FM, inline="always")
+@kernel(fastmath=_FM, inline="always")
 def _dot(a, b):
     s = np.float32(0.0)
     for i in range(a.shape[0]):
@@ -18,7 +19,7 @@ def _dot(a, b):
     return s
 
 
-@njit(cache=True, nogil=True, fastmath=_FM)
+@kernel(fastmath=_FM)
 def _push(hs, hi, size, s, i):
     """Push ``(s, i)`` onto the max-heap ``hs``/``hi`` of ``size`` items; returns the new size."""
     c = size
@@ -34,7 +35,7 @@ def _push(hs, hi, size, s, i):
     return size + 1
 
 
-@njit(cache=True, nogil=True, fastmath=_FM)
+@kernel(fastmath=_FM)
 def _pop(hs, hi, size):
     """Drop the top of the max-heap; returns the new size."""
     size -= 1
@@ -55,7 +56,7 @@ def _pop(hs, hi, size):
     return size
 
 
-@njit(cache=True, nogil=True, fastmath=_FM)
+@kernel(fastmath=_FM)
 def _push_grow(hs, hi, size, s, i):
     """:func:`_push`, first doubling the heap's buffers when they are full. Returns the (possibly new) buffers and
     the new size."""
@@ -68,7 +69,7 @@ def _push_grow(hs, hi, size, s, i):
     return hs, hi, _push(hs, hi, size, s, i)
 
 
-@njit(cache=True, nogil=True, fastmath=_FM)
+@kernel(fastmath=_FM)
 def _write_results(rs, ri, nr, out_ids, out_scores):
     """The ``nr`` results of a heap keyed by ``-score`` into ``out_ids`` / ``out_scores`` by descending score
     (``-1`` / ``-inf`` past ``nr``)."""

@@ -6,15 +6,16 @@ the best ``k + margin`` candidates in float32."""
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from kvaccel.kernels.attention_index_heap import _FM, _dot
+from kvaccel.kernels.attention_index_jit import kernel
 
 #: groups of scores whose maxima give the selection's floor (see :func:`_top_of_scores`)
 SELECT_GROUPS = 512
 
 
-@njit(cache=True, nogil=True, fastmath=True)
+@kernel(fastmath=True)
 def _group_max(s, n, nb, gmax):
     """``gmax[b]`` = the maximum of ``s[b], s[b + nb], s[b + 2 nb], ...`` below ``n``: elementwise maxima of
     contiguous chunks (vectorises; full fast-math lets the max vectorise, the scores are finite)."""
@@ -29,7 +30,7 @@ def _group_max(s, n, nb, gmax):
             gmax[b] = max(gmax[b], s[c + b])
 
 
-@njit(cache=True, nogil=True, fastmath=True)
+@kernel(fastmath=True)
 def _sortable(s, m, out):
     """float32 ``s[:m]`` -> int32 ``out[:m]`` in the same order (a negative float's magnitude bits flipped)."""
     bits = s[:m].view(np.int32)
@@ -38,13 +39,13 @@ def _sortable(s, m, out):
         out[j] = b ^ ((b >> 31) & np.int32(0x7FFFFFFF))
 
 
-@njit(cache=True, nogil=True)
+@kernel()
 def _float_of_key(key):
     """The float32 whose :func:`_sortable` key is ``key`` (the transform is its own inverse)."""
     return np.array([key ^ ((key >> 31) & np.int32(0x7FFFFFFF))], np.int32).view(np.float32)[0]
 
 
-@njit(cache=True, nogil=True, fastmath=True)
+@kernel(fastmath=True)
 def _count_ge(keys, m, x):
     c = 0
     for j in range(m):
@@ -52,7 +53,7 @@ def _count_ge(keys, m, x):
     return c
 
 
-@njit(cache=True, nogil=True, fastmath=_FM)
+@kernel(fastmath=_FM)
 def _kth_key(keys, m, k):
     """The ``k``-th largest of the int32 ``keys[:m]`` (``1 <= k <= m``): the largest ``x`` with at least ``k`` keys
     ``>= x``, by bisection on the value: 32 vectorised counting passes, no data-dependent branch per element
@@ -67,7 +68,7 @@ def _kth_key(keys, m, k):
     return np.int32(lo)
 
 
-@njit(cache=True, nogil=True, fastmath=_FM)
+@kernel(fastmath=_FM)
 def _top_of_scores(s, n, out_ids, out_scores, ordered):
     """Top-k of the first ``n`` (finite) scores ``s`` into ``out_ids`` / ``out_scores`` (``-1`` / ``-inf`` past
     ``n``; descending if ``ordered``, else in no particular order), in time linear in ``n`` whatever the order of
@@ -120,7 +121,7 @@ def _top_of_scores(s, n, out_ids, out_scores, ordered):
         out_scores[j] = -np.inf
 
 
-@njit(cache=True, nogil=True, parallel=True, fastmath=_FM)
+@kernel(parallel=True, fastmath=_FM)
 def _select_rows(scores, n, out_ids, out_scores):
     """Top-k of every query's scores ``(R, M, m)`` over the ``n[r]`` keys of its row (rows in parallel)."""
     for r in prange(scores.shape[0]):
@@ -128,7 +129,7 @@ def _select_rows(scores, n, out_ids, out_scores):
             _top_of_scores(scores[r, g], n[r], out_ids[r, g], out_scores[r, g], True)
 
 
-@njit(cache=True, nogil=True, parallel=True, fastmath=_FM)
+@kernel(parallel=True, fastmath=_FM)
 def _select_rescore_bf16(bits, n, qs, keys, kc, out_ids, out_scores):
     """Top-``k`` of every query's bfloat16 scores, given as their bits ``(R, M, m)`` uint16, over the ``n[r]`` keys
     of its row: the best ``kc >= k`` by the bfloat16 scores (each query's row widened to float32 in a scratch row

@@ -6,12 +6,13 @@ parallel."""
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from kvaccel.kernels.attention_index_heap import _FM, _dot, _pop, _push, _push_grow, _write_results
+from kvaccel.kernels.attention_index_jit import kernel
 
 
-@njit(cache=True, nogil=True, fastmath=_FM)
+@kernel(fastmath=_FM)
 def _beam_search(q, keys, nbrs, deg, entries, n, ef, out_ids, out_scores):
     """Best-first search (HNSW's search-layer) of one row's graph for the largest ``q · k``: a max-heap of candidates
     to expand and a heap of the ``ef`` best found (worst on top); stops when the best candidate is worse than the
@@ -57,7 +58,7 @@ def _beam_search(q, keys, nbrs, deg, entries, n, ef, out_ids, out_scores):
     return scanned
 
 
-@njit(cache=True, nogil=True, fastmath=_FM)
+@kernel(fastmath=_FM)
 def _scan_row(q, keys, n, out_ids, out_scores):
     """Exact top-k of ``q · k`` over the ``n`` keys of a row (a size-k heap); returns ``n``."""
     k = out_ids.shape[0]
@@ -74,7 +75,7 @@ def _scan_row(q, keys, n, out_ids, out_scores):
     return n
 
 
-@njit(cache=True, nogil=True, parallel=True, fastmath=_FM)
+@kernel(parallel=True, fastmath=_FM)
 def _search_rows(qs, rows, keys, nbrs, deg, entries, n, k, ef, exact_below, out_ids, out_scores, scanned):
     for r in prange(qs.shape[0]):
         g = rows[r]
@@ -85,7 +86,7 @@ def _search_rows(qs, rows, keys, nbrs, deg, entries, n, k, ef, exact_below, out_
             scanned[r] = _beam_search(qs[r], keys[g], nbrs[g], deg[g], entries[g], m, ef, out_ids[r], out_scores[r])
 
 
-@njit(cache=True, nogil=True, fastmath=_FM)
+@kernel(fastmath=_FM)
 def _add_candidate(ck, ci, cscore, cnode, nc, nslot, best, sc, node):
     """Store ``node``'s per-head scores ``sc`` in a new slot and push it on the candidate heap with key ``best``,
     doubling the buffers when they are full. Returns the (possibly new) buffers, heap size and slot count."""
@@ -104,7 +105,7 @@ def _add_candidate(ck, ci, cscore, cnode, nc, nslot, best, sc, node):
     return ck, ci, cscore, cnode, nc, nslot + 1
 
 
-@njit(cache=True, nogil=True, fastmath=_FM)
+@kernel(fastmath=_FM)
 def _group_search(qg, keys, nbrs, deg, entries, n, ef, out_ids, out_scores):
     """One best-first search for the ``G`` query heads of a kv head (GQA): every key visited is scored against all
     ``G`` queries (one memory read), each head keeps its own ``ef`` best; candidates are ordered by the largest
@@ -182,7 +183,7 @@ def _group_search(qg, keys, nbrs, deg, entries, n, ef, out_ids, out_scores):
     return scanned
 
 
-@njit(cache=True, nogil=True, parallel=True, fastmath=_FM)
+@kernel(parallel=True, fastmath=_FM)
 def _search_groups(qs, rows, keys, nbrs, deg, entries, n, k, ef, exact_below, out_ids, out_scores, scanned):
     for p in prange(qs.shape[0]):
         g = rows[p]
