@@ -447,3 +447,54 @@ class AttentionIndex:
         lse = np.empty((self.rows, q.shape[1]), np.float32)
         _attend_all_rows(q, self.keys, self.values, self.n, np.float32(scale), out, lse)
         return out, lse
+
+
+#: what :func:`compile_kernels` compiles: the exact path (scan + attention), the graph path (build, link, walks,
+#: exact attention while a build is pending)
+KERNEL_PATHS = ("exact", "graph")
+
+
+def compile_kernels(paths: tuple[str, ...] = KERNEL_PATHS, *, scan_bf16: bool = True, fused: bool = True,
+                    group_search: bool = True) -> float:
+    """Compile (or load from the on-disk cache, :mod:`~kvaccel.kernels.attention_index_jit`) the kernels a decode step
+    of retrieval runs, by running them on a tiny index: the arguments have the types of the real calls (the public
+    methods make them), so the real calls find every kernel compiled. ``paths``: ``"exact"`` (:meth:`scan_rows`
+    with ``scan_bf16`` the bfloat16 scan + float32 re-scoring, else the float32 scan; then :meth:`attend_union_groups`
+    if ``fused`` else :meth:`attend`) and/or ``"graph"`` (the build, :meth:`link`, :meth:`attend_all`, then
+    :meth:`search_grouped` if ``group_search`` else :meth:`search`, and the attention as for ``exact``). Safe in any
+    thread (numba compiles under its own lock; a real call of a kernel being compiled waits for it). Returns the
+    seconds spent."""
+    unknown = set(paths) - set(KERNEL_PATHS)
+    if unknown:
+        raise ValueError(f"compile_kernels: unknown paths {sorted(unknown)}; choose from {KERNEL_PATHS}")
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(0)
+    rows, G, D, n, k = 2, 2, 8, 48, 4
+    keys = [rng.standard_normal((n, D), dtype=np.float32) for _ in range(rows)]
+    values = [rng.standard_normal((n, D), dtype=np.float32) for _ in range(rows)]
+    positions = [np.arange(n, dtype=np.int64) for _ in range(rows)]
+    queries = rng.standard_normal((rows, G, D), dtype=np.float32)
+    index = AttentionIndex(rows, D, D, degree=4, build_top_k=8, entry_points=4)
+    index.store(keys, values, positions)
+    head_rows = np.repeat(np.arange(rows, dtype=np.int64), G)
+    static = rng.standard_normal((rows, 4, D), dtype=np.float32)
+
+    def attention(ids: np.ndarray, scores: np.ndarray) -> None:
+        if fused:
+            index.attend_union_groups(ids.reshape(rows, G, -1), scores.reshape(rows, G, -1), 0.5, queries, static,
+                                      static, np.ones((rows, 4), np.bool_))
+        else:
+            index.attend(ids.reshape(rows * G, -1), scores.reshape(rows * G, -1), head_rows, 0.5)
+
+    if "exact" in paths:
+        attention(*index.scan_rows(queries, k, k if scan_bf16 else None))
+    if "graph" in paths:
+        index.attend_all(queries, 0.5)
+        index.install(index.graph_build([q.reshape(-1, D).repeat(8, 0) for q in queries]).run())
+        index.insert(keys, values, positions)
+        if group_search:
+            ids, scores, _ = index.search_grouped(queries, np.arange(rows, dtype=np.int64), k, k)
+        else:
+            ids, scores, _ = index.search(queries.reshape(-1, D), head_rows, k, k)
+        attention(ids, scores)
+    return time.perf_counter() - t0

@@ -550,3 +550,87 @@ def test_compiled_kernels_follow_torch_threads():
         model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
     assert torch.get_num_threads() == before
     assert numba.get_num_threads() == min(before, numba.config.NUMBA_NUM_THREADS)
+
+
+_FIRST_STEP_SCRIPT = r"""
+import json, sys
+import numba, torch
+sys.path.insert(0, sys.argv[1])
+from conftest import tiny_model
+import kvaccel
+from kvaccel.cache import KVAccelCache
+from kvaccel.kernels import (attention_index_attend, attention_index_graph, attention_index_heap, attention_index_scan,
+                             attention_index_search)
+from kvaccel.patches.decode import retrieval as R
+
+def compiled():
+    mods = (attention_index_attend, attention_index_graph, attention_index_heap, attention_index_scan,
+            attention_index_search)
+    return {f"{name}{sig}" for m in mods for name, d in vars(m).items()
+            if isinstance(d, numba.core.registry.CPUDispatcher) for sig in d.signatures}
+
+model = tiny_model("llama")
+ids = torch.randint(3, 512, (1, 201), generator=torch.Generator().manual_seed(7))
+out = []
+for options in json.loads(sys.argv[2]):
+    with torch.no_grad(), kvaccel.patched(model, R.Retrieval(sink=4, window=8, top_k=8, ef=16, **options)):
+        cache = KVAccelCache(model)
+        model(ids[:, :200], cache=cache)
+        for future in list(R._COMPILES.values()):
+            future.result()
+        R.wait_for_index(cache)
+        before = compiled()
+        model(ids[:, 200:], cache=cache)  # the first decode step
+        rep = kvaccel.report(model)
+    out.append({"new": sorted(compiled() - before), "compiled": sorted(before),
+                "exact": rep["retrieval_exact_steps"][0], "graph": rep["retrieval_graph_steps"][0]})
+print(json.dumps(out))
+"""
+
+
+@needs_deps
+def test_first_decode_step_compiles_nothing():
+    """In a fresh process, the kernels a decode step runs are compiled (or loaded from the on-disk cache) ahead, on the
+    builder thread from patch time and when a graph build starts, not inside the first decode step: the step adds no
+    signature to any index kernel (exact scan, fused or not; graph walk). Before: the first step compiled them (~10 s
+    with an empty cache)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    cases = [{}, {"host_fused": False}, {"exact_below": 0}]
+    proc = subprocess.run([sys.executable, "-c", _FIRST_STEP_SCRIPT, os.path.dirname(__file__), json.dumps(cases)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    want = [("_attend_union_groups", "exact"), ("_attend_rows", "exact"), ("_search_groups", "graph")]
+    for case, res, (kernel, path) in zip(cases, got, want, strict=True):
+        assert res["new"] == [], (case, res["new"])
+        assert res[path] == 1 and res["exact" if path == "graph" else "graph"] == 0, (case, res)
+        assert any(sig.startswith(kernel + "(") for sig in res["compiled"]), (case, kernel)
+        scan = "_select_rescore_bf16(" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "_select_rows("
+        assert path == "graph" or any(sig.startswith(scan) for sig in res["compiled"]), (case, scan)
+
+
+@needs_deps
+def test_failed_background_compile_is_raised_once(monkeypatch):
+    """A background compile that fails is raised by the next decode step's check, not lost in the builder thread."""
+    from kvaccel.kernels import attention_index
+    from kvaccel.patches.decode import retrieval as R
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler today")
+
+    monkeypatch.setattr(attention_index, "compile_kernels", broken)
+    job = R._CompileJob(("graph", "exact"), scan_bf16=False, fused=False, group_search=False)
+    assert job not in R._COMPILES
+    try:
+        with pytest.raises(RuntimeError):
+            R._compile_ahead(job).result(timeout=600)
+        with pytest.raises(RuntimeError, match="no compiler today"):
+            R._raise_failed_compile()
+        assert job not in R._COMPILES
+        R._raise_failed_compile()  # raised once
+    finally:
+        R._COMPILES.pop(job, None)

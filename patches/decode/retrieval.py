@@ -78,20 +78,21 @@ class _GraphBuilder:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def submit(self, job: GraphBuild, owner: object) -> Future:
+    def submit(self, job: GraphBuild | _CompileJob, owner: object | None) -> Future:
+        """Queue ``job`` (its ``run()``); skipped if ``owner`` (when given) is gone by the time it would start."""
         future: Future = Future()
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="kvaccel-retrieval-build", daemon=True)
                 self._thread.start()
-        self._queue.put((future, job, weakref.ref(owner)))
+        self._queue.put((future, job, None if owner is None else weakref.ref(owner)))
         return future
 
     def _run(self) -> None:
         _match_threads()
         while True:
             future, job, owner = self._queue.get()
-            if owner() is None or not future.set_running_or_notify_cancel():
+            if (owner is not None and owner() is None) or not future.set_running_or_notify_cancel():
                 continue
             try:
                 future.set_result(job.run())
@@ -101,6 +102,44 @@ class _GraphBuilder:
 
 
 _BUILDER = _GraphBuilder()
+
+
+@dataclass(frozen=True)
+class _CompileJob:
+    """:func:`~kvaccel.kernels.attention_index.compile_kernels` of some decode paths, as a job of ``_BUILDER``."""
+
+    paths: tuple[str, ...]
+    scan_bf16: bool
+    fused: bool
+    group_search: bool
+
+    def run(self) -> float:
+        from kvaccel.kernels.attention_index import compile_kernels
+
+        return compile_kernels(self.paths, scan_bf16=self.scan_bf16, fused=self.fused, group_search=self.group_search)
+
+
+_COMPILES: dict[_CompileJob, Future] = {}  # every compile job submitted in this process (each runs once)
+_COMPILES_LOCK = threading.Lock()
+
+
+def _compile_ahead(job: _CompileJob) -> Future:
+    """Run ``job`` on the builder thread unless it was already submitted: the kernels a decode path needs compile
+    (or load from the on-disk cache) while the prompt is prefilled, instead of inside the first decode step; a decode
+    step needing a kernel still compiling waits for it (numba's compiler lock), then runs it."""
+    with _COMPILES_LOCK:
+        future = _COMPILES.get(job)
+        if future is None:
+            future = _COMPILES[job] = _BUILDER.submit(job, None)
+    return future
+
+
+def _raise_failed_compile() -> None:
+    """Re-raise the error of a background compile that failed (once: a later :func:`_compile_ahead` retries it)."""
+    with _COMPILES_LOCK:
+        failed = [job for job, future in _COMPILES.items() if future.done() and future.exception() is not None]
+        if failed:
+            _COMPILES.pop(failed[0]).result()
 
 
 class RetrievalLayerState:
@@ -214,7 +253,10 @@ class Retrieval(DecodeMethod):
 
     The compiled kernels run on as many threads as torch (``torch.get_num_threads()``): a per-step kernel waiting
     on a second thread of a loaded machine costs ~8x more (measured); numba's thread pool start, which resets the
-    process' OpenMP thread count (torch's too) to NUMBA_NUM_THREADS, is undone once.
+    process' OpenMP thread count (torch's too) to NUMBA_NUM_THREADS, is undone once. They are compiled ahead, on the
+    build thread: those of the first decode steps from ``patch()`` on (overlapping the prefill), the graph's when a
+    build starts; compiled code is cached on disk per user (:mod:`kvaccel.kernels.attention_index_jit`), so a later
+    process loads it. Cold and warm figures: ``docs/results.md`` ("Cold start").
 
     ``retrieval_scanned_fraction`` in ``report()`` is keys read per graph walk / keys held (a walk serves one query
     head, or a kv head's group with ``group_search``; 1 for an exact scan), averaged over walks and steps;
@@ -266,12 +308,28 @@ class Retrieval(DecodeMethod):
             raise ValueError(f"ef ({self.ef!r}) must be an int >= top_k ({self.top_k}): the search list holds the "
                              "results; raise ef or lower top_k")
 
+    def bind(self, model) -> None:
+        """At patch time: start compiling the kernels of the first decode steps (:meth:`_compile_ahead`) on the
+        builder thread, so they are ready (or loaded from the on-disk cache) by the end of the prefill."""
+        self._compile_ahead(self._first_paths(), model.device, model.dtype)
+
+    def _first_paths(self) -> tuple[str, ...]:
+        """The decode path of a layer's first steps: the exact scan, or with ``exact_below=0`` the graph."""
+        return ("exact",) if self.exact_below > 0 else ("graph",)
+
+    def _compile_ahead(self, paths: tuple[str, ...], device: torch.device, dtype: torch.dtype) -> None:
+        """Compile the kernels of ``paths`` for a model on ``device`` in ``dtype`` in the background (once per
+        process); a failed compile is raised by the next :meth:`attention`."""
+        fused = self.host_fused and torch.device(device).type == "cpu" and dtype == torch.float32
+        _compile_ahead(_CompileJob(paths, self._scan_bf16, fused, self.group_search))
+
     # ------------------------------------------------------------------ prefill: move the middle to host memory
     def after_prefill(self, ctx: AttentionContext) -> None:
         """After a prompt (or a later prompt chunk): keep sink + window on the device, the rest goes to the index."""
         layer = self._layer(ctx)
         if ctx.phase == "prefill" or getattr(layer, STATE_ATTR, None) is None:
             self._new_state(ctx, layer)
+            self._compile_ahead(self._first_paths(), layer.keys.device, layer.keys.dtype)  # not patched by patch()
         _widen(layer)
         st: RetrievalLayerState = getattr(layer, STATE_ATTR)
         if not st.graph and st.pending is None:  # queries for the graph build (now or once exact_below is crossed)
@@ -296,6 +354,7 @@ class Retrieval(DecodeMethod):
                 "is not supported by retrieval; use greedy or sampling)"
             )
         _match_threads()
+        _raise_failed_compile()
         if st.pending is not None and st.pending.done():
             _install(st)
         index = st.index
@@ -476,6 +535,7 @@ class Retrieval(DecodeMethod):
         else:  # no graph (yet, or still building): stored; linked when a graph is installed
             index.store(ks, vs, ps)
             if st.pending is None and int(index.n.max()) > self.exact_below:
+                self._compile_ahead(("graph",), layer.keys.device, layer.keys.dtype)  # ahead of the build, same thread
                 self._start_build(st)
         if layer.valid is None:  # no padding: every row spills the same slots
             slot = torch.arange(T, device=layer.keys.device)
