@@ -460,10 +460,10 @@ def compile_kernels(paths: tuple[str, ...] = KERNEL_PATHS, *, scan_bf16: bool = 
     of retrieval runs, by running them on a tiny index: the arguments have the types of the real calls (the public
     methods make them), so the real calls find every kernel compiled. ``paths``: ``"exact"`` (:meth:`scan_rows`
     with ``scan_bf16`` the bfloat16 scan + float32 re-scoring, else the float32 scan; then :meth:`attend_union_groups`
-    if ``fused`` else :meth:`attend`) and/or ``"graph"`` (the build, :meth:`link`, :meth:`attend_all`, then
-    :meth:`search_grouped` if ``group_search`` else :meth:`search`, and the attention as for ``exact``). Safe in any
-    thread (numba compiles under its own lock; a real call of a kernel being compiled waits for it). Returns the
-    seconds spent."""
+    if ``fused`` else :meth:`attend`; then with ``scan_bf16`` the float32 scan, used for rows of few keys) and/or
+    ``"graph"`` (the build, :meth:`link`, :meth:`attend_all`, then :meth:`search_grouped` if ``group_search`` else
+    :meth:`search`, and the attention as for ``exact``). Safe in any thread (numba compiles under its own lock; a
+    real call of a kernel being compiled waits for it). Returns the seconds spent."""
     unknown = set(paths) - set(KERNEL_PATHS)
     if unknown:
         raise ValueError(f"compile_kernels: unknown paths {sorted(unknown)}; choose from {KERNEL_PATHS}")
@@ -488,6 +488,8 @@ def compile_kernels(paths: tuple[str, ...] = KERNEL_PATHS, *, scan_bf16: bool = 
 
     if "exact" in paths:
         attention(*index.scan_rows(queries, k, k if scan_bf16 else None))
+        if scan_bf16:  # rows holding too few keys for the bfloat16 pass to pay off are scanned in float32
+            index.scan_rows(queries, k, None)
     if "graph" in paths:
         index.attend_all(queries, 0.5)
         index.install(index.graph_build([q.reshape(-1, D).repeat(8, 0) for q in queries]).run())

@@ -573,14 +573,15 @@ model = tiny_model("llama")
 ids = torch.randint(3, 512, (1, 201), generator=torch.Generator().manual_seed(7))
 out = []
 for options in json.loads(sys.argv[2]):
+    L = options.pop("length", 200)
     with torch.no_grad(), kvaccel.patched(model, R.Retrieval(sink=4, window=8, top_k=8, ef=16, **options)):
         cache = KVAccelCache(model)
-        model(ids[:, :200], cache=cache)
+        model(ids[:, :L], cache=cache)
         for future in list(R._COMPILES.values()):
             future.result()
         R.wait_for_index(cache)
         before = compiled()
-        model(ids[:, 200:], cache=cache)  # the first decode step
+        model(ids[:, L : L + 1], cache=cache)  # the first decode step
         rep = kvaccel.report(model)
     out.append({"new": sorted(compiled() - before), "compiled": sorted(before),
                 "exact": rep["retrieval_exact_steps"][0], "graph": rep["retrieval_graph_steps"][0]})
@@ -592,19 +593,21 @@ print(json.dumps(out))
 def test_first_decode_step_compiles_nothing():
     """In a fresh process, the kernels a decode step runs are compiled (or loaded from the on-disk cache) ahead, on the
     builder thread from patch time and when a graph build starts, not inside the first decode step: the step adds no
-    signature to any index kernel (exact scan, fused or not; graph walk). Before: the first step compiled them (~10 s
+    signature to any index kernel (exact scan, fused or not, over many host keys or few: bfloat16 or float32 scan;
+    graph walk). Before: the first step compiled them (~10 s
     with an empty cache)."""
     import json
     import os
     import subprocess
     import sys
 
-    cases = [{}, {"host_fused": False}, {"exact_below": 0}]
+    cases = [{}, {"host_fused": False}, {"exact_below": 0}, {"length": 30}]  # 30: 18 host keys, float32 scan
     proc = subprocess.run([sys.executable, "-c", _FIRST_STEP_SCRIPT, os.path.dirname(__file__), json.dumps(cases)],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    want = [("_attend_union_groups", "exact"), ("_attend_rows", "exact"), ("_search_groups", "graph")]
+    want = [("_attend_union_groups", "exact"), ("_attend_rows", "exact"), ("_search_groups", "graph"),
+            ("_select_rows", "exact")]
     for case, res, (kernel, path) in zip(cases, got, want, strict=True):
         assert res["new"] == [], (case, res["new"])
         assert res[path] == 1 and res["exact" if path == "graph" else "graph"] == 0, (case, res)
