@@ -8,6 +8,7 @@ import torch
 
 from kvaccel.cache import cache_kwarg, compact_slots
 from kvaccel.config import register, resolve_budget, validate_budget
+from kvaccel.kernels.cpu_ops import cpu_workers, run_parallel
 from kvaccel.varlen_cache import VarlenLayer, check_varlen_stages
 
 from .base import EvictionMethod
@@ -18,8 +19,8 @@ Tensor = torch.Tensor
 
 #: ``allocation`` values
 ALLOCATIONS = ("global", "layer")
-#: rows of reconstruction queries scored at once (bounds the (G * rows, keys) probability block)
-ROW_BLOCK = 512
+#: reconstruction queries per task of the scoring (with their ``G`` heads: ``(G * rows, keys)`` fp32 logits per task)
+ROW_BLOCK = 64
 
 
 def reconstruction_max_attention(query: Tensor, keys: Tensor, scale: float, scored: slice, n_sink: int,
@@ -31,24 +32,39 @@ def reconstruction_max_attention(query: Tensor, keys: Tensor, scale: float, scor
     themselves). As kvpress' KVzipPress, the softmax runs over the first ``n_sink`` keys, the ``scored`` keys and
     the ``Q`` reconstruction keys (not over other chunks of the prompt). GQA without repeating K/V; fp32 inside.
     ``include_own``: also return the scores of the queries' own ``Q`` keys, ``(B, H_kv, len(scored) + Q)``.
+
+    No probability is materialised: per block of ``ROW_BLOCK`` queries, the logits' row log-sum-exp ``lse_i`` comes
+    first, then ``max_i p_ij = exp(max_i (s_ij - lse_i))`` is one subtraction and one max over the same logits.
+    The blocks are independent tasks (:func:`~kvaccel.kernels.cpu_ops.run_parallel`: on CPU, single-threaded ops
+    on worker threads), each writing its own partial max.
     """
     B, Hq, Q, D = query.shape
     Hkv, T = keys.shape[1], keys.shape[2]
-    G = Hq // Hkv
-    parts = [keys[:, :, :n_sink], keys[:, :, scored], keys[:, :, T - Q :]]
-    k = torch.cat(parts, dim=2).float()  # (B, Hkv, S + C + Q, D)
-    S, C = parts[0].shape[2], parts[1].shape[2]
-    q = query.reshape(B, Hkv, G, Q, D).float()
-    best = k.new_zeros(B, Hkv, C + Q if include_own else C)
-    for r0 in range(0, Q, ROW_BLOCK):
+    G, N, dev = Hq // Hkv, B * Hkv, keys.device
+    ctx = torch.cat([keys[:, :, :n_sink], keys[:, :, scored]], dim=2).float().reshape(N, -1, D)
+    S = min(n_sink, T)
+    C = ctx.shape[1] - S
+    rec = keys[:, :, T - Q :].float().reshape(N, Q, D)
+    q = query.float().reshape(N, G, Q, D)
+    starts = range(0, Q, ROW_BLOCK)
+    best = torch.empty(len(starts), N, C + Q if include_own else C, device=dev)
+    if include_own:
+        best[..., C:] = float("-inf")  # a block's rows see no key after its last row
+
+    def run(i: int, r0: int) -> None:
         r1 = min(Q, r0 + ROW_BLOCK)
-        logits = torch.einsum("bhgqd,bhkd->bhgqk", q[:, :, :, r0:r1], k) * scale
-        rows = torch.arange(r0, r1, device=k.device)[:, None]
-        future = torch.arange(Q, device=k.device)[None, :] > rows  # causal among the reconstruction tokens
-        logits[..., S + C :] = logits[..., S + C :].masked_fill(future, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)[..., S : None if include_own else S + C]
-        best = torch.maximum(best, probs.amax(dim=(2, 3)))
-    return best
+        qb = q[:, :, r0:r1].reshape(N, G * (r1 - r0), D)
+        s = torch.bmm(qb, ctx.transpose(1, 2)).mul_(scale)  # (N, G·r, S + C)
+        own = torch.bmm(qb, rec[:, :r1].transpose(1, 2)).mul_(scale).view(N, G, r1 - r0, r1)
+        future = torch.arange(r1, device=dev) > torch.arange(r0, r1, device=dev)[:, None]
+        own = own.masked_fill_(future, float("-inf")).view(N, G * (r1 - r0), r1)
+        lse = torch.logaddexp(torch.logsumexp(s, -1), torch.logsumexp(own, -1)).unsqueeze(-1)
+        torch.amax(s[:, :, S:].sub_(lse), dim=1, out=best[i, :, :C])
+        if include_own:
+            torch.amax(own.sub_(lse), dim=1, out=best[i, :, C : C + r1])
+
+    run_parallel(run, list(enumerate(starts)), cpu_workers(dev))
+    return best.amax(0).exp_().view(B, Hkv, -1)
 
 
 def normalise_heads(scores: Tensor, sink: Tensor) -> Tensor:
@@ -71,7 +87,8 @@ class KVzip(EvictionMethod):
     ``budget · L · H_kv · layers`` highest scores over every layer and kv head of a sequence (layers and heads end up
     with different lengths), ``"layer"`` keeps ``budget · L · H_kv`` per layer over its heads. Every (layer, head)
     keeps its first ``n_sink`` tokens. The layers are stored packed per head (``VarlenLayer``, bytes = budget).
-    Cost: the reconstruction is a second forward over ~the prompt's length (kvpress measures 2–3x the prefill).
+    Cost: a second forward over ~the prompt's length plus the scoring (``benchmarks/kvzip_prefill.py`` times it
+    against a dense prefill).
 
     kvaccel's option ``expected_weight=a`` (``a`` in [0, 1]) mixes the reconstruction score ``z`` with the
     probabilities ``p`` of ``expected_attention(future_positions="mixture", observation_weight=0.2)`` (the attention
