@@ -330,6 +330,58 @@ def test_keyformer_prompt_selection_decode_eviction_and_dropped_scores():
         assert new_ids[0, 0, -3:].tolist() == [40 + step - 3 + i for i in (0, 1, 2)]
 
 
+def naive_keyformer_evict(ids: list[int], score: dict[int, float], cap: int, recent: int) -> list[int]:
+    """Keyformer's rule on one head: the last ``recent`` ids + the ``cap - recent`` best-scored others, in order."""
+    rest = sorted(ids[:-recent], key=lambda i: -score[i])[: cap - recent]
+    return sorted(rest) + ids[-recent:]
+
+
+def test_keyformer_keeps_what_a_naive_reference_keeps():
+    """Kept tokens and scores over a prompt and 40 decode steps (prompt cut + two decode evictions) equal a naive
+    re-implementation (one ``torch.log`` per noise block, per-head id lists); every noise block has more than
+    ATen's 2048-element log grain, so the sliced log of the decode path is what runs."""
+    T0, Hkv, Hq, W, cap, steps, seed = 600, 2, 8, 8, 500, 40, 5
+    G, scale, fi = Hq // Hkv, 1 / math.sqrt(D), torch.finfo(torch.float32)
+    layer, q = make_layer(T0, Hkv), queries(Hq, W)
+    m = Keyformer(budget=cap, window=W, seed=seed, max_new_tokens=64)
+    recent, slack = round(0.3 * cap), cap // 32
+
+    def noise(shape, step):
+        u = torch.rand(shape, generator=torch.Generator().manual_seed(step_seed(seed, 0, step))).clamp(fi.tiny,
+                                                                                                      1 - fi.eps)
+        return -torch.log(-torch.log(u))
+
+    keys = layer.keys.clone()  # every token's key, by id
+    logits = (q.reshape(1, Hkv, G * W, D) @ keys.transpose(-1, -2)) * scale + noise((1, Hkv, G * W, T0), 0)
+    rows = (T0 - W + torch.arange(W)).repeat(G)
+    logits = (logits / m.tau(0)).masked_fill(torch.arange(T0)[None] > rows[:, None], float("-inf"))
+    prompt = logits.softmax(-1).sum(2) / G
+    scores = [dict(enumerate(prompt[0, h].tolist())) for h in range(Hkv)]
+    kept = [naive_keyformer_evict(list(range(T0)), scores[h], cap, recent) for h in range(Hkv)]
+    m.after_prefill(make_ctx(layer, q))
+    evictions = 1
+    for step in range(1, steps + 1):
+        q1 = decode_step(layer, Hq=Hq, seed=step)
+        keys = torch.cat([keys, layer.keys[:, :, -1:]], dim=2)
+        new_id = keys.shape[2] - 1
+        z = noise((1, Hkv, G, len(kept[0]) + 1), step)
+        for h in range(Hkv):
+            kept[h].append(new_id)
+            scores[h][new_id] = 0.0
+            lg = (q1[0, h * G : (h + 1) * G, 0] @ keys[0, h, kept[h]].T) * scale + z[0, h]
+            add = (lg / m.tau(step)).softmax(-1).sum(0) / G
+            for i, a in zip(kept[h], add.tolist(), strict=True):
+                scores[h][i] += a
+            if len(kept[h]) >= cap + slack:
+                kept[h] = naive_keyformer_evict(kept[h], scores[h], cap, recent)
+                evictions += h == 0
+        m.after_decode(make_ctx(layer, q1, "decode"))
+        assert kept_ids(layer)[0].tolist() == kept, f"step {step}"
+        want = torch.tensor([[scores[h][i] for i in kept[h]] for h in range(Hkv)])
+        torch.testing.assert_close(layer.token_state["keyformer"][0], want, rtol=1e-5, atol=1e-6)
+    assert evictions == 3
+
+
 def test_keyformer_scores_the_prompt_with_every_query_in_blocks(monkeypatch):
     import kvaccel.patches.evict.keyformer as kf
 
