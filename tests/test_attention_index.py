@@ -114,3 +114,10 @@ def test_full_list_is_reselected_by_occlusion():
     parent[[3, 4]] = 0
     assert not _prune_insert(keys, nbrs, deg, parent, 0, 5)
     assert sorted(nbrs[0, : deg[0]]) == [1, 3, 4]
+
+
+def test_compile_kernels_rejects_unknown_paths():
+    from kvaccel.kernels.attention_index import compile_kernels
+
+    with pytest.raises(ValueError, match=r"unknown paths \['fast'\]; choose from \('exact', 'graph'\)"):
+        compile_kernels(("exact", "fast"))
