@@ -63,6 +63,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kvaccel.checks import is_int
+
 from .backend import resolve_backend
 from .cpu_ops import cpu_workers, run_parallel
 from .cpu_ops import flash_cpu as _flash_cpu
@@ -87,7 +89,7 @@ def num_blocks(length: int, block: int) -> int:
 
 
 def check_block_size(name: str, block: int) -> None:
-    if isinstance(block, bool) or not isinstance(block, int) or block not in ALLOWED_BLOCKS:
+    if not is_int(block) or block not in ALLOWED_BLOCKS:
         raise ValueError(
             f"{name} ({block!r}) must be one of {ALLOWED_BLOCKS}: the kernel tiles queries and keys by it "
             "(a power of two >= 16)"

@@ -59,6 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kvaccel.checks import check_int
+
 from .backend import resolve_backend
 from .block_sparse_attention import causal_block_mask, check_block_size, first_query_block, num_blocks
 from .cpu_ops import cpu_workers, run_parallel
@@ -80,8 +82,7 @@ def sale_quantize(x: Tensor, bits: int = 4) -> tuple[Tensor, Tensor]:
     ``x`` ``(..., D)`` float; returns ``xi`` int8 ``(..., D)`` and ``scale`` float32 ``(...)`` (``amax / (2^(b-1)-1)``;
     1 for an all-zero token).
     """
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"bits ({bits!r}) must be an int in [2, 8]")
+    check_int("bits", bits, 2, 8)
     qmax = 2 ** (bits - 1) - 1
     x = x.float()
     s = x.abs().amax(-1) / qmax
@@ -103,8 +104,7 @@ def _check(q: Tensor, k: Tensor, block_m: int, block_n: int, sink: int, local_wi
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
     for name, val in (("sink", sink), ("local_window", local_window)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < 0:
-            raise ValueError(f"{name} ({val!r}) must be an int >= 0 (tokens)")
+        check_int(name, val, 0, why="tokens")
 
 
 def _local_start_block(nqb: int, block_m: int, block_n: int, local_window: int, device, i0: int = 0) -> Tensor:
@@ -272,8 +272,7 @@ def sale_estimate(
     ``(B, H_q, nQB, ceil(L/block_n))`` bool, ``nQB`` the query blocks holding the queries (``ceil(L/block_m)``
     for a whole prompt).
     """
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < block_m:
-        raise ValueError(f"chunk ({chunk!r}) must be an int >= block_m ({block_m})")
+    check_int("chunk", chunk, block_m, why="at least block_m")
     B, Hq, Lq, _ = q.shape
     L = k.shape[2]
     log_tau = _as_log_tau(threshold, Hq, q.device)

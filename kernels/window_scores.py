@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kvaccel.checks import check_int
+
 from .backend import check_mask, resolve_backend
 from .decode_attention import decode_attention_probs
 
@@ -61,8 +63,7 @@ def window_attention_scores(
         ``(B, H_q, T)`` float32.
     """
     _check_inputs(q, k, valid)
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    check_int("chunk", chunk, 1)
     if resolve_backend(backend, q) == "triton":
         return _window_scores_triton(q, k, scale, valid, causal)
     return _window_scores_torch(q, k, scale, valid, causal, chunk)

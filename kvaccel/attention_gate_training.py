@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from kvaccel.checks import check_int
 from kvaccel.patches.evict.attention_gate import AttentionGates, observation_feature
 
 TRAIN_ATTENTION = "attention_gate_train"
@@ -118,8 +119,7 @@ def build_gates(model, recipe: dict) -> AttentionGates:
     if not (isinstance(te, (int, float)) and 0.0 <= te < 1.0):
         raise ValueError(f"target_evict ({te!r}) must be a float in [0, 1)")
     k = "continuation"
-    if isinstance(recipe[k], bool) or not isinstance(recipe[k], int) or recipe[k] < 1:
-        raise ValueError(f"{k} ({recipe[k]!r}) must be an int >= 1")
+    check_int(k, recipe[k], 1)
     return AttentionGates.for_model(model, recipe["gate_dim"], recipe["gate_window"], recipe["window"],
                                     recipe["sink"], recipe=recipe, observation_window=recipe["observation_window"])
 

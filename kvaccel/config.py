@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from kvaccel.checks import is_number
 from kvaccel.presets import PRESETS
 
 STAGES = ("prefill", "evict", "channels", "decode")
@@ -115,7 +116,7 @@ def methods() -> list[dict[str, Any]]:
 
 def validate_budget(budget: float, field: str = "budget") -> int | float:
     """An int is tokens kept per head (>= 1); a float in (0, 1] is a fraction of the prompt."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+    if not is_number(budget):
         raise ValueError(f"{field} must be an int (tokens) or a float in (0, 1] (fraction), got {budget!r}")
     if isinstance(budget, int):
         if budget < 1:

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kvaccel.checks import check_int
+
 CHECKPOINT_DIR = "checkpoint"
 
 
@@ -278,8 +280,7 @@ def train_gate(
     gk = gate_kind(kind)
     for name, val, lo in (("steps", steps, 1), ("seq_len", seq_len, 2), ("grad_accum", grad_accum, 1),
                           ("num_sequences", num_sequences, 1), ("checkpoint_every", checkpoint_every, 1)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < lo:
-            raise ValueError(f"{name} ({val!r}) must be an int >= {lo}")
+        check_int(name, val, lo)
     if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr ({lr!r}) must be a positive float")
     out = Path(out)

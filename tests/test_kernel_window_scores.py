@@ -99,7 +99,7 @@ def test_bad_shapes_raise() -> None:
         window_attention_scores(kw["q"], torch.randn(1, 4, 20, 16), scale=1.0)
     with pytest.raises(ValueError, match=r"valid must have shape \(1, 2 or 1, 20\)"):
         window_attention_scores(**{**kw, "valid": torch.ones(1, 3, 20, dtype=torch.bool)})
-    with pytest.raises(ValueError, match="chunk must be a positive int"):
+    with pytest.raises(ValueError, match=r"chunk \(0\) must be an int >= 1"):
         window_attention_scores(**kw, chunk=0)
 
 

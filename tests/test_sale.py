@@ -207,7 +207,7 @@ def test_dense_above_computes_dense_heads():
     sel = m.select(q, k, v, 0.25, 0).mask & causal
     assert torch.equal(sel[0, 1], causal)
     assert torch.equal(sel[0, [0, 2, 3]], base[0, [0, 2, 3]])
-    with pytest.raises(ValueError, match=r"dense_above \(0\) must be a float in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"dense_above \(0\) must be a number in \(0, 1\]"):
         SALE(dense_above=0)
 
 
@@ -254,7 +254,7 @@ def test_dense_fallback_below_min_length():
 # ---------------------------------------------------------------------------------------------- config + files
 @pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.0, 1.5, float("nan")])
 def test_bad_threshold_refused(bad):
-    with pytest.raises(ValueError, match=r"threshold \(.*\) must be a float in \(0, 1\)"):
+    with pytest.raises(ValueError, match=r"threshold \(.*\) must be a number in \(0, 1\)"):
         SALE(threshold=bad)
 
 
@@ -324,9 +324,9 @@ def test_bad_threshold_in_file_refused(calibrated, tmp_path):
     data["thresholds"][1][2] = 2.5
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"layer 1 head 2 \(2.5\) must be a float in \(0, 1\)"):
+    with pytest.raises(ValueError, match=r"layer 1 head 2 \(2.5\) must be a number in \(0, 1\)"):
         kvaccel.patch(model, SALE(thresholds=str(bad)))
-    with pytest.raises(ValueError, match=r"\(0\) must be a float"):
+    with pytest.raises(ValueError, match=r"\(0\) must be a number"):
         write_thresholds(tmp_path / "w.json", dict(data, thresholds=[[0]]))
 
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvaccel.cache import KVAccelLayer, NarrowSegment
+from kvaccel.checks import check_int, check_number
 from kvaccel.config import register
 
 from .base import ChannelMethod
@@ -120,12 +121,9 @@ class ThinK(ChannelMethod):
     def __post_init__(self):
         for field in ("ratio", "value_ratio"):
             r = getattr(self, field)
-            if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0.0 <= r < 1.0):
-                raise ValueError(f"{field} ({r!r}) must be a float in [0, 1)")
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"window ({self.window!r}) must be an int >= 1")
-        if isinstance(self.full_recent, bool) or not isinstance(self.full_recent, int) or self.full_recent < 0:
-            raise ValueError(f"full_recent ({self.full_recent!r}) must be an int >= 0")
+            check_number(field, r, 0, 1, high_open=True)
+        check_int("window", self.window, 1)
+        check_int("full_recent", self.full_recent, 0)
 
     def pruned_channels(self, head_dim: int) -> int:
         return math.floor(head_dim * self.ratio)

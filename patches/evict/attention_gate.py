@@ -59,6 +59,7 @@ import torch
 from torch import Tensor, nn
 
 from kvaccel.cache import compact_slots
+from kvaccel.checks import check_int, check_number
 from kvaccel.config import register
 from kvaccel.gate_files import WEIGHTS_FILE, GateFile, text_config
 
@@ -182,8 +183,7 @@ class AttentionGates(GateFile, nn.Module):
 
         for name, val, lo in (("gate_dim", gate_dim, 1), ("gate_window", gate_window, 1), ("window", window, 1),
                               ("sink", sink, 0), ("observation_window", observation_window, 0)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < lo:
-                raise ValueError(f"{name} ({val!r}) must be an int >= {lo}")
+            check_int(name, val, lo)
         cfg = text_config(model)
         meta = dict(
             format=FORMAT, model_name=model_name(model), model_fingerprint=model_fingerprint(model),
@@ -225,10 +225,7 @@ class AttentionGate(EvictionMethod):
     threshold: float = 0.5
 
     def __post_init__(self):
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not (
-            0.0 <= self.threshold < 1.0
-        ):
-            raise ValueError(f"threshold ({self.threshold!r}) must be a float in [0, 1) (0.5 as trained)")
+        check_number("threshold", self.threshold, 0, 1, high_open=True, why="0.5 as trained")
         if self.weights is not None and not isinstance(self.weights, (str, Path)):
             raise ValueError(f"weights ({self.weights!r}) must be a gate directory path or None")
 

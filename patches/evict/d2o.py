@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from kvaccel.cache import KVAccelLayer
+from kvaccel.checks import check_int
 from kvaccel.config import register, validate_budget
 
 from .base import EvictionMethod, check_slack, decode_slack, eviction_due
@@ -179,8 +180,7 @@ class D2O(EvictionMethod):
         check_slack(self.slack)
         if not (0.0 <= self.recent_ratio <= 1.0):
             raise ValueError(f"recent_ratio ({self.recent_ratio!r}) must be in [0, 1]")
-        if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
-            raise ValueError(f"sink ({self.sink!r}) must be an int >= 0")
+        check_int("sink", self.sink, 0)
         for f in ("merge", "normalize_merge", "per_head_merge"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"{f} ({getattr(self, f)!r}) must be True or False")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+from kvaccel.checks import check_number
 from kvaccel.config import register, resolve_budget
 
 from .snapkv import SnapKV
@@ -67,8 +68,7 @@ class PyramidKV(SnapKV):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not self.beta >= 1:
-            raise ValueError(f"beta ({self.beta!r}) must be a number >= 1")
+        check_number("beta", self.beta, 1)
 
     def _schedule(self, ctx, budget) -> int:
         total = resolve_budget(budget, ctx.layer.prompt_len)

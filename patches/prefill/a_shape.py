@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvaccel.checks import check_int
 from kvaccel.config import register
 from kvaccel.kernels.block_sparse_attention import first_query_block, num_blocks
 
@@ -45,8 +46,7 @@ class AShape(BlockSparsePrefill):
         super().__post_init__()
         for f in ("sink_blocks", "local_blocks"):
             val = getattr(self, f)
-            if isinstance(val, bool) or not isinstance(val, int) or val < (0 if f == "sink_blocks" else 1):
-                raise ValueError(f"{f} ({val!r}) must be an int >= {0 if f == 'sink_blocks' else 1}")
+            check_int(f, val, 0 if f == "sink_blocks" else 1)
         validate_blocks(self, block_size=self.block_size)
 
     def select(self, q, k, v, scale, layer_idx) -> BlockSelection:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kvaccel.checks import check_int
 from kvaccel.config import Method
 from kvaccel.kernels.backend import BACKENDS
 from kvaccel.kernels.block_sparse_attention import (
@@ -99,8 +100,7 @@ class BlockSparsePrefill(PrefillMethod):
     backend: str = "auto"
 
     def __post_init__(self):
-        if isinstance(self.min_length, bool) or not isinstance(self.min_length, int) or self.min_length < 0:
-            raise ValueError(f"min_length ({self.min_length!r}) must be an int >= 0 (tokens)")
+        check_int("min_length", self.min_length, 0, why="tokens")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend ({self.backend!r}) must be one of {BACKENDS}")
 

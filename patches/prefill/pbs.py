@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvaccel.checks import check_number
 from kvaccel.config import register
 from kvaccel.kernels.block_sparse_attention import first_query_block, num_blocks
 
@@ -107,8 +108,7 @@ class PBS(BlockSparsePrefill):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0.0 < self.tau <= 1.0:
-            raise ValueError(f"tau ({self.tau!r}) must be a float in (0, 1] (cumulative block attention mass)")
+        check_number("tau", self.tau, 0, 1, low_open=True, why="cumulative block attention mass")
         validate_blocks(self, block_size=self.block_size)
         seg = self.segment_size
         if isinstance(seg, bool) or not isinstance(seg, int) or seg < self.block_size or seg % self.block_size:

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from kvaccel.checks import check_int, check_number
 from kvaccel.config import register
 from kvaccel.kernels.block_sparse_attention import causal_block_mask, num_blocks
 from kvaccel.kernels.sale_estimate import sale_block_scores, sale_estimate
@@ -115,14 +116,11 @@ class SALE(BlockSparsePrefill):
         validate_blocks(self, block_m=self.block_m, block_n=self.block_n)
         for f in ("sink", "local_window"):
             val = getattr(self, f)
-            if isinstance(val, bool) or not isinstance(val, int) or val < 0:
-                raise ValueError(f"{f} ({val!r}) must be an int >= 0 (tokens)")
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-            raise ValueError(f"bits ({self.bits!r}) must be an int in [2, 8]")
+            check_int(f, val, 0, why="tokens")
+        check_int("bits", self.bits, 2, 8)
         d = self.dense_above
-        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1 or math.isnan(d):
-            raise ValueError(f"dense_above ({d!r}) must be a float in (0, 1]: the selected fraction of causal tiles "
-                             "above which a head is computed densely (1 = never)")
+        check_number("dense_above", d, 0, 1, low_open=True,
+                     why="the selected fraction of causal tiles above which a head is computed densely; 1 = never")
         self._tau: torch.Tensor | None = None  # (num_layers, H_q), 0 = dense head; set by bind()
         self._note = f"sale: uniform threshold={self.threshold} for every head (method not bound to a model)"
 
@@ -219,10 +217,8 @@ class SALE(BlockSparsePrefill):
 # ---------------------------------------------------------------------------------------------- file helpers
 def check_threshold(value: Any, where: str) -> float:
     """``ValueError`` naming ``where`` and the value unless ``0 < value < 1``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1 or math.isnan(value):
-        raise ValueError(
-            f"{where} ({value!r}) must be a float in (0, 1): the relative attention score a key block must exceed"
-        )
+    check_number(where, value, 0, 1, low_open=True, high_open=True,
+                 why="the relative attention score a key block must exceed")
     return float(value)
 
 

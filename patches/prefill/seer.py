@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from kvaccel.checks import check_int, check_number
 from kvaccel.config import register
 from kvaccel.kernels.block_sparse_attention import first_query_block
 from kvaccel.rope import _rotary_embedding
@@ -83,14 +84,13 @@ class Seer(BlockSparsePrefill):
                 f"threshold ({self.threshold}) and density ({self.density}) are exclusive; give one of them"
             )
         t = self.threshold
-        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t < 1.0):
-            raise ValueError(f"threshold ({t!r}) must be a float in [0, 1) (gate probability); 0 keeps every block")
+        if t is not None:
+            check_number("threshold", t, 0, 1, high_open=True, why="gate probability; 0 keeps every block")
         d = self.density
-        if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 < d <= 1.0):
-            raise ValueError(f"density ({d!r}) must be a float in (0, 1] (fraction of causal blocks kept)")
+        if d is not None:
+            check_number("density", d, 0, 1, low_open=True, why="fraction of causal blocks kept")
         r = self.dense_last_rows
-        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
-            raise ValueError(f"dense_last_rows ({r!r}) must be an int >= 0 (query-block rows)")
+        check_int("dense_last_rows", r, 0, why="query-block rows")
         if self.weights is not None and self.mode == "oracle":
             raise ValueError(f"weights ({self.weights!r}) are unused with mode='oracle'; drop one of them")
         self._gate: SeerGate | None = None

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvaccel.checks import check_int
 from kvaccel.config import register, resolve_budget, validate_budget
 from kvaccel.kernels.block_sparse_attention import first_query_block, num_blocks
 
@@ -124,8 +125,7 @@ class VerticalSlash(BlockSparsePrefill):
         super().__post_init__()
         validate_budget(self.vertical_size, "vertical_size")
         validate_budget(self.slash_size, "slash_size")
-        if isinstance(self.last_q, bool) or not isinstance(self.last_q, int) or self.last_q < 1:
-            raise ValueError(f"last_q ({self.last_q!r}) must be an int >= 1 (queries whose attention is estimated)")
+        check_int("last_q", self.last_q, 1, why="queries whose attention is estimated")
         validate_blocks(self, block_size=self.block_size)
 
     def sizes(self, L: int) -> tuple[int, int]:
