@@ -71,7 +71,7 @@ def _method_attention(m, q, k, v, scale, li, stats, rope):
     ``Seer.select_inputs`` un-rotates from the forward's RoPE tables; here from the captured ones)."""
     extra = ()
     if getattr(m, "mode", None) == "gate":
-        from kvaccel.patches.prefill.attn_gate import unrotate
+        from kvaccel.patches.prefill.seer_gate import unrotate
 
         t0 = CLOCK()
         extra = (unrotate(q, *rope), unrotate(k, *rope))

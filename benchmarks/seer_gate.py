@@ -32,9 +32,9 @@ import kvaccel
 from kvaccel.evals import tasks
 from kvaccel.kernels.block_sparse_attention import block_sparse_attention, causal_block_mask
 from kvaccel.patches.attention import dense_prefill, rope_tables
-from kvaccel.patches.prefill.attn_gate import SeerGate, pooled_attention_target, shipped_gate_dir, unrotate
 from kvaccel.patches.prefill.base import PrefillMethod, _diagonal_tiles
 from kvaccel.patches.prefill.seer import Seer
+from kvaccel.patches.prefill.seer_gate import SeerGate, pooled_attention_target, shipped_gate_dir, unrotate
 from kvaccel.training import seer_kl
 
 

@@ -68,7 +68,7 @@ def gate_kind(name: str) -> GateKind:
 
 
 def _seer_build(model, recipe: dict) -> nn.Module:
-    from kvaccel.patches.prefill.attn_gate import SeerGate
+    from kvaccel.patches.prefill.seer_gate import SeerGate
 
     return SeerGate.for_model(model, hidden=recipe.get("hidden", 128), block_size=recipe.get("block_size", 64),
                               recipe=recipe)
@@ -91,7 +91,7 @@ def _capture_method(block_size: int, records: dict):
 def _capture_layer(ctx, block_size: int, records: dict):
     """Record one layer's pooled pre-RoPE q/k features and the pooled-attention target; return dense attention."""
     from kvaccel.patches.attention import dense_prefill, rope_tables
-    from kvaccel.patches.prefill.attn_gate import AttnGate, pool_blocks, pooled_attention_target
+    from kvaccel.patches.prefill.seer_gate import AttnGate, pool_blocks, pooled_attention_target
     from kvaccel.rope import unrotate
 
     if ctx.pad is not None:

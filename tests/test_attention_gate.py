@@ -99,10 +99,10 @@ def test_shared_helpers_have_one_home():
     import kvaccel.rope
     from kvaccel.gate_files import text_config
     from kvaccel.patches.evict import expected_attention
-    from kvaccel.patches.prefill import attn_gate
+    from kvaccel.patches.prefill import seer_gate
 
     for name in ("rotate_half", "unrotate"):
-        assert getattr(expected_attention, name) is getattr(kvaccel.rope, name) is getattr(attn_gate, name)
+        assert getattr(expected_attention, name) is getattr(kvaccel.rope, name) is getattr(seer_gate, name)
     model = tiny_model("llama")
     q = torch.randn(2, 2, 9, model.config.head_dim, dtype=torch.float64)
     pos = torch.tensor([list(range(9)), list(range(30, 39))])
@@ -112,9 +112,9 @@ def test_shared_helpers_have_one_home():
         torch.testing.assert_close(kvaccel.rope.unrotate(rotated, c, s), q, atol=1e-12, rtol=0)
     assert text_config(model) is model.config
     assert AttentionGates.shipped_dir("m") == ag.DATA_DIR / "attention_gate_m"
-    assert attn_gate.shipped_gate_dir("m") == attn_gate.SeerGate.shipped_dir("m") == attn_gate.DATA_DIR / "seer_gate_m"
+    assert seer_gate.shipped_gate_dir("m") == seer_gate.SeerGate.shipped_dir("m") == seer_gate.DATA_DIR / "seer_gate_m"
     assert (AttentionGates.shipped_dir("SmolLM2-135M-Instruct") / "gate.safetensors").is_file()
-    assert (attn_gate.shipped_gate_dir("SmolLM2-135M-Instruct") / "gate.safetensors").is_file()
+    assert (seer_gate.shipped_gate_dir("SmolLM2-135M-Instruct") / "gate.safetensors").is_file()
 
 
 def test_straight_through_gradient():

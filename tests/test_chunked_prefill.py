@@ -11,8 +11,8 @@ from transformers import DynamicCache
 import kvaccel
 from kvaccel.kernels.block_sparse_attention import causal_block_mask
 from kvaccel.patches.prefill import PBS, SALE, AShape, Seer, VerticalSlash
-from kvaccel.patches.prefill.attn_gate import SeerGate
 from kvaccel.patches.prefill.base import _diagonal_tiles, _permuted_tiles
+from kvaccel.patches.prefill.seer_gate import SeerGate
 
 from conftest import tiny_model
 

@@ -10,7 +10,8 @@ import torch
 from prefill_helpers import padded_batch_and_alone, recording
 
 import kvaccel
-from kvaccel.patches.prefill.attn_gate import (
+from kvaccel.patches.prefill.seer import Seer
+from kvaccel.patches.prefill.seer_gate import (
     AttnGate,
     SeerGate,
     pool_blocks,
@@ -18,7 +19,6 @@ from kvaccel.patches.prefill.attn_gate import (
     shipped_gate_dir,
     unrotate,
 )
-from kvaccel.patches.prefill.seer import Seer
 from kvaccel.training import _seer_target
 
 from conftest import tiny_model

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kvaccel.patches.prefill.attn_gate import SeerGate
+from kvaccel.patches.prefill.seer_gate import SeerGate
 from kvaccel.training import GATE_KINDS, load_texts, seer_kl, train_gate
 
 from conftest import tiny_model

@@ -12,8 +12,8 @@ from kvaccel.config import register
 from kvaccel.kernels.block_sparse_attention import first_query_block
 from kvaccel.rope import _rotary_embedding
 
-from .attn_gate import SeerGate, pooled_attention_target, shipped_gate_dir, unrotate
 from .base import BlockSelection, BlockSparsePrefill
+from .seer_gate import SeerGate, pooled_attention_target, shipped_gate_dir, unrotate
 
 Tensor = torch.Tensor
 DEFAULT_THRESHOLD = 1e-2
@@ -26,7 +26,7 @@ class Seer(BlockSparsePrefill):
     """SeerAttention: a learned AttnGate scores 64x64 blocks; keep those above τ (or a target density).
 
     https://arxiv.org/abs/2410.13276 — ``gate = softmax(q̃ k̃ᵀ/√d_gate + block-causal mask)`` from block-pooled
-    pre-RoPE q/k (see :mod:`attn_gate`); keep block ``(i, j)`` iff ``gate_ij >= τ`` (threshold mode) or ``j`` is among
+    pre-RoPE q/k (see :mod:`seer_gate`); keep block ``(i, j)`` iff ``gate_ij >= τ`` (threshold mode) or ``j`` is among
     the ``ceil(density·(i+1))`` highest-scoring causal blocks of row ``i`` (density mode: every row keeps the same
     fraction of its causal blocks, so the overall density is ``density``; the reference instead takes a fixed top-k
     of ``1 - sqrt(1 - nz_ratio)`` blocks per row). The last ``dense_last_rows`` query-block rows are computed densely
