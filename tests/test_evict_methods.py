@@ -382,22 +382,23 @@ def test_keyformer_keeps_what_a_naive_reference_keeps():
     assert evictions == 3
 
 
-def test_keyformer_decode_noise_logs_on_the_calling_thread(monkeypatch):
-    """A decode step's Gumbel noise (``B * H_q * T`` = 4096 elements here) is logged in slices of at most ATen's
-    2048-element grain, which ATen runs without a parallel region, with the values of one ``torch.log``."""
-    layer = make_layer(511, Hkv=2)
-    m = Keyformer(budget=500, seed=1, max_new_tokens=8)
-    m.after_prefill(make_ctx(layer, queries(8, 511)))
-    q1 = decode_step(layer, Hq=8, seed=1)
-    sizes, real = [], torch.log
-    monkeypatch.setattr(torch, "log", lambda x, **kw: sizes.append(x.numel()) or real(x, **kw))
-    m.after_decode(make_ctx(layer, q1, "decode"))
-    assert len(sizes) == 4 and max(sizes) <= 2048  # two logs of 2 * 4 * 501 elements, two slices each
-    z = gumbel_noise((4, 1000), torch.Generator().manual_seed(2))
-    monkeypatch.undo()
-    u = torch.rand(4, 1000, generator=torch.Generator().manual_seed(2)).clamp(torch.finfo(torch.float32).tiny,
-                                                                               1 - torch.finfo(torch.float32).eps)
-    assert torch.equal(z, -torch.log(-torch.log(u)))
+def test_keyformer_decode_scoring_runs_on_one_thread(monkeypatch):
+    """A decode step's noisy scores (a few thousand logits) run with one intra-op thread, the count restored after;
+    the prompt's scoring keeps every thread."""
+    import kvaccel.patches.evict.keyformer as kf
+
+    threads, real = [], kf.noisy_scores
+    monkeypatch.setattr(kf, "noisy_scores", lambda *a, **kw: threads.append(torch.get_num_threads()) or real(*a, **kw))
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        layer = make_layer(300, Hkv=2)
+        m = Keyformer(budget=200, seed=1, max_new_tokens=8)
+        m.after_prefill(make_ctx(layer, queries(8, 300)))
+        m.after_decode(make_ctx(layer, decode_step(layer, Hq=8, seed=1), "decode"))
+        assert threads == [2, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(n)
 
 
 def test_keyformer_scores_the_prompt_with_every_query_in_blocks(monkeypatch):

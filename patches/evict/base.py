@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -163,6 +165,26 @@ def check_slack(slack) -> None:
 def decode_slack(capacity: int, slack: int | None) -> int:
     """Spare slots above a decode ``capacity``: ``slack``, or ``max(1, capacity // 32)`` when ``None``."""
     return max(1, capacity // 32) if slack is None else slack
+
+
+@contextlib.contextmanager
+def one_thread(enabled: bool = True) -> Iterator[None]:
+    """Run the block with one intra-op CPU thread, the previous count restored after (``enabled=False``: unchanged).
+
+    For a decode step's small scoring work (a few thousand logits per layer): each parallel region (a matmul, a
+    softmax, a vectorised log) must wake the other threads, which costs more than the work, up to a scheduler time
+    slice on a loaded machine. Results are the same (each op's elements are computed alike). The count is
+    process-wide: torch ops of other Python threads during the block run on one thread too.
+    """
+    n = torch.get_num_threads()
+    if not enabled or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def eviction_due(layer, capacity: int, slack: int) -> bool:

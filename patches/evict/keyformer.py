@@ -10,13 +10,14 @@ import torch
 
 from kvaccel.config import register
 
+from .base import one_thread
 from .h2o import H2O, check_int
 
 STATE = "keyformer"
 _ROW_CHUNK = 256  # stacked query rows per logits block: temporaries are O(_ROW_CHUNK * T) per kv head
 DEFAULT_LENGTH = 128  # temperature schedule length when neither the field nor generate() gives one
-_LOG_GRAIN = 2048  # ATen's grain for CPU float log (vectorised math): more elements run as a parallel region
-_SERIAL_LOG_MAX = 64 * _LOG_GRAIN  # larger tensors (prompt blocks) keep the parallel log: the work amortises it
+#: a decode step's scoring of at most this many ``B * H_q * T`` logits runs on one CPU thread (``one_thread``)
+_SERIAL_MAX = 1 << 18
 
 
 def step_seed(seed: int, layer_idx: int, step: int) -> int:
@@ -24,31 +25,12 @@ def step_seed(seed: int, layer_idx: int, step: int) -> int:
     return (seed * 1_000_003 + layer_idx * 10_007 + step) % (2**63)
 
 
-def _log(x: torch.Tensor) -> torch.Tensor:
-    """``torch.log(x)``, the same values; on CPU, a tensor of at most ``_SERIAL_LOG_MAX`` elements is done in slices
-    of ``_LOG_GRAIN`` on the calling thread.
-
-    ATen runs a CPU float ``log`` of more than ``_LOG_GRAIN`` elements as a parallel region (its vectorised-math
-    grain), and a decode step's noise block (``B * H_q * T`` elements) is a few thousand: with 2 threads the region
-    costs more than the work, up to a scheduler time slice on a loaded machine, twice per layer and step. Each
-    slice is at most one grain, so ATen runs it inline with the same kernel (elementwise: identical results).
-    """
-    n = x.numel()
-    if x.device.type != "cpu" or n <= _LOG_GRAIN or n > _SERIAL_LOG_MAX:
-        return torch.log(x)
-    flat = x.reshape(-1)
-    out = torch.empty_like(flat)
-    for i in range(0, n, _LOG_GRAIN):
-        torch.log(flat[i : i + _LOG_GRAIN], out=out[i : i + _LOG_GRAIN])
-    return out.view(x.shape)
-
-
 def gumbel_noise(shape, generator: torch.Generator) -> torch.Tensor:
     """``zeta = -log(-log(u))``, ``u ~ U(0, 1)`` drawn with ``generator`` on its device (float32), clamped off 0
     and 1. No host-to-device copy: a CUDA generator draws on the GPU."""
     u = torch.rand(shape, generator=generator, dtype=torch.float32, device=generator.device)
     u = u.clamp_(torch.finfo(torch.float32).tiny, 1.0 - torch.finfo(torch.float32).eps)
-    return _log(_log(u).neg_()).neg_()
+    return -torch.log(-torch.log(u))
 
 
 def tau_at(step: int, tau_init: float, tau_end: float, max_new_tokens: int) -> float:
@@ -192,5 +174,9 @@ class Keyformer(H2O):
         gen = torch.Generator(device=q.device).manual_seed(step_seed(self.seed, ctx.layer_idx, step))
         keys, valid = layer.dense_keys()
         tau = self.tau(step, self.generation_length(ctx) if step else None)  # tau_0 = tau_init whatever the length
-        add = noisy_scores(q, keys, scale=ctx.scaling, tau=tau, generator=gen, valid=valid)
+        small = ctx.phase == "decode" and q.device.type == "cpu" and q.shape[0] * q.shape[1] * keys.shape[2] <= (
+            _SERIAL_MAX
+        )
+        with one_thread(small):  # a few thousand logits: parallel regions would cost more than the work
+            add = noisy_scores(q, keys, scale=ctx.scaling, tau=tau, generator=gen, valid=valid)
         self.add_scores(layer, add)
