@@ -3,22 +3,24 @@
 - :func:`run_parallel` / :func:`cpu_workers`: independent chunks of a kernel on Python worker threads, each running
   its ops single-threaded, instead of every op splitting over OpenMP threads;
 - :func:`workspace` / :func:`release_workspace`: scratch buffers per thread and device, reused between calls;
-- :data:`flash_cpu`: PyTorch's fused CPU flash-attention op, which also returns the row log-sum-exp.
+- :data:`flash_cpu`: PyTorch's fused CPU flash-attention op, which also returns the row log-sum-exp;
+- :func:`single_thread`: a block of small ops on one intra-op thread in the calling thread only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
 
-__all__ = ["cpu_workers", "flash_cpu", "release_workspace", "run_parallel", "workspace"]
+__all__ = ["cpu_workers", "flash_cpu", "release_workspace", "run_parallel", "single_thread", "workspace"]
 
 #: ``flash_cpu(q, k, v, attn_mask=None, scale=..., is_causal=False) -> (out, lse, ...)``: fused, float32 accumulation
 flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -159,3 +161,24 @@ def run_parallel(fn: Callable[..., None], tasks: Sequence[tuple], workers: int) 
 
     for _ in pool.map(call, tasks):
         pass
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run the block's torch ops on one intra-op thread in the *calling* thread only, its count restored after.
+
+    For small per-step work (a decode step's scoring: a few thousand elements), where waking the other OpenMP threads
+    costs more than the work. Uses the per-thread setters (:func:`_per_thread_setters`), so other Python threads and
+    torch's process-wide default are untouched; on a build without them the block runs unchanged (same results)."""
+    setters = _per_thread_setters()
+    n = torch.get_num_threads()
+    if setters is None or n == 1:
+        yield
+        return
+    for setter in setters:
+        setter(1)
+    try:
+        yield
+    finally:
+        for setter in setters:
+            setter(n)

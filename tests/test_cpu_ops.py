@@ -155,3 +155,27 @@ def test_without_per_thread_counts_the_work_stays_in_the_caller(monkeypatch: pyt
     finally:
         torch.set_num_threads(threads)
         cpu_ops._warn_no_workers.cache_clear()
+
+
+def test_single_thread_changes_the_calling_thread_only() -> None:
+    """Inside the block the caller runs on 1 thread; a thread that reads its count meanwhile, one started meanwhile,
+    and the caller afterwards all keep the process's count (torch.set_num_threads would have leaked to them)."""
+    if cpu_ops._per_thread_setters() is None:
+        pytest.skip("this torch build has no per-thread thread count")
+    before = torch.get_num_threads()
+    if before == 1:
+        pytest.skip("needs more than one intra-op thread")
+    seen: dict[str, int] = {}
+    running = threading.Thread(target=lambda: (go.wait(), seen.__setitem__("running", torch.get_num_threads())))
+    go = threading.Event()
+    running.start()
+    torch.get_num_threads()
+    with cpu_ops.single_thread():
+        seen["inside"] = torch.get_num_threads()
+        go.set()
+        running.join()
+        started = threading.Thread(target=lambda: seen.__setitem__("started", torch.get_num_threads()))
+        started.start()
+        started.join()
+    assert seen == {"inside": 1, "running": before, "started": before}
+    assert torch.get_num_threads() == before
