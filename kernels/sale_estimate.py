@@ -30,7 +30,7 @@ key range ``[sink, i·block_m - local_window)`` is multiplied (a chunk's keys st
 so the causal upper half is never computed); the exact sink + local statistics are one fused flash-kernel call per
 chunk of query blocks, which returns the row log-sum-exp (``O(L · (sink + local_window + block_m))``). With
 ``torch.get_num_threads() > 1`` the chunks run on worker threads
-(:func:`~kvaccel.kernels.block_sparse_attention.run_parallel`).
+(:func:`~kvaccel.kernels.cpu_ops.run_parallel`).
 
 Cost at L=8192 on the default model's real q/k (layers 0, 5, 11, 17, 23, 29; 1 thread, CPU time, interleaved with
 SDPA): the whole estimate is 0.44-0.49x SDPA (before these changes ~0.5x; ``benchmarks/prefill_attention.py``,
