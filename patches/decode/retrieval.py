@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from kvaccel.cache import compact_slots
+from kvaccel.checks import check_int, check_number
 from kvaccel.config import register
 from kvaccel.kernels.decode_attention import decode_attention
 from kvaccel.kernels.lse_merge import lse_merge
@@ -291,17 +292,9 @@ class Retrieval(DecodeMethod):
                                  ("build_top_k", 2, 1024), ("build_queries", 1, None), ("spill_every", 1, None),
                                  ("exact_below", 0, None)):
             val = getattr(self, field)
-            if isinstance(val, bool) or not isinstance(val, int) or val < low or (high is not None and val > high):
-                rng = f">= {low}" if high is None else f"in [{low}, {high}]"
-                raise ValueError(f"{field} must be an int {rng}, got {val!r}")
-        if isinstance(self.build_query_ratio, bool) or not isinstance(self.build_query_ratio, (int, float)) or not (
-            0 < self.build_query_ratio <= 64
-        ):
-            raise ValueError(f"build_query_ratio must be a number in (0, 64], got {self.build_query_ratio!r}")
-        if isinstance(self.ef_per_key, bool) or not isinstance(self.ef_per_key, (int, float)) or not (
-            0 <= self.ef_per_key <= 1
-        ):
-            raise ValueError(f"ef_per_key must be a number in [0, 1], got {self.ef_per_key!r}")
+            check_int(field, val, low, high)
+        check_number("build_query_ratio", self.build_query_ratio, 0, 64, low_open=True)
+        check_number("ef_per_key", self.ef_per_key, 0, 1)
         if self.scan_precision not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"scan_precision must be 'auto', 'float32' or 'bfloat16', got {self.scan_precision!r}")
         if not isinstance(self.ef, int) or self.ef < self.top_k:

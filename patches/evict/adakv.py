@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import torch
 
 from kvaccel.cache import compact_slots
+from kvaccel.checks import check_ratio
 from kvaccel.config import register, validate_budget
 from kvaccel.varlen_cache import VarlenLayer, check_varlen_stages
 
 from .base import EvictionMethod
-from .h2o import check_ratio
 from .pyramidkv import PyramidKV
 from .snapkv import SnapKV
 from .streaming import Streaming

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from kvaccel.checks import check_int
 from kvaccel.config import Method, resolve_budget, validate_budget
+from kvaccel.kernels.cpu_ops import single_thread
 from kvaccel.rope import RopeShift
 
 if TYPE_CHECKING:
@@ -73,8 +74,7 @@ class ScoredEviction(EvictionMethod):
 
     def __post_init__(self):
         validate_budget(self.budget)
-        if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 0:
-            raise ValueError(f"chunk ({self.chunk!r}) must be an int >= 0 (0 or 1 = per-token selection)")
+        check_int("chunk", self.chunk, 0, why="0 or 1 = per-token selection")
         check_slack(self.slack)
         if self.span_rule not in SPAN_RULES:
             raise ValueError(f"span_rule ({self.span_rule!r}) must be one of {SPAN_RULES}")
@@ -158,8 +158,8 @@ SPAN_RULES = ("grid", "sliding")
 
 def check_slack(slack) -> None:
     """Raise ``ValueError`` unless ``slack`` is ``None`` or an int >= 1."""
-    if slack is not None and (isinstance(slack, bool) or not isinstance(slack, int) or slack < 1):
-        raise ValueError(f"slack ({slack!r}) must be None (automatic) or an int >= 1 (1 = evict at every step)")
+    if slack is not None:
+        check_int("slack", slack, 1, why="or None for automatic; 1 = evict at every step")
 
 
 def decode_slack(capacity: int, slack: int | None) -> int:
@@ -167,24 +167,15 @@ def decode_slack(capacity: int, slack: int | None) -> int:
     return max(1, capacity // 32) if slack is None else slack
 
 
-@contextlib.contextmanager
-def one_thread(enabled: bool = True) -> Iterator[None]:
-    """Run the block with one intra-op CPU thread, the previous count restored after (``enabled=False``: unchanged).
+def one_thread(enabled: bool = True) -> contextlib.AbstractContextManager:
+    """Run the block with one intra-op CPU thread in the calling thread, its count restored after (``enabled=False``:
+    unchanged); other Python threads and torch's process-wide default are untouched (:func:`cpu_ops.single_thread`).
 
     For a decode step's small scoring work (a few thousand logits per layer): each parallel region (a matmul, a
     softmax, a vectorised log) must wake the other threads, which costs more than the work, up to a scheduler time
-    slice on a loaded machine. Results are the same (each op's elements are computed alike). The count is
-    process-wide: torch ops of other Python threads during the block run on one thread too.
+    slice on a loaded machine. Results are the same (each op's elements are computed alike).
     """
-    n = torch.get_num_threads()
-    if not enabled or n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+    return single_thread() if enabled else contextlib.nullcontext()
 
 
 def eviction_due(layer, capacity: int, slack: int) -> bool:

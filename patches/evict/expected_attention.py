@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
+from kvaccel.checks import check_int, check_ratio
 from kvaccel.config import register, resolve_budget, validate_budget
 from kvaccel.rope import rotate_half, unrotate
 
 from .base import KEEP_SCORE, ScoredEviction, eviction_due
-from .h2o import check_int, check_ratio
 from .snapkv import group_window_scores, pool_scores
 
 Tensor = torch.Tensor

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
+from kvaccel.checks import check_ratio
 from kvaccel.config import register
 from kvaccel.kernels.decode_attention import decode_attention_probs
 from kvaccel.kernels.window_scores import window_attention_scores
@@ -16,18 +16,6 @@ from .base import ScoredEviction
 
 STATE = "h2o"
 _KEEP = torch.finfo(torch.float32).max  # score of tokens that are always kept
-
-
-def check_ratio(field: str, value) -> None:
-    """Raise ``ValueError`` unless ``value`` is a real number in [0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0 <= value <= 1:
-        raise ValueError(f"{field} ({value!r}) must be a number in [0, 1]")
-
-
-def check_int(field: str, value, low: int) -> None:
-    """Raise ``ValueError`` unless ``value`` is an int >= ``low``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{field} ({value!r}) must be an int >= {low}")
 
 
 def group_mean(scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
+from kvaccel.checks import check_int, check_number
 from kvaccel.config import register
 
 from .base import one_thread
-from .h2o import H2O, check_int
+from .h2o import H2O
 
 STATE = "keyformer"
 _ROW_CHUNK = 256  # stacked query rows per logits block: temporaries are O(_ROW_CHUNK * T) per kv head
@@ -135,8 +135,7 @@ class Keyformer(H2O):
         check_int("window", self.window, 0)
         for field in ("tau_init", "tau_end"):
             v = getattr(self, field)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or not v > 0:
-                raise ValueError(f"{field} ({v!r}) must be a number > 0")
+            check_number(field, v, 0, low_open=True)
         if self.max_new_tokens is not None:
             check_int("max_new_tokens", self.max_new_tokens, 1)
         check_int("seed", self.seed, 0)

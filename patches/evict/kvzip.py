@@ -7,13 +7,13 @@ from dataclasses import dataclass
 import torch
 
 from kvaccel.cache import cache_kwarg, compact_slots
+from kvaccel.checks import check_int, check_ratio
 from kvaccel.config import register, resolve_budget, validate_budget
 from kvaccel.kernels.cpu_ops import cpu_workers, run_parallel
 from kvaccel.varlen_cache import VarlenLayer, check_varlen_stages
 
 from .base import EvictionMethod
 from .expected_attention import ExpectedAttention
-from .h2o import check_int, check_ratio
 
 Tensor = torch.Tensor
 

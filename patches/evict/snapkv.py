@@ -7,11 +7,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kvaccel.checks import check_int
 from kvaccel.config import register, resolve_budget, validate_budget
 from kvaccel.kernels.window_scores import window_attention_scores
 
 from .base import ScoredEviction, eviction_due
-from .h2o import _KEEP, check_int, group_mean, step_attention_probs
+from .h2o import _KEEP, group_mean, step_attention_probs
 
 STATE = "snapkv"
 POOLINGS = ("max", "avg")

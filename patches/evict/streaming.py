@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvaccel.checks import check_int
 from kvaccel.config import register
 
 from .base import ScoredEviction
@@ -33,8 +34,7 @@ class Streaming(ScoredEviction):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
-            raise ValueError(f"sink ({self.sink!r}) must be an int >= 0")
+        check_int("sink", self.sink, 0)
 
     def score(self, ctx) -> torch.Tensor:
         valid = ctx.layer.token_valid()  # (B, 1|H, N) over [narrow, full]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvaccel.checks import check_number
+from kvaccel.checks import check_number, is_int
 from kvaccel.config import register
 from kvaccel.kernels.block_sparse_attention import first_query_block, num_blocks
 
@@ -111,7 +111,7 @@ class PBS(BlockSparsePrefill):
         check_number("tau", self.tau, 0, 1, low_open=True, why="cumulative block attention mass")
         validate_blocks(self, block_size=self.block_size)
         seg = self.segment_size
-        if isinstance(seg, bool) or not isinstance(seg, int) or seg < self.block_size or seg % self.block_size:
+        if not is_int(seg) or seg < self.block_size or seg % self.block_size:
             raise ValueError(
                 f"segment_size ({seg!r}) must be an int multiple of block_size ({self.block_size}), >= it"
             )
