@@ -32,14 +32,9 @@ class Seer(BlockSparsePrefill):
     of ``1 - sqrt(1 - nz_ratio)`` blocks per row). The last ``dense_last_rows`` query-block rows are computed densely
     (reference: ``dense_mask[:, :, -2:, :] = True``); the base adds every diagonal tile.
 
-    Measured on the default model with its shipped gate (trained at 8k; one prose prompt, logits of the last 64
-    positions vs dense, ``benchmarks/seer_fidelity.py``): at 8k, τ=0.01 computes 0.192 of the causal blocks (diagonal
-    and dense last rows included) with top-1 agreement 0.953 and KL 0.0025; τ=0.012 → 0.176, 0.969, 0.0037; τ=0.015
-    → 0.158, 0.969, 0.0079 (the 4k-trained gate it replaced: τ=0.01 → 0.205, 0.953, 0.006; τ=0.012 → 0.186, 0.922,
-    0.009). Per-layer output error vs dense (``benchmarks/seer_gate.py``) at 8k: τ=0.005 → density 0.271, 4.7%
-    (true-attention blocks at the same density: 4.1%); τ=0.01 → 0.194, 8.3% (7.4%). Thresholding beats a fixed
-    per-row density by far (``density=0.2``, 0.231 computed → 19.9%, oracle 16.6%): heads differ in how many blocks
-    they need. The default τ=0.01 is the ~80%-sparsity point at 8k.
+    The default τ=0.01 is about the 80%-sparsity point at 8k on the default model; thresholding beats a fixed per-row
+    density (heads differ in how many blocks they need). Densities, fidelity and per-layer error for each τ, with
+    their commands: ``docs/results.md``, section 7.
 
     ``mode="oracle"`` scores blocks with the *true* attention max-pooled to blocks (computed in query chunks, as
     dense as full attention: for testing the method and kernel, not for speed). It scores whole prompts only: later
