@@ -51,8 +51,10 @@ def diff(old: Path, new: Path) -> int:
     a, b = read(old), read(new)
     changed = [f"  {n}: {a.get(n, '(none)')} -> {b.get(n, '(none)')}" for n in sorted(a.keys() | b.keys())
                if a.get(n) != b.get(n)]
-    print(f"{len(changed)} change(s) from {old} to {new}:" if changed else f"no change from {old}")
-    print("\n".join(changed)) if changed else None
+    if changed:
+        print(f"{len(changed)} change(s) from {old} to {new}:", *changed, sep="\n")
+    else:
+        print(f"no change from {old}")
     return len(changed)
 
 
