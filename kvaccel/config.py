@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 from kvaccel.checks import is_number
 from kvaccel.presets import PRESETS
 
-STAGES = ("prefill", "evict", "channels", "decode")
+STAGES = ("prefill", "evict", "channels", "decode", "storage")
 
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -72,7 +72,8 @@ def _load_builtin_methods() -> None:
     import kvaccel.patches.channels
     import kvaccel.patches.decode
     import kvaccel.patches.evict
-    import kvaccel.patches.prefill  # noqa: F401
+    import kvaccel.patches.prefill
+    import kvaccel.patches.storage  # noqa: F401
 
 
 def method_class(name: str) -> type[Method]:

@@ -1,0 +1,1 @@
+"""Storage methods (stage ``storage``): how kept tokens are stored. Importing this package registers them."""
