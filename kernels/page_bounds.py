@@ -1,0 +1,331 @@
+"""page_bounds: Quest's per-page key bounds, page scores and the attention over the selected pages.
+
+A page is ``P`` consecutive token slots of a row, starting at the row's ``offset`` (its first real token, so a
+left-padded row pages its tokens as it would alone). Per page and channel the keys' min ``m`` and max ``M`` bound
+every ``q · k`` of the page: ``q · k <= U = Σ_i max(q_i m_i, q_i M_i) = relu(q) · M + min(q, 0) · m`` (two
+matmuls; :func:`page_scores`). The PyTorch paths are vectorised; the float64 ``*_reference`` functions evaluate the
+formulas literally and are what the tests compare against; the Triton kernels are in
+:mod:`kvaccel.kernels.triton.page_bounds`.
+
+Shapes: keys ``(B, H_kv, N, D)``; bounds ``(B, H_kv, NP, D)`` in the keys' dtype (``2/P`` of the keys' bytes);
+``count`` ``(B, 1|H_kv, NP)`` int32 real tokens per page (0 = an empty page, never selected); queries
+``(B, H_q, 1, D)`` (GQA: query head ``h`` reads kv head ``h // (H_q / H_kv)``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from kvaccel.checks import check_int
+
+from .backend import check_mask, resolve_backend
+from .cpu_ops import cpu_workers, run_parallel
+
+__all__ = [
+    "append_page_bounds",
+    "num_pages",
+    "page_attention",
+    "page_attention_reference",
+    "page_bounds",
+    "page_bounds_reference",
+    "page_scores",
+    "page_scores_reference",
+    "page_slots",
+    "select_pages",
+]
+
+
+def _offsets(B: int, offset: Tensor | None, device: torch.device) -> Tensor:
+    if offset is None:
+        return torch.zeros(B, dtype=torch.long, device=device)
+    if offset.shape != (B,) or offset.dtype != torch.long:
+        raise ValueError(f"offset must be a ({B},) int64 tensor (first slot of each row), got "
+                         f"{tuple(offset.shape)} {offset.dtype}")
+    return offset
+
+
+def num_pages(n_tokens: int, offset: Tensor, page_size: int) -> int:
+    """Pages of the longest row: ``ceil((N - min offset) / P)``."""
+    return max(0, math.ceil((n_tokens - int(offset.min())) / page_size)) if offset.numel() else 0
+
+
+def page_bounds(
+    keys: Tensor, page_size: int, valid: Tensor | None = None, offset: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per page and channel, the min and max of the real keys, and the real tokens per page.
+
+    Page ``j`` of row ``b`` holds slots ``offset[b] + j·P ... + P − 1`` (slots at or past ``N`` and invalid ones
+    excluded; an empty page's bounds are 0 and its count 0).
+
+    Parameters
+    ----------
+    keys : Tensor
+        ``(B, H_kv, N, D)``.
+    page_size : int
+        ``P`` tokens per page.
+    valid : Tensor, optional
+        ``(B, 1|H_kv, N)`` bool; ``None`` = every slot real.
+    offset : Tensor, optional
+        ``(B,)`` int64 first slot of each row's pages; ``None`` = 0.
+
+    Returns
+    -------
+    tuple of Tensor
+        ``kmin``, ``kmax`` ``(B, H_kv, NP, D)`` in ``keys.dtype`` and ``count`` ``(B, 1|H_kv, NP)`` int32, with
+        ``NP = ceil((N − min offset) / P)``.
+    """
+    check_int("page_size", page_size, 1)
+    B, H, N, D = keys.shape
+    check_mask("valid", valid, B, H, N)
+    offset = _offsets(B, offset, keys.device)
+    NP = num_pages(N, offset, page_size)
+    slot = offset[:, None] + torch.arange(NP * page_size, device=keys.device)[None, :]  # (B, NP·P)
+    inside = slot < N
+    slot = slot.clamp(max=max(N - 1, 0))
+    ok = inside[:, None, :]  # (B, 1, NP·P)
+    if valid is not None:
+        ok = ok & valid.gather(-1, slot[:, None, :].expand(B, valid.shape[1], -1))
+    count = ok.view(B, ok.shape[1], NP, page_size).sum(-1, dtype=torch.int32)
+    if N == 0:
+        empty = keys.new_zeros(B, H, 0, D)
+        return empty, empty.clone(), count
+    g = keys.gather(2, slot[:, None, :, None].expand(B, H, -1, D)).view(B, H, NP, page_size, D)
+    okp = ok.view(B, ok.shape[1], NP, page_size, 1)
+    big = torch.finfo(keys.dtype).max
+    kmin = g.masked_fill(~okp, big).amin(3)
+    kmax = g.masked_fill(~okp, -big).amax(3)
+    empty = (count == 0)[..., None]
+    return kmin.masked_fill(empty, 0), kmax.masked_fill(empty, 0), count
+
+
+def page_bounds_reference(
+    keys: Tensor, page_size: int, valid: Tensor | None = None, offset: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`page_bounds` with Python loops over rows and pages, in float64 (count ``(B, H_kv, NP)``)."""
+    B, H, N, D = keys.shape
+    offset = _offsets(B, offset, keys.device)
+    NP = num_pages(N, offset, page_size)
+    kmin = torch.zeros(B, H, NP, D, dtype=torch.float64)
+    kmax = torch.zeros(B, H, NP, D, dtype=torch.float64)
+    count = torch.zeros(B, H, NP, dtype=torch.int32)
+    for b in range(B):
+        for h in range(H):
+            for j in range(NP):
+                s0 = int(offset[b]) + j * page_size
+                slots = [s for s in range(s0, min(s0 + page_size, N))
+                         if valid is None or bool(valid[b, min(h, valid.shape[1] - 1), s])]
+                if slots:
+                    kk = keys[b, h, slots].double()
+                    kmin[b, h, j], kmax[b, h, j] = kk.amin(0), kk.amax(0)
+                    count[b, h, j] = len(slots)
+    return kmin, kmax, count
+
+
+def append_page_bounds(
+    kmin: Tensor, kmax: Tensor, count: Tensor, key: Tensor, page: Tensor, valid: Tensor | None = None
+) -> None:
+    """Fold one new token per row into its page, in place: ``key`` ``(B, H_kv, D)`` joins page ``page`` ``(B,)``
+    (int64) of each row; ``valid`` ``(B, 1|H_kv)`` bool (``None`` = real). The first real token of a page sets its
+    bounds; a token that is not real changes nothing."""
+    B, H, _, D = kmin.shape
+    idx = page.view(B, 1, 1, 1).expand(B, H, 1, D)
+    cidx = page.view(B, 1, 1).expand(B, count.shape[1], 1)
+    c = count.gather(-1, cidx)  # (B, 1|H, 1)
+    k = key[:, :, None, :].to(kmin.dtype)
+    lo, hi = kmin.gather(2, idx), kmax.gather(2, idx)
+    first = (c == 0)[..., None]  # (B, 1|H, 1, 1)
+    new_lo = torch.where(first, k, torch.minimum(lo, k))
+    new_hi = torch.where(first, k, torch.maximum(hi, k))
+    if valid is not None:
+        real = valid[:, :, None, None]
+        new_lo, new_hi = torch.where(real, new_lo, lo), torch.where(real, new_hi, hi)
+        c = c + valid[:, :, None].to(c.dtype)
+    else:
+        c = c + 1
+    kmin.scatter_(2, idx, new_lo)
+    kmax.scatter_(2, idx, new_hi)
+    count.scatter_(-1, cidx, c)
+
+
+def page_scores(
+    q: Tensor, kmin: Tensor, kmax: Tensor, count: Tensor | None = None, *, backend: str = "auto"
+) -> Tensor:
+    """Quest's page score ``U = Σ_i max(q_i m_i, q_i M_i)`` of every query head and page, ``(B, H_q, NP)`` float32;
+    pages with ``count == 0`` get ``-inf``. An upper bound of ``q · k`` for every real key of the page (no scale:
+    it only ranks pages). ``q`` ``(B, H_q, 1, D)`` or ``(B, H_q, D)``."""
+    if q.dim() == 4:
+        q = q[:, :, 0]
+    B, Hq, D = q.shape
+    _, Hkv, NP, _ = kmin.shape
+    if kmax.shape != kmin.shape or kmin.shape[0] != B or kmin.shape[-1] != D or Hq % Hkv:
+        raise ValueError(f"q {tuple(q.shape)} and bounds {tuple(kmin.shape)} / {tuple(kmax.shape)} must be "
+                         f"(B, H_q, D) and (B, H_kv, NP, D) with H_q a multiple of H_kv")
+    if resolve_backend(backend, q) == "triton":
+        from .triton.page_bounds import launch_page_scores
+
+        return launch_page_scores(q, kmin, kmax, count)
+    G = Hq // Hkv
+    qg = q.reshape(B, Hkv, G, D).float()
+    s = qg.clamp(min=0) @ kmax.float().transpose(-1, -2) + qg.clamp(max=0) @ kmin.float().transpose(-1, -2)
+    if count is not None:
+        s.masked_fill_((count == 0)[:, :, None, :], float("-inf"))
+    return s.view(B, Hq, NP)
+
+
+def page_scores_reference(q: Tensor, kmin: Tensor, kmax: Tensor, count: Tensor | None = None) -> Tensor:
+    """:func:`page_scores` as written in the paper, elementwise ``max(q_i m_i, q_i M_i)`` summed, float64."""
+    if q.dim() == 4:
+        q = q[:, :, 0]
+    B, Hq, D = q.shape
+    G = Hq // kmin.shape[1]
+    m = kmin.double().repeat_interleave(G, dim=1)  # (B, H_q, NP, D)
+    M = kmax.double().repeat_interleave(G, dim=1)
+    qd = q.double()[:, :, None, :]
+    s = torch.maximum(qd * m, qd * M).sum(-1)
+    if count is not None:
+        c = count if count.shape[1] == 1 else count.repeat_interleave(G, dim=1)
+        s = s.masked_fill(c == 0, float("-inf"))
+    return s
+
+
+def select_pages(scores: Tensor, pages: Tensor, last: Tensor) -> tuple[Tensor, Tensor]:
+    """Per query head, the ``pages[b]`` best pages of row ``b`` by score, page ``last[b]`` always among them.
+
+    ``scores`` ``(B, H_q, NP)`` (``-inf`` = empty page, never selected); ``pages``, ``last`` ``(B,)`` int64.
+    Returns ``(idx, keep)`` ``(B, H_q, K)`` with ``K = max(pages)``: page indices in descending score (the last page
+    first) and whether each is selected (rank ``< pages[b]`` and not empty)."""
+    B, Hq, NP = scores.shape
+    K = min(int(pages.max()), NP)
+    forced = scores.scatter(-1, last.view(B, 1, 1).expand(B, Hq, 1), float("inf"))
+    top, idx = forced.topk(K, dim=-1, sorted=True)
+    keep = (torch.arange(K, device=scores.device)[None, None, :] < pages.view(B, 1, 1)) & (top > float("-inf"))
+    return idx, keep
+
+
+def page_slots(
+    idx: Tensor, keep: Tensor, page_size: int, offset: Tensor, n_tokens: int, valid: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Token slots of the selected pages: ``(slots, ok)`` ``(B, H_q, K·P)``, slots clamped into ``[0, N)`` and
+    ``ok`` False for an unselected page, a slot past ``N`` or a slot ``valid`` ``(B, 1|H_kv, N)`` marks unreal."""
+    B, Hq, K = idx.shape
+    slot = (offset.view(B, 1, 1, 1) + idx[..., None] * page_size
+            + torch.arange(page_size, device=idx.device)).view(B, Hq, K * page_size)
+    ok = keep.repeat_interleave(page_size, dim=-1) & (slot < n_tokens)
+    slot = slot.clamp(max=max(n_tokens - 1, 0))
+    if valid is not None:
+        Hv = valid.shape[1]
+        per = valid if Hv == 1 else valid.repeat_interleave(Hq // Hv, dim=1)
+        ok &= per.expand(B, Hq if Hv > 1 else 1, n_tokens).expand(B, Hq, n_tokens).gather(-1, slot)
+    return slot, ok
+
+
+def page_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    slots: Tensor,
+    ok: Tensor,
+    *,
+    scale: float,
+    k_narrow: Tensor | None = None,
+    channel_idx: Tensor | None = None,
+    v_narrow: Tensor | None = None,
+    value_idx: Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Exact softmax attention of one query per head over the slots it selected, ``(B, H_q, 1, Dv)`` in ``q.dtype``.
+
+    ``out[b, h] = softmax(scale · q[b, h] · K[b, h // G, s] for s in slots[b, h] where ok) @ V[...]``; float32
+    accumulation; a head with no ``ok`` slot gives zeros. The slot axis is ``[narrow (Tn), full (T)]``: a slot
+    ``s < Tn`` reads ThinK's narrow segment (``q[channel_idx] · k_narrow``, values scattered into ``value_idx``
+    when narrow too), a slot ``s >= Tn`` the full-width ``k``/``v`` at ``s − Tn``. ``slots``/``ok`` ``(B, H_q, S)``
+    from :func:`page_slots`.
+    """
+    B, Hq, _, D = q.shape
+    Hkv = k.shape[1]
+    if Hq % Hkv or slots.shape[:2] != (B, Hq) or ok.shape != slots.shape:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, slots {tuple(slots.shape)}, ok "
+                         f"{tuple(ok.shape)}: H_q must be a multiple of H_kv and slots/ok (B, H_q, S)")
+    if resolve_backend(backend, q) == "triton":
+        if k_narrow is not None:
+            raise NotImplementedError("the Triton page attention has no narrow (ThinK) segment; use backend='torch'")
+        from .triton.page_bounds import launch_page_attention
+
+        return launch_page_attention(q, k, v, slots, ok, scale)
+    out = q.new_empty(B, Hq, 1, v.shape[-1])
+    G = Hq // Hkv
+    narrow = None if k_narrow is None else (k_narrow, channel_idx, v_narrow, value_idx)
+    workers = cpu_workers(q.device)
+    step = -(-Hq // workers)  # query heads per task: one task per worker and row
+
+    def run(b: int, h0: int, h1: int) -> None:
+        out[b, h0:h1] = _page_attention_rows(q, k, v, slots, ok, scale, b, h0, h1, G, narrow)
+
+    run_parallel(run, [(b, h, min(h + step, Hq)) for b in range(B) for h in range(0, Hq, step)], workers)
+    return out
+
+
+def _page_attention_rows(q, k, v, slots, ok, scale, b, h0, h1, G, narrow) -> Tensor:
+    """Page attention of query heads ``h0 ... h1 − 1`` of row ``b``, ``(h1 − h0, 1, Dv)``."""
+    qs = q[b, h0:h1, 0].float() * scale  # (R, D)
+    s = slots[b, h0:h1]  # (R, S)
+    kvh = (torch.arange(h0, h1, device=q.device) // G)[:, None]  # kv head of each query head
+    Tn = 0 if narrow is None else narrow[0].shape[2]
+    sf = (s - Tn).clamp(min=0)
+    kg = k[b][kvh, sf].float()  # (R, S, D)
+    logits = torch.bmm(kg, qs[:, :, None])[..., 0]  # (R, S)
+    vg = v[b][kvh, sf].float()  # (R, S, Dv)
+    if narrow is not None:
+        kn, cidx, vn, vidx = narrow
+        inn = s < Tn
+        sn = s.clamp(max=max(Tn - 1, 0))
+        qn = qs.gather(-1, cidx[b][kvh[:, 0]])  # (R, Dk)
+        ln = torch.bmm(kn[b][kvh, sn].float(), qn[:, :, None])[..., 0]
+        logits = torch.where(inn, ln, logits)
+        vng = vn[b][kvh, sn].float()
+        if vidx is not None:  # narrow values: zero-filled outside their kept channels
+            dense = vg.new_zeros(vg.shape)
+            vng = dense.scatter_(-1, vidx[b][kvh[:, 0]][:, None, :].expand(-1, vng.shape[1], -1), vng)
+        vg = torch.where(inn[..., None], vng, vg)
+    logits = logits.masked_fill_(~ok[b, h0:h1], float("-inf"))
+    m = logits.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = (logits - m).exp_()
+    denom = p.sum(-1, keepdim=True)
+    o = torch.bmm(p[:, None, :], vg)[:, 0] / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return o.to(q.dtype)[:, None, :]
+
+
+def page_attention_reference(
+    q: Tensor, k: Tensor, v: Tensor, slots: Tensor, ok: Tensor, *, scale: float,
+    k_narrow: Tensor | None = None, channel_idx: Tensor | None = None, v_narrow: Tensor | None = None,
+    value_idx: Tensor | None = None,
+) -> Tensor:
+    """:func:`page_attention` in float64 with loops: each head's keys zero-filled to full width, then dense softmax
+    over its ``ok`` slots (``(B, H_q, 1, Dv)`` float64)."""
+    B, Hq, _, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    G = Hq // Hkv
+    if k_narrow is not None:  # the [narrow, full] axis at full width, pruned channels zero
+        Tn, Dk = k_narrow.shape[2], k_narrow.shape[3]
+        kn = torch.zeros(B, Hkv, Tn, D, dtype=torch.float64)
+        kn.scatter_(-1, channel_idx[:, :, None, :].expand(B, Hkv, Tn, Dk), k_narrow.double())
+        vn = v_narrow.double()
+        if value_idx is not None:
+            vn = torch.zeros(B, Hkv, Tn, Dv, dtype=torch.float64).scatter_(
+                -1, value_idx[:, :, None, :].expand(B, Hkv, Tn, value_idx.shape[-1]), v_narrow.double())
+        k = torch.cat([kn, k.double()], 2)
+        v = torch.cat([vn, v.double()], 2)
+    out = torch.zeros(B, Hq, 1, Dv, dtype=torch.float64)
+    for b in range(B):
+        for h in range(Hq):
+            sel = slots[b, h][ok[b, h]]
+            if sel.numel() == 0:
+                continue
+            kk, vv = k[b, h // G, sel].double(), v[b, h // G, sel].double()
+            p = torch.softmax(kk @ q[b, h, 0].double() * scale, -1)
+            out[b, h, 0] = p @ vv
+    return out
