@@ -170,15 +170,20 @@ def _parse_kwargs(text: str, spec: str) -> dict[str, Any]:
     return kwargs
 
 
+def split_spec(part: str) -> tuple[str, dict[str, Any]]:
+    """``"name(key=value, ...)"`` (one method, no ``+``) -> ``(name, kwargs)``; a nested spec as a value stays a
+    string (``critical(scorer=snapkv(window=16))`` gives ``{"scorer": "snapkv(window=16)"}``)."""
+    m = _SPEC.match(part)
+    if not m:
+        raise ValueError(f"cannot parse method spec '{part}'; expected name or name(key=value, ...)")
+    return m.group(1), _parse_kwargs(m.group(2) or "", part)
+
+
 def parse_spec(spec: str) -> list[Method]:
     """Parse ``"sale+keyformer(budget=0.25)+think(ratio=0.4)"`` into method configs."""
     out = []
     for part in _split_top(spec, "+"):
-        m = _SPEC.match(part)
-        if not m:
-            raise ValueError(f"cannot parse method spec '{part}'; expected name or name(key=value, ...)")
-        name, args = m.group(1), m.group(2) or ""
-        kwargs = _parse_kwargs(args, part)
+        name, kwargs = split_spec(part)
         out.extend(_expand_preset(name, kwargs) if name in PRESETS else [build_method(name, kwargs)])
     return out
 
