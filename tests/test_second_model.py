@@ -1,0 +1,87 @@
+"""Every method on the second model (Qwen2.5-Coder-1.5B-Instruct: qwen2, 12/2 heads, head size 128), fp32 and bf16.
+
+Opt-in (a 1.5B model on a CPU takes ~15 minutes here): fetch it once with ``kvaccel fetch-model qwen2.5-coder-1.5b``,
+then ``make test-second-model`` (``KVACCEL_SECOND_MODEL=qwen2.5-coder-1.5b pytest tests/test_second_model.py``).
+Skipped otherwise. Each method runs a 1,100-token prompt (above the prefill methods' ``min_length``) and 4 greedy
+steps; the test checks what the method must do on this shape (real bytes freed, sparse tiles, host-resident keys,
+the model's dtype kept) and writes next-token KL vs the stock model to ``runs/second_model_<dtype>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import kvaccel
+from kvaccel.compare import prompt_ids
+
+NAME = os.environ.get("KVACCEL_SECOND_MODEL", "")
+pytestmark = [
+    pytest.mark.second_model,
+    pytest.mark.skipif(not NAME, reason="opt-in: KVACCEL_SECOND_MODEL=qwen2.5-coder-1.5b (make test-second-model)"),
+]
+PROMPT, STEPS, BUDGET = 1100, 4, 0.25
+EVICTION = ["streaming", "snapkv", "h2o", "keyformer", "d2o", "pyramidkv", "adakv", "expected_attention", "kvzip"]
+PREFILL = ["a_shape", "vertical_slash", "pbs", "sale", "seer(mode='oracle')"]
+SPECS = ([f"{m}(budget={BUDGET})" for m in EVICTION] + [f"snapkv(budget={BUDGET})+think(ratio=0.4)"] + PREFILL
+         + ["retrieval", "retrieval(exact_below=0)"])
+RESULTS: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def second(request):
+    try:
+        model, tok = kvaccel.load_model(NAME, dtype=request.param)
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    ids = prompt_ids(tok, PROMPT)
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        stock = model.generate(ids, max_new_tokens=STEPS, do_sample=False)
+    yield model, ids, out.logits[0, -1].float().log_softmax(-1), stock
+    path = Path("runs") / f"second_model_{request.param}.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps({"model": NAME, "dtype": request.param, "prompt": PROMPT, "results": RESULTS}, indent=1))
+    RESULTS.clear()
+
+
+def test_no_method_is_token_identical(second):
+    model, ids, _, stock = second
+    with torch.no_grad(), kvaccel.patched(model):
+        assert torch.equal(model.generate(ids, max_new_tokens=STEPS, do_sample=False), stock)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_method_runs_with_real_savings(second, spec):
+    model, ids, ref_logp, _ = second
+    with torch.no_grad(), kvaccel.patched(model, spec):
+        out = model(ids, use_cache=True)
+        rep = kvaccel.report(model)
+        gen = model.generate(ids, max_new_tokens=STEPS, do_sample=False)
+    assert out.logits.dtype == model.dtype and torch.isfinite(out.logits).all()
+    assert gen.shape[1] == ids.shape[1] + STEPS
+    logp = out.logits[0, -1].float().log_softmax(-1)
+    kl = float((ref_logp.exp() * (ref_logp - logp)).sum())
+    dens = [d for d in rep["prefill_density"] if d is not None]
+    density = sum(dens) / len(dens) if dens else None
+    host_tokens = sum(rep.get("retrieval_host_tokens") or [0])
+    RESULTS[spec] = {"kl_next_token": kl, "kv_ratio": rep["kv_ratio"], "prefill_density": density,
+                     "retrieval_host_tokens": host_tokens, "notes": rep["notes"]}
+    name = spec.split("(")[0]
+    if name in EVICTION:  # real bytes: the budget's share of the prompt (+ SnapKV-style windows / sinks rounding)
+        assert rep["kv_ratio"] <= BUDGET + 0.03, rep
+    if name in [p.split("(")[0] for p in PREFILL]:
+        assert density is not None and density < 0.95, rep  # sparse tiles really skipped at this length
+    if name == "retrieval":
+        assert host_tokens > 0 and rep["kv_ratio"] < 1, rep  # the middle of the prompt lives in host memory
+
+
+@pytest.mark.parametrize("spec", ["seer", "attention_gate(budget=0.25)"])
+def test_trained_methods_name_the_training_command(second, spec):
+    model = second[0]
+    with pytest.raises(ValueError, match="train-gate"):
+        kvaccel.patch(model, spec)
