@@ -204,13 +204,19 @@ def _install_default_cache(model) -> None:
         use_cache = model.config.use_cache if use_cache is None else use_cache
         if given_cache(kwargs) is None and use_cache:
             kwargs[cache_kw] = KVAccelCache(model)
-        out = inner_forward(*args, **kwargs)
-        cache = given_cache(kwargs)
-        if isinstance(cache, KVAccelCache):
-            for m in list(state.methods.values()):  # methods that act once the whole forward ran (e.g. kvzip)
-                after = getattr(m, "after_forward", None)
-                if after is not None:
-                    after(model, cache, kwargs.get("input_ids", args[0] if args else None))
+        state.forward_depth = getattr(state, "forward_depth", 0) + 1
+        try:
+            out = inner_forward(*args, **kwargs)
+            cache = given_cache(kwargs)
+            if isinstance(cache, KVAccelCache) and state.forward_depth == 1:
+                # methods that act once the whole forward ran (e.g. kvzip), in stage order (storage quantizes last);
+                # only after the outermost forward (kvzip's reconstruction forwards run inside its own hook)
+                for m in sorted(state.methods.values(), key=lambda m: STAGES.index(m.stage)):
+                    after = getattr(m, "after_forward", None)
+                    if after is not None:
+                        after(model, cache, kwargs.get("input_ids", args[0] if args else None))
+        finally:
+            state.forward_depth -= 1
         return out
 
     model.generate = generate
@@ -310,7 +316,9 @@ def report(model) -> dict[str, Any]:
     eviction method set one), ``prefill_density`` (fraction of causal attention tiles computed at prefill, per layer),
     ``prefill_estimate_s`` / ``prefill_attention_s`` (a block-sparse prefill's time choosing tiles vs computing them,
     summed over layers; ``None`` without one),
-    ``methods`` (spec strings) and ``notes``.
+    ``methods`` (spec strings) and ``notes``. With a quantized storage method, ``kv_storage_bytes``: ``codes``,
+    ``scales``, ``zeros``, ``window`` (full-precision recent tokens), ``other`` (masks, method state) and
+    ``quantized_elements`` (elements stored as codes), summed over layers.
     """
     state: PatchState | None = getattr(model, _STATE_ATTR, None)
     if state is None:
@@ -335,6 +343,9 @@ def report(model) -> dict[str, Any]:
                 layer.kept_per_head().tolist() if layer.is_initialized else [] for layer in cache.layers
             ],
         )
+        storage = [layer.storage_nbytes() for layer in cache.layers if hasattr(layer, "storage_nbytes")]
+        if storage:  # a storage method (e.g. kv_int4): bytes by part, the full-precision window apart
+            out["kv_storage_bytes"] = {k: sum(p[k] for p in storage) for k in storage[0]}
     out["capacity"] = [s.get("capacity") for s in state.layer_stats]
     out["prefill_density"] = [s.get("prefill_density") for s in state.layer_stats]
     for key in ("prefill_estimate_s", "prefill_attention_s"):  # block-sparse prefill: estimation vs attention

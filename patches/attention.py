@@ -46,7 +46,7 @@ class PatchState:
 
     @property
     def needs_cache(self) -> bool:
-        return any(stage in self.methods for stage in ("evict", "channels", "decode"))
+        return any(stage in self.methods for stage in ("evict", "channels", "decode", "storage"))
 
 
 @dataclass

@@ -1,0 +1,197 @@
+"""KIVI-style KV quantization primitives: asymmetric min/max codes in groups, packed into bytes.
+
+https://arxiv.org/abs/2402.02750 (jy-yuan/KIVI ``quant/new_pack.py``): ``q = round((x - z) / s)``, ``x̂ = z + q·s``,
+``z = min``, ``s = (max - min) / (2^bits - 1)``. Keys are quantized **per channel** (a group = ``G`` consecutive
+tokens of one channel), values **per token** (a group = ``G`` consecutive channels of one token).
+
+Scales and zero points are stored in a 16-bit dtype (``scale_dtype``: bfloat16 for a bfloat16 model, float16
+otherwise), rounded so that the stored grid still covers the group: ``z`` is rounded down and ``s`` up, and ``s`` is
+at least the dtype's smallest normal number (the epsilon that keeps a constant group from dividing 0 by 0). So every
+element is within half a step of its code: ``|x - x̂| <= s / 2`` (plus float32 rounding of ``z + q·s``).
+
+Codes are packed along the channel axis, ``8 // bits`` codes per byte (code ``i`` of a byte in bits
+``[bits·i, bits·(i+1))``), so a token's codes are one contiguous row: eviction gathers rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SUPPORTED_BITS",
+    "check_bits",
+    "dequantize_keys",
+    "dequantize_values",
+    "pack_codes",
+    "quantize_keys",
+    "quantize_values",
+    "scale_dtype_for",
+    "unpack_codes",
+]
+
+SUPPORTED_BITS = (2, 4, 8)
+
+
+def check_bits(bits: int) -> None:
+    """Raise ``ValueError`` unless ``bits`` is one of :data:`SUPPORTED_BITS`."""
+    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits ({bits!r}) must be one of {SUPPORTED_BITS}: codes are packed 8 // bits per byte")
+
+
+def scale_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of scales and zero points for a cache of ``dtype``: bfloat16 for bfloat16, float16 otherwise."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+
+
+def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """``codes`` ``(..., C)`` uint8 in ``[0, 2^bits)`` -> ``(..., C * bits // 8)`` uint8 (``C`` a multiple of
+    ``8 // bits``)."""
+    per = 8 // bits
+    if per == 1:
+        return codes
+    c = codes.view(*codes.shape[:-1], codes.shape[-1] // per, per)
+    out = c[..., 0].clone()
+    for i in range(1, per):
+        out |= c[..., i] << (bits * i)
+    return out
+
+
+def unpack_codes(packed: Tensor, bits: int) -> Tensor:
+    """Inverse of :func:`pack_codes`: ``(..., C * bits // 8)`` uint8 -> ``(..., C)`` uint8."""
+    per = 8 // bits
+    if per == 1:
+        return packed
+    mask = (1 << bits) - 1
+    parts = [(packed >> (bits * i)) & mask for i in range(per)]
+    return torch.stack(parts, dim=-1).flatten(-2)
+
+
+def _grid(mn: Tensor, mx: Tensor, bits: int, sdtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Stored ``(scale, zero)`` in ``sdtype`` for float32 group minima / maxima: zero rounded down, scale rounded up
+    (at least the smallest normal number), so ``[z, z + (2^bits - 1)·s]`` covers ``[mn, mx]``."""
+    z = mn.to(sdtype)
+    z = torch.where(z.float() > mn, torch.nextafter(z, torch.full_like(z, float("-inf"))), z)
+    s32 = (mx - z.float()) / float(2**bits - 1)
+    s = s32.to(sdtype)
+    s = torch.where(s.float() < s32, torch.nextafter(s, torch.full_like(s, float("inf"))), s)
+    s = s.clamp_min(torch.finfo(sdtype).tiny)
+    if not bool(torch.isfinite(s).all() & torch.isfinite(z).all()):
+        big = float(torch.maximum(mn.abs(), mx.abs()).max())
+        raise ValueError(
+            f"KV values up to {big:.3g} do not fit the {sdtype} scales of the quantized cache (max "
+            f"{torch.finfo(sdtype).max:.3g}); load the model in bfloat16 (bfloat16 scales) or use the model dtype"
+        )
+    return s, z
+
+
+def _codes(x: Tensor, s: Tensor, z: Tensor, bits: int) -> Tensor:
+    q = torch.round((x.float() - z.float()) / s.float())
+    return q.clamp_(0, 2**bits - 1).to(torch.uint8)
+
+
+def _masked_minmax(x: Tensor, valid: Tensor | None, dim: int) -> tuple[Tensor, Tensor]:
+    x = x.float()
+    if valid is None:
+        return x.amin(dim), x.amax(dim)
+    mn = x.masked_fill(~valid, float("inf")).amin(dim)
+    mx = x.masked_fill(~valid, float("-inf")).amax(dim)
+    empty = torch.isinf(mn)  # a group of padding slots only: any grid will do
+    return mn.masked_fill(empty, 0.0), mx.masked_fill(empty, 0.0)
+
+
+def quantize_keys(k: Tensor, bits: int, group: int, valid: Tensor | None = None,
+                  sdtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel key quantization: ``k`` ``(B, H, T, D)`` with ``T`` a multiple of ``group``.
+
+    Returns ``(codes (B, H, T, D * bits // 8) uint8, scale (B, H, T / group, D), zero (B, H, T / group, D))``.
+    ``valid`` ``(B, 1|H, T)`` bool excludes padding slots from the group statistics.
+    """
+    B, H, T, D = k.shape
+    if T % group:
+        raise ValueError(f"quantize_keys needs a whole number of groups: {T} tokens, group_size {group}")
+    sdtype = sdtype or scale_dtype_for(k.dtype)
+    kg = k.reshape(B, H, T // group, group, D)
+    vg = None if valid is None else valid.expand(B, H, T).reshape(B, H, T // group, group, 1)
+    mn, mx = _masked_minmax(kg, vg, 3)
+    s, z = _grid(mn, mx, bits, sdtype)
+    codes = _codes(kg, s[:, :, :, None], z[:, :, :, None], bits).reshape(B, H, T, D)
+    return pack_codes(codes, bits), s, z
+
+
+def dequantize_keys(codes: Tensor, scale: Tensor, zero: Tensor, bits: int, dtype: torch.dtype = torch.float32
+                    ) -> Tensor:
+    """``(B, H, T, D)`` keys in ``dtype`` from :func:`quantize_keys`' output (``T`` a multiple of the group)."""
+    q = unpack_codes(codes, bits)
+    B, H, T, D = q.shape
+    n = scale.shape[2]
+    qg = q.view(B, H, n, T // n, D).to(dtype)
+    return (zero.to(dtype)[:, :, :, None] + qg * scale.to(dtype)[:, :, :, None]).view(B, H, T, D)
+
+
+def quantize_values(v: Tensor, bits: int, group: int, sdtype: torch.dtype | None = None
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token value quantization: ``v`` ``(B, H, T, Dv)`` in groups of ``group`` channels (``Dv % group == 0``).
+
+    Returns ``(codes (B, H, T, Dv * bits // 8) uint8, scale (B, H, T, Dv / group), zero (B, H, T, Dv / group))``.
+    """
+    B, H, T, Dv = v.shape
+    if Dv % group:
+        raise ValueError(f"group_size ({group}) must divide the value head size ({Dv})")
+    sdtype = sdtype or scale_dtype_for(v.dtype)
+    vg = v.reshape(B, H, T, Dv // group, group)
+    mn, mx = _masked_minmax(vg, None, 4)
+    s, z = _grid(mn, mx, bits, sdtype)
+    codes = _codes(vg, s[..., None], z[..., None], bits).reshape(B, H, T, Dv)
+    return pack_codes(codes, bits), s, z
+
+
+def dequantize_values(codes: Tensor, scale: Tensor, zero: Tensor, bits: int, dtype: torch.dtype = torch.float32
+                      ) -> Tensor:
+    """``(B, H, T, Dv)`` values in ``dtype`` from :func:`quantize_values`' output."""
+    q = unpack_codes(codes, bits)
+    B, H, T, Dv = q.shape
+    n = scale.shape[-1]
+    qg = q.view(B, H, T, n, Dv // n).to(dtype)
+    return (zero.to(dtype)[..., None] + qg * scale.to(dtype)[..., None]).view(B, H, T, Dv)
+
+
+class QuantizedKV:
+    """The quantized tokens of one cache layer, as the attention kernels read them (views, no copies).
+
+    ``k_codes`` ``(B, H, T, D·bits/8)``, ``k_scale`` / ``k_zero`` ``(B, H, T/G, D)`` (per channel, ``G`` tokens a
+    group), ``v_codes`` ``(B, H, T, Dv·bits/8)``, ``v_scale`` / ``v_zero`` ``(B, H, T, Dv/Gv)`` (per token),
+    ``valid`` ``(B, 1|H, T)`` bool or ``None``.
+    """
+
+    __slots__ = ("bits", "k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "valid")
+
+    def __init__(self, bits: int, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, v_codes: Tensor,
+                 v_scale: Tensor, v_zero: Tensor, valid: Tensor | None = None):
+        check_bits(bits)
+        self.bits, self.valid = bits, valid
+        self.k_codes, self.k_scale, self.k_zero = k_codes, k_scale, k_zero
+        self.v_codes, self.v_scale, self.v_zero = v_codes, v_scale, v_zero
+
+    @property
+    def length(self) -> int:
+        return self.k_codes.shape[2]
+
+    @property
+    def key_group(self) -> int:
+        return self.length // self.k_scale.shape[2] if self.k_scale.shape[2] else 0
+
+    def keys(self, dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None) -> Tensor:
+        """Dequantized keys of tokens ``[start, stop)`` (both multiples of the key group)."""
+        stop = self.length if stop is None else stop
+        if stop <= start:
+            B, H, _, Dc = self.k_codes.shape
+            return self.k_codes.new_zeros(B, H, 0, Dc * 8 // self.bits, dtype=dtype)
+        g = self.key_group
+        return dequantize_keys(self.k_codes[:, :, start:stop], self.k_scale[:, :, start // g: stop // g],
+                               self.k_zero[:, :, start // g: stop // g], self.bits, dtype)
+
+    def values(self, dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None) -> Tensor:
+        """Dequantized values of tokens ``[start, stop)``."""
+        return dequantize_values(self.v_codes[:, :, start:stop], self.v_scale[:, :, start:stop],
+                                 self.v_zero[:, :, start:stop], self.bits, dtype)

@@ -1,0 +1,124 @@
+"""kv_int8 / kv_int4: KIVI quantized KV storage (storage stage), composing with eviction and sparse prefill.
+
+KIVI (https://arxiv.org/abs/2402.02750): ``q = round((x − min) / s)``, ``s = (max − min) / (2^bits − 1)``; keys per
+channel (groups of ``group_size`` tokens), values per token (groups of ``group_size`` channels); the ``residual``
+most recent tokens stay in the model dtype and are quantized a whole group at a time as the window fills.
+
+The prompt is attended in full precision; once the forward that brought it is over (and any eviction of it, also
+kvzip's after-forward one), every layer becomes a :class:`~kvaccel.patches.storage.quantized_layer.QuantizedLayer`;
+later forwards attend the codes, dequantized a tile at a time. Per-head packed layers (adakv's and kvzip's
+varlen layout) are stored padded to their longest head once quantized (a note in ``report()`` says so).
+Decode-time eviction (streaming, h2o, snapkv with ``decode_budget``, keyformer, expected_attention) gathers the
+kept tokens and re-quantizes (cost and error: the layer's docstring). ``report()["kv_storage_bytes"]`` counts
+codes, scales, zero points and the window apart.
+
+Parameters
+----------
+bits : int
+    Code width: 8 for ``kv_int8``; 4 (default) or 2 for ``kv_int4``.
+group_size : int
+    Tokens per key group and channels per value group, in [32, 128]; must divide the value head size. 64 by
+    default: with 16-bit scales and zero points a group costs ``4 / group_size`` bytes per element (0.0625 at 64).
+residual : int
+    Full-precision window of the most recent tokens (>= 0); it holds ``residual`` to ``residual + group_size - 1``
+    tokens between flushes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from kvaccel.checks import check_int
+from kvaccel.config import Method, register
+from kvaccel.kernels.kv_quant import check_bits
+from kvaccel.varlen_cache import VarlenLayer
+
+from .quantized_layer import QuantizedLayer
+
+#: eviction methods that read or rewrite a layer's full-precision values or keys in place (not served yet)
+UNSUPPORTED_EVICTION = {
+    "d2o": "it merges evicted keys and values into kept ones in place",
+    "attention_gate": "it reads the layer's per-token flags by the window's length",
+}
+
+
+@dataclass
+class StorageMethod(Method):
+    """How kept tokens are stored (stage ``storage``)."""
+
+    stage = "storage"
+
+
+@dataclass
+class QuantizedKVStorage(StorageMethod):
+    """KIVI-style quantized KV cache (see the module docstring)."""
+
+    bits: int = 4
+    group_size: int = 64
+    residual: int = 128
+    allowed_bits: ClassVar[tuple[int, ...]] = (2, 4, 8)
+
+    def __post_init__(self):
+        check_bits(self.bits)
+        if self.bits not in self.allowed_bits:
+            raise ValueError(f"{self.name}: bits ({self.bits!r}) must be one of {self.allowed_bits}")
+        check_int("group_size", self.group_size, 32, 128, why="tokens per key group, channels per value group")
+        check_int("residual", self.residual, 0, why="full-precision window of recent tokens")
+
+    def bind(self, model) -> None:
+        text = model.config.get_text_config(decoder=True)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        if head_dim % self.group_size:
+            raise ValueError(
+                f"{self.name}: group_size ({self.group_size}) must divide the head size ({head_dim}) of this model: "
+                f"values are quantized per token in groups of group_size channels; pick a divisor of {head_dim}"
+            )
+
+    def check_stages(self, stages: dict) -> None:
+        """Refuse, at ``patch()`` time, methods whose layout the quantized layer does not serve yet."""
+        for stage in ("channels", "decode"):
+            other = stages.get(stage)
+            if other is not None:
+                raise NotImplementedError(
+                    f"{self.name} cannot be combined with the {stage} method '{other.name}' yet: "
+                    + ("ThinK's narrow keys are not quantized" if stage == "channels"
+                       else "the decode method reads the full-precision cache")
+                    + f"; drop '{other.name}' or {self.name}"
+                )
+        evict = stages.get("evict")
+        if evict is not None and evict.name in UNSUPPORTED_EVICTION:
+            raise NotImplementedError(
+                f"{self.name} cannot be combined with '{evict.name}' yet: {UNSUPPORTED_EVICTION[evict.name]}"
+            )
+
+    def after_forward(self, model, cache, input_ids) -> None:
+        """After a forward (and the other stages' after-forward work): quantize every layer not quantized yet."""
+        for i, layer in enumerate(cache.layers):
+            if layer.is_initialized and not isinstance(layer, QuantizedLayer):
+                if isinstance(layer, VarlenLayer):
+                    model._kvaccel_state.notes.add(
+                        f"{self.name}: per-head packed layers (varlen) are stored padded to their longest head once "
+                        "quantized (kv_storage_bytes counts the padding codes)"
+                    )
+                cache.layers[i] = QuantizedLayer.from_layer(layer, self.bits, self.group_size, self.residual)
+
+
+@register
+@dataclass
+class KVInt8(QuantizedKVStorage):
+    """kv_int8: 8-bit KIVI codes (keys per channel, values per token) and a full-precision recent window."""
+
+    name = "kv_int8"
+    bits: int = 8
+    allowed_bits: ClassVar[tuple[int, ...]] = (8,)
+
+
+@register
+@dataclass
+class KVInt4(QuantizedKVStorage):
+    """kv_int4: 4-bit (or ``bits=2``) KIVI codes (keys per channel, values per token) and a full-precision window."""
+
+    name = "kv_int4"
+    bits: int = 4
+    allowed_bits: ClassVar[tuple[int, ...]] = (2, 4)

@@ -1,0 +1,276 @@
+"""QuantizedLayer: a KV cache layer holding older tokens as KIVI codes and the most recent ones in full precision.
+
+Storage of one layer (token axis ``[quantized part (Tq), window (Tw)]``, in arrival order)::
+
+    k_codes  (B, H, Tq, D·bits/8)  uint8    keys per channel: a group = G consecutive tokens of one channel
+    k_scale, k_zero  (B, H, Tq/G, D)        16-bit (``kv_quant.scale_dtype_for``)
+    v_codes  (B, H, Tq, Dv·bits/8)  uint8   values per token: a group = G consecutive channels of one token
+    v_scale, v_zero  (B, H, Tq, Dv/G)
+    qvalid   (B, 1|H, Tq) bool or None      validity of the quantized slots
+    keys / values / valid / token_state     the full-precision window (``KVAccelLayer``'s storage), and method
+                                            state spanning the whole axis
+
+The window keeps the ``residual`` most recent tokens: when it holds ``residual + G`` tokens before a new forward,
+its oldest whole groups are quantized and moved (KIVI flushes a group at a time: per-channel statistics of one token
+mean nothing). ``update`` returns only the new tokens; attention reads the codes through :meth:`attend`
+(``kernels/quantized_decode_attention.py``: a tile of tokens dequantized at a time, never the whole cache).
+
+Eviction (``keep``) at decode: the held tokens are dequantized (a temporary full-precision copy of the layer, the
+cost of one eviction: O(N·D) dequantize + gather + quantize), the kept ones gathered, and the layer re-split by rank:
+the first ``floor((K - residual) / G)·G`` kept tokens are quantized again, the rest form the window. Values (per
+token) come back on the same grid: their codes are unchanged. Key groups get new members (a gather breaks the
+per-channel groups), so a re-quantized key can move by up to half a step of its new group per eviction; eviction
+methods batch evictions (``slack``), so this happens once every ``slack`` decode steps, not at every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from kvaccel.cache import KVAccelLayer, SlotTensor, _take
+from kvaccel.kernels.kv_quant import QuantizedKV, quantize_keys, quantize_values, scale_dtype_for
+from kvaccel.kernels.quantized_decode_attention import quantized_decode_attention
+from kvaccel.varlen_cache import VarlenLayer
+
+Tensor = torch.Tensor
+_STORE = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
+
+
+class QuantizedLayer(KVAccelLayer):
+    """One layer of ``KVAccelCache`` storing tokens older than a window as ``bits``-bit KIVI codes.
+
+    Built by :meth:`from_layer` (the storage method does it once the prompt's forward and its eviction are done);
+    implements the transformers layer contract and attends itself (:meth:`attend`).
+    """
+
+    def __init__(self, bits: int = 4, group_size: int = 64, residual: int = 128, **kwargs):
+        super().__init__(**kwargs)
+        self.bits, self.group_size, self.residual = bits, group_size, residual
+        self._store: dict[str, SlotTensor] = {}
+        self._qvalid: SlotTensor | None = None
+        self.requantizations = 0  # evictions that re-quantized the layer
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_layer(cls, layer: KVAccelLayer, bits: int, group_size: int, residual: int) -> QuantizedLayer:
+        """The tokens of ``layer`` quantized but the last window; a plain ``KVAccelLayer``'s buffers are reused.
+
+        A ``VarlenLayer`` (heads packed at their own lengths: adakv, kvzip) is stored padded to its longest head, with
+        validity marking the real slots (its ``dense_keys`` layout: segments right-aligned); ``report()`` counts the
+        padding codes.
+        """
+        if isinstance(layer, VarlenLayer):
+            layer = _padded_copy(layer)
+        elif type(layer) is not KVAccelLayer:
+            raise NotImplementedError(f"the quantized cache cannot hold a {type(layer).__name__} layer")
+        if layer.narrow is not None:
+            raise NotImplementedError("the quantized cache cannot hold ThinK's narrow keys yet; drop the channels "
+                                      "method")
+        if layer.rope is not None:
+            raise NotImplementedError("the quantized cache cannot re-rotate keys; use rerotate=False")
+        Dv = layer.values.shape[-1]
+        if Dv % group_size:
+            raise ValueError(f"group_size ({group_size}) must divide the value head size ({Dv}): values are "
+                             "quantized per token in groups of group_size channels")
+        out = cls(bits, group_size, residual)
+        out.seen, out.prompt_len, out.decode_steps = layer.seen, layer.prompt_len, layer.decode_steps
+        out.reserve, out.dtype, out.device = layer.reserve, layer.dtype, layer.device
+        out._k, out._v, out._valid, out._state = layer._k, layer._v, layer._valid, layer._state
+        out.is_initialized = True
+        out._set_store(out.keys[:, :, :0], out.values[:, :, :0], None)
+        out._flush()
+        return out
+
+    def quant(self) -> QuantizedKV:
+        """The quantized part as the kernels read it (views of the buffers)."""
+        s = self._store
+        return QuantizedKV(self.bits, *(s[name].view for name in _STORE), valid=self.qvalid)
+
+    @property
+    def qvalid(self) -> Tensor | None:
+        return None if self._qvalid is None else self._qvalid.view
+
+    @property
+    def quantized_length(self) -> int:
+        return self._store["k_codes"].n if self._store else 0
+
+    def _quantize(self, k: Tensor, v: Tensor, valid: Tensor | None) -> dict[str, Tensor]:
+        sd = scale_dtype_for(self.dtype)
+        kc, ks, kz = quantize_keys(k, self.bits, self.group_size, valid, sd)
+        vc, vs, vz = quantize_values(v, self.bits, self.group_size, sd)
+        return dict(zip(_STORE, (kc, ks, kz, vc, vs, vz), strict=True))
+
+    def _set_store(self, k: Tensor, v: Tensor, valid: Tensor | None) -> None:
+        """Replace the quantized part by ``k`` / ``v`` (a whole number of groups) quantized, at their exact size."""
+        self._store = {name: SlotTensor(t) for name, t in self._quantize(k, v, valid).items()}
+        self._qvalid = None if valid is None or bool(valid.all()) else SlotTensor(valid.contiguous())
+
+    def _flush(self) -> None:
+        """Quantize the window's oldest whole groups while it holds ``residual + group_size`` tokens or more."""
+        G, Tw = self.group_size, self._k.n
+        n = (Tw - self.residual) // G * G
+        if n <= 0:
+            return
+        k, v, valid = self.keys, self.values, self.valid
+        Tq = self.quantized_length
+        reserve = max(4 * G, Tq // 32 // G * G)
+        for name, t in self._quantize(k[:, :, :n], v[:, :, :n], None if valid is None else valid[:, :, :n]).items():
+            self._store[name].append(t, reserve // G if name in ("k_scale", "k_zero") else reserve)
+        if valid is not None or self._qvalid is not None:
+            B = k.shape[0]
+            moved = valid[:, :, :n] if valid is not None else torch.ones(B, 1, n, dtype=torch.bool, device=k.device)
+            if self._qvalid is None:
+                self._qvalid = SlotTensor.spare(torch.ones(B, 1, Tq, dtype=torch.bool, device=k.device), reserve)
+            if moved.shape[1] != self._qvalid.buf.shape[1]:
+                heads = max(moved.shape[1], self._qvalid.buf.shape[1])
+                self._qvalid = SlotTensor.spare(self.qvalid.expand(B, heads, Tq), reserve)
+                moved = moved.expand(B, heads, n)
+            self._qvalid.append(moved, reserve)
+        r = G + self._reserve(Tw)
+        self._k = SlotTensor.spare(k[:, :, n:], r)
+        self._v = SlotTensor.spare(v[:, :, n:], r)
+        self._valid = None if valid is None else SlotTensor.spare(valid[:, :, n:], r)
+
+    # ------------------------------------------------------------------ transformers' layer contract
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        """Flush full groups of the window, then append the ``n`` new tokens to it; returns the new tokens (the layer
+        attends itself, see :meth:`attend`)."""
+        self._flush()
+        super().update(key_states, value_states)
+        return key_states, value_states
+
+    def drop_tail(self, n: int) -> None:
+        raise NotImplementedError("a quantized layer cannot forget a tail of tokens (kvzip's reconstruction runs "
+                                  "before the cache is quantized)")
+
+    def _map_batch(self, fn: Callable[[Tensor], Tensor]) -> None:
+        if not self.is_initialized:
+            return
+        super()._map_batch(fn)
+        self._store = {name: SlotTensor(fn(s.view)) for name, s in self._store.items()}
+        if self._qvalid is not None:
+            self._qvalid = SlotTensor(fn(self.qvalid))
+
+    # ------------------------------------------------------------------ attention
+    def attend(self, ctx) -> Tensor:
+        """Attention of this forward's ``Q`` new tokens (the last ``Q`` of the window) over the layer, causal among
+        themselves; ``(B, Q, H_q, Dv)``. For a decode step of an eviction method that accumulates attention
+        probabilities, they are computed here too (``ctx.decode_probs``, over the ``[quantized, window]`` axis)."""
+        q = ctx.query
+        if ctx.key.shape[-2] != q.shape[2]:
+            raise RuntimeError(
+                f"QuantizedLayer.attend expects the {q.shape[2]} queries to be the tokens just appended, got "
+                f"{ctx.key.shape[-2]} new keys"
+            )
+        evict = ctx.state.methods.get("evict")
+        if q.shape[2] == 1 and evict is not None and evict.wants_decode_probs():
+            out, ctx.decode_probs = quantized_decode_attention(
+                q, self.quant(), self.keys, self.values, scale=ctx.scaling, valid=self.valid, return_probs=True
+            )
+        else:
+            out = quantized_decode_attention(q, self.quant(), self.keys, self.values, scale=ctx.scaling,
+                                             valid=self.valid)
+        return out.transpose(1, 2)
+
+    # ------------------------------------------------------------------ kvaccel's own API
+    @property
+    def length(self) -> int:
+        """Token slots held per head: quantized part + window."""
+        return self.quantized_length + self._k.n if self.is_initialized else 0
+
+    def tensors(self) -> Iterator[Tensor]:
+        if not self.is_initialized:
+            return
+        yield from super().tensors()
+        yield from (s.buf for s in self._store.values())
+        if self._qvalid is not None:
+            yield self._qvalid.buf
+
+    def storage_nbytes(self) -> dict[str, int]:
+        """Bytes held by part (whole buffers, spare slots included): ``codes``, ``scales``, ``zeros``, ``window``
+        (full-precision keys and values), ``other`` (validity masks, method state), and ``quantized_elements`` (key and
+        value elements stored as codes) so that ``(codes + scales + zeros) / quantized_elements`` is bytes per
+        element."""
+        def size(t: Tensor) -> int:
+            return t.numel() * t.element_size()
+
+        if not self.is_initialized:
+            return dict(codes=0, scales=0, zeros=0, window=0, other=0, quantized_elements=0)
+        s = self._store
+        window = size(self._k.buf) + size(self._v.buf)
+        parts = dict(
+            codes=size(s["k_codes"].buf) + size(s["v_codes"].buf),
+            scales=size(s["k_scale"].buf) + size(s["v_scale"].buf),
+            zeros=size(s["k_zero"].buf) + size(s["v_zero"].buf),
+            window=window,
+        )
+        parts["other"] = self.nbytes() - sum(parts.values())
+        kc, vc = s["k_codes"].buf, s["v_codes"].buf
+        parts["quantized_elements"] = (kc.numel() + vc.numel()) * 8 // self.bits
+        return parts
+
+    def kept_per_head(self) -> Tensor:
+        B, H = self.keys.shape[:2]
+        return self.token_valid().expand(B, H, self.length).sum(-1)
+
+    def full_valid(self) -> Tensor:
+        return self.token_valid()
+
+    def token_valid(self) -> Tensor:
+        """(B, 1|H, Tq + Tw) validity over ``[quantized, window]``."""
+        B, Tq, dev = self.keys.shape[0], self.quantized_length, self.keys.device
+        qv = self.qvalid if self.qvalid is not None else torch.ones(B, 1, Tq, dtype=torch.bool, device=dev)
+        wv = self.valid if self.valid is not None else torch.ones(B, 1, self._k.n, dtype=torch.bool, device=dev)
+        heads = max(qv.shape[1], wv.shape[1])
+        return torch.cat([qv.expand(B, heads, -1), wv.expand(B, heads, -1)], dim=-1)
+
+    def dense_keys(self) -> tuple[Tensor, Tensor | None]:
+        """Keys ``(B, H, Tq + Tw, D)`` in the model dtype (the quantized part dequantized: a temporary copy, for
+        eviction scorers) and their validity (``None`` when every slot is a token)."""
+        keys = torch.cat([self.quant().keys(self.dtype), self.keys], dim=2)
+        valid = None if self.qvalid is None and self.valid is None else self.token_valid()
+        return keys, valid
+
+    def dense_values(self) -> Tensor:
+        """Values ``(B, H, Tq + Tw, Dv)`` in the model dtype (dequantized copy)."""
+        return torch.cat([self.quant().values(self.dtype), self.values], dim=2)
+
+    def keep(self, idx: Tensor, slot_valid: Tensor | None = None, reserve: int | None = None) -> None:
+        """Keep the tokens ``idx`` (B, 1|H, K) of the ``[quantized, window]`` axis (sorted ascending; ``slot_valid``
+        marks padding slots of ragged selections) and re-quantize (see the module docstring for the cost)."""
+        if reserve is not None:
+            self.reserve = reserve
+        keys, valid = self.dense_keys()
+        values = self.dense_values()
+        K = idx.shape[-1]
+        r = self._reserve(K)
+        keys, values = _take(keys, idx), _take(values, idx)
+        self._state = type(self._state)({k: s.take(idx, r) for k, s in self._state.slots().items()})
+        new_valid = None if valid is None else _take(valid, idx)
+        if slot_valid is not None:
+            new_valid = slot_valid if new_valid is None else new_valid & slot_valid
+        if new_valid is not None and bool(new_valid.all()):
+            new_valid = None
+        n = max(0, (K - self.residual) // self.group_size * self.group_size)
+        self._set_store(keys[:, :, :n], values[:, :, :n], None if new_valid is None else new_valid[:, :, :n])
+        self._k = SlotTensor.spare(keys[:, :, n:], r)
+        self._v = SlotTensor.spare(values[:, :, n:], r)
+        self._valid = None if new_valid is None else SlotTensor.spare(new_valid[:, :, n:], r)
+        self.requantizations += 1
+
+    def _keep_with_narrow(self, idx: Tensor, slot_valid: Tensor | None) -> None:
+        raise NotImplementedError("a QuantizedLayer has no narrow segment (ThinK channel pruning is not supported)")
+
+
+def _padded_copy(layer: VarlenLayer) -> KVAccelLayer:
+    """A ``KVAccelLayer`` holding ``layer``'s segments padded to the longest one (right-aligned) with validity."""
+    out = KVAccelLayer()
+    out.seen, out.prompt_len, out.decode_steps = layer.seen, layer.prompt_len, layer.decode_steps
+    out.reserve, out.dtype, out.device = layer.reserve, layer.dtype, layer.device
+    keys, valid = layer.dense_keys()
+    out.keys, out.values = keys, layer.dense_values()
+    out.valid = None if bool(valid.all()) else valid
+    out.is_initialized = True
+    return out

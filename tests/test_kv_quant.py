@@ -1,0 +1,297 @@
+"""Quantized KV storage (kv_int8 / kv_int4, issue 22): codes, the attention over them, the cache layer, composition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvaccel
+from kvaccel.cache import KVAccelCache
+from kvaccel.kernels.kv_quant import (
+    QuantizedKV,
+    dequantize_keys,
+    dequantize_values,
+    pack_codes,
+    quantize_keys,
+    quantize_values,
+    unpack_codes,
+)
+from kvaccel.kernels.quantized_decode_attention import (
+    quantized_decode_attention,
+    quantized_decode_attention_reference,
+)
+from kvaccel.patches.evict import KVzip
+from kvaccel.patches.storage import KVInt4
+from kvaccel.patches.storage.quantized_layer import QuantizedLayer
+
+from conftest import tiny_model
+
+
+def _outliers(shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    x[..., 3] *= 20  # an outlier channel, as keys have
+    return x.to(dtype)
+
+
+# ------------------------------------------------------------------------------------------ codes
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pack_unpack_round_trip(bits):
+    codes = torch.randint(0, 2**bits, (3, 5, 64), dtype=torch.uint8)
+    packed = pack_codes(codes, bits)
+    assert packed.shape == (3, 5, 64 * bits // 8)
+    assert torch.equal(unpack_codes(packed, bits), codes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_round_trip_within_half_a_step(bits, dtype):
+    """Every element is within half a step (its group's stored scale) of its dequantized value."""
+    G = 32
+    k = _outliers((2, 3, 4 * G, 64), dtype)
+    v = _outliers((2, 3, 4 * G, 64), dtype, seed=1)
+    kc, ks, kz = quantize_keys(k, bits, G)
+    vc, vs, vz = quantize_values(v, bits, G)
+    assert kc.dtype == torch.uint8 and kc.shape[-1] == 64 * bits // 8
+    assert ks.shape == (2, 3, 4, 64) and vs.shape == (2, 3, 4 * G, 2)
+    k_hat, v_hat = dequantize_keys(kc, ks, kz, bits), dequantize_values(vc, vs, vz, bits)
+    k_step = ks.float().repeat_interleave(G, dim=2)
+    v_step = vs.float().repeat_interleave(G, dim=3)
+    rounding = 1e-6  # float32 arithmetic of z + q*s, relative to the magnitude
+    assert ((k.float() - k_hat).abs() <= k_step / 2 + rounding * (k.float().abs() + 1)).all()
+    assert ((v.float() - v_hat).abs() <= v_step / 2 + rounding * (v.float().abs() + 1)).all()
+    # the grid is not looser than needed: the scale is (max - min) / (2^bits - 1) up to the 16-bit rounding
+    kg = k.float().view(2, 3, 4, G, 64)
+    tight = (kg.amax(3) - kg.amin(3)) / (2**bits - 1)
+    assert (ks.float() <= tight * (1 + 2**-6) + torch.finfo(ks.dtype).tiny).all()
+
+
+def test_constant_group_and_padding():
+    """A constant group gets the epsilon scale (no 0/0); padding slots do not widen a key group's range."""
+    k = torch.full((1, 1, 32, 32), 1.5)
+    kc, ks, kz = quantize_keys(k, 4, 32)
+    assert torch.isfinite(ks).all() and (ks > 0).all()
+    assert torch.equal(dequantize_keys(kc, ks, kz, 4), k)
+    k2 = _outliers((1, 1, 32, 32))
+    valid = torch.ones(1, 1, 32, dtype=torch.bool)
+    valid[..., :4] = False
+    k2[:, :, :4] = 1e4  # garbage in padding slots
+    _, s_masked, _ = quantize_keys(k2, 4, 32, valid)
+    _, s_all, _ = quantize_keys(k2, 4, 32)
+    assert (s_masked.float() * 100 < s_all.float()).all()
+
+
+def test_scale_overflow_names_the_values():
+    k = torch.full((1, 1, 32, 32), 1e6)
+    k[:, :, 0] = -1e6
+    with pytest.raises(ValueError, match="do not fit the torch.float16 scales"):
+        quantize_keys(k, 8, 32)
+
+
+# ------------------------------------------------------------------------------------------ attention kernel
+
+
+def _case(B, Hq, Hkv, Tq, Tw, Q, bits, G=32, D=64, ragged=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Q, D, generator=g)
+    kq, vq = _outliers((B, Hkv, Tq, D), seed=seed + 1), torch.randn(B, Hkv, Tq, D, generator=g)
+    k, v = torch.randn(B, Hkv, Tw, D, generator=g), torch.randn(B, Hkv, Tw, D, generator=g)
+    qvalid = wvalid = None
+    if ragged:
+        qvalid = torch.rand(B, Hkv, Tq, generator=g) > 0.3
+        wvalid = torch.rand(B, 1, Tw, generator=g) > 0.2
+        wvalid[..., -Q:] = True
+    quant = QuantizedKV(bits, *quantize_keys(kq, bits, G, qvalid), *quantize_values(vq, bits, G), valid=qvalid)
+    return q, quant, k, v, wvalid
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (6, 2)])
+@pytest.mark.parametrize("Q", [1, 3])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_kernel_matches_float64_reference(Hq, Hkv, Q, bits, ragged):
+    q, quant, k, v, valid = _case(2, Hq, Hkv, 160, 40, Q, bits, ragged=ragged)
+    ref = quantized_decode_attention_reference(q, quant, k, v, scale=0.125, valid=valid)
+    for block in (32, 64, 512):  # tiles smaller than, not dividing, and larger than the quantized part
+        out = quantized_decode_attention(q, quant, k, v, scale=0.125, valid=valid, block=block)
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
+
+
+def test_kernel_probs_and_empty_quantized_part():
+    q, quant, k, v, valid = _case(1, 4, 2, 96, 20, 1, 4, ragged=True)
+    out, probs = quantized_decode_attention(q, quant, k, v, scale=0.2, valid=valid, return_probs=True)
+    K = torch.cat([quant.keys(torch.float64), k.double()], 2)
+    logits = (q.double().view(1, 2, 2, 64) @ K.transpose(-1, -2)).view(1, 4, -1) * 0.2
+    mask = torch.cat([quant.valid.expand(1, 2, -1), valid.expand(1, 2, -1)], -1).repeat_interleave(2, 1)
+    ref = torch.softmax(logits.masked_fill(~mask, float("-inf")), -1)
+    torch.testing.assert_close(probs.double(), ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out.double(), quantized_decode_attention_reference(q, quant, k, v, scale=0.2,
+                                                                                  valid=valid), atol=2e-5, rtol=0)
+    q0, quant0, k0, v0, _ = _case(1, 4, 2, 0, 8, 1, 4)  # nothing quantized yet: plain attention over the window
+    expect = torch.nn.functional.scaled_dot_product_attention(q0, k0.repeat_interleave(2, 1),
+                                                              v0.repeat_interleave(2, 1), scale=0.2)
+    torch.testing.assert_close(quantized_decode_attention(q0, quant0, k0, v0, scale=0.2), expect)
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return tiny_model("llama", head_dim=64, hidden_size=192, num_attention_heads=3, num_key_value_heads=1).eval()
+
+
+def _ids(B=2, L=300, seed=0):
+    return torch.randint(3, 500, (B, L), generator=torch.Generator().manual_seed(seed))
+
+
+def test_window_covering_everything_is_stock(model):
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(ids).logits
+        with kvaccel.patched(model, "kv_int4(residual=1000)"):
+            cache = KVAccelCache(model)
+            a = model(ids[:, :250], cache=cache).logits
+            b = model(ids[:, 250:], cache=cache).logits
+    assert isinstance(cache.layers[0], QuantizedLayer) and cache.layers[0].quantized_length == 0
+    torch.testing.assert_close(torch.cat([a, b], 1), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["kv_int8", "kv_int4", "kv_int4(bits=2,group_size=32,residual=32)"])
+def test_logits_over_codes_equal_logits_over_dequantized_cache(model, spec):
+    """The continuation over the quantized cache equals the same continuation over a full-precision cache holding the
+    dequantized keys and values (so the only error is the codes' half step, bounded above)."""
+    ids = _ids()
+    with torch.no_grad(), kvaccel.patched(model, spec):
+        cache = KVAccelCache(model)
+        model(ids[:, :260], cache=cache)
+        layers = cache.layers
+        assert all(isinstance(layer, QuantizedLayer) and layer.quantized_length >= 64 for layer in layers)
+        plain = KVAccelCache(model)
+        for dst, src in zip(plain.layers, layers, strict=True):
+            keys, _ = src.dense_keys()
+            dst.update(keys, src.dense_values())
+        out_q = model(ids[:, 260:], cache=cache).logits
+    with torch.no_grad(), kvaccel.patched(model):
+        out_d = model(ids[:, 260:], cache=plain).logits
+    torch.testing.assert_close(out_q, out_d, atol=2e-5, rtol=1e-5)
+
+
+def test_decode_flushes_whole_groups(model):
+    ids = _ids(B=1, L=100)
+    with torch.no_grad(), kvaccel.patched(model, "kv_int4(group_size=32,residual=40)"):
+        cache = KVAccelCache(model)
+        model(ids, cache=cache)
+        layer = cache.layers[0]
+        assert (layer.quantized_length, layer.length) == (32, 100)  # 100 - 40 = 60 -> one group of 32
+        lengths = []
+        for t in range(40):
+            model(ids[:, t : t + 1], cache=cache)
+            lengths.append(cache.layers[0].quantized_length)
+    assert all(n % 32 == 0 for n in lengths) and lengths[-1] == 96
+    assert 40 <= cache.layers[0].length - cache.layers[0].quantized_length < 40 + 32 + 1
+
+
+def test_bytes_per_element(model):
+    ids = _ids(B=1, L=1100)
+    for spec, limit in (("kv_int8", 1.1), ("kv_int4", 0.6)):
+        with torch.no_grad(), kvaccel.patched(model, spec):
+            model(ids)
+            parts = kvaccel.report(model)["kv_storage_bytes"]
+        quantized = parts["codes"] + parts["scales"] + parts["zeros"]
+        per_element = quantized / parts["quantized_elements"]
+        assert per_element <= limit, (spec, per_element)
+        assert parts["quantized_elements"] >= 2 * 3 * 64 * 900  # K and V, 3 layers, head 64, >= 900 tokens
+        assert parts["window"] > 0
+
+
+# ------------------------------------------------------------------------------------------ composition
+
+
+def _kept(model, spec, ids, new=24):
+    with torch.no_grad(), kvaccel.patched(model, *(spec if isinstance(spec, tuple) else (spec,))):
+        model.generate(ids, max_new_tokens=new, do_sample=False, min_new_tokens=new)
+        rep = kvaccel.report(model)
+        cache = model._kvaccel_state.cache
+        return rep["kept_tokens"], [type(layer) for layer in cache.layers], rep
+
+
+@pytest.mark.parametrize("evict", [
+    "snapkv(budget=0.5)", "streaming(budget=200,slack=4)", "h2o(budget=200)", "snapkv(budget=0.5,decode_budget=210)",
+    "expected_attention(budget=0.5)", "adakv(budget=0.5,layout='padded')", "adakv(budget=0.5)",
+    KVzip(budget=0.5, prompt_ids=(7, 8, 9, 10)),
+])
+def test_composes_with_eviction(model, evict):
+    """Stacked on an eviction method, the quantized cache keeps the same number of tokens per head as the eviction
+    alone, and really holds codes."""
+    ids = _ids(B=1, L=400)
+    alone, _, _ = _kept(model, evict, ids)
+    storage = KVInt4(group_size=32, residual=64)
+    stacked, kinds, rep = _kept(model, (evict, storage) if isinstance(evict, KVzip) else f"{evict}+{storage.spec()}",
+                                ids)
+    assert stacked == alone
+    assert all(k is QuantizedLayer for k in kinds)
+    assert rep["kv_storage_bytes"]["quantized_elements"] > 0
+
+
+def test_sparse_prefill_then_quantized_chunks(model):
+    """A sparse prefill method computes the prompt; later chunks attend the quantized layer (not the prefill method
+    over only the new tokens)."""
+    ids = _ids(B=1, L=300)
+    with torch.no_grad(), kvaccel.patched(model, "a_shape+kv_int8"):
+        cache = KVAccelCache(model)
+        model(ids[:, :280], cache=cache)
+        out = model(ids[:, 280:], cache=cache).logits
+        plain = KVAccelCache(model)
+        for dst, src in zip(plain.layers, cache.layers, strict=True):
+            keys, _ = src.dense_keys()
+            dst.update(keys[:, :, :280], src.dense_values()[:, :, :280])
+    with torch.no_grad(), kvaccel.patched(model):
+        ref = model(ids[:, 280:], cache=plain).logits
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("snapkv(budget=0.5)+think+kv_int4", "channels method 'think'"),
+    ("retrieval+kv_int8", "decode method 'retrieval'"),
+    ("d2o+kv_int4", "'d2o'"),
+])
+def test_unsupported_combinations_are_refused(model, spec, match):
+    with pytest.raises(NotImplementedError, match=match):
+        kvaccel.patch(model, spec)
+    assert not kvaccel.api.is_patched(model)
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("kv_int4(bits=3)", r"bits \(3\) must be one of \(2, 4, 8\)"),
+    ("kv_int4(bits=8)", r"kv_int4: bits \(8\) must be one of \(2, 4\)"),
+    ("kv_int8(bits=4)", r"kv_int8: bits \(4\) must be one of \(8,\)"),
+    ("kv_int4(group_size=16)", r"group_size \(16\) must be an int in \[32, 128\]"),
+    ("kv_int4(residual=-1)", r"residual \(-1\) must be an int >= 0"),
+])
+def test_bad_options(spec, match):
+    with pytest.raises(ValueError, match=match):
+        kvaccel.config.parse_spec(spec)
+
+
+def test_group_size_must_divide_head_size():
+    m = tiny_model("llama", head_dim=96, hidden_size=192, num_attention_heads=2, num_key_value_heads=1)
+    with pytest.raises(ValueError, match=r"group_size \(64\) must divide the head size \(96\)"):
+        kvaccel.patch(m, "kv_int4")
+    kvaccel.patch(m, "kv_int4(group_size=32)")
+    kvaccel.unpatch(m)
+
+
+def test_spec_parses_and_composes():
+    ms = kvaccel.config.parse_spec("snapkv(budget=0.25)+kv_int4")
+    assert [m.stage for m in ms] == ["evict", "storage"]
+    assert ms[1].spec() == "kv_int4(bits=4,group_size=64,residual=128)"
+
+
+def test_storage_needs_our_cache(model):
+    """Without a KVAccelCache there is nothing to quantize: an error, not a silently full-precision run."""
+    with kvaccel.patched(model, "kv_int8"), pytest.raises(RuntimeError, match="no cache"):
+        model(_ids(B=1, L=20), use_cache=False)
