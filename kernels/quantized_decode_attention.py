@@ -67,17 +67,26 @@ def quantized_decode_attention(
     block : int
         Tokens dequantized per tile (rounded down to a multiple of the key group, at least one group).
     backend : str
-        ``"auto"`` / ``"torch"``; the Triton kernel is not written yet (``"triton"`` raises).
+        ``"auto"`` (Triton for CUDA tensors when ``Q = 1`` and no probabilities are asked for, PyTorch otherwise),
+        ``"torch"`` or ``"triton"`` (decode steps only: ``Q = 1``, no ``return_probs``; CPU tensors need
+        ``TRITON_INTERPRET=1``).
     return_probs : bool
         Also return the probabilities (``Q`` must be 1), for eviction methods that accumulate them.
     """
     _check(q, quant, k, v, valid)
     if return_probs and q.shape[2] != 1:
         raise ValueError(f"return_probs needs one query token, got {q.shape[2]}")
-    if resolve_backend(backend, q) == "triton":
-        raise NotImplementedError(
-            "quantized_decode_attention has no Triton kernel yet; use backend='torch' (CPU tensors)"
-        )
+    decode_step = q.shape[2] == 1 and not return_probs
+    chosen = resolve_backend(backend, q)
+    if chosen == "triton" and not decode_step:
+        if backend == "triton":
+            raise ValueError(
+                f"backend='triton' computes one query token without probabilities (got {q.shape[2]} queries, "
+                f"return_probs={return_probs}); use backend='torch' or 'auto'"
+            )
+        chosen = "torch"  # "auto": the documented rule (Triton for decode steps only)
+    if chosen == "triton":
+        return _quantized_decode_attention_triton(q, quant, k, v, scale, valid)
     B, Hq, Q, D = q.shape
     Hkv, Tw, Dv = k.shape[1], k.shape[2], v.shape[-1]
     G = Hq // Hkv
@@ -153,3 +162,51 @@ def quantized_decode_attention_reference(q: Tensor, quant: QuantizedKV, k: Tenso
     logits = logits.masked_fill(~full_valid, float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     return (probs @ V).reshape(B, Hq, Q, Dv)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Triton path (launcher; the kernel is in kernels/triton/quantized_decode_attention.py)
+# --------------------------------------------------------------------------------------------------------------
+def _quantized_decode_attention_triton(q: Tensor, quant: QuantizedKV, k: Tensor, v: Tensor, scale: float,
+                                       valid: Tensor | None) -> Tensor:
+    """Launch ``_quantized_decode_attention_fwd`` on grid ``(B * H_kv, cdiv(G, BLOCK_G))``."""
+    import triton
+
+    from .triton.quantized_decode_attention import _quantized_decode_attention_fwd
+
+    B, Hq, _, D = q.shape
+    Hkv, Tw, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    Tq = quant.length
+    G = Hq // Hkv
+    out = torch.empty(B, Hq, 1, Dv, dtype=q.dtype, device=q.device)
+    ones = torch.ones(1, 1, 1, dtype=torch.bool, device=q.device)
+    valid_u8 = (valid.expand(B, Hkv, Tw) if valid is not None else ones).view(torch.uint8)
+    qvalid_u8 = (quant.valid.expand(B, Hkv, Tq) if quant.valid is not None else ones).view(torch.uint8)
+    if quant.k_zero.stride() != quant.k_scale.stride() or quant.v_zero.stride() != quant.v_scale.stride():
+        quant = QuantizedKV(quant.bits, quant.k_codes, quant.k_scale.contiguous(), quant.k_zero.contiguous(),
+                            quant.v_codes, quant.v_scale.contiguous(), quant.v_zero.contiguous(), quant.valid)
+    key_group = quant.key_group or 1
+    value_group = Dv // quant.v_scale.shape[-1]
+    # tl.dot needs every dim >= 16; padded query heads / channels are masked.
+    BLOCK_G = max(16, triton.next_power_of_2(G))
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    BLOCK_DV = max(16, triton.next_power_of_2(Dv))
+    BLOCK_N = 64 if max(BLOCK_D, BLOCK_DV) <= 128 else 32
+    BLOCK_N = min(BLOCK_N, max(16, triton.next_power_of_2(max(Tq, Tw, 1))))
+    num_warps = 4 if max(BLOCK_D, BLOCK_DV) <= 128 else 8
+    grid = (B * Hkv, triton.cdiv(G, BLOCK_G))
+    _quantized_decode_attention_fwd[grid](
+        q, quant.k_codes, quant.k_scale, quant.k_zero, quant.v_codes, quant.v_scale, quant.v_zero, qvalid_u8,
+        k, v, valid_u8, out,
+        float(scale), Tq, Tw,
+        q.stride(0), q.stride(1), q.stride(3),
+        *quant.k_codes.stride(), *quant.k_scale.stride(), *quant.v_codes.stride(), *quant.v_scale.stride(),
+        *qvalid_u8.stride(), *k.stride(), *v.stride(), *valid_u8.stride(),
+        out.stride(0), out.stride(1), out.stride(3),
+        H_KV=Hkv, GROUP=G, HEAD_DIM=D, HEAD_DIM_V=Dv, BITS=quant.bits, KEY_GROUP=key_group, VALUE_GROUP=value_group,
+        BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, BLOCK_N=BLOCK_N,
+        HAS_QVALID=quant.valid is not None, HAS_VALID=valid is not None,
+        INPUT_PRECISION="ieee",  # fp32 products like the PyTorch path (decode is memory-bound)
+        num_warps=num_warps,
+    )
+    return out

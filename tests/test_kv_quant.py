@@ -24,7 +24,7 @@ from kvaccel.patches.evict import KVzip
 from kvaccel.patches.storage import KVInt4
 from kvaccel.patches.storage.quantized_layer import QuantizedLayer
 
-from conftest import tiny_model
+from conftest import TRITON_DEVICE, requires_triton, tiny_model
 
 
 def _outliers(shape, dtype=torch.float32, seed=0):
@@ -133,6 +133,30 @@ def test_kernel_probs_and_empty_quantized_part():
     expect = torch.nn.functional.scaled_dot_product_attention(q0, k0.repeat_interleave(2, 1),
                                                               v0.repeat_interleave(2, 1), scale=0.2)
     torch.testing.assert_close(quantized_decode_attention(q0, quant0, k0, v0, scale=0.2), expect)
+
+
+@requires_triton
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (6, 2)])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_triton_matches_reference(Hq, Hkv, bits, ragged):
+    q, quant, k, v, valid = _case(2, Hq, Hkv, 96, 24, 1, bits, ragged=ragged)
+    ref = quantized_decode_attention_reference(q, quant, k, v, scale=0.125, valid=valid)
+
+    def to(t):
+        return None if t is None else t.to(TRITON_DEVICE)
+
+    names = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
+    quant_d = QuantizedKV(bits, *(to(getattr(quant, n)) for n in names), valid=to(quant.valid))
+    out = quantized_decode_attention(to(q), quant_d, to(k), to(v), scale=0.125, valid=to(valid), backend="triton")
+    torch.testing.assert_close(out.cpu().double(), ref, atol=2e-5, rtol=1e-5)
+
+
+@requires_triton
+def test_triton_refuses_what_it_does_not_compute():
+    q, quant, k, v, valid = _case(1, 4, 2, 32, 8, 3, 4)
+    with pytest.raises(ValueError, match="one query token without probabilities"):
+        quantized_decode_attention(q, quant, k, v, scale=0.1, backend="triton")
 
 
 # ------------------------------------------------------------------------------------------ the model
