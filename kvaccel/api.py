@@ -351,7 +351,8 @@ def report(model) -> dict[str, Any]:
     for key in ("prefill_estimate_s", "prefill_attention_s"):  # block-sparse prefill: estimation vs attention
         per_layer = [s.get(key) for s in state.layer_stats]
         out[key] = sum(t for t in per_layer if t is not None) if any(t is not None for t in per_layer) else None
-    # decode method `retrieval`: per-layer lists of its retrieval_* stats (host/device bytes, time split, recall...)
-    for key in sorted({k for s in state.layer_stats for k in s if k.startswith("retrieval_")}):
+    # decode methods: per-layer lists of their stats (retrieval_*: host/device bytes, time split, recall...; quest_*:
+    # page metadata bytes, sparse/dense steps, attended tokens)
+    for key in sorted({k for s in state.layer_stats for k in s if k.startswith(("retrieval_", "quest_"))}):
         out[key] = [s.get(key) for s in state.layer_stats]
     return out
