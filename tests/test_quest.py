@@ -48,12 +48,11 @@ def test_budget_covering_the_cache_decodes_stock_tokens(family, B, budget):
     with kvaccel.patched(model, Quest(budget=budget, dense_layers=0)):
         cache = KVAccelCache(model)
         seq, logits = _generate(model, ids, mask, 10, cache)
-        kvaccel.report(model)
-        stats = model._kvaccel_state.layer_stats
+        rep = kvaccel.report(model)
     assert torch.equal(seq, ref_seq)
     assert torch.equal(logits, dense_logits)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
-    assert [s["quest_sparse_steps"] for s in stats] == [0] * 3 and [s["quest_dense_steps"] for s in stats] == [9] * 3
+    assert rep["quest_sparse_steps"] == [0] * 3 and rep["quest_dense_steps"] == [9] * 3
 
 
 def _naive_quest(q, keys, valid, values, P, pages, scale):
@@ -132,10 +131,9 @@ def test_left_padded_batch_decodes_each_row_alone():
     method = Quest(page_size=8, budget=0.25, dense_layers=1)
     with kvaccel.patched(model, method):
         seq, both = _generate(model, ids, mask, steps)
-        kvaccel.report(model)
-        stats = model._kvaccel_state.layer_stats
-        assert stats[0]["quest_sparse_steps"] is None and stats[1]["quest_sparse_steps"] == steps - 1
-        assert stats[1]["quest_attended_tokens"] < 0.4 * max(lengths)
+        rep = kvaccel.report(model)
+        assert rep["quest_sparse_steps"][:2] == [None, steps - 1]
+        assert rep["quest_attended_tokens"][1] < 0.4 * max(lengths)
         for b, n in enumerate(lengths):
             real = ids[b : b + 1, max(lengths) - n :]
             alone_seq, alone = _generate(model, real, torch.ones_like(real), steps)
@@ -152,13 +150,12 @@ def test_report_metadata_bytes_are_two_over_page_size_of_the_keys():
         cache = KVAccelCache(model)
         _generate(model, ids, mask, 4, cache)
         rep = kvaccel.report(model)
-        stats = model._kvaccel_state.layer_stats
     layer = cache.layers[1]
     B, H, N, D = layer.keys.shape  # 99 tokens: 7 pages
     assert N == 99
     # min and max per page and channel in the keys' dtype (2/16 of the keys, last page partial) + int32 page counts
-    assert stats[1]["quest_metadata_bytes"] == 2 * B * H * 7 * D * layer.keys.element_size() + B * 7 * 4
-    assert stats[0]["quest_metadata_bytes"] is None  # dense layer: no metadata
+    assert rep["quest_metadata_bytes"][1] == 2 * B * H * 7 * D * layer.keys.element_size() + B * 7 * 4
+    assert rep["quest_metadata_bytes"][0] is None  # dense layer: no metadata
     assert rep["kept_tokens"][1] == [[99] * H]  # nothing evicted
 
 
@@ -176,8 +173,7 @@ def test_composes_with_prefill_methods_and_think():
     with kvaccel.patched(model, "think(ratio=0.5)+quest(budget=48,page_size=8,dense_layers=0)"):
         cache = KVAccelCache(model)
         _generate(model, ids, mask, 6, cache)
-        kvaccel.report(model)
-        assert model._kvaccel_state.layer_stats[2]["quest_sparse_steps"] == 5
+        assert kvaccel.report(model)["quest_sparse_steps"][2] == 5
         assert cache.layers[2].narrow is not None
 
 
