@@ -280,3 +280,28 @@ def test_spec_strings_round_trip():
     for spec in ("tova(budget=0.25)", "knorm(budget=64, chunk=8)", "keydiff(decode_budget=128, slack=1)"):
         (m,) = kvaccel.parse_spec(spec)
         assert kvaccel.parse_spec(m.spec())[0] == m
+
+
+def test_tova_decode_probs_from_the_attention_equal_a_separate_pass(monkeypatch):
+    """With slack=1 TOVA takes each step's probabilities from the decode attention (one pass over the keys): the
+    same kept tokens and outputs as scoring them in a second pass."""
+    import kvaccel.patches.attention as attention
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 512, (1, 96), generator=torch.Generator().manual_seed(6))
+    runs, calls = [], []
+    real = tova_module.step_attention_probs
+    monkeypatch.setattr(tova_module, "step_attention_probs",
+                        lambda ctx: calls.append(getattr(ctx, "decode_probs", None) is not None) or real(ctx))
+    for fuse in (True, False):
+        calls.clear()
+        if not fuse:
+            monkeypatch.setattr(attention, "_fuse_decode_probs", lambda ctx: False)
+        with kvaccel.patched(model, "tova(budget=24, decode_budget=24, slack=1)"):
+            cache = KVAccelCache(model)
+            out = model.generate(ids, cache=cache, max_new_tokens=12, do_sample=False)
+            runs.append((out, [layer.values.clone() for layer in cache.layers]))
+        assert calls and all(c == fuse for c in calls)
+    assert torch.equal(runs[0][0], runs[1][0])
+    for a, b in zip(runs[0][1], runs[1][1], strict=True):  # same tokens held (the two attention paths round
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)  # differently in the last bits)
