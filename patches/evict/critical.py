@@ -184,10 +184,6 @@ class Critical(EvictionMethod):
     def rope_shift(self):
         return self._inner.rope_shift
 
-    def spec(self) -> str:
-        return (f"critical(scorer={self.scorer!r},budget={self.budget!r},first_stage_ratio={self.first_stage_ratio!r},"
-                f"epsilon={self.epsilon!r})")
-
     def check_stages(self, stages: dict) -> None:
         self._inner.check_stages(stages)
 
