@@ -245,7 +245,8 @@ def _kept(model, spec, ids, new=24):
 
 @pytest.mark.parametrize("evict", [
     "snapkv(budget=0.5)", "streaming(budget=200,slack=4)", "h2o(budget=200)", "snapkv(budget=0.5,decode_budget=210)",
-    "expected_attention(budget=0.5)", "adakv(budget=0.5,layout='padded')", "adakv(budget=0.5)",
+    "expected_attention(budget=0.5)", "expected_attention(budget=0.5,decode_budget=210,use_vnorm=False)",
+    "keyformer(budget=200)", "adakv(budget=0.5,layout='padded')", "adakv(budget=0.5)",
     KVzip(budget=0.5, prompt_ids=(7, 8, 9, 10)),
 ])
 def test_composes_with_eviction(model, evict):
@@ -282,6 +283,7 @@ def test_sparse_prefill_then_quantized_chunks(model):
     ("snapkv(budget=0.5)+think+kv_int4", "channels method 'think'"),
     ("retrieval+kv_int8", "decode method 'retrieval'"),
     ("d2o+kv_int4", "'d2o'"),
+    ("expected_attention(decode_budget=200)+kv_int4", "use_vnorm=False"),
 ])
 def test_unsupported_combinations_are_refused(model, spec, match):
     with pytest.raises(NotImplementedError, match=match):

@@ -47,6 +47,9 @@ class QuantizedLayer(KVAccelLayer):
 
     def __init__(self, bits: int = 4, group_size: int = 64, residual: int = 128, **kwargs):
         super().__init__(**kwargs)
+        self._init_storage(bits, group_size, residual)
+
+    def _init_storage(self, bits: int, group_size: int, residual: int) -> None:
         self.bits, self.group_size, self.residual = bits, group_size, residual
         self._store: dict[str, SlotTensor] = {}
         self._qvalid: SlotTensor | None = None
@@ -55,7 +58,8 @@ class QuantizedLayer(KVAccelLayer):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_layer(cls, layer: KVAccelLayer, bits: int, group_size: int, residual: int) -> QuantizedLayer:
-        """The tokens of ``layer`` quantized but the last window; a plain ``KVAccelLayer``'s buffers are reused.
+        """``layer`` with its tokens quantized but the last window. A plain ``KVAccelLayer`` becomes the quantized layer
+        in place (same object, buffers reused: methods that keep per-layer state keyed by the layer still find it).
 
         A ``VarlenLayer`` (heads packed at their own lengths: adakv, kvzip) is stored padded to its longest head, with
         validity marking the real slots (its ``dense_keys`` layout: segments right-aligned); ``report()`` counts the
@@ -74,11 +78,9 @@ class QuantizedLayer(KVAccelLayer):
         if Dv % group_size:
             raise ValueError(f"group_size ({group_size}) must divide the value head size ({Dv}): values are "
                              "quantized per token in groups of group_size channels")
-        out = cls(bits, group_size, residual)
-        out.seen, out.prompt_len, out.decode_steps = layer.seen, layer.prompt_len, layer.decode_steps
-        out.reserve, out.dtype, out.device = layer.reserve, layer.dtype, layer.device
-        out._k, out._v, out._valid, out._state = layer._k, layer._v, layer._valid, layer._state
-        out.is_initialized = True
+        out = layer
+        out.__class__ = cls
+        out._init_storage(bits, group_size, residual)
         out._set_store(out.keys[:, :, :0], out.values[:, :, :0], None)
         out._flush()
         return out
