@@ -151,11 +151,13 @@ def append_page_bounds(
 
 
 def page_scores(
-    q: Tensor, kmin: Tensor, kmax: Tensor, count: Tensor | None = None, *, backend: str = "auto"
+    q: Tensor, kmin: Tensor, kmax: Tensor, count: Tensor | None = None, *, group: bool = False,
+    backend: str = "auto",
 ) -> Tensor:
     """Quest's page score ``U = Σ_i max(q_i m_i, q_i M_i)`` of every query head and page, ``(B, H_q, NP)`` float32;
     pages with ``count == 0`` get ``-inf``. An upper bound of ``q · k`` for every real key of the page (no scale:
-    it only ranks pages). ``q`` ``(B, H_q, 1, D)`` or ``(B, H_q, D)``."""
+    it only ranks pages). ``q`` ``(B, H_q, 1, D)`` or ``(B, H_q, D)``. ``group``: summed over the query heads of
+    each kv head, ``(B, H_kv, NP)`` (an upper bound of the group's summed ``q · k``)."""
     if q.dim() == 4:
         q = q[:, :, 0]
     B, Hq, D = q.shape
@@ -166,13 +168,14 @@ def page_scores(
     if resolve_backend(backend, q) == "triton":
         from .triton.page_bounds import launch_page_scores
 
-        return launch_page_scores(q, kmin, kmax, count)
+        s = launch_page_scores(q, kmin, kmax, count)
+        return s.view(B, Hkv, Hq // Hkv, NP).sum(2) if group else s
     G = Hq // Hkv
     qg = q.reshape(B, Hkv, G, D).float()
     s = qg.clamp(min=0) @ kmax.float().transpose(-1, -2) + qg.clamp(max=0) @ kmin.float().transpose(-1, -2)
     if count is not None:
         s.masked_fill_((count == 0)[:, :, None, :], float("-inf"))
-    return s.view(B, Hq, NP)
+    return s.sum(2) if group else s.view(B, Hq, NP)
 
 
 def page_scores_reference(q: Tensor, kmin: Tensor, kmax: Tensor, count: Tensor | None = None) -> Tensor:
@@ -192,11 +195,12 @@ def page_scores_reference(q: Tensor, kmin: Tensor, kmax: Tensor, count: Tensor |
 
 
 def select_pages(scores: Tensor, pages: Tensor, last: Tensor) -> tuple[Tensor, Tensor]:
-    """Per query head, the ``pages[b]`` best pages of row ``b`` by score, page ``last[b]`` always among them.
+    """Per head, the ``pages[b]`` best pages of row ``b`` by score, page ``last[b]`` always among them.
 
-    ``scores`` ``(B, H_q, NP)`` (``-inf`` = empty page, never selected); ``pages``, ``last`` ``(B,)`` int64.
-    Returns ``(idx, keep)`` ``(B, H_q, K)`` with ``K = max(pages)``: page indices in descending score (the last page
-    first) and whether each is selected (rank ``< pages[b]`` and not empty)."""
+    ``scores`` ``(B, H_s, NP)`` (per query head or, summed, per kv head; ``-inf`` = empty page, never selected);
+    ``pages``, ``last`` ``(B,)`` int64. Returns ``(idx, keep)`` ``(B, H_s, K)`` with ``K = max(pages)``: page
+    indices in descending score (the last page first) and whether each is selected (rank ``< pages[b]``, not empty).
+    """
     B, Hq, NP = scores.shape
     K = min(int(pages.max()), NP)
     forced = scores.scatter(-1, last.view(B, 1, 1).expand(B, Hq, 1), float("inf"))
@@ -208,8 +212,9 @@ def select_pages(scores: Tensor, pages: Tensor, last: Tensor) -> tuple[Tensor, T
 def page_slots(
     idx: Tensor, keep: Tensor, page_size: int, offset: Tensor, n_tokens: int, valid: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Token slots of the selected pages: ``(slots, ok)`` ``(B, H_q, K·P)``, slots clamped into ``[0, N)`` and
-    ``ok`` False for an unselected page, a slot past ``N`` or a slot ``valid`` ``(B, 1|H_kv, N)`` marks unreal."""
+    """Token slots of the selected pages ``idx``/``keep`` ``(B, H_s, K)``: ``(slots, ok)`` ``(B, H_s, K·P)``, slots
+    clamped into ``[0, N)`` and ``ok`` False for an unselected page, a slot past ``N`` or a slot ``valid``
+    ``(B, 1|H_kv, N)`` marks unreal (``H_s`` is ``H_q`` or ``H_kv``)."""
     B, Hq, K = idx.shape
     slot = (offset.view(B, 1, 1, 1) + idx[..., None] * page_size
             + torch.arange(page_size, device=idx.device)).view(B, Hq, K * page_size)
@@ -236,19 +241,23 @@ def page_attention(
     value_idx: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
-    """Exact softmax attention of one query per head over the slots it selected, ``(B, H_q, 1, Dv)`` in ``q.dtype``.
+    """Exact softmax attention of one query per head over the slots selected for it, ``(B, H_q, 1, Dv)`` in
+    ``q.dtype``.
 
-    ``out[b, h] = softmax(scale · q[b, h] · K[b, h // G, s] for s in slots[b, h] where ok) @ V[...]``; float32
-    accumulation; a head with no ``ok`` slot gives zeros. The slot axis is ``[narrow (Tn), full (T)]``: a slot
-    ``s < Tn`` reads ThinK's narrow segment (``q[channel_idx] · k_narrow``, values scattered into ``value_idx``
-    when narrow too), a slot ``s >= Tn`` the full-width ``k``/``v`` at ``s − Tn``. ``slots``/``ok`` ``(B, H_q, S)``
-    from :func:`page_slots`.
+    ``slots``/``ok`` ``(B, H_s, S)`` from :func:`page_slots`, with ``H_s = H_q`` (each query head its own slots) or
+    ``H_s = H_kv`` (the query heads of a kv head share them): query head ``h`` reads slot row ``h // (H_q / H_s)``
+    and kv head ``h // (H_q / H_kv)``; ``out[b, h] = softmax(scale · q[b, h] · K[b, kv, s] for s in the row's
+    slots where ok) @ V[b, kv, s]``, float32 accumulation; a head with no ``ok`` slot gives zeros. The slot axis is
+    ``[narrow (Tn), full (T)]``: a slot ``s < Tn`` reads ThinK's narrow segment (``q[channel_idx] · k_narrow``,
+    values scattered into ``value_idx`` when narrow too), a slot ``s >= Tn`` the full-width ``k``/``v`` at
+    ``s − Tn``. Rows are gathered once per slot row (one copy per kv head when shared).
     """
     B, Hq, _, D = q.shape
     Hkv = k.shape[1]
-    if Hq % Hkv or slots.shape[:2] != (B, Hq) or ok.shape != slots.shape:
+    Hs = slots.shape[1]
+    if Hq % Hkv or Hs not in (Hq, Hkv) or slots.shape[0] != B or ok.shape != slots.shape:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, slots {tuple(slots.shape)}, ok "
-                         f"{tuple(ok.shape)}: H_q must be a multiple of H_kv and slots/ok (B, H_q, S)")
+                         f"{tuple(ok.shape)}: H_q must be a multiple of H_kv and slots/ok (B, H_q or H_kv, S)")
     if resolve_backend(backend, q) == "triton":
         if k_narrow is not None:
             raise NotImplementedError("the Triton page attention has no narrow (ThinK) segment; use backend='torch'")
@@ -256,47 +265,49 @@ def page_attention(
 
         return launch_page_attention(q, k, v, slots, ok, scale)
     out = q.new_empty(B, Hq, 1, v.shape[-1])
-    G = Hq // Hkv
     narrow = None if k_narrow is None else (k_narrow, channel_idx, v_narrow, value_idx)
     workers = cpu_workers(q.device)
-    step = -(-Hq // workers)  # query heads per task: one task per worker and row
+    step = -(-Hs // workers)  # slot rows per task: one task per worker and batch row
+    R = Hq // Hs  # query heads per slot row
 
-    def run(b: int, h0: int, h1: int) -> None:
-        out[b, h0:h1] = _page_attention_rows(q, k, v, slots, ok, scale, b, h0, h1, G, narrow)
+    def run(b: int, r0: int, r1: int) -> None:
+        out[b, r0 * R : r1 * R] = _page_attention_rows(q, k, v, slots, ok, scale, b, r0, r1, narrow)
 
-    run_parallel(run, [(b, h, min(h + step, Hq)) for b in range(B) for h in range(0, Hq, step)], workers)
+    run_parallel(run, [(b, r, min(r + step, Hs)) for b in range(B) for r in range(0, Hs, step)], workers)
     return out
 
 
-def _page_attention_rows(q, k, v, slots, ok, scale, b, h0, h1, G, narrow) -> Tensor:
-    """Page attention of query heads ``h0 ... h1 − 1`` of row ``b``, ``(h1 − h0, 1, Dv)``."""
-    qs = q[b, h0:h1, 0].float() * scale  # (R, D)
-    s = slots[b, h0:h1]  # (R, S)
-    kvh = (torch.arange(h0, h1, device=q.device) // G)[:, None]  # kv head of each query head
+def _page_attention_rows(q, k, v, slots, ok, scale, b, r0, r1, narrow) -> Tensor:
+    """Page attention of slot rows ``r0 ... r1 − 1`` of batch row ``b``: ``(rows · R, 1, Dv)``."""
+    Hq, Hkv, Hs = q.shape[1], k.shape[1], slots.shape[1]
+    R = Hq // Hs
+    qs = (q[b, r0 * R : r1 * R, 0].float() * scale).view(r1 - r0, R, -1)  # (rows, R, D)
+    s = slots[b, r0:r1]  # (rows, S)
+    kvh = (torch.arange(r0, r1, device=q.device) * Hkv // Hs)[:, None]  # kv head of each slot row
     Tn = 0 if narrow is None else narrow[0].shape[2]
     sf = (s - Tn).clamp(min=0)
-    kg = k[b][kvh, sf].float()  # (R, S, D)
-    logits = torch.bmm(kg, qs[:, :, None])[..., 0]  # (R, S)
-    vg = v[b][kvh, sf].float()  # (R, S, Dv)
+    kg = k[b][kvh, sf].float()  # (rows, S, D)
+    logits = torch.bmm(qs, kg.transpose(1, 2))  # (rows, R, S)
+    vg = v[b][kvh, sf].float()  # (rows, S, Dv)
     if narrow is not None:
         kn, cidx, vn, vidx = narrow
-        inn = s < Tn
+        inn = (s < Tn)[:, None, :]
         sn = s.clamp(max=max(Tn - 1, 0))
-        qn = qs.gather(-1, cidx[b][kvh[:, 0]])  # (R, Dk)
-        ln = torch.bmm(kn[b][kvh, sn].float(), qn[:, :, None])[..., 0]
+        qn = qs.gather(-1, cidx[b][kvh[:, 0]][:, None, :].expand(-1, R, -1))  # (rows, R, Dk)
+        ln = torch.bmm(qn, kn[b][kvh, sn].float().transpose(1, 2))
         logits = torch.where(inn, ln, logits)
         vng = vn[b][kvh, sn].float()
         if vidx is not None:  # narrow values: zero-filled outside their kept channels
             dense = vg.new_zeros(vg.shape)
             vng = dense.scatter_(-1, vidx[b][kvh[:, 0]][:, None, :].expand(-1, vng.shape[1], -1), vng)
-        vg = torch.where(inn[..., None], vng, vg)
-    logits = logits.masked_fill_(~ok[b, h0:h1], float("-inf"))
+        vg = torch.where(inn.transpose(1, 2), vng, vg)
+    logits = logits.masked_fill_(~ok[b, r0:r1, None, :], float("-inf"))
     m = logits.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = (logits - m).exp_()
     denom = p.sum(-1, keepdim=True)
-    o = torch.bmm(p[:, None, :], vg)[:, 0] / torch.where(denom > 0, denom, torch.ones_like(denom))
-    return o.to(q.dtype)[:, None, :]
+    o = torch.bmm(p, vg) / torch.where(denom > 0, denom, torch.ones_like(denom))  # (rows, R, Dv)
+    return o.to(q.dtype).view(-1, 1, o.shape[-1])
 
 
 def page_attention_reference(
@@ -305,7 +316,7 @@ def page_attention_reference(
     value_idx: Tensor | None = None,
 ) -> Tensor:
     """:func:`page_attention` in float64 with loops: each head's keys zero-filled to full width, then dense softmax
-    over its ``ok`` slots (``(B, H_q, 1, Dv)`` float64)."""
+    over its slot row's ``ok`` slots (``(B, H_q, 1, Dv)`` float64)."""
     B, Hq, _, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
     G = Hq // Hkv
@@ -320,9 +331,10 @@ def page_attention_reference(
         k = torch.cat([kn, k.double()], 2)
         v = torch.cat([vn, v.double()], 2)
     out = torch.zeros(B, Hq, 1, Dv, dtype=torch.float64)
+    R = Hq // slots.shape[1]  # query heads per slot row
     for b in range(B):
         for h in range(Hq):
-            sel = slots[b, h][ok[b, h]]
+            sel = slots[b, h // R][ok[b, h // R]]
             if sel.numel() == 0:
                 continue
             kk, vv = k[b, h // G, sel].double(), v[b, h // G, sel].double()

@@ -83,6 +83,16 @@ def test_page_scores_match_paper_formula(padded):
     torch.testing.assert_close(s.double()[fin], ref[fin], atol=1e-5, rtol=1e-5)
 
 
+def test_group_scores_are_the_sum_over_the_kv_heads_query_heads():
+    q, k, _, valid, offset = _inputs(padded=True)
+    kmin, kmax, count = page_bounds(k, P, valid, offset)
+    s = page_scores(q, kmin, kmax, count, group=True)
+    ref = page_scores_reference(q, kmin, kmax, count).view(2, 2, 3, -1).sum(2)
+    assert s.shape == (2, 2, 10) and torch.equal(torch.isinf(s), torch.isinf(ref))
+    fin = torch.isfinite(ref)
+    torch.testing.assert_close(s.double()[fin], ref[fin], atol=1e-5, rtol=1e-5)
+
+
 def test_append_equals_build_from_scratch():
     """Appending tokens one at a time (pages filling, new pages, padded and invalid tokens) gives the bounds a
     build over all tokens gives."""
@@ -121,26 +131,28 @@ def test_select_pages_equals_naive_top_k():
     assert keep.sum(-1).tolist() == [[4] * Hq, [1] * Hq, [6] * Hq]
 
 
-def _selection(q, k, valid, offset, pages=(3, 2)):
+def _selection(q, k, valid, offset, pages=(3, 2), group=False):
     N = k.shape[2]
     kmin, kmax, count = page_bounds(k, P, valid, offset)
-    s = page_scores(q, kmin, kmax, count)
+    s = page_scores(q, kmin, kmax, count, group=group)
     off = offset if offset is not None else torch.zeros(k.shape[0], dtype=torch.long)
     idx, keep = select_pages(s, torch.tensor(pages), (N - 1 - off) // P)
     return page_slots(idx, keep, P, off, N, valid)
 
 
+@pytest.mark.parametrize("group", [False, True])
 @pytest.mark.parametrize("padded", [False, True])
-def test_page_attention_equals_dense_over_selected_tokens(padded):
+def test_page_attention_equals_dense_over_selected_tokens(padded, group):
     q, k, v, valid, offset = _inputs(padded=padded)
-    slots, ok = _selection(q, k, valid, offset)
+    slots, ok = _selection(q, k, valid, offset, group=group)
     if padded:  # padding slots are never attended
         assert not (ok[1] & (slots[1] < 5)).any() and not (ok[0] & (slots[0] == 9)).any()
     out = page_attention(q, k, v, slots, ok, scale=0.25)
     torch.testing.assert_close(out.double(), page_attention_reference(q, k, v, slots, ok, scale=0.25),
                                atol=1e-5, rtol=1e-5)
     # and the reference is dense attention with every unselected slot masked
-    sel = torch.zeros(2, 6, 37, dtype=torch.int32).scatter_add_(-1, slots, ok.int()) > 0  # clamped slots repeat
+    sel = torch.zeros(*slots.shape[:2], 37, dtype=torch.int32).scatter_add_(-1, slots, ok.int()) > 0  # clamped
+    sel = sel.repeat_interleave(6 // slots.shape[1], dim=1)  # slots repeat; a group's heads share its row
     for h in range(6):
         dense = decode_attention_reference(q[:, h : h + 1], k[:, h // 3 : h // 3 + 1], v[:, h // 3 : h // 3 + 1],
                                            scale=0.25, valid=sel[:, h : h + 1])[0]
@@ -148,11 +160,14 @@ def test_page_attention_equals_dense_over_selected_tokens(padded):
 
 
 def test_query_heads_of_a_kv_head_select_their_own_pages():
-    """GQA choice: selection per query head (the reference's), so heads sharing a kv head may read other pages."""
+    """GQA "head" (the reference's): heads sharing a kv head may read other pages; "group": one selection per kv
+    head, by the group's summed scores."""
     q, k, v, _, _ = _inputs(padded=False, seed=1)
     slots, ok = _selection(q, k, None, None, pages=(2, 2))
     chosen = [frozenset(slots[0, h][ok[0, h]].tolist()) for h in range(6)]
     assert any(len({chosen[h] for h in range(g * 3, g * 3 + 3)}) > 1 for g in range(2))
+    slots, ok = _selection(q, k, None, None, pages=(2, 2), group=True)
+    assert slots.shape[1] == 2 and ok.sum(-1).eq(P + 1).all()  # one full page + the last page (slot 36 alone)
 
 
 def test_every_page_selected_equals_dense_attention():
@@ -202,9 +217,10 @@ def test_bad_input():
 
 @pytest.mark.triton
 @requires_triton
+@pytest.mark.parametrize("group", [False, True])
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("shape", [(2, 2, 3, 37, 16), (1, 3, 1, 70, 24)])
-def test_triton_page_scores_and_attention(padded, shape):
+def test_triton_page_scores_and_attention(padded, shape, group):
     B, Hkv, G, N, D = shape
     q, k, v, valid, offset = _inputs(B=B, Hkv=Hkv, G=G, N=N, D=D, padded=padded)
     q, k, v = (t.to(TRITON_DEVICE) for t in (q, k, v))
@@ -215,7 +231,7 @@ def test_triton_page_scores_and_attention(padded, shape):
     fin = torch.isfinite(ref)
     torch.testing.assert_close(s.double()[fin], ref[fin], atol=1e-5, rtol=1e-5)
     pages = (3, 2) if B == 2 else (4,)
-    slots, ok = _selection(q, k, valid, offset, pages=pages)
+    slots, ok = _selection(q, k, valid, offset, pages=pages, group=group)
     out = page_attention(q, k, v, slots, ok, scale=D**-0.5, backend="triton")
     torch.testing.assert_close(out.double(), page_attention_reference(q, k, v, slots, ok, scale=D**-0.5),
                                atol=1e-5, rtol=1e-5)

@@ -55,10 +55,10 @@ def test_budget_covering_the_cache_decodes_stock_tokens(family, B, budget):
     assert rep["quest_sparse_steps"] == [0] * 3 and rep["quest_dense_steps"] == [9] * 3
 
 
-def _naive_quest(q, keys, valid, values, P, pages, scale):
+def _naive_quest(q, keys, valid, values, P, pages, scale, group=False):
     """Quest in float64 loops over the token axis of zero-filled keys: per row, pages of P real-token positions from
-    its first real slot; per query head U = Σ max(q m, q M); the newest page plus the best others; softmax over the
-    chosen pages' real slots."""
+    its first real slot; per query head U = Σ max(q m, q M) (``group``: summed over the kv head's query heads); the
+    newest page plus the best others; softmax over the chosen pages' real slots."""
     B, Hq, _, D = q.shape
     Hkv, N = keys.shape[1], keys.shape[2]
     G = Hq // Hkv
@@ -73,7 +73,9 @@ def _naive_quest(q, keys, valid, values, P, pages, scale):
             for j in range(npages):
                 sl = [s for s in range(first + j * P, min(first + (j + 1) * P, N)) if s in real]
                 m, M = kk[sl].amin(0), kk[sl].amax(0)
-                scores.append(float(torch.maximum(q[b, h, 0].double() * m, q[b, h, 0].double() * M).sum()))
+                heads = range(h // G * G, h // G * G + G) if group else [h]
+                scores.append(sum(float(torch.maximum(q[b, g, 0].double() * m, q[b, g, 0].double() * M).sum())
+                                  for g in heads))
             last = npages - 1
             rest = sorted((j for j in range(npages) if j != last), key=lambda j: -scores[j])
             chosen = [last, *rest[: pages - 1]]
@@ -83,8 +85,8 @@ def _naive_quest(q, keys, valid, values, P, pages, scale):
     return out
 
 
-@pytest.mark.parametrize("narrow", [False, True])
-def test_decode_step_equals_naive_quest(narrow):
+@pytest.mark.parametrize(("narrow", "gqa"), [(False, "head"), (True, "head"), (False, "group"), (True, "group")])
+def test_decode_step_equals_naive_quest(narrow, gqa):
     """A decode step through Quest.attention on a left-padded layer (optionally with ThinK's narrow segment, whose
     pruned channels count as zero) equals the float64 loop; the page bounds then equal a build over every token."""
     g = torch.Generator().manual_seed(2)
@@ -97,7 +99,7 @@ def test_decode_step_equals_naive_quest(narrow):
     if narrow:
         cidx = torch.stack([torch.randperm(D, generator=g)[:10].sort().values for _ in range(B * Hkv)])
         ThinK.prune(layer, cidx.view(B, Hkv, 10), 40)
-    method = Quest(page_size=P, budget=3 * P, dense_layers=0)
+    method = Quest(page_size=P, budget=3 * P, dense_layers=0, gqa=gqa)
     module = torch.nn.Module()
     module.layer_idx, module.num_key_value_groups = 0, G
     state = PatchState(methods={"decode": method}, num_layers=1, original_attn="sdpa")
@@ -112,7 +114,7 @@ def test_decode_step_equals_naive_quest(narrow):
         out = method.attention(ctx(q, "decode"))
         keys, valid = layer.dense_keys()
         values = torch.cat([layer.narrow.values, layer.values], 2) if narrow else layer.values
-        ref = _naive_quest(q, keys, valid, values, P, 3, D**-0.5)
+        ref = _naive_quest(q, keys, valid, values, P, 3, D**-0.5, group=gqa == "group")
         torch.testing.assert_close(out[:, 0].double(), ref, atol=1e-5, rtol=1e-5, msg=f"step {step}")
     st = getattr(layer, STATE_ATTR)
     assert st.sparse_steps == 5 and st.n == T + 5
@@ -186,7 +188,8 @@ def test_refused_combinations_and_bad_options():
         kvaccel.patch(model, Quest(dense_layers=3))  # 3 layers: none would select pages
     for kwargs, field in [({"budget": 0}, "budget"), ({"budget": 1.5}, "budget"), ({"budget": "x"}, "budget"),
                           ({"budget": True}, "budget"), ({"page_size": 0}, "page_size"),
-                          ({"dense_layers": -1}, "dense_layers"), ({"backend": "cuda"}, "backend")]:
+                          ({"dense_layers": -1}, "dense_layers"), ({"backend": "cuda"}, "backend"),
+                          ({"gqa": "union"}, "gqa")]:
         with pytest.raises(ValueError, match=field):
             Quest(**kwargs)
     assert Quest(budget=0.125).budget == 0.125

@@ -81,8 +81,8 @@ def _page_attention_fwd(
     q_ptr,  # (B, H_q, 1, D)
     k_ptr,  # (B, H_kv, T, D)
     v_ptr,  # (B, H_kv, T, Dv)
-    slots_ptr,  # (B, H_q, S) int64
-    ok_ptr,  # (B, H_q, S) uint8 view of bool
+    slots_ptr,  # (B, H_s, S) int64, H_s = H_q / QUERIES_PER_ROW
+    ok_ptr,  # (B, H_s, S) uint8 view of bool
     out_ptr,  # (B, H_q, 1, Dv)
     sm_scale,
     S,
@@ -93,6 +93,7 @@ def _page_attention_fwd(
     stride_ob, stride_oh, stride_od,
     H_Q: tl.constexpr,
     GROUP: tl.constexpr,
+    QUERIES_PER_ROW: tl.constexpr,  # query heads sharing a slot row: 1, or GROUP when a kv head's heads share
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -112,7 +113,7 @@ def _page_attention_fwd(
     q = q.to(tl.float32) * (sm_scale * 1.44269504)  # 1/ln 2: logits in base 2
     k_base = k_ptr + off_b * stride_kb + off_hkv * stride_kh
     v_base = v_ptr + off_b * stride_vb + off_hkv * stride_vh
-    s_base = off_b * stride_sb + off_h * stride_sh
+    s_base = off_b * stride_sb + (off_h // QUERIES_PER_ROW) * stride_sh
     m_i = tl.full([], float("-inf"), tl.float32)
     l_i = tl.full([], 0.0, tl.float32)
     acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
@@ -150,7 +151,7 @@ def launch_page_attention(q, k, v, slots, ok, scale: float):
         q, k, v, slots, ok8, out, scale, S,
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *slots.stride(),
         out.stride(0), out.stride(1), out.stride(3),
-        H_Q=Hq, GROUP=Hq // Hkv, HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_N=64,
+        H_Q=Hq, GROUP=Hq // Hkv, QUERIES_PER_ROW=Hq // slots.shape[1], HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_N=64,
         BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(Dv),
     )
     return out

@@ -11,6 +11,7 @@ import torch
 from kvaccel.checks import check_int, check_number, is_int
 from kvaccel.config import register
 from kvaccel.kernels.backend import BACKENDS
+from kvaccel.kernels.cpu_ops import single_thread
 from kvaccel.kernels.page_bounds import (
     append_page_bounds,
     page_attention,
@@ -109,8 +110,10 @@ class Quest(DecodeMethod):
     in ``report()``). Prefill is whatever the prefill stage does. When the budget covers every page of every row the
     step is stock dense attention (same tokens as unpatched decoding).
 
-    GQA: each query head selects its own pages (as the reference, whose kv head loads the union), so the query heads
-    of one kv head may attend different tokens.
+    GQA (``gqa``): ``"head"`` (default, the reference's): each query head selects its own pages (the reference's kv
+    head loads their union), so the query heads of one kv head may attend different tokens; ``"group"``: the query
+    heads of a kv head share one selection by their summed scores ``Σ_g U_g`` (an upper bound of ``Σ_g q_g · k``),
+    so each kv head's tokens are gathered once (``H_q / H_kv`` times fewer bytes read per step).
 
     Composes with any prefill method and with ``think`` (narrow keys are bounded with their pruned channels at zero,
     i.e. exactly the logits ThinK computes); an eviction method (other than ``full``) or a storage method is refused.
@@ -125,6 +128,8 @@ class Quest(DecodeMethod):
         row's real tokens held at that step; rounded up to whole pages (at least one: the newest token's).
     dense_layers : int, default 2
         The first layers decode densely (the paper skips Quest on its first two layers).
+    gqa : {"head", "group"}, default "head"
+        Pages selected per query head, or per kv head for its group (above).
     backend : {"auto", "torch", "triton"}, default "auto"
         Kernels of :mod:`kvaccel.kernels.page_bounds` (Triton on CUDA; the PyTorch path with a ThinK narrow segment).
     """
@@ -134,6 +139,7 @@ class Quest(DecodeMethod):
     page_size: int = 16
     budget: int | float = 1024
     dense_layers: int = 2
+    gqa: str = "head"
     backend: str = "auto"
 
     def __post_init__(self):
@@ -144,6 +150,8 @@ class Quest(DecodeMethod):
             check_number("budget", self.budget, 0, 1, low_open=True,
                          why="a fraction of the cache; an int is a token count")
         check_int("dense_layers", self.dense_layers, 0)
+        if self.gqa not in ("head", "group"):
+            raise ValueError(f"gqa ({self.gqa!r}) must be 'head' (pages per query head) or 'group' (per kv head)")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend ({self.backend!r}) must be one of {BACKENDS}")
 
@@ -192,29 +200,31 @@ class Quest(DecodeMethod):
         if st is None:
             raise RuntimeError(f"quest: layer {ctx.layer_idx} decodes without page bounds; prefill the prompt "
                                "through the patched model first (a fresh KVAccelCache for every new prompt)")
-        if st.current(layer):
-            st.append(layer)
-        else:  # the cache was reordered (beam search) or replaced: bounds rebuilt from what it holds
-            st = QuestLayerState(layer, self.page_size)
-            setattr(layer, STATE_ATTR, st)
-        P, N = self.page_size, st.n
-        span = N - st.offset  # (B,) slots from each row's first real token
-        total = (span + P - 1) // P
-        if is_int(self.budget):
-            want = torch.full_like(total, math.ceil(self.budget / P))
-        else:
-            real = st.count[:, 0, : st.pages].sum(-1)  # (B,) real tokens of each row
-            want = torch.ceil(real.double() * self.budget / P).long().clamp(min=1)
-        if bool((want >= total).all()):  # every page of every row: stock dense attention
+        with single_thread():  # small ops: waking idle OpenMP threads would cost more than the work (cpu_ops)
+            if st.current(layer):
+                st.append(layer)
+            else:  # the cache was reordered (beam search) or replaced: bounds rebuilt from what it holds
+                st = QuestLayerState(layer, self.page_size)
+                setattr(layer, STATE_ATTR, st)
+            P, N = self.page_size, st.n
+            span = N - st.offset  # (B,) slots from each row's first real token
+            total = (span + P - 1) // P
+            if is_int(self.budget):
+                want = torch.full_like(total, math.ceil(self.budget / P))
+            else:
+                real = st.count[:, 0, : st.pages].sum(-1)  # (B,) real tokens of each row
+                want = torch.ceil(real.double() * self.budget / P).long().clamp(min=1)
+            covered = bool((want >= total).all())  # every page of every row: stock dense attention
+            if not covered:
+                q = ctx.query
+                scores = page_scores(q, st.kmin[:, :, : st.pages], st.kmax[:, :, : st.pages],
+                                     st.count[:, :, : st.pages], group=self.gqa == "group", backend=self.backend)
+                idx, keep = select_pages(scores, torch.minimum(want, total), (span - 1) // P)
+                valid = None if layer.valid is None and layer.narrow is None else layer.token_valid()
+                slots, ok = page_slots(idx, keep, P, st.offset, N, valid)
+        if covered:
             st.dense_steps += 1
             return dense_decode(ctx)
-        pages = torch.minimum(want, total)
-        q = ctx.query
-        scores = page_scores(q, st.kmin[:, :, : st.pages], st.kmax[:, :, : st.pages], st.count[:, :, : st.pages],
-                             backend=self.backend)
-        idx, keep = select_pages(scores, pages, (span - 1) // P)
-        valid = None if layer.valid is None and layer.narrow is None else layer.token_valid()
-        slots, ok = page_slots(idx, keep, P, st.offset, N, valid)
         nar = layer.narrow
         backend = "torch" if nar is not None and self.backend == "auto" else self.backend
         nk = {} if nar is None else dict(k_narrow=nar.keys, channel_idx=nar.channel_idx, v_narrow=nar.values,
