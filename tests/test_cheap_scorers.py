@@ -305,3 +305,16 @@ def test_tova_decode_probs_from_the_attention_equal_a_separate_pass(monkeypatch)
     assert torch.equal(runs[0][0], runs[1][0])
     for a, b in zip(runs[0][1], runs[1][1], strict=True):  # same tokens held (the two attention paths round
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)  # differently in the last bits)
+
+
+@pytest.mark.parametrize("name", ["tova", "knorm", "keydiff"])
+def test_chunked_prompt_is_compressed_after_each_chunk(name):
+    model = tiny_model("llama")
+    ids = torch.randint(3, 512, (1, 160), generator=torch.Generator().manual_seed(8))
+    with kvaccel.patched(model, name, budget=24), torch.no_grad():
+        cache = KVAccelCache(model)
+        model(ids[:, :100], cache=cache, use_cache=True)
+        assert [layer.kept_per_head().tolist() for layer in cache.layers] == [[[24, 24]]] * 3
+        model(ids[:, 100:], cache=cache, use_cache=True)  # phase "extend": held 24 + 60 new, cut back to 24
+        assert [layer.kept_per_head().tolist() for layer in cache.layers] == [[[24, 24]]] * 3
+        assert cache.get_seq_length() == 160

@@ -285,3 +285,14 @@ def test_bad_input_is_refused_with_the_reason(kwargs, match):
 def test_positional_scorer_is_a_clear_spec_error():
     with pytest.raises(ValueError, match="argument 'snapkv' must be written key=value"):
         kvaccel.parse_spec("critical(snapkv, budget=0.25)")
+
+
+def test_chunked_prompt_is_compressed_after_each_chunk():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 512, (1, 160), generator=torch.Generator().manual_seed(15))
+    with kvaccel.patched(model, "critical(scorer=h2o, budget=24)"), torch.no_grad():
+        cache = KVAccelCache(model)
+        model(ids[:, :100], cache=cache, use_cache=True)
+        model(ids[:, 100:], cache=cache, use_cache=True)  # phase "extend"
+        assert [layer.kept_per_head().tolist() for layer in cache.layers] == [[[24, 24]]] * 3
+        assert cache.get_seq_length() == 160
