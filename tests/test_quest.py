@@ -193,3 +193,33 @@ def test_refused_combinations_and_bad_options():
         with pytest.raises(ValueError, match=field):
             Quest(**kwargs)
     assert Quest(budget=0.125).budget == 0.125
+
+
+def test_prompt_in_chunks_decodes_like_one_prefill():
+    """A later prompt chunk attends densely and the page bounds then cover every prompt token: decoding after a
+    chunked prompt selects the same pages as after a one-pass prefill."""
+    model = tiny_model("llama")
+    ids, _ = _batch(1, L=120)
+    method = Quest(page_size=8, budget=24, dense_layers=0)
+
+    def decode(chunks):
+        cache = KVAccelCache(model)
+        with torch.no_grad():
+            for c in chunks:
+                out = model(c, cache=cache, use_cache=True)
+            logits = []
+            nxt = out.logits[:, -1:].argmax(-1)
+            for _ in range(4):
+                out = model(nxt, cache=cache, use_cache=True)
+                logits.append(out.logits[:, -1])
+                nxt = out.logits[:, -1:].argmax(-1)
+        return torch.stack(logits, 1), kvaccel.report(model)
+
+    with kvaccel.patched(model, method):
+        one, _ = decode([ids])
+        chunked, rep = decode([ids[:, :70], ids[:, 70:]])
+    assert rep["quest_sparse_steps"] == [4, 4, 4]
+    torch.testing.assert_close(chunked, one, atol=1e-4, rtol=1e-4)
+    with kvaccel.patched(model):
+        dense, _ = decode([ids])
+    assert (dense - one).abs().max() > 1e-3  # pages were skipped
