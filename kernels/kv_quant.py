@@ -45,11 +45,13 @@ def scale_dtype_for(dtype: torch.dtype) -> torch.dtype:
 
 
 def pack_codes(codes: Tensor, bits: int) -> Tensor:
-    """``codes`` ``(..., C)`` uint8 in ``[0, 2^bits)`` -> ``(..., C * bits // 8)`` uint8 (``C`` a multiple of
-    ``8 // bits``)."""
+    """``codes`` ``(..., C)`` uint8 in ``[0, 2^bits)`` -> ``(..., ceil(C * bits / 8))`` uint8 (the last byte
+    zero-padded when ``C`` is not a multiple of ``8 // bits``, e.g. ThinK's odd kept-channel counts)."""
     per = 8 // bits
     if per == 1:
         return codes
+    if codes.shape[-1] % per:
+        codes = torch.nn.functional.pad(codes, (0, -codes.shape[-1] % per))
     c = codes.view(*codes.shape[:-1], codes.shape[-1] // per, per)
     out = c[..., 0].clone()
     for i in range(1, per):
@@ -57,14 +59,16 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     return out
 
 
-def unpack_codes(packed: Tensor, bits: int) -> Tensor:
-    """Inverse of :func:`pack_codes`: ``(..., C * bits // 8)`` uint8 -> ``(..., C)`` uint8."""
+def unpack_codes(packed: Tensor, bits: int, channels: int | None = None) -> Tensor:
+    """Inverse of :func:`pack_codes`: ``(..., ceil(C * bits / 8))`` uint8 -> ``(..., C)`` uint8 (``channels=C``;
+    ``None``: every code the bytes hold)."""
     per = 8 // bits
     if per == 1:
         return packed
     mask = (1 << bits) - 1
     parts = [(packed >> (bits * i)) & mask for i in range(per)]
-    return torch.stack(parts, dim=-1).flatten(-2)
+    out = torch.stack(parts, dim=-1).flatten(-2)
+    return out if channels is None or channels == out.shape[-1] else out[..., :channels]
 
 
 def _grid(mn: Tensor, mx: Tensor, bits: int, sdtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -104,7 +108,7 @@ def quantize_keys(k: Tensor, bits: int, group: int, valid: Tensor | None = None,
                   sdtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Per-channel key quantization: ``k`` ``(B, H, T, D)`` with ``T`` a multiple of ``group``.
 
-    Returns ``(codes (B, H, T, D * bits // 8) uint8, scale (B, H, T / group, D), zero (B, H, T / group, D))``.
+    Returns ``(codes (B, H, T, ceil(D * bits / 8)) uint8, scale (B, H, T / group, D), zero (B, H, T / group, D))``.
     ``valid`` ``(B, 1|H, T)`` bool excludes padding slots from the group statistics.
     """
     B, H, T, D = k.shape
@@ -122,7 +126,7 @@ def quantize_keys(k: Tensor, bits: int, group: int, valid: Tensor | None = None,
 def dequantize_keys(codes: Tensor, scale: Tensor, zero: Tensor, bits: int, dtype: torch.dtype = torch.float32
                     ) -> Tensor:
     """``(B, H, T, D)`` keys in ``dtype`` from :func:`quantize_keys`' output (``T`` a multiple of the group)."""
-    q = unpack_codes(codes, bits)
+    q = unpack_codes(codes, bits, scale.shape[-1])
     B, H, T, D = q.shape
     n = scale.shape[2]
     qg = q.view(B, H, n, T // n, D).to(dtype)
@@ -185,8 +189,8 @@ class QuantizedKV:
         """Dequantized keys of tokens ``[start, stop)`` (both multiples of the key group)."""
         stop = self.length if stop is None else stop
         if stop <= start:
-            B, H, _, Dc = self.k_codes.shape
-            return self.k_codes.new_zeros(B, H, 0, Dc * 8 // self.bits, dtype=dtype)
+            B, H = self.k_codes.shape[:2]
+            return self.k_codes.new_zeros(B, H, 0, self.k_scale.shape[-1], dtype=dtype)
         g = self.key_group
         return dequantize_keys(self.k_codes[:, :, start:stop], self.k_scale[:, :, start // g: stop // g],
                                self.k_zero[:, :, start // g: stop // g], self.bits, dtype)

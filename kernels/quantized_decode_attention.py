@@ -21,17 +21,25 @@ __all__ = ["quantized_decode_attention", "quantized_decode_attention_reference"]
 DEFAULT_BLOCK = 512
 
 
-def _check(q: Tensor, quant: QuantizedKV, k: Tensor, v: Tensor, valid: Tensor | None) -> None:
+def _check(q: Tensor, quant: QuantizedKV, k: Tensor, v: Tensor, valid: Tensor | None,
+           narrow: QuantizedKV | None = None, channel_idx: Tensor | None = None) -> None:
     B, Hq, Q, D = q.shape
     Hkv, Tw = k.shape[1], k.shape[2]
     if Hq % Hkv:
         raise ValueError(f"query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
     if Tw < Q:
         raise ValueError(f"the window holds {Tw} tokens but {Q} queries must be its last tokens")
-    if quant.k_codes.shape[:2] != (B, Hkv) or quant.v_codes.shape[:2] != (B, Hkv):
-        raise ValueError(f"quantized part has batch x heads {tuple(quant.k_codes.shape[:2])}, window {(B, Hkv)}")
+    for name, part in (("quant", quant), ("narrow", narrow)):
+        if part is None:
+            continue
+        if part.k_codes.shape[:2] != (B, Hkv) or part.v_codes.shape[:2] != (B, Hkv):
+            raise ValueError(f"{name} has batch x heads {tuple(part.k_codes.shape[:2])}, the window {(B, Hkv)}")
+        check_mask(f"{name}.valid", part.valid, B, Hkv, part.length)
+    if (narrow is None) != (channel_idx is None):
+        raise ValueError("narrow (ThinK's quantized narrow keys) and channel_idx go together")
+    if channel_idx is not None and channel_idx.shape[:2] != (B, Hkv):
+        raise ValueError(f"channel_idx must have shape ({B}, {Hkv}, Dk), got {tuple(channel_idx.shape)}")
     check_mask("valid", valid, B, Hkv, Tw)
-    check_mask("quant.valid", quant.valid, B, Hkv, quant.length)
 
 
 def quantized_decode_attention(
@@ -45,11 +53,13 @@ def quantized_decode_attention(
     block: int = DEFAULT_BLOCK,
     backend: str = "auto",
     return_probs: bool = False,
+    narrow: QuantizedKV | None = None,
+    channel_idx: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Softmax attention of ``q`` over ``[dequant(quant), k]`` / ``[dequant(quant), v]``; ``(B, H_q, Q, Dv)`` in
-    ``q``'s dtype (float32 accumulation). With ``return_probs`` (``Q = 1``) also the float32 attention
-    probabilities ``(B, H_q, Tq + Tw)`` (from the tiles' logits kept aside: one row per query head, not a copy of
-    the cache).
+    """Softmax attention of ``q`` over ``[narrow, dequant(quant), k]`` / ``[.., dequant(quant), v]``;
+    ``(B, H_q, Q, Dv)`` in ``q``'s dtype (float32 accumulation). With ``return_probs`` (``Q = 1``) also the float32
+    attention probabilities ``(B, H_q, Tn + Tq + Tw)`` (from the tiles' logits kept aside: one row per query head,
+    not a copy of the cache).
 
     Parameters
     ----------
@@ -72,17 +82,22 @@ def quantized_decode_attention(
         ``TRITON_INTERPRET=1``).
     return_probs : bool
         Also return the probabilities (``Q`` must be 1), for eviction methods that accumulate them.
+    narrow, channel_idx : QuantizedKV, Tensor, optional
+        ThinK's oldest tokens, placed first: keys keep only the ``Dk`` channels ``channel_idx`` ``(B, H_kv, Dk)``
+        (their logits are ``scale · q[channel_idx] · k``, i.e. attention over keys zero in the pruned channels),
+        values full width. PyTorch path only.
     """
-    _check(q, quant, k, v, valid)
+    _check(q, quant, k, v, valid, narrow, channel_idx)
     if return_probs and q.shape[2] != 1:
         raise ValueError(f"return_probs needs one query token, got {q.shape[2]}")
-    decode_step = q.shape[2] == 1 and not return_probs
+    decode_step = q.shape[2] == 1 and not return_probs and narrow is None
     chosen = resolve_backend(backend, q)
     if chosen == "triton" and not decode_step:
         if backend == "triton":
             raise ValueError(
-                f"backend='triton' computes one query token without probabilities (got {q.shape[2]} queries, "
-                f"return_probs={return_probs}); use backend='torch' or 'auto'"
+                f"backend='triton' computes one query token without probabilities or a narrow segment (got "
+                f"{q.shape[2]} queries, return_probs={return_probs}, narrow={narrow is not None}); use "
+                "backend='torch' or 'auto'"
             )
         chosen = "torch"  # "auto": the documented rule (Triton for decode steps only)
     if chosen == "triton":
@@ -108,15 +123,21 @@ def quantized_decode_attention(
         acc = acc * alpha + p @ vals
         m = m_new
 
-    Tq, g = quant.length, quant.key_group
-    if Tq:
+    def fold(rows: Tensor, part: QuantizedKV) -> None:  # the part's tiles, dequantized one at a time
+        Tq, g = part.length, part.key_group
+        if not Tq:
+            return
         step = max(g, block // g * g)
         for t0 in range(0, Tq, step):
             t1 = min(Tq, t0 + step)
-            logits = qg @ quant.keys(torch.float32, t0, t1).transpose(-1, -2)
-            if quant.valid is not None:
-                logits = logits.masked_fill(~quant.valid[:, :, None, t0:t1], float("-inf"))
-            merge(logits, quant.values(torch.float32, t0, t1))
+            logits = rows @ part.keys(torch.float32, t0, t1).transpose(-1, -2)
+            if part.valid is not None:
+                logits = logits.masked_fill(~part.valid[:, :, None, t0:t1], float("-inf"))
+            merge(logits, part.values(torch.float32, t0, t1))
+
+    if narrow is not None:
+        fold(qg.gather(-1, channel_idx[:, :, None, :].expand(B, Hkv, G * Q, channel_idx.shape[-1])), narrow)
+    fold(qg, quant)
     logits = qg @ k.float().transpose(-1, -2)
     mask = _window_mask(valid, Q, G, Tw, q.device)
     if mask is not None:
@@ -143,22 +164,31 @@ def _window_mask(valid: Tensor | None, Q: int, G: int, Tw: int, device) -> Tenso
 
 
 def quantized_decode_attention_reference(q: Tensor, quant: QuantizedKV, k: Tensor, v: Tensor, *, scale: float,
-                                         valid: Tensor | None = None) -> Tensor:
-    """float64 reference of :func:`quantized_decode_attention`: the whole cache dequantized, one softmax."""
-    _check(q, quant, k, v, valid)
+                                         valid: Tensor | None = None, narrow: QuantizedKV | None = None,
+                                         channel_idx: Tensor | None = None) -> Tensor:
+    """float64 reference of :func:`quantized_decode_attention`: the whole cache dequantized (narrow keys zero-filled
+    in their pruned channels), one softmax."""
+    _check(q, quant, k, v, valid, narrow, channel_idx)
     B, Hq, Q, D = q.shape
     Hkv, Tw, Dv = k.shape[1], k.shape[2], v.shape[-1]
     G = Hq // Hkv
-    K = torch.cat([quant.keys(torch.float64), k.double()], dim=2)
-    V = torch.cat([quant.values(torch.float64), v.double()], dim=2)
+    keys, vals, valids = [quant.keys(torch.float64), k.double()], [quant.values(torch.float64), v.double()], []
+    if narrow is not None:
+        kn = narrow.keys(torch.float64)
+        idx = channel_idx[:, :, None, :].expand(*kn.shape)
+        keys.insert(0, kn.new_zeros(*kn.shape[:3], D).scatter_(-1, idx, kn))
+        vals.insert(0, narrow.values(torch.float64))
+    for part in ([narrow] if narrow is not None else []) + [quant]:
+        valids.append(part.valid if part.valid is not None else
+                      torch.ones(B, 1, part.length, dtype=torch.bool, device=q.device))
+    valids.append(valid if valid is not None else torch.ones(B, 1, Tw, dtype=torch.bool, device=q.device))
+    K, V = torch.cat(keys, dim=2), torch.cat(vals, dim=2)
     logits = q.reshape(B, Hkv, G * Q, D).double() @ K.transpose(-1, -2) * scale
-    qv = quant.valid if quant.valid is not None else torch.ones(B, 1, quant.length, dtype=torch.bool, device=q.device)
-    wv = valid if valid is not None else torch.ones(B, 1, Tw, dtype=torch.bool, device=q.device)
-    heads = max(qv.shape[1], wv.shape[1])
-    full_valid = torch.cat([qv.expand(B, heads, -1), wv.expand(B, heads, -1)], dim=-1)[:, :, None, :]
+    heads = max(m.shape[1] for m in valids)
+    full_valid = torch.cat([m.expand(B, heads, -1) for m in valids], dim=-1)[:, :, None, :]
     win = _window_mask(None, Q, G, Tw, q.device)
     if win is not None:
-        full_valid = full_valid & torch.cat([win.new_ones(1, 1, G * Q, quant.length), win], dim=-1)
+        full_valid = full_valid & torch.cat([win.new_ones(1, 1, G * Q, K.shape[2] - Tw), win], dim=-1)
     logits = logits.masked_fill(~full_valid, float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     return (probs @ V).reshape(B, Hq, Q, Dv)

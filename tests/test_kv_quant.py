@@ -119,6 +119,23 @@ def test_kernel_matches_float64_reference(Hq, Hkv, Q, bits, ragged):
         torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("Q", [1, 2])
+def test_kernel_with_narrow_segment_matches_reference(Q):
+    """ThinK's narrow keys (an odd number of kept channels: the last code byte is half used) before the full part."""
+    q, quant, k, v, valid = _case(2, 6, 2, 64, 16, Q, 4, ragged=True)
+    g = torch.Generator().manual_seed(5)
+    cidx = torch.stack([torch.randperm(64, generator=g)[:39].sort().values for _ in range(4)]).view(2, 2, 39)
+    kn, vn = _outliers((2, 2, 96, 39), seed=7), torch.randn(2, 2, 96, 64, generator=g)
+    nvalid = torch.rand(2, 1, 96, generator=g) > 0.2
+    narrow = QuantizedKV(4, *quantize_keys(kn, 4, 32, nvalid), *quantize_values(vn, 4, 32), valid=nvalid)
+    assert narrow.k_codes.shape[-1] == 20  # ceil(39 * 4 / 8)
+    ref = quantized_decode_attention_reference(q, quant, k, v, scale=0.125, valid=valid, narrow=narrow,
+                                               channel_idx=cidx)
+    out = quantized_decode_attention(q, quant, k, v, scale=0.125, valid=valid, narrow=narrow, channel_idx=cidx,
+                                     block=32)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
+
+
 def test_kernel_probs_and_empty_quantized_part():
     q, quant, k, v, valid = _case(1, 4, 2, 96, 20, 1, 4, ragged=True)
     out, probs = quantized_decode_attention(q, quant, k, v, scale=0.2, valid=valid, return_probs=True)
@@ -184,7 +201,8 @@ def test_window_covering_everything_is_stock(model):
     torch.testing.assert_close(torch.cat([a, b], 1), ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("spec", ["kv_int8", "kv_int4", "kv_int4(bits=2,group_size=32,residual=32)"])
+@pytest.mark.parametrize("spec", ["kv_int8", "kv_int4", "kv_int4(bits=2,group_size=32,residual=32)",
+                                  "snapkv(budget=0.5)+think(ratio=0.4)+kv_int4(group_size=32,residual=32)"])
 def test_logits_over_codes_equal_logits_over_dequantized_cache(model, spec):
     """The continuation over the quantized cache equals the same continuation over a full-precision cache holding the
     dequantized keys and values (so the only error is the codes' half step, bounded above)."""
@@ -193,12 +211,16 @@ def test_logits_over_codes_equal_logits_over_dequantized_cache(model, spec):
         cache = KVAccelCache(model)
         model(ids[:, :260], cache=cache)
         layers = cache.layers
-        assert all(isinstance(layer, QuantizedLayer) and layer.quantized_length >= 64 for layer in layers)
+        assert all(isinstance(layer, QuantizedLayer) and layer.quantized_length + layer.narrow_length >= 64
+                   for layer in layers)
         plain = KVAccelCache(model)
         for dst, src in zip(plain.layers, layers, strict=True):
-            keys, _ = src.dense_keys()
+            keys, valid = src.dense_keys()
             dst.update(keys, src.dense_values())
-        out_q = model(ids[:, 260:], cache=cache).logits
+            dst.valid = valid  # padding slots (ThinK's narrow part is padded to whole groups)
+            dst.seen = src.seen  # positions of the continuation (eviction held fewer tokens than seen)
+        with kvaccel.paused(model):  # no eviction / channel pruning of the continuation
+            out_q = model(ids[:, 260:], cache=cache).logits
     with torch.no_grad(), kvaccel.patched(model):
         out_d = model(ids[:, 260:], cache=plain).logits
     torch.testing.assert_close(out_q, out_d, atol=2e-5, rtol=1e-5)
@@ -262,6 +284,20 @@ def test_composes_with_eviction(model, evict):
     assert rep["kv_storage_bytes"]["quantized_elements"] > 0
 
 
+def test_think_narrow_keys_are_quantized(model):
+    """ThinK's narrow keys are stored as codes of the kept channels; eviction at decode over them is refused."""
+    ids = _ids(B=1, L=400)
+    kept, kinds, rep = _kept(model, "snapkv(budget=0.5)+think(ratio=0.4)", ids)
+    kept_q, kinds_q, rep_q = _kept(model, "snapkv(budget=0.5)+think(ratio=0.4)+kv_int4(group_size=32,residual=32)",
+                                   ids)
+    assert kept_q == kept and all(k is QuantizedLayer for k in kinds_q)
+    parts = rep_q["kv_storage_bytes"]
+    # 200 narrow tokens padded to 224 (7 groups) of 39 key channels + 64 value channels, 3 layers, 1 kv head
+    assert parts["quantized_elements"] == 3 * 224 * (39 + 64)
+    with pytest.raises(NotImplementedError, match="decode-time eviction over a quantized cache with ThinK"):
+        _kept(model, "streaming(budget=200)+think+kv_int4(group_size=32)", ids)
+
+
 def test_sparse_prefill_then_quantized_chunks(model):
     """A sparse prefill method computes the prompt; later chunks attend the quantized layer (not the prefill method
     over only the new tokens)."""
@@ -280,7 +316,7 @@ def test_sparse_prefill_then_quantized_chunks(model):
 
 
 @pytest.mark.parametrize("spec,match", [
-    ("snapkv(budget=0.5)+think+kv_int4", "channels method 'think'"),
+    ("snapkv(budget=0.5)+think(value_ratio=0.2)+kv_int4", r"value_ratio=0.2"),
     ("retrieval+kv_int8", "decode method 'retrieval'"),
     ("d2o+kv_int4", "'d2o'"),
     ("expected_attention(decode_budget=200)+kv_int4", "use_vnorm=False"),

@@ -77,15 +77,18 @@ class QuantizedKVStorage(StorageMethod):
 
     def check_stages(self, stages: dict) -> None:
         """Refuse, at ``patch()`` time, methods whose layout the quantized layer does not serve yet."""
-        for stage in ("channels", "decode"):
-            other = stages.get(stage)
-            if other is not None:
-                raise NotImplementedError(
-                    f"{self.name} cannot be combined with the {stage} method '{other.name}' yet: "
-                    + ("ThinK's narrow keys are not quantized" if stage == "channels"
-                       else "the decode method reads the full-precision cache")
-                    + f"; drop '{other.name}' or {self.name}"
-                )
+        other = stages.get("decode")
+        if other is not None:
+            raise NotImplementedError(
+                f"{self.name} cannot be combined with the decode method '{other.name}' yet: it reads the "
+                f"full-precision cache; drop '{other.name}' or {self.name}"
+            )
+        think = stages.get("channels")
+        if think is not None and getattr(think, "value_ratio", 0):
+            raise NotImplementedError(
+                f"{self.name} cannot hold ThinK's narrow values yet (value_ratio={think.value_ratio}); use "
+                "think(value_ratio=0)"
+            )
         evict = stages.get("evict")
         decode_vnorm = getattr(evict, "decode_budget", None) is not None and getattr(evict, "use_vnorm", False)
         if decode_vnorm:

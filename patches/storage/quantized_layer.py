@@ -53,6 +53,10 @@ class QuantizedLayer(KVAccelLayer):
         self.bits, self.group_size, self.residual = bits, group_size, residual
         self._store: dict[str, SlotTensor] = {}
         self._qvalid: SlotTensor | None = None
+        #: ThinK's narrow segment, quantized once at conversion (keys keep ``channel_idx``), padded to whole groups
+        self._nstore: dict[str, Tensor] = {}
+        self._nvalid: Tensor | None = None
+        self.channel_idx: Tensor | None = None
         self.requantizations = 0  # evictions that re-quantized the layer
 
     # ------------------------------------------------------------------ construction
@@ -69,21 +73,68 @@ class QuantizedLayer(KVAccelLayer):
             layer = _padded_copy(layer)
         elif type(layer) is not KVAccelLayer:
             raise NotImplementedError(f"the quantized cache cannot hold a {type(layer).__name__} layer")
-        if layer.narrow is not None:
-            raise NotImplementedError("the quantized cache cannot hold ThinK's narrow keys yet; drop the channels "
-                                      "method")
+        if layer.narrow is not None and layer.narrow.value_idx is not None:
+            raise NotImplementedError("the quantized cache cannot hold ThinK's narrow values (value_ratio > 0) yet; "
+                                      "use think(value_ratio=0)")
         if layer.rope is not None:
             raise NotImplementedError("the quantized cache cannot re-rotate keys; use rerotate=False")
         Dv = layer.values.shape[-1]
         if Dv % group_size:
             raise ValueError(f"group_size ({group_size}) must divide the value head size ({Dv}): values are "
                              "quantized per token in groups of group_size channels")
+        narrow = layer.narrow
+        layer.narrow = None
         out = layer
         out.__class__ = cls
         out._init_storage(bits, group_size, residual)
+        if narrow is not None:
+            out._quantize_narrow(narrow)
         out._set_store(out.keys[:, :, :0], out.values[:, :, :0], None)
         out._flush()
         return out
+
+    @property
+    def narrow(self) -> None:
+        """Always ``None``: ThinK's narrow segment is held quantized (``nquant``), on the same token axis."""
+        return None
+
+    @narrow.setter
+    def narrow(self, segment) -> None:
+        if segment is not None:
+            raise NotImplementedError(
+                "ThinK cannot prune channels of a quantized layer (a later prompt chunk after the cache was quantized);"
+                " feed the whole prompt in one forward, or drop the channels or storage method"
+            )
+
+    def _quantize_narrow(self, nar) -> None:
+        """Quantize ThinK's narrow segment ``nar``: padded with invalid slots to whole key groups (the padding goes
+        right after it on the token axis, and ``token_state`` gets zeros there)."""
+        B, H, Tn, _ = nar.keys.shape
+        G = self.group_size
+        pad = -Tn % G
+        valid = nar.valid if nar.valid is not None else torch.ones(B, 1, Tn, dtype=torch.bool, device=nar.keys.device)
+        if pad:
+            keys = torch.cat([nar.keys, nar.keys.new_zeros(B, H, pad, nar.keys.shape[-1])], dim=2)
+            values = torch.cat([nar.values, nar.values.new_zeros(B, H, pad, nar.values.shape[-1])], dim=2)
+            valid = torch.cat([valid, valid.new_zeros(B, valid.shape[1], pad)], dim=2)
+            for name, st in self._state.slots().items():
+                t = st.view
+                self._state[name] = torch.cat([t[:, :, :Tn], t.new_zeros(*t.shape[:2], pad), t[:, :, Tn:]], dim=2)
+        else:
+            keys, values = nar.keys, nar.values
+        self._nstore = self._quantize(keys, values, valid)
+        self._nvalid = None if bool(valid.all()) else valid.contiguous()
+        self.channel_idx = nar.channel_idx
+
+    def nquant(self) -> QuantizedKV | None:
+        """ThinK's quantized narrow segment (keys of ``channel_idx`` only), or ``None``."""
+        if not self._nstore:
+            return None
+        return QuantizedKV(self.bits, *(self._nstore[name] for name in _STORE), valid=self._nvalid)
+
+    @property
+    def narrow_length(self) -> int:
+        return self._nstore["k_codes"].shape[2] if self._nstore else 0
 
     def quant(self) -> QuantizedKV:
         """The quantized part as the kernels read it (views of the buffers)."""
@@ -154,6 +205,9 @@ class QuantizedLayer(KVAccelLayer):
         self._store = {name: SlotTensor(fn(s.view)) for name, s in self._store.items()}
         if self._qvalid is not None:
             self._qvalid = SlotTensor(fn(self.qvalid))
+        self._nstore = {name: fn(t) for name, t in self._nstore.items()}
+        self._nvalid = None if self._nvalid is None else fn(self._nvalid)
+        self.channel_idx = None if self.channel_idx is None else fn(self.channel_idx)
 
     # ------------------------------------------------------------------ attention
     def attend(self, ctx) -> Tensor:
@@ -167,20 +221,18 @@ class QuantizedLayer(KVAccelLayer):
                 f"{ctx.key.shape[-2]} new keys"
             )
         evict = ctx.state.methods.get("evict")
-        if q.shape[2] == 1 and evict is not None and evict.wants_decode_probs():
-            out, ctx.decode_probs = quantized_decode_attention(
-                q, self.quant(), self.keys, self.values, scale=ctx.scaling, valid=self.valid, return_probs=True
-            )
-        else:
-            out = quantized_decode_attention(q, self.quant(), self.keys, self.values, scale=ctx.scaling,
-                                             valid=self.valid)
+        probs = q.shape[2] == 1 and evict is not None and evict.wants_decode_probs()
+        out = quantized_decode_attention(q, self.quant(), self.keys, self.values, scale=ctx.scaling, valid=self.valid,
+                                         return_probs=probs, narrow=self.nquant(), channel_idx=self.channel_idx)
+        if probs:
+            out, ctx.decode_probs = out
         return out.transpose(1, 2)
 
     # ------------------------------------------------------------------ kvaccel's own API
     @property
     def length(self) -> int:
-        """Token slots held per head: quantized part + window."""
-        return self.quantized_length + self._k.n if self.is_initialized else 0
+        """Token slots held per head: narrow (ThinK) + quantized part + window."""
+        return self.narrow_length + self.quantized_length + self._k.n if self.is_initialized else 0
 
     def tensors(self) -> Iterator[Tensor]:
         if not self.is_initialized:
@@ -189,6 +241,8 @@ class QuantizedLayer(KVAccelLayer):
         yield from (s.buf for s in self._store.values())
         if self._qvalid is not None:
             yield self._qvalid.buf
+        yield from self._nstore.values()
+        yield from (t for t in (self._nvalid, self.channel_idx) if t is not None)
 
     def storage_nbytes(self) -> dict[str, int]:
         """Bytes held by part (whole buffers, spare slots included): ``codes``, ``scales``, ``zeros``, ``window``
@@ -200,17 +254,19 @@ class QuantizedLayer(KVAccelLayer):
 
         if not self.is_initialized:
             return dict(codes=0, scales=0, zeros=0, window=0, other=0, quantized_elements=0)
-        s = self._store
-        window = size(self._k.buf) + size(self._v.buf)
-        parts = dict(
-            codes=size(s["k_codes"].buf) + size(s["v_codes"].buf),
-            scales=size(s["k_scale"].buf) + size(s["v_scale"].buf),
-            zeros=size(s["k_zero"].buf) + size(s["v_zero"].buf),
-            window=window,
-        )
+        bufs = {name: st.buf for name, st in self._store.items()}
+        stores = [bufs, self._nstore] if self._nstore else [bufs]
+
+        def total(*names: str) -> int:
+            return sum(size(st[n]) for st in stores for n in names)
+
+        parts = dict(codes=total("k_codes", "v_codes"), scales=total("k_scale", "v_scale"),
+                     zeros=total("k_zero", "v_zero"), window=size(self._k.buf) + size(self._v.buf))
         parts["other"] = self.nbytes() - sum(parts.values())
-        kc, vc = s["k_codes"].buf, s["v_codes"].buf
-        parts["quantized_elements"] = (kc.numel() + vc.numel()) * 8 // self.bits
+        # elements stored as codes: K (T x D per group row of scales) and V (one code per element)
+        parts["quantized_elements"] = sum(
+            st["k_scale"].numel() * self.group_size + st["v_codes"].numel() * 8 // self.bits for st in stores
+        )
         return parts
 
     def kept_per_head(self) -> Tensor:
@@ -221,27 +277,42 @@ class QuantizedLayer(KVAccelLayer):
         return self.token_valid()
 
     def token_valid(self) -> Tensor:
-        """(B, 1|H, Tq + Tw) validity over ``[quantized, window]``."""
-        B, Tq, dev = self.keys.shape[0], self.quantized_length, self.keys.device
-        qv = self.qvalid if self.qvalid is not None else torch.ones(B, 1, Tq, dtype=torch.bool, device=dev)
-        wv = self.valid if self.valid is not None else torch.ones(B, 1, self._k.n, dtype=torch.bool, device=dev)
-        heads = max(qv.shape[1], wv.shape[1])
-        return torch.cat([qv.expand(B, heads, -1), wv.expand(B, heads, -1)], dim=-1)
+        """(B, 1|H, Tn + Tq + Tw) validity over ``[narrow, quantized, window]``."""
+        B, dev = self.keys.shape[0], self.keys.device
+        parts = [(self._nvalid, self.narrow_length)] if self._nstore else []
+        parts += [(self.qvalid, self.quantized_length), (self.valid, self._k.n)]
+        masks = [m if m is not None else torch.ones(B, 1, n, dtype=torch.bool, device=dev) for m, n in parts]
+        heads = max(m.shape[1] for m in masks)
+        return torch.cat([m.expand(B, heads, -1) for m in masks], dim=-1)
 
     def dense_keys(self) -> tuple[Tensor, Tensor | None]:
-        """Keys ``(B, H, Tq + Tw, D)`` in the model dtype (the quantized part dequantized: a temporary copy, for
-        eviction scorers) and their validity (``None`` when every slot is a token)."""
-        keys = torch.cat([self.quant().keys(self.dtype), self.keys], dim=2)
-        valid = None if self.qvalid is None and self.valid is None else self.token_valid()
+        """Keys ``(B, H, Tn + Tq + Tw, D)`` in the model dtype (the quantized parts dequantized, ThinK's narrow keys
+        zero-filled in their pruned channels: a temporary copy, for eviction scorers) and their validity (``None``
+        when every slot is a token)."""
+        parts = [self.quant().keys(self.dtype), self.keys]
+        nq = self.nquant()
+        if nq is not None:
+            kn = nq.keys(self.dtype)
+            idx = self.channel_idx[:, :, None, :].expand(*kn.shape)
+            parts.insert(0, kn.new_zeros(*kn.shape[:3], self.keys.shape[-1]).scatter_(-1, idx, kn))
+        keys = torch.cat(parts, dim=2)
+        valid = None if self._nvalid is None and self.qvalid is None and self.valid is None else self.token_valid()
         return keys, valid
 
     def dense_values(self) -> Tensor:
-        """Values ``(B, H, Tq + Tw, Dv)`` in the model dtype (dequantized copy)."""
-        return torch.cat([self.quant().values(self.dtype), self.values], dim=2)
+        """Values ``(B, H, Tn + Tq + Tw, Dv)`` in the model dtype (dequantized copy)."""
+        nq = self.nquant()
+        head = [] if nq is None else [nq.values(self.dtype)]
+        return torch.cat([*head, self.quant().values(self.dtype), self.values], dim=2)
 
     def keep(self, idx: Tensor, slot_valid: Tensor | None = None, reserve: int | None = None) -> None:
         """Keep the tokens ``idx`` (B, 1|H, K) of the ``[quantized, window]`` axis (sorted ascending; ``slot_valid``
         marks padding slots of ragged selections) and re-quantize (see the module docstring for the cost)."""
+        if self._nstore:
+            raise NotImplementedError(
+                "decode-time eviction over a quantized cache with ThinK's narrow keys is not supported yet; evict at "
+                "the prompt only (e.g. snapkv without decode_budget) or drop the channels method"
+            )
         if reserve is not None:
             self.reserve = reserve
         keys, valid = self.dense_keys()
