@@ -9,6 +9,10 @@ otherwise), rounded so that the stored grid still covers the group: ``z`` is rou
 at least the dtype's smallest normal number (the epsilon that keeps a constant group from dividing 0 by 0). So every
 element is within half a step of its code: ``|x - x̂| <= s / 2`` (plus float32 rounding of ``z + q·s``).
 
+``kv_fp8`` stores float8 codes (``e4m3`` = ``torch.float8_e4m3fn``, ``e5m2`` = ``torch.float8_e5m2``) with one
+scale per token and no zero point (:func:`quantize_fp8`): ``x̂ = code · s``, ``s = max|x| / fp8_max`` rounded up;
+keys and values alike. The same dequantization serves both (a per-token scale is a key group of one token).
+
 Codes are packed along the channel axis, ``8 // bits`` codes per byte (code ``i`` of a byte in bits
 ``[bits·i, bits·(i+1))``), so a token's codes are one contiguous row: eviction gathers rows.
 """
@@ -19,8 +23,11 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "FP8_FORMATS",
     "SUPPORTED_BITS",
     "check_bits",
+    "fp8_dtype",
+    "quantize_fp8",
     "dequantize_keys",
     "dequantize_values",
     "pack_codes",
@@ -37,6 +44,38 @@ def check_bits(bits: int) -> None:
     """Raise ``ValueError`` unless ``bits`` is one of :data:`SUPPORTED_BITS`."""
     if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
         raise ValueError(f"bits ({bits!r}) must be one of {SUPPORTED_BITS}: codes are packed 8 // bits per byte")
+
+
+#: ``kv_fp8`` formats and the torch dtype names they need
+FP8_FORMATS = {"e4m3": "float8_e4m3fn", "e5m2": "float8_e5m2"}
+
+
+def fp8_dtype(fmt: str) -> torch.dtype:
+    """The torch float8 dtype of format ``fmt`` (``"e4m3"`` / ``"e5m2"``); ``ValueError`` naming it when unknown or
+    when the installed torch lacks the dtype."""
+    if fmt not in FP8_FORMATS:
+        raise ValueError(f"fp8 format ({fmt!r}) must be one of {sorted(FP8_FORMATS)}")
+    dtype = getattr(torch, FP8_FORMATS[fmt], None)
+    if dtype is None:
+        raise ValueError(
+            f"fp8 format {fmt!r} needs torch.{FP8_FORMATS[fmt]}, which torch {torch.__version__} does not have; "
+            "upgrade torch (>= 2.1) or use kv_int8"
+        )
+    return dtype
+
+
+def quantize_fp8(x: Tensor, fp8: torch.dtype, sdtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """Per-token float8 quantization of ``x`` ``(B, H, T, C)``: ``(codes (B, H, T, C) fp8, scale (B, H, T, 1))`` with
+    ``scale = max_c |x| / fp8_max`` rounded up in ``sdtype`` (so no code overflows), at least the smallest normal."""
+    sdtype = sdtype or scale_dtype_for(x.dtype)
+    xf = x.float()
+    s32 = xf.abs().amax(-1, keepdim=True) / torch.finfo(fp8).max
+    s = s32.to(sdtype)
+    s = torch.where(s.float() < s32, torch.nextafter(s, torch.full_like(s, float("inf"))), s)
+    s = s.clamp_min(torch.finfo(sdtype).tiny)
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError(f"KV values up to {float(xf.abs().max()):.3g} do not fit the {sdtype} scales of the fp8 cache")
+    return (xf / s.float()).to(fp8), s
 
 
 def scale_dtype_for(dtype: torch.dtype) -> torch.dtype:
@@ -123,14 +162,14 @@ def quantize_keys(k: Tensor, bits: int, group: int, valid: Tensor | None = None,
     return pack_codes(codes, bits), s, z
 
 
-def dequantize_keys(codes: Tensor, scale: Tensor, zero: Tensor, bits: int, dtype: torch.dtype = torch.float32
+def dequantize_keys(codes: Tensor, scale: Tensor, zero: Tensor | None, bits: int, dtype: torch.dtype = torch.float32
                     ) -> Tensor:
     """``(B, H, T, D)`` keys in ``dtype`` from :func:`quantize_keys`' output (``T`` a multiple of the group)."""
-    q = unpack_codes(codes, bits, scale.shape[-1])
+    q = codes if codes.is_floating_point() else unpack_codes(codes, bits, scale.shape[-1])
     B, H, T, D = q.shape
     n = scale.shape[2]
-    qg = q.view(B, H, n, T // n, D).to(dtype)
-    return (zero.to(dtype)[:, :, :, None] + qg * scale.to(dtype)[:, :, :, None]).view(B, H, T, D)
+    qg = q.reshape(B, H, n, T // n, D).to(dtype) * scale.to(dtype)[:, :, :, None]
+    return (qg if zero is None else zero.to(dtype)[:, :, :, None] + qg).view(B, H, T, D)
 
 
 def quantize_values(v: Tensor, bits: int, group: int, sdtype: torch.dtype | None = None
@@ -150,14 +189,14 @@ def quantize_values(v: Tensor, bits: int, group: int, sdtype: torch.dtype | None
     return pack_codes(codes, bits), s, z
 
 
-def dequantize_values(codes: Tensor, scale: Tensor, zero: Tensor, bits: int, dtype: torch.dtype = torch.float32
+def dequantize_values(codes: Tensor, scale: Tensor, zero: Tensor | None, bits: int, dtype: torch.dtype = torch.float32
                       ) -> Tensor:
     """``(B, H, T, Dv)`` values in ``dtype`` from :func:`quantize_values`' output."""
-    q = unpack_codes(codes, bits)
+    q = codes if codes.is_floating_point() else unpack_codes(codes, bits)
     B, H, T, Dv = q.shape
     n = scale.shape[-1]
-    qg = q.view(B, H, T, n, Dv // n).to(dtype)
-    return (zero.to(dtype)[..., None] + qg * scale.to(dtype)[..., None]).view(B, H, T, Dv)
+    qg = q.reshape(B, H, T, n, Dv // n).to(dtype) * scale.to(dtype)[..., None]
+    return (qg if zero is None else zero.to(dtype)[..., None] + qg).view(B, H, T, Dv)
 
 
 class QuantizedKV:
@@ -165,13 +204,14 @@ class QuantizedKV:
 
     ``k_codes`` ``(B, H, T, D·bits/8)``, ``k_scale`` / ``k_zero`` ``(B, H, T/G, D)`` (per channel, ``G`` tokens a
     group), ``v_codes`` ``(B, H, T, Dv·bits/8)``, ``v_scale`` / ``v_zero`` ``(B, H, T, Dv/Gv)`` (per token),
-    ``valid`` ``(B, 1|H, T)`` bool or ``None``.
+    ``valid`` ``(B, 1|H, T)`` bool or ``None``. float8 codes (``kv_fp8``): ``k_codes`` / ``v_codes`` ``(B, H, T, D)``,
+    scales ``(B, H, T, 1)``, zeros ``None``.
     """
 
     __slots__ = ("bits", "k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "valid")
 
-    def __init__(self, bits: int, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, v_codes: Tensor,
-                 v_scale: Tensor, v_zero: Tensor, valid: Tensor | None = None):
+    def __init__(self, bits: int, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor | None, v_codes: Tensor,
+                 v_scale: Tensor, v_zero: Tensor | None, valid: Tensor | None = None):
         check_bits(bits)
         self.bits, self.valid = bits, valid
         self.k_codes, self.k_scale, self.k_zero = k_codes, k_scale, k_zero
@@ -192,10 +232,12 @@ class QuantizedKV:
             B, H = self.k_codes.shape[:2]
             return self.k_codes.new_zeros(B, H, 0, self.k_scale.shape[-1], dtype=dtype)
         g = self.key_group
-        return dequantize_keys(self.k_codes[:, :, start:stop], self.k_scale[:, :, start // g: stop // g],
-                               self.k_zero[:, :, start // g: stop // g], self.bits, dtype)
+        zero = None if self.k_zero is None else self.k_zero[:, :, start // g: stop // g]
+        return dequantize_keys(self.k_codes[:, :, start:stop], self.k_scale[:, :, start // g: stop // g], zero,
+                               self.bits, dtype)
 
     def values(self, dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None) -> Tensor:
         """Dequantized values of tokens ``[start, stop)``."""
-        return dequantize_values(self.v_codes[:, :, start:stop], self.v_scale[:, :, start:stop],
-                                 self.v_zero[:, :, start:stop], self.bits, dtype)
+        zero = None if self.v_zero is None else self.v_zero[:, :, start:stop]
+        return dequantize_values(self.v_codes[:, :, start:stop], self.v_scale[:, :, start:stop], zero, self.bits,
+                                 dtype)

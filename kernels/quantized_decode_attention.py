@@ -77,7 +77,8 @@ def quantized_decode_attention(
     block : int
         Tokens dequantized per tile (rounded down to a multiple of the key group, at least one group).
     backend : str
-        ``"auto"`` (Triton for CUDA tensors when ``Q = 1`` and no probabilities are asked for, PyTorch otherwise),
+        ``"auto"`` (Triton for CUDA tensors when ``Q = 1`` over integer codes without a narrow segment and no
+        probabilities are asked for, PyTorch otherwise),
         ``"torch"`` or ``"triton"`` (decode steps only: ``Q = 1``, no ``return_probs``; CPU tensors need
         ``TRITON_INTERPRET=1``).
     return_probs : bool
@@ -90,14 +91,14 @@ def quantized_decode_attention(
     _check(q, quant, k, v, valid, narrow, channel_idx)
     if return_probs and q.shape[2] != 1:
         raise ValueError(f"return_probs needs one query token, got {q.shape[2]}")
-    decode_step = q.shape[2] == 1 and not return_probs and narrow is None
+    decode_step = q.shape[2] == 1 and not return_probs and narrow is None and quant.k_zero is not None
     chosen = resolve_backend(backend, q)
     if chosen == "triton" and not decode_step:
         if backend == "triton":
             raise ValueError(
-                f"backend='triton' computes one query token without probabilities or a narrow segment (got "
-                f"{q.shape[2]} queries, return_probs={return_probs}, narrow={narrow is not None}); use "
-                "backend='torch' or 'auto'"
+                f"backend='triton' computes one query token over integer codes, without probabilities or a narrow "
+                f"segment (got {q.shape[2]} queries, return_probs={return_probs}, narrow={narrow is not None}, "
+                f"codes {quant.k_codes.dtype}); use backend='torch' or 'auto'"
             )
         chosen = "torch"  # "auto": the documented rule (Triton for decode steps only)
     if chosen == "triton":

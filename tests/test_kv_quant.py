@@ -11,7 +11,9 @@ from kvaccel.kernels.kv_quant import (
     QuantizedKV,
     dequantize_keys,
     dequantize_values,
+    fp8_dtype,
     pack_codes,
+    quantize_fp8,
     quantize_keys,
     quantize_values,
     unpack_codes,
@@ -66,6 +68,28 @@ def test_round_trip_within_half_a_step(bits, dtype):
     kg = k.float().view(2, 3, 4, G, 64)
     tight = (kg.amax(3) - kg.amin(3)) / (2**bits - 1)
     assert (ks.float() <= tight * (1 + 2**-6) + torch.finfo(ks.dtype).tiny).all()
+
+
+@pytest.mark.parametrize("fmt,mantissa,min_exp", [("e4m3", 3, -9), ("e5m2", 2, -16)])
+def test_fp8_round_trip_within_half_an_ulp(fmt, mantissa, min_exp):
+    """float8 codes with a per-token scale: relative error <= 2^-(mantissa+1), absolute <= half the smallest
+    subnormal times the scale near zero."""
+    x = _outliers((2, 3, 40, 64))
+    codes, s = quantize_fp8(x, fp8_dtype(fmt))
+    assert codes.dtype == fp8_dtype(fmt) and s.shape == (2, 3, 40, 1) and s.dtype == torch.float16
+    x_hat = dequantize_keys(codes, s, None, 8)
+    torch.testing.assert_close(dequantize_values(codes, s, None, 8), x_hat)
+    bound = x.abs() * 2.0 ** -(mantissa + 1) + s.float() * 2.0 ** (min_exp - 1) + 1e-6 * x.abs()
+    assert ((x - x_hat).abs() <= bound).all()
+    assert (x_hat.abs().amax(-1) >= x.abs().amax(-1) * (1 - 2.0 ** -(mantissa + 1))).all()  # no clipping
+
+
+def test_fp8_format_errors(monkeypatch):
+    with pytest.raises(ValueError, match=r"fp8 format \('e3m4'\) must be one of \['e4m3', 'e5m2'\]"):
+        kvaccel.config.parse_spec("kv_fp8(format='e3m4')")
+    monkeypatch.delattr(torch, "float8_e5m2")
+    with pytest.raises(ValueError, match=r"needs torch.float8_e5m2, which torch .* does not have"):
+        kvaccel.config.parse_spec("kv_fp8(format='e5m2')")
 
 
 def test_constant_group_and_padding():
@@ -172,8 +196,12 @@ def test_triton_matches_reference(Hq, Hkv, bits, ragged):
 @requires_triton
 def test_triton_refuses_what_it_does_not_compute():
     q, quant, k, v, valid = _case(1, 4, 2, 32, 8, 3, 4)
-    with pytest.raises(ValueError, match="one query token without probabilities"):
+    with pytest.raises(ValueError, match="one query token over integer codes"):
         quantized_decode_attention(q, quant, k, v, scale=0.1, backend="triton")
+    kc, ks = quantize_fp8(torch.randn(1, 2, 32, 64), torch.float8_e4m3fn)
+    fp8 = QuantizedKV(8, kc, ks, None, kc, ks, None)
+    with pytest.raises(ValueError, match="codes torch.float8_e4m3fn"):
+        quantized_decode_attention(q[:, :, :1], fp8, k, v, scale=0.1, backend="triton")
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -201,7 +229,8 @@ def test_window_covering_everything_is_stock(model):
     torch.testing.assert_close(torch.cat([a, b], 1), ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("spec", ["kv_int8", "kv_int4", "kv_int4(bits=2,group_size=32,residual=32)",
+@pytest.mark.parametrize("spec", ["kv_int8", "kv_int4", "kv_int4(bits=2,group_size=32,residual=32)", "kv_fp8",
+                                  "kv_fp8(format='e5m2',residual=16)",
                                   "snapkv(budget=0.5)+think(ratio=0.4)+kv_int4(group_size=32,residual=32)"])
 def test_logits_over_codes_equal_logits_over_dequantized_cache(model, spec):
     """The continuation over the quantized cache equals the same continuation over a full-precision cache holding the
@@ -243,7 +272,7 @@ def test_decode_flushes_whole_groups(model):
 
 def test_bytes_per_element(model):
     ids = _ids(B=1, L=1100)
-    for spec, limit in (("kv_int8", 1.1), ("kv_int4", 0.6)):
+    for spec, limit in (("kv_int8", 1.1), ("kv_int4", 0.6), ("kv_fp8", 1.1)):
         with torch.no_grad(), kvaccel.patched(model, spec):
             model(ids)
             parts = kvaccel.report(model)["kv_storage_bytes"]
@@ -251,7 +280,7 @@ def test_bytes_per_element(model):
         per_element = quantized / parts["quantized_elements"]
         assert per_element <= limit, (spec, per_element)
         assert parts["quantized_elements"] >= 2 * 3 * 64 * 900  # K and V, 3 layers, head 64, >= 900 tokens
-        assert parts["window"] > 0
+        assert parts["window"] > 0 and (parts["zeros"] == 0) == (spec == "kv_fp8")
 
 
 # ------------------------------------------------------------------------------------------ composition
@@ -357,3 +386,11 @@ def test_storage_needs_our_cache(model):
     """Without a KVAccelCache there is nothing to quantize: an error, not a silently full-precision run."""
     with kvaccel.patched(model, "kv_int8"), pytest.raises(RuntimeError, match="no cache"):
         model(_ids(B=1, L=20), use_cache=False)
+
+
+def test_fp8_composes_with_decode_eviction(model):
+    ids = _ids(B=1, L=400)
+    alone, _, _ = _kept(model, "streaming(budget=200,slack=4)", ids)
+    stacked, kinds, rep = _kept(model, "streaming(budget=200,slack=4)+kv_fp8", ids)
+    assert stacked == alone and all(k is QuantizedLayer for k in kinds)
+    assert rep["kv_storage_bytes"]["codes"] == rep["kv_storage_bytes"]["quantized_elements"]  # one byte each

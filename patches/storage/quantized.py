@@ -1,4 +1,4 @@
-"""kv_int8 / kv_int4: KIVI quantized KV storage (storage stage), composing with eviction and sparse prefill.
+"""kv_int8 / kv_int4 / kv_fp8: quantized KV storage (storage stage: KIVI codes, or float8), composing with eviction.
 
 KIVI (https://arxiv.org/abs/2402.02750): ``q = round((x − min) / s)``, ``s = (max − min) / (2^bits − 1)``; keys per
 channel (groups of ``group_size`` tokens), values per token (groups of ``group_size`` channels); the ``residual``
@@ -31,7 +31,7 @@ from typing import ClassVar
 
 from kvaccel.checks import check_int
 from kvaccel.config import Method, register
-from kvaccel.kernels.kv_quant import check_bits
+from kvaccel.kernels.kv_quant import check_bits, fp8_dtype
 from kvaccel.varlen_cache import VarlenLayer
 
 from .quantized_layer import QuantizedLayer
@@ -51,29 +51,12 @@ class StorageMethod(Method):
 
 
 @dataclass
-class QuantizedKVStorage(StorageMethod):
-    """KIVI-style quantized KV cache (see the module docstring)."""
+class _QuantizedStorage(StorageMethod):
+    """What the quantized storage methods share: the stages they refuse and the conversion after a forward."""
 
-    bits: int = 4
-    group_size: int = 64
-    residual: int = 128
-    allowed_bits: ClassVar[tuple[int, ...]] = (2, 4, 8)
-
-    def __post_init__(self):
-        check_bits(self.bits)
-        if self.bits not in self.allowed_bits:
-            raise ValueError(f"{self.name}: bits ({self.bits!r}) must be one of {self.allowed_bits}")
-        check_int("group_size", self.group_size, 32, 128, why="tokens per key group, channels per value group")
-        check_int("residual", self.residual, 0, why="full-precision window of recent tokens")
-
-    def bind(self, model) -> None:
-        text = model.config.get_text_config(decoder=True)
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        if head_dim % self.group_size:
-            raise ValueError(
-                f"{self.name}: group_size ({self.group_size}) must divide the head size ({head_dim}) of this model: "
-                f"values are quantized per token in groups of group_size channels; pick a divisor of {head_dim}"
-            )
+    def layer_options(self) -> dict:
+        """Keyword arguments of :meth:`QuantizedLayer.from_layer`."""
+        raise NotImplementedError
 
     def check_stages(self, stages: dict) -> None:
         """Refuse, at ``patch()`` time, methods whose layout the quantized layer does not serve yet."""
@@ -110,7 +93,36 @@ class QuantizedKVStorage(StorageMethod):
                         f"{self.name}: per-head packed layers (varlen) are stored padded to their longest head once "
                         "quantized (kv_storage_bytes counts the padding codes)"
                     )
-                cache.layers[i] = QuantizedLayer.from_layer(layer, self.bits, self.group_size, self.residual)
+                cache.layers[i] = QuantizedLayer.from_layer(layer, **self.layer_options())
+
+
+@dataclass
+class QuantizedKVStorage(_QuantizedStorage):
+    """KIVI-style quantized KV cache (see the module docstring)."""
+
+    bits: int = 4
+    group_size: int = 64
+    residual: int = 128
+    allowed_bits: ClassVar[tuple[int, ...]] = (2, 4, 8)
+
+    def __post_init__(self):
+        check_bits(self.bits)
+        if self.bits not in self.allowed_bits:
+            raise ValueError(f"{self.name}: bits ({self.bits!r}) must be one of {self.allowed_bits}")
+        check_int("group_size", self.group_size, 32, 128, why="tokens per key group, channels per value group")
+        check_int("residual", self.residual, 0, why="full-precision window of recent tokens")
+
+    def layer_options(self) -> dict:
+        return dict(bits=self.bits, group_size=self.group_size, residual=self.residual)
+
+    def bind(self, model) -> None:
+        text = model.config.get_text_config(decoder=True)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        if head_dim % self.group_size:
+            raise ValueError(
+                f"{self.name}: group_size ({self.group_size}) must divide the head size ({head_dim}) of this model: "
+                f"values are quantized per token in groups of group_size channels; pick a divisor of {head_dim}"
+            )
 
 
 @register
@@ -131,3 +143,32 @@ class KVInt4(QuantizedKVStorage):
     name = "kv_int4"
     bits: int = 4
     allowed_bits: ClassVar[tuple[int, ...]] = (2, 4)
+
+
+@register
+@dataclass
+class KVFp8(_QuantizedStorage):
+    """kv_fp8: float8 codes (e4m3 or e5m2) with one 16-bit scale per token for keys and values.
+
+    ``x̂ = code · s``, ``s = max|x| / fp8_max`` per token (no zero point); the torch path dequantizes a tile at a time
+    (no Triton kernel for float8 codes yet).
+
+    Parameters
+    ----------
+    format : str
+        ``"e4m3"`` (``torch.float8_e4m3fn``, default: 3 mantissa bits) or ``"e5m2"`` (``torch.float8_e5m2``).
+    residual : int
+        Most recent tokens kept in the model dtype (>= 0). Default 0: with per-token scales a token is stored as soon
+        as it arrives (after the forward that attends it in full precision).
+    """
+
+    name = "kv_fp8"
+    format: str = "e4m3"
+    residual: int = 0
+
+    def __post_init__(self):
+        fp8_dtype(self.format)
+        check_int("residual", self.residual, 0, why="full-precision window of recent tokens")
+
+    def layer_options(self) -> dict:
+        return dict(bits=8, group_size=1, residual=self.residual, fp8=fp8_dtype(self.format))

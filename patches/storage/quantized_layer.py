@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from kvaccel.cache import KVAccelLayer, SlotTensor, _take
-from kvaccel.kernels.kv_quant import QuantizedKV, quantize_keys, quantize_values, scale_dtype_for
+from kvaccel.kernels.kv_quant import QuantizedKV, quantize_fp8, quantize_keys, quantize_values, scale_dtype_for
 from kvaccel.kernels.quantized_decode_attention import quantized_decode_attention
 from kvaccel.varlen_cache import VarlenLayer
 
@@ -45,12 +45,16 @@ class QuantizedLayer(KVAccelLayer):
     implements the transformers layer contract and attends itself (:meth:`attend`).
     """
 
-    def __init__(self, bits: int = 4, group_size: int = 64, residual: int = 128, **kwargs):
+    def __init__(self, bits: int = 4, group_size: int = 64, residual: int = 128, fp8: torch.dtype | None = None,
+                 **kwargs):
         super().__init__(**kwargs)
-        self._init_storage(bits, group_size, residual)
+        self._init_storage(bits, group_size, residual, fp8)
 
-    def _init_storage(self, bits: int, group_size: int, residual: int) -> None:
-        self.bits, self.group_size, self.residual = bits, group_size, residual
+    def _init_storage(self, bits: int, group_size: int, residual: int, fp8: torch.dtype | None = None) -> None:
+        #: float8 dtype of ``kv_fp8`` (per-token scales, no zero points, ``group_size`` 1), else ``None``
+        self.fp8 = fp8
+        self.bits, self.group_size, self.residual = (8, 1, residual) if fp8 is not None else (bits, group_size,
+                                                                                              residual)
         self._store: dict[str, SlotTensor] = {}
         self._qvalid: SlotTensor | None = None
         #: ThinK's narrow segment, quantized once at conversion (keys keep ``channel_idx``), padded to whole groups
@@ -61,7 +65,8 @@ class QuantizedLayer(KVAccelLayer):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_layer(cls, layer: KVAccelLayer, bits: int, group_size: int, residual: int) -> QuantizedLayer:
+    def from_layer(cls, layer: KVAccelLayer, bits: int, group_size: int, residual: int,
+                   fp8: torch.dtype | None = None) -> QuantizedLayer:
         """``layer`` with its tokens quantized but the last window. A plain ``KVAccelLayer`` becomes the quantized layer
         in place (same object, buffers reused: methods that keep per-layer state keyed by the layer still find it).
 
@@ -79,14 +84,14 @@ class QuantizedLayer(KVAccelLayer):
         if layer.rope is not None:
             raise NotImplementedError("the quantized cache cannot re-rotate keys; use rerotate=False")
         Dv = layer.values.shape[-1]
-        if Dv % group_size:
+        if fp8 is None and Dv % group_size:
             raise ValueError(f"group_size ({group_size}) must divide the value head size ({Dv}): values are "
                              "quantized per token in groups of group_size channels")
         narrow = layer.narrow
         layer.narrow = None
         out = layer
         out.__class__ = cls
-        out._init_storage(bits, group_size, residual)
+        out._init_storage(bits, group_size, residual, fp8)
         if narrow is not None:
             out._quantize_narrow(narrow)
         out._set_store(out.keys[:, :, :0], out.values[:, :, :0], None)
@@ -130,7 +135,7 @@ class QuantizedLayer(KVAccelLayer):
         """ThinK's quantized narrow segment (keys of ``channel_idx`` only), or ``None``."""
         if not self._nstore:
             return None
-        return QuantizedKV(self.bits, *(self._nstore[name] for name in _STORE), valid=self._nvalid)
+        return QuantizedKV(self.bits, *(self._nstore.get(name) for name in _STORE), valid=self._nvalid)
 
     @property
     def narrow_length(self) -> int:
@@ -139,7 +144,7 @@ class QuantizedLayer(KVAccelLayer):
     def quant(self) -> QuantizedKV:
         """The quantized part as the kernels read it (views of the buffers)."""
         s = self._store
-        return QuantizedKV(self.bits, *(s[name].view for name in _STORE), valid=self.qvalid)
+        return QuantizedKV(self.bits, *(s[name].view if name in s else None for name in _STORE), valid=self.qvalid)
 
     @property
     def qvalid(self) -> Tensor | None:
@@ -151,6 +156,9 @@ class QuantizedLayer(KVAccelLayer):
 
     def _quantize(self, k: Tensor, v: Tensor, valid: Tensor | None) -> dict[str, Tensor]:
         sd = scale_dtype_for(self.dtype)
+        if self.fp8 is not None:
+            (kc, ks), (vc, vs) = quantize_fp8(k, self.fp8, sd), quantize_fp8(v, self.fp8, sd)
+            return dict(k_codes=kc, k_scale=ks, v_codes=vc, v_scale=vs)
         kc, ks, kz = quantize_keys(k, self.bits, self.group_size, valid, sd)
         vc, vs, vz = quantize_values(v, self.bits, self.group_size, sd)
         return dict(zip(_STORE, (kc, ks, kz, vc, vs, vz), strict=True))
@@ -170,7 +178,7 @@ class QuantizedLayer(KVAccelLayer):
         Tq = self.quantized_length
         reserve = max(4 * G, Tq // 32 // G * G)
         for name, t in self._quantize(k[:, :, :n], v[:, :, :n], None if valid is None else valid[:, :, :n]).items():
-            self._store[name].append(t, reserve // G if name in ("k_scale", "k_zero") else reserve)
+            self._store[name].append(t, reserve // G if name in ("k_scale", "k_zero") else reserve)  # axis 2: groups
         if valid is not None or self._qvalid is not None:
             B = k.shape[0]
             moved = valid[:, :, :n] if valid is not None else torch.ones(B, 1, n, dtype=torch.bool, device=k.device)
@@ -258,15 +266,18 @@ class QuantizedLayer(KVAccelLayer):
         stores = [bufs, self._nstore] if self._nstore else [bufs]
 
         def total(*names: str) -> int:
-            return sum(size(st[n]) for st in stores for n in names)
+            return sum(size(st[n]) for st in stores for n in names if n in st)
 
         parts = dict(codes=total("k_codes", "v_codes"), scales=total("k_scale", "v_scale"),
                      zeros=total("k_zero", "v_zero"), window=size(self._k.buf) + size(self._v.buf))
         parts["other"] = self.nbytes() - sum(parts.values())
         # elements stored as codes: K (T x D per group row of scales) and V (one code per element)
-        parts["quantized_elements"] = sum(
-            st["k_scale"].numel() * self.group_size + st["v_codes"].numel() * 8 // self.bits for st in stores
-        )
+        def elements(st: dict) -> int:  # keys: slots x kept channels (the scales' width; fp8: the codes')
+            kc, ks = st["k_codes"], st["k_scale"]
+            width = kc.shape[-1] if self.fp8 is not None else ks.shape[-1]
+            return kc.shape[:3].numel() * width + st["v_codes"].numel() * 8 // self.bits
+
+        parts["quantized_elements"] = sum(elements(st) for st in stores)
         return parts
 
     def kept_per_head(self) -> Tensor:
