@@ -231,7 +231,7 @@ class Quest(DecodeMethod):
                                          value_idx=nar.value_idx)
         out = page_attention(q, layer.keys, layer.values, slots, ok, scale=ctx.scaling, backend=backend, **nk)
         st.sparse_steps += 1
-        st.attended += float(ok.sum()) / (ok.shape[0] * ok.shape[1])
+        st.attended = st.attended + ok.sum() / (ok.shape[0] * ok.shape[1])  # a tensor: no device sync per step
         return out.transpose(1, 2)
 
     def report_stats(self, cache: KVAccelCache, layer_stats: list[dict]) -> None:
@@ -243,5 +243,5 @@ class Quest(DecodeMethod):
             stats["quest_metadata_bytes"] = None if st is None else st.nbytes()
             stats["quest_sparse_steps"] = None if st is None else st.sparse_steps
             stats["quest_dense_steps"] = None if st is None else st.dense_steps
-            stats["quest_attended_tokens"] = (st.attended / st.sparse_steps) if st is not None and st.sparse_steps \
-                else None
+            stats["quest_attended_tokens"] = (float(st.attended) / st.sparse_steps) if st is not None and \
+                st.sparse_steps else None
