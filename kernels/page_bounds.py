@@ -212,18 +212,23 @@ def select_pages(scores: Tensor, pages: Tensor, last: Tensor) -> tuple[Tensor, T
 def page_slots(
     idx: Tensor, keep: Tensor, page_size: int, offset: Tensor, n_tokens: int, valid: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Token slots of the selected pages ``idx``/``keep`` ``(B, H_s, K)``: ``(slots, ok)`` ``(B, H_s, K·P)``, slots
-    clamped into ``[0, N)`` and ``ok`` False for an unselected page, a slot past ``N`` or a slot ``valid``
-    ``(B, 1|H_kv, N)`` marks unreal (``H_s`` is ``H_q`` or ``H_kv``)."""
-    B, Hq, K = idx.shape
-    slot = (offset.view(B, 1, 1, 1) + idx[..., None] * page_size
-            + torch.arange(page_size, device=idx.device)).view(B, Hq, K * page_size)
-    ok = keep.repeat_interleave(page_size, dim=-1) & (slot < n_tokens)
-    slot = slot.clamp(max=max(n_tokens - 1, 0))
+    """Token slots of the selected pages ``idx``/``keep`` ``(B, H_s, K)``: ``(slots, ok)`` ``(B, H_s, K·P)``
+    (``H_s`` is ``H_q`` or ``H_kv``), each page's ``P`` slots consecutive and inside ``[0, N)``.
+
+    A page reaching past ``N`` (the partial last page) is read as the window of the last ``P`` slots, its slots
+    before the page start marked not ``ok`` (so ``P`` consecutive slots always hold a page: gathered as one block by
+    :func:`page_attention` with ``page_size``). ``ok`` is False for an unselected page, a slot outside the page and a
+    slot ``valid`` ``(B, 1|H_kv, N)`` marks unreal."""
+    B, Hs, K = idx.shape
+    start = offset.view(B, 1, 1) + idx * page_size  # (B, H_s, K)
+    window = start.clamp(max=n_tokens - page_size).clamp(min=0)
+    slot = window[..., None] + torch.arange(page_size, device=idx.device)  # (B, H_s, K, P)
+    ok = keep[..., None] & (slot >= start[..., None]) & (slot < n_tokens)
+    slot, ok = slot.clamp(max=max(n_tokens - 1, 0)).view(B, Hs, K * page_size), ok.view(B, Hs, K * page_size)
     if valid is not None:
         Hv = valid.shape[1]
-        per = valid if Hv == 1 else valid.repeat_interleave(Hq // Hv, dim=1)
-        ok &= per.expand(B, Hq if Hv > 1 else 1, n_tokens).expand(B, Hq, n_tokens).gather(-1, slot)
+        per = valid if Hv == 1 else valid.repeat_interleave(Hs // Hv, dim=1)
+        ok &= per.expand(B, Hs if Hv > 1 else 1, n_tokens).expand(B, Hs, n_tokens).gather(-1, slot)
     return slot, ok
 
 
@@ -239,6 +244,7 @@ def page_attention(
     channel_idx: Tensor | None = None,
     v_narrow: Tensor | None = None,
     value_idx: Tensor | None = None,
+    page_size: int | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """Exact softmax attention of one query per head over the slots selected for it, ``(B, H_q, 1, Dv)`` in
@@ -250,7 +256,9 @@ def page_attention(
     slots where ok) @ V[b, kv, s]``, float32 accumulation; a head with no ``ok`` slot gives zeros. The slot axis is
     ``[narrow (Tn), full (T)]``: a slot ``s < Tn`` reads ThinK's narrow segment (``q[channel_idx] · k_narrow``,
     values scattered into ``value_idx`` when narrow too), a slot ``s >= Tn`` the full-width ``k``/``v`` at
-    ``s − Tn``. Rows are gathered once per slot row (one copy per kv head when shared).
+    ``s − Tn``. Rows are gathered once per slot row (one copy per kv head when shared). ``page_size``: the slots
+    come in runs of ``P`` consecutive slots (:func:`page_slots`), so the PyTorch path copies each run as one block of
+    keys / values (without a narrow segment).
     """
     B, Hq, _, D = q.shape
     Hkv = k.shape[1]
@@ -270,25 +278,42 @@ def page_attention(
     step = -(-Hs // workers)  # slot rows per task: one task per worker and batch row
     R = Hq // Hs  # query heads per slot row
 
+    T = k.shape[2]
+    blocks = page_size if (page_size is not None and narrow is None and T >= page_size
+                           and k.stride(3) == v.stride(3) == 1 and k.stride(2) == D and v.stride(2) == v.shape[3]
+                           and slots.shape[-1] % page_size == 0) else None
+
     def run(b: int, r0: int, r1: int) -> None:
-        out[b, r0 * R : r1 * R] = _page_attention_rows(q, k, v, slots, ok, scale, b, r0, r1, narrow)
+        out[b, r0 * R : r1 * R] = _page_attention_rows(q, k, v, slots, ok, scale, b, r0, r1, narrow, blocks)
 
     run_parallel(run, [(b, r, min(r + step, Hs)) for b in range(B) for r in range(0, Hs, step)], workers)
     return out
 
 
-def _page_attention_rows(q, k, v, slots, ok, scale, b, r0, r1, narrow) -> Tensor:
-    """Page attention of slot rows ``r0 ... r1 − 1`` of batch row ``b``: ``(rows · R, 1, Dv)``."""
+def _blocks(t: Tensor, kvh: Tensor, starts: Tensor, P: int) -> Tensor:
+    """``t`` ``(H, T, F)`` (token rows contiguous) at ``P`` consecutive tokens from each of ``starts`` ``(rows, K)``
+    of head ``kvh`` ``(rows, 1)``: ``(rows, K·P, F)`` float32, one block copy per page (overlapping windows view)."""
+    H, T, F = t.shape
+    windows = t.as_strided((H, T - P + 1, P * F), (t.stride(0), F, 1))
+    return windows[kvh, starts].view(starts.shape[0], -1, F).float()
+
+
+def _page_attention_rows(q, k, v, slots, ok, scale, b, r0, r1, narrow, blocks=None) -> Tensor:
+    """Page attention of slot rows ``r0 ... r1 − 1`` of batch row ``b``: ``(rows · R, 1, Dv)``; ``blocks``: the
+    page size when slots come in runs of consecutive slots (copied as blocks)."""
     Hq, Hkv, Hs = q.shape[1], k.shape[1], slots.shape[1]
     R = Hq // Hs
     qs = (q[b, r0 * R : r1 * R, 0].float() * scale).view(r1 - r0, R, -1)  # (rows, R, D)
     s = slots[b, r0:r1]  # (rows, S)
     kvh = (torch.arange(r0, r1, device=q.device) * Hkv // Hs)[:, None]  # kv head of each slot row
     Tn = 0 if narrow is None else narrow[0].shape[2]
-    sf = (s - Tn).clamp(min=0)
-    kg = k[b][kvh, sf].float()  # (rows, S, D)
+    if blocks is not None:
+        starts = s[:, ::blocks]
+        kg, vg = _blocks(k[b], kvh, starts, blocks), _blocks(v[b], kvh, starts, blocks)
+    else:
+        sf = (s - Tn).clamp(min=0)
+        kg, vg = k[b][kvh, sf].float(), v[b][kvh, sf].float()  # (rows, S, D), (rows, S, Dv)
     logits = torch.bmm(qs, kg.transpose(1, 2))  # (rows, R, S)
-    vg = v[b][kvh, sf].float()  # (rows, S, Dv)
     if narrow is not None:
         kn, cidx, vn, vidx = narrow
         inn = (s < Tn)[:, None, :]

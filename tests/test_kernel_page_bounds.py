@@ -140,14 +140,18 @@ def _selection(q, k, valid, offset, pages=(3, 2), group=False):
     return page_slots(idx, keep, P, off, N, valid)
 
 
+@pytest.mark.parametrize("blocks", [None, P])
 @pytest.mark.parametrize("group", [False, True])
 @pytest.mark.parametrize("padded", [False, True])
-def test_page_attention_equals_dense_over_selected_tokens(padded, group):
+def test_page_attention_equals_dense_over_selected_tokens(padded, group, blocks):
+    """Also with the pages copied as blocks (``page_size``): the partial last page read as the last P slots."""
     q, k, v, valid, offset = _inputs(padded=padded)
     slots, ok = _selection(q, k, valid, offset, group=group)
+    assert ok.view(*ok.shape[:2], -1, P)[..., 0].any()  # a page whose first slot is attended...
+    assert ((slots.view(*slots.shape[:2], -1, P).diff(dim=-1)) == 1).all()  # ...and every page: P consecutive slots
     if padded:  # padding slots are never attended
         assert not (ok[1] & (slots[1] < 5)).any() and not (ok[0] & (slots[0] == 9)).any()
-    out = page_attention(q, k, v, slots, ok, scale=0.25)
+    out = page_attention(q, k, v, slots, ok, scale=0.25, page_size=blocks)
     torch.testing.assert_close(out.double(), page_attention_reference(q, k, v, slots, ok, scale=0.25),
                                atol=1e-5, rtol=1e-5)
     # and the reference is dense attention with every unselected slot masked

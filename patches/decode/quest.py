@@ -229,7 +229,8 @@ class Quest(DecodeMethod):
         backend = "torch" if nar is not None and self.backend == "auto" else self.backend
         nk = {} if nar is None else dict(k_narrow=nar.keys, channel_idx=nar.channel_idx, v_narrow=nar.values,
                                          value_idx=nar.value_idx)
-        out = page_attention(q, layer.keys, layer.values, slots, ok, scale=ctx.scaling, backend=backend, **nk)
+        out = page_attention(q, layer.keys, layer.values, slots, ok, scale=ctx.scaling, page_size=P, backend=backend,
+                             **nk)
         st.sparse_steps += 1
         st.attended = st.attended + ok.sum() / (ok.shape[0] * ok.shape[1])  # a tensor: no device sync per step
         return out.transpose(1, 2)
