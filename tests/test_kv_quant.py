@@ -272,7 +272,7 @@ def test_decode_flushes_whole_groups(model):
 
 def test_bytes_per_element(model):
     ids = _ids(B=1, L=1100)
-    for spec, limit in (("kv_int8", 1.1), ("kv_int4", 0.6), ("kv_fp8", 1.1)):
+    for spec, limit, window_slots in (("kv_int8", 1.1, 128 + 64), ("kv_int4", 0.6, 128 + 64), ("kv_fp8", 1.1, 1)):
         with torch.no_grad(), kvaccel.patched(model, spec):
             model(ids)
             parts = kvaccel.report(model)["kv_storage_bytes"]
@@ -281,6 +281,8 @@ def test_bytes_per_element(model):
         assert per_element <= limit, (spec, per_element)
         assert parts["quantized_elements"] >= 2 * 3 * 64 * 900  # K and V, 3 layers, head 64, >= 900 tokens
         assert parts["window"] > 0 and (parts["zeros"] == 0) == (spec == "kv_fp8")
+        # the window buffer holds at most residual + group_size slots: 3 layers, 1 kv head, K and V of 64, fp32
+        assert parts["window"] <= 3 * window_slots * 128 * 4
 
 
 # ------------------------------------------------------------------------------------------ composition

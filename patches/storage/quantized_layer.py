@@ -176,7 +176,8 @@ class QuantizedLayer(KVAccelLayer):
             return
         k, v, valid = self.keys, self.values, self.valid
         Tq = self.quantized_length
-        reserve = max(4 * G, Tq // 32 // G * G)
+        # the prompt's codes at their size; later flushes get spare groups (~3% of the codes, at least one group)
+        reserve = 0 if Tq == 0 else max(G, Tq // 32 // G * G)
         for name, t in self._quantize(k[:, :, :n], v[:, :, :n], None if valid is None else valid[:, :, :n]).items():
             self._store[name].append(t, reserve // G if name in ("k_scale", "k_zero") else reserve)  # axis 2: groups
         if valid is not None or self._qvalid is not None:
@@ -189,10 +190,15 @@ class QuantizedLayer(KVAccelLayer):
                 self._qvalid = SlotTensor.spare(self.qvalid.expand(B, heads, Tq), reserve)
                 moved = moved.expand(B, heads, n)
             self._qvalid.append(moved, reserve)
-        r = G + self._reserve(Tw)
+        r = self._window_spare(Tw - n)
         self._k = SlotTensor.spare(k[:, :, n:], r)
         self._v = SlotTensor.spare(v[:, :, n:], r)
         self._valid = None if valid is None else SlotTensor.spare(valid[:, :, n:], r)
+
+    def _window_spare(self, held: int) -> int:
+        """Spare window slots for ``held`` tokens: up to ``residual + group_size`` (the window flushes before a new
+        token would exceed it; a multi-token forward reallocates)."""
+        return max(1, self.residual + self.group_size - held)
 
     # ------------------------------------------------------------------ transformers' layer contract
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
@@ -339,9 +345,10 @@ class QuantizedLayer(KVAccelLayer):
             new_valid = None
         n = max(0, (K - self.residual) // self.group_size * self.group_size)
         self._set_store(keys[:, :, :n], values[:, :, :n], None if new_valid is None else new_valid[:, :, :n])
-        self._k = SlotTensor.spare(keys[:, :, n:], r)
-        self._v = SlotTensor.spare(values[:, :, n:], r)
-        self._valid = None if new_valid is None else SlotTensor.spare(new_valid[:, :, n:], r)
+        w = self._window_spare(K - n)
+        self._k = SlotTensor.spare(keys[:, :, n:], w)
+        self._v = SlotTensor.spare(values[:, :, n:], w)
+        self._valid = None if new_valid is None else SlotTensor.spare(new_valid[:, :, n:], w)
         self.requantizations += 1
 
     def _keep_with_narrow(self, idx: Tensor, slot_valid: Tensor | None) -> None:

@@ -1,0 +1,151 @@
+"""Quantized KV storage (kv_int8 / kv_int4 / kv_fp8, issue 22): KL vs full, bytes held, decode ms/step.
+
+KL (the ``fidelity`` protocol of ``benchmarks/peers/``): ``--samples`` windows of prose at seeded offsets; the
+``--context`` tokens are prefilled (compressed, then quantized), the next ``--tokens`` tokens are fed teacher-forced in
+one forward under ``kvaccel.paused`` (no further eviction; the storage stage stays on), and each position's next-token
+distribution is compared with the stock model's: ``KL(full || method)`` averaged over positions, then samples. Bytes
+are counted from the cache's tensors after the prefill (``report()["kv_storage_bytes"]``)::
+
+    .venv/bin/python benchmarks/kv_quant.py kl --context 2048 --samples 4
+
+Decode speed: per configuration a cache is prefilled with the same ``--batch`` x ``--context`` prompt, then decode
+steps are timed one at a time, the configurations interleaved step by step in one process (full attention = the
+stock model with a DynamicCache)::
+
+    .venv/bin/python benchmarks/kv_quant.py speed --context 2048 --batch 1 --steps 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+
+import kvaccel
+
+DEFAULT_SPECS = (
+    "kv_int8",
+    "kv_int4(group_size=32,residual=128)",
+    "kv_int4",
+    "kv_int4(bits=2,group_size=32,residual=128)",
+    "kv_fp8",
+    "snapkv(budget=0.25)",
+    "snapkv(budget=0.25)+kv_int4(group_size=32,residual=128)",
+    "expected_attention(budget=0.25)",
+    "expected_attention(budget=0.25)+kv_int4(group_size=32,residual=128)",
+)
+
+
+def _windows(tok, n: int, samples: int, seed: int) -> list[list[int]]:
+    from kvaccel.compare import prose
+
+    ids = tok(prose(400_000), add_special_tokens=False)["input_ids"]
+    starts = sorted(random.Random(seed).sample(range(0, len(ids) - n), samples))
+    return [ids[s : s + n] for s in starts]
+
+
+def _storage(rep: dict) -> dict:
+    parts = rep.get("kv_storage_bytes")
+    if not parts:
+        return {}
+    q = parts["codes"] + parts["scales"] + parts["zeros"]
+    return dict(quantized_bytes=q, window_bytes=parts["window"], other_bytes=parts["other"],
+                bytes_per_element=q / parts["quantized_elements"] if parts["quantized_elements"] else None)
+
+
+def kl(args) -> None:
+    model, tok = kvaccel.load_model(dtype=getattr(torch, args.dtype))
+    windows = _windows(tok, args.context + args.tokens, args.samples, args.seed)
+    specs = args.specs.split(";") if args.specs else DEFAULT_SPECS
+    rows: dict[str, list[dict]] = {s: [] for s in specs}
+    with torch.inference_mode():
+        for ids in windows:
+            ctx, tgt = torch.tensor([ids[: args.context]]), torch.tensor([ids[args.context :]])
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+            model(ctx, cache=cache, use_cache=True)
+            ref = torch.log_softmax(model(tgt, cache=cache, use_cache=True).logits[0].double(), -1)
+            for spec in specs:
+                with kvaccel.patched(model, spec):
+                    cache = kvaccel.KVAccelCache(model)
+                    model(ctx, cache=cache)
+                    rep = kvaccel.report(model)
+                    with kvaccel.paused(model):
+                        lp = torch.log_softmax(model(tgt, cache=cache).logits[0].double(), -1)
+                kl_pos = (ref.exp() * (ref - lp)).sum(-1)
+                rows[spec].append(dict(kl=float(kl_pos.mean()), kv_bytes=rep["kv_bytes"],
+                                       kv_bytes_full=rep["kv_bytes_full"], **_storage(rep)))
+    print(f"KL vs full, {args.samples} samples x {args.context} + {args.tokens} tokens, {args.dtype}, "
+          f"threads {torch.get_num_threads()}")
+    print(f"{'spec':72s} {'KL':>9s} {'held/full':>9s} {'B/elem':>7s} {'window MB':>9s}")
+    for spec, rs in rows.items():
+        bpe = [r["bytes_per_element"] for r in rs if r.get("bytes_per_element")]
+        print(f"{spec:72s} {statistics.mean(r['kl'] for r in rs):9.5f} "
+              f"{statistics.mean(r['kv_bytes'] / r['kv_bytes_full'] for r in rs):9.3f} "
+              f"{(statistics.mean(bpe) if bpe else float('nan')):7.3f} "
+              f"{statistics.mean(r.get('window_bytes', 0) for r in rs) / 1e6:9.2f}")
+
+
+def speed(args) -> None:
+    from transformers import DynamicCache
+
+    model, tok = kvaccel.load_model(dtype=getattr(torch, args.dtype))
+    ids = torch.tensor(_windows(tok, args.context + args.steps + 1, args.batch, args.seed))
+    specs = ["full", *(args.specs.split(";") if args.specs else DEFAULT_SPECS)]
+    caches, times = {}, {s: [] for s in specs}
+    with torch.inference_mode():
+        for spec in specs:  # prefill every configuration (not timed)
+            if spec == "full":
+                caches[spec] = DynamicCache()
+                model(ids[:, : args.context], cache=caches[spec], use_cache=True)
+            else:
+                with kvaccel.patched(model, spec):
+                    caches[spec] = kvaccel.KVAccelCache(model)
+                    model(ids[:, : args.context], cache=caches[spec])
+        for t in range(args.steps):  # one step of every configuration in turn
+            step = ids[:, args.context + t : args.context + t + 1]
+            for spec in specs:
+                if spec == "full":
+                    t0 = time.perf_counter()
+                    model(step, cache=caches[spec], use_cache=True)
+                    times[spec].append(time.perf_counter() - t0)
+                    continue
+                with kvaccel.patched(model, spec):
+                    t0 = time.perf_counter()
+                    model(step, cache=caches[spec])
+                    times[spec].append(time.perf_counter() - t0)
+    skip = min(2, args.steps - 1)  # first steps: warm-up
+    base = statistics.median(times["full"][skip:])
+    print(f"decode ms/step (median of steps {skip}..{args.steps - 1}), batch {args.batch} x {args.context}, "
+          f"{args.dtype}, threads {torch.get_num_threads()}, interleaved step by step")
+    for spec in specs:
+        med = statistics.median(times[spec][skip:])
+        print(f"{spec:72s} {med * 1e3:8.2f} ms  speed vs full {base / med:5.2f}x")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name, fn in (("kl", kl), ("speed", speed)):
+        s = sub.add_parser(name)
+        s.add_argument("--context", type=int, default=2048)
+        s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--specs", default=None, help="';'-separated method specs (default: DEFAULT_SPECS)")
+        s.set_defaults(fn=fn)
+        if name == "kl":
+            s.add_argument("--tokens", type=int, default=64)
+            s.add_argument("--samples", type=int, default=4)
+        else:
+            s.add_argument("--batch", type=int, default=1)
+            s.add_argument("--steps", type=int, default=32)
+    args = p.parse_args()
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()
