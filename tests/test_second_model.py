@@ -2,9 +2,10 @@
 
 Opt-in (a 1.5B model on a CPU takes ~15 minutes here): fetch it once with ``kvaccel fetch-model qwen2.5-coder-1.5b``,
 then ``make test-second-model`` (``KVACCEL_SECOND_MODEL=qwen2.5-coder-1.5b pytest tests/test_second_model.py``).
-Skipped otherwise. Each method runs a 1,100-token prompt (above the prefill methods' ``min_length``) and 4 greedy
-steps; the test checks what the method must do on this shape (real bytes freed, sparse tiles, host-resident keys,
-the model's dtype kept) and writes next-token KL vs the stock model to ``runs/second_model_<dtype>.json``.
+Skipped otherwise. Each method runs one greedy generation of 4 tokens after a 1,100-token prompt (above the prefill
+methods' ``min_length``); the test checks what the method must do on this shape (real bytes freed, sparse tiles,
+host-resident keys, the model's dtype kept) and writes next-token KL vs the stock model to
+``runs/second_model_<dtype>.json``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ EVICTION = ["streaming", "snapkv", "h2o", "keyformer", "d2o", "pyramidkv", "adak
 PREFILL = ["a_shape", "vertical_slash", "pbs", "sale", "seer(mode='oracle')"]
 SPECS = ([f"{m}(budget={BUDGET})" for m in EVICTION] + [f"snapkv(budget={BUDGET})+think(ratio=0.4)"] + PREFILL
          + ["retrieval", "retrieval(exact_below=0)"])
+GEN = dict(max_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True, output_logits=True)
 RESULTS: dict[str, dict] = {}
 
 
@@ -40,9 +42,8 @@ def second(request):
         pytest.skip(str(e))
     ids = prompt_ids(tok, PROMPT)
     with torch.no_grad():
-        out = model(ids, use_cache=True)
-        stock = model.generate(ids, max_new_tokens=STEPS, do_sample=False)
-    yield model, ids, out.logits[0, -1].float().log_softmax(-1), stock
+        stock = model.generate(ids, **GEN)
+    yield model, ids, stock.logits[0][0].float().log_softmax(-1), stock.sequences
     path = Path("runs") / f"second_model_{request.param}.json"
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps({"model": NAME, "dtype": request.param, "prompt": PROMPT, "results": RESULTS}, indent=1))
@@ -59,12 +60,12 @@ def test_no_method_is_token_identical(second):
 def test_method_runs_with_real_savings(second, spec):
     model, ids, ref_logp, _ = second
     with torch.no_grad(), kvaccel.patched(model, spec):
-        out = model(ids, use_cache=True)
+        gen = model.generate(ids, **GEN)
         rep = kvaccel.report(model)
-        gen = model.generate(ids, max_new_tokens=STEPS, do_sample=False)
-    assert out.logits.dtype == model.dtype and torch.isfinite(out.logits).all()
-    assert gen.shape[1] == ids.shape[1] + STEPS
-    logp = out.logits[0, -1].float().log_softmax(-1)
+    logits = torch.stack(gen.logits)  # (steps, 1, vocab): the prefill's last position, then each decode step
+    assert logits.dtype == model.dtype and torch.isfinite(logits).all()
+    assert gen.sequences.shape[1] == ids.shape[1] + STEPS
+    logp = logits[0, 0].float().log_softmax(-1)
     kl = float((ref_logp.exp() * (ref_logp - logp)).sum())
     dens = [d for d in rep["prefill_density"] if d is not None]
     density = sum(dens) / len(dens) if dens else None
