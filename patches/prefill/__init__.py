@@ -6,5 +6,7 @@ from .pbs import PBS
 from .sale import SALE
 from .seer import Seer
 from .vertical_slash import VerticalSlash
+from .xattention import XAttention
 
-__all__ = ["AShape", "BlockSelection", "BlockSparsePrefill", "PBS", "PrefillMethod", "SALE", "Seer", "VerticalSlash"]
+__all__ = ["AShape", "BlockSelection", "BlockSparsePrefill", "PBS", "PrefillMethod", "SALE", "Seer", "VerticalSlash",
+           "XAttention"]
