@@ -223,3 +223,34 @@ def test_prompt_in_chunks_decodes_like_one_prefill():
     with kvaccel.patched(model):
         dense, _ = decode([ids])
     assert (dense - one).abs().max() > 1e-3  # pages were skipped
+
+
+def test_reordered_cache_rebuilds_its_page_bounds():
+    """Beam search reorders the cache's rows (new storage): the next step rebuilds the bounds from what it holds."""
+    g = torch.Generator().manual_seed(3)
+    B, Hkv, G, T, D, P = 2, 2, 3, 45, 16, 8
+    layer = KVAccelLayer()
+    layer.update(torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g))
+    pad = torch.ones(B, T, dtype=torch.bool)
+    pad[1, :13] = False
+    layer.mark_padding(pad)
+    method = Quest(page_size=P, budget=2 * P, dense_layers=0)
+    module = torch.nn.Module()
+    module.layer_idx, module.num_key_value_groups = 0, G
+    state = PatchState(methods={"decode": method}, num_layers=1, original_attn="sdpa")
+
+    def ctx(q, phase):
+        return AttentionContext(module, state, layer, q, layer.keys, layer.values, None, D**-0.5, phase, {})
+
+    method.after_prefill(ctx(torch.randn(B, Hkv * G, T, D, generator=g), "prefill"))
+    layer.reorder_cache(torch.tensor([1, 0]))
+    layer.update(torch.randn(B, Hkv, 1, D, generator=g), torch.randn(B, Hkv, 1, D, generator=g))
+    q = torch.randn(B, Hkv * G, 1, D, generator=g)
+    out = method.attention(ctx(q, "decode"))
+    st = getattr(layer, STATE_ATTR)
+    assert st.offset.tolist() == [13, 0]
+    keys, valid = layer.dense_keys()
+    rmin, _, _ = page_bounds_reference(keys, P, valid, st.offset)
+    torch.testing.assert_close(st.kmin[:, :, : st.pages].double(), rmin, atol=0, rtol=0)
+    torch.testing.assert_close(out[:, 0].double(), _naive_quest(q, keys, valid, layer.values, P, 2, D**-0.5),
+                               atol=1e-5, rtol=1e-5)
