@@ -116,7 +116,7 @@ def test_cumulative_selection_by_hand():
     assert cumulative_selection(s, valid, 0.51, forced).tolist() == [[True, True, False, True, False]]
     assert cumulative_selection(s, valid, 0.81, forced).tolist() == [[True, True, True, True, False]]
     assert cumulative_selection(s, valid, 0.05, forced).tolist() == [[True, False, False, False, False]]
-    assert cumulative_selection(s, valid, 0.05, forced, min_count=2).tolist() == [[True, True, False, True, False]]
+    assert cumulative_selection(s, valid, 0.05, forced, min_count=3).tolist() == [[True, True, False, True, False]]
     assert cumulative_selection(s, valid, 1.0).tolist() == valid.tolist()
 
 

@@ -24,7 +24,8 @@ _CHUNK_ELEMS = 1 << 24
 
 
 def last_query_attention(q: Tensor, k: Tensor, scale: float, last_q: int) -> Tensor:
-    """Exact causal attention probabilities of the last ``last_q`` queries: ``(B, H_q, last_q, L)`` float32.
+    """Exact causal attention probabilities of the last ``last_q`` queries: ``(B, H_q, last_q, L)`` float32 (float64
+    for float64 inputs).
 
     ``q`` ``(B, H_q, Lq, D)`` are the last ``Lq`` of the ``L`` positions of ``k`` (``Lq >= last_q``). GQA without
     repeating K: the ``G`` query heads of a kv head are stacked along rows.
@@ -34,11 +35,12 @@ def last_query_attention(q: Tensor, k: Tensor, scale: float, last_q: int) -> Ten
     G = Hq // Hkv
     ar = torch.arange(last_q, device=q.device)
     above = ar[None, :] > ar[:, None]  # (last_q, last_q): keys after the query among the last ones
-    qg = q[:, :, Lq - last_q :].reshape(B, Hkv, G * last_q, D).float()
+    dt = torch.promote_types(q.dtype, torch.float32)
+    qg = q[:, :, Lq - last_q :].reshape(B, Hkv, G * last_q, D).to(dt)
     step = max(1, _CHUNK_ELEMS // max(1, B * G * last_q * L))
     out = []
     for h0 in range(0, Hkv, step):  # chunks of kv heads, not a loop per head (one chunk at 8k)
-        s = (qg[:, h0 : h0 + step] @ k[:, h0 : h0 + step].float().transpose(-1, -2)).mul_(scale)
+        s = (qg[:, h0 : h0 + step] @ k[:, h0 : h0 + step].to(dt).transpose(-1, -2)).mul_(scale)
         s = s.view(B, -1, G, last_q, L)
         s[..., L - last_q :].masked_fill_(above, float("-inf"))
         out.append(torch.softmax(s, dim=-1).view(B, -1, last_q, L))

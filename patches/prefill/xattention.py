@@ -23,7 +23,8 @@ def cumulative_selection(scores: Tensor, valid: Tensor, threshold: float, forced
                          min_count: int = 0) -> Tensor:
     """Per row of ``scores`` ``(..., N)`` (non-negative): the ``forced`` entries, then the others by descending score
     while the mass of the entries ranked before (the forced ones included) is below ``threshold`` times the row's
-    total over ``valid``; at least the ``min_count`` best others. ``threshold >= 1`` keeps every valid entry.
+    total over ``valid``, and at least ``min_count`` entries (the forced ones included) if the row has them.
+    ``threshold >= 1`` keeps every valid entry.
 
     Returns ``(..., N)`` bool, never outside ``valid``.
     """
@@ -37,7 +38,7 @@ def cumulative_selection(scores: Tensor, valid: Tensor, threshold: float, forced
     before = s.masked_fill(~forced, 0.0).sum(-1, keepdim=True) + sorted_s.cumsum(-1) - sorted_s
     keep = before < need
     if min_count:
-        keep |= torch.arange(keep.shape[-1], device=keep.device) < min_count
+        keep |= torch.arange(keep.shape[-1], device=keep.device) < min_count - forced.sum(-1, keepdim=True)
     picked = torch.zeros_like(valid).scatter_(-1, order, keep)
     return (picked & valid & ~forced) | forced
 
