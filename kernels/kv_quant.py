@@ -19,6 +19,8 @@ Codes are packed along the channel axis, ``8 // bits`` codes per byte (code ``i`
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -108,6 +110,22 @@ def unpack_codes(packed: Tensor, bits: int, channels: int | None = None) -> Tens
     parts = [(packed >> (bits * i)) & mask for i in range(per)]
     out = torch.stack(parts, dim=-1).flatten(-2)
     return out if channels is None or channels == out.shape[-1] else out[..., :channels]
+
+
+@functools.cache
+def _unpack_table(bits: int, device: str) -> Tensor:
+    """``(256, 8 // bits)`` float32: the codes a byte holds, lowest bits first."""
+    b = torch.arange(256, device=device)[:, None]
+    return ((b >> (torch.arange(8 // bits, device=device) * bits)) & ((1 << bits) - 1)).float()
+
+
+def codes_as_float(codes: Tensor, bits: int, channels: int) -> Tensor:
+    """Codes ``(..., bytes)`` (packed uint8, or float8) as float32 ``(..., channels)``: one table lookup per byte
+    for packed codes (two passes instead of a shift, a mask, an interleave and a conversion per code)."""
+    if codes.is_floating_point() or bits == 8:
+        return codes.float()
+    out = torch.nn.functional.embedding(codes.to(torch.int32), _unpack_table(bits, str(codes.device))).flatten(-2)
+    return out if out.shape[-1] == channels else out[..., :channels]
 
 
 def _grid(mn: Tensor, mx: Tensor, bits: int, sdtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -235,6 +253,40 @@ class QuantizedKV:
         zero = None if self.k_zero is None else self.k_zero[:, :, start // g: stop // g]
         return dequantize_keys(self.k_codes[:, :, start:stop], self.k_scale[:, :, start // g: stop // g], zero,
                                self.bits, dtype)
+
+    def key_logits(self, rows: Tensor, start: int, stop: int) -> Tensor:
+        """``rows @ keys[start:stop]ᵀ`` ``(B, H, R, stop - start)`` in float32 for float32 ``rows`` ``(B, H, R, Dk)``,
+        without dequantizing: per key group ``(rows · s) @ codesᵀ + rows @ z`` (float8: ``(rows @ codesᵀ) · s``)."""
+        g = self.key_group
+        ks = self.k_scale[:, :, start // g: stop // g].float()
+        c = codes_as_float(self.k_codes[:, :, start:stop], self.bits, ks.shape[-1])
+        if self.k_zero is None:  # one scale per token
+            return (rows @ c.transpose(-1, -2)) * ks[..., 0][:, :, None, :]
+        B, H, t, D = c.shape
+        n = t // g
+        kz = self.k_zero[:, :, start // g: stop // g].float()
+        grouped = (rows[:, :, None] * ks[:, :, :, None, :]) @ c.view(B, H, n, g, D).transpose(-1, -2)
+        grouped = grouped + (rows @ kz.transpose(-1, -2)).transpose(-1, -2)[..., None]  # (B, H, n, R, g)
+        return grouped.permute(0, 1, 3, 2, 4).reshape(B, H, rows.shape[2], t)
+
+    def weighted_values(self, p: Tensor, start: int, stop: int) -> Tensor:
+        """``p @ values[start:stop]`` ``(B, H, R, Dv)`` in float32 for float32 weights ``p`` ``(B, H, R, t)``, without
+        dequantizing: per value group ``(p · s) @ codes + p @ z``."""
+        vs = self.v_scale[:, :, start:stop].float()  # (B, H, t, n)
+        B, H, t, n = vs.shape
+        c = codes_as_float(self.v_codes[:, :, start:stop], self.bits, self.v_codes.shape[-1] * 8 // self.bits
+                           if not self.v_codes.is_floating_point() else self.v_codes.shape[-1])
+        Dv = c.shape[-1]
+        gv = Dv // n
+        if n == 1:
+            out = (p * vs[..., 0][:, :, None, :]) @ c
+        else:
+            ps = (p[..., None] * vs[:, :, None]).permute(0, 1, 4, 2, 3)  # (B, H, n, R, t)
+            out = (ps @ c.view(B, H, t, n, gv).transpose(2, 3)).permute(0, 1, 3, 2, 4).reshape(B, H, -1, Dv)
+        if self.v_zero is not None:
+            bias = p @ self.v_zero[:, :, start:stop].float()  # (B, H, R, n)
+            out = out + (bias if n == 1 else bias.repeat_interleave(gv, dim=-1))
+        return out
 
     def values(self, dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None) -> Tensor:
         """Dequantized values of tokens ``[start, stop)``."""

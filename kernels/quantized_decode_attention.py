@@ -2,17 +2,22 @@
 
 The cache of one layer is ``[quantized part (Tq tokens), window (Tw tokens)]`` on one token axis; the ``Q`` queries
 are the last ``Q`` tokens of the window (causal among themselves; ``Q = 1`` for a decode step). The PyTorch path
-walks the quantized part in tiles of ``block`` tokens, dequantizes each tile to float32 inside the loop (never the
-whole cache) and merges the tiles with an online softmax; :func:`quantized_decode_attention_reference` dequantizes
-everything in float64 and is what the tests compare against.
+walks the quantized part in tiles of ``block`` tokens and reads each tile's codes inside the loop (never a
+dequantized copy of the cache: per key group ``(q·s) @ codesᵀ + q @ z``, per value group ``(p·s) @ codes + p @ z``,
+codes unpacked to float32 by a table lookup) and merges the tiles with an online softmax;
+:func:`quantized_decode_attention_reference` dequantizes everything in float64 and is what the tests compare against.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from .backend import check_mask, resolve_backend
+from .cpu_ops import single_thread
 from .kv_quant import QuantizedKV
 
 __all__ = ["quantized_decode_attention", "quantized_decode_attention_reference"]
@@ -112,7 +117,7 @@ def quantized_decode_attention(
     acc = qg.new_zeros(B, Hkv, G * Q, Dv)
     kept_logits: list[Tensor] = []
 
-    def merge(logits: Tensor, vals: Tensor) -> None:
+    def merge(logits: Tensor, weighted: Callable[[Tensor], Tensor]) -> None:
         nonlocal m, l_sum, acc
         if return_probs:
             kept_logits.append(logits)
@@ -121,29 +126,33 @@ def quantized_decode_attention(
         p = torch.exp(logits - m_safe)
         alpha = torch.exp(m - m_safe)
         l_sum = l_sum * alpha + p.sum(-1, keepdim=True)
-        acc = acc * alpha + p @ vals
+        acc = acc * alpha + weighted(p)
         m = m_new
 
-    def fold(rows: Tensor, part: QuantizedKV) -> None:  # the part's tiles, dequantized one at a time
+    def fold(rows: Tensor, part: QuantizedKV) -> None:  # the part's tiles, one at a time, read from the codes
         Tq, g = part.length, part.key_group
         if not Tq:
             return
         step = max(g, block // g * g)
         for t0 in range(0, Tq, step):
             t1 = min(Tq, t0 + step)
-            logits = rows @ part.keys(torch.float32, t0, t1).transpose(-1, -2)
+            logits = part.key_logits(rows, t0, t1)
             if part.valid is not None:
                 logits = logits.masked_fill(~part.valid[:, :, None, t0:t1], float("-inf"))
-            merge(logits, part.values(torch.float32, t0, t1))
+            merge(logits, lambda p, t0=t0, t1=t1: part.weighted_values(p, t0, t1))
 
-    if narrow is not None:
-        fold(qg.gather(-1, channel_idx[:, :, None, :].expand(B, Hkv, G * Q, channel_idx.shape[-1])), narrow)
-    fold(qg, quant)
-    logits = qg @ k.float().transpose(-1, -2)
-    mask = _window_mask(valid, Q, G, Tw, q.device)
-    if mask is not None:
-        logits = logits.masked_fill(~mask, float("-inf"))
-    merge(logits, v.float())
+    # CPU: one intra-op thread for this step's many small ops (waking the other threads per op cost more than the
+    # ops on a loaded machine; same results)
+    with single_thread() if q.device.type == "cpu" else contextlib.nullcontext():
+        if narrow is not None:
+            fold(qg.gather(-1, channel_idx[:, :, None, :].expand(B, Hkv, G * Q, channel_idx.shape[-1])), narrow)
+        fold(qg, quant)
+        logits = qg @ k.float().transpose(-1, -2)
+        mask = _window_mask(valid, Q, G, Tw, q.device)
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        vf = v.float()
+        merge(logits, lambda p: p @ vf)
     denom = l_sum.clamp_min(torch.finfo(torch.float32).tiny)
     out = torch.where(l_sum > 0, acc / denom, 0.0).reshape(B, Hq, Q, Dv).to(q.dtype)
     if not return_probs:
