@@ -136,6 +136,7 @@ def main() -> None:
         s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--specs", default=None, help="';'-separated method specs (default: DEFAULT_SPECS)")
+        s.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
         s.set_defaults(fn=fn)
         if name == "kl":
             s.add_argument("--tokens", type=int, default=64)
@@ -144,6 +145,8 @@ def main() -> None:
             s.add_argument("--batch", type=int, default=1)
             s.add_argument("--steps", type=int, default=32)
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.fn(args)
 
 
