@@ -19,8 +19,6 @@ Codes are packed along the channel axis, ``8 // bits`` codes per byte (code ``i`
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
@@ -112,20 +110,11 @@ def unpack_codes(packed: Tensor, bits: int, channels: int | None = None) -> Tens
     return out if channels is None or channels == out.shape[-1] else out[..., :channels]
 
 
-@functools.cache
-def _unpack_table(bits: int, device: str) -> Tensor:
-    """``(256, 8 // bits)`` float32: the codes a byte holds, lowest bits first."""
-    b = torch.arange(256, device=device)[:, None]
-    return ((b >> (torch.arange(8 // bits, device=device) * bits)) & ((1 << bits) - 1)).float()
-
-
 def codes_as_float(codes: Tensor, bits: int, channels: int) -> Tensor:
-    """Codes ``(..., bytes)`` (packed uint8, or float8) as float32 ``(..., channels)``: one table lookup per byte
-    for packed codes (two passes instead of a shift, a mask, an interleave and a conversion per code)."""
+    """Codes ``(..., bytes)`` (packed uint8, or float8) as float32 ``(..., channels)``."""
     if codes.is_floating_point() or bits == 8:
         return codes.float()
-    out = torch.nn.functional.embedding(codes.to(torch.int32), _unpack_table(bits, str(codes.device))).flatten(-2)
-    return out if out.shape[-1] == channels else out[..., :channels]
+    return unpack_codes(codes, bits, channels).float()
 
 
 def _grid(mn: Tensor, mx: Tensor, bits: int, sdtype: torch.dtype) -> tuple[Tensor, Tensor]:

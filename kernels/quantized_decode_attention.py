@@ -4,7 +4,7 @@ The cache of one layer is ``[quantized part (Tq tokens), window (Tw tokens)]`` o
 are the last ``Q`` tokens of the window (causal among themselves; ``Q = 1`` for a decode step). The PyTorch path
 walks the quantized part in tiles of ``block`` tokens and reads each tile's codes inside the loop (never a
 dequantized copy of the cache: per key group ``(q·s) @ codesᵀ + q @ z``, per value group ``(p·s) @ codes + p @ z``,
-codes unpacked to float32 by a table lookup) and merges the tiles with an online softmax;
+codes unpacked to float32 by shifts) and merges the tiles with an online softmax;
 :func:`quantized_decode_attention_reference` dequantizes everything in float64 and is what the tests compare against.
 """
 
