@@ -225,6 +225,12 @@ KL_KVACCEL = {
     "expected_attention-mixture": "expected_attention(budget={b}, future_positions='mixture')",
     "expected_attention-mixture-obs-chunk10":
         "expected_attention(budget={b}, future_positions='mixture', observation_weight=0.2, chunk=10)",
+    # the cheap scorers (issue 23): kvpress' TOVAPress, KnormPress, KeyDiffPress, CriticalKVPress
+    "tova": "tova(budget={b})",
+    "knorm": "knorm(budget={b})",
+    "keydiff": "keydiff(budget={b})",
+    "critical-expected_attention": "critical(scorer=expected_attention(use_vnorm=False), budget={b})",
+    "critical-snapkv": "critical(scorer=snapkv, budget={b})",
 }
 KL_KVPRESS = ("streaming", "snapkv", "tova", "knorm", "expected_attention", "adakv-expected_attention")
 
