@@ -69,8 +69,9 @@ def check_tasks(tasks: Iterable[str]) -> list[str]:
 
 
 def model_max_length(model) -> int | None:
-    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    return getattr(cfg, "max_position_embeddings", None)
+    from kvaccel.models import text_config
+
+    return getattr(text_config(model), "max_position_embeddings", None)
 
 
 def check_lengths(model, lengths: Iterable[int], margin: int = 0) -> list[int]:

@@ -65,10 +65,9 @@ from torch import Tensor
 
 from kvaccel.checks import is_int
 
+from . import cpu_ops
 from .backend import resolve_backend
 from .cpu_ops import cpu_workers, run_parallel
-from .cpu_ops import flash_cpu as _flash_cpu
-from .cpu_ops import workspace as _workspace
 
 __all__ = [
     "block_sparse_attention",
@@ -436,9 +435,9 @@ def _block_sparse_attention_torch(q, k, v, block_mask, scale, block_m, block_n, 
     chunk_stats = torch.cat([counts.amax(-1), counts[0].masked_fill(counts[0] < 0, 1 << 30).amin(-1)[None]]).T
 
     def run_chunk(c: int, n_full: int, n_part: int, min_full: int) -> None:
-        # Workspaces reused by every chunk (and every call, see _workspace), one set per worker thread: fresh
+        # Workspaces reused by every chunk (and every call, see cpu_ops.workspace), one set per worker thread: fresh
         # large tensors cost page faults that dominate a gather on CPU.
-        ws_q, ws_k, ws_v, ws_bias, ws_pos, ws_hide = _workspace(dev, ws_parts)
+        ws_q, ws_k, ws_v, ws_bias, ws_pos, ws_hide = cpu_ops.workspace(dev, ws_parts)
         ids = plan.order[c * chunk : (c + 1) * chunk]
         n = ids.numel()
         qrows = take(qi, ids, ws_q).unsqueeze(1)  # (n, 1, R, D)
@@ -525,7 +524,7 @@ def _causal_flash(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor
 
 
 def _attend_matmul(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None, scale: float, is_causal=False):
-    """``(out, lse)`` like ``_flash_cpu`` with ``(N, H, R, D)`` inputs, by matmul + softmax in float32 (non-CPU
+    """``(out, lse)`` like ``cpu_ops.flash_cpu`` with ``(N, H, R, D)`` inputs, by matmul + softmax in float32 (non-CPU
     devices of the PyTorch path). A row with no key gets out 0 and lse -inf."""
     s = (q.float() @ k.float().transpose(-1, -2)) * scale
     if is_causal:
@@ -543,7 +542,7 @@ def _attend_matmul(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None 
 def _flash(q: Tensor, k: Tensor, v: Tensor, **kw) -> tuple[Tensor, Tensor]:
     """Fused attention returning ``(out, lse)``: the CPU flash kernel (float32 accumulation), else matmul."""
     if q.device.type == "cpu":
-        return _flash_cpu(q, k, v, **kw)
+        return cpu_ops.flash_cpu(q, k, v, **kw)
     return _attend_matmul(q, k, v, **kw)
 
 

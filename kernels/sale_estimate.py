@@ -61,11 +61,10 @@ from torch import Tensor
 
 from kvaccel.checks import check_int
 
+from . import cpu_ops
 from .backend import resolve_backend
 from .block_sparse_attention import causal_block_mask, check_block_size, first_query_block, num_blocks
 from .cpu_ops import cpu_workers, run_parallel
-from .cpu_ops import flash_cpu as _flash_cpu
-from .cpu_ops import workspace as _workspace
 
 __all__ = [
     "sale_quantize",
@@ -171,7 +170,7 @@ def _row_stats(qf: Tensor, kc: Tensor, scale: float, block_m: int, block_n: int,
                                                                                                  G * block_m, D)
         kg = kc[:, :, idx[i0:i1]].reshape(B * Hkv, nb, -1, D).transpose(0, 1)  # (nb, B·H_kv, W, D)
         if fused:
-            lse = _flash_cpu(qb, kg, kg, attn_mask=bias_all[i0:i1], scale=scale)[1]  # (nb, B·H_kv, G·m)
+            lse = cpu_ops.flash_cpu(qb, kg, kg, attn_mask=bias_all[i0:i1], scale=scale)[1]  # (nb, B·H_kv, G·m)
         else:
             s = (qb @ kg.transpose(-1, -2)).mul_(scale)
             s.masked_fill_(bad_all[i0:i1, None].repeat(1, 1, G, 1), float("-inf"))
@@ -388,7 +387,7 @@ def _estimate_torch(prep, scale, log_tau, block_m, block_n, sink_blocks, local_w
         j0, j1 = sink_blocks, lo_list[i1 - 1]
         c0, c1 = j0 * block_n, min(L, j1 * block_n)
         R, n, nb = r1 - r0, c1 - c0, i1 - i0
-        (buf,) = _workspace(dev, [(G * rows_per * nkb * block_n, bf)])  # per worker thread, reused
+        (buf,) = cpu_ops.workspace(dev, [(G * rows_per * nkb * block_n, bf)])  # per worker thread, reused
         x = torch.bmm(q_aug[b, hs, r0:r1], k_aug[b, hs, :, c0:c1], out=buf[: G * R * n].view(G, R, n))
         if scores_mode:
             x = x.view(G, nb, block_m, n).amax(2)  # (G, nb, n): ŝ - thr, max over the block's rows

@@ -10,19 +10,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
+from kvaccel.models import text_config  # noqa: F401  (re-exported: the gates read their shapes through it)
+
 WEIGHTS_FILE = "gate.safetensors"
 CONFIG_FILE = "gate.json"
-
-
-def text_config(model) -> Any:
-    """The decoder's text config of a transformers model (its ``config`` itself for a text-only model): the shapes a
-    gate for it must match."""
-    cfg = model.config
-    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
 
 
 class GateFile:

@@ -130,6 +130,12 @@ _ARCH_FIELDS = (
 )
 
 
+def text_config(model):
+    """The decoder's text config of a transformers model (its ``config`` itself for a text-only model)."""
+    cfg = model.config
+    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+
+
 def model_name(model) -> str:
     """A readable name for a model: its ``name_or_path`` basename (``SmolLM2-135M-Instruct`` for the default)."""
     path = str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or "")
@@ -144,6 +150,6 @@ def model_fingerprint(model) -> str:
     """
     import hashlib
 
-    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    cfg = text_config(model)
     arch = {f: getattr(cfg, f, None) for f in _ARCH_FIELDS}
     return hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -48,7 +48,7 @@ def unrotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x * cos - rotate_half(x) * sin) / (cos * cos + sin * sin)
 
 
-def _rotary_embedding(model) -> torch.nn.Module | None:
+def rotary_embedding(model) -> torch.nn.Module | None:
     base = getattr(model, "model", model)
     for holder in (base, getattr(base, "language_model", None), getattr(model, "get_decoder", lambda: None)()):
         rotary = getattr(holder, "rotary_emb", None)
@@ -66,7 +66,7 @@ class RopeShift:
     @classmethod
     def from_model(cls, model) -> RopeShift:
         """The model's RoPE frequencies; ``ValueError`` when its RoPE cannot be re-rotated exactly."""
-        rotary = _rotary_embedding(model)
+        rotary = rotary_embedding(model)
         if rotary is None or not isinstance(getattr(rotary, "inv_freq", None), Tensor):
             raise ValueError(
                 f"rerotate=True needs a model with rotary position embeddings (model.model.rotary_emb.inv_freq); "

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import kvaccel.kernels.block_sparse_attention as bsa
+from kvaccel.kernels import cpu_ops
 from kvaccel.kernels.block_sparse_attention import (
     block_sparse_attention,
     block_sparse_attention_reference,
@@ -175,13 +176,13 @@ def test_worker_threads(monkeypatch: pytest.MonkeyPatch, mask_heads: str, perm: 
     monkeypatch.setattr(bsa, "GATHER_BYTES", 1 << 14)  # many small chunks for the two workers
     threads = torch.get_num_threads()
     seen: list[tuple[int, bool]] = []
-    flash = bsa._flash_cpu
+    flash = cpu_ops.flash_cpu
 
     def spy(*a, **k):
         seen.append((torch.get_num_threads(), torch.is_inference_mode_enabled()))
         return flash(*a, **k)
 
-    monkeypatch.setattr(bsa, "_flash_cpu", spy)
+    monkeypatch.setattr(cpu_ops, "flash_cpu", spy)
     try:
         torch.set_num_threads(2)
         assert bsa.cpu_workers("cpu") == 2
@@ -220,7 +221,7 @@ def test_run_parallel_raises_from_workers() -> None:
 @pytest.mark.parametrize("perm,valid", [("none", "none"), ("any", "left")])
 def test_matmul_attend_matches_reference(monkeypatch: pytest.MonkeyPatch, perm: str, valid: str) -> None:
     """The PyTorch path off CPU attends by matmul + softmax instead of the CPU flash kernel: same results."""
-    monkeypatch.setattr(bsa, "_flash_cpu", bsa._attend_matmul)
+    monkeypatch.setattr(cpu_ops, "flash_cpu", bsa._attend_matmul)
     kw = _inputs(group=3, L=150, block_m=32, block_n=16, perm=perm, valid=valid)
     kw["block_mask"][0, 0] = True  # a dense head (causal call)
     _check(kw)

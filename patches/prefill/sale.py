@@ -42,6 +42,7 @@ from kvaccel.checks import check_int, check_number
 from kvaccel.config import register
 from kvaccel.kernels.block_sparse_attention import causal_block_mask, num_blocks
 from kvaccel.kernels.sale_estimate import sale_block_scores, sale_estimate
+from kvaccel.models import text_config
 
 from .base import BlockSelection, BlockSparsePrefill, PrefillMethod, validate_blocks
 
@@ -223,7 +224,7 @@ def check_threshold(value: Any, where: str) -> float:
 
 
 def _shape(model) -> tuple[int, int]:
-    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    cfg = text_config(model)
     return int(cfg.num_hidden_layers), int(cfg.num_attention_heads)
 
 

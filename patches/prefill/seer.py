@@ -10,7 +10,7 @@ import torch
 from kvaccel.checks import check_int, check_number
 from kvaccel.config import register
 from kvaccel.kernels.block_sparse_attention import first_query_block
-from kvaccel.rope import _rotary_embedding
+from kvaccel.rope import rotary_embedding
 
 from .base import BlockSelection, BlockSparsePrefill
 from .seer_gate import SeerGate, pooled_attention_target, shipped_gate_dir, unrotate
@@ -112,7 +112,7 @@ class Seer(BlockSparsePrefill):
         gate.check_model(model, where=str(path))
         param = next(model.parameters())
         self._gate = gate.to(param.device).eval().requires_grad_(False)
-        self._rotary = _rotary_embedding(model)  # RoPE tables of the cached keys' positions (a later prompt chunk)
+        self._rotary = rotary_embedding(model)  # RoPE tables of the cached keys' positions (a later prompt chunk)
 
     def extend_blocker(self, ctx) -> str | None:
         if self.mode == "oracle":
