@@ -8,7 +8,12 @@ import math
 
 import pytest
 import torch
-from prefill_helpers import padded_batch_and_alone, recording
+from prefill_helpers import (
+    assert_dense_setting_matches_stock,
+    assert_density_is_the_computed_tiles,
+    padded_batch_and_alone,
+    recording,
+)
 
 import kvaccel
 from kvaccel.kernels.block_sparse_attention import causal_block_mask
@@ -171,35 +176,11 @@ def test_last_query_attention_keeps_float64():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gamma_one_matches_stock(family):
-    model = tiny_model(family)
-    ids = torch.randint(3, 512, (1, 200), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = model(ids, use_cache=False).logits
-        with kvaccel.patched(model, "flexprefill(gamma=1.0,block_size=32,min_length=16)"):
-            out = model(ids, use_cache=False).logits
-            rep = kvaccel.report(model)
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
-    assert rep["prefill_density"] == [1.0] * model.config.num_hidden_layers
-    assert rep["prefill_estimate_s"] > 0
+    assert_dense_setting_matches_stock(tiny_model(family), "flexprefill(gamma=1.0,block_size=32,min_length=16)")
 
 
 def test_report_density_is_the_computed_tiles_and_output_changes():
-    model = tiny_model("qwen2")
-    ids = torch.randint(3, 512, (1, 320), generator=torch.Generator().manual_seed(2))
-    method = FlexPrefill(**SPARSE)
-    calls = recording(method)
-    with torch.no_grad():
-        ref = model(ids, use_cache=False).logits
-        with kvaccel.patched(model, method):
-            out = model(ids, use_cache=False).logits
-            rep = kvaccel.report(model)
-    H = model.config.num_attention_heads
-    causal, diag = causal_block_mask(320, 32, 32), _diagonal_tiles(320, 32, 32, None)
-    want = [float(((s.mask | diag) & causal).sum() / (causal.sum() * H)) for s in calls]
-    assert len(calls) == model.config.num_hidden_layers
-    assert rep["prefill_density"] == pytest.approx(want)
-    assert all(d < 1 for d in want), want
-    assert not torch.allclose(out, ref, atol=1e-4)  # tiles were skipped
+    assert_density_is_the_computed_tiles(tiny_model("qwen2"), FlexPrefill(**SPARSE))
 
 
 def test_last_chunk_selects_the_unchunked_rows_of_vertical_slash_heads():

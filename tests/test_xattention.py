@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from prefill_helpers import padded_batch_and_alone, recording
+from prefill_helpers import (
+    assert_dense_setting_matches_stock,
+    assert_density_is_the_computed_tiles,
+    padded_batch_and_alone,
+    recording,
+)
 
 import kvaccel
 from kvaccel.kernels.block_sparse_attention import causal_block_mask
 from kvaccel.patches.prefill import XAttention, xattention
-from kvaccel.patches.prefill.base import _diagonal_tiles
 from kvaccel.patches.prefill.xattention import antidiagonal_block_scores, cumulative_selection
 
 from conftest import FAMILIES, tiny_model
@@ -144,35 +148,12 @@ def test_threshold_one_selects_every_causal_block():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_threshold_one_matches_stock(family):
-    model = tiny_model(family)
-    ids = torch.randint(3, 512, (1, 200), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = model(ids, use_cache=False).logits
-        with kvaccel.patched(model, "xattention(threshold=1.0,stride=4,block_size=32,min_length=16)"):
-            out = model(ids, use_cache=False).logits
-            rep = kvaccel.report(model)
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
-    assert rep["prefill_density"] == [1.0] * model.config.num_hidden_layers
-    assert rep["prefill_estimate_s"] > 0
+    spec = "xattention(threshold=1.0,stride=4,block_size=32,min_length=16)"
+    assert_dense_setting_matches_stock(tiny_model(family), spec)
 
 
 def test_report_density_is_the_computed_tiles_and_output_changes():
-    model = tiny_model("qwen2")
-    ids = torch.randint(3, 512, (1, 320), generator=torch.Generator().manual_seed(2))
-    method = XAttention(**SPARSE)
-    calls = recording(method)
-    with torch.no_grad():
-        ref = model(ids, use_cache=False).logits
-        with kvaccel.patched(model, method):
-            out = model(ids, use_cache=False).logits
-            rep = kvaccel.report(model)
-    H = model.config.num_attention_heads
-    causal, diag = causal_block_mask(320, 32, 32), _diagonal_tiles(320, 32, 32, None)
-    want = [float(((s.mask | diag) & causal).expand(1, H, -1, -1).sum() / (causal.sum() * H)) for s in calls]
-    assert len(calls) == model.config.num_hidden_layers
-    assert rep["prefill_density"] == pytest.approx(want)
-    assert all(d < 1 for d in want), want
-    assert not torch.allclose(out, ref, atol=1e-4)  # tiles were skipped
+    assert_density_is_the_computed_tiles(tiny_model("qwen2"), XAttention(**SPARSE))
 
 
 def test_chunked_prefill_selects_and_computes_the_unchunked_rows():
