@@ -281,7 +281,9 @@ def _kl_methods(framework: str, budgets, names: list[str] | None):
     if framework == "kvpress":
         from kvpress import (
             AdaKVPress,
+            CriticalKVPress,
             ExpectedAttentionPress,
+            KeyDiffPress,
             KnormPress,
             KVzipPress,
             SnapKVPress,
@@ -294,6 +296,11 @@ def _kl_methods(framework: str, budgets, names: list[str] | None):
             "snapkv": lambda c: SnapKVPress(compression_ratio=c, window_size=32, kernel_size=7),
             "tova": lambda c: TOVAPress(compression_ratio=c),
             "knorm": lambda c: KnormPress(compression_ratio=c),
+            "keydiff": lambda c: KeyDiffPress(compression_ratio=c),
+            "critical-expected_attention":
+                lambda c: CriticalKVPress(ExpectedAttentionPress(compression_ratio=c, use_vnorm=False)),
+            "critical-snapkv":
+                lambda c: CriticalKVPress(SnapKVPress(compression_ratio=c, window_size=32, kernel_size=7)),
             "expected_attention": lambda c: ExpectedAttentionPress(compression_ratio=c),
             "adakv-expected_attention": lambda c: AdaKVPress(ExpectedAttentionPress(compression_ratio=c)),
             # context reconstruction (2-3x the prefill); budgets vary per layer and head (masked, not freed)
