@@ -271,7 +271,7 @@ def test_sparse_settings_compute_fewer_tiles_and_stay_close(method):
     assert 0.05 < err < SPARSE_ERROR_BOUND[method], err  # something was skipped, and not much more than measured
 
 
-@pytest.mark.parametrize("method", ["vertical_slash", "pbs", "a_shape"])
+@pytest.mark.parametrize("method", ["vertical_slash", "pbs", "a_shape", "xattention", "flexprefill"])
 def test_short_prompt_falls_back_to_dense_with_a_note(method):
     model = tiny_model("llama")
     ids = prompt(60)
