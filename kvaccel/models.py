@@ -43,12 +43,12 @@ def default_gguf_path() -> Path:
 def default_model_path() -> Path:
     """A safetensors copy of the default model, de-quantized from the GGUF once and cached."""
     target = cache_dir() / DEFAULT_MODEL
-    if not _is_dequantized_copy(target):
+    if not is_dequantized_copy(target):
         save_dequantized(default_gguf_path(), target)
     return target
 
 
-def _is_dequantized_copy(target: Path) -> bool:
+def is_dequantized_copy(target: Path) -> bool:
     """Whether ``target`` holds a complete de-quantized copy (config without ``quantization_config`` + weights)."""
     cfg = target / "config.json"
     has_weights = (target / "model.safetensors").exists() or (target / "model.safetensors.index.json").exists()
