@@ -14,8 +14,9 @@ block-pooled pre-RoPE q/k features and the self-distillation target (true attent
 blockwise); the gates then train on those tensors alone, so a training step costs a few small matmuls:
 ``loss = mean over layers, heads and query blocks i >= nb/4 of KL(target_i || softmax(gate_i))``.
 ``attention_gate`` (Attention-Gate eviction, https://arxiv.org/abs/2410.12876): the next-token KL of tokens continuing
-a densely prefilled prompt the gates pruned, see :mod:`kvaccel.attention_gate_training`. Other kinds plug in with
-``register_gate_kind``.
+a densely prefilled prompt the gates pruned, see :mod:`kvaccel.attention_gate_training`. ``duo_attention``
+(https://arxiv.org/abs/2410.10819): per-KV-head gates mixing full and streaming attention, distilled on generated
+needle tasks, see :mod:`kvaccel.duo_attention_training`. Other kinds plug in with ``register_gate_kind``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ class GateKind:
     loss: Callable[[nn.Module, Any], Tensor]
     save: Callable[[nn.Module, Path, dict], Path]
     task_haystacks: tuple[str, ...] = ("prose",)  # haystacks of the generated tasks in the default training data
+    #: the kind's own default data: ``(tokenizer, seq_len, n, seed) -> token id sequences`` (instead of the texts)
+    sequences: Callable[[Any, int, int, int], list[Tensor]] | None = None
 
 
 GATE_KINDS: dict[str, GateKind] = {}
@@ -157,6 +160,22 @@ def _ag(fn: str):  # the Attention-Gate kind lives in kvaccel.attention_gate_tra
 # the harness's tasks use the noise haystack by default: the gates see both kinds (their keep rate is content-driven)
 register_gate_kind(GateKind("attention_gate", _ag("build_gates"), _ag("train_target"), _ag("gate_loss"),
                             _ag("save_gates"), task_haystacks=("noise", "prose")))
+
+
+# ------------------------------------------------------------------------------------------ duo_attention
+
+
+def _duo(fn: str):  # the DuoAttention kind lives in kvaccel.duo_attention_training (imported when used)
+    def call(*args):
+        from kvaccel import duo_attention_training
+
+        return getattr(duo_attention_training, fn)(*args)
+
+    return call
+
+
+register_gate_kind(GateKind("duo_attention", _duo("build_gates"), _duo("train_target"), _duo("gate_loss"),
+                            _duo("save_gates"), sequences=_duo("passkey_sequences")))
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -289,13 +308,17 @@ def train_gate(
     set_seed(seed)
 
     model.requires_grad_(False).eval()
-    texts = (default_texts(tokenizer, seq_len, num_sequences, seed, gk.task_haystacks) if data is None
-             else load_texts(data))
-    sequences = tokenize_sequences(tokenizer, texts, seq_len)
+    if data is None and gk.sequences is not None:
+        sequences = gk.sequences(tokenizer, seq_len, num_sequences, seed)
+    else:
+        texts = (default_texts(tokenizer, seq_len, num_sequences, seed, gk.task_haystacks) if data is None
+                 else load_texts(data))
+        sequences = tokenize_sequences(tokenizer, texts, seq_len)
     order = list(range(len(sequences)))
     random.Random(seed).shuffle(order)
 
-    default_data = f"default (pydoc prose + generated tasks, haystacks {'/'.join(gk.task_haystacks)})"
+    default_data = (f"default ({kind}'s generated sequences)" if gk.sequences is not None else
+                    f"default (pydoc prose + generated tasks, haystacks {'/'.join(gk.task_haystacks)})")
     rec = dict(kind=kind, steps=steps, lr=lr, seq_len=seq_len, seed=seed, grad_accum=grad_accum,
                sequences=len(sequences), data=default_data if data is None else str(
                    data if isinstance(data, (str, Path)) else type(data).__name__), optimizer="AdamW(wd=0)",

@@ -5,6 +5,7 @@ from .attention_gate import AttentionGate
 from .base import EvictionMethod, ScoredEviction
 from .critical import Critical
 from .d2o import D2O
+from .duo_attention import DuoAttention
 from .expected_attention import ExpectedAttention
 from .full import Full
 from .h2o import H2O
@@ -21,5 +22,5 @@ __all__ = [
     "AdaKV", "D2O", "EvictionMethod", "ExpectedAttention", "Full", "H2O", "Keyformer", "PyramidKV", "ScoredEviction",
     "AttentionGate", "KVzip",
     "SnapKV", "Streaming",
-    "Critical", "KNorm", "KeyDiff", "TOVA",
+    "Critical", "KNorm", "KeyDiff", "TOVA", "DuoAttention",
 ]
