@@ -32,22 +32,25 @@ STREAMING = torch.tensor([[False, True], [True, False], [False, True]])
 
 def _reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Full causal attention; after the prompt (``module._ref_prompt`` tokens), streaming heads' queries see only the
-    first SINK and the last RECENT earlier tokens (and themselves)."""
+    first SINK and the last RECENT earlier tokens (and themselves). A prompt fed in two chunks (the first
+    ``module._ref_chunk`` tokens, then the rest): the second chunk's streaming queries see the first SINK tokens, the
+    last RECENT of the first chunk and the second chunk."""
     G = query.shape[1] // key.shape[1]
-    L, P = query.shape[2], module._ref_prompt
+    L, P, C = query.shape[2], module._ref_prompt, module._ref_chunk
     causal = torch.ones(L, L, dtype=torch.bool).tril()
     i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
-    window = causal & ((j < SINK) | (i - j <= RECENT) | (i < P))
+    second = (i >= C) & (i < P) & (j >= C - RECENT)
+    window = causal & ((j < SINK) | (i < C) | second | ((i >= P) & (i - j <= RECENT)))
     mask = torch.where(module._ref_streaming[:, None, None], window, causal).repeat_interleave(G, 0)
     k, v = key.repeat_interleave(G, 1), value.repeat_interleave(G, 1)
     out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=mask[None], scale=scaling)
     return out.transpose(1, 2), None
 
 
-def _reference_logits(model, ids: torch.Tensor, prompt: int) -> torch.Tensor:
+def _reference_logits(model, ids: torch.Tensor, prompt: int, chunk: int | None = None) -> torch.Tensor:
     AttentionInterface.register("duo_reference", _reference_attention)
     for layer in model.model.layers:
-        layer.self_attn._ref_prompt = prompt
+        layer.self_attn._ref_prompt, layer.self_attn._ref_chunk = prompt, prompt if chunk is None else chunk
         layer.self_attn._ref_streaming = STREAMING[layer.self_attn.layer_idx]
     model.set_attn_implementation("duo_reference")
     try:
@@ -57,10 +60,12 @@ def _reference_logits(model, ids: torch.Tensor, prompt: int) -> torch.Tensor:
         model.set_attn_implementation("sdpa")
 
 
-def _teacher_forced(model, ids: torch.Tensor, prompt: int, spec) -> tuple[torch.Tensor, KVAccelCache]:
+def _teacher_forced(model, ids: torch.Tensor, prompt: int, spec, chunk: int | None = None):
     with kvaccel.patched(model, spec), torch.no_grad():
         cache = KVAccelCache(model)
-        logits = [model(ids[:, :prompt], cache=cache, use_cache=True).logits[:, -1]]
+        if chunk is not None:
+            model(ids[:, :chunk], cache=cache, use_cache=True)
+        logits = [model(ids[:, chunk or 0 : prompt], cache=cache, use_cache=True).logits[:, -1]]
         for t in range(prompt, ids.shape[1]):
             logits.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1])
     return torch.stack(logits, 1), cache
@@ -82,6 +87,15 @@ def test_matches_the_hand_written_reference(family, tmp_path):
     with torch.no_grad():
         plain = model(ids, use_cache=False).logits[:, 39:]
     assert (plain - ref).abs().max() > 1e-3  # the streaming heads change the decode logits
+
+
+def test_prompt_in_two_chunks_matches_the_reference(tmp_path):
+    """The second chunk attends the packed first chunk (streaming heads: its sinks and last RECENT tokens)."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 512, (1, 40 + 6), generator=torch.Generator().manual_seed(4))
+    spec = DuoAttention(sparsity=0.5, patterns=_patterns(model, tmp_path, ALPHA), slack=1)
+    got, _ = _teacher_forced(model, ids, 40, spec, chunk=25)
+    torch.testing.assert_close(got, _reference_logits(model, ids, 40, chunk=25), atol=1e-4, rtol=1e-4)
 
 
 def test_sparsity_zero_is_stock(tmp_path):
