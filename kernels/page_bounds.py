@@ -5,7 +5,10 @@ left-padded row pages its tokens as it would alone). Per page and channel the ke
 every ``q · k`` of the page: ``q · k <= U = Σ_i max(q_i m_i, q_i M_i) = relu(q) · M + min(q, 0) · m`` (two
 matmuls; :func:`page_scores`). The PyTorch paths are vectorised; the float64 ``*_reference`` functions evaluate the
 formulas literally and are what the tests compare against; the Triton kernels are in
-:mod:`kvaccel.kernels.triton.page_bounds`.
+:mod:`kvaccel.kernels.triton.page_bounds`. A decode step is :func:`append_page_bounds`, :func:`select_top_pages`
+(:func:`page_scores` + :func:`select_pages`) and :func:`attend_pages` (:func:`page_slots` + :func:`page_attention`):
+on CPU with float32/float64 tensors each is one compiled kernel (:mod:`kvaccel.kernels.page_bounds_numba`: no slot
+list, no gathered copy of the pages, no small ops); elsewhere they run as those compositions.
 
 Shapes: keys ``(B, H_kv, N, D)``; bounds ``(B, H_kv, NP, D)`` in the keys' dtype (``2/P`` of the keys' bytes);
 ``count`` ``(B, 1|H_kv, NP)`` int32 real tokens per page (0 = an empty page, never selected); queries
@@ -14,18 +17,24 @@ Shapes: keys ``(B, H_kv, N, D)``; bounds ``(B, H_kv, NP, D)`` in the keys' dtype
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
+import warnings
+from types import ModuleType
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from kvaccel.checks import check_int
 
 from .backend import check_mask, resolve_backend
-from .cpu_ops import cpu_workers, run_parallel
+from .cpu_ops import cpu_workers, run_parallel, single_thread
 
 __all__ = [
     "append_page_bounds",
+    "attend_pages",
     "num_pages",
     "page_attention",
     "page_attention_reference",
@@ -34,8 +43,88 @@ __all__ = [
     "page_scores",
     "page_scores_reference",
     "page_slots",
+    "select_attend",
     "select_pages",
+    "select_top_pages",
 ]
+
+
+@functools.cache
+def _numba_kernels() -> ModuleType | None:
+    """:mod:`kvaccel.kernels.page_bounds_numba`, or ``None`` (with a one-time warning) when numba is missing."""
+    try:
+        from . import page_bounds_numba
+    except ImportError as e:
+        warnings.warn(f"kvaccel: quest's compiled CPU kernels need numba ({e}); its CPU path runs as PyTorch ops "
+                      "instead (same pages and outputs, slower): pip install numba", RuntimeWarning, stacklevel=3)
+        return None
+    return page_bounds_numba
+
+
+def _compiled(backend: str, *tensors: Tensor) -> ModuleType | None:
+    """The compiled CPU kernels when they serve these tensors (``backend`` resolves to the CPU path, every tensor
+    on CPU in float32 or float64), else ``None``."""
+    if resolve_backend(backend, tensors[0]) != "torch" or any(
+            t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) for t in tensors):
+        return None
+    return _numba_kernels()
+
+
+def _np(t: Tensor | None, empty_dims: int = 0) -> np.ndarray:
+    """A numpy view of ``t`` (no copy); ``None`` becomes an empty bool array of ``empty_dims`` dimensions."""
+    if t is None:
+        return np.zeros((1,) * (empty_dims - 1) + (0,), dtype=np.bool_)
+    return t.detach().numpy()
+
+
+_VIEWS: dict[tuple, np.ndarray] = {}  # (address, dtype, shape, strides) -> numpy view of the buffer there
+
+
+def _np_buffer(t: Tensor) -> np.ndarray:
+    """A numpy view of ``t`` ``(B, H, N, ...)`` for the kernels, memoised by address, dtype, shape and strides (it
+    holds no reference to ``t``: it is only looked up through a live tensor with that layout, so its memory is live).
+
+    When ``t`` is the first ``N`` slots of a contiguous buffer with more (a cache layer's keys, the page bounds' spare
+    pages), the view spans the whole buffer's slots and is C-contiguous: the compiled loops vectorise only over
+    C-contiguous arrays. The kernels are given ``N`` and read only the first ``N`` slots, which ``t`` holds."""
+    key = (t.data_ptr(), t.dtype, t.shape, t.stride())
+    view = _VIEWS.get(key)
+    if view is None:
+        if t.numel() == 0 or t.requires_grad:
+            return t.detach().numpy()
+        shape, stride = list(t.shape), list(t.stride())
+        inner = math.prod(shape[3:])
+        if t.dim() >= 3 and stride[1] % inner == 0 and stride[1] >= shape[2] * inner:
+            wide = [*shape[:2], stride[1] // inner, *shape[3:]]
+            if all(s == math.prod(wide[i + 1 :]) or n == 1 for i, (s, n) in enumerate(zip(stride, wide, strict=True))):
+                shape = wide
+        size = t.element_size()
+        span = (1 + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))) * size
+        raw = (ctypes.c_char * span).from_address(t.data_ptr())
+        view = np.ndarray(shape, dtype=_np_dtype(t.dtype), buffer=raw, strides=[s * size for s in stride])
+        if len(_VIEWS) >= 4096:
+            _VIEWS.clear()
+        _VIEWS[key] = view
+    return view
+
+
+@functools.cache
+def _np_dtype(dtype: torch.dtype) -> np.dtype:
+    return torch.empty(0, dtype=dtype).numpy().dtype
+
+
+def _check_pages(pages: Tensor, last: Tensor, n_pages: int) -> tuple[list[int], list[int]]:
+    """``pages``/``last`` ``(B,)`` on the host, checked: the compiled kernels index with them unchecked."""
+    pg, la = pages.tolist(), last.tolist()
+    if len(pg) != len(la) or any(p < 1 for p in pg) or any(not 0 <= j < n_pages for j in la):
+        raise ValueError(f"pages ({pg}) must be >= 1 and last ({la}) in [0, {n_pages}) per row")
+    return pg, la
+
+
+def _check_offset(offset: Tensor, B: int, n_tokens: int) -> None:
+    ok = offset.shape == (B,) and offset.dtype == torch.long
+    if not ok or not all(0 <= o < max(n_tokens, 1) for o in offset.tolist()):
+        raise ValueError(f"offset must be a ({B},) int64 tensor of slots in [0, {n_tokens}), got {offset.tolist()}")
 
 
 def _offsets(B: int, offset: Tensor | None, device: torch.device) -> Tensor:
@@ -125,12 +214,23 @@ def page_bounds_reference(
 
 
 def append_page_bounds(
-    kmin: Tensor, kmax: Tensor, count: Tensor, key: Tensor, page: Tensor, valid: Tensor | None = None
+    kmin: Tensor, kmax: Tensor, count: Tensor, key: Tensor, page: Tensor, valid: Tensor | None = None,
+    real: Tensor | None = None, *, backend: str = "auto",
 ) -> None:
     """Fold one new token per row into its page, in place: ``key`` ``(B, H_kv, D)`` joins page ``page`` ``(B,)``
-    (int64) of each row; ``valid`` ``(B, 1|H_kv)`` bool (``None`` = real). The first real token of a page sets its
-    bounds; a token that is not real changes nothing."""
+    (int64) of each row; ``valid`` ``(B, 1|H_kv)`` bool (``None`` = real); ``real`` ``(B,)`` int64, if given, counts
+    each row's real tokens (of kv head 0, like ``count[:, 0]``) and is incremented in place. The first real token of a
+    page sets its bounds; a token that is not real changes nothing. ``count`` needs a head axis as wide as ``valid``'s.
+    """
     B, H, _, D = kmin.shape
+    if valid is not None and valid.shape[1] > count.shape[1]:
+        raise ValueError(f"count {tuple(count.shape)} needs as many heads as valid {tuple(valid.shape)}")
+    jit = _compiled(backend, kmin, kmax, key)
+    if jit is not None and count.dtype == torch.int32 and page.dtype == torch.long:
+        r = np.zeros(B, np.int64) if real is None else _np_buffer(real)
+        jit._append_bounds(_np_buffer(kmin), _np_buffer(kmax), _np_buffer(count), r, _np(key), _np(page),
+                           _np(valid, 2))
+        return
     idx = page.view(B, 1, 1, 1).expand(B, H, 1, D)
     cidx = page.view(B, 1, 1).expand(B, count.shape[1], 1)
     c = count.gather(-1, cidx)  # (B, 1|H, 1)
@@ -140,14 +240,16 @@ def append_page_bounds(
     new_lo = torch.where(first, k, torch.minimum(lo, k))
     new_hi = torch.where(first, k, torch.maximum(hi, k))
     if valid is not None:
-        real = valid[:, :, None, None]
-        new_lo, new_hi = torch.where(real, new_lo, lo), torch.where(real, new_hi, hi)
+        real_new = valid[:, :, None, None]
+        new_lo, new_hi = torch.where(real_new, new_lo, lo), torch.where(real_new, new_hi, hi)
         c = c + valid[:, :, None].to(c.dtype)
     else:
         c = c + 1
     kmin.scatter_(2, idx, new_lo)
     kmax.scatter_(2, idx, new_hi)
     count.scatter_(-1, cidx, c)
+    if real is not None:
+        real += 1 if valid is None else valid[:, 0].to(real.dtype)
 
 
 def page_scores(
@@ -206,6 +308,39 @@ def select_pages(scores: Tensor, pages: Tensor, last: Tensor) -> tuple[Tensor, T
     forced = scores.scatter(-1, last.view(B, 1, 1).expand(B, Hq, 1), float("inf"))
     top, idx = forced.topk(K, dim=-1, sorted=True)
     keep = (torch.arange(K, device=scores.device)[None, None, :] < pages.view(B, 1, 1)) & (top > float("-inf"))
+    return idx, keep
+
+
+def select_top_pages(
+    q: Tensor, kmin: Tensor, kmax: Tensor, count: Tensor, pages: Tensor, last: Tensor, *, group: bool = False,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """``select_pages(page_scores(q, kmin, kmax, count, group=group), pages, last)``: per selection row (query head,
+    or kv head with ``group``) the ``pages[b]`` best pages of row ``b``, page ``last[b]`` first.
+
+    On CPU (float32/float64) one compiled pass per row: the pages after the first come in no particular order (the
+    same set as :func:`select_pages`' up to ties in score). ``q`` ``(B, H_q, 1, D)`` or ``(B, H_q, D)``; bounds
+    ``(B, H_kv, NP, D)``; ``count`` ``(B, 1|H_kv, NP)`` int32; ``pages``, ``last`` ``(B,)`` int64 (``pages >= 1``,
+    ``last < NP``). Returns ``(idx, keep)`` ``(B, H_s, K)``, ``K = min(max(pages), NP)``."""
+    if q.dim() == 4:
+        q = q[:, :, 0]
+    jit = _compiled(backend, q, kmin, kmax)
+    if jit is None or count.dtype != torch.int32:
+        return select_pages(page_scores(q, kmin, kmax, count, group=group, backend=backend), pages, last)
+    B, Hq, D = q.shape
+    _, Hkv, NP, _ = kmin.shape
+    if kmax.shape != kmin.shape or kmin.shape[0] != B or kmin.shape[-1] != D or Hq % Hkv:
+        raise ValueError(f"q {tuple(q.shape)} and bounds {tuple(kmin.shape)} / {tuple(kmax.shape)} must be "
+                         f"(B, H_q, D) and (B, H_kv, NP, D) with H_q a multiple of H_kv")
+    Hs = Hkv if group else Hq
+    pg, la = _check_pages(pages, last, NP)
+    K = min(max(pg), NP)
+    idx = torch.empty(B, Hs, K, dtype=torch.long)
+    keep = torch.empty(B, Hs, K, dtype=torch.bool)
+    args = (_np(q), _np_buffer(kmin), _np_buffer(kmax), _np_buffer(count), group)
+    outs = (_np(idx), _np(keep))
+    for b in range(B):
+        jit._select_pages(*args, b, NP, pg[b], la[b], 0, Hs, *outs)
     return idx, keep
 
 
@@ -288,6 +423,119 @@ def page_attention(
 
     run_parallel(run, [(b, r, min(r + step, Hs)) for b in range(B) for r in range(0, Hs, step)], workers)
     return out
+
+
+def attend_pages(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    idx: Tensor,
+    keep: Tensor,
+    *,
+    page_size: int,
+    offset: Tensor,
+    scale: float,
+    valid: Tensor | None = None,
+    k_narrow: Tensor | None = None,
+    channel_idx: Tensor | None = None,
+    v_narrow: Tensor | None = None,
+    value_idx: Tensor | None = None,
+    attended: Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """``page_attention(q, k, v, *page_slots(idx, keep, page_size, offset, N, valid), ...)``: exact softmax attention
+    of each query head over the real tokens of its selected pages, ``(B, H_q, 1, Dv)`` in ``q.dtype``.
+
+    ``idx``/``keep`` ``(B, H_s, K)`` from :func:`select_top_pages`; ``N`` is the token axis ``[narrow (Tn), full
+    (T)]``; ``valid`` ``(B, 1|H_kv, N)``. ``attended`` ``(B, H_s)`` int64, if given, is incremented in place by the
+    real tokens each selection row attended. On CPU (float32/float64, no narrow segment) one compiled kernel reads
+    the pages' keys and values in place: no slot list and no gathered copy."""
+    jit = _compiled(backend, q, k, v) if k_narrow is None else None
+    n_tokens = k.shape[2] + (0 if k_narrow is None else k_narrow.shape[2])
+    if jit is None:
+        slots, ok = page_slots(idx, keep, page_size, offset, n_tokens, valid)
+        if attended is not None:
+            attended += ok.sum(-1)
+        return page_attention(q, k, v, slots, ok, scale=scale, k_narrow=k_narrow, channel_idx=channel_idx,
+                              v_narrow=v_narrow, value_idx=value_idx, page_size=page_size, backend=backend)
+    B, Hq, _, D = q.shape
+    Hkv, Hs = k.shape[1], idx.shape[1]
+    if Hq % Hkv or Hs not in (Hq, Hkv) or idx.shape[0] != B or keep.shape != idx.shape:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, idx {tuple(idx.shape)}, keep "
+                         f"{tuple(keep.shape)}: H_q must be a multiple of H_kv and idx/keep (B, H_q or H_kv, K)")
+    check_mask("valid", valid, B, Hkv, n_tokens)
+    _check_offset(offset, B, n_tokens)
+    start = offset.view(B, 1, 1) + idx * page_size
+    if bool((keep & ((idx < 0) | (start >= n_tokens))).any()):
+        raise ValueError(f"idx holds a selected page outside the {n_tokens} tokens (pages start at offset + idx * "
+                         f"{page_size})")
+    out = torch.empty(B, Hq, 1, v.shape[-1], dtype=torch.float32)
+    args = (_np(q[:, :, 0]), _np_buffer(k), _np_buffer(v), _np(idx), _np(keep), _np_buffer(offset), n_tokens,
+            page_size, _np(valid, 3) if valid is None else _np_buffer(valid), float(scale))
+    o = _np(out[:, :, 0])
+    seen = np.zeros((B, Hs), np.int64) if attended is None else _np_buffer(attended)
+    workers = cpu_workers(q.device)
+    step = -(-Hs // workers)  # selection rows per task: one task per worker and batch row
+    run_parallel(lambda b, r0, r1: jit._attend_pages(*args, b, r0, r1, o, seen),
+                 [(b, r, min(r + step, Hs)) for b in range(B) for r in range(0, Hs, step)], workers)
+    return out.to(q.dtype)
+
+
+def select_attend(
+    q: Tensor,
+    kmin: Tensor,
+    kmax: Tensor,
+    count: Tensor,
+    pages: Tensor,
+    last: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    page_size: int,
+    offset: Tensor,
+    scale: float,
+    valid: Tensor | None = None,
+    group: bool = False,
+    k_narrow: Tensor | None = None,
+    channel_idx: Tensor | None = None,
+    v_narrow: Tensor | None = None,
+    value_idx: Tensor | None = None,
+    attended: Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """A Quest step: ``attend_pages(q, k, v, *select_top_pages(q, kmin, kmax, count, pages, last, group=group), ...)``,
+    ``(B, H_q, 1, Dv)`` in ``q.dtype``. On CPU (float32/float64, no narrow segment) one compiled pass per selection
+    row, the selection held in scratch; elsewhere the two ops."""
+    jit = _compiled(backend, q, kmin, kmax, k, v) if k_narrow is None else None
+    if jit is None or count.dtype != torch.int32:
+        with single_thread():  # small ops: waking idle OpenMP threads would cost more than the work
+            idx, keep = select_top_pages(q, kmin, kmax, count, pages, last, group=group, backend=backend)
+        return attend_pages(q, k, v, idx, keep, page_size=page_size, offset=offset, scale=scale, valid=valid,
+                            k_narrow=k_narrow, channel_idx=channel_idx, v_narrow=v_narrow, value_idx=value_idx,
+                            attended=attended, backend=backend)
+    B, Hq, _, D = q.shape
+    Hkv, NP = kmin.shape[1], kmin.shape[2]
+    if (kmax.shape != kmin.shape or kmin.shape[0] != B or kmin.shape[-1] != D or Hq % Hkv
+            or k.shape[:2] != kmin.shape[:2] or k.shape[-1] != D):
+        raise ValueError(f"q {tuple(q.shape)}, bounds {tuple(kmin.shape)} / {tuple(kmax.shape)} and k "
+                         f"{tuple(k.shape)} must be (B, H_q, 1, D), (B, H_kv, NP, D) and (B, H_kv, T, D) with H_q a "
+                         "multiple of H_kv")
+    n_tokens = k.shape[2]
+    check_mask("valid", valid, B, Hkv, n_tokens)
+    _check_pages(pages, last, NP)
+    _check_offset(offset, B, n_tokens)
+    Hs = Hkv if group else Hq
+    out = torch.empty(B, Hq, 1, v.shape[-1], dtype=torch.float32)
+    args = (_np(q[:, :, 0]), _np_buffer(kmin), _np_buffer(kmax), _np_buffer(count), group, NP, _np(pages),
+            _np(last), _np_buffer(k), _np_buffer(v), _np_buffer(offset), n_tokens, page_size,
+            _np(valid, 3) if valid is None else _np_buffer(valid), float(scale))
+    o = _np(out[:, :, 0])
+    seen = np.zeros((B, Hs), np.int64) if attended is None else _np_buffer(attended)
+    workers = cpu_workers(q.device)
+    step = -(-Hs // workers)  # selection rows per task: one task per worker and batch row
+    run_parallel(lambda b, r0, r1: jit._select_attend(*args, b, r0, r1, o, seen),
+                 [(b, r, min(r + step, Hs)) for b in range(B) for r in range(0, Hs, step)], workers)
+    return out.to(q.dtype)
 
 
 def _blocks(t: Tensor, kvh: Tensor, starts: Tensor, P: int) -> Tensor:

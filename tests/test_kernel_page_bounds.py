@@ -1,14 +1,17 @@
 """Tests for kvaccel.kernels.page_bounds (Quest): page bounds, scores, selection and page attention against loops in
-float64; Triton kernels under the interpreter (``triton`` marker, as tests/test_kernel_decode_attention.py)."""
+float64; the compiled CPU kernels (page_bounds_numba) against the PyTorch compositions they replace and the loops;
+Triton kernels under the interpreter (``triton`` marker, as tests/test_kernel_decode_attention.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from kvaccel.kernels import page_bounds as page_bounds_module
 from kvaccel.kernels.decode_attention import decode_attention_reference
 from kvaccel.kernels.page_bounds import (
     append_page_bounds,
+    attend_pages,
     page_attention,
     page_attention_reference,
     page_bounds,
@@ -16,12 +19,24 @@ from kvaccel.kernels.page_bounds import (
     page_scores,
     page_scores_reference,
     page_slots,
+    select_attend,
     select_pages,
+    select_top_pages,
 )
 
 from conftest import TRITON_DEVICE, requires_triton
 
 P = 4
+
+
+@pytest.fixture(params=["compiled", "pytorch"])
+def cpu_path(request, monkeypatch):
+    """Run a test on the compiled CPU kernels, and again on the PyTorch ops (as without numba, or for bf16)."""
+    if request.param == "pytorch":
+        monkeypatch.setattr(page_bounds_module, "_numba_kernels", lambda: None)
+    else:
+        assert page_bounds_module._numba_kernels() is not None, "numba is installed in the test environment"
+    return request.param
 
 
 def _inputs(B=2, Hkv=2, G=3, N=37, D=16, padded=True, seed=0, dtype=torch.float32):
@@ -93,9 +108,9 @@ def test_group_scores_are_the_sum_over_the_kv_heads_query_heads():
     torch.testing.assert_close(s.double()[fin], ref[fin], atol=1e-5, rtol=1e-5)
 
 
-def test_append_equals_build_from_scratch():
+def test_append_equals_build_from_scratch(cpu_path):
     """Appending tokens one at a time (pages filling, new pages, padded and invalid tokens) gives the bounds a
-    build over all tokens gives."""
+    build over all tokens gives, and counts each row's real tokens."""
     q, k, _, valid, offset = _inputs(N=37)
     n0 = 13
     kmin, kmax, count = page_bounds(k[:, :, :n0], P, valid[:, :, :n0], offset)
@@ -105,9 +120,11 @@ def test_append_equals_build_from_scratch():
         buf[:, :, : t.shape[2]] = t
     valid = valid.clone()
     valid[0, :, 20] = False  # a token that is not real arrives: its page ignores it
+    real = count[:, 0].sum(-1, dtype=torch.long)
     for t in range(n0, 37):
-        append_page_bounds(*bufs, k[:, :, t], (t - offset) // P, valid[:, :, t])
+        append_page_bounds(*bufs, k[:, :, t], (t - offset) // P, valid[:, :, t], real)
     rmin, rmax, rcount = page_bounds_reference(k, P, valid, offset)
+    assert real.tolist() == valid[:, 0].sum(-1).tolist() == [35, 32]
     NP = rmin.shape[2]
     torch.testing.assert_close(bufs[0][:, :, :NP].double(), rmin, rtol=0, atol=0)
     torch.testing.assert_close(bufs[1][:, :, :NP].double(), rmax, rtol=0, atol=0)
@@ -201,6 +218,85 @@ def test_page_attention_over_a_narrow_segment(value_narrow):
                                atol=1e-5, rtol=1e-5)
 
 
+def _bounds_with_spare_pages(k, valid, offset, spare=3):
+    """Page bounds in buffers with ``spare`` pages of NaN past the real ones (as Quest's layer state holds them):
+    a kernel that read past its pages would turn its output into NaN."""
+    kmin, kmax, count = page_bounds(k, P, valid, offset)
+    NP = kmin.shape[2]
+    out = []
+    for t in (kmin, kmax, count):
+        buf = torch.full((*t.shape[:2], NP + spare, *t.shape[3:]), float("nan") if t.is_floating_point() else 7,
+                         dtype=t.dtype)
+        buf[:, :, :NP] = t
+        out.append(buf[:, :, :NP])
+    return out
+
+
+def _spare_slots(t, spare=5):
+    """``t`` as the first slots of a buffer whose ``spare`` slots past them hold NaN (as a cache layer's keys)."""
+    buf = torch.full((*t.shape[:2], t.shape[2] + spare, *t.shape[3:]), float("nan"), dtype=t.dtype)
+    buf[:, :, : t.shape[2]] = t
+    return buf[:, :, : t.shape[2]]
+
+
+@pytest.mark.parametrize("group", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("pages", [(3, 2), (1, 1), (10, 12)])
+def test_select_top_pages_equals_scores_then_top_k(cpu_path, padded, group, pages):
+    """The same pages (as a set; the last page first) and the same kept flags as select_pages over page_scores,
+    from bounds held in a buffer with spare pages; a budget above the pages keeps every non-empty page."""
+    q, k, _, valid, offset = _inputs(padded=padded)
+    off = offset if offset is not None else torch.zeros(2, dtype=torch.long)
+    kmin, kmax, count = _bounds_with_spare_pages(k, valid, offset)
+    last = (k.shape[2] - 1 - off) // P
+    ref_idx, ref_keep = select_pages(page_scores(q, kmin, kmax, count, group=group), torch.tensor(pages), last)
+    idx, keep = select_top_pages(q, kmin, kmax, count, torch.tensor(pages), last, group=group)
+    assert idx.shape == ref_idx.shape == (2, 2 if group else 6, min(max(pages), 10))
+    assert torch.equal(idx[..., 0], last[:, None].expand_as(idx[..., 0])) and keep[..., 0].all()
+    assert torch.equal(keep.sum(-1), ref_keep.sum(-1))
+    for b in range(2):
+        for r in range(idx.shape[1]):
+            assert set(idx[b, r][keep[b, r]].tolist()) == set(ref_idx[b, r][ref_keep[b, r]].tolist()), (b, r)
+
+
+@pytest.mark.parametrize("group", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_attend_pages_equals_reference_over_the_pages_slots(cpu_path, padded, group):
+    """attend_pages = page_attention_reference over page_slots' slots, keys and values read from buffers whose
+    spare slots are NaN; ``attended`` adds each row's real tokens (= its ok slots)."""
+    q, k, v, valid, offset = _inputs(padded=padded)
+    off = offset if offset is not None else torch.zeros(2, dtype=torch.long)
+    kmin, kmax, count = page_bounds(k, P, valid, offset)
+    idx, keep = select_pages(page_scores(q, kmin, kmax, count, group=group), torch.tensor([3, 2]),
+                             (k.shape[2] - 1 - off) // P)
+    slots, ok = page_slots(idx, keep, P, off, k.shape[2], valid)
+    attended = torch.full(idx.shape[:2], 5, dtype=torch.long)
+    out = attend_pages(q, _spare_slots(k), _spare_slots(v), idx, keep, page_size=P, offset=off, scale=0.25,
+                       valid=valid, attended=attended)
+    assert out.dtype == q.dtype and out.shape == (2, 6, 1, 20)
+    torch.testing.assert_close(out.double(), page_attention_reference(q, k, v, slots, ok, scale=0.25),
+                               atol=1e-5, rtol=1e-5)
+    assert torch.equal(attended, 5 + ok.sum(-1))
+
+
+@pytest.mark.parametrize("group", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_select_attend_equals_select_then_attend(cpu_path, padded, group):
+    """A Quest step in one call equals the two ops (the float64 reference over the selected pages' slots)."""
+    q, k, v, valid, offset = _inputs(padded=padded, seed=5)
+    off = offset if offset is not None else torch.zeros(2, dtype=torch.long)
+    kmin, kmax, count = _bounds_with_spare_pages(k, valid, offset)
+    pages, last = torch.tensor([3, 2]), (k.shape[2] - 1 - off) // P
+    idx, keep = select_pages(page_scores(q, kmin, kmax, count, group=group), pages, last)
+    slots, ok = page_slots(idx, keep, P, off, k.shape[2], valid)
+    attended = torch.zeros(idx.shape[:2], dtype=torch.long)
+    out = select_attend(q, kmin, kmax, count, pages, last, _spare_slots(k), _spare_slots(v), page_size=P, offset=off,
+                        scale=0.25, valid=valid, group=group, attended=attended)
+    torch.testing.assert_close(out.double(), page_attention_reference(q, k, v, slots, ok, scale=0.25),
+                               atol=1e-5, rtol=1e-5)
+    assert torch.equal(attended, ok.sum(-1))
+
+
 def test_bad_input():
     q, k, v, valid, offset = _inputs()
     with pytest.raises(ValueError, match="page_size"):
@@ -239,3 +335,23 @@ def test_triton_page_scores_and_attention(padded, shape, group):
     out = page_attention(q, k, v, slots, ok, scale=D**-0.5, backend="triton")
     torch.testing.assert_close(out.double(), page_attention_reference(q, k, v, slots, ok, scale=D**-0.5),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_kernels_refuse_indices_outside_the_cache():
+    """The compiled kernels index without bounds checks: pages, last pages, offsets and selected pages outside the
+    cache are refused with the values named, before any kernel runs."""
+    q, k, v, valid, offset = _inputs()
+    kmin, kmax, count = page_bounds(k, P, valid, offset)
+    with pytest.raises(ValueError, match=r"last \(\[9, 10\]\) in \[0, 10\)"):
+        select_top_pages(q, kmin, kmax, count, torch.tensor([2, 2]), torch.tensor([9, 10]))
+    with pytest.raises(ValueError, match="pages"):
+        select_attend(q, kmin, kmax, count, torch.tensor([0, 2]), torch.tensor([9, 7]), k, v, page_size=P,
+                      offset=offset, scale=0.25, valid=valid)
+    with pytest.raises(ValueError, match="offset"):
+        select_attend(q, kmin, kmax, count, torch.tensor([2, 2]), torch.tensor([9, 7]), k, v, page_size=P,
+                      offset=torch.tensor([0, 37]), scale=0.25, valid=valid)
+    idx, keep = torch.tensor([[[9, 10]] * 6, [[7, 0]] * 6]), torch.ones(2, 6, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match="outside the 37 tokens"):
+        attend_pages(q, k, v, idx, keep, page_size=P, offset=offset, scale=0.25, valid=valid)
+    keep[0, :, 1] = False  # an unselected entry may hold anything
+    attend_pages(q, k, v, idx, keep, page_size=P, offset=offset, scale=0.25, valid=valid)

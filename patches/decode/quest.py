@@ -12,14 +12,7 @@ from kvaccel.checks import check_int, check_number, is_int
 from kvaccel.config import register
 from kvaccel.kernels.backend import BACKENDS
 from kvaccel.kernels.cpu_ops import single_thread
-from kvaccel.kernels.page_bounds import (
-    append_page_bounds,
-    page_attention,
-    page_bounds,
-    page_scores,
-    page_slots,
-    select_pages,
-)
+from kvaccel.kernels.page_bounds import append_page_bounds, page_bounds, select_attend
 
 from .base import DecodeMethod
 
@@ -37,9 +30,10 @@ class QuestLayerState:
     """Page bounds of one cache layer over its token axis ``[narrow, full]``, grown as decode appends tokens.
 
     ``kmin``/``kmax`` ``(B, H_kv, capacity, D)`` and ``count`` ``(B, 1|H_kv, capacity)`` are buffers with spare
-    pages; the first ``pages`` are in use. Row ``b``'s pages start at slot ``offset[b]`` (its first real token)."""
+    pages; the first ``pages`` are in use. Row ``b``'s pages start at slot ``offset[b]`` (its first real token);
+    ``real`` ``(B,)`` counts its real tokens (kept up to date by :meth:`append`, never recounted)."""
 
-    def __init__(self, layer: KVAccelLayer, page_size: int):
+    def __init__(self, layer: KVAccelLayer, page_size: int, backend: str = "auto"):
         keys, valid = layer.dense_keys()  # narrow keys zero-filled in their pruned channels: same q · k
         B, _, N, _ = keys.shape
         if valid is None:
@@ -49,7 +43,10 @@ class QuestLayerState:
             offset = torch.where(real.any(-1), real.to(torch.int8).argmax(-1), 0)
         kmin, kmax, count = page_bounds(keys, page_size, valid, offset)
         self.page_size = page_size
+        self.backend = backend
         self.offset = offset
+        self.offsets = offset.tolist()  # the same on the host: page arithmetic without device ops
+        self.real = count[:, 0].sum(-1, dtype=torch.long)
         self.pages = kmin.shape[2]
         self.kmin, self.kmax, self.count = (self._spare(t) for t in (kmin, kmax, count))
         self.n = N  # tokens covered
@@ -57,7 +54,7 @@ class QuestLayerState:
         self.k_slot = getattr(layer, "_k", None)  # the full segment's storage: replaced by keep / batch reorder
         self.narrow = layer.narrow
         self.sparse_steps = self.dense_steps = 0
-        self.attended = 0.0  # tokens attended per query head, summed over sparse steps
+        self.attended: Tensor | None = None  # (B, H_s) tokens attended per selection row, summed over sparse steps
 
     @staticmethod
     def _spare(t: Tensor, pages: int = 0) -> Tensor:
@@ -75,19 +72,35 @@ class QuestLayerState:
         """Fold the tokens appended since the last call (full segment, in order) into their pages."""
         Tn = layer.length - layer.keys.shape[2]
         valid = layer.valid
+        P = self.page_size
         while self.n < layer.length:
             t = self.n
-            page = ((t - self.offset) // self.page_size).clamp(min=0)
-            need = int(page.max()) + 1
+            pages = [max(0, (t - o) // P) for o in self.offsets]
+            need = max(pages) + 1
             if need > self.kmin.shape[2]:
                 self.kmin, self.kmax, self.count = (self._spare(x[:, :, : self.pages], need - self.pages)
                                                     for x in (self.kmin, self.kmax, self.count))
             new_valid = None if valid is None else valid[:, :, t - Tn]
             if new_valid is not None and new_valid.shape[1] > self.count.shape[1]:
                 self.count = self.count.expand(-1, new_valid.shape[1], -1).contiguous()
-            append_page_bounds(self.kmin, self.kmax, self.count, layer.keys[:, :, t - Tn], page, new_valid)
+            append_page_bounds(self.kmin, self.kmax, self.count, layer.keys[:, :, t - Tn],
+                               torch.tensor(pages, device=self.kmin.device), new_valid, self.real,
+                               backend=self.backend)
             self.pages = max(self.pages, need)
             self.n += 1
+
+    def plan(self, budget: int | float) -> tuple[list[int], list[int], bool]:
+        """This step's pages per row: ``(pages, last, covered)``, the pages to select (the budget rounded up to whole
+        pages, at least one, at most the row's), the row's newest page, and whether every row's budget covers all its
+        pages. A float budget is a fraction of the row's real tokens."""
+        P = self.page_size
+        total = [(self.n - o + P - 1) // P for o in self.offsets]
+        if is_int(budget):
+            want = [math.ceil(budget / P)] * len(total)
+        else:
+            want = [max(1, math.ceil(r * budget / P)) for r in self.real.tolist()]
+        covered = all(w >= t for w, t in zip(want, total, strict=True))
+        return [min(w, t) for w, t in zip(want, total, strict=True)], [t - 1 for t in total], covered
 
     def nbytes(self) -> int:
         """Bytes of the page metadata in use (min and max per page and channel, and the page counts)."""
@@ -179,7 +192,7 @@ class Quest(DecodeMethod):
     def after_prefill(self, ctx: AttentionContext) -> None:
         """After the prompt (or a later prompt chunk), once eviction/channel methods ran: build the page bounds."""
         if ctx.layer is not None and ctx.layer_idx >= self.dense_layers:
-            setattr(ctx.layer, STATE_ATTR, QuestLayerState(ctx.layer, self.page_size))
+            setattr(ctx.layer, STATE_ATTR, QuestLayerState(ctx.layer, self.page_size, self.backend))
 
     # ------------------------------------------------------------------ decode
     def attention(self, ctx: AttentionContext) -> Tensor:
@@ -204,35 +217,27 @@ class Quest(DecodeMethod):
             if st.current(layer):
                 st.append(layer)
             else:  # the cache was reordered (beam search) or replaced: bounds rebuilt from what it holds
-                st = QuestLayerState(layer, self.page_size)
+                st = QuestLayerState(layer, self.page_size, self.backend)
                 setattr(layer, STATE_ATTR, st)
-            P, N = self.page_size, st.n
-            span = N - st.offset  # (B,) slots from each row's first real token
-            total = (span + P - 1) // P
-            if is_int(self.budget):
-                want = torch.full_like(total, math.ceil(self.budget / P))
-            else:
-                real = st.count[:, 0, : st.pages].sum(-1)  # (B,) real tokens of each row
-                want = torch.ceil(real.double() * self.budget / P).long().clamp(min=1)
-            covered = bool((want >= total).all())  # every page of every row: stock dense attention
-            if not covered:
-                q = ctx.query
-                scores = page_scores(q, st.kmin[:, :, : st.pages], st.kmax[:, :, : st.pages],
-                                     st.count[:, :, : st.pages], group=self.gqa == "group", backend=self.backend)
-                idx, keep = select_pages(scores, torch.minimum(want, total), (span - 1) // P)
-                valid = None if layer.valid is None and layer.narrow is None else layer.token_valid()
-                slots, ok = page_slots(idx, keep, P, st.offset, N, valid)
+            pages, last, covered = st.plan(self.budget)
         if covered:
             st.dense_steps += 1
             return dense_decode(ctx)
         nar = layer.narrow
-        backend = "torch" if nar is not None and self.backend == "auto" else self.backend
+        valid = None if layer.valid is None and nar is None else layer.token_valid()
         nk = {} if nar is None else dict(k_narrow=nar.keys, channel_idx=nar.channel_idx, v_narrow=nar.values,
                                          value_idx=nar.value_idx)
-        out = page_attention(q, layer.keys, layer.values, slots, ok, scale=ctx.scaling, page_size=P, backend=backend,
-                             **nk)
+        group = self.gqa == "group"
+        rows = (st.batch, st.kmin.shape[1] if group else ctx.query.shape[1])
+        if st.attended is None or st.attended.shape != rows:
+            st.attended = torch.zeros(rows, dtype=torch.long, device=st.kmin.device)
+        backend = "torch" if nar is not None and self.backend == "auto" else self.backend
+        P, dev = self.page_size, st.kmin.device
+        out = select_attend(ctx.query, st.kmin[:, :, : st.pages], st.kmax[:, :, : st.pages],
+                            st.count[:, :, : st.pages], torch.tensor(pages, device=dev), torch.tensor(last, device=dev),
+                            layer.keys, layer.values, page_size=P, offset=st.offset, scale=ctx.scaling, valid=valid,
+                            group=group, attended=st.attended, backend=backend, **nk)
         st.sparse_steps += 1
-        st.attended = st.attended + ok.sum() / (ok.shape[0] * ok.shape[1])  # a tensor: no device sync per step
         return out.transpose(1, 2)
 
     def report_stats(self, cache: KVAccelCache, layer_stats: list[dict]) -> None:
@@ -244,5 +249,5 @@ class Quest(DecodeMethod):
             stats["quest_metadata_bytes"] = None if st is None else st.nbytes()
             stats["quest_sparse_steps"] = None if st is None else st.sparse_steps
             stats["quest_dense_steps"] = None if st is None else st.dense_steps
-            stats["quest_attended_tokens"] = (float(st.attended) / st.sparse_steps) if st is not None and \
-                st.sparse_steps else None
+            stats["quest_attended_tokens"] = (float(st.attended.double().mean()) / st.sparse_steps) if st is not None \
+                and st.sparse_steps else None
