@@ -7,8 +7,11 @@ summed time over layers, the speedup vs SDPA, the split estimation / attention, 
 relative error ``||o - o_dense|| / ||o_dense||`` (mean and max over layers). Prints a table, writes JSON.
 
     python benchmarks/prefill_attention.py --length 8192 --repeats 3 \
-        --method a_shape --method vertical_slash --method pbs --method sale --method seer \
-        --out runs/prefill_attention.json
+        --method a_shape --method vertical_slash --method xattention --method flexprefill --method minference \
+        --method pbs --method sale --method seer --out runs/prefill_attention.json
+
+``minference`` reads the model's searched head patterns (``kvaccel calibrate minference``; shipped for the default
+model); a method that cannot bind to the model (no such file) stops the run with its error before any timing.
 """
 
 from __future__ import annotations
@@ -182,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     if not all(0 <= i < n_layers for i in keep):
         p.error(f"--layers {args.layers}: the model has layers 0..{n_layers - 1}")
     layers, rope = capture_qkv(model, ids, keep)
-    specs = args.method or ["a_shape", "vertical_slash", "pbs", "sale", "seer"]
+    specs = args.method or ["a_shape", "vertical_slash", "xattention", "flexprefill", "minference", "pbs", "sale",
+                            "seer"]
     rows = run(model, layers, specs, args.repeats, rope, keep)
     print(f"\nL={args.length}, {len(layers)} layers, {args.threads} threads, {args.clock} clock, median of "
           f"{args.repeats}, load average {os.getloadavg()[0]:.2f}")

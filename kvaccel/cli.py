@@ -368,7 +368,7 @@ def fetch_model_cmd(
         _fail(e)
 
 
-CALIBRATED_METHODS = ("sale",)
+CALIBRATED_METHODS = ("sale", "minference")
 
 
 @app.command("calibrate")
@@ -376,34 +376,64 @@ def calibrate_cmd(
     method: str = typer.Argument(..., help=f"Method to calibrate: {', '.join(CALIBRATED_METHODS)}."),
     model: str | None = typer.Option(None, help=MODEL_HELP),
     out: Path | None = typer.Option(None, help="Output JSON; default: beside a local model, else the kvaccel cache."),
-    prompts: int = typer.Option(2, help="Prose calibration prompts (pydoc_data, offline)."),
-    length: int = typer.Option(4096, help="Tokens per calibration prompt."),
-    tolerance: float = typer.Option(0.01, help="Max relative error of each head's sparse output vs dense."),
+    prompts: int | None = typer.Option(None, help="Prose calibration prompts (pydoc_data, offline); default: sale 2, "
+                                                  "minference 1."),
+    length: int | None = typer.Option(None, help="Tokens per calibration prompt; default: sale 4096, minference 8192."),
+    tolerance: float | None = typer.Option(None, help="sale: max relative error of each head's sparse output vs "
+                                                      "dense (default 0.01)."),
+    budget: float | None = typer.Option(None, help="minference: tiles per head, as a fraction of the causal tiles, "
+                                                   "the patterns compete at (default 0.2)."),
+    min_recall: float | None = typer.Option(None, help="minference: a head whose best pattern within the budget "
+                                                       "covers less of its attention takes the cheapest that "
+                                                       "reaches this (default 0)."),
 ) -> None:
-    """Fit a method's per-(layer, head) settings to a model (SALE: thresholds) and write them to a JSON file."""
+    """Fit a method's per-(layer, head) settings to a model and write them to a JSON file (SALE: thresholds;
+    MInference: each head's pattern and sizes)."""
     import time
 
     import kvaccel
 
     if method not in CALIBRATED_METHODS:
         _fail(ValueError(f"cannot calibrate '{method}'; methods with a calibration: {', '.join(CALIBRATED_METHODS)}"))
-    from kvaccel.patches.prefill.sale import calibrate, default_out
+    own = {"sale": {"tolerance": tolerance}, "minference": {"budget": budget, "min_recall": min_recall}}
+    for name, options in own.items():
+        given = [f"--{k.replace('_', '-')}" for k, val in options.items() if val is not None]
+        if name != method and given:
+            _fail(ValueError(f"{', '.join(given)} is an option of `kvaccel calibrate {name}`, not of {method}"))
+    def note(msg: str) -> None:
+        console.print(f"[dim]{msg}[/]")
 
     t0 = time.perf_counter()
     try:
         mdl, tok = kvaccel.load_model(model)
-        path = out if out is not None else default_out(mdl)
-        data = calibrate(mdl, tok, num_prompts=prompts, length=length, tolerance=tolerance, out=path,
-                         progress=lambda msg: console.print(f"[dim]{msg}[/]"))
+        kw = {k: v for k, v in (("num_prompts", prompts), ("length", length), *own[method].items()) if v is not None}
+        if method == "sale":
+            from kvaccel.patches.prefill.sale import calibrate, default_out
+
+            path = out if out is not None else default_out(mdl)
+            data = calibrate(mdl, tok, out=path, progress=note, **kw)
+        else:
+            from kvaccel.patches.prefill.minference import calibrate, default_config_out
+
+            path = out if out is not None else default_config_out(mdl)
+            data = calibrate(mdl, tok, out=path, progress=note, **kw)
     except (ValueError, ImportError, FileNotFoundError) as e:
         _fail(e)
-    heads = [t for row in data["thresholds"] for t in row]
-    dense = sum(t is None for t in heads)
     density = sum(data["density"]) / len(data["density"])
-    console.print(
-        f"{method} thresholds for {data['model']} written to {path}: {len(heads)} heads, {dense} dense, "
-        f"calibration density {density:.3f}, {time.perf_counter() - t0:.0f} s"
-    )
+    seconds = time.perf_counter() - t0
+    if method == "sale":
+        heads = [t for row in data["thresholds"] for t in row]
+        dense = sum(t is None for t in heads)
+        console.print(
+            f"{method} thresholds for {data['model']} written to {path}: {len(heads)} heads, {dense} dense, "
+            f"calibration density {density:.3f}, {seconds:.0f} s"
+        )
+        return
+    kinds = [e["pattern"] for row in data["heads"] for e in row]
+    counts = ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds))
+    recall = sum(data["recall"]) / len(data["recall"])
+    console.print(f"{method} patterns for {data['model']} written to {path}: {len(kinds)} heads ({counts}), "
+                  f"calibration density {density:.3f}, recall {recall:.3f}, {seconds:.0f} s")
 
 
 def main() -> None:  # pragma: no cover

@@ -228,26 +228,29 @@ def _shape(model) -> tuple[int, int]:
     return int(cfg.num_hidden_layers), int(cfg.num_attention_heads)
 
 
-def _candidates(model) -> list[Path]:
+def _candidates(model, beside: str = BESIDE_MODEL, prefix: str = "sale", data_dir: Path = DATA_DIR) -> list[Path]:
+    """Files fitted to ``model``, in lookup order: ``beside`` in a local model's directory, ``<prefix>_<model
+    name>.json`` in the kvaccel cache dir, ``<model name>.json`` in the package's ``data_dir``."""
     from kvaccel.models import cache_dir, model_name
 
     out = []
     src = Path(str(getattr(model.config, "_name_or_path", "") or ""))
     if str(src) and src.is_dir():
-        out.append(src / BESIDE_MODEL)
-    out.append(cache_dir() / f"sale_{model_name(model)}.json")
-    out.append(DATA_DIR / f"{model_name(model)}.json")
+        out.append(src / beside)
+    out.append(cache_dir() / f"{prefix}_{model_name(model)}.json")
+    out.append(data_dir / f"{model_name(model)}.json")
     return out
 
 
-def default_out(model) -> Path:
-    """Where ``kvaccel calibrate sale`` writes by default: beside a local model, else in the kvaccel cache dir."""
+def default_out(model, beside: str = BESIDE_MODEL, prefix: str = "sale") -> Path:
+    """Where ``kvaccel calibrate sale`` (``minference``: its ``beside`` / ``prefix``) writes by default: beside a
+    local model, else in the kvaccel cache dir."""
     from kvaccel.models import DEFAULT_MODEL, cache_dir, model_name
 
     src = Path(str(getattr(model.config, "_name_or_path", "") or ""))
     if str(src) and src.is_dir() and src.resolve() != (cache_dir() / DEFAULT_MODEL).resolve():
-        return src / BESIDE_MODEL
-    return cache_dir() / f"sale_{model_name(model)}.json"
+        return src / beside
+    return cache_dir() / f"{prefix}_{model_name(model)}.json"
 
 
 def thresholds_tensor(data: dict) -> torch.Tensor:
