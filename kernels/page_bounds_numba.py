@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvaccel.kernels.attention_index_heap import _FM
+from kvaccel.kernels.attention_index_heap import _FM, _pop, _push
 from kvaccel.kernels.attention_index_jit import kernel
 
 
-@kernel(fastmath=_FM, inline="always")
-def _select_row(q, kmin, kmax, count, group, b, r, pages, want, last, score, qp, qn, idx, keep):
+@kernel(fastmath=_FM)
+def _select_row(q, kmin, kmax, count, group, b, r, pages, want, last, hs, qp, qn, idx, keep):
     """Selection row ``r`` of batch row ``b`` (a kv head with ``group``, else a query head): ``idx[:want]`` the
     ``want`` best of the first ``pages`` pages (page ``last`` first, the others in no particular order), ``keep``
-    False past them and for empty pages (``count == 0``). ``score`` ``(≥pages,)``, ``qp``/``qn`` ``(R, D)``: scratch."""
+    False past them and for empty pages (``count == 0``). The best are kept in a heap keyed by ``-score`` (its top
+    the worst kept); ``hs`` ``(≥want,)`` float32, ``qp``/``qn`` ``(R, D)``: scratch."""
     Hq, D = q.shape[1], q.shape[2]
     G = Hq // kmin.shape[1]
     R = G if group else 1  # query heads scored together
@@ -35,31 +36,35 @@ def _select_row(q, kmin, kmax, count, group, b, r, pages, want, last, score, qp,
             qp[g, d] = max(x, 0.0)  # U = relu(q) · M + min(q, 0) · m
             qn[g, d] = min(x, 0.0)
     cr = 0 if count.shape[1] == 1 else kvh
+    n = min(want, pages)
+    size = 0
     for j in range(pages):
         s = np.float32(0.0)
         for g in range(R):
             for d in range(D):
                 s += qp[g, d] * kmax[b, kvh, j, d] + qn[g, d] * kmin[b, kvh, j, d]
-        score[j] = s if count[b, cr, j] > 0 else -np.inf
-    score[last] = np.inf  # the newest page always
-    n = min(want, pages)
-    top = np.argpartition(-score[:pages], n - 1)[:n] if n < pages else np.arange(pages)
-    pos = 1
-    for i in range(n):
-        p = top[i]
-        if p == last:
-            idx[0] = p
-            keep[0] = True
-        else:
-            idx[pos] = p
-            keep[pos] = score[p] > -np.inf
-            pos += 1
+        key = -s if count[b, cr, j] > 0 else np.float32(np.inf)
+        if j == last:
+            key = np.float32(-np.inf)  # the newest page always
+        if size < n:
+            size = _push(hs, idx, size, key, j)
+        elif key < hs[0]:
+            size = _push(hs, idx, _pop(hs, idx, size), key, j)
+    for i in range(n):  # the newest page (the heap's smallest key) to the front
+        if idx[i] == last:
+            idx[i] = idx[0]
+            hs[i] = hs[0]
+            idx[0] = last
+            break
+    keep[0] = True
+    for i in range(1, n):
+        keep[i] = hs[i] < np.inf
     for i in range(n, idx.shape[0]):
         idx[i] = last
         keep[i] = False
 
 
-@kernel(fastmath=_FM, inline="always")
+@kernel(fastmath=_FM)
 def _attend_row(q, k, v, idx, keep, offset, n, page_size, valid, scale, b, r, Hs, qs, logit, acc, m, den, pmax, out):
     """``out[b, h]`` for the query heads ``h`` of selection row ``r`` (of ``Hs``): online softmax, one page at a time,
     over the real tokens of the pages ``idx`` where ``keep``; returns the real tokens attended. ``qs`` ... ``pmax``:
@@ -125,11 +130,11 @@ def _select_pages(q, kmin, kmax, count, group, b, pages, want, last, r0, r1, idx
 
     q ``(B, H_q, D)``; kmin / kmax ``(B, H_kv, ≥pages, D)``; count ``(B, 1|H_kv, ≥pages)``."""
     R = q.shape[1] // kmin.shape[1] if group else 1
-    score = np.empty(pages, np.float32)
+    hs = np.empty(idx.shape[2], np.float32)
     qp = np.empty((R, q.shape[2]), np.float32)
     qn = np.empty((R, q.shape[2]), np.float32)
     for r in range(r0, r1):
-        _select_row(q, kmin, kmax, count, group, b, r, pages, want, last, score, qp, qn, idx[b, r], keep[b, r])
+        _select_row(q, kmin, kmax, count, group, b, r, pages, want, last, hs, qp, qn, idx[b, r], keep[b, r])
 
 
 @kernel(fastmath=_FM)
@@ -164,7 +169,7 @@ def _select_attend(q, kmin, kmax, count, group, pages, want, last, k, v, offset,
     K = min(want[b], pages)
     idx = np.empty(K, np.int64)
     keep = np.empty(K, np.bool_)
-    score = np.empty(pages, np.float32)
+    hs = np.empty(K, np.float32)
     qp = np.empty((R, D), np.float32)
     qn = np.empty((R, D), np.float32)
     qs = np.empty((R, D), np.float32)
@@ -174,7 +179,7 @@ def _select_attend(q, kmin, kmax, count, group, pages, want, last, k, v, offset,
     den = np.empty(R, np.float32)
     pmax = np.empty(R, np.float32)
     for r in range(r0, r1):
-        _select_row(q, kmin, kmax, count, group, b, r, pages, want[b], last[b], score, qp, qn, idx, keep)
+        _select_row(q, kmin, kmax, count, group, b, r, pages, want[b], last[b], hs, qp, qn, idx, keep)
         seen[b, r] += _attend_row(q, k, v, idx, keep, offset, n, page_size, valid, scale, b, r, Hs, qs, logit, acc,
                                   m, den, pmax, out)
 
