@@ -144,7 +144,9 @@ class Quest(DecodeMethod):
     gqa : {"head", "group"}, default "head"
         Pages selected per query head, or per kv head for its group (above).
     backend : {"auto", "torch", "triton"}, default "auto"
-        Kernels of :mod:`kvaccel.kernels.page_bounds` (Triton on CUDA; the PyTorch path with a ThinK narrow segment).
+        Kernels of :mod:`kvaccel.kernels.page_bounds`: Triton on CUDA; on CPU (``"torch"``) compiled kernels that
+        select and attend each head's pages in one pass over the cache in place (float32/float64 caches without a
+        ThinK narrow segment), PyTorch ops otherwise.
     """
 
     name = "quest"
