@@ -218,3 +218,18 @@ def test_trainer_runs_and_writes_patterns_that_load(tmp_path):
         model.generate(torch.randint(3, 512, (1, 40)), max_new_tokens=2, do_sample=False)
     seqs = passkey_sequences(CharTokenizer(), 700, 2)
     assert all(s.dim() == 1 and s.numel() > 600 for s in seqs)
+
+
+def test_shipped_patterns_on_the_default_model(default_model):
+    """The shipped patterns load for the default model; at sparsity 0.5, 45 of its 90 KV heads hold sink + recent."""
+    model, tok = default_model
+    ids = torch.randint(10, 10_000, (1, 600), generator=torch.Generator().manual_seed(5))
+    with kvaccel.patched(model, "duo_attention"), torch.no_grad():
+        spec = kvaccel.report(model)["methods"]["evict"]
+        cache = KVAccelCache(model)
+        model(ids, cache=cache, use_cache=True)
+        kept = torch.stack([layer.kept_per_head()[0] for layer in cache.layers])  # (layers, kv heads)
+    pats = DuoPatterns.load(DuoPatterns.shipped_dir("SmolLM2-135M-Instruct"))
+    cap = pats.meta["sink"] + pats.meta["recent"]
+    assert "duo_attention" in spec and cap < 600
+    assert torch.equal(kept, torch.where(pats.streaming_heads(0.5), cap, 600))
