@@ -21,6 +21,7 @@ import ctypes
 import functools
 import math
 import warnings
+from collections.abc import Sequence
 from types import ModuleType
 
 import numpy as np
@@ -77,34 +78,34 @@ def _np(t: Tensor | None, empty_dims: int = 0) -> np.ndarray:
     return t.detach().numpy()
 
 
-_VIEWS: dict[tuple, np.ndarray] = {}  # (address, dtype, shape, strides) -> numpy view of the buffer there
+_VIEWS: dict[tuple, np.ndarray] = {}  # (address, dtype, shape but slots, strides) -> view of the whole buffer there
 
 
 def _np_buffer(t: Tensor) -> np.ndarray:
-    """A numpy view of ``t`` ``(B, H, N, ...)`` for the kernels, memoised by address, dtype, shape and strides (it
-    holds no reference to ``t``: it is only looked up through a live tensor with that layout, so its memory is live).
-
-    When ``t`` is the first ``N`` slots of a contiguous buffer with more (a cache layer's keys, the page bounds' spare
-    pages), the view spans the whole buffer's slots and is C-contiguous: the compiled loops vectorise only over
-    C-contiguous arrays. The kernels are given ``N`` and read only the first ``N`` slots, which ``t`` holds."""
-    key = (t.data_ptr(), t.dtype, t.shape, t.stride())
+    """A numpy view of ``t`` ``(B, H, N, ...)`` for the kernels. When ``t`` is the first ``N`` slots of a contiguous
+    buffer (a cache layer's keys, the page bounds' spare pages) the view spans all the buffer's slots and is
+    C-contiguous (the compiled loops vectorise only over C-contiguous arrays; the kernels are given ``N`` and read only
+    the first ``N`` slots, which ``t`` holds). Such views are memoised by address, dtype, strides and shape but ``N``,
+    so a buffer that grows by a slot a step is looked up, not rebuilt; a view holds no reference to ``t`` (it is only
+    reached through a live tensor with that layout, so its memory is live). Any other tensor: ``t.numpy()``."""
+    shape, stride = t.shape, t.stride()
+    if t.dim() < 3 or t.requires_grad:
+        return t.detach().numpy()
+    key = (t.data_ptr(), t.dtype, shape[:2], shape[3:], stride)
     view = _VIEWS.get(key)
-    if view is None:
-        if t.numel() == 0 or t.requires_grad:
-            return t.detach().numpy()
-        shape, stride = list(t.shape), list(t.stride())
-        inner = math.prod(shape[3:])
-        if t.dim() >= 3 and stride[1] % inner == 0 and stride[1] >= shape[2] * inner:
-            wide = [*shape[:2], stride[1] // inner, *shape[3:]]
-            if all(s == math.prod(wide[i + 1 :]) or n == 1 for i, (s, n) in enumerate(zip(stride, wide, strict=True))):
-                shape = wide
-        size = t.element_size()
-        span = (1 + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))) * size
-        raw = (ctypes.c_char * span).from_address(t.data_ptr())
-        view = np.ndarray(shape, dtype=_np_dtype(t.dtype), buffer=raw, strides=[s * size for s in stride])
-        if len(_VIEWS) >= 4096:
-            _VIEWS.clear()
-        _VIEWS[key] = view
+    if view is not None and view.shape[2] >= shape[2]:
+        return view
+    inner = math.prod(shape[3:])
+    wide = [*shape[:2], stride[1] // inner if inner else 0, *shape[3:]]
+    if t.numel() == 0 or stride[1] % inner or wide[2] < shape[2] or any(
+            s != math.prod(wide[i + 1 :]) and n > 1 for i, (s, n) in enumerate(zip(stride, wide, strict=True))):
+        return t.detach().numpy()
+    size = t.element_size()
+    raw = (ctypes.c_char * (math.prod(wide) * size)).from_address(t.data_ptr())
+    view = np.ndarray(wide, dtype=_np_dtype(t.dtype), buffer=raw, strides=[s * size for s in stride])
+    if len(_VIEWS) >= 4096:
+        _VIEWS.clear()
+    _VIEWS[key] = view
     return view
 
 
@@ -113,9 +114,18 @@ def _np_dtype(dtype: torch.dtype) -> np.dtype:
     return torch.empty(0, dtype=dtype).numpy().dtype
 
 
-def _check_pages(pages: Tensor, last: Tensor, n_pages: int) -> tuple[list[int], list[int]]:
+def _host(x: Tensor | Sequence[int]) -> list[int]:
+    return x.tolist() if isinstance(x, Tensor) else list(x)
+
+
+def _on(x: Tensor | Sequence[int], device: torch.device) -> Tensor:
+    return x if isinstance(x, Tensor) else torch.tensor(x, dtype=torch.long, device=device)
+
+
+def _check_pages(pages: Tensor | Sequence[int], last: Tensor | Sequence[int], n_pages: int
+                 ) -> tuple[list[int], list[int]]:
     """``pages``/``last`` ``(B,)`` on the host, checked: the compiled kernels index with them unchecked."""
-    pg, la = pages.tolist(), last.tolist()
+    pg, la = _host(pages), _host(last)
     if len(pg) != len(la) or any(p < 1 for p in pg) or any(not 0 <= j < n_pages for j in la):
         raise ValueError(f"pages ({pg}) must be >= 1 and last ({la}) in [0, {n_pages}) per row")
     return pg, la
@@ -214,23 +224,27 @@ def page_bounds_reference(
 
 
 def append_page_bounds(
-    kmin: Tensor, kmax: Tensor, count: Tensor, key: Tensor, page: Tensor, valid: Tensor | None = None,
+    kmin: Tensor, kmax: Tensor, count: Tensor, key: Tensor, page: Tensor | Sequence[int], valid: Tensor | None = None,
     real: Tensor | None = None, *, backend: str = "auto",
 ) -> None:
     """Fold one new token per row into its page, in place: ``key`` ``(B, H_kv, D)`` joins page ``page`` ``(B,)``
-    (int64) of each row; ``valid`` ``(B, 1|H_kv)`` bool (``None`` = real); ``real`` ``(B,)`` int64, if given, counts
-    each row's real tokens (of kv head 0, like ``count[:, 0]``) and is incremented in place. The first real token of a
-    page sets its bounds; a token that is not real changes nothing. ``count`` needs a head axis as wide as ``valid``'s.
-    """
+    (int64, or a list of ints) of each row; ``valid`` ``(B, 1|H_kv)`` bool (``None`` = real); ``real`` ``(B,)``
+    int64, if given, counts each row's real tokens (of kv head 0, like ``count[:, 0]``) and is incremented in place.
+    The first real token of a page sets its bounds; a token that is not real changes nothing. ``count`` needs a head
+    axis as wide as ``valid``'s."""
     B, H, _, D = kmin.shape
     if valid is not None and valid.shape[1] > count.shape[1]:
         raise ValueError(f"count {tuple(count.shape)} needs as many heads as valid {tuple(valid.shape)}")
     jit = _compiled(backend, kmin, kmax, key)
-    if jit is not None and count.dtype == torch.int32 and page.dtype == torch.long:
+    if jit is not None and count.dtype == torch.int32:
         r = np.zeros(B, np.int64) if real is None else _np_buffer(real)
-        jit._append_bounds(_np_buffer(kmin), _np_buffer(kmax), _np_buffer(count), r, _np(key), _np(page),
+        pg = _host(page)
+        if len(pg) != B or any(not 0 <= p < kmin.shape[2] for p in pg):
+            raise ValueError(f"page ({pg}) must hold a page in [0, {kmin.shape[2]}) per row")
+        jit._append_bounds(_np_buffer(kmin), _np_buffer(kmax), _np_buffer(count), r, _np(key), np.array(pg),
                            _np(valid, 2))
         return
+    page = _on(page, kmin.device)
     idx = page.view(B, 1, 1, 1).expand(B, H, 1, D)
     cidx = page.view(B, 1, 1).expand(B, count.shape[1], 1)
     c = count.gather(-1, cidx)  # (B, 1|H, 1)
@@ -312,7 +326,8 @@ def select_pages(scores: Tensor, pages: Tensor, last: Tensor) -> tuple[Tensor, T
 
 
 def select_top_pages(
-    q: Tensor, kmin: Tensor, kmax: Tensor, count: Tensor, pages: Tensor, last: Tensor, *, group: bool = False,
+    q: Tensor, kmin: Tensor, kmax: Tensor, count: Tensor, pages: Tensor | Sequence[int], last: Tensor | Sequence[int],
+    *, group: bool = False,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """``select_pages(page_scores(q, kmin, kmax, count, group=group), pages, last)``: per selection row (query head,
@@ -320,13 +335,14 @@ def select_top_pages(
 
     On CPU (float32/float64) one compiled pass per row: the pages after the first come in no particular order (the
     same set as :func:`select_pages`' up to ties in score). ``q`` ``(B, H_q, 1, D)`` or ``(B, H_q, D)``; bounds
-    ``(B, H_kv, NP, D)``; ``count`` ``(B, 1|H_kv, NP)`` int32; ``pages``, ``last`` ``(B,)`` int64 (``pages >= 1``,
-    ``last < NP``). Returns ``(idx, keep)`` ``(B, H_s, K)``, ``K = min(max(pages), NP)``."""
+    ``(B, H_kv, NP, D)``; ``count`` ``(B, 1|H_kv, NP)`` int32; ``pages``, ``last`` ``(B,)`` int64 or lists of ints
+    (``pages >= 1``, ``last < NP``). Returns ``(idx, keep)`` ``(B, H_s, K)``, ``K = min(max(pages), NP)``."""
     if q.dim() == 4:
         q = q[:, :, 0]
     jit = _compiled(backend, q, kmin, kmax)
     if jit is None or count.dtype != torch.int32:
-        return select_pages(page_scores(q, kmin, kmax, count, group=group, backend=backend), pages, last)
+        return select_pages(page_scores(q, kmin, kmax, count, group=group, backend=backend), _on(pages, q.device),
+                            _on(last, q.device))
     B, Hq, D = q.shape
     _, Hkv, NP, _ = kmin.shape
     if kmax.shape != kmin.shape or kmin.shape[0] != B or kmin.shape[-1] != D or Hq % Hkv:
@@ -486,8 +502,8 @@ def select_attend(
     kmin: Tensor,
     kmax: Tensor,
     count: Tensor,
-    pages: Tensor,
-    last: Tensor,
+    pages: Tensor | Sequence[int],
+    last: Tensor | Sequence[int],
     k: Tensor,
     v: Tensor,
     *,
@@ -522,12 +538,12 @@ def select_attend(
                          "multiple of H_kv")
     n_tokens = k.shape[2]
     check_mask("valid", valid, B, Hkv, n_tokens)
-    _check_pages(pages, last, NP)
+    pg, la = _check_pages(pages, last, NP)
     _check_offset(offset, B, n_tokens)
     Hs = Hkv if group else Hq
     out = torch.empty(B, Hq, 1, v.shape[-1], dtype=torch.float32)
-    args = (_np(q[:, :, 0]), _np_buffer(kmin), _np_buffer(kmax), _np_buffer(count), group, NP, _np(pages),
-            _np(last), _np_buffer(k), _np_buffer(v), _np_buffer(offset), n_tokens, page_size,
+    args = (_np(q[:, :, 0]), _np_buffer(kmin), _np_buffer(kmax), _np_buffer(count), group, NP, np.array(pg),
+            np.array(la), _np_buffer(k), _np_buffer(v), _np_buffer(offset), n_tokens, page_size,
             _np(valid, 3) if valid is None else _np_buffer(valid), float(scale))
     o = _np(out[:, :, 0])
     seen = np.zeros((B, Hs), np.int64) if attended is None else _np_buffer(attended)

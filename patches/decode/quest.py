@@ -83,9 +83,8 @@ class QuestLayerState:
             new_valid = None if valid is None else valid[:, :, t - Tn]
             if new_valid is not None and new_valid.shape[1] > self.count.shape[1]:
                 self.count = self.count.expand(-1, new_valid.shape[1], -1).contiguous()
-            append_page_bounds(self.kmin, self.kmax, self.count, layer.keys[:, :, t - Tn],
-                               torch.tensor(pages, device=self.kmin.device), new_valid, self.real,
-                               backend=self.backend)
+            append_page_bounds(self.kmin, self.kmax, self.count, layer.keys[:, :, t - Tn], pages, new_valid,
+                               self.real, backend=self.backend)
             self.pages = max(self.pages, need)
             self.n += 1
 
@@ -234,11 +233,10 @@ class Quest(DecodeMethod):
         if st.attended is None or st.attended.shape != rows:
             st.attended = torch.zeros(rows, dtype=torch.long, device=st.kmin.device)
         backend = "torch" if nar is not None and self.backend == "auto" else self.backend
-        P, dev = self.page_size, st.kmin.device
         out = select_attend(ctx.query, st.kmin[:, :, : st.pages], st.kmax[:, :, : st.pages],
-                            st.count[:, :, : st.pages], torch.tensor(pages, device=dev), torch.tensor(last, device=dev),
-                            layer.keys, layer.values, page_size=P, offset=st.offset, scale=ctx.scaling, valid=valid,
-                            group=group, attended=st.attended, backend=backend, **nk)
+                            st.count[:, :, : st.pages], pages, last, layer.keys, layer.values, page_size=self.page_size,
+                            offset=st.offset, scale=ctx.scaling, valid=valid, group=group, attended=st.attended,
+                            backend=backend, **nk)
         st.sparse_steps += 1
         return out.transpose(1, 2)
 
