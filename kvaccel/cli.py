@@ -382,10 +382,10 @@ def calibrate_cmd(
     tolerance: float | None = typer.Option(None, help="sale: max relative error of each head's sparse output vs "
                                                       "dense (default 0.01)."),
     budget: float | None = typer.Option(None, help="minference: tiles per head, as a fraction of the causal tiles, "
-                                                   "the patterns compete at (default 0.2)."),
+                                                   "the patterns compete at (default 0.1)."),
     min_recall: float | None = typer.Option(None, help="minference: a head whose best pattern within the budget "
                                                        "covers less of its attention takes the cheapest that "
-                                                       "reaches this (default 0)."),
+                                                       "reaches this (default 0.95)."),
 ) -> None:
     """Fit a method's per-(layer, head) settings to a model and write them to a JSON file (SALE: thresholds;
     MInference: each head's pattern and sizes)."""

@@ -410,8 +410,8 @@ def calibrate(
     *,
     num_prompts: int = 1,
     length: int = 8192,
-    budget: float = 0.2,
-    min_recall: float = 0.0,
+    budget: float = 0.1,
+    min_recall: float = 0.95,
     min_length: int = 1024,
     out: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
@@ -420,7 +420,8 @@ def calibrate(
 
     One dense prefill per prompt (default: ``num_prompts`` prose prompts of ``length`` tokens from ``pydoc_data``, the
     second half of the text, as SALE's calibration); in every layer, :func:`search_layer` scores every candidate of
-    :data:`SEARCH_SPACE` per head; over several prompts a candidate keeps its mean density and its lowest recall.
+    :data:`SEARCH_SPACE` per head; over several prompts a candidate keeps its mean density and its lowest recall
+    (both rounded to 4 decimals in the file).
     :func:`choose` then picks each head's pattern at ``budget`` / ``min_recall``.
     """
     from kvaccel.api import is_patched, patch, unpatch
@@ -454,8 +455,9 @@ def calibrate(
         per_prompt = search.results.get(li)
         if not per_prompt:
             raise RuntimeError(f"layer {li} was never searched (no prefill reached it)")
-        table.append([[[sum(p[h][c][0] for p in per_prompt) / len(per_prompt), min(p[h][c][1] for p in per_prompt)]
-                       for c in range(len(SEARCH_SPACE))] for h in range(heads)])
+        table.append([[[round(sum(p[h][c][0] for p in per_prompt) / len(per_prompt), 4),
+                        round(min(p[h][c][1] for p in per_prompt), 4)] for c in range(len(SEARCH_SPACE))]
+                      for h in range(heads)])
     settings = {"metric": "recall: mean over rows of the true attention inside the head's tiles",
                 "prompts": len(ids), "lengths": [int(x.shape[-1]) for x in ids], "block_size": search.block,
                 "last_q": search.last_q, "seconds": round(time.perf_counter() - t0, 1)}
