@@ -343,6 +343,11 @@ def test_cli_calibrate_writes_beside_the_model(tmp_path):
     kvaccel.patch(model, method)  # found beside the model by itself
     kvaccel.unpatch(model)
     assert method._tau is not None and "per-head thresholds from" in method._note
+    uniform = SALE(threshold=0.05)  # an explicit uniform threshold is used as given, not replaced by the file's
+    kvaccel.patch(model, uniform)
+    kvaccel.unpatch(model)
+    assert uniform._tau is None and uniform.head_thresholds(0) == 0.05
+    assert "uniform threshold=0.05 for every head (as given)" in uniform._note
     bad = CliRunner().invoke(app, ["calibrate", "snapkv", "--model", model_dir])
     assert bad.exit_code == 2 and "cannot calibrate 'snapkv'" in bad.output
 
@@ -384,3 +389,8 @@ def test_all_dense_heads_skip_the_estimate():
     assert torch.equal(keep, causal_block_mask(300, 64, 32).expand(1, 4, -1, -1))
     with pytest.raises(ValueError, match="must be < 1"):
         sale_estimate(q, k, scale=0.25, threshold=1.0)
+
+
+def test_uniform_threshold_and_thresholds_file_are_exclusive():
+    with pytest.raises(ValueError, match=r"threshold \(0.01\) and thresholds \('t.json'\) are exclusive"):
+        SALE(threshold=0.01, thresholds="t.json")

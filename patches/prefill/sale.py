@@ -8,10 +8,10 @@ dense; at ``τ <= 1e-4`` the head stays dense).
 Thresholds file (JSON, ``format = "kvaccel.sale_thresholds/1"``): ``model`` (:func:`kvaccel.models.model_name`),
 ``fingerprint`` (:func:`kvaccel.models.model_fingerprint`), ``settings`` (the calibration settings),
 ``thresholds`` (``num_layers`` lists of ``num_heads`` values; ``null`` = dense head) and per-layer ``density``
-measured at calibration. Lookup order in ``bind()``: the ``thresholds`` field (a path), ``sale_thresholds.json`` in
-the model's directory, ``sale_<model name>.json`` in :func:`kvaccel.models.cache_dir`, the file shipped in the
-package for the embedded default model; with none of them the uniform ``threshold`` field is used, and
-``report()`` says which source was used in its notes.
+measured at calibration. Lookup order in ``bind()`` (when no uniform ``threshold`` is given): the ``thresholds``
+field (a path), ``sale_thresholds.json`` in the model's directory, ``sale_<model name>.json`` in
+:func:`kvaccel.models.cache_dir`, the file shipped in the package for the embedded default model; with none of them
+the uniform ``DEFAULT_THRESHOLD`` is used, and ``report()`` says which source was used in its notes.
 
 Calibration metric: per head, the relative Frobenius error ``||O_τ - O||_F / ||O||_F`` of the head's attention
 output over the whole prompt, tolerance 1% by default (the paper's reference code bounds the summed absolute error
@@ -49,6 +49,7 @@ from .base import BlockSelection, BlockSparsePrefill, PrefillMethod, validate_bl
 FORMAT = "kvaccel.sale_thresholds/1"
 DATA_DIR = Path(__file__).parent / "data" / "sale"  # package data: <model name>.json
 BESIDE_MODEL = "sale_thresholds.json"
+DEFAULT_THRESHOLD = 0.008  # the paper's calibration start: the uniform τ of a model without calibrated thresholds
 _QUERY_SUM = "_kvaccel_sale_query_sum"  # cache-layer attribute: the running query sum of a chunked prompt
 
 
@@ -63,12 +64,13 @@ class SALE(BlockSparsePrefill):
 
     Parameters
     ----------
-    threshold : float
-        Uniform ``τ`` in (0, 1) used when no calibration file is found for the model. Default 0.008 (the paper's
-        calibration start).
+    threshold : float, optional
+        Uniform ``τ`` in (0, 1) for every head, instead of calibrated per-head thresholds. ``None`` (default) = the
+        calibrated thresholds found for the model, else ``DEFAULT_THRESHOLD`` = 0.008 (the paper's calibration
+        start), with a note in ``report()``.
     thresholds : str, optional
         Path of a thresholds JSON file (``kvaccel calibrate sale``); ``None`` = look beside the model / in the
-        cache / in the package (module docstring).
+        cache / in the package (module docstring). Exclusive with ``threshold``.
     block_m, block_n : int
         Query / key block sizes. Default 64 / 32 (paper).
     sink : int
@@ -99,7 +101,7 @@ class SALE(BlockSparsePrefill):
     """
 
     name = "sale"
-    threshold: float = 0.008
+    threshold: float | None = None
     thresholds: str | None = None
     block_m: int = 64
     block_n: int = 32
@@ -111,9 +113,13 @@ class SALE(BlockSparsePrefill):
 
     def __post_init__(self):
         super().__post_init__()
-        check_threshold(self.threshold, "threshold")
+        if self.threshold is not None:
+            check_threshold(self.threshold, "threshold")
         if self.thresholds is not None and not isinstance(self.thresholds, (str, Path)):
             raise ValueError(f"thresholds ({self.thresholds!r}) must be a path to a JSON file or None")
+        if self.threshold is not None and self.thresholds is not None:
+            raise ValueError(f"threshold ({self.threshold}) and thresholds ({self.thresholds!r}) are exclusive: give "
+                             "a uniform threshold or a calibrated thresholds file, not both")
         validate_blocks(self, block_m=self.block_m, block_n=self.block_n)
         for f in ("sink", "local_window"):
             val = getattr(self, f)
@@ -123,7 +129,7 @@ class SALE(BlockSparsePrefill):
         check_number("dense_above", d, 0, 1, low_open=True,
                      why="the selected fraction of causal tiles above which a head is computed densely; 1 = never")
         self._tau: torch.Tensor | None = None  # (num_layers, H_q), 0 = dense head; set by bind()
-        self._note = f"sale: uniform threshold={self.threshold} for every head (method not bound to a model)"
+        self._note = f"sale: uniform threshold={self.uniform_threshold} for every head (method not bound to a model)"
 
     # ------------------------------------------------------------------------------------------ thresholds
     def bind(self, model) -> None:
@@ -131,6 +137,10 @@ class SALE(BlockSparsePrefill):
         from kvaccel.models import model_fingerprint, model_name
 
         layers, heads = _shape(model)
+        if self.threshold is not None:
+            self._tau = None
+            self._note = f"sale: uniform threshold={self.threshold} for every head (as given)"
+            return
         if self.thresholds is not None:
             data = load_thresholds(self.thresholds, model)
             path = Path(self.thresholds)
@@ -146,7 +156,7 @@ class SALE(BlockSparsePrefill):
             self._tau = None
             self._note = (
                 f"sale: no calibrated thresholds for model {model_name(model)} (fingerprint "
-                f"{model_fingerprint(model)}); uniform threshold={self.threshold} used for every head — run "
+                f"{model_fingerprint(model)}); uniform threshold={DEFAULT_THRESHOLD} used for every head — run "
                 "`kvaccel calibrate sale --model ...` for per-head thresholds"
             )
             return
@@ -160,9 +170,14 @@ class SALE(BlockSparsePrefill):
             self._note += "; calibrated with " + ", ".join(f"{f}={st[f]}" for f in differs) + " (used with " + (
                 ", ".join(f"{f}={getattr(self, f)}" for f in differs)) + ")"
 
+    @property
+    def uniform_threshold(self) -> float:
+        """The ``τ`` of every head when no per-head thresholds are bound: ``threshold``, else ``DEFAULT_THRESHOLD``."""
+        return DEFAULT_THRESHOLD if self.threshold is None else self.threshold
+
     def head_thresholds(self, layer: int) -> float | torch.Tensor:
-        """``τ`` of every query head of ``layer`` (``(H_q,)``, 0 = dense) or the uniform ``threshold``."""
-        return self.threshold if self._tau is None else self._tau[layer]
+        """``τ`` of every query head of ``layer`` (``(H_q,)``, 0 = dense) or the uniform threshold."""
+        return self.uniform_threshold if self._tau is None else self._tau[layer]
 
     # ------------------------------------------------------------------------------------------ prefill
     def tile_shape(self) -> tuple[int, int]:
