@@ -1,10 +1,16 @@
 """quantized_decode_attention: new tokens attend a KV cache held as KIVI codes plus a full-precision window.
 
 The cache of one layer is ``[quantized part (Tq tokens), window (Tw tokens)]`` on one token axis; the ``Q`` queries
-are the last ``Q`` tokens of the window (causal among themselves; ``Q = 1`` for a decode step). The PyTorch path
-walks the quantized part in tiles of ``block`` tokens and reads each tile's codes inside the loop (never a
-dequantized copy of the cache: per key group ``(q·s) @ codesᵀ + q @ z``, per value group ``(p·s) @ codes + p @ z``,
-codes unpacked to float32 by shifts) and merges the tiles with an online softmax;
+are the last ``Q`` tokens of the window (causal among themselves; ``Q = 1`` for a decode step). None of the paths makes
+a dequantized copy of the cache: per key group ``(q·s) @ codesᵀ + q @ z``, per value group ``(p·s) @ codes + p @ z``.
+
+- ``"numba"`` (CPU, the default there): compiled kernels (``quantized_decode_attention_numba.py``) compute every
+  logit of the quantized part from the codes in one parallel call, torch takes the softmax over all logits at once,
+  and a second call accumulates the values; the window is plain float32 matmuls.
+- ``"torch"``: walks the quantized part in tiles of ``block`` tokens (codes unpacked to float32 by shifts inside the
+  loop) merged with an online softmax; any device.
+- ``"triton"``: one kernel for a decode step over integer codes (CUDA, or the interpreter).
+
 :func:`quantized_decode_attention_reference` dequantizes everything in float64 and is what the tests compare against.
 """
 
@@ -13,17 +19,19 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .backend import check_mask, resolve_backend
-from .cpu_ops import single_thread
+from .cpu_ops import cpu_workers, run_parallel, single_thread, workspace
 from .kv_quant import QuantizedKV
 
 __all__ = ["quantized_decode_attention", "quantized_decode_attention_reference"]
 
 #: tokens dequantized at a time by the PyTorch path (rounded down to a multiple of the key group)
 DEFAULT_BLOCK = 512
+BACKENDS = ("auto", "numba", "torch", "triton")
 
 
 def _check(q: Tensor, quant: QuantizedKV, k: Tensor, v: Tensor, valid: Tensor | None,
@@ -80,22 +88,29 @@ def quantized_decode_attention(
     valid : Tensor, optional
         ``(B, 1|H_kv, Tw)`` bool validity of the window slots (``quant.valid`` that of the quantized part).
     block : int
-        Tokens dequantized per tile (rounded down to a multiple of the key group, at least one group).
+        Tokens dequantized per tile by the ``"torch"`` path (rounded down to a multiple of the key group, at least
+        one group).
     backend : str
-        ``"auto"`` (Triton for CUDA tensors when ``Q = 1`` over integer codes without a narrow segment and no
-        probabilities are asked for, PyTorch otherwise),
-        ``"torch"`` or ``"triton"`` (decode steps only: ``Q = 1``, no ``return_probs``; CPU tensors need
-        ``TRITON_INTERPRET=1``).
+        ``"auto"``: ``"numba"`` for CPU tensors; for CUDA tensors Triton when ``Q = 1`` over integer codes without a
+        narrow segment and no probabilities are asked for, PyTorch otherwise. ``"numba"`` (CPU tensors; every
+        option), ``"torch"`` (any device; every option) or ``"triton"`` (decode steps only: ``Q = 1``, no
+        ``return_probs``; CPU tensors need ``TRITON_INTERPRET=1``).
     return_probs : bool
         Also return the probabilities (``Q`` must be 1), for eviction methods that accumulate them.
     narrow, channel_idx : QuantizedKV, Tensor, optional
         ThinK's oldest tokens, placed first: keys keep only the ``Dk`` channels ``channel_idx`` ``(B, H_kv, Dk)``
         (their logits are ``scale · q[channel_idx] · k``, i.e. attention over keys zero in the pruned channels),
-        values full width. PyTorch path only.
+        values full width. Not on the Triton path.
     """
     _check(q, quant, k, v, valid, narrow, channel_idx)
     if return_probs and q.shape[2] != 1:
         raise ValueError(f"return_probs needs one query token, got {q.shape[2]}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "numba" or (backend == "auto" and q.device.type == "cpu"):
+        if q.device.type != "cpu":
+            raise ValueError(f"backend='numba' runs CPU tensors, got device {q.device}; use backend='auto'")
+        return _quantized_decode_attention_numba(q, quant, k, v, scale, valid, return_probs, narrow, channel_idx)
     decode_step = q.shape[2] == 1 and not return_probs and narrow is None and quant.k_zero is not None
     chosen = resolve_backend(backend, q)
     if chosen == "triton" and not decode_step:
@@ -160,6 +175,97 @@ def quantized_decode_attention(
     m_safe = m.masked_fill(torch.isinf(m), 0.0)
     probs = torch.exp(torch.cat(kept_logits, dim=-1) - m_safe) / denom
     return out, probs.reshape(B, Hq, -1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# numba path (launcher; the kernels are in kernels/quantized_decode_attention_numba.py)
+# --------------------------------------------------------------------------------------------------------------
+def _rows(t: Tensor) -> np.ndarray:
+    """``t`` ``(B, H, T, X)``, the first ``T`` slots of a contiguous ``(B, H, slots, X)`` buffer (a cache's
+    ``SlotTensor`` view), as that buffer ``(B·H, slots, X)`` for the kernels, without a copy; any other layout is
+    copied to a contiguous one. 16-bit floats come as their bit patterns (uint16)."""
+    B, H, T, X = t.shape
+    slots = t.stride(1) // max(X, 1)
+    end = (t.storage_offset() + B * H * slots * X) * t.element_size()
+    if t.stride() == (H * slots * X, slots * X, X, 1) and slots >= T and end <= t.untyped_storage().nbytes():
+        t = t.as_strided((B * H, slots, X), (slots * X, X, 1))
+    else:
+        t = t.contiguous().view(B * H, T, X)
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.view(torch.uint16)
+    elif t.is_floating_point() and t.element_size() == 1:  # float8 codes
+        t = t.view(torch.uint8)
+    return t.numpy()
+
+
+#: multiply-adds below which the numba path runs in the calling thread only (handing row blocks to worker threads
+#: costs more than it saves there, and much more on a loaded machine)
+_PARALLEL_WORK = 1 << 23
+
+
+def _mask(m: Tensor | None) -> np.ndarray:
+    """A validity mask ``(B, 1|H, T)`` as a contiguous bool array; ``None`` as an empty ``(1, 1, 0)`` one."""
+    return _NO_MASK if m is None else m.contiguous().numpy()
+
+
+_NO_MASK = np.ones((1, 1, 0), dtype=np.bool_)
+
+
+def _segment(part: QuantizedKV | None) -> tuple:
+    """``(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, valid)`` arrays of ``part`` for the kernel (zero points
+    absent: the scales, unread; value codes as ``(N, slots, value groups, bytes per group)``); ``None``: empty
+    arrays."""
+    if part is None:
+        u8, u16 = np.zeros((1, 0, 1), np.uint8), np.zeros((1, 0, 1), np.uint16)
+        return u8, u16, u16, np.zeros((1, 0, 1, 1), np.uint8), u16, u16, _NO_MASK
+    ks, vs = _rows(part.k_scale), _rows(part.v_scale)
+    kz = ks if part.k_zero is None else _rows(part.k_zero)
+    vz = vs if part.v_zero is None else _rows(part.v_zero)
+    vc = _rows(part.v_codes)
+    vc = vc.reshape(*vc.shape[:2], vs.shape[2], vc.shape[2] // vs.shape[2])
+    return _rows(part.k_codes), ks, kz, vc, vs, vz, _mask(part.valid)
+
+
+def _quantized_decode_attention_numba(q: Tensor, quant: QuantizedKV, k: Tensor, v: Tensor, scale: float,
+                                      valid: Tensor | None, return_probs: bool, narrow: QuantizedKV | None,
+                                      channel_idx: Tensor | None) -> Tensor | tuple[Tensor, Tensor]:
+    """The compiled kernel (``quantized_decode_attention_numba._attend``): logits of ``[narrow, quant, window]`` read
+    from the codes, softmax, values; rows with no valid slot give zeros. Large steps split the ``B·H_kv`` row blocks
+    over :func:`~kvaccel.kernels.cpu_ops.run_parallel`'s worker threads (the kernel releases the GIL)."""
+    from . import quantized_decode_attention_numba as nk
+
+    B, Hq, Q, D = q.shape
+    Hkv, Tw, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    R, N = Hq // Hkv * Q, B * Hkv
+    fp8 = quant.k_codes.is_floating_point()
+    if narrow is not None and narrow.k_codes.is_floating_point() != fp8:
+        raise ValueError("narrow and quant must hold the same kind of codes (integer or float8)")
+    with single_thread():  # the few torch ops here are tiny: no parallel regions for them
+        qg = (q.reshape(B, Hkv, R, D).float() * scale).contiguous()
+        nq = qg[..., :0]
+        if narrow is not None:
+            nq = qg.gather(-1, channel_idx[:, :, None, :].expand(B, Hkv, R, channel_idx.shape[-1])).contiguous()
+        kw, vw = k.float(), v.float()
+    Tn, Tq = (narrow.length if narrow is not None else 0), quant.length
+    W = Tn + Tq + Tw
+    if return_probs:  # handed to the caller: its own tensor
+        probs = qg.new_empty(N, R, W)
+    else:
+        probs = workspace(q.device, [(N * R * W, torch.float32)])[0].view(N, R, W)
+    out = qg.new_empty(N, R, Dv)
+    # tokens per key group (both parts share it; 1 for float8 codes, and while nothing is quantized)
+    group = next((part.key_group for part in (quant, narrow) if part is not None and part.key_group), 1)
+    sdtype = quant.k_scale.dtype
+    args = (qg.view(N, R, D).numpy(), *_segment(quant), Tq, nq.view(N, R, -1).numpy(), *_segment(narrow), Tn,
+            _rows(kw), _rows(vw), _mask(valid), Tw, Q, Hkv, quant.bits,
+            *(nk.fp8_decoding(quant.k_codes.dtype) if fp8 else (0, 1.0)), group, nk.scale_table(sdtype),
+            nk.pow2_table())
+    workers = cpu_workers(q.device) if N * R * W * (D + Dv) >= _PARALLEL_WORK else 1
+    po, oo = probs.numpy(), out.numpy()
+    tasks = [(*args, N * i // workers, N * (i + 1) // workers, po, oo) for i in range(workers)]
+    run_parallel(nk._attend, [t for t in tasks if t[-4] < t[-3]], workers)
+    out = out.view(B, Hq, Q, Dv).to(q.dtype)
+    return (out, probs.view(B, Hq, W)) if return_probs else out
 
 
 def _window_mask(valid: Tensor | None, Q: int, G: int, Tw: int, device) -> Tensor | None:

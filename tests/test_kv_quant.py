@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -131,38 +132,51 @@ def _case(B, Hq, Hkv, Tq, Tw, Q, bits, G=32, D=64, ragged=False, seed=0):
     return q, quant, k, v, wvalid
 
 
+CPU_BACKENDS = ["numba", "torch"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("Hq,Hkv", [(4, 4), (6, 2)])
 @pytest.mark.parametrize("Q", [1, 3])
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("ragged", [False, True])
-def test_kernel_matches_float64_reference(Hq, Hkv, Q, bits, ragged):
+def test_kernel_matches_float64_reference(Hq, Hkv, Q, bits, ragged, backend):
     q, quant, k, v, valid = _case(2, Hq, Hkv, 160, 40, Q, bits, ragged=ragged)
     ref = quantized_decode_attention_reference(q, quant, k, v, scale=0.125, valid=valid)
-    for block in (32, 64, 512):  # tiles smaller than, not dividing, and larger than the quantized part
-        out = quantized_decode_attention(q, quant, k, v, scale=0.125, valid=valid, block=block)
+    for block in (32, 64, 512):  # torch: tiles smaller than, not dividing, and larger than the quantized part
+        out = quantized_decode_attention(q, quant, k, v, scale=0.125, valid=valid, block=block, backend=backend)
         torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("Q", [1, 2])
-def test_kernel_with_narrow_segment_matches_reference(Q):
+def _narrow_case(Q, Tq=64, seed=5):
     """ThinK's narrow keys (an odd number of kept channels: the last code byte is half used) before the full part."""
-    q, quant, k, v, valid = _case(2, 6, 2, 64, 16, Q, 4, ragged=True)
-    g = torch.Generator().manual_seed(5)
+    q, quant, k, v, valid = _case(2, 6, 2, Tq, 16, Q, 4, ragged=True)
+    g = torch.Generator().manual_seed(seed)
     cidx = torch.stack([torch.randperm(64, generator=g)[:39].sort().values for _ in range(4)]).view(2, 2, 39)
     kn, vn = _outliers((2, 2, 96, 39), seed=7), torch.randn(2, 2, 96, 64, generator=g)
     nvalid = torch.rand(2, 1, 96, generator=g) > 0.2
     narrow = QuantizedKV(4, *quantize_keys(kn, 4, 32, nvalid), *quantize_values(vn, 4, 32), valid=nvalid)
     assert narrow.k_codes.shape[-1] == 20  # ceil(39 * 4 / 8)
+    return q, quant, k, v, valid, narrow, cidx
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("Q,Tq", [(1, 64), (2, 64), (1, 0)])
+def test_kernel_with_narrow_segment_matches_reference(Q, Tq, backend):
+    """Narrow keys before the full part; ``Tq = 0``: everything older than the window is narrow (the key group then
+    comes from the narrow part)."""
+    q, quant, k, v, valid, narrow, cidx = _narrow_case(Q, Tq)
     ref = quantized_decode_attention_reference(q, quant, k, v, scale=0.125, valid=valid, narrow=narrow,
                                                channel_idx=cidx)
     out = quantized_decode_attention(q, quant, k, v, scale=0.125, valid=valid, narrow=narrow, channel_idx=cidx,
-                                     block=32)
+                                     block=32, backend=backend)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
 
 
-def test_kernel_probs_and_empty_quantized_part():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_kernel_probs_and_empty_quantized_part(backend):
     q, quant, k, v, valid = _case(1, 4, 2, 96, 20, 1, 4, ragged=True)
-    out, probs = quantized_decode_attention(q, quant, k, v, scale=0.2, valid=valid, return_probs=True)
+    out, probs = quantized_decode_attention(q, quant, k, v, scale=0.2, valid=valid, return_probs=True, backend=backend)
     K = torch.cat([quant.keys(torch.float64), k.double()], 2)
     logits = (q.double().view(1, 2, 2, 64) @ K.transpose(-1, -2)).view(1, 4, -1) * 0.2
     mask = torch.cat([quant.valid.expand(1, 2, -1), valid.expand(1, 2, -1)], -1).repeat_interleave(2, 1)
@@ -173,7 +187,80 @@ def test_kernel_probs_and_empty_quantized_part():
     q0, quant0, k0, v0, _ = _case(1, 4, 2, 0, 8, 1, 4)  # nothing quantized yet: plain attention over the window
     expect = torch.nn.functional.scaled_dot_product_attention(q0, k0.repeat_interleave(2, 1),
                                                               v0.repeat_interleave(2, 1), scale=0.2)
-    torch.testing.assert_close(quantized_decode_attention(q0, quant0, k0, v0, scale=0.2), expect)
+    torch.testing.assert_close(quantized_decode_attention(q0, quant0, k0, v0, scale=0.2, backend=backend), expect)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_over_fp8_codes_and_16bit_scales(fmt, dtype, backend):
+    """float8 codes (their subnormals too: the outlier channel makes the others small) with float16 or bfloat16
+    scales, and a window in the model dtype."""
+    g = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, Tq, Tw, D = 2, 6, 2, 72, 12, 64
+    kq, vq = _outliers((B, Hkv, Tq, D), seed=4), _outliers((B, Hkv, Tq, D), seed=6)
+    f8 = fp8_dtype(fmt)
+    (kc, ks), (vc, vs) = quantize_fp8(kq.to(dtype), f8), quantize_fp8(vq.to(dtype), f8)
+    qvalid = torch.rand(B, 1, Tq, generator=g) > 0.3
+    quant = QuantizedKV(8, kc, ks, None, vc, vs, None, valid=qvalid)
+    q = torch.randn(B, Hq, 1, D, generator=g).to(dtype)
+    k, v = (torch.randn(B, Hkv, Tw, D, generator=g).to(dtype) for _ in range(2))
+    ref = quantized_decode_attention_reference(q, quant, k, v, scale=0.125)
+    out = quantized_decode_attention(q, quant, k, v, scale=0.125, backend=backend)
+    assert out.dtype == dtype
+    tol = 2e-5 if dtype == torch.float32 else 8e-3  # the bfloat16 output's rounding
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_numba_fp8_decoding_is_exact_for_every_byte(fmt):
+    """The kernel's float8 decoding (bits placed in float32's, then rebiased) equals torch's for all 256 bytes but
+    NaNs, subnormals included."""
+    from numba import njit
+
+    from kvaccel.kernels import quantized_decode_attention_numba as nk
+
+    @njit
+    def decode(row, shift, ratio, out):
+        word = np.empty(row.shape[0], np.uint32)
+        nk._fp8_plane(row, shift, np.float32(ratio), word, word.view(np.float32), out)
+
+    f8 = fp8_dtype(fmt)
+    byte = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    want = byte.view(f8).float()
+    got = np.empty(256, np.float32)
+    decode(byte.numpy(), *nk.fp8_decoding(f8), got)
+    finite = torch.isfinite(want)
+    assert int((~finite).sum()) in (2, 8)  # e4m3fn: 2 NaNs; e5m2: 2 infs, 6 NaNs
+    assert torch.equal(torch.from_numpy(got)[finite], want[finite])
+    assert float(want[finite & (want.abs() < torch.finfo(f8).tiny)].abs().max()) > 0  # subnormals were checked
+
+
+def test_numba_row_blocks_on_worker_threads_match(monkeypatch):
+    """A large step's row blocks split over worker threads (forced here on a small case) give the same result."""
+    from kvaccel.kernels import quantized_decode_attention as qda
+
+    q, quant, k, v, valid = _case(2, 6, 2, 160, 40, 1, 4, ragged=True)
+    one = quantized_decode_attention(q, quant, k, v, scale=0.125, valid=valid, backend="numba")
+    calls = []
+    real = qda.run_parallel
+    monkeypatch.setattr(qda, "_PARALLEL_WORK", 0)
+    monkeypatch.setattr(qda, "cpu_workers", lambda device: 3)
+    monkeypatch.setattr(qda, "run_parallel", lambda fn, tasks, workers: calls.append(len(tasks)) or
+                        real(fn, tasks, workers))
+    split = quantized_decode_attention(q, quant, k, v, scale=0.125, valid=valid, backend="numba")
+    assert calls == [3]  # 4 row blocks on 3 workers
+    torch.testing.assert_close(split, one, atol=0, rtol=0)
+    ref = quantized_decode_attention_reference(q, quant, k, v, scale=0.125, valid=valid)
+    torch.testing.assert_close(split.double(), ref, atol=2e-5, rtol=1e-5)
+
+
+def test_numba_backend_needs_cpu_tensors():
+    q, quant, k, v, _ = _case(1, 4, 2, 32, 8, 1, 4)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        quantized_decode_attention(q, quant, k, v, scale=0.1, backend="cuda")
+    with pytest.raises(ValueError, match="backend='numba' runs CPU tensors, got device meta"):
+        quantized_decode_attention(q.to("meta"), quant, k, v, scale=0.1, backend="numba")
 
 
 @requires_triton

@@ -6,7 +6,8 @@ most recent tokens stay in the model dtype and are quantized a whole group at a 
 
 The prompt is attended in full precision; once the forward that brought it is over (and any eviction of it, also
 kvzip's after-forward one), every layer becomes a :class:`~kvaccel.patches.storage.quantized_layer.QuantizedLayer`;
-later forwards attend the codes, dequantized a tile at a time. Per-head packed layers (adakv's and kvzip's
+later forwards attend the codes in place (``kernels/quantized_decode_attention.py``; decode speed and its first-call
+compile cost: ``docs/results.md`` section 11). Per-head packed layers (adakv's and kvzip's
 varlen layout) are stored padded to their longest head once quantized (a note in ``report()`` says so).
 Decode-time eviction (streaming, h2o, snapkv with ``decode_budget``, keyformer, expected_attention) gathers the
 kept tokens and re-quantizes (cost and error: the layer's docstring). ``report()["kv_storage_bytes"]`` counts
@@ -150,8 +151,8 @@ class KVInt4(QuantizedKVStorage):
 class KVFp8(_QuantizedStorage):
     """kv_fp8: float8 codes (e4m3 or e5m2) with one 16-bit scale per token for keys and values.
 
-    ``x̂ = code · s``, ``s = max|x| / fp8_max`` per token (no zero point); the torch path dequantizes a tile at a time
-    (no Triton kernel for float8 codes yet).
+    ``x̂ = code · s``, ``s = max|x| / fp8_max`` per token (no zero point); on CPU the compiled kernel decodes the
+    float8 bytes in registers (no Triton kernel for float8 codes yet: CUDA tensors take the PyTorch path).
 
     Parameters
     ----------

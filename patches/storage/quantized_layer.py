@@ -13,7 +13,8 @@ Storage of one layer (token axis ``[quantized part (Tq), window (Tw)]``, in arri
 The window keeps the ``residual`` most recent tokens: when it holds ``residual + G`` tokens before a new forward,
 its oldest whole groups are quantized and moved (KIVI flushes a group at a time: per-channel statistics of one token
 mean nothing). ``update`` returns only the new tokens; attention reads the codes through :meth:`attend`
-(``kernels/quantized_decode_attention.py``: a tile of tokens dequantized at a time, never the whole cache).
+(``kernels/quantized_decode_attention.py``: on CPU a compiled kernel reads the codes in place, scales folded into
+the query and the weights; never a dequantized copy of the cache).
 
 Eviction (``keep``) at decode: the held tokens are dequantized (a temporary full-precision copy of the layer, the
 cost of one eviction: O(N·D) dequantize + gather + quantize), the kept ones gathered, and the layer re-split by rank:

@@ -1,0 +1,264 @@
+"""Compiled CPU kernels of :func:`~kvaccel.kernels.quantized_decode_attention.quantized_decode_attention`: query rows
+against KIVI codes (or float8 codes) read in place, never a dequantized copy of the cache.
+
+Keys, per key group (:func:`_int_key_logits`): ``logit[r, t] = Σ_d (q[r,d]·s[d])·code[t,d] + Σ_d q[r,d]·z[d]``, the
+scale folded into the query once per ``group`` tokens. Values (:func:`_weighted_values`): per token and value group
+``acc[r, c] += (p[r,t]·s)·code[t,c]``, and ``Σ_t p[r,t]·z`` added per group at the end. float8 codes (``kv_fp8``):
+one scale per token (:func:`_fp8_key_logits`), codes read through a 256-entry table.
+
+numba has no float16 / bfloat16 arithmetic: 16-bit scales and zero points are read as their bit patterns (uint16)
+through a 65,536-entry float32 table (:func:`scale_table`). Packed codes (``kv_quant.pack_codes``: channel
+``j·per + i`` is code ``i`` of byte ``j``) are unpacked into a split layout ``[i][j]``, and the query (keys) and the
+accumulator (values) are held in the same layout, so every inner loop runs over contiguous bytes and vectorises.
+Arrays are ``(N = B·H_kv, slots, ...)`` C-contiguous; the kernels read the first ``ntok`` slots.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from kvaccel.kernels.attention_index_heap import _FM, _dot
+from kvaccel.kernels.attention_index_jit import kernel
+
+__all__ = ["fp8_decoding", "pow2_table", "scale_table"]
+
+
+@functools.cache
+def scale_table(dtype: torch.dtype) -> np.ndarray:
+    """float32 value of every 16-bit pattern of ``dtype`` (float16 / bfloat16), indexed by the pattern as uint16."""
+    bits = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16)
+    return bits.view(dtype).float().numpy()
+
+
+#: float8 formats: (torch dtype name, mantissa bits, exponent bias)
+_FP8 = {"float8_e4m3fn": (3, 7), "float8_e5m2": (2, 15)}
+
+
+def fp8_decoding(dtype: torch.dtype) -> tuple[int, float]:
+    """``(shift, ratio)`` that turn a float8 byte ``c`` of ``dtype`` into its value without a table:
+    ``float32 from bits((c & 0x7F) << shift | (c & 0x80) << 24) · ratio`` (the exponent and mantissa bits placed in
+    float32's, then rebiased; float8's subnormals land on float32's subnormals, which the same ratio scales)."""
+    mantissa, bias = _FP8[str(dtype).removeprefix("torch.")]
+    return 23 - mantissa, 2.0 ** (127 - bias)
+
+
+@kernel(fastmath=_FM, inline="always")
+def _plane(row, sh, mask, s, out):
+    """``out[j] = ((row[j] >> sh) & mask) · s``: a literal ``sh`` / ``mask`` at every call, and whole 1-D arrays, so
+    the loop vectorises."""
+    for j in range(row.shape[0]):
+        out[j] = np.float32((np.int32(row[j]) >> sh) & mask) * s
+
+
+@kernel(fastmath=_FM, inline="always")
+def _unpack(row, bits, s, planes, base, step):
+    """Codes of the bytes ``row`` times ``s``: code ``i`` of byte ``j`` at ``planes[base + i·step, j]``."""
+    if bits == 4:
+        _plane(row, 0, 15, s, planes[base])
+        _plane(row, 4, 15, s, planes[base + step])
+    elif bits == 2:
+        _plane(row, 0, 3, s, planes[base])
+        _plane(row, 2, 3, s, planes[base + step])
+        _plane(row, 4, 3, s, planes[base + 2 * step])
+        _plane(row, 6, 3, s, planes[base + 3 * step])
+    else:
+        _plane(row, 0, 255, s, planes[base])
+
+
+@kernel(fastmath=_FM, inline="always")
+def _fp8_plane(row, shift, s, word, as_float, out):
+    """``out[j]`` = float8 byte ``row[j]`` times ``s`` (``s`` includes :func:`fp8_decoding`'s ratio); ``word`` uint32
+    scratch and ``as_float`` its float32 view, at least as long as ``row``."""
+    for j in range(row.shape[0]):
+        c = np.uint32(row[j])
+        word[j] = ((c & np.uint32(0x7F)) << shift) | ((c & np.uint32(0x80)) << np.uint32(24))
+    for j in range(row.shape[0]):
+        out[j] = as_float[j] * s
+
+
+@kernel(fastmath=_FM, inline="always")
+def _axpy(a, w, b):
+    for j in range(a.shape[0]):
+        a[j] += w * b[j]
+
+
+@kernel(fastmath=_FM, inline="always")
+def _key_logits(q, codes, kscale, kzero, slut, bits, fp8_shift, fp8_ratio, group, t0, t1, out, col0):
+    """``out[r, col0 + t]`` = ``q[r] · key[t]`` for ``t0 <= t < t1`` (whole key groups) of one row block: q ``(R, D)``,
+    codes ``(slots, bytes)``; integer codes with per-channel scale and zero per key group ``(groups, D)``, or float8
+    codes (``fp8_shift > 0``) with a scale per token ``(slots, 1)``."""
+    R, D = q.shape
+    nb = codes.shape[1]
+    if fp8_shift:
+        buf = np.empty(nb, np.float32)
+        word = np.empty(nb, np.uint32)
+        as_float = word.view(np.float32)
+        for t in range(t0, t1):
+            _fp8_plane(codes[t], fp8_shift, slut[kscale[t, 0]] * fp8_ratio, word, as_float, buf)
+            for r in range(R):
+                out[r, col0 + t] = _dot(q[r], buf)
+        return
+    per = 8 // bits
+    buf = np.empty(per * nb, np.float32)
+    planes = buf.reshape(per, nb)
+    qsplit = np.zeros((R, per * nb), np.float32)  # q in the split layout (pad channels stay zero)
+    for i in range(per):
+        for j in range(nb):
+            if j * per + i < D:
+                for r in range(R):
+                    qsplit[r, i * nb + j] = q[r, j * per + i]
+    qs = np.empty((R, per * nb), np.float32)  # q·s of a key group
+    ssplit = np.zeros(per * nb, np.float32)
+    zf = np.empty(D, np.float32)
+    for gi in range(t0 // group, t1 // group):
+        srow, zrow = kscale[gi], kzero[gi]
+        for i in range(per):
+            for j in range(nb):
+                if j * per + i < D:
+                    ssplit[i * nb + j] = slut[srow[j * per + i]]
+        for d in range(D):
+            zf[d] = slut[zrow[d]]
+        for r in range(R):
+            b = _dot(q[r], zf)
+            for a in range(per * nb):
+                qs[r, a] = qsplit[r, a] * ssplit[a]
+            for t in range(gi * group, gi * group + group):
+                out[r, col0 + t] = b
+        for t in range(gi * group, gi * group + group):
+            _unpack(codes[t], bits, np.float32(1.0), planes, 0, 1)
+            for r in range(R):
+                out[r, col0 + t] += _dot(qs[r], buf)
+
+
+@kernel(fastmath=_FM, inline="always")
+def _value_sum(p, codes, vscale, vzero, slut, bits, fp8_shift, fp8_ratio, t0, t1, col0, acc, zacc):
+    """``acc[r] += Σ_t (p[r, col0 + t]·s)·code[t]`` (split layout) and ``zacc[r, g] += Σ_t p[r, col0 + t]·z[t, g]``
+    for ``t0 <= t < t1`` of one row block: codes ``(slots, groups, bytes per group)``, vscale / vzero
+    ``(slots, groups)`` per token (float8: no zero points)."""
+    R = p.shape[0]
+    ngv, bpg = codes.shape[1], codes.shape[2]
+    per = 1 if fp8_shift else 8 // bits
+    buf = np.empty(acc.shape[1], np.float32)
+    planes = buf.reshape(per * ngv, bpg)  # plane i of group g: row i·ngv + g (the split layout)
+    word = np.empty(bpg, np.uint32)
+    as_float = word.view(np.float32)
+    for t in range(t0, t1):
+        nonzero = False
+        for r in range(R):
+            nonzero |= p[r, col0 + t] != 0.0
+        if not nonzero:  # masked slots (and underflowed weights) add nothing
+            continue
+        for g in range(ngv):  # codes times their group's scale
+            s = slut[vscale[t, g]]
+            if fp8_shift:
+                _fp8_plane(codes[t, g], fp8_shift, s * fp8_ratio, word, as_float, planes[g])
+            else:
+                _unpack(codes[t, g], bits, s, planes, g, ngv)
+                z = slut[vzero[t, g]]
+                for r in range(R):
+                    zacc[r, g] += p[r, col0 + t] * z
+        for r in range(R):
+            _axpy(acc[r], p[r, col0 + t], buf)
+
+
+@kernel(fastmath=_FM, inline="always")
+def _exp_nonpositive(x, pow2):
+    """``exp(x)`` for ``x <= 0`` (``-inf`` -> 0) in float32 without a libm call, so loops over it vectorise:
+    ``2^k · 2^f``, ``k = round(x·log2 e)``, ``2^f`` by Cephes' exp2f polynomial on ``|f| <= 1/2`` (relative error
+    ~2e-7), ``2^k`` from the table ``pow2[k + 126]`` (``k >= -126``; smaller results flush to 0)."""
+    y = x * np.float32(1.4426950408889634)  # log2(e)
+    k = np.floor(y + np.float32(0.5))
+    f = y - k
+    px = np.float32(1.535336188319500e-4)
+    px = px * f + np.float32(1.339887440266574e-3)
+    px = px * f + np.float32(9.618437357674640e-3)
+    px = px * f + np.float32(5.550332471162809e-2)
+    px = px * f + np.float32(2.402264791363012e-1)
+    px = px * f + np.float32(6.931472028550421e-1)
+    e = np.float32(1.0) + px * f
+    ki = np.int32(max(k, np.float32(-127.0))) + 126
+    return e * pow2[max(ki, 0)] if k >= np.float32(-126.0) else np.float32(0.0)
+
+
+@functools.cache
+def pow2_table() -> np.ndarray:
+    """``2^k`` for ``k = -126 .. 0`` (float32), indexed by ``k + 126``."""
+    return np.ldexp(np.float32(1.0), np.arange(-126, 1)).astype(np.float32)
+
+
+@kernel(fastmath=_FM)
+def _attend(q, kc, ks, kz, vc, vs, vz, qvalid, ntok,
+            nq, nkc, nks, nkz, nvc, nvs, nvz, nvalid, nlen,
+            kw, vw, wvalid, tw, nqueries, H, bits, fp8_shift, fp8_ratio, group, slut, pow2, n0, n1, probs, out):
+    """Attention of the rows ``q[n]`` ``(R, D)`` (float32, scale applied) of row blocks ``n0 <= n < n1`` over
+    ``[narrow, quantized, window]``.
+
+    Quantized part: ``kc`` codes ``(N, slots, bytes)``, ``vc`` ``(N, slots, value groups, bytes per group)``, ``ks``
+    / ``kz`` / ``vs`` / ``vz`` scales and zero points (uint16 bit patterns, read through ``slut``), its first ``ntok``
+    slots; float8 codes when ``fp8_shift > 0`` (:func:`fp8_decoding`). Narrow part (ThinK, ``nlen`` slots, 0 when
+    absent): the same with keys of fewer channels, attended by ``nq`` ``(N, R, Dk)``; its values are full width,
+    stored like the quantized part's. Window: float32 ``kw`` / ``vw`` ``(N, slots, D)``, its first ``tw`` slots; the
+    last ``nqueries`` are the queries (rows ``g·Q + i``, causal among them). Validity masks ``(B, 1|H, slots)`` bool (a
+    ``(1, 1, 0)`` array: all valid), ``N = B·H``.
+
+    Writes the probabilities ``probs[n]`` ``(R, nlen + ntok + tw)`` and ``out[n]`` ``(R, Dv)`` (zeros for a row with
+    nothing valid). Row blocks are independent: threads may run disjoint ranges.
+    """
+    R = q.shape[1]
+    Dv = out.shape[2]
+    per = 1 if fp8_shift else 8 // bits
+    W = nlen + ntok + tw
+    neg = np.float32(-np.inf)
+    bpg = vc.shape[3]
+    nbv = vc.shape[2] * bpg
+    acc = np.empty((R, nbv * per), np.float32)  # values in the split layout
+    zacc = np.empty((R, vs.shape[2]), np.float32)
+    for n in range(n0, n1):
+        b, h = n // H, n % H
+        pn = probs[n]
+        if nlen:
+            _key_logits(nq[n], nkc[n], nks[n], nkz[n], slut, bits, fp8_shift, fp8_ratio, group, 0, nlen, pn, 0)
+        _key_logits(q[n], kc[n], ks[n], kz[n], slut, bits, fp8_shift, fp8_ratio, group, 0, ntok, pn, nlen)
+        for r in range(R):
+            for t in range(tw):
+                pn[r, nlen + ntok + t] = _dot(q[n, r], kw[n, t])
+        for valid, t0, length in ((nvalid, 0, nlen), (qvalid, nlen, ntok), (wvalid, nlen + ntok, tw)):
+            if valid.shape[2]:
+                vrow = valid[b, h if valid.shape[1] > 1 else 0]
+                for t in range(length):
+                    if not vrow[t]:
+                        for r in range(R):
+                            pn[r, t0 + t] = neg
+        for r in range(R):  # softmax
+            row = pn[r]
+            for t in range(tw - nqueries + 1 + r % nqueries, tw):  # causal among the queries
+                row[nlen + ntok + t] = neg
+            m = neg
+            for t in range(W):
+                m = max(m, row[t])
+            if m == neg:  # nothing valid: zeros
+                row[:] = 0.0
+                continue
+            total = np.float32(0.0)
+            for t in range(W):
+                e = _exp_nonpositive(row[t] - m, pow2)
+                row[t] = e
+                total += e
+            inv = np.float32(1.0) / total
+            for t in range(W):
+                row[t] *= inv
+        acc[:] = 0.0
+        zacc[:] = 0.0
+        if nlen:
+            _value_sum(pn, nvc[n], nvs[n], nvz[n], slut, bits, fp8_shift, fp8_ratio, 0, nlen, 0, acc, zacc)
+        _value_sum(pn, vc[n], vs[n], vz[n], slut, bits, fp8_shift, fp8_ratio, 0, ntok, nlen, acc, zacc)
+        for r in range(R):
+            o = out[n, r]
+            for d in range(Dv):
+                j = d // per
+                o[d] = acc[r, (d - j * per) * nbv + j] + zacc[r, j // bpg]
+            for t in range(tw):
+                _axpy(o, pn[r, nlen + ntok + t], vw[n, t])
