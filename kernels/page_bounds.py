@@ -62,12 +62,17 @@ def _numba_kernels() -> ModuleType | None:
     return page_bounds_numba
 
 
-def _compiled(backend: str, *tensors: Tensor) -> ModuleType | None:
+def _compiled(backend: str, *tensors: Tensor, others: tuple[Tensor | None, ...] = ()) -> ModuleType | None:
     """The compiled CPU kernels when they serve these tensors (``backend`` resolves to the CPU path, every tensor
-    on CPU in float32 or float64), else ``None``."""
+    on CPU in float32 or float64), else ``None``. ``others`` (indices, counts, masks) must then be on CPU too: the
+    kernels read raw host memory."""
     if resolve_backend(backend, tensors[0]) != "torch" or any(
             t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) for t in tensors):
         return None
+    for t in others:
+        if t is not None and t.device.type != "cpu":
+            raise ValueError(f"a {tuple(t.shape)} tensor is on {t.device} while q, k and v are on the CPU: pass every "
+                             "input on one device")
     return _numba_kernels()
 
 
@@ -235,7 +240,7 @@ def append_page_bounds(
     B, H, _, D = kmin.shape
     if valid is not None and valid.shape[1] > count.shape[1]:
         raise ValueError(f"count {tuple(count.shape)} needs as many heads as valid {tuple(valid.shape)}")
-    jit = _compiled(backend, kmin, kmax, key)
+    jit = _compiled(backend, kmin, kmax, key, others=(count, valid, real, page if isinstance(page, Tensor) else None))
     if jit is not None and count.dtype == torch.int32:
         r = np.zeros(B, np.int64) if real is None else _np_buffer(real)
         pg = _host(page)
@@ -339,7 +344,7 @@ def select_top_pages(
     (``pages >= 1``, ``last < NP``). Returns ``(idx, keep)`` ``(B, H_s, K)``, ``K = min(max(pages), NP)``."""
     if q.dim() == 4:
         q = q[:, :, 0]
-    jit = _compiled(backend, q, kmin, kmax)
+    jit = _compiled(backend, q, kmin, kmax, others=(count, *(t for t in (pages, last) if isinstance(t, Tensor))))
     if jit is None or count.dtype != torch.int32:
         return select_pages(page_scores(q, kmin, kmax, count, group=group, backend=backend), _on(pages, q.device),
                             _on(last, q.device))
@@ -466,7 +471,7 @@ def attend_pages(
     (T)]``; ``valid`` ``(B, 1|H_kv, N)``. ``attended`` ``(B, H_s)`` int64, if given, is incremented in place by the
     real tokens each selection row attended. On CPU (float32/float64, no narrow segment) one compiled kernel reads
     the pages' keys and values in place: no slot list and no gathered copy."""
-    jit = _compiled(backend, q, k, v) if k_narrow is None else None
+    jit = _compiled(backend, q, k, v, others=(idx, keep, offset, valid, attended)) if k_narrow is None else None
     n_tokens = k.shape[2] + (0 if k_narrow is None else k_narrow.shape[2])
     if jit is None:
         slots, ok = page_slots(idx, keep, page_size, offset, n_tokens, valid)
@@ -522,7 +527,8 @@ def select_attend(
     """A Quest step: ``attend_pages(q, k, v, *select_top_pages(q, kmin, kmax, count, pages, last, group=group), ...)``,
     ``(B, H_q, 1, Dv)`` in ``q.dtype``. On CPU (float32/float64, no narrow segment) one compiled pass per selection
     row, the selection held in scratch; elsewhere the two ops."""
-    jit = _compiled(backend, q, kmin, kmax, k, v) if k_narrow is None else None
+    jit = (_compiled(backend, q, kmin, kmax, k, v, others=(count, offset, valid, attended)) if k_narrow is None
+           else None)
     if jit is None or count.dtype != torch.int32:
         with single_thread():  # small ops: waking idle OpenMP threads would cost more than the work
             idx, keep = select_top_pages(q, kmin, kmax, count, pages, last, group=group, backend=backend)

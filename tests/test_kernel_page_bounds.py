@@ -339,7 +339,7 @@ def test_triton_page_scores_and_attention(padded, shape, group):
 
 def test_compiled_kernels_refuse_indices_outside_the_cache():
     """The compiled kernels index without bounds checks: pages, last pages, offsets and selected pages outside the
-    cache are refused with the values named, before any kernel runs."""
+    cache, and inputs off the CPU, are refused with the values named, before any kernel runs."""
     q, k, v, valid, offset = _inputs()
     kmin, kmax, count = page_bounds(k, P, valid, offset)
     with pytest.raises(ValueError, match=r"last \(\[9, 10\]\) in \[0, 10\)"):
@@ -355,3 +355,5 @@ def test_compiled_kernels_refuse_indices_outside_the_cache():
         attend_pages(q, k, v, idx, keep, page_size=P, offset=offset, scale=0.25, valid=valid)
     keep[0, :, 1] = False  # an unselected entry may hold anything
     attend_pages(q, k, v, idx, keep, page_size=P, offset=offset, scale=0.25, valid=valid)
+    with pytest.raises(ValueError, match="on meta while q, k and v are on the CPU"):  # raw host memory is read
+        select_attend(q, kmin, kmax, count.to("meta"), [2, 2], [9, 7], k, v, page_size=P, offset=offset, scale=0.25)
