@@ -185,10 +185,10 @@ def _rows(t: Tensor) -> np.ndarray:
     ``SlotTensor`` view), as that buffer ``(B·H, slots, X)`` for the kernels, without a copy; any other layout is
     copied to a contiguous one. 16-bit floats come as their bit patterns (uint16)."""
     B, H, T, X = t.shape
-    slots = t.stride(1) // max(X, 1)
-    end = (t.storage_offset() + B * H * slots * X) * t.element_size()
-    if t.stride() == (H * slots * X, slots * X, X, 1) and slots >= T and end <= t.untyped_storage().nbytes():
-        t = t.as_strided((B * H, slots, X), (slots * X, X, 1))
+    base = t._base
+    if (base is not None and base.dim() == 4 and base.shape[:2] == (B, H) and base.shape[3] == X
+            and base.data_ptr() == t.data_ptr() and base.is_contiguous()):
+        t = base.view(B * H, base.shape[2], X)
     else:
         t = t.contiguous().view(B * H, T, X)
     if t.dtype in (torch.float16, torch.bfloat16):
@@ -240,12 +240,11 @@ def _quantized_decode_attention_numba(q: Tensor, quant: QuantizedKV, k: Tensor, 
     fp8 = quant.k_codes.is_floating_point()
     if narrow is not None and narrow.k_codes.is_floating_point() != fp8:
         raise ValueError("narrow and quant must hold the same kind of codes (integer or float8)")
-    with single_thread():  # the few torch ops here are tiny: no parallel regions for them
-        qg = (q.reshape(B, Hkv, R, D).float() * scale).contiguous()
-        nq = qg[..., :0]
-        if narrow is not None:
-            nq = qg.gather(-1, channel_idx[:, :, None, :].expand(B, Hkv, R, channel_idx.shape[-1])).contiguous()
-        kw, vw = k.float(), v.float()
+    qg = q.reshape(B, Hkv, R, D).float() * scale  # a new contiguous tensor (a few thousand elements)
+    nq = qg[..., :0]
+    if narrow is not None:
+        nq = qg.gather(-1, channel_idx[:, :, None, :].expand(B, Hkv, R, channel_idx.shape[-1])).contiguous()
+    kw, vw = k.float(), v.float()  # the window: a copy for 16-bit models (at most residual + group_size tokens)
     Tn, Tq = (narrow.length if narrow is not None else 0), quant.length
     W = Tn + Tq + Tw
     if return_probs:  # handed to the caller: its own tensor

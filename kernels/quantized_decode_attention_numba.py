@@ -37,6 +37,7 @@ def scale_table(dtype: torch.dtype) -> np.ndarray:
 _FP8 = {"float8_e4m3fn": (3, 7), "float8_e5m2": (2, 15)}
 
 
+@functools.cache
 def fp8_decoding(dtype: torch.dtype) -> tuple[int, float]:
     """``(shift, ratio)`` that turn a float8 byte ``c`` of ``dtype`` into its value without a table:
     ``float32 from bits((c & 0x7F) << shift | (c & 0x80) << 24) · ratio`` (the exponent and mantissa bits placed in
