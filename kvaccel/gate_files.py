@@ -39,6 +39,27 @@ class GateFile:
                              f"{cls.TRAIN_KIND} --model ... --out DIR`")
         return cls.DATA_DIR / f"{cls.SHIPPED_PREFIX}_{model_name}"
 
+    @classmethod
+    def trained_for(cls, model, path: str | Path | None, method: str, option: str = "weights", hint: str = ""):
+        """The gate ``method`` runs ``model`` with: loaded from ``path`` when given, else the one shipped for the model,
+        checked against the model (:meth:`check_model`). ``ValueError`` naming the training command when nothing
+        ships for the model; ``hint`` is appended to that message."""
+        from kvaccel.models import model_name
+
+        if path is not None:
+            where = Path(path)
+        else:
+            where = cls.shipped_dir(model_name(model))
+            if not (where / WEIGHTS_FILE).is_file():
+                raise ValueError(
+                    f"{method}: nothing trained ships for model '{model_name(model)}' (no {cls.LABEL} in {where}); "
+                    f"train one with `kvaccel train-gate {cls.TRAIN_KIND} --model ... --out DIR` and pass "
+                    f"{option}=DIR{hint}"
+                )
+        gate = cls.load(where)
+        gate.check_model(model, where)
+        return gate
+
     def check_model(self, model, where: str | Path = "gate") -> None:
         """``ValueError`` naming both models when this gate was trained for another model."""
         from kvaccel.models import model_fingerprint, model_name

@@ -84,7 +84,8 @@ def test_bad_files_are_clear_errors(tmp_path):
         AttentionGates.load(path)
     with pytest.raises(ValueError, match="does not exist"):
         AttentionGates.load(tmp_path / "nowhere")
-    with pytest.raises(ValueError, match="no shipped gates"):
+    with pytest.raises(ValueError, match="attention_gate: nothing trained ships for model 'llama'.*"
+                       "train-gate attention_gate"):
         kvaccel.patch(tiny_model("llama"), "attention_gate")
     with pytest.raises(ValueError, match="threshold"):
         AttentionGate(threshold=1.5)

@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from kvaccel.cache import compact_slots
 from kvaccel.checks import check_int, check_number
 from kvaccel.config import register
-from kvaccel.gate_files import WEIGHTS_FILE, GateFile, text_config
+from kvaccel.gate_files import GateFile, text_config
 
 from .base import EvictionMethod
 from .snapkv import group_window_scores, pool_scores
@@ -230,19 +230,7 @@ class AttentionGate(EvictionMethod):
             raise ValueError(f"weights ({self.weights!r}) must be a gate directory path or None")
 
     def bind(self, model) -> None:
-        from kvaccel.models import model_name
-
-        if self.weights is not None:
-            where = Path(self.weights)
-        else:
-            where = AttentionGates.shipped_dir(model_name(model))
-            if not (where / WEIGHTS_FILE).is_file():
-                raise ValueError(
-                    f"attention_gate has no shipped gates for model '{model_name(model)}' (looked in {where}); train "
-                    "them with `kvaccel train-gate attention_gate --model ... --out DIR` and pass weights=DIR"
-                )
-        gates = AttentionGates.load(where)
-        gates.check_model(model, where)
+        gates = AttentionGates.trained_for(model, self.weights, "attention_gate")
         p = next(model.parameters())
         self._gates = gates.to(device=p.device, dtype=p.dtype).eval().requires_grad_(False)
         self._hidden: dict[int, weakref.ref] = {}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -13,7 +12,7 @@ from kvaccel.kernels.block_sparse_attention import first_query_block
 from kvaccel.rope import rotary_embedding
 
 from .base import BlockSelection, BlockSparsePrefill
-from .seer_gate import SeerGate, pooled_attention_target, shipped_gate_dir, unrotate
+from .seer_gate import SeerGate, pooled_attention_target, unrotate
 
 Tensor = torch.Tensor
 DEFAULT_THRESHOLD = 1e-2
@@ -97,19 +96,8 @@ class Seer(BlockSparsePrefill):
     def bind(self, model) -> None:
         if self.mode == "oracle":
             return
-        from kvaccel.models import model_name
-
-        if self.weights is not None:
-            path = Path(self.weights)
-        else:
-            path = shipped_gate_dir(model_name(model))
-            if not path.is_dir():
-                raise ValueError(
-                    f"seer: no trained gate ships for model '{model_name(model)}'; train one with `kvaccel train-gate "
-                    "seer --model M --out DIR` and pass weights=DIR (or use mode='oracle' to test with true attention)"
-                )
-        gate = SeerGate.load(path)
-        gate.check_model(model, where=str(path))
+        gate = SeerGate.trained_for(model, self.weights, "seer",
+                                     hint=" (or use mode='oracle' to test with true attention)")
         param = next(model.parameters())
         self._gate = gate.to(param.device).eval().requires_grad_(False)
         self._rotary = rotary_embedding(model)  # RoPE tables of the cached keys' positions (a later prompt chunk)
