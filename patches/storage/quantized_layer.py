@@ -26,17 +26,21 @@ methods batch evictions (``slack``), so this happens once every ``slack`` decode
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
 
 from kvaccel.cache import KVAccelLayer, SlotTensor, _take
+from kvaccel.kernels.cpu_ops import single_thread
 from kvaccel.kernels.kv_quant import QuantizedKV, quantize_fp8, quantize_keys, quantize_values, scale_dtype_for
 from kvaccel.kernels.quantized_decode_attention import quantized_decode_attention
 from kvaccel.varlen_cache import VarlenLayer
 
 Tensor = torch.Tensor
 _STORE = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
+#: elements of a flush quantized on one thread
+_SMALL_FLUSH = 1 << 16
 
 
 class QuantizedLayer(KVAccelLayer):
@@ -179,7 +183,12 @@ class QuantizedLayer(KVAccelLayer):
         Tq = self.quantized_length
         # the prompt's codes at their size; later flushes get spare groups (~3% of the codes, at least one group)
         reserve = 0 if Tq == 0 else max(G, Tq // 32 // G * G)
-        for name, t in self._quantize(k[:, :, :n], v[:, :, :n], None if valid is None else valid[:, :, :n]).items():
+        # a decode step's flush (kv_fp8: every step) is a dozen ops on a few thousand elements: one thread (waking the
+        # others per op costs more than the ops; same results)
+        small = k.device.type == "cpu" and n * k[:, :, :1].numel() <= _SMALL_FLUSH
+        with single_thread() if small else contextlib.nullcontext():
+            codes = self._quantize(k[:, :, :n], v[:, :, :n], None if valid is None else valid[:, :, :n])
+        for name, t in codes.items():
             self._store[name].append(t, reserve // G if name in ("k_scale", "k_zero") else reserve)  # axis 2: groups
         if valid is not None or self._qvalid is not None:
             B = k.shape[0]
