@@ -13,6 +13,14 @@ steps are timed one at a time, the configurations interleaved step by step in on
 stock model with a DynamicCache)::
 
     .venv/bin/python benchmarks/kv_quant.py speed --context 2048 --batch 1 --steps 32
+
+The attention operator alone (one layer of the default model's shape: 9 query / 3 KV heads, head size 64; a window of
+128 tokens, the rest quantized in groups of 32), thread CPU time per call on one thread (other processes on a shared
+machine disturb it less than wall clock): full attention as the stock model runs it (SDPA over the whole cache, plus
+the ``torch.cat`` of the new token into ``DynamicCache``) beside ``quantized_decode_attention``'s numba and torch
+backends for each code format::
+
+    .venv/bin/python benchmarks/kv_quant.py op --context 2048 --batch 1
 """
 
 from __future__ import annotations
@@ -127,10 +135,51 @@ def speed(args) -> None:
         print(f"{spec:72s} {med * 1e3:8.2f} ms  speed vs full {base / med:5.2f}x")
 
 
+def op(args) -> None:
+    from kvaccel.kernels.kv_quant import QuantizedKV, fp8_dtype, quantize_fp8, quantize_keys, quantize_values
+    from kvaccel.kernels.quantized_decode_attention import quantized_decode_attention
+
+    torch.set_num_threads(1)
+    B, T, Hq, Hkv, D, G, R = args.batch, args.context, 9, 3, 64, 32, 128
+    g = torch.Generator().manual_seed(args.seed)
+    k, v = torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+    q = torch.randn(B, Hq, 1, D, generator=g)
+    Tq = (T - R) // G * G
+
+    def cpu_ms(fn) -> float:
+        fn()
+        ts = []
+        for _ in range(args.repeats):
+            t0 = time.thread_time()
+            fn()
+            ts.append(time.thread_time() - t0)
+        return statistics.median(ts) * 1e3
+
+    def full() -> None:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.125, enable_gqa=True)
+        torch.cat([k, k[:, :, :1]], 2), torch.cat([v, v[:, :, :1]], 2)
+
+    base = cpu_ms(full)
+    print(f"attention operator, batch {B} x {T} tokens, thread CPU ms per call (median of {args.repeats}), 1 thread")
+    print(f"{'full (SDPA + DynamicCache cat)':34s} {base:8.3f} ms")
+    for name, bits in (("int8", 8), ("int4", 4), ("int2", 2), ("fp8 e4m3", None)):
+        if bits is None:
+            (kc, ks), (vc, vs) = (quantize_fp8(x[:, :, :Tq], fp8_dtype("e4m3")) for x in (k, v))
+            quant = QuantizedKV(8, kc, ks, None, vc, vs, None)
+        else:
+            quant = QuantizedKV(bits, *quantize_keys(k[:, :, :Tq], bits, G), *quantize_values(v[:, :, :Tq], bits, G))
+        row = [f"{name:34s}"]
+        for backend in ("numba", "torch"):
+            ms = cpu_ms(lambda b=backend, c=quant: quantized_decode_attention(q, c, k[:, :, Tq:], v[:, :, Tq:],
+                                                                              scale=0.125, backend=b))
+            row.append(f"{backend} {ms:8.3f} ms ({base / ms:4.2f}x)")
+        print("  ".join(row))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name, fn in (("kl", kl), ("speed", speed)):
+    for name, fn in (("kl", kl), ("speed", speed), ("op", op)):
         s = sub.add_parser(name)
         s.add_argument("--context", type=int, default=2048)
         s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -141,6 +190,9 @@ def main() -> None:
         if name == "kl":
             s.add_argument("--tokens", type=int, default=64)
             s.add_argument("--samples", type=int, default=4)
+        elif name == "op":
+            s.add_argument("--batch", type=int, default=1)
+            s.add_argument("--repeats", type=int, default=50)
         else:
             s.add_argument("--batch", type=int, default=1)
             s.add_argument("--steps", type=int, default=32)
