@@ -313,7 +313,7 @@ def _loss(value: float | None) -> str:
 
 @app.command("train-gate")
 def train_gate_cmd(
-    kind: str = typer.Argument(..., help="Gate kind: seer."),
+    kind: str = typer.Argument(..., help="Gate kind: seer, attention_gate or duo_attention."),
     model: str | None = typer.Option(None, help=MODEL_HELP),
     data: str | None = typer.Option(None, help="JSONL file, a 'text' field per line; default: offline prose + tasks."),
     steps: int = typer.Option(200, help="Optimizer steps."),

@@ -175,7 +175,7 @@ def test_bad_input_names_the_fix(tmp_path):
                     (dict(patterns=3), "patterns"), (dict(slack=0), "slack")):
         with pytest.raises(ValueError, match=msg):
             DuoAttention(**kw)
-    with pytest.raises(ValueError, match="no shipped patterns.*train-gate duo_attention"):
+    with pytest.raises(ValueError, match="duo_attention: nothing trained ships.*patterns=DIR"):
         kvaccel.patch(model, "duo_attention")
     other = _patterns(tiny_model("qwen2"), tmp_path, ALPHA)
     with pytest.raises(ValueError, match="trained for model.*train-gate duo_attention"):

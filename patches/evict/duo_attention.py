@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from kvaccel.cache import compact_slots
 from kvaccel.checks import check_int, check_ratio
 from kvaccel.config import register
-from kvaccel.gate_files import WEIGHTS_FILE, GateFile, text_config
+from kvaccel.gate_files import GateFile, text_config
 from kvaccel.varlen_cache import VarlenLayer, check_varlen_stages
 
 from .base import EvictionMethod, check_slack, decode_slack
@@ -186,19 +186,7 @@ class DuoAttention(EvictionMethod):
                             "drop '{other}'")
 
     def bind(self, model) -> None:
-        from kvaccel.models import model_name
-
-        if self.patterns is not None:
-            where = Path(self.patterns)
-        else:
-            where = DuoPatterns.shipped_dir(model_name(model))
-            if not (where / WEIGHTS_FILE).is_file():
-                raise ValueError(
-                    f"duo_attention has no shipped patterns for model '{model_name(model)}' (looked in {where}); train "
-                    "them with `kvaccel train-gate duo_attention --model ... --out DIR` and pass patterns=DIR"
-                )
-        pats = DuoPatterns.load(where)
-        pats.check_model(model, where)
+        pats = DuoPatterns.trained_for(model, self.patterns, "duo_attention", option="patterns")
         self._sink = pats.meta["sink"] if self.sink is None else self.sink
         self._recent = pats.meta["recent"] if self.recent is None else self.recent
         device = next(model.parameters()).device
