@@ -1,16 +1,16 @@
-"""Compiled CPU kernels of :func:`~kvaccel.kernels.quantized_decode_attention.quantized_decode_attention`: query rows
-against KIVI codes (or float8 codes) read in place, never a dequantized copy of the cache.
+"""Compiled CPU kernel of :func:`~kvaccel.kernels.quantized_decode_attention.quantized_decode_attention`
+(:func:`_attend`): query rows against KIVI codes (or float8 codes) read in place, never a dequantized copy.
 
-Keys, per key group (:func:`_int_key_logits`): ``logit[r, t] = Σ_d (q[r,d]·s[d])·code[t,d] + Σ_d q[r,d]·z[d]``, the
-scale folded into the query once per ``group`` tokens. Values (:func:`_weighted_values`): per token and value group
+Keys, per key group (:func:`_key_logits`): ``logit[r, t] = Σ_d (q[r,d]·s[d])·code[t,d] + Σ_d q[r,d]·z[d]``, the
+scale folded into the query once per ``group`` tokens. Values (:func:`_value_sum`): per token and value group
 ``acc[r, c] += (p[r,t]·s)·code[t,c]``, and ``Σ_t p[r,t]·z`` added per group at the end. float8 codes (``kv_fp8``):
-one scale per token (:func:`_fp8_key_logits`), codes read through a 256-entry table.
+one scale per token, the bytes decoded by placing their bits in a float32 (:func:`fp8_decoding`).
 
 numba has no float16 / bfloat16 arithmetic: 16-bit scales and zero points are read as their bit patterns (uint16)
 through a 65,536-entry float32 table (:func:`scale_table`). Packed codes (``kv_quant.pack_codes``: channel
-``j·per + i`` is code ``i`` of byte ``j``) are unpacked into a split layout ``[i][j]``, and the query (keys) and the
-accumulator (values) are held in the same layout, so every inner loop runs over contiguous bytes and vectorises.
-Arrays are ``(N = B·H_kv, slots, ...)`` C-contiguous; the kernels read the first ``ntok`` slots.
+``j·per + i`` is code ``i`` of byte ``j``) are unpacked into a split layout ``[i][j]`` (one 1-D plane per ``i``, a
+literal shift each: loops that vectorise), and the query (keys) and the accumulator (values) are held in the same
+layout. Arrays are ``(N = B·H_kv, slots, ...)`` C-contiguous; the kernel reads the first ``ntok`` slots.
 """
 
 from __future__ import annotations
@@ -167,9 +167,10 @@ def _value_sum(p, codes, vscale, vzero, slut, bits, fp8_shift, fp8_ratio, t0, t1
 
 @kernel(fastmath=_FM, inline="always")
 def _exp_nonpositive(x, pow2):
-    """``exp(x)`` for ``x <= 0`` (``-inf`` -> 0) in float32 without a libm call, so loops over it vectorise:
-    ``2^k · 2^f``, ``k = round(x·log2 e)``, ``2^f`` by Cephes' exp2f polynomial on ``|f| <= 1/2`` (relative error
-    ~2e-7), ``2^k`` from the table ``pow2[k + 126]`` (``k >= -126``; smaller results flush to 0)."""
+    """``exp(x)`` for ``x <= 0`` (``-inf`` -> 0) in float32 without a libm call (numba has no vector math library
+    here; no slower than ``np.exp``): ``2^k · 2^f``, ``k = round(x·log2 e)``, ``2^f`` by Cephes' exp2f polynomial on
+    ``|f| <= 1/2`` (relative error ~2e-7), ``2^k`` from the table ``pow2[k + 126]`` (``k >= -126``; smaller results
+    flush to 0)."""
     y = x * np.float32(1.4426950408889634)  # log2(e)
     k = np.floor(y + np.float32(0.5))
     f = y - k
