@@ -34,7 +34,7 @@ from kvaccel.models import text_config
 from .a_shape import AShape
 from .base import BlockSelection, BlockSparsePrefill, PrefillMethod, _diagonal_tiles
 from .pbs import block_mean
-from .sale import _candidates, calibration_prompts, default_out
+from .sale import _candidates, default_out, run_calibration_prompts
 from .vertical_slash import VerticalSlash, last_query_attention
 
 Tensor = torch.Tensor
@@ -424,31 +424,12 @@ def calibrate(
     (both rounded to 4 decimals in the file).
     :func:`choose` then picks each head's pattern at ``budget`` / ``min_recall``.
     """
-    from kvaccel.api import is_patched, patch, unpatch
     from kvaccel.models import model_fingerprint, model_name
 
     _check_choice(budget, min_recall)
-    if is_patched(model):
-        raise ValueError("calibrate() needs an unpatched model; call kvaccel.unpatch(model) first")
-    if prompts is None:
-        prompts = calibration_prompts(tokenizer, num_prompts, length)
-    ids = [tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"] if isinstance(p, str) else p
-           for p in prompts]
-    short = [x.shape[-1] for x in ids if x.shape[-1] < min_length]
-    if short:
-        raise ValueError(f"calibration prompts must have >= min_length={min_length} tokens, got lengths {short}")
     search = _Search(min_length=min_length, progress=progress)
-    device = next(model.parameters()).device
     t0 = time.perf_counter()
-    patch(model, search)
-    try:
-        with torch.inference_mode():
-            for i, x in enumerate(ids):
-                model(input_ids=x.reshape(1, -1).to(device), use_cache=False, logits_to_keep=1)
-                if progress:
-                    progress(f"prompt {i + 1}/{len(ids)} ({x.shape[-1]} tokens) done, {time.perf_counter() - t0:.0f}s")
-    finally:
-        unpatch(model)
+    ids = run_calibration_prompts(model, search, tokenizer, prompts, num_prompts, length, min_length, progress)
     layers, heads = _shape(model)
     table = []
     for li in range(layers):

@@ -339,6 +339,46 @@ def calibration_prompts(tokenizer, num_prompts: int = 2, length: int = 4096) -> 
     return out
 
 
+def run_calibration_prompts(
+    model,
+    method: PrefillMethod,
+    tokenizer,
+    prompts: Sequence[str | torch.Tensor] | None,
+    num_prompts: int,
+    length: int,
+    min_length: int,
+    progress: Callable[[str], None] | None = None,
+) -> list[torch.Tensor]:
+    """One dense, cache-less prefill of every calibration prompt under ``method`` (a recording prefill method), on an
+    unpatched ``model``, which is unpatched again afterwards; returns the prompts' token ids.
+
+    ``prompts`` (strings or token ids; default :func:`calibration_prompts` of ``num_prompts`` x ``length``) must each
+    have at least ``min_length`` tokens."""
+    from kvaccel.api import is_patched, patch, unpatch
+
+    if is_patched(model):
+        raise ValueError("calibrate() needs an unpatched model; call kvaccel.unpatch(model) first")
+    if prompts is None:
+        prompts = calibration_prompts(tokenizer, num_prompts, length)
+    ids = [tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"] if isinstance(p, str) else p
+           for p in prompts]
+    short = [x.shape[-1] for x in ids if x.shape[-1] < min_length]
+    if short:
+        raise ValueError(f"calibration prompts must have >= min_length={min_length} tokens, got lengths {short}")
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
+    patch(model, method)
+    try:
+        with torch.inference_mode():
+            for i, x in enumerate(ids):
+                model(input_ids=x.reshape(1, -1).to(device), use_cache=False, logits_to_keep=1)
+                if progress:
+                    progress(f"prompt {i + 1}/{len(ids)} ({x.shape[-1]} tokens) done, {time.perf_counter() - t0:.0f}s")
+    finally:
+        unpatch(model)
+    return ids
+
+
 @dataclass
 class _Calibration(PrefillMethod):
     """Internal prefill "method" used by :func:`calibrate`: dense output, plus the per-head threshold search."""
@@ -450,38 +490,18 @@ def calibrate(
     (``null`` in the file). Over several prompts a head keeps the smallest ``τ`` found (dense if any prompt needed
     dense). ``method`` gives the block sizes / window / bits (default ``SALE()``).
     """
-    from kvaccel.api import is_patched, patch, unpatch
-
     sale = method or SALE()
     for name, val in (("tolerance", tolerance), ("start", start), ("floor", floor)):
         check_threshold(val, name)
     if floor >= start:
         raise ValueError(f"floor ({floor}) must be smaller than start ({start})")
-    if is_patched(model):
-        raise ValueError("calibrate() needs an unpatched model; call kvaccel.unpatch(model) first")
     candidates, t = [], start
     while t > floor:
         candidates.append(t)
         t /= 2
-    if prompts is None:
-        prompts = calibration_prompts(tokenizer, num_prompts, length)
-    ids = [tokenizer(p, return_tensors="pt", add_special_tokens=False)["input_ids"] if isinstance(p, str) else p
-           for p in prompts]
-    short = [x.shape[-1] for x in ids if x.shape[-1] < sale.min_length]
-    if short:
-        raise ValueError(f"calibration prompts must have >= min_length={sale.min_length} tokens, got lengths {short}")
     calib = _Calibration(sale=sale, candidates=tuple(candidates), tolerance=tolerance)
-    device = next(model.parameters()).device
     t0 = time.perf_counter()
-    patch(model, calib)
-    try:
-        with torch.inference_mode():
-            for i, x in enumerate(ids):
-                model(input_ids=x.reshape(1, -1).to(device), use_cache=False, logits_to_keep=1)
-                if progress:
-                    progress(f"prompt {i + 1}/{len(ids)} ({x.shape[-1]} tokens) done, {time.perf_counter() - t0:.0f}s")
-    finally:
-        unpatch(model)
+    ids = run_calibration_prompts(model, calib, tokenizer, prompts, num_prompts, length, sale.min_length, progress)
     layers, heads = _shape(model)
     errors, cand_density = [], []
     for li in range(layers):
