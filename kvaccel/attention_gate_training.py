@@ -24,7 +24,6 @@ queries of the whole sequence as a prompt, masked (recipe ``rows``).
 
 from __future__ import annotations
 
-import weakref
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ from torch import Tensor, nn
 
 from kvaccel.checks import check_int
 from kvaccel.patches.evict.attention_gate import AttentionGates, observation_feature
+from kvaccel.training import ModelTarget
 
 TRAIN_ATTENTION = "attention_gate_train"
 
@@ -124,22 +124,16 @@ def build_gates(model, recipe: dict) -> AttentionGates:
                                     recipe["sink"], recipe=recipe, observation_window=recipe["observation_window"])
 
 
-class TrainTarget:
+class TrainTarget(ModelTarget):
     """One training sequence: the frozen model (weakly), its token ids ``(1, L)`` and the recorded per-layer
     ``(x, q, k, v)`` and final normed hidden states (filled on first use, then cached by the trainer with this
     object)."""
 
     def __init__(self, model, input_ids: Tensor):
-        self.model = weakref.ref(model)
+        super().__init__(model)
         self.input_ids = input_ids
         self.layers: list[tuple] | None = None
         self.final: Tensor | None = None
-
-    def get_model(self):
-        model = self.model()
-        if model is None:
-            raise RuntimeError("the model of this training target was freed")
-        return model
 
 
 def train_target(model, input_ids: Tensor) -> TrainTarget:

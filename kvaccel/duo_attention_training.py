@@ -19,7 +19,6 @@ tokens of each text are supervised: put the answer there.
 from __future__ import annotations
 
 import contextlib
-import weakref
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 
 from kvaccel.checks import check_int, check_number
 from kvaccel.patches.evict.duo_attention import DuoPatterns
+from kvaccel.training import ModelTarget
 
 TRAIN_ATTENTION = "duo_attention_train"
 #: generated tasks of the default data (several needles: most positions of the answer need a retrieval head)
@@ -94,20 +94,14 @@ def build_gates(model, recipe: dict) -> DuoPatterns:
     return DuoPatterns.for_model(model, recipe["sink"], recipe["recent"], recipe["initial_value"], recipe=recipe)
 
 
-class TrainTarget:
+class TrainTarget(ModelTarget):
     """One training sequence: the frozen model (weakly), its token ids ``(1, L)`` and the full model's final normed
     hidden states ``(1, L, hidden)``."""
 
     def __init__(self, model, input_ids: Tensor, hidden: Tensor):
-        self.model = weakref.ref(model)
+        super().__init__(model)
         self.input_ids = input_ids
         self.hidden = hidden
-
-    def get_model(self):
-        model = self.model()
-        if model is None:
-            raise RuntimeError("the model of this training target was freed")
-        return model
 
 
 def train_target(model, input_ids: Tensor) -> TrainTarget:

@@ -25,6 +25,7 @@ import json
 import math
 import random
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,20 @@ class GateKind:
     task_haystacks: tuple[str, ...] = ("prose",)  # haystacks of the generated tasks in the default training data
     #: the kind's own default data: ``(tokenizer, seq_len, n, seed) -> token id sequences`` (instead of the texts)
     sequences: Callable[[Any, int, int, int], list[Tensor]] | None = None
+
+
+class ModelTarget:
+    """A training target that refers to its frozen model weakly (targets are cached by the trainer; the model is not
+    kept alive by them)."""
+
+    def __init__(self, model):
+        self.model = weakref.ref(model)
+
+    def get_model(self):
+        model = self.model()
+        if model is None:
+            raise RuntimeError("the model of this training target was freed")
+        return model
 
 
 GATE_KINDS: dict[str, GateKind] = {}
