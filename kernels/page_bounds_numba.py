@@ -124,6 +124,13 @@ def _attend_row(q, k, v, idx, keep, offset, n, page_size, valid, scale, b, r, Hs
     return seen
 
 
+@kernel(fastmath=_FM, inline="always")
+def _attend_scratch(R, D, Dv, page_size):
+    """The scratch :func:`_attend_row` works in for ``R`` query rows: ``qs, logit, acc, m, den, pmax``."""
+    return (np.empty((R, D), np.float32), np.empty((R, page_size), np.float32), np.empty((R, Dv), np.float32),
+            np.empty(R, np.float32), np.empty(R, np.float32), np.empty(R, np.float32))
+
+
 @kernel(fastmath=_FM)
 def _select_pages(q, kmin, kmax, count, group, b, pages, want, last, r0, r1, idx, keep):
     """:func:`_select_row` for rows ``r0 ... r1 − 1`` of batch row ``b`` into ``idx``/``keep`` ``(B, H_s, K)``.
@@ -147,12 +154,7 @@ def _attend_pages(q, k, v, idx, keep, offset, n, page_size, valid, scale, b, r0,
     (every slot real); out ``(B, H_q, Dv)`` float32 (a head with no real token gets zeros)."""
     Hs = idx.shape[1]
     R = q.shape[1] // Hs
-    qs = np.empty((R, q.shape[2]), np.float32)
-    logit = np.empty((R, page_size), np.float32)
-    acc = np.empty((R, v.shape[3]), np.float32)
-    m = np.empty(R, np.float32)
-    den = np.empty(R, np.float32)
-    pmax = np.empty(R, np.float32)
+    qs, logit, acc, m, den, pmax = _attend_scratch(R, q.shape[2], v.shape[3], page_size)
     for r in range(r0, r1):
         seen[b, r] += _attend_row(q, k, v, idx[b, r], keep[b, r], offset, n, page_size, valid, scale, b, r, Hs, qs,
                                   logit, acc, m, den, pmax, out)
@@ -172,12 +174,7 @@ def _select_attend(q, kmin, kmax, count, group, pages, want, last, k, v, offset,
     hs = np.empty(K, np.float32)
     qp = np.empty((R, D), np.float32)
     qn = np.empty((R, D), np.float32)
-    qs = np.empty((R, D), np.float32)
-    logit = np.empty((R, page_size), np.float32)
-    acc = np.empty((R, v.shape[3]), np.float32)
-    m = np.empty(R, np.float32)
-    den = np.empty(R, np.float32)
-    pmax = np.empty(R, np.float32)
+    qs, logit, acc, m, den, pmax = _attend_scratch(R, D, v.shape[3], page_size)
     for r in range(r0, r1):
         _select_row(q, kmin, kmax, count, group, b, r, pages, want[b], last[b], hs, qp, qn, idx, keep)
         seen[b, r] += _attend_row(q, k, v, idx, keep, offset, n, page_size, valid, scale, b, r, Hs, qs, logit, acc,
