@@ -403,6 +403,14 @@ class KVAccelLayer(CacheLayerMixin):
         valid = None if (self.valid is None and nar.valid is None) else self.token_valid()
         return torch.cat([kn, self.keys], dim=2), valid
 
+    def dense_values(self) -> Tensor:
+        """Values of every held token on the :meth:`dense_keys` axis ``(B, H, Tn + T, Dv)``, ThinK's pruned value
+        channels zero-filled (no copy without a narrow segment). Subclasses that store tokens elsewhere (packed,
+        quantized) override it: scorers read this, never ``values`` alone."""
+        if self.narrow is None:
+            return self.values
+        return torch.cat([self.narrow.dense_values(self.values.shape[-1]), self.values], 2)
+
     def keep(self, idx: Tensor, slot_valid: Tensor | None = None, reserve: int | None = None) -> None:
         """Keep only the tokens ``idx`` (B, 1|H, K), sorted ascending, indexing the full-width segment.
 

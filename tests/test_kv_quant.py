@@ -402,6 +402,40 @@ def test_composes_with_eviction(model, evict):
     assert rep["kv_storage_bytes"]["quantized_elements"] > 0
 
 
+@pytest.mark.parametrize("evict", ["expected_attention(budget=0.5)",
+                                   "critical(scorer=expected_attention(use_vnorm=False), budget=0.5)"])
+def test_eviction_of_a_later_chunk_scores_the_quantized_values(model, evict, monkeypatch):
+    """A second multi-token forward (e.g. the answer prefix after a question-aware prefill) evicts again over the
+    quantized layer: value-weighted scorers read every held value (dequantized), not only the window's, and select
+    the same tokens as over a full-precision cache holding the dequantized keys and values."""
+    ids = _ids(B=1, L=300)
+    chosen = {}
+    for cls in (QuantizedLayer, kvaccel.cache.KVAccelLayer):
+        def keep(self, idx, *args, _orig=cls.keep, _cls=cls, **kwargs):
+            chosen.setdefault(_cls, []).append(idx.clone())
+            return _orig(self, idx, *args, **kwargs)
+        monkeypatch.setattr(cls, "keep", keep)
+    with torch.no_grad(), kvaccel.patched(model, f"{evict}+kv_int4(group_size=32,residual=32)"):
+        cache = KVAccelCache(model)
+        model(ids[:, :260], cache=cache)
+        assert all(layer.quantized_length >= 64 for layer in cache.layers)
+        plain = KVAccelCache(model)
+        for dst, src in zip(plain.layers, cache.layers, strict=True):
+            keys, valid = src.dense_keys()
+            dst.update(keys, src.dense_values())
+            dst.valid = valid
+            dst.seen, dst.prompt_len = src.seen, src.prompt_len
+        chosen.clear()
+        model(ids[:, 260:], cache=cache)
+    with torch.no_grad(), kvaccel.patched(model, evict):
+        model(ids[:, 260:], cache=plain)
+    quantized, full = chosen[QuantizedLayer], chosen[kvaccel.cache.KVAccelLayer]
+    assert len(quantized) == len(full) == len(cache.layers)
+    for a, b in zip(quantized, full, strict=True):
+        torch.testing.assert_close(a, b)
+    assert [layer.length for layer in cache.layers] == [150] * len(cache.layers)
+
+
 def test_think_narrow_keys_are_quantized(model):
     """ThinK's narrow keys are stored as codes of the kept channels; eviction at decode over them is refused."""
     ids = _ids(B=1, L=400)

@@ -59,14 +59,6 @@ def critical_scores(scores: Tensor, norms: Tensor, valid: Tensor, capacity: int,
     return out
 
 
-def held_values(layer) -> Tensor:
-    """Values of every held token on the ``[narrow, full]`` axis ``(B, H, N, Dv)`` (pruned value channels zero)."""
-    nar = layer.narrow
-    if nar is None:
-        return layer.values
-    return torch.cat([nar.dense_values(layer.values.shape[-1]), layer.values], 2)
-
-
 def scorer_names() -> list[str]:
     """Registered eviction methods ``critical`` can wrap (scored ones with non-negative scores)."""
     return sorted(n for n, c in registry().items()
@@ -221,6 +213,6 @@ class Critical(EvictionMethod):
     def _select(self, layer, scores: Tensor, capacity: int) -> None:
         """The inner method's ``keep``: CriticalKV's two stages, then its ``chunk`` / ``span_rule`` selection."""
         module = self._modules[layer]
-        norms = projected_value_norms(held_values(layer), module.o_proj.weight)
+        norms = projected_value_norms(layer.dense_values(), module.o_proj.weight)
         merged = critical_scores(scores, norms, layer.token_valid(), capacity, self.first_stage_ratio, self.epsilon)
         keep_top(layer, merged, capacity, self._inner.chunk, self._inner.span_rule)

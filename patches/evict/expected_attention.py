@@ -294,10 +294,7 @@ class ExpectedAttention(ScoredEviction):
             lam = self.observation_weight
             probs = (1 - lam) * probs + lam * self.observed_probs(ctx, scored)
         if self.use_vnorm:
-            nar = layer.narrow
-            values = layer.values if nar is None else torch.cat([nar.dense_values(layer.values.shape[-1]),
-                                                                 layer.values], 2)
-            probs = probs * values.float().norm(dim=-1)
+            probs = probs * layer.dense_values().float().norm(dim=-1)
         return torch.where(sink, KEEP_SCORE, probs)
 
     # ------------------------------------------------------------------ ScoredEviction
