@@ -1,8 +1,9 @@
-"""SeerAttention gate quality on the default model: block density and output error per layer vs dense attention.
+"""SeerAttention gate quality on a model (default: the embedded one): block density and output error per layer vs
+dense attention.
 
-For each prompt length, gate and block selection (threshold τ or per-row density), one frozen forward of
-SmolLM2-135M-Instruct over a prose prompt (pydoc topics + a pass key, the harness's ``passkey`` generator with seed
-1234) measures, per layer:
+For each prompt length, gate and block selection (threshold τ or per-row density), one frozen forward of the model
+(``--model``; default SmolLM2-135M-Instruct) over a prose prompt (pydoc topics + a pass key, the harness's
+``passkey`` generator with seed 1234) measures, per layer:
 
 - ``density``: fraction of causal 64x64 blocks computed (gate mask + diagonal + the last ``dense_last_rows`` rows);
 - ``recall``: share of the true pooled attention mass (SeerAttention's target) inside the kept blocks;
@@ -17,6 +18,10 @@ equal density. Run (one thread, a few minutes at 8k)::
         --thresholds 0.001,0.002,0.005,0.01 --out runs/seer_gate.json
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/seer_gate.py --lengths 8192 --thresholds "" \
         --densities 0.2,0.3 --weights OLD_DIR --weights NEW_DIR --out runs/seer_gate_cmp.json
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/seer_gate.py --model qwen2.5-coder-1.5b --weights DIR \
+        --lengths 8192 --layers 3,9,15,21 --out runs/seer_gate_qwen.json
+
+``--layers`` measures a sample of layers and stops the forward after the last of them.
 """
 
 from __future__ import annotations
@@ -88,22 +93,33 @@ def measure_layer(ctx, gates: dict[str, SeerGate], sels: list[tuple[str, Seer]])
     return rows
 
 
+class _Done(Exception):
+    """Raised after the last measured layer: the rest of the forward is not needed."""
+
+
 class Measure(PrefillMethod):
-    """Dense prefill that measures the gates on every layer's q/k/v on the way."""
+    """Dense prefill that measures the gates on the q/k/v of the layers ``layers`` (``None``: all) on the way."""
 
     name = "_seer_measure"
 
-    def __init__(self, rows: list, gates: dict[str, SeerGate], sels: list[tuple[str, Seer]]):
-        self.rows, self.gates, self.sels = rows, gates, sels
+    def __init__(self, rows: list, gates: dict[str, SeerGate], sels: list[tuple[str, Seer]],
+                 layers: list[int] | None = None):
+        self.rows, self.gates, self.sels, self.layers = rows, gates, sels, layers
 
     def attention(self, ctx):
-        self.rows.extend(measure_layer(ctx, self.gates, self.sels))
+        if self.layers is None or ctx.layer_idx in self.layers:
+            self.rows.extend(measure_layer(ctx, self.gates, self.sels))
+            if self.layers is not None and ctx.layer_idx == max(self.layers):
+                raise _Done
         return dense_prefill(ctx)
 
 
 def run(lengths: list[int], thresholds: list[float], densities: list[float], weights: list[str] | None,
-        dense_last_rows: int) -> list[dict]:
-    model, tok = kvaccel.load_model()
+        dense_last_rows: int, model_name: str | None = None, layers: list[int] | None = None) -> list[dict]:
+    model, tok = kvaccel.load_model(model_name)
+    n_layers = model.config.get_text_config().num_hidden_layers
+    if layers is not None and not all(0 <= i < n_layers for i in layers):
+        raise SystemExit(f"--layers {layers}: the model has layers 0..{n_layers - 1}")
     gates = {}
     for w in weights or [str(shipped_gate_dir(kvaccel.models.model_name(model)))]:
         gates[w] = SeerGate.load(w)
@@ -117,8 +133,11 @@ def run(lengths: list[int], thresholds: list[float], densities: list[float], wei
         ids = tok(tasks.format_prompt(sample), return_tensors="pt", add_special_tokens=False)["input_ids"][:, :L]
         rows: list[dict] = []
         t0 = time.perf_counter()
-        with kvaccel.patched(model, Measure(rows, gates, sels)), torch.no_grad():
-            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        try:
+            with kvaccel.patched(model, Measure(rows, gates, sels, layers)), torch.no_grad():
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        except _Done:
+            pass
         print(f"L={L}: {time.perf_counter() - t0:.0f} s")
         for gname in gates:
             kls = [r["kl"] for r in rows if r["gate"] == gname and r["selection"] == sels[0][0]]
@@ -140,6 +159,8 @@ def _floats(s: str) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="local path, hub id or fetched name (default: the embedded model)")
+    ap.add_argument("--layers", default="all", help="'all' or comma-separated layer indices")
     ap.add_argument("--lengths", default="4096,8192")
     ap.add_argument("--thresholds", default="0.001,0.002,0.005,0.01", help="gate thresholds τ ('' for none)")
     ap.add_argument("--densities", default="", help="per-row densities (top-k mode), e.g. 0.2,0.3")
@@ -149,10 +170,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/seer_gate.json"))
     a = ap.parse_args()
     torch.manual_seed(0)
+    layers = None if a.layers == "all" else sorted({int(x) for x in a.layers.split(",")})
     res = run([int(x) for x in a.lengths.split(",")], _floats(a.thresholds), _floats(a.densities), a.weights,
-              a.dense_last_rows)
+              a.dense_last_rows, a.model, layers)
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(dict(thresholds=a.thresholds, densities=a.densities, results=res), indent=1) + "\n")
+    a.out.write_text(json.dumps(dict(model=a.model, thresholds=a.thresholds, densities=a.densities, results=res),
+                                indent=1) + "\n")
     print(f"wrote {a.out}")
 
 
