@@ -26,6 +26,18 @@ samples. Token ids are exported once so both frameworks see identical inputs::
     .venv/bin/python benchmarks/peers/kvpress_vs_kvaccel.py report-kl \\
         runs/peers/kl_kvpress.jsonl runs/peers/kl_kvaccel.jsonl
 
+Quantized caches (issue 22): kvpress with transformers' ``QuantizedCache`` (``--cache quanto`` or ``hqq``, ``--nbits``,
+``--q-group-size``, ``--residual-length``; row names get a ``+quanto4``-style suffix; ``none`` = no press) against
+kvaccel's storage stages (``kv_int4-g32``, ``snapkv+kv_int4-g32``: each ``+`` part a ``KL_KVACCEL`` name or a spec;
+specs without ``{b}`` run once, at kept fraction 1.0). ``kv_bytes_held`` counts the storage of every tensor the cache
+holds after the prefill *and* the continuation (quanto's packed codes, scales and shifts; the full-precision residual),
+against ``kv_bytes_held_full``, a full cache of the same tokens::
+
+    .venv-kvpress/bin/python benchmarks/peers/kvpress_vs_kvaccel.py kl --framework kvpress --cache quanto --nbits 4 \\
+        --prompts runs/peers/kl_prompts.jsonl --out runs/peers/kl_quant.jsonl --methods none,snapkv --budgets 0.25
+    .venv/bin/python benchmarks/peers/kvpress_vs_kvaccel.py kl --framework kvaccel --budgets 0.25 \\
+        --prompts runs/peers/kl_prompts.jsonl --out runs/peers/kl_quant.jsonl --methods kv_int4-g32,snapkv+kv_int4-g32
+
 This file must import with either environment: nothing from kvaccel or kvpress at module level.
 """
 
@@ -94,14 +106,40 @@ def _methods(framework: str, budgets=BUDGETS, methods: str = "all"):
     return [("full", 1.0, lambda: None)] + rows + [("think", 1 - THINK_RATIO, lambda: think)]
 
 
-def _cache_bytes(cache) -> int:
-    total = 0
-    for layer in cache.layers:
-        if hasattr(layer, "nbytes") and callable(layer.nbytes):
-            total += layer.nbytes()
+def _storages(obj, seen: dict[int, int]) -> None:
+    """Record into ``seen`` (data pointer -> bytes) the storage of every tensor reachable from ``obj``: plain tensors,
+    tensor subclasses through ``__tensor_flatten__`` (quanto's ``WeightQBitsTensor`` -> ``PackedTensor`` codes,
+    scales, shifts), tuples, lists and dicts (HQQ's ``(codes, meta)``). A storage shared by several views counts
+    once, and counts whole (what is allocated, not what a view shows)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        flatten = getattr(obj, "__tensor_flatten__", None)
+        if flatten is not None and type(obj) not in (torch.Tensor, torch.nn.Parameter):
+            for name in flatten()[0]:
+                _storages(getattr(obj, name), seen)
         else:
-            total += layer.keys.nbytes + layer.values.nbytes
-    return total
+            st = obj.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+    elif isinstance(obj, (tuple, list)):
+        for x in obj:
+            _storages(x, seen)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            _storages(x, seen)
+
+
+def _cache_bytes(cache) -> int:
+    """Bytes held by a transformers cache, counted from its tensors' storage: keys and values, and for a
+    ``QuantizedCache`` its quantized keys and values and the full-precision residual."""
+    if hasattr(cache, "nbytes") and callable(cache.nbytes):  # kvaccel's cache counts itself
+        return cache.nbytes()
+    seen: dict[int, int] = {}
+    for layer in cache.layers:
+        for name in ("keys", "values", "_quantized_keys", "_quantized_values"):
+            if getattr(layer, name, None) is not None:
+                _storages(getattr(layer, name), seen)
+    return sum(seen.values())
 
 
 def run(args) -> None:
@@ -231,6 +269,14 @@ KL_KVACCEL = {
     "keydiff": "keydiff(budget={b})",
     "critical-expected_attention": "critical(scorer=expected_attention(use_vnorm=False), budget={b})",
     "critical-snapkv": "critical(scorer=snapkv, budget={b})",
+    # quantized storage (issue 22): alone (kept fraction 1.0) or after an eviction, e.g. "snapkv+kv_int4-g32"
+    "kv_int8": "kv_int8",
+    "kv_int4": "kv_int4",
+    "kv_int4-g32": "kv_int4(group_size=32,residual=128)",
+    "kv_int2-g32": "kv_int4(bits=2,group_size=32,residual=128)",
+    "kv_int2": "kv_int4(bits=2)",
+    # no full-precision window: QuantizedCache quantizes the whole prompt at prefill (its residual holds decode tokens)
+    "kv_int4-g32-r0": "kv_int4(group_size=32,residual=0)",
 }
 KL_KVPRESS = ("streaming", "snapkv", "tova", "knorm", "expected_attention", "adakv-expected_attention")
 
@@ -307,16 +353,39 @@ def _kl_methods(framework: str, budgets, names: list[str] | None):
             "kvzip": lambda c: KVzipPress(compression_ratio=c),
             "kvzip-plus": lambda c: KVzipPress(compression_ratio=c, kvzip_plus_normalization=True),
         }
+        make["none"] = lambda c: None  # no press (a quantized cache alone)
         _plain_text_kvzip()
-        for b in budgets:
-            for name in names or KL_KVPRESS:
+        for name in names or KL_KVPRESS:
+            for b in (1.0,) if name == "none" else budgets:
                 rows.append((name, b, lambda name=name, b=b: make[name](1 - b)))
     else:
-        for b in budgets:
-            for name in names or list(KL_KVACCEL):
-                spec = KL_KVACCEL.get(name, name)
+        for name in names or list(KL_KVACCEL):
+            spec = "+".join(KL_KVACCEL.get(part, part) for part in name.split("+"))
+            for b in budgets if "{b}" in spec else (1.0,):  # a storage stage alone keeps every token
                 rows.append((name, b, lambda spec=spec, b=b: spec.format(b=b)))
     return rows
+
+
+def _quantized_cache(args, config):
+    """kvpress' quantized cache: transformers' ``QuantizedCache`` with ``--cache``'s backend (None: DynamicCache)."""
+    from transformers import DynamicCache, QuantizedCache
+
+    if args.cache == "dynamic":
+        return DynamicCache()
+    return QuantizedCache(backend=args.cache, config=config, nbits=args.nbits, q_group_size=args.q_group_size,
+                          residual_length=args.residual_length)
+
+
+def _cache_label(args) -> str:
+    """Row-name suffix of ``--cache``: ``""``, ``"+quanto4"``, ``"+quanto2-g32"`` (non-default group / residual)."""
+    if args.cache == "dynamic":
+        return ""
+    label = f"+{args.cache}{args.nbits}"
+    if args.q_group_size != 64:
+        label += f"-g{args.q_group_size}"
+    if args.residual_length != 128:
+        label += f"-r{args.residual_length}"
+    return label
 
 
 def _kl_logits_full(model, ctx_ids, tgt_ids):
@@ -345,11 +414,14 @@ def kl(args) -> None:
     names = args.methods.split(",") if args.methods else None
     if args.framework == "kvaccel":
         import kvaccel
-    else:
-        from transformers import DynamicCache
+
+        if args.cache != "dynamic":
+            raise SystemExit("--cache is kvpress' side; on kvaccel's, name a storage stage in --methods (kv_int4-g32)")
     refs = {}
+    suffix = _cache_label(args)
     with out.open("a") as f, torch.inference_mode():
-        for name, budget, factory in _kl_methods(args.framework, budgets, names):
+        for method_name, budget, factory in _kl_methods(args.framework, budgets, names):
+            name = method_name + suffix
             for p in prompts:
                 if (name, budget, p["id"]) in done:
                     continue
@@ -359,14 +431,18 @@ def kl(args) -> None:
                 ref = refs[p["id"]]
                 method = factory()
                 t0 = time.perf_counter()
+                storage = None
                 if args.framework == "kvpress":
-                    cache = DynamicCache()
-                    with method(model):
+                    import contextlib
+
+                    cache = _quantized_cache(args, model.config)
+                    with method(model) if method is not None else contextlib.nullcontext():
                         model(ctx_ids, past_key_values=cache, use_cache=True)
                     kept = _cache_bytes(cache)
                     L = ctx_ids.shape[1]
                     pos = torch.arange(L, L + tgt_ids.shape[1])[None]  # kvpress truncates: explicit positions
                     logits = model(tgt_ids, past_key_values=cache, use_cache=True, position_ids=pos).logits[0]
+                    held = _cache_bytes(cache)
                 else:
                     kvaccel.patch(model, method)
                     try:
@@ -375,22 +451,30 @@ def kl(args) -> None:
                         kept = cache.nbytes()
                         with kvaccel.paused(model):
                             logits = model(tgt_ids, past_key_values=cache, use_cache=True).logits[0]
+                        rep = kvaccel.report(model)
+                        held, storage = rep["kv_bytes"], rep.get("kv_storage_bytes")
                     finally:
                         kvaccel.unpatch(model)
                 seconds = time.perf_counter() - t0
                 lp = torch.log_softmax(logits.double(), -1)
                 kl_pos = (ref.exp() * (ref - lp)).sum(-1)
                 cfg = model.config
-                full = (2 * cfg.num_hidden_layers * cfg.num_key_value_heads * ctx_ids.shape[1]
-                        * (cfg.hidden_size // cfg.num_attention_heads) * 4)
+                per_token = (2 * cfg.num_hidden_layers * cfg.num_key_value_heads
+                             * (cfg.hidden_size // cfg.num_attention_heads) * 4)
+                full = per_token * ctx_ids.shape[1]
+                held_full = per_token * (ctx_ids.shape[1] + tgt_ids.shape[1])
                 rec = {"framework": args.framework, "method": name, "budget": budget, "id": p["id"],
                        "spec": method if isinstance(method, str) else repr(method),
+                       "cache": repr(cache) if args.framework == "kvpress" else type(cache).__name__,
                        "kl": float(kl_pos.mean()), "top1": float((ref.argmax(-1) == lp.argmax(-1)).double().mean()),
-                       "kv_bytes_after_prefill": kept, "kv_bytes_full": full, "seconds": seconds}
+                       "kv_bytes_after_prefill": kept, "kv_bytes_full": full,
+                       "kv_bytes_held": held, "kv_bytes_held_full": held_full, "kv_storage_bytes": storage,
+                       "seconds": seconds}
                 f.write(json.dumps(rec) + "\n")
                 f.flush()
                 print(f"{args.framework:8s} {name:28s} {budget:<5} {p['id']:10s} kl={rec['kl']:.4f} "
-                      f"top1={rec['top1']:.3f} kv={kept / full:.3f} {seconds:.1f}s", flush=True)
+                      f"top1={rec['top1']:.3f} kv={kept / full:.3f} held={held / held_full:.3f} {seconds:.1f}s",
+                      flush=True)
 
 
 def report_kl(args) -> None:
@@ -407,8 +491,8 @@ def report_kl(args) -> None:
     agg = defaultdict(list)
     for r in rows:
         agg[(r["framework"], r["method"], r["budget"])].append(r)
-    print("| framework | method | kept | compression | KL (mean ± sd) | top-1 agree | KV/full | n |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| framework | method | kept | compression | KL (mean ± sd) | top-1 agree | KV/full | held/full | n |")
+    print("|---|---|---|---|---|---|---|---|---|")
     best = {}
     for (fw, m, b), rs in sorted(agg.items(), key=lambda kv: (-kv[0][2], kv[0][0], kv[0][1])):
         ks = [r["kl"] for r in rs]
@@ -416,7 +500,11 @@ def report_kl(args) -> None:
         sd = math.sqrt(sum((k - mean) ** 2 for k in ks) / max(1, len(ks) - 1))
         top1 = sum(r["top1"] for r in rs) / len(rs)
         kv = sum(r["kv_bytes_after_prefill"] / r["kv_bytes_full"] for r in rs) / len(rs)
-        print(f"| {fw} | {m} | {b} | {1 - b:.2f} | {mean:.4f} ± {sd:.4f} | {top1:.3f} | {kv:.3f} | {len(rs)} |")
+        # after the prefill and the continuation, counted from the tensors (rows recorded before issue 22: "—")
+        held = (f"{sum(r['kv_bytes_held'] / r['kv_bytes_held_full'] for r in rs) / len(rs):.3f}"
+                if all("kv_bytes_held" in r for r in rs) else "—")
+        print(f"| {fw} | {m} | {b} | {1 - b:.2f} | {mean:.4f} ± {sd:.4f} | {top1:.3f} | {kv:.3f} | {held} "
+              f"| {len(rs)} |")
         if (fw, b) not in best or mean < best[(fw, b)][1]:
             best[(fw, b)] = (m, mean)
     for b in sorted({b for _, b in best}, reverse=True):
@@ -461,6 +549,12 @@ def main() -> None:
     k.add_argument("--methods", default="", help="comma list of row names (default: all of the framework's); "
                    "kvaccel also takes a spec template with {b} for the kept fraction")
     k.add_argument("--threads", type=int, default=0)
+    k.add_argument("--cache", choices=("dynamic", "quanto", "hqq"), default="dynamic",
+                   help="kvpress' cache: DynamicCache, or transformers' QuantizedCache with this backend")
+    k.add_argument("--nbits", type=int, default=4, help="QuantizedCache bits (quanto: 2 or 4)")
+    k.add_argument("--q-group-size", type=int, default=64, help="QuantizedCache group size (its default 64)")
+    k.add_argument("--residual-length", type=int, default=128,
+                   help="QuantizedCache full-precision residual (its default 128)")
     p = sub.add_parser("report-kl")
     p.add_argument("files", nargs="+")
     p.add_argument("--paired", action="store_true", help="keep only the samples every method of a kept fraction has")
