@@ -16,8 +16,9 @@ stock model with a DynamicCache)::
 
 The attention operator alone (one layer of the default model's shape: 9 query / 3 KV heads, head size 64; a window of
 128 tokens, the rest quantized in groups of 32), thread CPU time per call on one thread (other processes on a shared
-machine disturb it less than wall clock): full attention as the stock model runs it (SDPA over the whole cache, plus
-the ``torch.cat`` of the new token into ``DynamicCache``) beside ``quantized_decode_attention``'s numba and torch
+machine disturb it less than wall clock; ``--threads 2``: wall clock on 2 threads, where the numba kernel splits its
+work over worker threads): full attention as the stock model runs it (SDPA over the whole cache, plus the
+``torch.cat`` of the new token into ``DynamicCache``) beside ``quantized_decode_attention``'s numba and torch
 backends for each code format::
 
     .venv/bin/python benchmarks/kv_quant.py op --context 2048 --batch 1
@@ -139,7 +140,9 @@ def op(args) -> None:
     from kvaccel.kernels.kv_quant import QuantizedKV, fp8_dtype, quantize_fp8, quantize_keys, quantize_values
     from kvaccel.kernels.quantized_decode_attention import quantized_decode_attention
 
-    torch.set_num_threads(1)
+    threads = args.threads or 1
+    torch.set_num_threads(threads)
+    clock = time.thread_time if threads == 1 else time.perf_counter  # more threads: wall clock (workers' time too)
     B, T, Hq, Hkv, D, G, R = args.batch, args.context, 9, 3, 64, 32, 128
     g = torch.Generator().manual_seed(args.seed)
     k, v = torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
@@ -150,9 +153,9 @@ def op(args) -> None:
         fn()
         ts = []
         for _ in range(args.repeats):
-            t0 = time.thread_time()
+            t0 = clock()
             fn()
-            ts.append(time.thread_time() - t0)
+            ts.append(clock() - t0)
         return statistics.median(ts) * 1e3
 
     def full() -> None:
@@ -160,7 +163,9 @@ def op(args) -> None:
         torch.cat([k, k[:, :, :1]], 2), torch.cat([v, v[:, :, :1]], 2)
 
     base = cpu_ms(full)
-    print(f"attention operator, batch {B} x {T} tokens, thread CPU ms per call (median of {args.repeats}), 1 thread")
+    what = "thread CPU" if threads == 1 else "wall-clock"
+    print(f"attention operator, batch {B} x {T} tokens, {what} ms per call (median of {args.repeats}), "
+          f"{threads} thread(s)")
     print(f"{'full (SDPA + DynamicCache cat)':34s} {base:8.3f} ms")
     for name, bits in (("int8", 8), ("int4", 4), ("int2", 2), ("fp8 e4m3", None)):
         if bits is None:

@@ -17,6 +17,7 @@ a dequantized copy of the cache: per key group ``(q·s) @ codesᵀ + q @ z``, pe
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -180,17 +181,30 @@ def quantized_decode_attention(
 # --------------------------------------------------------------------------------------------------------------
 # numba path (launcher; the kernels are in kernels/quantized_decode_attention_numba.py)
 # --------------------------------------------------------------------------------------------------------------
+def _slot_buffer(t: Tensor, rows: bool) -> Tensor:
+    """``t`` ``(B, H, T)`` or ``(B, H, T, X)`` as the contiguous buffer ``(B, H, slots[, X])`` whose first ``T``
+    slots it is (a cache's ``SlotTensor`` view; found from the strides and the storage's size, as inference-mode views
+    record no base tensor), without a copy; ``rows``: its heads merged, ``(B·H, slots, X)``. Any other layout is
+    copied to a contiguous tensor. The kernels read only the first ``T`` slots."""
+    B, H, T = t.shape[:3]
+    four = t.dim() == 4
+    X = t.shape[3] if four else 1
+    s0, s1, s2 = t.stride()[:3]
+    slots = s1 // X if X else 0
+    if (X and s2 == X and s1 == slots * X and slots >= T and (B == 1 or s0 == H * s1)
+            and (not four or X == 1 or t.stride(3) == 1)
+            and (t.storage_offset() + B * H * slots * X) * t.element_size() <= t.untyped_storage().nbytes()):
+        if rows:
+            return t.as_strided((B * H, slots, X), (slots * X, X, 1))
+        return t.as_strided((B, H, slots, X) if four else (B, H, slots), (H * s1, s1, X, 1)[: t.dim()])
+    t = t.contiguous()
+    return t.view(B * H, T, X) if rows else t
+
+
 def _rows(t: Tensor) -> np.ndarray:
-    """``t`` ``(B, H, T, X)``, the first ``T`` slots of a contiguous ``(B, H, slots, X)`` buffer (a cache's
-    ``SlotTensor`` view), as that buffer ``(B·H, slots, X)`` for the kernels, without a copy; any other layout is
-    copied to a contiguous one. 16-bit floats come as their bit patterns (uint16)."""
-    B, H, T, X = t.shape
-    base = t._base
-    if (base is not None and base.dim() == 4 and base.shape[:2] == (B, H) and base.shape[3] == X
-            and base.data_ptr() == t.data_ptr() and base.is_contiguous()):
-        t = base.view(B * H, base.shape[2], X)
-    else:
-        t = t.contiguous().view(B * H, T, X)
+    """``t`` ``(B, H, T, X)`` as a ``(B·H, slots, X)`` array for the kernels (:func:`_slot_buffer`: no copy of a
+    cache's buffer). 16-bit floats come as their bit patterns (uint16), float8 codes as bytes."""
+    t = _slot_buffer(t, True)
     if t.dtype in (torch.float16, torch.bfloat16):
         t = t.view(torch.uint16)
     elif t.is_floating_point() and t.element_size() == 1:  # float8 codes
@@ -204,11 +218,14 @@ _PARALLEL_WORK = 1 << 23
 
 
 def _mask(m: Tensor | None) -> np.ndarray:
-    """A validity mask ``(B, 1|H, T)`` as a contiguous bool array; ``None`` as an empty ``(1, 1, 0)`` one."""
-    return _NO_MASK if m is None else m.contiguous().numpy()
+    """A validity mask ``(B, 1|H, T)`` as a bool array ``(B, 1|H, slots)`` (:func:`_slot_buffer`); ``None`` as an empty
+    ``(1, 1, 0)`` one."""
+    return _NO_MASK if m is None else _slot_buffer(m, False).numpy()
 
 
 _NO_MASK = np.ones((1, 1, 0), dtype=np.bool_)
+_U8, _U16 = np.zeros((1, 0, 1), np.uint8), np.zeros((1, 0, 1), np.uint16)
+_NO_SEGMENT = (_U8, _U16, _U16, np.zeros((1, 0, 1, 1), np.uint8), _U16, _U16, _NO_MASK)
 
 
 def _segment(part: QuantizedKV | None) -> tuple:
@@ -216,8 +233,7 @@ def _segment(part: QuantizedKV | None) -> tuple:
     absent: the scales, unread; value codes as ``(N, slots, value groups, bytes per group)``); ``None``: empty
     arrays."""
     if part is None:
-        u8, u16 = np.zeros((1, 0, 1), np.uint8), np.zeros((1, 0, 1), np.uint16)
-        return u8, u16, u16, np.zeros((1, 0, 1, 1), np.uint8), u16, u16, _NO_MASK
+        return _NO_SEGMENT
     ks, vs = _rows(part.k_scale), _rows(part.v_scale)
     kz = ks if part.k_zero is None else _rows(part.k_zero)
     vz = vs if part.v_zero is None else _rows(part.v_zero)
@@ -226,11 +242,27 @@ def _segment(part: QuantizedKV | None) -> tuple:
     return _rows(part.k_codes), ks, kz, vc, vs, vz, _mask(part.valid)
 
 
+def _chunk_bounds(N: int, Tn: int, Tq: int, Tw: int, group: int, workers: int, chunks: int | None) -> np.ndarray:
+    """Bounds ``(C + 1,)`` of the ``C`` chunks each row block's token axis ``[narrow (Tn), quantized (Tq), window
+    (Tw)]`` is split into: ``chunks``, or the fewest that spread the ``N·C`` units evenly over ``workers`` threads
+    (``workers / gcd(N, workers)``: a batch-1 step's 3 KV heads on 2 threads take 2 chunks each), at most one per
+    key group of the quantized part. Inner bounds fall on whole key groups of the quantized part, near equal token
+    counts."""
+    if chunks is None:
+        chunks = workers // math.gcd(N, workers)
+    chunks = max(1, min(chunks, Tq // group))
+    W = Tn + Tq + Tw
+    inner = [Tn + min(max(round((W * i / chunks - Tn) / group), 0), Tq // group) * group for i in range(1, chunks)]
+    return np.array([0, *inner, W], dtype=np.int64)
+
+
 def _quantized_decode_attention_numba(q: Tensor, quant: QuantizedKV, k: Tensor, v: Tensor, scale: float,
                                       valid: Tensor | None, return_probs: bool, narrow: QuantizedKV | None,
-                                      channel_idx: Tensor | None) -> Tensor | tuple[Tensor, Tensor]:
+                                      channel_idx: Tensor | None, chunks: int | None = None
+                                      ) -> Tensor | tuple[Tensor, Tensor]:
     """The compiled kernel (``quantized_decode_attention_numba._attend``): logits of ``[narrow, quant, window]`` read
-    from the codes, softmax, values; rows with no valid slot give zeros. Large steps split the ``B·H_kv`` row blocks
+    from the codes, softmax, values; rows with no valid slot give zeros. Large steps split the ``B·H_kv`` row blocks,
+    and their token axes into chunks (:func:`_chunk_bounds`; ``chunks`` overrides the count) merged by log-sum-exp,
     over :func:`~kvaccel.kernels.cpu_ops.run_parallel`'s worker threads (the kernel releases the GIL)."""
     from . import quantized_decode_attention_numba as nk
 
@@ -247,22 +279,29 @@ def _quantized_decode_attention_numba(q: Tensor, quant: QuantizedKV, k: Tensor, 
     kw, vw = k.float(), v.float()  # the window: a copy for 16-bit models (at most residual + group_size tokens)
     Tn, Tq = (narrow.length if narrow is not None else 0), quant.length
     W = Tn + Tq + Tw
-    if return_probs:  # handed to the caller: its own tensor
-        probs = qg.new_empty(N, R, W)
-    else:
-        probs = workspace(q.device, [(N * R * W, torch.float32)])[0].view(N, R, W)
-    out = qg.new_empty(N, R, Dv)
     # tokens per key group (both parts share it; 1 for float8 codes, and while nothing is quantized)
     group = next((part.key_group for part in (quant, narrow) if part is not None and part.key_group), 1)
+    workers = cpu_workers(q.device) if N * R * W * (D + Dv) >= _PARALLEL_WORK else 1
+    bounds = _chunk_bounds(N, Tn, Tq, Tw, group, workers, chunks)
+    C = len(bounds) - 1
+    # scratch (one float32 workspace): the chunks' max, sum and weighted values, then the probabilities unless asked for
+    NCR = N * C * R
+    scratch = workspace(q.device, [(NCR * (2 + Dv) + (0 if return_probs else N * R * W), torch.float32)])[0].numpy()
+    probs = qg.new_empty(N, R, W) if return_probs else None  # handed to the caller: its own tensor
+    out = qg.new_empty(N, R, Dv)
     sdtype = quant.k_scale.dtype
     args = (qg.view(N, R, D).numpy(), *_segment(quant), Tq, nq.view(N, R, -1).numpy(), *_segment(narrow), Tn,
             _rows(kw), _rows(vw), _mask(valid), Tw, Q, Hkv, quant.bits,
             *(nk.fp8_decoding(quant.k_codes.dtype) if fp8 else (0, 1.0)), group, nk.scale_table(sdtype),
-            nk.pow2_table())
-    workers = cpu_workers(q.device) if N * R * W * (D + Dv) >= _PARALLEL_WORK else 1
-    po, oo = probs.numpy(), out.numpy()
-    tasks = [(*args, N * i // workers, N * (i + 1) // workers, po, oo) for i in range(workers)]
-    run_parallel(nk._attend, [t for t in tasks if t[-4] < t[-3]], workers)
+            nk.pow2_table(), bounds)
+    parts = (probs.numpy() if return_probs else scratch[NCR * (2 + Dv):].reshape(N, R, W),
+             scratch[:NCR].reshape(N, C, R), scratch[NCR: 2 * NCR].reshape(N, C, R),
+             scratch[2 * NCR: NCR * (2 + Dv)].reshape(N, C, R, Dv), out.numpy())
+    units = N * C
+    tasks = [(*args, units * i // workers, units * (i + 1) // workers, return_probs, *parts) for i in range(workers)]
+    run_parallel(nk._attend, [t for t in tasks if t[len(args)] < t[len(args) + 1]], workers)
+    if C > 1:
+        nk._combine(*parts[1:4], bounds, args[-2], parts[0], return_probs, parts[4])
     out = out.view(B, Hq, Q, Dv).to(q.dtype)
     return (out, probs.view(B, Hq, W)) if return_probs else out
 

@@ -191,12 +191,53 @@ def pow2_table() -> np.ndarray:
     return np.ldexp(np.float32(1.0), np.arange(-126, 1)).astype(np.float32)
 
 
+@kernel(fastmath=_FM, inline="always")
+def _combine_block(n, part_m, part_l, part_acc, bounds, pow2, probs, rescale, out):
+    """``out[n]`` from the chunks' partials of row block ``n`` (log-sum-exp merge: chunk ``c`` weighs
+    ``exp(m_c - m) / Σ_c exp(m_c - m)·l_c``); with ``rescale``, also the chunks' ``probs[n]`` (unnormalised
+    ``exp(logit - m_c)``) times that weight. A row with nothing valid gives zeros."""
+    C, R = part_acc.shape[1], part_acc.shape[2]
+    neg = np.float32(-np.inf)
+    for r in range(R):
+        o = out[n, r]
+        o[:] = 0.0
+        m = neg
+        for c in range(C):
+            m = max(m, part_m[n, c, r])
+        if m == neg:  # nothing valid: every chunk left zeros in probs
+            continue
+        total = np.float32(0.0)
+        for c in range(C):
+            if part_m[n, c, r] != neg:
+                total += _exp_nonpositive(part_m[n, c, r] - m, pow2) * part_l[n, c, r]
+        inv = np.float32(1.0) / total
+        for c in range(C):
+            if part_m[n, c, r] == neg:
+                continue
+            w = _exp_nonpositive(part_m[n, c, r] - m, pow2) * inv
+            _axpy(o, w, part_acc[n, c, r])
+            if rescale:
+                row = probs[n, r]
+                for t in range(bounds[c], bounds[c + 1]):
+                    row[t] *= w
+
+
+@kernel(fastmath=_FM)
+def _combine(part_m, part_l, part_acc, bounds, pow2, probs, rescale, out):
+    """:func:`_combine_block` for every row block (after every chunk of :func:`_attend` is done)."""
+    for n in range(out.shape[0]):
+        _combine_block(n, part_m, part_l, part_acc, bounds, pow2, probs, rescale, out)
+
+
 @kernel(fastmath=_FM)
 def _attend(q, kc, ks, kz, vc, vs, vz, qvalid, ntok,
             nq, nkc, nks, nkz, nvc, nvs, nvz, nvalid, nlen,
-            kw, vw, wvalid, tw, nqueries, H, bits, fp8_shift, fp8_ratio, group, slut, pow2, n0, n1, probs, out):
-    """Attention of the rows ``q[n]`` ``(R, D)`` (float32, scale applied) of row blocks ``n0 <= n < n1`` over
-    ``[narrow, quantized, window]``.
+            kw, vw, wvalid, tw, nqueries, H, bits, fp8_shift, fp8_ratio, group, slut, pow2, bounds, u0, u1,
+            want_probs, probs, part_m, part_l, part_acc, out):
+    """Attention of the rows ``q[n]`` ``(R, D)`` (float32, scale applied) over ``[narrow, quantized, window]``, split
+    into units ``u0 <= u < u1``: unit ``u`` is row block ``n = u // C`` over the chunk ``[bounds[c], bounds[c + 1])``
+    (``c = u % C``, ``C = len(bounds) - 1``) of that token axis (flash-decoding: chunks of one row block run on
+    different threads; chunk bounds inside a quantized part fall on whole key groups).
 
     Quantized part: ``kc`` codes ``(N, slots, bytes)``, ``vc`` ``(N, slots, value groups, bytes per group)``, ``ks``
     / ``kz`` / ``vs`` / ``vz`` scales and zero points (uint16 bit patterns, read through ``slut``), its first ``ntok``
@@ -206,61 +247,74 @@ def _attend(q, kc, ks, kz, vc, vs, vz, qvalid, ntok,
     last ``nqueries`` are the queries (rows ``g·Q + i``, causal among them). Validity masks ``(B, 1|H, slots)`` bool (a
     ``(1, 1, 0)`` array: all valid), ``N = B·H``.
 
-    Writes the probabilities ``probs[n]`` ``(R, nlen + ntok + tw)`` and ``out[n]`` ``(R, Dv)`` (zeros for a row with
-    nothing valid). Row blocks are independent: threads may run disjoint ranges.
+    A unit writes its chunk's running max ``part_m[n, c]`` ``(R,)``, sum of exponentials ``part_l[n, c]``, weighted
+    values ``part_acc[n, c]`` ``(R, Dv)`` and the unnormalised ``exp(logit - max)`` in ``probs[n, :, chunk]``; with
+    one chunk (``C = 1``) it also merges them (:func:`_combine_block`): ``out[n]`` ``(R, Dv)`` and, with
+    ``want_probs``, the probabilities ``probs[n]`` ``(R, nlen + ntok + tw)``; with more, :func:`_combine` does that
+    once every unit is done. Units are independent: threads may run disjoint ranges.
     """
+    C = bounds.shape[0] - 1
     R = q.shape[1]
     Dv = out.shape[2]
     per = 1 if fp8_shift else 8 // bits
-    W = nlen + ntok + tw
     neg = np.float32(-np.inf)
     bpg = vc.shape[3]
     nbv = vc.shape[2] * bpg
     acc = np.empty((R, nbv * per), np.float32)  # values in the split layout
     zacc = np.empty((R, vs.shape[2]), np.float32)
-    for n in range(n0, n1):
+    wq = nlen + ntok  # the window's first slot on the token axis
+    for u in range(u0, u1):
+        n, c = u // C, u % C
         b, h = n // H, n % H
+        a, e = bounds[c], bounds[c + 1]
         pn = probs[n]
-        if nlen:
-            _key_logits(nq[n], nkc[n], nks[n], nkz[n], slut, bits, fp8_shift, fp8_ratio, group, 0, nlen, pn, 0)
-        _key_logits(q[n], kc[n], ks[n], kz[n], slut, bits, fp8_shift, fp8_ratio, group, 0, ntok, pn, nlen)
+        n0, n1 = min(a, nlen), min(e, nlen)  # this chunk's slots of each part
+        q0, q1 = min(max(a - nlen, 0), ntok), min(max(e - nlen, 0), ntok)
+        w0, w1 = min(max(a - wq, 0), tw), min(max(e - wq, 0), tw)
+        if n1 > n0:
+            _key_logits(nq[n], nkc[n], nks[n], nkz[n], slut, bits, fp8_shift, fp8_ratio, group, n0, n1, pn, 0)
+        if q1 > q0:
+            _key_logits(q[n], kc[n], ks[n], kz[n], slut, bits, fp8_shift, fp8_ratio, group, q0, q1, pn, nlen)
         for r in range(R):
-            for t in range(tw):
-                pn[r, nlen + ntok + t] = _dot(q[n, r], kw[n, t])
-        for valid, t0, length in ((nvalid, 0, nlen), (qvalid, nlen, ntok), (wvalid, nlen + ntok, tw)):
+            for t in range(w0, w1):
+                pn[r, wq + t] = _dot(q[n, r], kw[n, t])
+        for valid, off, s0, s1 in ((nvalid, 0, n0, n1), (qvalid, nlen, q0, q1), (wvalid, wq, w0, w1)):
             if valid.shape[2]:
                 vrow = valid[b, h if valid.shape[1] > 1 else 0]
-                for t in range(length):
+                for t in range(s0, s1):
                     if not vrow[t]:
                         for r in range(R):
-                            pn[r, t0 + t] = neg
-        for r in range(R):  # softmax
+                            pn[r, off + t] = neg
+        for r in range(R):  # this chunk's softmax terms
             row = pn[r]
-            for t in range(tw - nqueries + 1 + r % nqueries, tw):  # causal among the queries
-                row[nlen + ntok + t] = neg
+            for t in range(max(w0, tw - nqueries + 1 + r % nqueries), w1):  # causal among the queries
+                row[wq + t] = neg
             m = neg
-            for t in range(W):
+            for t in range(a, e):
                 m = max(m, row[t])
-            if m == neg:  # nothing valid: zeros
-                row[:] = 0.0
+            part_m[n, c, r] = m
+            if m == neg:  # nothing valid in this chunk: zeros
+                row[a:e] = 0.0
+                part_l[n, c, r] = 0.0
                 continue
             total = np.float32(0.0)
-            for t in range(W):
-                e = _exp_nonpositive(row[t] - m, pow2)
-                row[t] = e
-                total += e
-            inv = np.float32(1.0) / total
-            for t in range(W):
-                row[t] *= inv
+            for t in range(a, e):
+                x = _exp_nonpositive(row[t] - m, pow2)
+                row[t] = x
+                total += x
+            part_l[n, c, r] = total
         acc[:] = 0.0
         zacc[:] = 0.0
-        if nlen:
-            _value_sum(pn, nvc[n], nvs[n], nvz[n], slut, bits, fp8_shift, fp8_ratio, 0, nlen, 0, acc, zacc)
-        _value_sum(pn, vc[n], vs[n], vz[n], slut, bits, fp8_shift, fp8_ratio, 0, ntok, nlen, acc, zacc)
+        if n1 > n0:
+            _value_sum(pn, nvc[n], nvs[n], nvz[n], slut, bits, fp8_shift, fp8_ratio, n0, n1, 0, acc, zacc)
+        if q1 > q0:
+            _value_sum(pn, vc[n], vs[n], vz[n], slut, bits, fp8_shift, fp8_ratio, q0, q1, nlen, acc, zacc)
         for r in range(R):
-            o = out[n, r]
+            o = part_acc[n, c, r]
             for d in range(Dv):
                 j = d // per
                 o[d] = acc[r, (d - j * per) * nbv + j] + zacc[r, j // bpg]
-            for t in range(tw):
-                _axpy(o, pn[r, nlen + ntok + t], vw[n, t])
+            for t in range(w0, w1):
+                _axpy(o, pn[r, wq + t], vw[n, t])
+        if C == 1:
+            _combine_block(n, part_m, part_l, part_acc, bounds, pow2, probs, want_probs, out)

@@ -245,14 +245,92 @@ def test_numba_row_blocks_on_worker_threads_match(monkeypatch):
     calls = []
     real = qda.run_parallel
     monkeypatch.setattr(qda, "_PARALLEL_WORK", 0)
-    monkeypatch.setattr(qda, "cpu_workers", lambda device: 3)
+    monkeypatch.setattr(qda, "cpu_workers", lambda device: 2)
     monkeypatch.setattr(qda, "run_parallel", lambda fn, tasks, workers: calls.append(len(tasks)) or
                         real(fn, tasks, workers))
     split = quantized_decode_attention(q, quant, k, v, scale=0.125, valid=valid, backend="numba")
-    assert calls == [3]  # 4 row blocks on 3 workers
+    assert calls == [2]  # 4 row blocks on 2 workers (whole token axes: no chunks)
     torch.testing.assert_close(split, one, atol=0, rtol=0)
     ref = quantized_decode_attention_reference(q, quant, k, v, scale=0.125, valid=valid)
     torch.testing.assert_close(split.double(), ref, atol=2e-5, rtol=1e-5)
+
+
+def test_numba_batch_one_splits_the_tokens_over_workers(monkeypatch):
+    """Batch 1, 3 KV heads on 2 workers: each head's token axis is cut into 2 chunks (6 units, 3 per worker) merged
+    by log-sum-exp; the result matches the float64 reference."""
+    from kvaccel.kernels import quantized_decode_attention as qda
+
+    q, quant, k, v, valid = _case(1, 9, 3, 224, 40, 1, 4, ragged=True)
+    tasks_seen = []
+    real = qda.run_parallel
+    monkeypatch.setattr(qda, "_PARALLEL_WORK", 0)
+    monkeypatch.setattr(qda, "cpu_workers", lambda device: 2)
+    monkeypatch.setattr(qda, "run_parallel", lambda fn, tasks, workers: tasks_seen.extend(tasks) or
+                        real(fn, tasks, workers))
+    out, probs = quantized_decode_attention(q, quant, k, v, scale=0.125, valid=valid, return_probs=True,
+                                            backend="numba")
+    bounds = tasks_seen[0][-9]
+    assert bounds.tolist() == [0, 128, 264] and [t[-8:-6] for t in tasks_seen] == [(0, 3), (3, 6)]
+    ref = quantized_decode_attention_reference(q, quant, k, v, scale=0.125, valid=valid)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
+    want = quantized_decode_attention(q, quant, k, v, scale=0.125, valid=valid, return_probs=True, backend="torch")[1]
+    torch.testing.assert_close(probs, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunks", [2, 3, 7])
+@pytest.mark.parametrize("Tq,Tw,Q,ragged", [(160, 40, 1, True), (160, 40, 3, False), (32, 9, 1, True),
+                                            (0, 24, 1, False), (96, 20, 2, True)])
+def test_numba_token_chunks_match_the_reference(chunks, Tq, Tw, Q, ragged):
+    """Token chunks merged by log-sum-exp (any count; bounds on whole key groups, so a chunk count that does not divide
+    the cache, or more chunks than groups), over one group only (32 tokens), the window only (nothing quantized), and
+    several queries: the float64 reference; probabilities too (``Q = 1``)."""
+    from kvaccel.kernels.quantized_decode_attention import _quantized_decode_attention_numba
+
+    q, quant, k, v, valid = _case(1, 6, 2, Tq, Tw, Q, 4, ragged=ragged, seed=Tq + Q)
+    ref = quantized_decode_attention_reference(q, quant, k, v, scale=0.125, valid=valid)
+    got = _quantized_decode_attention_numba(q, quant, k, v, 0.125, valid, Q == 1, None, None, chunks=chunks)
+    out, probs = got if Q == 1 else (got, None)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
+    if probs is not None:
+        want = quantized_decode_attention(q, quant, k, v, scale=0.125, valid=valid, return_probs=True)[1]
+        torch.testing.assert_close(probs, want, atol=1e-6, rtol=1e-5)
+
+
+def test_numba_token_chunk_with_nothing_valid():
+    """A chunk whose slots are all invalid (its max is -inf) adds nothing; a row with nothing valid anywhere gives
+    zeros (and zero probabilities)."""
+    from kvaccel.kernels.quantized_decode_attention import _quantized_decode_attention_numba
+
+    q, quant, k, v, valid = _case(2, 4, 2, 128, 16, 1, 8, ragged=True)
+    quant.valid[0, :, :96] = False  # batch 0: the first chunks of both heads hold nothing valid
+    quant.valid[1] = False  # batch 1: nothing valid at all
+    valid[1] = False
+    ref = quantized_decode_attention_reference(q, quant, k, v, scale=0.125, valid=valid)
+    out, probs = _quantized_decode_attention_numba(q, quant, k, v, 0.125, valid, True, None, None, chunks=3)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.equal(probs[1], torch.zeros_like(probs[1]))
+    torch.testing.assert_close(probs[0].sum(-1), torch.ones(4), atol=1e-5, rtol=0)
+    assert torch.equal(probs[0, :, :96], torch.zeros(4, 96))
+
+
+def test_numba_reads_cache_buffers_in_place_under_inference_mode():
+    """The kernel is handed a cache's slot buffers themselves (found from strides: inference-mode views record no
+    base tensor), not a copy of the held slots per step; a tensor that is not a buffer's leading slots is copied."""
+    from kvaccel.cache import SlotTensor
+    from kvaccel.kernels import quantized_decode_attention as qda
+
+    with torch.inference_mode():
+        for t in (torch.randn(2, 3, 10, 8), torch.randn(1, 3, 10, 8).to(torch.float16),
+                  torch.rand(2, 1, 10) > 0.5, torch.rand(1, 3, 10, 1) > 0.5):
+            st = SlotTensor.spare(t, 6)
+            st.append(t[:, :, :2], 0)
+            view = st.view
+            assert view._base is None and not view.is_contiguous()
+            arr = qda._mask(view) if t.dim() == 3 else qda._rows(view)
+            assert arr.ctypes.data == st.buf.data_ptr() and arr.shape[-2 if t.dim() == 4 else -1] == 16
+        later = torch.randn(1, 3, 16, 8)[:, :, 6:]  # not the leading slots of a buffer: copied
+        arr = qda._rows(later)
+        assert arr.shape == (3, 10, 8) and np.array_equal(arr, later.reshape(3, 10, 8).numpy())
 
 
 def test_numba_backend_needs_cpu_tensors():
