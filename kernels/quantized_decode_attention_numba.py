@@ -3,8 +3,9 @@
 
 Keys, per key group (:func:`_key_logits`): ``logit[r, t] = Σ_d (q[r,d]·s[d])·code[t,d] + Σ_d q[r,d]·z[d]``, the
 scale folded into the query once per ``group`` tokens. Values (:func:`_value_sum`): per token and value group
-``acc[r, c] += (p[r,t]·s)·code[t,c]``, and ``Σ_t p[r,t]·z`` added per group at the end. float8 codes (``kv_fp8``):
-one scale per token, the bytes decoded by placing their bits in a float32 (:func:`fp8_decoding`).
+``acc[r, c] += p[r,t]·(code[t,c]·s + z)``. Both loops take ``_TB`` tokens a step (each row's accumulator and query
+read once a step). float8 codes (``kv_fp8``): one scale per token, the bytes decoded by placing their bits in a
+float32 (:func:`fp8_decoding`).
 
 numba has no float16 / bfloat16 arithmetic: 16-bit scales and zero points are read as their bit patterns (uint16)
 through a 65,536-entry float32 table (:func:`scale_table`). Packed codes (``kv_quant.pack_codes``: channel
@@ -47,26 +48,26 @@ def fp8_decoding(dtype: torch.dtype) -> tuple[int, float]:
 
 
 @kernel(fastmath=_FM, inline="always")
-def _plane(row, sh, mask, s, out):
-    """``out[j] = ((row[j] >> sh) & mask) · s``: a literal ``sh`` / ``mask`` at every call, and whole 1-D arrays, so
-    the loop vectorises."""
+def _plane(row, sh, mask, s, z, out):
+    """``out[j] = ((row[j] >> sh) & mask) · s + z``: a literal ``sh`` / ``mask`` at every call, and whole 1-D arrays,
+    so the loop vectorises."""
     for j in range(row.shape[0]):
-        out[j] = np.float32((np.int32(row[j]) >> sh) & mask) * s
+        out[j] = np.float32((np.int32(row[j]) >> sh) & mask) * s + z
 
 
 @kernel(fastmath=_FM, inline="always")
-def _unpack(row, bits, s, planes, base, step):
-    """Codes of the bytes ``row`` times ``s``: code ``i`` of byte ``j`` at ``planes[base + i·step, j]``."""
+def _unpack(row, bits, s, z, planes, base, step):
+    """Codes of the bytes ``row`` times ``s`` plus ``z``: code ``i`` of byte ``j`` at ``planes[base + i·step, j]``."""
     if bits == 4:
-        _plane(row, 0, 15, s, planes[base])
-        _plane(row, 4, 15, s, planes[base + step])
+        _plane(row, 0, 15, s, z, planes[base])
+        _plane(row, 4, 15, s, z, planes[base + step])
     elif bits == 2:
-        _plane(row, 0, 3, s, planes[base])
-        _plane(row, 2, 3, s, planes[base + step])
-        _plane(row, 4, 3, s, planes[base + 2 * step])
-        _plane(row, 6, 3, s, planes[base + 3 * step])
+        _plane(row, 0, 3, s, z, planes[base])
+        _plane(row, 2, 3, s, z, planes[base + step])
+        _plane(row, 4, 3, s, z, planes[base + 2 * step])
+        _plane(row, 6, 3, s, z, planes[base + 3 * step])
     else:
-        _plane(row, 0, 255, s, planes[base])
+        _plane(row, 0, 255, s, z, planes[base])
 
 
 @kernel(fastmath=_FM, inline="always")
@@ -86,6 +87,33 @@ def _axpy(a, w, b):
         a[j] += w * b[j]
 
 
+#: tokens a step of the key and value loops handles at once (each row's accumulator is read and written once per
+#: step, and each query row loaded once per step, instead of once per token)
+_TB = 4
+
+
+@kernel(fastmath=_FM, inline="always")
+def _axpy4(a, w0, w1, w2, w3, b):
+    """``a += w0·b[0] + w1·b[1] + w2·b[2] + w3·b[3]`` (``b`` ``(4, len(a))``)."""
+    b0, b1, b2, b3 = b[0], b[1], b[2], b[3]
+    for j in range(a.shape[0]):
+        a[j] += w0 * b0[j] + w1 * b1[j] + w2 * b2[j] + w3 * b3[j]
+
+
+@kernel(fastmath=_FM, inline="always")
+def _dot4(a, b):
+    """``(a · b[0], a · b[1], a · b[2], a · b[3])`` (``b`` ``(4, len(a))``)."""
+    b0, b1, b2, b3 = b[0], b[1], b[2], b[3]
+    s0 = s1 = s2 = s3 = np.float32(0.0)
+    for j in range(a.shape[0]):
+        x = a[j]
+        s0 += x * b0[j]
+        s1 += x * b1[j]
+        s2 += x * b2[j]
+        s3 += x * b3[j]
+    return s0, s1, s2, s3
+
+
 @kernel(fastmath=_FM, inline="always")
 def _key_logits(q, codes, kscale, kzero, slut, bits, fp8_shift, fp8_ratio, group, t0, t1, out, col0):
     """``out[r, col0 + t]`` = ``q[r] · key[t]`` for ``t0 <= t < t1`` (whole key groups) of one row block: q ``(R, D)``,
@@ -94,17 +122,26 @@ def _key_logits(q, codes, kscale, kzero, slut, bits, fp8_shift, fp8_ratio, group
     R, D = q.shape
     nb = codes.shape[1]
     if fp8_shift:
-        buf = np.empty(nb, np.float32)
+        buf = np.empty((_TB, nb), np.float32)
         word = np.empty(nb, np.uint32)
         as_float = word.view(np.float32)
-        for t in range(t0, t1):
-            _fp8_plane(codes[t], fp8_shift, slut[kscale[t, 0]] * fp8_ratio, word, as_float, buf)
+        for t in range(t0, t1 - _TB + 1, _TB):
+            for k in range(_TB):
+                _fp8_plane(codes[t + k], fp8_shift, slut[kscale[t + k, 0]] * fp8_ratio, word, as_float, buf[k])
             for r in range(R):
-                out[r, col0 + t] = _dot(q[r], buf)
+                s0, s1, s2, s3 = _dot4(q[r], buf)
+                out[r, col0 + t] = s0
+                out[r, col0 + t + 1] = s1
+                out[r, col0 + t + 2] = s2
+                out[r, col0 + t + 3] = s3
+        for t in range(t1 - (t1 - t0) % _TB, t1):
+            _fp8_plane(codes[t], fp8_shift, slut[kscale[t, 0]] * fp8_ratio, word, as_float, buf[0])
+            for r in range(R):
+                out[r, col0 + t] = _dot(q[r], buf[0])
         return
     per = 8 // bits
-    buf = np.empty(per * nb, np.float32)
-    planes = buf.reshape(per, nb)
+    buf = np.empty((_TB, per * nb), np.float32)  # _TB tokens' codes, each in the split layout
+    planes = buf.reshape(_TB * per, nb)
     qsplit = np.zeros((R, per * nb), np.float32)  # q in the split layout (pad channels stay zero)
     for i in range(per):
         for j in range(nb):
@@ -128,41 +165,59 @@ def _key_logits(q, codes, kscale, kzero, slut, bits, fp8_shift, fp8_ratio, group
                 qs[r, a] = qsplit[r, a] * ssplit[a]
             for t in range(gi * group, gi * group + group):
                 out[r, col0 + t] = b
-        for t in range(gi * group, gi * group + group):
-            _unpack(codes[t], bits, np.float32(1.0), planes, 0, 1)
+        g0, g1 = gi * group, gi * group + group
+        for t in range(g0, g1 - _TB + 1, _TB):
+            for k in range(_TB):
+                _unpack(codes[t + k], bits, np.float32(1.0), np.float32(0.0), planes, k * per, 1)
             for r in range(R):
-                out[r, col0 + t] += _dot(qs[r], buf)
+                s0, s1, s2, s3 = _dot4(qs[r], buf)
+                out[r, col0 + t] += s0
+                out[r, col0 + t + 1] += s1
+                out[r, col0 + t + 2] += s2
+                out[r, col0 + t + 3] += s3
+        for t in range(g1 - group % _TB, g1):
+            _unpack(codes[t], bits, np.float32(1.0), np.float32(0.0), planes, 0, 1)
+            for r in range(R):
+                out[r, col0 + t] += _dot(qs[r], buf[0])
 
 
 @kernel(fastmath=_FM, inline="always")
-def _value_sum(p, codes, vscale, vzero, slut, bits, fp8_shift, fp8_ratio, t0, t1, col0, acc, zacc):
-    """``acc[r] += Σ_t (p[r, col0 + t]·s)·code[t]`` (split layout) and ``zacc[r, g] += Σ_t p[r, col0 + t]·z[t, g]``
-    for ``t0 <= t < t1`` of one row block: codes ``(slots, groups, bytes per group)``, vscale / vzero
-    ``(slots, groups)`` per token (float8: no zero points)."""
+def _value_sum(p, codes, vscale, vzero, slut, bits, fp8_shift, fp8_ratio, t0, t1, col0, acc):
+    """``acc[r] += Σ_t p[r, col0 + t]·(code[t]·s + z)`` (split layout) for ``t0 <= t < t1`` of one row block, ``_TB``
+    tokens at a time (a step whose weights are all zero, i.e. masked slots or underflowed weights, is skipped):
+    codes ``(slots, groups, bytes per group)``, vscale / vzero ``(slots, groups)`` per token (float8: no zero
+    points)."""
     R = p.shape[0]
     ngv, bpg = codes.shape[1], codes.shape[2]
     per = 1 if fp8_shift else 8 // bits
-    buf = np.empty(acc.shape[1], np.float32)
-    planes = buf.reshape(per * ngv, bpg)  # plane i of group g: row i·ngv + g (the split layout)
+    buf = np.empty((_TB, acc.shape[1]), np.float32)  # _TB tokens' values, each in the split layout
+    planes = buf.reshape(_TB * per * ngv, bpg)  # plane i of group g of token k: row (k·per + i)·ngv + g
     word = np.empty(bpg, np.uint32)
     as_float = word.view(np.float32)
-    for t in range(t0, t1):
-        nonzero = False
+    for t in range(t0, t1, _TB):
+        n = min(_TB, t1 - t)
+        live = False
         for r in range(R):
-            nonzero |= p[r, col0 + t] != 0.0
-        if not nonzero:  # masked slots (and underflowed weights) add nothing
+            for k in range(n):
+                live |= p[r, col0 + t + k] != 0.0
+        if not live:
             continue
-        for g in range(ngv):  # codes times their group's scale
-            s = slut[vscale[t, g]]
-            if fp8_shift:
-                _fp8_plane(codes[t, g], fp8_shift, s * fp8_ratio, word, as_float, planes[g])
-            else:
-                _unpack(codes[t, g], bits, s, planes, g, ngv)
-                z = slut[vzero[t, g]]
-                for r in range(R):
-                    zacc[r, g] += p[r, col0 + t] * z
+        for k in range(_TB):
+            tk = t + k
+            if k >= n:  # past t1: zero values (and weights)
+                buf[k] = 0.0
+                continue
+            for g in range(ngv):  # codes times their group's scale, plus its zero point
+                s = slut[vscale[tk, g]]
+                if fp8_shift:
+                    _fp8_plane(codes[tk, g], fp8_shift, s * fp8_ratio, word, as_float, planes[k * ngv + g])
+                else:
+                    _unpack(codes[tk, g], bits, s, slut[vzero[tk, g]], planes, k * per * ngv + g, ngv)
         for r in range(R):
-            _axpy(acc[r], p[r, col0 + t], buf)
+            pr = p[r]
+            c = col0 + t
+            _axpy4(acc[r], pr[c], pr[c + 1] if n > 1 else np.float32(0.0), pr[c + 2] if n > 2 else np.float32(0.0),
+                   pr[c + 3] if n > 3 else np.float32(0.0), buf)
 
 
 @kernel(fastmath=_FM, inline="always")
@@ -261,7 +316,6 @@ def _attend(q, kc, ks, kz, vc, vs, vz, qvalid, ntok,
     bpg = vc.shape[3]
     nbv = vc.shape[2] * bpg
     acc = np.empty((R, nbv * per), np.float32)  # values in the split layout
-    zacc = np.empty((R, vs.shape[2]), np.float32)
     wq = nlen + ntok  # the window's first slot on the token axis
     for u in range(u0, u1):
         n, c = u // C, u % C
@@ -304,16 +358,15 @@ def _attend(q, kc, ks, kz, vc, vs, vz, qvalid, ntok,
                 total += x
             part_l[n, c, r] = total
         acc[:] = 0.0
-        zacc[:] = 0.0
         if n1 > n0:
-            _value_sum(pn, nvc[n], nvs[n], nvz[n], slut, bits, fp8_shift, fp8_ratio, n0, n1, 0, acc, zacc)
+            _value_sum(pn, nvc[n], nvs[n], nvz[n], slut, bits, fp8_shift, fp8_ratio, n0, n1, 0, acc)
         if q1 > q0:
-            _value_sum(pn, vc[n], vs[n], vz[n], slut, bits, fp8_shift, fp8_ratio, q0, q1, nlen, acc, zacc)
+            _value_sum(pn, vc[n], vs[n], vz[n], slut, bits, fp8_shift, fp8_ratio, q0, q1, nlen, acc)
         for r in range(R):
             o = part_acc[n, c, r]
             for d in range(Dv):
                 j = d // per
-                o[d] = acc[r, (d - j * per) * nbv + j] + zacc[r, j // bpg]
+                o[d] = acc[r, (d - j * per) * nbv + j]
             for t in range(w0, w1):
                 _axpy(o, pn[r, wq + t], vw[n, t])
         if C == 1:
