@@ -212,9 +212,9 @@ def _rows(t: Tensor) -> np.ndarray:
     return t.numpy()
 
 
-#: multiply-adds below which the numba path runs in the calling thread only (handing row blocks to worker threads
-#: costs more than it saves there, and much more on a loaded machine)
-_PARALLEL_WORK = 1 << 23
+#: multiply-adds below which the numba path runs in the calling thread only (handing work to worker threads costs
+#: ~40 us a call, more on a loaded machine; a 2k-token batch-1 step of the default model, 7M, is split)
+_PARALLEL_WORK = 1 << 22
 
 
 def _mask(m: Tensor | None) -> np.ndarray:

@@ -435,6 +435,34 @@ def test_decode_flushes_whole_groups(model):
     assert 40 <= cache.layers[0].length - cache.layers[0].quantized_length < 40 + 32 + 1
 
 
+@pytest.mark.parametrize("spec", ["kv_int4(group_size=32,residual=40)", "kv_fp8", "kv_fp8(residual=8)"])
+def test_decode_flush_keeps_the_window_buffers(model, spec):
+    """A decode step's flush keeps the window's buffers (no allocation per step: kv_fp8 flushes at every step), the
+    remaining tokens moved to their front: the window still holds the most recent tokens' exact keys and values
+    (layer 0's equal the stock cache's)."""
+    from transformers import DynamicCache
+
+    ids = _ids(B=1, L=140)
+    with torch.no_grad(), kvaccel.patched(model, spec):
+        cache = KVAccelCache(model)
+        model(ids[:, :100], cache=cache)
+        layer = cache.layers[0]
+        buffers, flushed = set(), set()
+        for t in range(100, 140):
+            model(ids[:, t : t + 1], cache=cache)
+            buffers.add((layer._k.buf.data_ptr(), layer._v.buf.data_ptr()))
+            flushed.add(layer.quantized_length)
+    ref = DynamicCache()
+    with torch.no_grad():  # the same forwards (prompt, then one token at a time): the same float rounding
+        model(ids[:, :100], cache=ref, use_cache=True)
+        for t in range(100, 140):
+            model(ids[:, t : t + 1], cache=ref, use_cache=True)
+    assert len(flushed) > 1 and len(buffers) == 1
+    Tw = layer.length - layer.quantized_length
+    torch.testing.assert_close(layer.keys, ref.layers[0].keys[:, :, -Tw:], atol=0, rtol=0)
+    torch.testing.assert_close(layer.values, ref.layers[0].values[:, :, -Tw:], atol=0, rtol=0)
+
+
 def test_bytes_per_element(model):
     ids = _ids(B=1, L=1100)
     for spec, limit, window_slots in (("kv_int8", 1.1, 128 + 64), ("kv_int4", 0.6, 128 + 64), ("kv_fp8", 1.1, 1)):
