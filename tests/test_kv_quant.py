@@ -85,6 +85,54 @@ def test_fp8_round_trip_within_half_an_ulp(fmt, mantissa, min_exp):
     assert (x_hat.abs().amax(-1) >= x.abs().amax(-1) * (1 - 2.0 ** -(mantissa + 1))).all()  # no clipping
 
 
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("sdtype", [torch.float16, torch.bfloat16])
+def test_compiled_fp8_quantizer_is_bit_for_bit_torch(fmt, sdtype):
+    """``kv_fp8``'s compiled CPU quantizer (decode steps' flushes) gives torch's codes and scales bit for bit: rows
+    across 9 decades and three input dtypes, every float8 value, midpoint and its neighbours (scale exactly 1), scales
+    next to 16-bit rounding boundaries, zeros and float32 subnormals; scales that overflow raise the same error."""
+    from kvaccel.kernels.kv_quant_numba import quantize_fp8_pair
+
+    f8 = fp8_dtype(fmt)
+    g = torch.Generator().manual_seed(1)
+
+    def same(x):
+        vals = -x[..., : x.shape[-1] // 2 + 1]  # values of another width
+        (kc, ks), (vc, vs) = quantize_fp8_pair(x, vals, f8, sdtype)
+        for (c, sc), y in (((kc, ks), x), ((vc, vs), vals)):
+            rc, rs = quantize_fp8(y, f8, sdtype)
+            assert c.dtype == f8 and sc.dtype == sdtype and c.shape == rc.shape and sc.shape == rs.shape
+            assert torch.equal(c.view(torch.uint8), rc.view(torch.uint8))
+            assert torch.equal(sc.view(torch.int16), rs.view(torch.int16))
+
+    mags = 10 ** torch.linspace(-6, 3, 24)
+    x = torch.randn(2, 24, 5, 64, generator=g) * mags[:, None, None] * torch.randn(2, 24, 5, 1, generator=g).exp()
+    x[0, 0, 0], x[0, 0, 1, :7] = 0.0, 1e-40
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        same(x.to(dtype) if dtype != torch.float16 else x.clamp(-6e4, 6e4).to(dtype))
+    vals = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(f8).float()
+    vals = vals[torch.isfinite(vals)].unique()
+    mids = (vals[1:] + vals[:-1]) / 2
+    grid = torch.cat([vals, mids, torch.nextafter(mids, vals[1:]), torch.nextafter(mids, vals[:-1])])
+    rows = torch.nn.functional.pad(grid, (0, -grid.numel() % 63)).view(-1, 63)
+    same(torch.cat([rows, torch.full((rows.shape[0], 1), torch.finfo(f8).max)], 1)[None, None])  # max -> scale 1
+    s16 = torch.arange(1, 1 << 15, 5, dtype=torch.int32).to(torch.int16).view(sdtype).float()
+    s16 = s16[torch.isfinite(s16) & (s16 > 0) & (s16 < 1e30)]
+    amax = torch.cat([s16, torch.nextafter(s16, s16 * 2), torch.nextafter(s16, s16 / 2)]) * torch.finfo(f8).max
+    same(torch.stack([amax, -amax / 3, amax / 7], -1)[None, None])
+    nan = torch.zeros(1, 1, 1, 4)
+    nan[..., 1] = float("nan")
+    for bad in (lambda: quantize_fp8_pair(nan, nan, f8, sdtype), lambda: quantize_fp8(nan, f8, sdtype)):
+        with pytest.raises(ValueError, match="do not fit"):
+            bad()
+    big = torch.full((1, 1, 1, 4), 3e38)
+    if sdtype == torch.float16:
+        with pytest.raises(ValueError, match="do not fit the torch.float16 scales"):
+            quantize_fp8_pair(big, big, f8, sdtype)
+        with pytest.raises(ValueError, match="do not fit the torch.float16 scales"):
+            quantize_fp8(big, f8, sdtype)
+
+
 def test_fp8_format_errors(monkeypatch):
     with pytest.raises(ValueError, match=r"fp8 format \('e3m4'\) must be one of \['e4m3', 'e5m2'\]"):
         kvaccel.config.parse_spec("kv_fp8(format='e3m4')")

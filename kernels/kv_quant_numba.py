@@ -1,0 +1,158 @@
+"""Compiled CPU quantizer for ``kv_fp8``'s decode steps (:func:`quantize_fp8_pair`): per-token float8 codes and 16-bit
+scales of a few tokens' keys and values in one call, bit for bit what ``kv_quant.quantize_fp8`` gives (a dozen small
+torch ops per tensor, the cost of a decode step's flush).
+
+The roundings are torch's (``c10``'s): float32 to float16 / bfloat16 round to nearest even
+(:func:`_f32_to_f16`, :func:`_f32_to_bf16`), float32 to float8 as ``c10::Float8_e4m3fn`` / ``Float8_e5m2`` convert
+(:func:`_f32_to_fp8`: round to nearest even, subnormals by a float addition, out-of-range to NaN / inf). No fastmath:
+the divisions and the addition must be IEEE's.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from kvaccel.kernels.attention_index_jit import kernel
+
+from .quantized_decode_attention_numba import scale_table
+
+__all__ = ["quantize_fp8_pair"]
+
+#: float8 formats: torch dtype name -> (format id for the kernel, largest finite value)
+_FP8 = {"float8_e4m3fn": (0, 448.0), "float8_e5m2": (1, 57344.0)}
+
+
+@kernel(inline="always")
+def _f32_to_f16(w):
+    """float16 bits of the float32 with bits ``w`` (uint32), round to nearest even; overflow to inf."""
+    sign = (w >> np.uint32(16)) & np.uint32(0x8000)
+    a = w & np.uint32(0x7FFFFFFF)
+    if a > np.uint32(0x7F800000):
+        return np.uint32(0x7E00) | sign
+    exp = np.int64(a >> np.uint32(23))
+    mant = np.int64(a & np.uint32(0x7FFFFF))
+    e16 = exp - 112  # 127 - 15
+    if e16 >= 31:
+        return np.uint32(0x7C00) | sign
+    if e16 <= 0:  # float16 subnormal (or zero): k·2^-24
+        if e16 < -10:
+            return sign
+        m = mant | 0x800000
+        shift = 14 - e16
+        k = m >> shift
+        rem = m & ((1 << shift) - 1)
+        half = 1 << (shift - 1)
+    else:
+        k = (e16 << 10) | (mant >> 13)
+        rem = mant & 0x1FFF
+        half = 0x1000
+    if rem > half or (rem == half and (k & 1)):
+        k += 1
+    return np.uint32(k) | sign
+
+
+@kernel(inline="always")
+def _f32_to_bf16(w):
+    """bfloat16 bits of the float32 with bits ``w`` (uint32), round to nearest even (NaN: 0x7FC0)."""
+    if (w & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+        return np.uint32(0x7FC0)
+    return (w + np.uint32(0x7FFF) + ((w >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+
+
+@kernel(inline="always")
+def _f32_to_fp8(w, fmt, word, as_float):
+    """float8 bits (``fmt`` 0: e4m3fn, 1: e5m2) of the float32 with bits ``w``, as ``c10``'s conversion; ``word`` /
+    ``as_float``: a 1-element uint32 array and its float32 view (bit casts)."""
+    sign = (w >> np.uint32(24)) & np.uint32(0x80)
+    a = w & np.uint32(0x7FFFFFFF)
+    if fmt == 0:
+        if a >= np.uint32(1087 << 20):
+            r = np.uint32(0x7F)
+        elif a < np.uint32(121 << 23):
+            word[0] = a
+            as_float[0] = as_float[0] + np.float32(16384.0)  # 2^14 (c10's denorm_mask): rounds to the subnormal grid
+            r = (word[0] - np.uint32(141 << 23)) & np.uint32(0xFF)
+        else:
+            odd = (a >> np.uint32(20)) & np.uint32(1)
+            r = ((a + np.uint32((1 << 32) - (120 << 23)) + np.uint32(0x7FFFF) + odd) >> np.uint32(20)) & np.uint32(0xFF)
+    else:
+        if a >= np.uint32(143 << 23):
+            r = np.uint32(0x7F) if a > np.uint32(0x7F800000) else np.uint32(0x7C)
+        elif a < np.uint32(113 << 23):
+            word[0] = a
+            as_float[0] = as_float[0] + np.float32(128.0)  # 2^7 (c10's denorm_mask)
+            r = (word[0] - np.uint32(134 << 23)) & np.uint32(0xFF)
+        else:
+            odd = (a >> np.uint32(21)) & np.uint32(1)
+            r = ((a + np.uint32((1 << 32) - (112 << 23)) + np.uint32(0xFFFFF) + odd) >> np.uint32(21)) & np.uint32(0xFF)
+    return r | sign
+
+
+@kernel(inline="always")
+def _quantize_tokens(x, fmt, fmax, bf16, tiny, slut, word, as_float, codes, scale):
+    """Tokens ``x`` ``(B, H, T, C)`` float32 -> ``codes`` ``(B, H, T, C)`` float8 bits and ``scale`` ``(B, H, T, 1)``
+    16-bit bits: ``s = max|x| / fmax`` rounded to the 16-bit dtype, up one step if that is below, at least ``tiny``
+    (the smallest normal's bits), ``code = fp8(x / s)``. False when a scale is not finite (or ``x`` holds NaN)."""
+    top = np.uint32(0x7F80) if bf16 else np.uint32(0x7C00)  # exponent bits all ones: inf or NaN
+    finite = True
+    for b in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            for t in range(x.shape[2]):
+                row = x[b, h, t]
+                amax = np.float32(0.0)
+                for c in range(row.shape[0]):
+                    v = abs(row[c])
+                    if v != v:
+                        finite = False
+                    amax = max(amax, v)
+                as_float[0] = amax / np.float32(fmax)
+                s32 = as_float[0]
+                s = _f32_to_bf16(word[0]) if bf16 else _f32_to_f16(word[0])
+                if slut[s] < s32:
+                    s += np.uint32(1)  # nextafter towards +inf (s >= 0)
+                s = max(s, np.uint32(tiny))
+                if (s & top) == top:
+                    finite = False
+                scale[b, h, t, 0] = s
+                sf = slut[s]
+                out = codes[b, h, t]
+                for c in range(row.shape[0]):
+                    as_float[0] = row[c] / sf
+                    out[c] = _f32_to_fp8(word[0], fmt, word, as_float)
+    return finite
+
+
+@kernel()
+def _quantize_pair(xk, xv, fmt, fmax, bf16, tiny, slut, kc, ks, vc, vs):
+    """:func:`_quantize_tokens` of ``xk`` into ``kc`` / ``ks`` and of ``xv`` into ``vc`` / ``vs``; False when a scale
+    is not finite."""
+    word = np.empty(1, np.uint32)
+    as_float = word.view(np.float32)
+    ok_k = _quantize_tokens(xk, fmt, fmax, bf16, tiny, slut, word, as_float, kc, ks)
+    ok_v = _quantize_tokens(xv, fmt, fmax, bf16, tiny, slut, word, as_float, vc, vs)
+    return ok_k and ok_v
+
+
+@functools.cache
+def _constants(fp8: torch.dtype, sdtype: torch.dtype) -> tuple:
+    """``(format id, fp8 max, bfloat16 scales?, bits of the smallest normal scale, scale table)``."""
+    fmt, fmax = _FP8[str(fp8).removeprefix("torch.")]
+    tiny = int(torch.tensor(torch.finfo(sdtype).tiny, dtype=sdtype).view(torch.int16)) & 0xFFFF
+    return fmt, fmax, sdtype == torch.bfloat16, tiny, scale_table(sdtype)
+
+
+def quantize_fp8_pair(k: torch.Tensor, v: torch.Tensor, fp8: torch.dtype, sdtype: torch.dtype
+                      ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``(quantize_fp8(k, fp8, sdtype), quantize_fp8(v, fp8, sdtype))`` for CPU tensors ``(B, H, T, C)``, bit for bit,
+    in one compiled call; the same ``ValueError`` for scales that overflow (or NaN input)."""
+    kf, vf = k.float(), v.float()
+    kc, vc = torch.empty(kf.shape, dtype=torch.uint8), torch.empty(vf.shape, dtype=torch.uint8)
+    ks, vs = torch.empty(*kf.shape[:-1], 1, dtype=torch.int16), torch.empty(*vf.shape[:-1], 1, dtype=torch.int16)
+    if not _quantize_pair(kf.numpy(), vf.numpy(), *_constants(fp8, sdtype), kc.numpy(), ks.numpy().view(np.uint16),
+                          vc.numpy(), vs.numpy().view(np.uint16)):
+        big = max(float(kf.abs().max()), float(vf.abs().max()))
+        raise ValueError(f"KV values up to {big:.3g} do not fit the {sdtype} scales of the fp8 cache")
+    return (kc.view(fp8), ks.view(sdtype)), (vc.view(fp8), vs.view(sdtype))
