@@ -28,7 +28,7 @@ from .backend import check_mask, resolve_backend
 from .cpu_ops import cpu_workers, run_parallel, single_thread, workspace
 from .kv_quant import QuantizedKV
 
-__all__ = ["quantized_decode_attention", "quantized_decode_attention_reference"]
+__all__ = ["numba_arrays", "quantized_decode_attention", "quantized_decode_attention_reference"]
 
 #: tokens dequantized at a time by the PyTorch path (rounded down to a multiple of the key group)
 DEFAULT_BLOCK = 512
@@ -69,6 +69,7 @@ def quantized_decode_attention(
     return_probs: bool = False,
     narrow: QuantizedKV | None = None,
     channel_idx: Tensor | None = None,
+    arrays: tuple | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Softmax attention of ``q`` over ``[narrow, dequant(quant), k]`` / ``[.., dequant(quant), v]``;
     ``(B, H_q, Q, Dv)`` in ``q``'s dtype (float32 accumulation). With ``return_probs`` (``Q = 1``) also the float32
@@ -102,6 +103,9 @@ def quantized_decode_attention(
         ThinK's oldest tokens, placed first: keys keep only the ``Dk`` channels ``channel_idx`` ``(B, H_kv, Dk)``
         (their logits are ``scale · q[channel_idx] · k``, i.e. attention over keys zero in the pruned channels),
         values full width. Not on the Triton path.
+    arrays : tuple, optional
+        :func:`numba_arrays` of ``quant``, ``k``, ``v``, ``valid``, built once by a caller that keeps the same buffers
+        across calls (a cache layer: it saves the per-call conversion); read by the numba backend only.
     """
     _check(q, quant, k, v, valid, narrow, channel_idx)
     if return_probs and q.shape[2] != 1:
@@ -111,7 +115,8 @@ def quantized_decode_attention(
     if backend == "numba" or (backend == "auto" and q.device.type == "cpu"):
         if q.device.type != "cpu":
             raise ValueError(f"backend='numba' runs CPU tensors, got device {q.device}; use backend='auto'")
-        return _quantized_decode_attention_numba(q, quant, k, v, scale, valid, return_probs, narrow, channel_idx)
+        return _quantized_decode_attention_numba(q, quant, k, v, scale, valid, return_probs, narrow, channel_idx,
+                                                 arrays=arrays)
     decode_step = q.shape[2] == 1 and not return_probs and narrow is None and quant.k_zero is not None
     chosen = resolve_backend(backend, q)
     if chosen == "triton" and not decode_step:
@@ -242,6 +247,14 @@ def _segment(part: QuantizedKV | None) -> tuple:
     return _rows(part.k_codes), ks, kz, vc, vs, vz, _mask(part.valid)
 
 
+def numba_arrays(quant: QuantizedKV, k: Tensor | None, v: Tensor | None, valid: Tensor | None) -> tuple:
+    """The arrays the numba backend reads for ``quant`` and a float32 window ``k`` / ``v`` with its validity ``valid``:
+    the buffers the tensors view (:func:`_rows`, :func:`_mask`, no copies), as :func:`quantized_decode_attention`
+    takes them (``arrays=``). ``k`` / ``v`` ``None``: converted at each call (a 16-bit window). Valid while those
+    buffers are the ones the tensors view (their lengths may change)."""
+    return _segment(quant), None if k is None else _rows(k), None if v is None else _rows(v), _mask(valid)
+
+
 def _chunk_bounds(N: int, Tn: int, Tq: int, Tw: int, group: int, workers: int, chunks: int | None) -> np.ndarray:
     """Bounds ``(C + 1,)`` of the ``C`` chunks each row block's token axis ``[narrow (Tn), quantized (Tq), window
     (Tw)]`` is split into: ``chunks``, or the fewest that spread the ``N·C`` units evenly over ``workers`` threads
@@ -258,8 +271,8 @@ def _chunk_bounds(N: int, Tn: int, Tq: int, Tw: int, group: int, workers: int, c
 
 def _quantized_decode_attention_numba(q: Tensor, quant: QuantizedKV, k: Tensor, v: Tensor, scale: float,
                                       valid: Tensor | None, return_probs: bool, narrow: QuantizedKV | None,
-                                      channel_idx: Tensor | None, chunks: int | None = None
-                                      ) -> Tensor | tuple[Tensor, Tensor]:
+                                      channel_idx: Tensor | None, chunks: int | None = None,
+                                      arrays: tuple | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """The compiled kernel (``quantized_decode_attention_numba._attend``): logits of ``[narrow, quant, window]`` read
     from the codes, softmax, values; rows with no valid slot give zeros. Large steps split the ``B·H_kv`` row blocks,
     and their token axes into chunks (:func:`_chunk_bounds`; ``chunks`` overrides the count) merged by log-sum-exp,
@@ -290,8 +303,9 @@ def _quantized_decode_attention_numba(q: Tensor, quant: QuantizedKV, k: Tensor, 
     probs = qg.new_empty(N, R, W) if return_probs else None  # handed to the caller: its own tensor
     out = qg.new_empty(N, R, Dv)
     sdtype = quant.k_scale.dtype
-    args = (qg.view(N, R, D).numpy(), *_segment(quant), Tq, nq.view(N, R, -1).numpy(), *_segment(narrow), Tn,
-            _rows(kw), _rows(vw), _mask(valid), Tw, Q, Hkv, quant.bits,
+    seg, ka, va, wa = arrays if arrays is not None else (_segment(quant), None, None, _mask(valid))
+    args = (qg.view(N, R, D).numpy(), *seg, Tq, nq.view(N, R, -1).numpy(), *_segment(narrow), Tn,
+            _rows(kw) if ka is None else ka, _rows(vw) if va is None else va, wa, Tw, Q, Hkv, quant.bits,
             *(nk.fp8_decoding(quant.k_codes.dtype) if fp8 else (0, 1.0)), group, nk.scale_table(sdtype),
             nk.pow2_table(), bounds)
     parts = (probs.numpy() if return_probs else scratch[NCR * (2 + Dv):].reshape(N, R, W),

@@ -511,6 +511,32 @@ def test_decode_flush_keeps_the_window_buffers(model, spec):
     torch.testing.assert_close(layer.values, ref.layers[0].values[:, :, -Tw:], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("spec", ["kv_int4(group_size=32,residual=40)", "kv_fp8"])
+def test_decode_reuses_the_kernel_arrays_exactly(model, spec, monkeypatch):
+    """The numba kernel's arrays of a layer's buffers are built once and reused while the buffers stay (decode steps
+    append in place), rebuilt when a flush or an eviction replaces them: every step's logits equal those of a run that
+    converts the buffers at each call; an eviction drops them (no old buffer kept alive)."""
+    ids = _ids(B=1, L=150)
+    runs = []
+    for cached in (True, False):
+        if not cached:
+            monkeypatch.setattr(QuantizedLayer, "_kernel_arrays", lambda self, *args: None)
+        with torch.inference_mode(), kvaccel.patched(model, spec):
+            cache = KVAccelCache(model)
+            model(ids[:, :100], cache=cache)
+            layer, built, logits = cache.layers[0], set(), []
+            for t in range(100, 150):
+                logits.append(model(ids[:, t : t + 1], cache=cache).logits)
+                if cached:
+                    built.add(id(layer._arrays[1]))
+            runs.append(torch.cat(logits, 1))
+            if cached:
+                assert 1 < len(built) < 25  # rebuilt after some flushes, reused on most steps
+                layer.keep(torch.arange(0, layer.length, 2)[None, None])
+                assert layer._arrays is None
+    torch.testing.assert_close(runs[0], runs[1], atol=0, rtol=0)
+
+
 def test_bytes_per_element(model):
     ids = _ids(B=1, L=1100)
     for spec, limit, window_slots in (("kv_int8", 1.1, 128 + 64), ("kv_int4", 0.6, 128 + 64), ("kv_fp8", 1.1, 1)):

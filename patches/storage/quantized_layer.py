@@ -34,7 +34,7 @@ import torch
 from kvaccel.cache import KVAccelLayer, SlotTensor, _take
 from kvaccel.kernels.cpu_ops import single_thread
 from kvaccel.kernels.kv_quant import QuantizedKV, quantize_fp8, quantize_keys, quantize_values, scale_dtype_for
-from kvaccel.kernels.quantized_decode_attention import quantized_decode_attention
+from kvaccel.kernels.quantized_decode_attention import numba_arrays, quantized_decode_attention
 from kvaccel.varlen_cache import VarlenLayer
 
 Tensor = torch.Tensor
@@ -67,6 +67,8 @@ class QuantizedLayer(KVAccelLayer):
         self._nvalid: Tensor | None = None
         self.channel_idx: Tensor | None = None
         self.requantizations = 0  # evictions that re-quantized the layer
+        #: (buffers, the numba kernel's arrays of them) of the last attention (:meth:`_kernel_arrays`)
+        self._arrays: tuple | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -177,6 +179,7 @@ class QuantizedLayer(KVAccelLayer):
 
     def _set_store(self, k: Tensor, v: Tensor, valid: Tensor | None) -> None:
         """Replace the quantized part by ``k`` / ``v`` (a whole number of groups) quantized, at their exact size."""
+        self._forget_arrays()
         self._store = {name: SlotTensor(t) for name, t in self._quantize(k, v, valid).items()}
         self._qvalid = None if valid is None or bool(valid.all()) else SlotTensor(valid.contiguous())
 
@@ -221,6 +224,7 @@ class QuantizedLayer(KVAccelLayer):
                 continue
             if st.buf.shape[2] != rest + r:
                 setattr(self, name, SlotTensor.spare(st.view[:, :, n:], r))
+                self._forget_arrays()
                 continue
             if rest:
                 src = st.buf[:, :, n: n + rest]
@@ -247,6 +251,7 @@ class QuantizedLayer(KVAccelLayer):
     def _map_batch(self, fn: Callable[[Tensor], Tensor]) -> None:
         if not self.is_initialized:
             return
+        self._forget_arrays()
         super()._map_batch(fn)
         self._store = {name: SlotTensor(fn(s.view)) for name, s in self._store.items()}
         if self._qvalid is not None:
@@ -268,11 +273,33 @@ class QuantizedLayer(KVAccelLayer):
             )
         evict = ctx.state.methods.get("evict")
         probs = q.shape[2] == 1 and evict is not None and evict.wants_decode_probs()
-        out = quantized_decode_attention(q, self.quant(), self.keys, self.values, scale=ctx.scaling, valid=self.valid,
-                                         return_probs=probs, narrow=self.nquant(), channel_idx=self.channel_idx)
+        quant, keys, values, valid = self.quant(), self.keys, self.values, self.valid
+        out = quantized_decode_attention(q, quant, keys, values, scale=ctx.scaling, valid=valid, return_probs=probs,
+                                         narrow=self.nquant(), channel_idx=self.channel_idx,
+                                         arrays=self._kernel_arrays(quant, keys, values, valid))
+
         if probs:
             out, ctx.decode_probs = out
         return out.transpose(1, 2)
+
+    def _kernel_arrays(self, quant: QuantizedKV, keys: Tensor, values: Tensor, valid: Tensor | None) -> tuple | None:
+        """The numba kernel's arrays of this layer's buffers (``numba_arrays``; CPU only, else ``None``), kept while
+        the buffers stay the same objects (a decode step appends in place: no per-step conversion); dropped when the
+        layer replaces its buffers (:meth:`_forget_arrays`), so they never keep old buffers alive."""
+        if keys.device.type != "cpu":
+            return None
+        bufs = (*(st.buf for st in self._store.values()), *(None if st is None else st.buf for st in
+                                                               (self._qvalid, self._k, self._v, self._valid)))
+        cached = self._arrays
+        same = cached is not None and len(cached[0]) == len(bufs) and all(
+            a is b for a, b in zip(cached[0], bufs, strict=True))
+        if not same:
+            f32 = keys.dtype == torch.float32  # a 16-bit window is converted at each call
+            self._arrays = cached = (bufs, numba_arrays(quant, keys if f32 else None, values if f32 else None, valid))
+        return cached[1]
+
+    def _forget_arrays(self) -> None:
+        self._arrays = None
 
     # ------------------------------------------------------------------ kvaccel's own API
     @property
