@@ -10,25 +10,32 @@ Reported: median ms per layer, speedup, device-resident KV bytes / full cache, h
 error of the output vs dense, ``mass`` = the exact softmax weight on static + retrieved keys and ``oracle`` = on
 static + the exact top_k host keys (what any top_k retrieval could cover), and the method's time split.
 
-End to end (``--e2e LENGTH``): the default model on a prose prompt of LENGTH tokens (<= 8192), stock full attention
-vs a second copy patched with ``retrieval``, stepped alternately; greedy decode of ``--steps`` tokens by the stock
-model, the same tokens fed to the retrieval copy (teacher forcing): median decode-step time over the steps where
-every layer's graph was ready (and, separately, while some were still building in the background: exact over the
-host keys), the graph build time and the steps served before it was ready, top-1 agreement and KL(full ||
-retrieval) per step, and the floor: the stock model stepped over a cache of ``sink + window`` tokens (what a step
-would cost if the host part were free); step times both in wall time and in process CPU time (``time.process_time``:
-less sensitive to other jobs on a shared machine), with the load average, and which search path ran (exact scan
-below ``exact_below`` host keys per row, else the graph). ``--wait-index`` waits for the graph builds after
-prefill, so every step uses the index.
+End to end (``--e2e LENGTH``): ``--model`` (default: the default model) on a prose prompt of LENGTH tokens (up to
+the model's context), stock full attention vs ``retrieval``, stepped alternately; greedy decode of ``--steps`` tokens
+by the stock model, the same tokens fed to the retrieval side (teacher forcing). One copy of the model serves both
+(``--copies 1``, the default: stock steps on a ``DynamicCache``, retrieval steps inside ``kvaccel.patched`` on a
+``KVAccelCache``; only the forward is timed); ``--copies 2`` loads a second, patched copy. Reported: median
+decode-step time over the steps where every layer's graph was ready (and, separately, while some were still building
+in the background: exact over the host keys), the graph build time and the steps served before it was ready, top-1
+agreement and KL(full || retrieval) per step, and the floor: the stock model stepped over a cache of ``sink + window``
+tokens (what a step would cost if the host part were free); step times both in wall time and in process CPU time
+(``time.process_time``: less sensitive to other jobs on a shared machine), with the load average, and which search
+path ran (exact scan below ``exact_below`` host keys per row, else the graph). ``recall``: each graph search the
+method runs (every layer, step and query head, as it searches them: grouped per kv head with ``group_search``) is
+compared with the exact top-``k`` host keys by ``q . k`` of the same query (:class:`RecallProbe`, wrapped around the
+layer's index; its time is taken out of the step times); exact-scan layer-steps return the exact top-k and are not
+counted. ``--wait-index`` waits for the graph builds after prefill, so every step uses the index.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/retrieval_decode.py --length 1024 \\
         --cache-tokens 32768 131072 --layers 3 17 --steps 16 --capture runs/retr-cap-1k.npz --max-captured 32
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/retrieval_decode.py --e2e 8100 --steps 64
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/retrieval_decode.py --e2e 8100 --steps 64 --exact-below 0 --wait-index
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/retrieval_decode.py --model qwen2.5-coder-1.5b --e2e 16384 --steps 64
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -138,32 +145,97 @@ def attention_step(args, model, tok) -> None:
                   f"{st.build_s:>8.2f}  {split}")
 
 
+class RecallProbe:
+    """Recall of the true top-k in an end-to-end run: wraps ``search`` / ``search_grouped`` of every retrieval
+    layer's index (this benchmark only; the library is unchanged) so each graph search is compared with
+    ``search_exact`` of the same queries (each query head against its kv row): the share of the exact top-``k`` host
+    keys by ``q . k`` the search returned, per layer. The exact scan's time is kept apart (:meth:`take`) so the
+    caller can leave it out of the step times."""
+
+    def __init__(self, cache: KVAccelCache):
+        self.sum: dict[int, float] = {}
+        self.rows: dict[int, int] = {}
+        self.wall = self.cpu = 0.0
+        self.total_wall = 0.0  # all reference scans: they run inside the method's search timer (retrieval_search_s)
+        for li, layer in enumerate(cache.layers):
+            st = getattr(layer, STATE_ATTR, None)
+            if st is None:
+                continue
+            index = st.index
+            for name in ("search", "search_grouped"):
+                setattr(index, name, self._wrap(li, index, getattr(index, name), name == "search_grouped"))
+
+    def _wrap(self, li: int, index, search, grouped: bool):
+        def probed(queries: np.ndarray, rows: np.ndarray, k: int, *args, **kwargs):
+            out = search(queries, rows, k, *args, **kwargs)
+            t0, c0 = time.perf_counter(), time.process_time()
+            q = queries.reshape(-1, queries.shape[-1])
+            qrows = np.repeat(rows, queries.shape[1]) if grouped else rows  # (P, G, D): G query heads per kv row
+            got = out[0].reshape(q.shape[0], -1)
+            exact, _ = index.search_exact(q, qrows, k)
+            for i in np.nonzero(index.n[qrows] > 0)[0]:
+                want = exact[i][exact[i] >= 0]
+                self.sum[li] = self.sum.get(li, 0.0) + len(np.intersect1d(got[i], want)) / len(want)
+                self.rows[li] = self.rows.get(li, 0) + 1
+            dt = time.perf_counter() - t0
+            self.wall += dt
+            self.total_wall += dt
+            self.cpu += time.process_time() - c0
+            return out
+
+        return probed
+
+    def take(self) -> tuple[float, float]:
+        """Wall and CPU seconds spent in the exact reference scans since the last call."""
+        out, self.wall, self.cpu = (self.wall, self.cpu), 0.0, 0.0
+        return out
+
+    def per_layer(self) -> dict[int, float]:
+        return {li: self.sum[li] / self.rows[li] for li in sorted(self.rows)}
+
+
 def end_to_end(args, model, tok) -> None:
-    """Stock model and a second copy patched with retrieval, stepped alternately (full, retrieval, full, ...) so
-    machine noise hits both alike; the retrieval copy is fed the stock model's greedy tokens (teacher forcing)."""
+    """Stock and retrieval stepped alternately (full, retrieval, full, ...) so machine noise hits both alike; the
+    retrieval side is fed the stock model's greedy tokens (teacher forcing). With ``--copies 1`` both run on
+    ``model`` (retrieval inside ``kvaccel.patched``), with ``--copies 2`` retrieval on a second, patched copy."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and args.e2e + args.steps > limit:
+        raise SystemExit(f"--e2e {args.e2e} + --steps {args.steps} exceeds the model's context ({limit} tokens); "
+                         "use a shorter prompt")
     ids = prompt_ids(tok, args.e2e)
     steps = args.steps
-    patched, _ = kvaccel.load_model()
     spec = Retrieval(top_k=args.top_k, ef=args.ef, sink=args.sink, window=args.window,
                      build_queries=args.build_queries, build_query_ratio=args.build_query_ratio,
                      spill_every=args.spill_every, **method_options(args))
-    kvaccel.patch(patched, spec)
+    if args.copies == 2:
+        patched, _ = kvaccel.load_model(args.model)
+        kvaccel.patch(patched, spec)
+        retr = contextlib.nullcontext  # always patched
+    else:
+        patched = model
+
+        def retr():
+            return kvaccel.patched(model, spec)
+    notes: set[str] = set()
     try:
         with torch.inference_mode():
             t0 = time.perf_counter()
-            out_f = model(ids, use_cache=True, logits_to_keep=1)
+            out_f = model(ids, use_cache=True, logits_to_keep=1)  # stock: its own DynamicCache
             p_full = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            out_r = patched(ids, cache=KVAccelCache(patched), use_cache=True, logits_to_keep=1)
-            p_ret = time.perf_counter() - t0
+            with retr():
+                t0 = time.perf_counter()
+                out_r = patched(ids, cache=KVAccelCache(patched), use_cache=True, logits_to_keep=1)
+                p_ret = time.perf_counter() - t0
+                notes.update(kvaccel.report(patched)["notes"])
             cache_f, cache_r = out_f.cache, out_r.cache
             # floor: the stock model over a cache as small as retrieval's static part (what a step would cost if
             # the host part were free)
             cache_s = model(ids[:, -(args.sink + args.window) :], use_cache=True, logits_to_keep=1).cache
             waited = wait_for_index(cache_r) if args.wait_index else 0.0
+            probe = RecallProbe(cache_r)
             l_full, l_ret, t_full, t_ret, t_small, ready = [out_f.logits[0, -1]], [out_r.logits[0, -1]], [], [], [], []
             c_full, c_ret, c_small = [], [], []  # process CPU time (all threads) of each step
-            for _ in range(steps):
+            for i in range(steps):
                 nxt = torch.tensor([[int(l_full[-1].argmax())]])
                 t0, c0 = time.perf_counter(), time.process_time()
                 out_f = model(nxt, cache=cache_f, use_cache=True)
@@ -176,15 +248,21 @@ def end_to_end(args, model, tok) -> None:
                 # every layer's index finished before this step (a layer installs it at its own step)
                 ready.append(all(getattr(layer, STATE_ATTR).pending is None
                                  or getattr(layer, STATE_ATTR).pending.done() for layer in cache_r.layers))
-                t0, c0 = time.perf_counter(), time.process_time()
-                out_r = patched(nxt, cache=cache_r, use_cache=True)
-                t_ret.append(time.perf_counter() - t0)
-                c_ret.append(time.process_time() - c0)
+                with retr():
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    out_r = patched(nxt, cache=cache_r, use_cache=True)
+                    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                    pw, pc = probe.take()  # the recall reference scans are not part of the step
+                    t_ret.append(wall - pw)
+                    c_ret.append(cpu - pc)
+                    if i == steps - 1 or args.copies == 1:
+                        rep = kvaccel.report(patched)
+                        notes.update(rep["notes"])
                 l_full.append(out_f.logits[0, -1])
                 l_ret.append(out_r.logits[0, -1])
-        rep = kvaccel.report(patched)
     finally:
-        kvaccel.unpatch(patched)
+        if args.copies == 2:
+            kvaccel.unpatch(patched)
     l_full, l_ret = torch.stack(l_full[:-1]), torch.stack(l_ret[:-1])
     lp_full, lp_ret = l_full.float().log_softmax(-1), l_ret.float().log_softmax(-1)
     kl = (lp_full.exp() * (lp_full - lp_ret)).sum(-1)
@@ -196,7 +274,10 @@ def end_to_end(args, model, tok) -> None:
     knn = sum(v for v in rep["retrieval_build_knn_s"] if v)
     before = rep["retrieval_steps_before_index"]
     scanned = [v for v in rep["retrieval_scanned_fraction"] if v is not None]
-    print(f"e2e prompt {args.e2e} tokens, {steps} decode steps, {spec.spec()}")
+    cfg = model.config
+    print(f"e2e model {args.model or 'default'} ({cfg.model_type}, {cfg.num_hidden_layers} layers, "
+          f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, {model.dtype}), copies {args.copies}; "
+          f"prompt {args.e2e} tokens, {steps} decode steps, {spec.spec()}")
     print(f"  prefill s: full {p_full:.2f}, retrieval {p_ret:.2f}; graph build in the background: {build:.2f} s "
           f"(faiss kNN {knn:.2f} s), {len(rep['retrieval_build_s'])} layers; waited {waited:.2f} s after prefill; "
           f"steps served exactly before the index was ready: {min(before)}..{max(before)} per layer")
@@ -217,14 +298,25 @@ def end_to_end(args, model, tok) -> None:
         print(f"  decode step ms while some index was still building ({len(building)} steps, exact over the host "
               f"keys): full {mf * 1e3:.1f}, retrieval {mr * 1e3:.1f}")
     print(f"  device KV {rep['kv_bytes'] / 2**20:.1f} MB of {rep['kv_bytes_full'] / 2**20:.1f} MB "
-          f"({rep['kv_ratio']:.3f}); host {host / 2**20:.1f} MB; scanned fraction "
-          f"{np.mean(scanned) if scanned else float('nan'):.4f}")
+          f"({rep['kv_ratio']:.3f}); host {host / 2**20:.1f} MB (largest row {max(rep['retrieval_host_tokens'])} "
+          f"keys over all rows of a layer); scanned fraction {np.mean(scanned) if scanned else float('nan'):.4f}")
     print(f"  fidelity (teacher-forced): top-1 agreement {top1:.3f}, mean KL {kl.mean():.4f}, max KL {kl.max():.4f}")
+    rec = probe.per_layer()
+    if rec:
+        vals = np.array(list(rec.values()))
+        print(f"  recall of the exact top-{args.top_k} host keys (graph searches, {sum(probe.rows.values())} "
+              f"query-head searches over {len(rec)} layers): mean {vals.mean():.3f}, min layer {vals.min():.3f} "
+              f"(layer {min(rec, key=rec.get)}), max layer {vals.max():.3f}; per layer "
+              + " ".join(f"{li}:{r:.3f}" for li, r in rec.items()))
+    else:
+        print("  recall: no graph search ran (every layer-step was the exact scan)")
     print(f"  search path: {sum(rep['retrieval_exact_steps'])} layer-steps exact scan, "
-          f"{sum(rep['retrieval_graph_steps'])} graph search; notes: {rep['notes']}")
+          f"{sum(rep['retrieval_graph_steps'])} graph search; notes: {sorted(notes)}")
     for name in ("search_s", "host_attention_s", "device_attention_s", "merge_s", "insert_s"):
-        vals = [v for v in rep[f"retrieval_{name}"] if v is not None]
-        print(f"  retrieval_{name}: {sum(vals) / steps * 1e3:.2f} ms/step (all layers)")
+        total = sum(v for v in rep[f"retrieval_{name}"] if v is not None)
+        if name == "search_s":
+            total -= probe.total_wall  # the recall reference scans ran inside the search timer
+        print(f"  retrieval_{name}: {total / steps * 1e3:.2f} ms/step (all layers)")
 
 
 def main() -> None:
@@ -249,9 +341,13 @@ def main() -> None:
     ap.add_argument("--capture", help="npz file of captured q/k/v (shared with retrieval_index.py)")
     ap.add_argument("--max-captured", type=int, help="capture at most this many chunks; tile them by RoPE shifts "
                     "beyond (retrieval_index.tile_by_rope)")
-    ap.add_argument("--e2e", type=int, help="end to end on the default model with a prompt of this many tokens")
+    ap.add_argument("--e2e", type=int, help="end to end with a prompt of this many tokens")
+    ap.add_argument("--model", help="model name or path for kvaccel.load_model (default: the default model)")
+    ap.add_argument("--copies", type=int, choices=(1, 2), default=1,
+                    help="e2e: 1 = stock and retrieval share one model (retrieval inside kvaccel.patched), "
+                    "2 = a second, patched copy")
     args = ap.parse_args()
-    model, tok = kvaccel.load_model()
+    model, tok = kvaccel.load_model(args.model)
     if args.e2e:
         end_to_end(args, model, tok)
     else:
