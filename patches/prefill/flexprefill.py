@@ -10,11 +10,11 @@ import torch.nn.functional as F
 
 from kvaccel.checks import check_int, check_number
 from kvaccel.config import register
-from kvaccel.kernels.block_sparse_attention import first_query_block, num_blocks
+from kvaccel.kernels.block_sparse_attention import num_blocks
 
 from .base import BlockSelection, BlockSparsePrefill, validate_blocks
-from .pbs import block_mean
-from .vertical_slash import diagonal_sums, last_query_attention, slash_tiles
+from .minference import Estimates
+from .vertical_slash import diagonal_sums, slash_tiles
 from .xattention import cumulative_selection
 
 Tensor = torch.Tensor
@@ -112,24 +112,21 @@ class FlexPrefill(BlockSparsePrefill):
     def estimate(self, q: Tensor, k: Tensor, scale: float) -> FlexEstimate:
         """The estimate of ``q`` ``(B, H_q, Lq, D)``, the last ``Lq`` of the ``L`` positions of ``k``."""
         B, Hq, Lq, D = q.shape
-        Hkv, L = k.shape[1], k.shape[2]
+        Hkv = k.shape[1]
         G, bs = Hq // Hkv, self.block_size
         nl = min(bs, Lq)
-        p = last_query_attention(q, k, scale, nl)  # (B, Hq, nl, L)
+        est = Estimates(q, k, scale, bs, nl)
+        p = est.last  # (B, Hq, nl, L)
         vertical = block_sum(p.mean(-2), bs)
         slash = block_sum(diagonal_sums(p) / nl, bs)
-        kbar = block_mean(k, bs).to(p.dtype)  # (B, Hkv, n, D)
+        kbar = est.kbar.to(p.dtype)  # (B, Hkv, n, D)
         qlast = q[:, :, Lq - nl :].to(p.dtype).mean(-2)  # (B, Hq, D)
         pooled = torch.softmax((qlast.view(B, Hkv, G, D) @ kbar.transpose(-1, -2)).view(B, Hq, -1) * scale, dim=-1)
         distance = js_distance(pooled, vertical)
         if not torch.isfinite(distance).all():
             raise RuntimeError(f"flexprefill: non-finite Jensen-Shannon distance per head {distance.tolist()} "
                                "(non-finite queries or keys?)")
-        n, i0 = num_blocks(L, bs), first_query_block(L, Lq, bs)
-        qbar = block_mean(q, bs, L - Lq - i0 * bs).to(p.dtype)  # (B, Hq, nq, D): a split block over its chunk rows
-        logits = (qbar.view(B, Hkv, -1, D) @ kbar.transpose(-1, -2)).view(B, Hq, n - i0, n) * scale
-        causal = torch.arange(n, device=q.device)[None, :] <= torch.arange(i0, n, device=q.device)[:, None]
-        blocks = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+        blocks = torch.softmax(est.pooled.to(p.dtype) * scale, dim=-1)  # causal rows of the query blocks held
         return FlexEstimate(vertical, slash, pooled, distance, blocks)
 
     def pattern(self, est: FlexEstimate, L: int) -> Tensor:

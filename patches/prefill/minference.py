@@ -83,13 +83,16 @@ class Estimates:
         return last_query_attention(self.q, self.k, self.scale, min(self.last_q, self.Lq))
 
     @cached_property
+    def kbar(self) -> Tensor:
+        """Mean-pooled key blocks ``(B, H_kv, nB, D)``, at least float32."""
+        return block_mean(self.k, self.block).to(torch.promote_types(self.k.dtype, torch.float32))
+
+    @cached_property
     def pooled(self) -> Tensor:
-        q, k, bs = self.q, self.k, self.block
+        q, bs, kbar = self.q, self.block, self.kbar
         B, Hq, _, D = q.shape
-        Hkv = k.shape[1]
-        dt = torch.promote_types(q.dtype, torch.float32)
-        qbar = block_mean(q, bs, self.L - self.Lq - self.i0 * bs).to(dt)  # a split first block: its rows in the chunk
-        kbar = block_mean(k, bs).to(dt)
+        Hkv = kbar.shape[1]
+        qbar = block_mean(q, bs, self.L - self.Lq - self.i0 * bs).to(kbar.dtype)  # a split first block: its chunk rows
         logits = (qbar.view(B, Hkv, -1, D) @ kbar.transpose(-1, -2)).view(B, Hq, self.n - self.i0, self.n)
         ar = torch.arange(self.n, device=q.device)
         return logits.masked_fill(ar[None, :] > ar[self.i0 :, None], float("-inf"))
