@@ -263,6 +263,8 @@ def bench_cmd(
     out: Path = typer.Option(Path("runs/bench"), help="Output directory."),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     dtype: str = typer.Option("float32", help=DTYPE_HELP),
+    fidelity: bool = typer.Option(True, help="After the timed runs, KL / top-1 / greedy match of each method on full's "
+                                  "continuation of the first prompt (untimed; --no-fidelity skips it)."),
 ) -> None:
     """Speed and memory grid (lengths x batch sizes): full attention vs methods, interleaved in one process."""
     import time
@@ -291,10 +293,10 @@ def bench_cmd(
         _fail(e)
     config = {"model": model or kvaccel.models.DEFAULT_MODEL, "methods": ["full", *specs], "lengths": length_list,
               "batches": batches, "new_tokens": new_tokens, "repeats": repeats, "warmup": warmup, "seed": 0,
-              "device": device, "dtype": dtype}
+              "device": device, "dtype": dtype, "fidelity": fidelity}
     write_json_atomic(out / "results.json", {"status": "partial", "config": config})
     rows = run_bench(mdl, tok, specs, length_list, batches, new_tokens=new_tokens, repeats=repeats, warmup=warmup,
-                     progress=True)
+                     progress=True, with_fidelity=fidelity)
     write_reports({"config": config, "bench": rows}, out, status="complete")
     header, trows = bench_table(rows)
     table = Table(title=f"{config['model']}: {new_tokens} new tokens, median of {repeats}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -58,3 +60,17 @@ def test_eval_and_bench_bf16_on_tiny_model(saved, tmp_path):
                                    "--warmup", "0", "--out", str(tmp_path / "bench")])
     assert res.exit_code == 0, res.output
     assert '"dtype": "bfloat16"' in (tmp_path / "bench" / "results.json").read_text()
+
+
+def test_bench_no_fidelity_skips_the_fidelity_phase(saved, tmp_path):
+    args = ["bench", "--model", saved, "--method", "streaming(budget=16)", "--lengths", "64", "--new-tokens", "3",
+            "--repeats", "1", "--warmup", "0"]
+    rows = {}
+    for flag in ("--fidelity", "--no-fidelity"):
+        res = CliRunner().invoke(app, [*args, flag, "--out", str(tmp_path / flag)])
+        assert res.exit_code == 0, res.output
+        data = json.loads((tmp_path / flag / "results.json").read_text())
+        assert data["config"]["fidelity"] is (flag == "--fidelity")
+        rows[flag] = {r["method"]: r for r in data["bench"]}
+    assert rows["--fidelity"]["streaming(budget=16)"]["kl"] >= 0
+    assert all("kl" not in r and r["ttft_s"] > 0 for r in rows["--no-fidelity"].values())
