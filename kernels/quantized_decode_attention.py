@@ -231,6 +231,7 @@ def _mask(m: Tensor | None) -> np.ndarray:
 _NO_MASK = np.ones((1, 1, 0), dtype=np.bool_)
 _U8, _U16 = np.zeros((1, 0, 1), np.uint8), np.zeros((1, 0, 1), np.uint16)
 _NO_SEGMENT = (_U8, _U16, _U16, np.zeros((1, 0, 1, 1), np.uint8), _U16, _U16, _NO_MASK)
+_NO_QUERY = np.zeros((1, 1, 0), np.float32)
 
 
 def _segment(part: QuantizedKV | None) -> tuple:
@@ -285,11 +286,11 @@ def _quantized_decode_attention_numba(q: Tensor, quant: QuantizedKV, k: Tensor, 
     fp8 = quant.k_codes.is_floating_point()
     if narrow is not None and narrow.k_codes.is_floating_point() != fp8:
         raise ValueError("narrow and quant must hold the same kind of codes (integer or float8)")
-    qg = q.reshape(B, Hkv, R, D).float() * scale  # a new contiguous tensor (a few thousand elements)
-    nq = qg[..., :0]
+    qf = q.reshape(N, R, D).float().contiguous()  # the kernel applies the scale
+    nq = _NO_QUERY
     if narrow is not None:
-        nq = qg.gather(-1, channel_idx[:, :, None, :].expand(B, Hkv, R, channel_idx.shape[-1])).contiguous()
-    kw, vw = k.float(), v.float()  # the window: a copy for 16-bit models (at most residual + group_size tokens)
+        qg = q.reshape(B, Hkv, R, D).float() * scale
+        nq = qg.gather(-1, channel_idx[:, :, None, :].expand(B, Hkv, R, channel_idx.shape[-1])).view(N, R, -1).numpy()
     Tn, Tq = (narrow.length if narrow is not None else 0), quant.length
     W = Tn + Tq + Tw
     # tokens per key group (both parts share it; 1 for float8 codes, and while nothing is quantized)
@@ -300,12 +301,14 @@ def _quantized_decode_attention_numba(q: Tensor, quant: QuantizedKV, k: Tensor, 
     # scratch (one float32 workspace): the chunks' max, sum and weighted values, then the probabilities unless asked for
     NCR = N * C * R
     scratch = workspace(q.device, [(NCR * (2 + Dv) + (0 if return_probs else N * R * W), torch.float32)])[0].numpy()
-    probs = qg.new_empty(N, R, W) if return_probs else None  # handed to the caller: its own tensor
-    out = qg.new_empty(N, R, Dv)
+    probs = torch.empty(N, R, W, dtype=torch.float32) if return_probs else None  # handed to the caller: its own
+    out = torch.empty(N, R, Dv, dtype=torch.float32)
     sdtype = quant.k_scale.dtype
     seg, ka, va, wa = arrays if arrays is not None else (_segment(quant), None, None, _mask(valid))
-    args = (qg.view(N, R, D).numpy(), *seg, Tq, nq.view(N, R, -1).numpy(), *_segment(narrow), Tn,
-            _rows(kw) if ka is None else ka, _rows(vw) if va is None else va, wa, Tw, Q, Hkv, quant.bits,
+    # the window: float32 arrays (16-bit models: a copy of at most residual + group_size tokens)
+    ka = _rows(k.float()) if ka is None else ka
+    va = _rows(v.float()) if va is None else va
+    args = (qf.numpy(), np.float32(scale), *seg, Tq, nq, *_segment(narrow), Tn, ka, va, wa, Tw, Q, Hkv, quant.bits,
             *(nk.fp8_decoding(quant.k_codes.dtype) if fp8 else (0, 1.0)), group, nk.scale_table(sdtype),
             nk.pow2_table(), bounds)
     parts = (probs.numpy() if return_probs else scratch[NCR * (2 + Dv):].reshape(N, R, W),
@@ -316,7 +319,8 @@ def _quantized_decode_attention_numba(q: Tensor, quant: QuantizedKV, k: Tensor, 
     run_parallel(nk._attend, [t for t in tasks if t[len(args)] < t[len(args) + 1]], workers)
     if C > 1:
         nk._combine(*parts[1:4], bounds, args[-2], parts[0], return_probs, parts[4])
-    out = out.view(B, Hq, Q, Dv).to(q.dtype)
+    out = out.view(B, Hq, Q, Dv)
+    out = out if q.dtype == torch.float32 else out.to(q.dtype)
     return (out, probs.view(B, Hq, W)) if return_probs else out
 
 

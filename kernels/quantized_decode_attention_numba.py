@@ -285,11 +285,11 @@ def _combine(part_m, part_l, part_acc, bounds, pow2, probs, rescale, out):
 
 
 @kernel(fastmath=_FM)
-def _attend(q, kc, ks, kz, vc, vs, vz, qvalid, ntok,
+def _attend(q, scale, kc, ks, kz, vc, vs, vz, qvalid, ntok,
             nq, nkc, nks, nkz, nvc, nvs, nvz, nvalid, nlen,
             kw, vw, wvalid, tw, nqueries, H, bits, fp8_shift, fp8_ratio, group, slut, pow2, bounds, u0, u1,
             want_probs, probs, part_m, part_l, part_acc, out):
-    """Attention of the rows ``q[n]`` ``(R, D)`` (float32, scale applied) over ``[narrow, quantized, window]``, split
+    """Attention of the rows ``q[n]·scale`` (``q[n]`` ``(R, D)`` float32) over ``[narrow, quantized, window]``, split
     into units ``u0 <= u < u1``: unit ``u`` is row block ``n = u // C`` over the chunk ``[bounds[c], bounds[c + 1])``
     (``c = u % C``, ``C = len(bounds) - 1``) of that token axis (flash-decoding: chunks of one row block run on
     different threads; chunk bounds inside a quantized part fall on whole key groups).
@@ -297,10 +297,10 @@ def _attend(q, kc, ks, kz, vc, vs, vz, qvalid, ntok,
     Quantized part: ``kc`` codes ``(N, slots, bytes)``, ``vc`` ``(N, slots, value groups, bytes per group)``, ``ks``
     / ``kz`` / ``vs`` / ``vz`` scales and zero points (uint16 bit patterns, read through ``slut``), its first ``ntok``
     slots; float8 codes when ``fp8_shift > 0`` (:func:`fp8_decoding`). Narrow part (ThinK, ``nlen`` slots, 0 when
-    absent): the same with keys of fewer channels, attended by ``nq`` ``(N, R, Dk)``; its values are full width,
-    stored like the quantized part's. Window: float32 ``kw`` / ``vw`` ``(N, slots, D)``, its first ``tw`` slots; the
-    last ``nqueries`` are the queries (rows ``g·Q + i``, causal among them). Validity masks ``(B, 1|H, slots)`` bool (a
-    ``(1, 1, 0)`` array: all valid), ``N = B·H``.
+    absent): the same with keys of fewer channels, attended by ``nq`` ``(N, R, Dk)`` (scale applied); its values are
+    full width, stored like the quantized part's. Window: float32 ``kw`` / ``vw`` ``(N, slots, D)``, its first ``tw``
+    slots; the last ``nqueries`` are the queries (rows ``g·Q + i``, causal among them). Validity masks
+    ``(B, 1|H, slots)`` bool (a ``(1, 1, 0)`` array: all valid), ``N = B·H``.
 
     A unit writes its chunk's running max ``part_m[n, c]`` ``(R,)``, sum of exponentials ``part_l[n, c]``, weighted
     values ``part_acc[n, c]`` ``(R, Dv)`` and the unnormalised ``exp(logit - max)`` in ``probs[n, :, chunk]``; with
@@ -316,6 +316,7 @@ def _attend(q, kc, ks, kz, vc, vs, vz, qvalid, ntok,
     bpg = vc.shape[3]
     nbv = vc.shape[2] * bpg
     acc = np.empty((R, nbv * per), np.float32)  # values in the split layout
+    qn = np.empty((R, q.shape[2]), np.float32)  # the row block's queries times the scale
     wq = nlen + ntok  # the window's first slot on the token axis
     for u in range(u0, u1):
         n, c = u // C, u % C
@@ -327,11 +328,14 @@ def _attend(q, kc, ks, kz, vc, vs, vz, qvalid, ntok,
         w0, w1 = min(max(a - wq, 0), tw), min(max(e - wq, 0), tw)
         if n1 > n0:
             _key_logits(nq[n], nkc[n], nks[n], nkz[n], slut, bits, fp8_shift, fp8_ratio, group, n0, n1, pn, 0)
+        for r in range(R):
+            for d in range(qn.shape[1]):
+                qn[r, d] = q[n, r, d] * scale
         if q1 > q0:
-            _key_logits(q[n], kc[n], ks[n], kz[n], slut, bits, fp8_shift, fp8_ratio, group, q0, q1, pn, nlen)
+            _key_logits(qn, kc[n], ks[n], kz[n], slut, bits, fp8_shift, fp8_ratio, group, q0, q1, pn, nlen)
         for r in range(R):
             for t in range(w0, w1):
-                pn[r, wq + t] = _dot(q[n, r], kw[n, t])
+                pn[r, wq + t] = _dot(qn[r], kw[n, t])
         for valid, off, s0, s1 in ((nvalid, 0, n0, n1), (qvalid, nlen, q0, q1), (wvalid, wq, w0, w1)):
             if valid.shape[2]:
                 vrow = valid[b, h if valid.shape[1] > 1 else 0]
