@@ -10,7 +10,8 @@ are counted from the cache's tensors after the prefill (``report()["kv_storage_b
 
 Decode speed: per configuration a cache is prefilled with the same ``--batch`` x ``--context`` prompt, then decode
 steps are timed one at a time, the configurations interleaved step by step in one process (full attention = the
-stock model with a DynamicCache)::
+stock model with a DynamicCache); wall clock, or ``--clock cpu`` (the process's CPU time: with ``--threads 1`` the
+steady figure on a shared machine)::
 
     .venv/bin/python benchmarks/kv_quant.py speed --context 2048 --batch 1 --steps 32
 
@@ -27,6 +28,7 @@ backends for each code format::
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import time
@@ -106,6 +108,8 @@ def speed(args) -> None:
     ids = torch.tensor(_windows(tok, args.context + args.steps + 1, args.batch, args.seed))
     specs = ["full", *(args.specs.split(";") if args.specs else DEFAULT_SPECS)]
     caches, times = {}, {s: [] for s in specs}
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter  # cpu: the process's CPU time
+    load0 = os.getloadavg()[0]
     with torch.inference_mode():
         for spec in specs:  # prefill every configuration (not timed)
             if spec == "full":
@@ -119,18 +123,19 @@ def speed(args) -> None:
             step = ids[:, args.context + t : args.context + t + 1]
             for spec in specs:
                 if spec == "full":
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     model(step, cache=caches[spec], use_cache=True)
-                    times[spec].append(time.perf_counter() - t0)
+                    times[spec].append(clock() - t0)
                     continue
                 with kvaccel.patched(model, spec):
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     model(step, cache=caches[spec])
-                    times[spec].append(time.perf_counter() - t0)
+                    times[spec].append(clock() - t0)
     skip = min(2, args.steps - 1)  # first steps: warm-up
     base = statistics.median(times["full"][skip:])
-    print(f"decode ms/step (median of steps {skip}..{args.steps - 1}), batch {args.batch} x {args.context}, "
-          f"{args.dtype}, threads {torch.get_num_threads()}, interleaved step by step")
+    print(f"decode ms/step (median of steps {skip}..{args.steps - 1}, {args.clock} clock), batch {args.batch} x "
+          f"{args.context}, {args.dtype}, threads {torch.get_num_threads()}, interleaved step by step, load average "
+          f"{load0:.1f} -> {os.getloadavg()[0]:.1f}")
     for spec in specs:
         med = statistics.median(times[spec][skip:])
         print(f"{spec:72s} {med * 1e3:8.2f} ms  speed vs full {base / med:5.2f}x")
@@ -165,7 +170,7 @@ def op(args) -> None:
     base = cpu_ms(full)
     what = "thread CPU" if threads == 1 else "wall-clock"
     print(f"attention operator, batch {B} x {T} tokens, {what} ms per call (median of {args.repeats}), "
-          f"{threads} thread(s)")
+          f"{threads} thread(s), load average {os.getloadavg()[0]:.1f}")
     print(f"{'full (SDPA + DynamicCache cat)':34s} {base:8.3f} ms")
     for name, bits in (("int8", 8), ("int4", 4), ("int2", 2), ("fp8 e4m3", None)):
         if bits is None:
@@ -201,6 +206,9 @@ def main() -> None:
         else:
             s.add_argument("--batch", type=int, default=1)
             s.add_argument("--steps", type=int, default=32)
+            s.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                           help="wall clock, or the process's CPU time (less disturbed on a shared machine; with "
+                                "--threads 1 it is the step's own time)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
