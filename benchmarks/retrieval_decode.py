@@ -298,8 +298,8 @@ def end_to_end(args, model, tok) -> None:
         print(f"  decode step ms while some index was still building ({len(building)} steps, exact over the host "
               f"keys): full {mf * 1e3:.1f}, retrieval {mr * 1e3:.1f}")
     print(f"  device KV {rep['kv_bytes'] / 2**20:.1f} MB of {rep['kv_bytes_full'] / 2**20:.1f} MB "
-          f"({rep['kv_ratio']:.3f}); host {host / 2**20:.1f} MB (largest row {max(rep['retrieval_host_tokens'])} "
-          f"keys over all rows of a layer); scanned fraction {np.mean(scanned) if scanned else float('nan'):.4f}")
+          f"({rep['kv_ratio']:.3f}); host {host / 2**20:.1f} MB (host keys of a layer, all its rows: up to "
+          f"{max(rep['retrieval_host_tokens'])}); scanned fraction {np.mean(scanned) if scanned else float('nan'):.4f}")
     print(f"  fidelity (teacher-forced): top-1 agreement {top1:.3f}, mean KL {kl.mean():.4f}, max KL {kl.max():.4f}")
     rec = probe.per_layer()
     if rec:
