@@ -277,6 +277,8 @@ KL_KVACCEL = {
     "kv_int2": "kv_int4(bits=2)",
     # no full-precision window: QuantizedCache quantizes the whole prompt at prefill (its residual holds decode tokens)
     "kv_int4-g32-r0": "kv_int4(group_size=32,residual=0)",
+    "kv_int4-r0": "kv_int4(residual=0)",
+    "kv_int2-g32-r0": "kv_int4(bits=2,group_size=32,residual=0)",
 }
 KL_KVPRESS = ("streaming", "snapkv", "tova", "knorm", "expected_attention", "adakv-expected_attention")
 
