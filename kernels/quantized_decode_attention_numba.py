@@ -151,6 +151,7 @@ def _key_logits(q, codes, kscale, kzero, slut, bits, fp8_shift, fp8_ratio, group
     qs = np.empty((R, per * nb), np.float32)  # q·s of a key group
     ssplit = np.zeros(per * nb, np.float32)
     zf = np.empty(D, np.float32)
+    bias = np.empty(R, np.float32)  # q · z of a key group
     for gi in range(t0 // group, t1 // group):
         srow, zrow = kscale[gi], kzero[gi]
         for i in range(per):
@@ -160,25 +161,24 @@ def _key_logits(q, codes, kscale, kzero, slut, bits, fp8_shift, fp8_ratio, group
         for d in range(D):
             zf[d] = slut[zrow[d]]
         for r in range(R):
-            b = _dot(q[r], zf)
+            bias[r] = _dot(q[r], zf)
             for a in range(per * nb):
                 qs[r, a] = qsplit[r, a] * ssplit[a]
-            for t in range(gi * group, gi * group + group):
-                out[r, col0 + t] = b
         g0, g1 = gi * group, gi * group + group
         for t in range(g0, g1 - _TB + 1, _TB):
             for k in range(_TB):
                 _unpack(codes[t + k], bits, np.float32(1.0), np.float32(0.0), planes, k * per, 1)
             for r in range(R):
                 s0, s1, s2, s3 = _dot4(qs[r], buf)
-                out[r, col0 + t] += s0
-                out[r, col0 + t + 1] += s1
-                out[r, col0 + t + 2] += s2
-                out[r, col0 + t + 3] += s3
+                b = bias[r]
+                out[r, col0 + t] = b + s0
+                out[r, col0 + t + 1] = b + s1
+                out[r, col0 + t + 2] = b + s2
+                out[r, col0 + t + 3] = b + s3
         for t in range(g1 - group % _TB, g1):
             _unpack(codes[t], bits, np.float32(1.0), np.float32(0.0), planes, 0, 1)
             for r in range(R):
-                out[r, col0 + t] += _dot(qs[r], buf[0])
+                out[r, col0 + t] = bias[r] + _dot(qs[r], buf[0])
 
 
 @kernel(fastmath=_FM, inline="always")
