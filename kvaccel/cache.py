@@ -202,6 +202,9 @@ class KVAccelLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = False
     is_compileable = False
+    #: invalid slots the storage added for its own layout (a quantized layer's padded key group), which decode-time
+    #: eviction does not count as held tokens
+    pad_slots = 0
 
     def __init__(self, **kwargs):
         super().__init__()

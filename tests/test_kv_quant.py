@@ -474,7 +474,9 @@ def test_decode_flushes_whole_groups(model):
         cache = KVAccelCache(model)
         model(ids, cache=cache)
         layer = cache.layers[0]
-        assert (layer.quantized_length, layer.length) == (32, 100)  # 100 - 40 = 60 -> one group of 32
+        # 100 - 40 = 60 -> two groups of 32, the second one padded with 4 invalid slots (fp32: codes cost less)
+        assert (layer.quantized_length, layer.length, layer.pad_slots) == (64, 104, 4)
+        assert layer.qvalid.sum().item() == 60 and not layer.qvalid[..., 60:].any() and layer.valid is None
         lengths = []
         for t in range(40):
             model(ids[:, t : t + 1], cache=cache)
@@ -640,8 +642,11 @@ def test_sparse_prefill_then_quantized_chunks(model):
         out = model(ids[:, 280:], cache=cache).logits
         plain = KVAccelCache(model)
         for dst, src in zip(plain.layers, cache.layers, strict=True):
-            keys, _ = src.dense_keys()
-            dst.update(keys[:, :, :280], src.dense_values()[:, :, :280])
+            keys, valid = src.dense_keys()
+            n = src.length - 20  # the prompt's slots (with the padding of its last key group)
+            dst.update(keys[:, :, :n], src.dense_values()[:, :, :n])
+            dst.valid = None if valid is None else valid[:, :, :n]
+            dst.seen = 280
     with torch.no_grad(), kvaccel.patched(model):
         ref = model(ids[:, 280:], cache=plain).logits
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
@@ -708,7 +713,7 @@ def test_left_padded_batch_over_codes(model):
     with torch.no_grad(), kvaccel.patched(model, "kv_int8(group_size=32,residual=32)"):
         cache = KVAccelCache(model)
         model(ids, attention_mask=mask, cache=cache)
-        assert cache.layers[0].quantized_length == 224 and cache.layers[0].qvalid is not None
+        assert cache.layers[0].quantized_length == 256 and cache.layers[0].qvalid is not None  # 248 + 8 padding
         step = torch.full((2, 1), 7)
         out = model(step, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1), cache=cache).logits
         alone = model(torch.cat([ids[:1, 40:], step[:1]], 1)).logits[:, -1:]
@@ -728,4 +733,6 @@ def test_bfloat16_model_keeps_its_dtype():
         layer = cache.layers[0]
         s = layer.quant()
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    # 200 - 32 = 168 = 5 groups + 8 tokens: 8 bf16 tokens cost fewer bytes than a padded group of codes (+ 1 step)
+    assert (layer.pad_slots, layer.quantized_length, layer.length) == (0, 160, 201)
     assert layer.keys.dtype == torch.bfloat16 and s.k_scale.dtype == torch.bfloat16 and s.k_codes.dtype == torch.uint8

@@ -179,8 +179,9 @@ def one_thread(enabled: bool = True) -> contextlib.AbstractContextManager:
 
 
 def eviction_due(layer, capacity: int, slack: int) -> bool:
-    """True when a decoding layer filled its ``capacity + slack`` slots (and holds more than ``capacity``)."""
-    n = layer.length
+    """True when a decoding layer filled its ``capacity + slack`` slots (and holds more than ``capacity``); slots the
+    storage padded (``pad_slots``) do not count."""
+    n = layer.length - layer.pad_slots
     return n > capacity and n >= capacity + slack
 
 

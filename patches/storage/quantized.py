@@ -22,7 +22,8 @@ group_size : int
     default: with 16-bit scales and zero points a group costs ``4 / group_size`` bytes per element (0.0625 at 64).
 residual : int
     Full-precision window of the most recent tokens (>= 0); it holds ``residual`` to ``residual + group_size - 1``
-    tokens between flushes.
+    tokens between flushes (after the prompt: ``residual``, its partial key group padded and quantized when that
+    holds fewer bytes).
 """
 
 from __future__ import annotations

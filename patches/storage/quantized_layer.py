@@ -12,7 +12,9 @@ Storage of one layer (token axis ``[quantized part (Tq), window (Tw)]``, in arri
 
 The window keeps the ``residual`` most recent tokens: when it holds ``residual + G`` tokens before a new forward,
 its oldest whole groups are quantized and moved (KIVI flushes a group at a time: per-channel statistics of one token
-mean nothing). ``update`` returns only the new tokens; attention reads the codes through :meth:`attend`
+mean nothing). At the prompt, the partial key group before the last ``residual`` tokens is completed with invalid
+slots and quantized too when that holds fewer bytes (``pad_slots``; fp32 always, 16-bit past ~G/3 tokens), so an
+evicted prompt is held as codes but its window, as in kvpress' quantized cache. ``update`` returns only the new tokens; attention reads the codes through :meth:`attend`
 (``kernels/quantized_decode_attention.py``: on CPU a compiled kernel reads the codes in place, scales folded into
 the query and the weights; never a dequantized copy of the cache).
 
@@ -102,7 +104,10 @@ class QuantizedLayer(KVAccelLayer):
         if narrow is not None:
             out._quantize_narrow(narrow)
         out._set_store(out.keys[:, :, :0], out.values[:, :, :0], None)
+        out._pad_partial_group()
         out._flush()
+        if out._valid is not None and bool(out.valid.all()):
+            out._valid = None  # the padding went to the quantized part
         return out
 
     @property
@@ -182,6 +187,38 @@ class QuantizedLayer(KVAccelLayer):
         self._forget_arrays()
         self._store = {name: SlotTensor(t) for name, t in self._quantize(k, v, valid).items()}
         self._qvalid = None if valid is None or bool(valid.all()) else SlotTensor(valid.contiguous())
+
+    def _partial_pad(self, n: int) -> int:
+        """Invalid slots that complete the partial key group of the ``n`` tokens before the window (``n mod G`` of
+        them), when ``G`` slots of codes (with scales, zero points and validity) cost fewer bytes than those tokens in full
+        precision (e.g. fp32, or 16-bit past ~G/3 tokens); else 0, and they stay in the window. Applied to the prompt
+        (:meth:`from_layer`); a decode-time eviction (:meth:`keep`) leaves its partial group in the window."""
+        G = self.group_size
+        pad = -n % G
+        if self.fp8 is not None or n <= 0 or pad == 0:
+            return 0
+        D, Dv = self.keys.shape[-1], self.values.shape[-1]
+        sd = torch.empty((), dtype=scale_dtype_for(self.dtype)).element_size()
+        codes = G * ((D + Dv) * self.bits / 8 + 2 * sd * Dv // G + 1) + 2 * sd * D  # + scales, zeros, validity
+        return pad if (G - pad) * (D + Dv) * self.keys.element_size() > codes else 0
+
+    def _pad_partial_group(self) -> None:
+        """Insert :meth:`_partial_pad` invalid slots after the window's tokens that precede its last ``residual``
+        ones (zeros in ``token_state``), so that the next flush quantizes them as whole groups."""
+        n = self._k.n - self.residual
+        pad = self._partial_pad(n)
+        if not pad:
+            return
+        self.pad_slots = pad
+        B, dev = self.keys.shape[0], self.keys.device
+        valid = self.valid if self.valid is not None else torch.ones(B, 1, self._k.n, dtype=torch.bool, device=dev)
+
+        w = self._window_spare(self.residual)
+        self._k, self._v = (SlotTensor.spare(_insert_zeros(t, n, pad), w) for t in (self.keys, self.values))
+        self._valid = SlotTensor.spare(_insert_zeros(valid, n, pad), w)
+        for name, st in self._state.slots().items():
+            self._state[name] = _insert_zeros(st.view, n, pad)
+        self._forget_arrays()
 
     def _flush(self) -> None:
         """Quantize the window's oldest whole groups while it holds ``residual + group_size`` tokens or more."""
@@ -409,9 +446,15 @@ class QuantizedLayer(KVAccelLayer):
         self._v = SlotTensor.spare(values[:, :, n:], w)
         self._valid = None if new_valid is None else SlotTensor.spare(new_valid[:, :, n:], w)
         self.requantizations += 1
+        self.pad_slots = 0  # keep_top ranks the padding last: a gather to the capacity drops it
 
     def _keep_with_narrow(self, idx: Tensor, slot_valid: Tensor | None) -> None:
         raise NotImplementedError("a QuantizedLayer has no narrow segment (ThinK channel pruning is not supported)")
+
+
+def _insert_zeros(t: Tensor, at: int, n: int) -> Tensor:
+    """``t`` with ``n`` zero (``False``) slots inserted before slot ``at`` of axis 2."""
+    return torch.cat([t[:, :, :at], t.new_zeros(*t.shape[:2], n, *t.shape[3:]), t[:, :, at:]], dim=2)
 
 
 def _padded_copy(layer: VarlenLayer) -> KVAccelLayer:
