@@ -238,6 +238,29 @@ def test_choose_takes_the_best_recall_within_budget():
         choose(data, budget=0)
 
 
+def test_budget_re_picks_from_the_stored_search(tmp_path):
+    """minference(budget=..., min_recall=...) applies choose() to the file's stored search at bind (what the
+    file's heads would be at that budget); a file without a search, or min_recall alone, is refused."""
+    model = tiny_model("llama")
+    path = write(tmp_path / "c.json", model, [DENSE] * 6)
+    data = json.loads(open(path).read())
+    data["candidates"] = [DENSE, A_SHAPE, BLOCKS]
+    data["search"] = [[[[1.0, 1.0], [0.3, 0.82 + h / 50], [0.2, 0.85]] for h in range(6)] for _ in range(3)]
+    (tmp_path / "s.json").write_text(json.dumps(data))
+    for budget, min_recall in ((0.3, None), (0.25, None), (0.3, 0.84)):
+        m = MInference(config=str(tmp_path / "s.json"), budget=budget, min_recall=min_recall)
+        m.bind(model)
+        assert m._heads == choose(data, budget, min_recall or 0.0)["heads"]
+        assert f"re-picked at budget {budget}" in m._note
+    assert [e["pattern"] for e in m._heads[0]] == ["block_sparse"] * 2 + ["a_shape"] * 4  # recall 0.85 vs 0.82-0.92
+    with pytest.raises(ValueError, match="has none; re-run `kvaccel calibrate minference`"):
+        MInference(config=path, budget=0.3).bind(model)
+    with pytest.raises(ValueError, match="pass budget too"):
+        MInference(min_recall=0.9)
+    with pytest.raises(ValueError, match="budget"):
+        MInference(budget=1.5)
+
+
 class _CharTok:
     def __call__(self, text, return_tensors=None, add_special_tokens=False):
         return {"input_ids": torch.tensor([[3 + ord(c) % 490 for c in text]])}

@@ -170,17 +170,27 @@ class MInference(BlockSparsePrefill):
     ----------
     config : str, optional
         Path of a configuration JSON file; ``None`` = the model's file (lookup order in the module docstring).
+    budget, min_recall : float, optional
+        Re-pick every head from the file's stored search (:func:`choose`, no model run): the best recall within
+        ``budget`` (fraction of a head's causal tiles), and with ``min_recall`` the cheapest candidate reaching it
+        when that recall is lower (default 0 = MInference's rule alone). ``None`` = the file's own choice.
     min_length, backend
         See :class:`BlockSparsePrefill` (default ``min_length=1024``).
     """
 
     name = "minference"
     config: str | None = None
+    budget: float | None = None
+    min_recall: float | None = None
 
     def __post_init__(self):
         super().__post_init__()
         if self.config is not None and not isinstance(self.config, (str, Path)):
             raise ValueError(f"config ({self.config!r}) must be a path to a JSON file or None")
+        if self.min_recall is not None and self.budget is None:
+            raise ValueError(f"min_recall ({self.min_recall}) re-picks the heads within a budget: pass budget too")
+        if self.budget is not None:
+            _check_choice(self.budget, self.min_recall or 0.0)
         self._heads: list[list[dict]] | None = None  # set by bind()
         self._plan: list[list[tuple[dict, Tensor]]] = []
         self.block_size, self.last_q = 64, 64
@@ -207,6 +217,11 @@ class MInference(BlockSparsePrefill):
                 raise ValueError(
                     f"minference: no pattern configuration for model {model_name(model)!r} (fingerprint {fp}){other}; "
                     f"run `kvaccel calibrate minference --model ...` or pass minference(config='path.json')")
+        if self.budget is not None:
+            if "search" not in data:
+                raise ValueError(f"minference(budget=...) re-picks from the search stored in the configuration, and "
+                                 f"{path} has none; re-run `kvaccel calibrate minference` or drop budget")
+            data = choose(data, self.budget, self.min_recall or 0.0)
         self._heads = data["heads"]
         self.block_size, self.last_q = int(data["settings"]["block_size"]), int(data["settings"]["last_q"])
         self._plan = []
@@ -216,7 +231,8 @@ class MInference(BlockSparsePrefill):
                 groups.setdefault(json.dumps(_sizes(e), sort_keys=True), []).append(h)
             self._plan.append([(json.loads(key), torch.tensor(hs)) for key, hs in groups.items()])
         kinds = [e["pattern"] for row in self._heads for e in row]
-        self._note = f"minference: head patterns from {path} (" + ", ".join(
+        picked = "" if self.budget is None else f", re-picked at budget {self.budget}, min_recall {self.min_recall or 0}"
+        self._note = f"minference: head patterns from {path}{picked} (" + ", ".join(
             f"{kinds.count(k)} {k}" for k in PATTERNS if kinds.count(k)) + ")"
 
     def attention(self, ctx):
