@@ -26,6 +26,11 @@ samples. Token ids are exported once so both frameworks see identical inputs::
     .venv/bin/python benchmarks/peers/kvpress_vs_kvaccel.py report-kl \\
         runs/peers/kl_kvpress.jsonl runs/peers/kl_kvaccel.jsonl
 
+``export-kl --model qwen2.5-coder-1.5b`` (a ``kvaccel fetch-model`` name or a local model directory; default: the
+default model) takes the token ids from that model's tokenizer and records its path in the prompts, which is what
+``kl`` loads on both sides (``kl --model`` checks it). KL rows carry the model's name; ``report-kl`` refuses rows of
+different models in one table.
+
 Quantized caches (issue 22): kvpress with transformers' ``QuantizedCache`` (``--cache quanto`` or ``hqq``, ``--nbits``,
 ``--q-group-size``, ``--residual-length``; row names get a ``+quanto4``-style suffix; ``none`` = no press) against
 kvaccel's storage stages (``kv_int4-g32``, ``snapkv+kv_int4-g32``: each ``+`` part a ``KL_KVACCEL`` name or a spec;
@@ -235,6 +240,8 @@ def report(args) -> None:
 KL_CONTEXT = 1500
 KL_TOKENS = 64
 KL_BUDGETS = (0.5, 0.25)  # kept fractions = 1 - kvpress' compression ratio (0.5, 0.75)
+#: the model of KL rows without a "model" field (before ``--model``, export-kl wrote the default model only)
+LEGACY_MODEL = "SmolLM2-135M-Instruct"
 #: kvaccel specs at kept fraction {b}; the name is the report's row label
 KL_KVACCEL = {
     "streaming": "streaming(budget={b})",
@@ -287,11 +294,15 @@ def export_kl(args) -> None:
     """``--samples`` windows of ``KL_CONTEXT + KL_TOKENS`` token ids of prose at seeded random offsets."""
     import random
 
-    import kvaccel
-    from kvaccel.compare import prose
-    from kvaccel.models import default_model_path
+    from transformers import AutoTokenizer
 
-    _, tok = kvaccel.load_model()
+    from kvaccel.compare import prose
+    from kvaccel.models import resolve_model
+
+    model_path = resolve_model(args.model)
+    if args.model is not None and Path(model_path).is_dir():
+        model_path = os.path.abspath(model_path)  # `kl` may run from another directory
+    tok = AutoTokenizer.from_pretrained(model_path)  # the token ids only: the weights load in `kl`
     n = args.context + args.tokens
     ids = tok(prose(400_000), add_special_tokens=False)["input_ids"]
     rng = random.Random(args.seed)
@@ -301,9 +312,30 @@ def export_kl(args) -> None:
     with out.open("w") as f:
         for i, s0 in enumerate(starts):
             f.write(json.dumps({"id": f"prose-{i}", "start": s0, "context_ids": ids[s0:s0 + args.context],
-                                "target_ids": ids[s0 + args.context:s0 + n], "model": str(default_model_path())})
+                                "target_ids": ids[s0 + args.context:s0 + n], "model": model_path})
                     + "\n")
-    print(f"wrote {out} ({args.samples} samples of {args.context} + {args.tokens} tokens)")
+    print(f"wrote {out} ({args.samples} samples of {args.context} + {args.tokens} tokens of {model_path})")
+
+
+def _prompts_model(prompts: list[dict], requested: str | None) -> str:
+    """The model path the prompts' token ids were exported with (every row must name the same), checked against
+    ``kl --model`` when given: a local directory must be that directory, a name (``qwen2.5-coder-1.5b``) its name."""
+    paths = {p["model"] for p in prompts}
+    if len(paths) != 1:
+        raise SystemExit(f"the prompts file mixes models {sorted(paths)}; export one file per model with export-kl")
+    path = paths.pop()
+    if requested is not None:
+        same = (Path(requested).resolve() == Path(path).resolve() if Path(requested).is_dir()
+                else requested == Path(path).name)
+        if not same:
+            raise SystemExit(f"--model {requested}, but the prompts' token ids come from {path}'s tokenizer; export "
+                             f"them for this model with: export-kl --model {requested} --out ...")
+    return path
+
+
+def _model_name(row: dict) -> str:
+    """A KL row's model name; rows recorded before ``--model`` carry none and are the default model's."""
+    return row.get("model", LEGACY_MODEL)
 
 
 def _plain_text_kvzip() -> None:
@@ -406,12 +438,16 @@ def kl(args) -> None:
     prompts = [json.loads(line) for line in Path(args.prompts).read_text().splitlines() if line.strip()]
     from transformers import AutoModelForCausalLM
 
-    model_path = prompts[0]["model"]
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    model_path = _prompts_model(prompts, args.model)
     out = Path(args.out)
     done = set()
     if out.exists():
-        done = {(r["method"], r["budget"], r["id"]) for r in map(json.loads, out.read_text().splitlines())}
+        rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+        other = {_model_name(r) for r in rows} - {Path(model_path).name}
+        if other:
+            raise SystemExit(f"{out} holds rows of {sorted(other)}; write {Path(model_path).name}'s to another --out")
+        done = {(r["method"], r["budget"], r["id"]) for r in rows}
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa").eval()
     budgets = [float(b) for b in args.budgets.split(",")]
     names = args.methods.split(",") if args.methods else None
     if args.framework == "kvaccel":
@@ -465,8 +501,8 @@ def kl(args) -> None:
                              * (cfg.hidden_size // cfg.num_attention_heads) * 4)
                 full = per_token * ctx_ids.shape[1]
                 held_full = per_token * (ctx_ids.shape[1] + tgt_ids.shape[1])
-                rec = {"framework": args.framework, "method": name, "budget": budget, "id": p["id"],
-                       "spec": method if isinstance(method, str) else repr(method),
+                rec = {"framework": args.framework, "model": Path(model_path).name, "method": name, "budget": budget,
+                       "id": p["id"], "spec": method if isinstance(method, str) else repr(method),
                        "cache": repr(cache) if args.framework == "kvpress" else type(cache).__name__,
                        "kl": float(kl_pos.mean()), "top1": float((ref.argmax(-1) == lp.argmax(-1)).double().mean()),
                        "kv_bytes_after_prefill": kept, "kv_bytes_full": full,
@@ -483,7 +519,16 @@ def report_kl(args) -> None:
     """Mean KL per (framework, method, kept fraction) and each framework's best, with the kvaccel/kvpress ratio."""
     import math
 
-    rows = [json.loads(line) for path in args.files for line in Path(path).read_text().splitlines() if line.strip()]
+    rows, models = [], defaultdict(set)
+    for path in args.files:
+        for line in Path(path).read_text().splitlines():
+            if line.strip():
+                rows.append(json.loads(line))
+                models[_model_name(rows[-1])].add(path)
+    if len(models) > 1:
+        raise SystemExit("report-kl puts one model's rows in a table, these files hold several: " + "; ".join(
+            f"{m} in {', '.join(sorted(files))}" for m, files in sorted(models.items())) + ". Report each model apart.")
+    print(f"model: {next(iter(models), '-')}\n")
     if args.paired:  # only the samples every (framework, method) of a kept fraction has: a paired comparison
         ids = defaultdict(lambda: defaultdict(set))
         for r in rows:
@@ -543,6 +588,9 @@ def main() -> None:
     e.add_argument("--context", type=int, default=KL_CONTEXT)
     e.add_argument("--tokens", type=int, default=KL_TOKENS)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--model", default=None, help="whose tokenizer makes the token ids (and whose weights `kl` loads): "
+                   "a name from `kvaccel fetch-model --list` (qwen2.5-coder-1.5b) or a local model directory; "
+                   "default: the default model")
     k = sub.add_parser("kl", help="KL vs full of each method on the exported windows")
     k.add_argument("--framework", choices=("kvpress", "kvaccel"), required=True)
     k.add_argument("--prompts", required=True)
@@ -551,6 +599,8 @@ def main() -> None:
     k.add_argument("--methods", default="", help="comma list of row names (default: all of the framework's); "
                    "kvaccel also takes a spec template with {b} for the kept fraction")
     k.add_argument("--threads", type=int, default=0)
+    k.add_argument("--model", default=None, help="the model the prompts were exported with (checked; refused "
+                   "otherwise): a name (qwen2.5-coder-1.5b) or a local directory; default: the prompts' model")
     k.add_argument("--cache", choices=("dynamic", "quanto", "hqq"), default="dynamic",
                    help="kvpress' cache: DynamicCache, or transformers' QuantizedCache with this backend")
     k.add_argument("--nbits", type=int, default=4, help="QuantizedCache bits (quanto: 2 or 4)")
