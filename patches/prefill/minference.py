@@ -231,7 +231,8 @@ class MInference(BlockSparsePrefill):
                 groups.setdefault(json.dumps(_sizes(e), sort_keys=True), []).append(h)
             self._plan.append([(json.loads(key), torch.tensor(hs)) for key, hs in groups.items()])
         kinds = [e["pattern"] for row in self._heads for e in row]
-        picked = "" if self.budget is None else f", re-picked at budget {self.budget}, min_recall {self.min_recall or 0}"
+        picked = "" if self.budget is None else (
+            f", re-picked at budget {self.budget}, min_recall {self.min_recall or 0}")
         self._note = f"minference: head patterns from {path}{picked} (" + ", ".join(
             f"{kinds.count(k)} {k}" for k in PATTERNS if kinds.count(k)) + ")"
 

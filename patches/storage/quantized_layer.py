@@ -12,9 +12,10 @@ Storage of one layer (token axis ``[quantized part (Tq), window (Tw)]``, in arri
 
 The window keeps the ``residual`` most recent tokens: when it holds ``residual + G`` tokens before a new forward,
 its oldest whole groups are quantized and moved (KIVI flushes a group at a time: per-channel statistics of one token
-mean nothing). At the prompt, the partial key group before the last ``residual`` tokens is completed with invalid
-slots and quantized too when that holds fewer bytes (``pad_slots``; fp32 always, 16-bit past ~G/3 tokens), so an
-evicted prompt is held as codes but its window, as in kvpress' quantized cache. ``update`` returns only the new tokens; attention reads the codes through :meth:`attend`
+mean nothing). After the prompt, the partial key group before the last ``residual`` tokens is completed with
+invalid slots and quantized too when that holds fewer bytes (``pad_slots``; int4 of a fp32 model: past ~G/6 tokens),
+and the window holds no spare slots until the first decode step. ``update`` returns only the new tokens; attention
+reads the codes through :meth:`attend`
 (``kernels/quantized_decode_attention.py``: on CPU a compiled kernel reads the codes in place, scales folded into
 the query and the weights; never a dequantized copy of the cache).
 
@@ -108,7 +109,17 @@ class QuantizedLayer(KVAccelLayer):
         out._flush()
         if out._valid is not None and bool(out.valid.all()):
             out._valid = None  # the padding went to the quantized part
+        out._trim_window()
         return out
+
+    def _trim_window(self) -> None:
+        """Hold the window's tokens without spare slots (after the prompt: a decode step that follows grows it,
+        and the first flush gives it its steady ``residual + group_size`` slots; memory held is what is stored)."""
+        for name in ("_k", "_v", "_valid"):
+            st = getattr(self, name)
+            if st is not None and st.buf.shape[2] != st.n:
+                setattr(self, name, SlotTensor(st.view.clone()))
+                self._forget_arrays()
 
     @property
     def narrow(self) -> None:
@@ -190,9 +201,10 @@ class QuantizedLayer(KVAccelLayer):
 
     def _partial_pad(self, n: int) -> int:
         """Invalid slots that complete the partial key group of the ``n`` tokens before the window (``n mod G`` of
-        them), when ``G`` slots of codes (with scales, zero points and validity) cost fewer bytes than those tokens in full
-        precision (e.g. fp32, or 16-bit past ~G/3 tokens); else 0, and they stay in the window. Applied to the prompt
-        (:meth:`from_layer`); a decode-time eviction (:meth:`keep`) leaves its partial group in the window."""
+        them), when ``G`` slots of codes (with scales, zero points and validity) cost fewer bytes than those tokens in
+        full precision (int4: past ~G/6 fp32 or ~G/3 16-bit tokens); else 0, and they stay in the window. Applied to
+        the prompt (:meth:`from_layer`); a decode-time eviction (:meth:`keep`) leaves its partial group in the window.
+        """
         G = self.group_size
         pad = -n % G
         if self.fp8 is not None or n <= 0 or pad == 0:
@@ -278,6 +290,15 @@ class QuantizedLayer(KVAccelLayer):
         """Flush full groups of the window, then append the ``n`` new tokens to it; returns the new tokens (the layer
         attends itself, see :meth:`attend`)."""
         self._flush()
+        n = key_states.shape[2]
+        rest = self._k.n
+        if self._k.buf.shape[2] < rest + n:  # a trimmed window (after the prompt) grows to its steady size once
+            size = max(rest + n, rest + self._window_spare(rest))  # as _drop_window_head's buffers
+            for name in ("_k", "_v", "_valid"):
+                st = getattr(self, name)
+                if st is not None:
+                    setattr(self, name, SlotTensor.spare(st.view, size - rest))
+            self._forget_arrays()
         super().update(key_states, value_states)
         return key_states, value_states
 
