@@ -12,6 +12,7 @@ from kvaccel.config import register, registry
 from kvaccel.patches.decode.retrieval import Retrieval
 from kvaccel.patches.evict.expected_attention import ExpectedAttention
 from kvaccel.patches.evict.kvzip import KVzip
+from kvaccel.patches.prefill.minference import MInference
 from kvaccel.patches.prefill.seer import Seer
 from kvaccel.presets import PRESETS, presets
 
@@ -24,6 +25,7 @@ EXPECTED = {
     "expected_attention_kl": [ExpectedAttention(future_positions="mixture", observation_weight=0.2)],
     "kvzip_window": [KVzip(observation_window=128)],
     "seer_accurate": [Seer(threshold=0.005)],
+    "minference_fast": [MInference(budget=0.22)],
     "retrieval_128k": [Retrieval(ef_per_key=0.0052)],
 }
 
