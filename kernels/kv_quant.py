@@ -78,6 +78,17 @@ def quantize_fp8(x: Tensor, fp8: torch.dtype, sdtype: torch.dtype | None = None)
     return (xf / s.float()).to(fp8), s
 
 
+def quantize_fp8_kv(k: Tensor, v: Tensor, fp8: torch.dtype, sdtype: torch.dtype
+                    ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """:func:`quantize_fp8` of keys and values: on CPU one compiled call (``kv_quant_numba.quantize_fp8_pair``, bit
+    for bit the same; a decode step's flush is otherwise a dozen small ops per tensor), else the torch ops."""
+    if k.device.type == "cpu":
+        from .kv_quant_numba import quantize_fp8_pair  # numba: imported when first needed
+
+        return quantize_fp8_pair(k, v, fp8, sdtype)
+    return quantize_fp8(k, fp8, sdtype), quantize_fp8(v, fp8, sdtype)
+
+
 def scale_dtype_for(dtype: torch.dtype) -> torch.dtype:
     """The dtype of scales and zero points for a cache of ``dtype``: bfloat16 for bfloat16, float16 otherwise."""
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float16

@@ -36,7 +36,7 @@ import torch
 
 from kvaccel.cache import KVAccelLayer, SlotTensor, _take
 from kvaccel.kernels.cpu_ops import single_thread
-from kvaccel.kernels.kv_quant import QuantizedKV, quantize_fp8, quantize_keys, quantize_values, scale_dtype_for
+from kvaccel.kernels.kv_quant import QuantizedKV, quantize_fp8_kv, quantize_keys, quantize_values, scale_dtype_for
 from kvaccel.kernels.quantized_decode_attention import numba_arrays, quantized_decode_attention
 from kvaccel.varlen_cache import VarlenLayer
 
@@ -178,16 +178,10 @@ class QuantizedLayer(KVAccelLayer):
         return self._store["k_codes"].n if self._store else 0
 
     def _quantize(self, k: Tensor, v: Tensor, valid: Tensor | None) -> dict[str, Tensor]:
-        """Codes, scales and zero points of ``k`` / ``v`` (float8 on CPU: one compiled call, bit for bit the torch
-        ops' result, instead of a dozen small ops per tensor at every decode step)."""
+        """Codes, scales and zero points of ``k`` / ``v``."""
         sd = scale_dtype_for(self.dtype)
         if self.fp8 is not None:
-            if k.device.type == "cpu":
-                from kvaccel.kernels.kv_quant_numba import quantize_fp8_pair  # numba: imported when first needed
-
-                (kc, ks), (vc, vs) = quantize_fp8_pair(k, v, self.fp8, sd)
-            else:
-                (kc, ks), (vc, vs) = quantize_fp8(k, self.fp8, sd), quantize_fp8(v, self.fp8, sd)
+            (kc, ks), (vc, vs) = quantize_fp8_kv(k, v, self.fp8, sd)
             return dict(k_codes=kc, k_scale=ks, v_codes=vc, v_scale=vs)
         kc, ks, kz = quantize_keys(k, self.bits, self.group_size, valid, sd)
         vc, vs, vz = quantize_values(v, self.bits, self.group_size, sd)
@@ -335,7 +329,6 @@ class QuantizedLayer(KVAccelLayer):
         out = quantized_decode_attention(q, quant, keys, values, scale=ctx.scaling, valid=valid, return_probs=probs,
                                          narrow=self.nquant(), channel_idx=self.channel_idx,
                                          arrays=self._kernel_arrays(quant, keys, values, valid))
-
         if probs:
             out, ctx.decode_probs = out
         return out.transpose(1, 2)
