@@ -23,6 +23,11 @@ work over worker threads): full attention as the stock model runs it (SDPA over 
 backends for each code format::
 
     .venv/bin/python benchmarks/kv_quant.py op --context 2048 --batch 1
+
+Bytes held after the prompt (no decode step), per storage spec alone and on the tokens a budget of 0.25 keeps, from
+the tensors of a layer built from random keys and values of the default model's shape::
+
+    .venv/bin/python benchmarks/kv_quant.py held --context 8192 --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -186,10 +191,42 @@ def op(args) -> None:
         print("  ".join(row))
 
 
+def held(args) -> None:
+    """Bytes one layer holds after a ``--context``-token prompt (every slot of every buffer), times the model's layers,
+    for each storage spec alone and on the tokens an eviction at budget 0.25 keeps; random keys and values of the
+    default model's shape, in ``--dtype``. No decode step follows (the window holds no spare slots)."""
+    from kvaccel.cache import KVAccelLayer
+    from kvaccel.models import text_config
+    from kvaccel.patches.storage.quantized_layer import QuantizedLayer
+
+    model, _ = kvaccel.load_model()
+    cfg = text_config(model)
+    H, D, L = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads, cfg.num_hidden_layers
+    dtype = getattr(torch, args.dtype)
+    specs = args.specs.split(";") if args.specs else ("kv_int8", "kv_int4(group_size=32,residual=128)", "kv_int4",
+                                                      "kv_fp8")
+    full = args.context * H * 2 * D * torch.empty((), dtype=dtype).element_size() * L
+    print(f"bytes held after a {args.context}-token prompt, {L} layers x {H} KV heads x head size {D}, {args.dtype}; "
+          f"full cache {full / 2**20:.1f} MiB")
+    for spec in specs:
+        (method,) = kvaccel.parse_spec(spec)
+        row = [f"{spec:38s}"]
+        for kept in (args.context, args.context // 4):
+            g = torch.Generator().manual_seed(args.seed)
+            layer = KVAccelLayer()
+            k, v = (torch.randn(1, H, kept, D, generator=g).to(dtype) for _ in range(2))
+            layer.update(k, v)
+            q = QuantizedLayer.from_layer(layer, **method.layer_options())
+            parts = q.storage_nbytes()
+            row.append(f"kept {kept:5d}: {q.nbytes() * L / 2**20:6.1f} MiB ({q.nbytes() * L / full:.3f}), window "
+                       f"{parts['window'] * L / 2**20:4.1f} MiB")
+        print("  ".join(row))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name, fn in (("kl", kl), ("speed", speed), ("op", op)):
+    for name, fn in (("kl", kl), ("speed", speed), ("op", op), ("held", held)):
         s = sub.add_parser(name)
         s.add_argument("--context", type=int, default=2048)
         s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
