@@ -569,6 +569,7 @@ def _kept(model, spec, ids, new=24):
 @pytest.mark.parametrize("evict", [
     "snapkv(budget=0.5)", "streaming(budget=200,slack=4)", "h2o(budget=200)", "snapkv(budget=0.5,decode_budget=210)",
     "expected_attention(budget=0.5)", "expected_attention(budget=0.5,decode_budget=210,use_vnorm=False)",
+    "expected_attention(budget=0.5,decode_budget=210)",  # ‖v‖ weights of every held value, codes dequantized
     "keyformer(budget=200)", "adakv(budget=0.5,layout='padded')", "adakv(budget=0.5)",
     KVzip(budget=0.5, prompt_ids=(7, 8, 9, 10)),
 ])
@@ -657,7 +658,6 @@ def test_sparse_prefill_then_quantized_chunks(model):
     ("snapkv(budget=0.5)+think(value_ratio=0.2)+kv_int4", r"value_ratio=0.2"),
     ("retrieval+kv_int8", "decode method 'retrieval'"),
     ("d2o+kv_int4", "'d2o'"),
-    ("expected_attention(decode_budget=200)+kv_int4", "use_vnorm=False"),
 ])
 def test_unsupported_combinations_are_refused(model, spec, match):
     with pytest.raises(NotImplementedError, match=match):

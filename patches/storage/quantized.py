@@ -75,12 +75,6 @@ class _QuantizedStorage(StorageMethod):
                 "think(value_ratio=0)"
             )
         evict = stages.get("evict")
-        decode_vnorm = getattr(evict, "decode_budget", None) is not None and getattr(evict, "use_vnorm", False)
-        if decode_vnorm:
-            raise NotImplementedError(
-                f"{self.name} cannot be combined with '{evict.name}' evicting at decode with use_vnorm=True yet (it "
-                "reads the full-precision values of the whole layer); pass use_vnorm=False or drop decode_budget"
-            )
         if evict is not None and evict.name in UNSUPPORTED_EVICTION:
             raise NotImplementedError(
                 f"{self.name} cannot be combined with '{evict.name}' yet: {UNSUPPORTED_EVICTION[evict.name]}"
