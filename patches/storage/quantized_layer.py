@@ -115,11 +115,16 @@ class QuantizedLayer(KVAccelLayer):
     def _trim_window(self) -> None:
         """Hold the window's tokens without spare slots (after the prompt: a decode step that follows grows it,
         and the first flush gives it its steady ``residual + group_size`` slots; memory held is what is stored)."""
+        if any(st is not None and st.buf.shape[2] != st.n for st in (self._k, self._v, self._valid)):
+            self._reallocate_window(0)
+
+    def _reallocate_window(self, spare: int) -> None:
+        """Copy the window's tokens (keys, values, validity) into new buffers with ``spare`` free slots."""
         for name in ("_k", "_v", "_valid"):
             st = getattr(self, name)
-            if st is not None and st.buf.shape[2] != st.n:
-                setattr(self, name, SlotTensor(st.view.clone()))
-                self._forget_arrays()
+            if st is not None:
+                setattr(self, name, SlotTensor.spare(st.view, spare))
+        self._forget_arrays()
 
     @property
     def narrow(self) -> None:
@@ -218,10 +223,9 @@ class QuantizedLayer(KVAccelLayer):
         self.pad_slots = pad
         B, dev = self.keys.shape[0], self.keys.device
         valid = self.valid if self.valid is not None else torch.ones(B, 1, self._k.n, dtype=torch.bool, device=dev)
-
-        w = self._window_spare(self.residual)
-        self._k, self._v = (SlotTensor.spare(_insert_zeros(t, n, pad), w) for t in (self.keys, self.values))
-        self._valid = SlotTensor.spare(_insert_zeros(valid, n, pad), w)
+        # new buffers without spare slots: the flush that follows moves the window out of them
+        self._k, self._v = (SlotTensor(_insert_zeros(t, n, pad)) for t in (self.keys, self.values))
+        self._valid = SlotTensor(_insert_zeros(valid, n, pad))
         for name, st in self._state.slots().items():
             self._state[name] = _insert_zeros(st.view, n, pad)
         self._forget_arrays()
@@ -287,12 +291,7 @@ class QuantizedLayer(KVAccelLayer):
         n = key_states.shape[2]
         rest = self._k.n
         if self._k.buf.shape[2] < rest + n:  # a trimmed window (after the prompt) grows to its steady size once
-            size = max(rest + n, rest + self._window_spare(rest))  # as _drop_window_head's buffers
-            for name in ("_k", "_v", "_valid"):
-                st = getattr(self, name)
-                if st is not None:
-                    setattr(self, name, SlotTensor.spare(st.view, size - rest))
-            self._forget_arrays()
+            self._reallocate_window(max(n, self._window_spare(rest)))  # as _drop_window_head's buffers
         super().update(key_states, value_states)
         return key_states, value_states
 
