@@ -41,7 +41,7 @@ def workspace(device: torch.device, parts: list[tuple[int, torch.dtype]]) -> lis
     :func:`release_workspace` frees them.
     """
     align = 64
-    sizes = [-(-n * torch.empty(0, dtype=dt).element_size() // align) * align for n, dt in parts]
+    sizes = [-(-n * dt.itemsize // align) * align for n, dt in parts]
     need = sum(sizes)
     key = (threading.get_ident(), torch.device(device))
     with _scratch_lock:

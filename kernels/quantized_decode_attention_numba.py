@@ -2,7 +2,9 @@
 (:func:`_attend`): query rows against KIVI codes (or float8 codes) read in place, never a dequantized copy.
 
 Keys, per key group (:func:`_key_logits`): ``logit[r, t] = Σ_d (q[r,d]·s[d])·code[t,d] + Σ_d q[r,d]·z[d]``, the
-scale folded into the query once per ``group`` tokens. Values (:func:`_value_sum`): per token and value group
+scale folded into the query once per ``group`` tokens; 8-bit codes are converted as the dot products read them,
+packed ones unpacked once per token for every query row, float8 ones placed in float32 words and the token's scale
+applied to the dot product. Values (:func:`_value_sum`): per token and value group
 ``acc[r, c] += p[r,t]·(code[t,c]·s + z)``. Both loops take ``_TB`` tokens a step (each row's accumulator and query
 read once a step). float8 codes (``kv_fp8``): one scale per token, the bytes decoded by placing their bits in a
 float32 (:func:`fp8_decoding`).
@@ -71,12 +73,19 @@ def _unpack(row, bits, s, z, planes, base, step):
 
 
 @kernel(fastmath=_FM, inline="always")
-def _fp8_plane(row, shift, s, word, as_float, out):
-    """``out[j]`` = float8 byte ``row[j]`` times ``s`` (``s`` includes :func:`fp8_decoding`'s ratio); ``word`` uint32
-    scratch and ``as_float`` its float32 view, at least as long as ``row``."""
+def _fp8_words(row, shift, word):
+    """``word[j]``: float8 byte ``row[j]`` placed in a float32's bits (its value times :func:`fp8_decoding`'s ratio
+    when read as float32)."""
     for j in range(row.shape[0]):
         c = np.uint32(row[j])
         word[j] = ((c & np.uint32(0x7F)) << shift) | ((c & np.uint32(0x80)) << np.uint32(24))
+
+
+@kernel(fastmath=_FM, inline="always")
+def _fp8_plane(row, shift, s, word, as_float, out):
+    """``out[j]`` = float8 byte ``row[j]`` times ``s`` (``s`` includes :func:`fp8_decoding`'s ratio); ``word`` uint32
+    scratch and ``as_float`` its float32 view, at least as long as ``row``."""
+    _fp8_words(row, shift, word)
     for j in range(row.shape[0]):
         out[j] = as_float[j] * s
 
@@ -115,29 +124,45 @@ def _dot4(a, b):
 
 
 @kernel(fastmath=_FM, inline="always")
+def _dot4_u8(a, c0, c1, c2, c3):
+    """``(a · c0, a · c1, a · c2, a · c3)`` of 8-bit codes, converted as they are read (no buffer: the loop
+    vectorises)."""
+    s0 = s1 = s2 = s3 = np.float32(0.0)
+    for j in range(c0.shape[0]):
+        x = a[j]
+        s0 += x * np.float32(c0[j])
+        s1 += x * np.float32(c1[j])
+        s2 += x * np.float32(c2[j])
+        s3 += x * np.float32(c3[j])
+    return s0, s1, s2, s3
+
+
+@kernel(fastmath=_FM, inline="always")
 def _key_logits(q, codes, kscale, kzero, slut, bits, fp8_shift, fp8_ratio, group, t0, t1, out, col0):
     """``out[r, col0 + t]`` = ``q[r] · key[t]`` for ``t0 <= t < t1`` (whole key groups) of one row block: q ``(R, D)``,
     codes ``(slots, bytes)``; integer codes with per-channel scale and zero per key group ``(groups, D)``, or float8
     codes (``fp8_shift > 0``) with a scale per token ``(slots, 1)``."""
     R, D = q.shape
     nb = codes.shape[1]
-    if fp8_shift:
-        buf = np.empty((_TB, nb), np.float32)
-        word = np.empty(nb, np.uint32)
-        as_float = word.view(np.float32)
+    if fp8_shift:  # the bits placed in float32 words (:func:`fp8_decoding`), the token's scale applied to the dots
+        words = np.empty((_TB, nb), np.uint32)
+        as_float = words.view(np.float32)
         for t in range(t0, t1 - _TB + 1, _TB):
             for k in range(_TB):
-                _fp8_plane(codes[t + k], fp8_shift, slut[kscale[t + k, 0]] * fp8_ratio, word, as_float, buf[k])
+                _fp8_words(codes[t + k], fp8_shift, words[k])
+            s0, s1, s2, s3 = (slut[kscale[t, 0]] * fp8_ratio, slut[kscale[t + 1, 0]] * fp8_ratio,
+                              slut[kscale[t + 2, 0]] * fp8_ratio, slut[kscale[t + 3, 0]] * fp8_ratio)
             for r in range(R):
-                s0, s1, s2, s3 = _dot4(q[r], buf)
-                out[r, col0 + t] = s0
-                out[r, col0 + t + 1] = s1
-                out[r, col0 + t + 2] = s2
-                out[r, col0 + t + 3] = s3
+                d0, d1, d2, d3 = _dot4(q[r], as_float)
+                out[r, col0 + t] = d0 * s0
+                out[r, col0 + t + 1] = d1 * s1
+                out[r, col0 + t + 2] = d2 * s2
+                out[r, col0 + t + 3] = d3 * s3
         for t in range(t1 - (t1 - t0) % _TB, t1):
-            _fp8_plane(codes[t], fp8_shift, slut[kscale[t, 0]] * fp8_ratio, word, as_float, buf[0])
+            _fp8_words(codes[t], fp8_shift, words[0])
+            s0 = slut[kscale[t, 0]] * fp8_ratio
             for r in range(R):
-                out[r, col0 + t] = _dot(q[r], buf[0])
+                out[r, col0 + t] = _dot(q[r], as_float[0]) * s0
         return
     per = 8 // bits
     buf = np.empty((_TB, per * nb), np.float32)  # _TB tokens' codes, each in the split layout
@@ -166,10 +191,14 @@ def _key_logits(q, codes, kscale, kzero, slut, bits, fp8_shift, fp8_ratio, group
                 qs[r, a] = qsplit[r, a] * ssplit[a]
         g0, g1 = gi * group, gi * group + group
         for t in range(g0, g1 - _TB + 1, _TB):
-            for k in range(_TB):
-                _unpack(codes[t + k], bits, np.float32(1.0), np.float32(0.0), planes, k * per, 1)
+            if bits != 8:  # packed codes: unpacked once for every row (8-bit ones are read in place)
+                for k in range(_TB):
+                    _unpack(codes[t + k], bits, np.float32(1.0), np.float32(0.0), planes, k * per, 1)
             for r in range(R):
-                s0, s1, s2, s3 = _dot4(qs[r], buf)
+                if bits == 8:
+                    s0, s1, s2, s3 = _dot4_u8(qs[r], codes[t], codes[t + 1], codes[t + 2], codes[t + 3])
+                else:
+                    s0, s1, s2, s3 = _dot4(qs[r], buf)
                 b = bias[r]
                 out[r, col0 + t] = b + s0
                 out[r, col0 + t + 1] = b + s1
