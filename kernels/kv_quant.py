@@ -10,8 +10,11 @@ at least the dtype's smallest normal number (the epsilon that keeps a constant g
 element is within half a step of its code: ``|x - x̂| <= s / 2`` (plus float32 rounding of ``z + q·s``).
 
 ``kv_fp8`` stores float8 codes (``e4m3`` = ``torch.float8_e4m3fn``, ``e5m2`` = ``torch.float8_e5m2``) with one
-scale per token and no zero point (:func:`quantize_fp8`): ``x̂ = code · s``, ``s = max|x| / fp8_max`` rounded up;
-keys and values alike. The same dequantization serves both (a per-token scale is a key group of one token).
+scale per token (:func:`quantize_fp8`): ``x̂ = code · s``, ``s = max|x| / fp8_max`` rounded up. Keys are centred first
+on a per-channel offset ``μ`` shared by every token of a row (:func:`key_offset`, the mean of the prompt's keys):
+``k̂ = μ + code · s``. A float code keeps ~3 significant bits of whatever it holds, so a channel with a large, nearly
+constant offset (Qwen2's key bias puts some channels near 355) would lose several units of logit to the offset
+alone; the centred keys keep those bits for what varies between tokens. Values have no offset.
 
 Codes are packed along the channel axis, ``8 // bits`` codes per byte (code ``i`` of a byte in bits
 ``[bits·i, bits·(i+1))``), so a token's codes are one contiguous row: eviction gathers rows.
@@ -27,6 +30,7 @@ __all__ = [
     "SUPPORTED_BITS",
     "check_bits",
     "fp8_dtype",
+    "key_offset",
     "quantize_fp8",
     "dequantize_keys",
     "dequantize_values",
@@ -78,10 +82,29 @@ def quantize_fp8(x: Tensor, fp8: torch.dtype, sdtype: torch.dtype | None = None)
     return (xf / s.float()).to(fp8), s
 
 
-def quantize_fp8_kv(k: Tensor, v: Tensor, fp8: torch.dtype, sdtype: torch.dtype
+def key_offset(k: Tensor, valid: Tensor | None, sdtype: torch.dtype) -> Tensor:
+    """``kv_fp8``'s per-channel key offset ``(B, H, 1, D)`` in ``sdtype``: the mean of ``k`` ``(B, H, T, D)`` over the
+    slots ``valid`` ``(B, 1|H, T)`` marks (all when ``None``; zeros for a row with none)."""
+    kf = k.float()
+    if valid is not None:
+        w = valid.expand(*k.shape[:3]).unsqueeze(-1).float()
+        mean = (kf * w).sum(2, keepdim=True) / w.sum(2, keepdim=True).clamp_min(1.0)
+    else:
+        mean = kf.mean(2, keepdim=True) if k.shape[2] else kf.new_zeros(*k.shape[:2], 1, k.shape[-1])
+    mu = mean.to(sdtype)
+    if not bool(torch.isfinite(mu).all()):
+        raise ValueError(f"key channel means up to {float(mean.abs().max()):.3g} do not fit the {sdtype} offsets of "
+                         "the fp8 cache; load the model in bfloat16 (bfloat16 offsets)")
+    return mu
+
+
+def quantize_fp8_kv(k: Tensor, v: Tensor, fp8: torch.dtype, sdtype: torch.dtype, k_offset: Tensor | None = None
                     ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-    """:func:`quantize_fp8` of keys and values: on CPU one compiled call (``kv_quant_numba.quantize_fp8_pair``, bit
-    for bit the same; a decode step's flush is otherwise a dozen small ops per tensor), else the torch ops."""
+    """:func:`quantize_fp8` of keys (minus ``k_offset`` ``(B, H, 1, D)``, :func:`key_offset`, when given) and values:
+    on CPU one compiled call (``kv_quant_numba.quantize_fp8_pair``, bit for bit the same; a decode step's flush is
+    otherwise a dozen small ops per tensor), else the torch ops."""
+    if k_offset is not None:
+        k = k.float() - k_offset.float()
     if k.device.type == "cpu":
         from .kv_quant_numba import quantize_fp8_pair  # numba: imported when first needed
 
@@ -223,7 +246,8 @@ class QuantizedKV:
     ``k_codes`` ``(B, H, T, D·bits/8)``, ``k_scale`` / ``k_zero`` ``(B, H, T/G, D)`` (per channel, ``G`` tokens a
     group), ``v_codes`` ``(B, H, T, Dv·bits/8)``, ``v_scale`` / ``v_zero`` ``(B, H, T, Dv/Gv)`` (per token),
     ``valid`` ``(B, 1|H, T)`` bool or ``None``. float8 codes (``kv_fp8``): ``k_codes`` / ``v_codes`` ``(B, H, T, D)``,
-    scales ``(B, H, T, 1)``, zeros ``None``.
+    scales ``(B, H, T, 1)``, ``k_zero`` the keys' per-channel offset ``(B, H, 1, D)`` shared by every token
+    (:func:`key_offset`; ``None``: zero), ``v_zero`` ``None``.
     """
 
     __slots__ = ("bits", "k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "valid")
@@ -243,12 +267,21 @@ class QuantizedKV:
     def key_group(self) -> int:
         return self.length // self.k_scale.shape[2] if self.k_scale.shape[2] else 0
 
+    @property
+    def fp8(self) -> bool:
+        """float8 codes (``kv_fp8``): a scale per token, the keys' offset per channel."""
+        return self.k_codes.is_floating_point()
+
     def keys(self, dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None) -> Tensor:
         """Dequantized keys of tokens ``[start, stop)`` (both multiples of the key group)."""
         stop = self.length if stop is None else stop
         if stop <= start:
             B, H = self.k_codes.shape[:2]
-            return self.k_codes.new_zeros(B, H, 0, self.k_scale.shape[-1], dtype=dtype)
+            return self.k_codes.new_zeros(B, H, 0, self.k_codes.shape[-1] if self.fp8 else self.k_scale.shape[-1],
+                                          dtype=dtype)
+        if self.fp8:
+            keys = dequantize_keys(self.k_codes[:, :, start:stop], self.k_scale[:, :, start:stop], None, 8, dtype)
+            return keys if self.k_zero is None else keys + self.k_zero.to(dtype)
         g = self.key_group
         zero = None if self.k_zero is None else self.k_zero[:, :, start // g: stop // g]
         return dequantize_keys(self.k_codes[:, :, start:stop], self.k_scale[:, :, start // g: stop // g], zero,
@@ -256,12 +289,14 @@ class QuantizedKV:
 
     def key_logits(self, rows: Tensor, start: int, stop: int) -> Tensor:
         """``rows @ keys[start:stop]ᵀ`` ``(B, H, R, stop - start)`` in float32 for float32 ``rows`` ``(B, H, R, Dk)``,
-        without dequantizing: per key group ``(rows · s) @ codesᵀ + rows @ z`` (float8: ``(rows @ codesᵀ) · s``)."""
+        without dequantizing: per key group ``(rows · s) @ codesᵀ + rows @ z`` (float8: ``(rows @ codesᵀ) · s + rows @
+        μ``)."""
         g = self.key_group
         ks = self.k_scale[:, :, start // g: stop // g].float()
         c = codes_as_float(self.k_codes[:, :, start:stop], self.bits, ks.shape[-1])
-        if self.k_zero is None:  # one scale per token
-            return (rows @ c.transpose(-1, -2)) * ks[..., 0][:, :, None, :]
+        if self.fp8:  # one scale per token, one offset per channel
+            logits = (rows @ c.transpose(-1, -2)) * ks[..., 0][:, :, None, :]
+            return logits if self.k_zero is None else logits + rows @ self.k_zero.float().transpose(-1, -2)
         B, H, t, D = c.shape
         n = t // g
         kz = self.k_zero[:, :, start // g: stop // g].float()

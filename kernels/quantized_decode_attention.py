@@ -117,7 +117,7 @@ def quantized_decode_attention(
             raise ValueError(f"backend='numba' runs CPU tensors, got device {q.device}; use backend='auto'")
         return _quantized_decode_attention_numba(q, quant, k, v, scale, valid, return_probs, narrow, channel_idx,
                                                  arrays=arrays)
-    decode_step = q.shape[2] == 1 and not return_probs and narrow is None and quant.k_zero is not None
+    decode_step = q.shape[2] == 1 and not return_probs and narrow is None and not quant.fp8
     chosen = resolve_backend(backend, q)
     if chosen == "triton" and not decode_step:
         if backend == "triton":
@@ -235,13 +235,16 @@ _NO_QUERY = np.zeros((1, 1, 0), np.float32)
 
 
 def _segment(part: QuantizedKV | None) -> tuple:
-    """``(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, valid)`` arrays of ``part`` for the kernel (zero points
-    absent: the scales, unread; value codes as ``(N, slots, value groups, bytes per group)``); ``None``: empty
-    arrays."""
+    """``(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, valid)`` arrays of ``part`` for the kernel (float8: the
+    keys' offset ``(N, 1, D)``, zeros when absent; value zero points absent: the scales, unread; value codes as ``(N,
+    slots, value groups, bytes per group)``); ``None``: empty arrays."""
     if part is None:
         return _NO_SEGMENT
     ks, vs = _rows(part.k_scale), _rows(part.v_scale)
-    kz = ks if part.k_zero is None else _rows(part.k_zero)
+    if part.k_zero is not None:
+        kz = _rows(part.k_zero)
+    else:  # float8 without an offset (16-bit zeros); integer codes always have zero points
+        kz = np.zeros((ks.shape[0], 1, part.k_codes.shape[-1]), np.uint16)
     vz = vs if part.v_zero is None else _rows(part.v_zero)
     vc = _rows(part.v_codes)
     vc = vc.reshape(*vc.shape[:2], vs.shape[2], vc.shape[2] // vs.shape[2])

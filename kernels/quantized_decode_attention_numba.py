@@ -6,8 +6,8 @@ scale folded into the query once per ``group`` tokens; 8-bit codes are converted
 packed ones unpacked once per token for every query row, float8 ones placed in float32 words and the token's scale
 applied to the dot product. Values (:func:`_value_sum`): per token and value group
 ``acc[r, c] += p[r,t]·(code[t,c]·s + z)``. Both loops take ``_TB`` tokens a step (each row's accumulator and query
-read once a step). float8 codes (``kv_fp8``): one scale per token, the bytes decoded by placing their bits in a
-float32 (:func:`fp8_decoding`).
+read once a step). float8 codes (``kv_fp8``): one scale per token (keys: plus one offset per channel, its dot with the
+query added to every logit), the bytes decoded by placing their bits in a float32 (:func:`fp8_decoding`).
 
 numba has no float16 / bfloat16 arithmetic: 16-bit scales and zero points are read as their bit patterns (uint16)
 through a 65,536-entry float32 table (:func:`scale_table`). Packed codes (``kv_quant.pack_codes``: channel
@@ -141,10 +141,16 @@ def _dot4_u8(a, c0, c1, c2, c3):
 def _key_logits(q, codes, kscale, kzero, slut, bits, fp8_shift, fp8_ratio, group, t0, t1, out, col0):
     """``out[r, col0 + t]`` = ``q[r] · key[t]`` for ``t0 <= t < t1`` (whole key groups) of one row block: q ``(R, D)``,
     codes ``(slots, bytes)``; integer codes with per-channel scale and zero per key group ``(groups, D)``, or float8
-    codes (``fp8_shift > 0``) with a scale per token ``(slots, 1)``."""
+    codes (``fp8_shift > 0``) with a scale per token ``(slots, 1)`` and one offset per channel ``kzero`` ``(1, D)``."""
     R, D = q.shape
     nb = codes.shape[1]
+    bias = np.empty(R, np.float32)  # q · z (integer codes: of a key group; float8: q · offset)
+    zf = np.empty(D, np.float32)
     if fp8_shift:  # the bits placed in float32 words (:func:`fp8_decoding`), the token's scale applied to the dots
+        for d in range(D):
+            zf[d] = slut[kzero[0, d]]
+        for r in range(R):
+            bias[r] = _dot(q[r], zf)
         words = np.empty((_TB, nb), np.uint32)
         as_float = words.view(np.float32)
         for t in range(t0, t1 - _TB + 1, _TB):
@@ -154,15 +160,16 @@ def _key_logits(q, codes, kscale, kzero, slut, bits, fp8_shift, fp8_ratio, group
                               slut[kscale[t + 2, 0]] * fp8_ratio, slut[kscale[t + 3, 0]] * fp8_ratio)
             for r in range(R):
                 d0, d1, d2, d3 = _dot4(q[r], as_float)
-                out[r, col0 + t] = d0 * s0
-                out[r, col0 + t + 1] = d1 * s1
-                out[r, col0 + t + 2] = d2 * s2
-                out[r, col0 + t + 3] = d3 * s3
+                b = bias[r]
+                out[r, col0 + t] = b + d0 * s0
+                out[r, col0 + t + 1] = b + d1 * s1
+                out[r, col0 + t + 2] = b + d2 * s2
+                out[r, col0 + t + 3] = b + d3 * s3
         for t in range(t1 - (t1 - t0) % _TB, t1):
             _fp8_words(codes[t], fp8_shift, words[0])
             s0 = slut[kscale[t, 0]] * fp8_ratio
             for r in range(R):
-                out[r, col0 + t] = _dot(q[r], as_float[0]) * s0
+                out[r, col0 + t] = bias[r] + _dot(q[r], as_float[0]) * s0
         return
     per = 8 // bits
     buf = np.empty((_TB, per * nb), np.float32)  # _TB tokens' codes, each in the split layout
@@ -175,8 +182,6 @@ def _key_logits(q, codes, kscale, kzero, slut, bits, fp8_shift, fp8_ratio, group
                     qsplit[r, i * nb + j] = q[r, j * per + i]
     qs = np.empty((R, per * nb), np.float32)  # q·s of a key group
     ssplit = np.zeros(per * nb, np.float32)
-    zf = np.empty(D, np.float32)
-    bias = np.empty(R, np.float32)  # q · z of a key group
     for gi in range(t0 // group, t1 // group):
         srow, zrow = kscale[gi], kzero[gi]
         for i in range(per):

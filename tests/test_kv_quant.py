@@ -13,10 +13,13 @@ from kvaccel.kernels.kv_quant import (
     dequantize_keys,
     dequantize_values,
     fp8_dtype,
+    key_offset,
     pack_codes,
     quantize_fp8,
+    quantize_fp8_kv,
     quantize_keys,
     quantize_values,
+    scale_dtype_for,
     unpack_codes,
 )
 from kvaccel.kernels.quantized_decode_attention import (
@@ -242,16 +245,22 @@ def test_kernel_probs_and_empty_quantized_part(backend):
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("Tq", [72, 71])
-def test_kernel_over_fp8_codes_and_16bit_scales(fmt, dtype, backend, Tq):
+@pytest.mark.parametrize("offset", [False, True])
+def test_kernel_over_fp8_codes_and_16bit_scales(fmt, dtype, backend, Tq, offset):
     """float8 codes (their subnormals too: the outlier channel makes the others small) with float16 or bfloat16
-    scales, and a window in the model dtype; a token count the kernel's 4-token steps divide, and one they do not."""
+    scales, and a window in the model dtype; a token count the kernel's 4-token steps divide, and one they do not;
+    keys centred on a per-channel offset (``key_offset``: a channel near 300, as a key bias gives) or not."""
     g = torch.Generator().manual_seed(3)
     B, Hq, Hkv, Tw, D = 2, 6, 2, 12, 64
     kq, vq = _outliers((B, Hkv, Tq, D), seed=4), _outliers((B, Hkv, Tq, D), seed=6)
     f8 = fp8_dtype(fmt)
-    (kc, ks), (vc, vs) = quantize_fp8(kq.to(dtype), f8), quantize_fp8(vq.to(dtype), f8)
+    mu = None
+    if offset:
+        kq[..., 5] += 300.0
+        mu = key_offset(kq.to(dtype), None, scale_dtype_for(dtype))
+    (kc, ks), (vc, vs) = quantize_fp8_kv(kq.to(dtype), vq.to(dtype), f8, scale_dtype_for(dtype), mu)
     qvalid = torch.rand(B, 1, Tq, generator=g) > 0.3
-    quant = QuantizedKV(8, kc, ks, None, vc, vs, None, valid=qvalid)
+    quant = QuantizedKV(8, kc, ks, mu, vc, vs, None, valid=qvalid)
     q = torch.randn(B, Hq, 1, D, generator=g).to(dtype)
     k, v = (torch.randn(B, Hkv, Tw, D, generator=g).to(dtype) for _ in range(2))
     ref = quantized_decode_attention_reference(q, quant, k, v, scale=0.125)
@@ -445,7 +454,8 @@ def test_window_covering_everything_is_stock(model):
 
 @pytest.mark.parametrize("spec", ["kv_int8", "kv_int4", "kv_int4(bits=2,group_size=32,residual=32)", "kv_fp8",
                                   "kv_fp8(format='e5m2',residual=16)",
-                                  "snapkv(budget=0.5)+think(ratio=0.4)+kv_int4(group_size=32,residual=32)"])
+                                  "snapkv(budget=0.5)+think(ratio=0.4)+kv_int4(group_size=32,residual=32)",
+                                  "snapkv(budget=0.5)+think(ratio=0.4)+kv_fp8"])
 def test_logits_over_codes_equal_logits_over_dequantized_cache(model, spec):
     """The continuation over the quantized cache equals the same continuation over a full-precision cache holding the
     dequantized keys and values (so the only error is the codes' half step, bounded above)."""
@@ -552,7 +562,10 @@ def test_bytes_per_element(model):
         per_element = quantized / parts["quantized_elements"]
         assert per_element <= limit, (spec, per_element)
         assert parts["quantized_elements"] >= 2 * 3 * 64 * 900  # K and V, 3 layers, head 64, >= 900 tokens
-        assert (parts["zeros"] == 0) == (spec == "kv_fp8")
+        if spec == "kv_fp8":  # the keys' offset: one 16-bit value per layer, kv head and channel
+            assert parts["zeros"] == 3 * 1 * 64 * 2
+        else:
+            assert parts["zeros"] > 0
         assert parts["window"] == 3 * window_slots * 128 * 4  # 3 layers, 1 kv head, K and V of 64, fp32
 
 
@@ -704,6 +717,37 @@ def test_fp8_composes_with_decode_eviction(model):
     stacked, kinds, rep = _kept(model, "streaming(budget=200,slack=4)+kv_fp8", ids)
     assert stacked == alone and all(k is QuantizedLayer for k in kinds)
     assert rep["kv_storage_bytes"]["codes"] == rep["kv_storage_bytes"]["quantized_elements"]  # one byte each
+
+
+def test_fp8_keys_are_centred_on_the_prompt_channel_means():
+    """float8 keeps ~3 significant bits of what it stores. A key channel with a large, nearly constant offset (here a
+    key bias of 300 on the slowest RoPE channels; Qwen2.5's reach ~355) is stored centred on the prompt's channel
+    mean, so every stored key, the prompt's and the decode steps', is within e4m3's half ulp (1/16) of its token's
+    largest centred channel. Stored uncentred, the error was ~1/16 of the offset itself (~18 here)."""
+    m = tiny_model("qwen2", head_dim=64, hidden_size=192, num_attention_heads=3, num_key_value_heads=1,
+                   rope_theta=1e6)
+    with torch.no_grad():
+        for layer in m.model.layers:
+            layer.self_attn.k_proj.bias.zero_()[[31, 63]] = torch.tensor([300.0, -250.0])
+    ids = _ids(B=2, L=140)
+    with torch.no_grad():
+        caches = []
+        for spec in ("full", "kv_fp8"):
+            with kvaccel.patched(m, spec):
+                cache = KVAccelCache(m)
+                m(ids[:, :120], cache=cache)
+                for t in range(120, 140):  # decode steps: each flushes its token with the prompt's offset
+                    m(ids[:, t: t + 1], cache=cache)
+                caches.append(cache)
+    for full, fp8 in zip(*(c.layers for c in caches), strict=True):
+        assert isinstance(fp8, QuantizedLayer) and fp8.quantized_length == 139  # the last token: in the window
+        keys = full.keys.float()
+        mu = keys[:, :, :120].mean(2, keepdim=True).half().float()  # the prompt's channel means, as stored (float16)
+        err = (fp8.dense_keys()[0].float() - keys).abs()
+        bound = (keys - mu).abs().amax(-1, keepdim=True) / 16
+        assert bool((err <= bound * 1.001 + 1e-6).all()), float((err / bound).max())
+        assert bool((mu[..., 31] > 250).all())
+        torch.testing.assert_close(fp8.quant().k_zero.float(), mu, atol=0, rtol=1e-6)
 
 
 def test_left_padded_batch_over_codes(model):

@@ -6,6 +6,8 @@ Storage of one layer (token axis ``[quantized part (Tq), window (Tw)]``, in arri
     k_scale, k_zero  (B, H, Tq/G, D)        16-bit (``kv_quant.scale_dtype_for``)
     v_codes  (B, H, Tq, Dv·bits/8)  uint8   values per token: a group = G consecutive channels of one token
     v_scale, v_zero  (B, H, Tq, Dv/G)
+    (kv_fp8: float8 codes (B, H, Tq, D), one scale per token, the keys' offset k_zero (B, H, 1, D): the mean of the
+    prompt's keys, fixed when the layer is converted; ``kv_quant.key_offset``)
     qvalid   (B, 1|H, Tq) bool or None      validity of the quantized slots
     keys / values / valid / token_state     the full-precision window (``KVAccelLayer``'s storage), and method
                                             state spanning the whole axis
@@ -36,7 +38,14 @@ import torch
 
 from kvaccel.cache import KVAccelLayer, SlotTensor, _take
 from kvaccel.kernels.cpu_ops import single_thread
-from kvaccel.kernels.kv_quant import QuantizedKV, quantize_fp8_kv, quantize_keys, quantize_values, scale_dtype_for
+from kvaccel.kernels.kv_quant import (
+    QuantizedKV,
+    key_offset,
+    quantize_fp8_kv,
+    quantize_keys,
+    quantize_values,
+    scale_dtype_for,
+)
 from kvaccel.kernels.quantized_decode_attention import numba_arrays, quantized_decode_attention
 from kvaccel.varlen_cache import VarlenLayer
 
@@ -64,6 +73,8 @@ class QuantizedLayer(KVAccelLayer):
         self.bits, self.group_size, self.residual = (8, 1, residual) if fp8 is not None else (bits, group_size,
                                                                                               residual)
         self._store: dict[str, SlotTensor] = {}
+        #: kv_fp8: the keys' per-channel offset ``(B, H, 1, D)`` (set from the prompt in :meth:`from_layer`)
+        self._koffset: Tensor | None = None
         self._qvalid: SlotTensor | None = None
         #: ThinK's narrow segment, quantized once at conversion (keys keep ``channel_idx``), padded to whole groups
         self._nstore: dict[str, Tensor] = {}
@@ -102,6 +113,8 @@ class QuantizedLayer(KVAccelLayer):
         out = layer
         out.__class__ = cls
         out._init_storage(bits, group_size, residual, fp8)
+        if fp8 is not None:
+            out._koffset = key_offset(out.keys, out.valid, scale_dtype_for(out.dtype))
         if narrow is not None:
             out._quantize_narrow(narrow)
         out._set_store(out.keys[:, :, :0], out.values[:, :, :0], None)
@@ -155,7 +168,10 @@ class QuantizedLayer(KVAccelLayer):
                 self._state[name] = torch.cat([t[:, :, :Tn], t.new_zeros(*t.shape[:2], pad), t[:, :, Tn:]], dim=2)
         else:
             keys, values = nar.keys, nar.values
-        self._nstore = self._quantize(keys, values, valid)
+        offset = key_offset(keys, valid, scale_dtype_for(self.dtype)) if self.fp8 is not None else None
+        self._nstore = self._quantize(keys, values, valid, offset)
+        if offset is not None:
+            self._nstore["k_zero"] = offset
         self._nvalid = None if bool(valid.all()) else valid.contiguous()
         self.channel_idx = nar.channel_idx
 
@@ -172,7 +188,10 @@ class QuantizedLayer(KVAccelLayer):
     def quant(self) -> QuantizedKV:
         """The quantized part as the kernels read it (views of the buffers)."""
         s = self._store
-        return QuantizedKV(self.bits, *(s[name].view if name in s else None for name in _STORE), valid=self.qvalid)
+        parts = [s[name].view if name in s else None for name in _STORE]
+        if self._koffset is not None:
+            parts[2] = self._koffset
+        return QuantizedKV(self.bits, *parts, valid=self.qvalid)
 
     @property
     def qvalid(self) -> Tensor | None:
@@ -182,11 +201,12 @@ class QuantizedLayer(KVAccelLayer):
     def quantized_length(self) -> int:
         return self._store["k_codes"].n if self._store else 0
 
-    def _quantize(self, k: Tensor, v: Tensor, valid: Tensor | None) -> dict[str, Tensor]:
-        """Codes, scales and zero points of ``k`` / ``v``."""
+    def _quantize(self, k: Tensor, v: Tensor, valid: Tensor | None, offset: Tensor | None = None) -> dict[str, Tensor]:
+        """Codes, scales and zero points of ``k`` / ``v`` (float8: keys minus ``offset``, by default the layer's)."""
         sd = scale_dtype_for(self.dtype)
         if self.fp8 is not None:
-            (kc, ks), (vc, vs) = quantize_fp8_kv(k, v, self.fp8, sd)
+            offset = self._koffset if offset is None else offset
+            (kc, ks), (vc, vs) = quantize_fp8_kv(k, v, self.fp8, sd, offset)
             return dict(k_codes=kc, k_scale=ks, v_codes=vc, v_scale=vs)
         kc, ks, kz = quantize_keys(k, self.bits, self.group_size, valid, sd)
         vc, vs, vz = quantize_values(v, self.bits, self.group_size, sd)
@@ -305,6 +325,7 @@ class QuantizedLayer(KVAccelLayer):
         self._forget_arrays()
         super()._map_batch(fn)
         self._store = {name: SlotTensor(fn(s.view)) for name, s in self._store.items()}
+        self._koffset = None if self._koffset is None else fn(self._koffset)
         if self._qvalid is not None:
             self._qvalid = SlotTensor(fn(self.qvalid))
         self._nstore = {name: fn(t) for name, t in self._nstore.items()}
@@ -338,8 +359,8 @@ class QuantizedLayer(KVAccelLayer):
         layer replaces its buffers (:meth:`_forget_arrays`), so they never keep old buffers alive."""
         if keys.device.type != "cpu":
             return None
-        bufs = (*(st.buf for st in self._store.values()), *(None if st is None else st.buf for st in
-                                                               (self._qvalid, self._k, self._v, self._valid)))
+        bufs = (*(st.buf for st in self._store.values()), self._koffset,
+                *(None if st is None else st.buf for st in (self._qvalid, self._k, self._v, self._valid)))
         cached = self._arrays
         same = cached is not None and len(cached[0]) == len(bufs) and all(
             a is b for a, b in zip(cached[0], bufs, strict=True))
@@ -362,6 +383,8 @@ class QuantizedLayer(KVAccelLayer):
             return
         yield from super().tensors()
         yield from (s.buf for s in self._store.values())
+        if self._koffset is not None:
+            yield self._koffset
         if self._qvalid is not None:
             yield self._qvalid.buf
         yield from self._nstore.values()
@@ -378,6 +401,8 @@ class QuantizedLayer(KVAccelLayer):
         if not self.is_initialized:
             return dict(codes=0, scales=0, zeros=0, window=0, other=0, quantized_elements=0)
         bufs = {name: st.buf for name, st in self._store.items()}
+        if self._koffset is not None:
+            bufs["k_zero"] = self._koffset
         stores = [bufs, self._nstore] if self._nstore else [bufs]
 
         def total(*names: str) -> int:
