@@ -1,5 +1,6 @@
-"""Shared compiled helpers of the attention index (:mod:`kvaccel.kernels.attention_index`): the float32 dot product
-and the binary max-heap (push / pop on parallel score and id arrays) its searches and selections keep results in."""
+"""Shared compiled helpers of the attention index (:mod:`kvaccel.kernels.attention_index`): the float32 dot product,
+the binary max-heap (push / pop on parallel score and id arrays) its searches and selections keep results in, and the
+stable descending sort their results are written out by."""
 
 from __future__ import annotations
 
@@ -69,15 +70,70 @@ def _push_grow(hs, hi, size, s, i):
     return hs, hi, _push(hs, hi, size, s, i)
 
 
+#: :func:`_sort_desc` insertion-sorts runs of this many items, then merges them
+SORT_RUN = 8
+
+
+@kernel(fastmath=_FM)
+def _sort_desc(ids, scores, m):
+    """Sort the first ``m`` (``ids``, ``scores``) pairs by descending score, in place; equal scores keep their order
+    (a stable sort: the order of ``np.argsort(-scores[:m], kind="stable")``). Insertion sort of runs of
+    ``SORT_RUN``, then bottom-up merges between two scratch rows: a few loops, much cheaper to compile than numba's
+    ``np.argsort`` (and no fancy indexing)."""
+    for a in range(0, m, SORT_RUN):
+        for j in range(a + 1, min(a + SORT_RUN, m)):
+            s = scores[j]
+            i = ids[j]
+            c = j
+            while c > a and scores[c - 1] < s:
+                scores[c] = scores[c - 1]
+                ids[c] = ids[c - 1]
+                c -= 1
+            scores[c] = s
+            ids[c] = i
+    if m <= SORT_RUN:
+        return
+    bs = np.empty((2, m), scores.dtype)
+    bi = np.empty((2, m), ids.dtype)
+    for c in range(m):
+        bs[0, c] = scores[c]
+        bi[0, c] = ids[c]
+    p = 0
+    width = SORT_RUN
+    while width < m:  # merge runs [a, mid) and [mid, b) of row p into row 1 - p
+        ss, si, ds, di = bs[p], bi[p], bs[1 - p], bi[1 - p]
+        for a in range(0, m, 2 * width):
+            mid = min(a + width, m)
+            b = min(a + 2 * width, m)
+            x, y = a, mid
+            for c in range(a, b):
+                if y >= b or (x < mid and ss[x] >= ss[y]):  # >=: the left run first on ties
+                    ds[c] = ss[x]
+                    di[c] = si[x]
+                    x += 1
+                else:
+                    ds[c] = ss[y]
+                    di[c] = si[y]
+                    y += 1
+        p = 1 - p
+        width *= 2
+    for c in range(m):
+        scores[c] = bs[p, c]
+        ids[c] = bi[p, c]
+
+
 @kernel(fastmath=_FM)
 def _write_results(rs, ri, nr, out_ids, out_scores):
     """The ``nr`` results of a heap keyed by ``-score`` into ``out_ids`` / ``out_scores`` by descending score
-    (``-1`` / ``-inf`` past ``nr``)."""
-    order = np.argsort(rs[:nr])  # ascending -score = descending score
+    (``-1`` / ``-inf`` past ``nr``; at most ``out_ids.shape[0]``). Overwrites the heap (its scores negated and
+    sorted)."""
+    for j in range(nr):
+        rs[j] = -rs[j]
+    _sort_desc(ri, rs, nr)
     for j in range(out_ids.shape[0]):
         if j < nr:
-            out_ids[j] = ri[order[j]]
-            out_scores[j] = -rs[order[j]]
+            out_ids[j] = ri[j]
+            out_scores[j] = rs[j]
         else:
             out_ids[j] = -1
             out_scores[j] = -np.inf

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from kvaccel.kernels.attention_index_heap import _FM, _dot
+from kvaccel.kernels.attention_index_heap import _FM, _dot, _sort_desc
 from kvaccel.kernels.attention_index_jit import kernel
 
 #: groups of scores whose maxima give the selection's floor (see :func:`_top_of_scores`)
@@ -69,14 +69,15 @@ def _kth_key(keys, m, k):
 
 
 @kernel(fastmath=_FM)
-def _top_of_scores(s, n, out_ids, out_scores, ordered):
-    """Top-k of the first ``n`` (finite) scores ``s`` into ``out_ids`` / ``out_scores`` (``-1`` / ``-inf`` past
-    ``n``; descending if ``ordered``, else in no particular order), in time linear in ``n`` whatever the order of
-    the scores. The scores are split into ``SELECT_GROUPS`` strided groups; their maxima (one vectorised pass) give
-    a floor, the k-th largest group maximum (k groups hold a score at least that high, so every top-k score is
-    too); only the groups whose maximum reaches the floor are read again for the scores at or above it (a few
-    hundred of 7.5k on real attention scores), among which the k-th largest is found by bisection (ties at it: the
-    first met). Measured on real scores, 7.5k keys, top-116: 2.1x faster than blocks of 32 with quickselects."""
+def _top_of_scores(s, n, out_ids, out_scores):
+    """Top-k of the first ``n`` (finite) scores ``s`` into ``out_ids`` / ``out_scores`` in the order met (``-1`` /
+    ``-inf`` past ``n``; :func:`_sort_desc` orders them), in time linear in ``n`` whatever the order of the scores.
+    The scores are split into ``SELECT_GROUPS`` strided groups; their maxima (one vectorised pass) give a floor, the
+    k-th largest group maximum (k groups hold a score at least that high, so every top-k score is too); only the
+    groups whose maximum reaches the floor are read again for the scores at or above it (a few hundred of 7.5k on
+    real attention scores), among which the k-th largest is found by bisection (ties at it: the first met). Returns
+    the number selected, ``min(k, n)``. Measured on real scores, 7.5k keys, top-116: 2.1x faster than blocks of 32
+    with quickselects."""
     k = out_ids.shape[0]
     kk = min(k, n)
     if kk > 0:
@@ -90,7 +91,7 @@ def _top_of_scores(s, n, out_ids, out_scores, ordered):
             floor = _float_of_key(_kth_key(gkey, nb, kk))
         cid = np.empty(n, np.int64)
         csc = np.empty(n, np.float32)
-        cnt = 0
+        cnt = np.int64(0)  # not a literal 0: a callee typed with Literal[int](0) would compile a second time
         for b in range(nb):
             if gmax[b] >= floor:
                 for j in range(b, n, nb):
@@ -110,23 +111,49 @@ def _top_of_scores(s, n, out_ids, out_scores, ordered):
                 out_ids[c] = cid[j]
                 out_scores[c] = csc[j]
                 c += 1
-        if ordered:
-            order = np.argsort(-out_scores[:kk], kind="mergesort")
-            top_ids = out_ids[:kk][order]
-            top_scores = out_scores[:kk][order]
-            out_ids[:kk] = top_ids
-            out_scores[:kk] = top_scores
     for j in range(kk, k):
         out_ids[j] = -1
         out_scores[j] = -np.inf
+    return kk
+
+
+@kernel(fastmath=_FM)
+def _select_row(scores, n, out_ids, out_scores):
+    """Top-k of each of the ``M`` queries' scores ``(M, m)`` over the first ``n`` keys, descending (ties: the first
+    met by :func:`_top_of_scores`), into ``out_ids`` / ``out_scores`` ``(M, k)``."""
+    for g in range(scores.shape[0]):
+        _sort_desc(out_ids[g], out_scores[g], _top_of_scores(scores[g], n, out_ids[g], out_scores[g]))
 
 
 @kernel(parallel=True, fastmath=_FM)
 def _select_rows(scores, n, out_ids, out_scores):
-    """Top-k of every query's scores ``(R, M, m)`` over the ``n[r]`` keys of its row (rows in parallel)."""
+    """:func:`_select_row` of every row (rows in parallel): scores ``(R, M, m)`` over the ``n[r]`` keys of row
+    ``r``."""
     for r in prange(scores.shape[0]):
-        for g in range(scores.shape[1]):
-            _top_of_scores(scores[r, g], n[r], out_ids[r, g], out_scores[r, g], True)
+        _select_row(scores[r], n[r], out_ids[r], out_scores[r])
+
+
+@kernel(fastmath=_FM)
+def _select_rescore_row(bits, n, qs, keys, kc, out_ids, out_scores):
+    """One row of :func:`_select_rescore_bf16`: ``bits`` ``(M, m)``, ``qs`` ``(M, D)``, ``keys`` ``(capacity, D)``,
+    ``out_ids`` / ``out_scores`` ``(M, k)``."""
+    k = out_ids.shape[1]
+    wide = np.empty(bits.shape[1], np.uint32)
+    row = wide.view(np.float32)
+    cand = np.empty(kc, np.int64)
+    s = np.empty(kc, np.float32)
+    for g in range(bits.shape[0]):
+        b = bits[g]
+        for j in range(n):
+            wide[j] = np.uint32(b[j]) << np.uint32(16)
+        _top_of_scores(row, n, cand, s)
+        for j in range(kc):
+            i = cand[j]
+            s[j] = _dot(qs[g], keys[i]) if i >= 0 else -np.inf
+        _sort_desc(cand, s, kc)
+        for j in range(k):
+            out_ids[g, j] = cand[j]
+            out_scores[g, j] = s[j]
 
 
 @kernel(parallel=True, fastmath=_FM)
@@ -134,25 +161,8 @@ def _select_rescore_bf16(bits, n, qs, keys, kc, out_ids, out_scores):
     """Top-``k`` of every query's bfloat16 scores, given as their bits ``(R, M, m)`` uint16, over the ``n[r]`` keys
     of its row: the best ``kc >= k`` by the bfloat16 scores (each query's row widened to float32 in a scratch row
     that stays in cache: the bits shifted into the high half), re-scored exactly (``qs`` ``(R, M, D)`` float32
-    against ``keys``), the best ``k`` of those, descending, into ``out_ids`` / ``out_scores`` ``(R, M, k)``
-    (``-1`` / ``-inf`` past a row's keys). One call for the selection and the re-scoring (rows in parallel)."""
-    k = out_ids.shape[2]
+    against ``keys``), the best ``k`` of those, descending (ties: the first met by :func:`_top_of_scores`), into
+    ``out_ids`` / ``out_scores`` ``(R, M, k)`` (``-1`` / ``-inf`` past a row's keys). One call for the selection and
+    the re-scoring (rows in parallel, one call of :func:`_select_rescore_row` each)."""
     for r in prange(bits.shape[0]):
-        wide = np.empty(bits.shape[2], np.uint32)
-        row = wide.view(np.float32)
-        cand = np.empty(kc, np.int64)
-        cand_s = np.empty(kc, np.float32)
-        s = np.empty(kc, np.float32)
-        for g in range(bits.shape[1]):
-            b = bits[r, g]
-            for j in range(n[r]):
-                wide[j] = np.uint32(b[j]) << np.uint32(16)
-            _top_of_scores(row, n[r], cand, cand_s, False)
-            for j in range(kc):
-                i = cand[j]
-                s[j] = _dot(qs[r, g], keys[r, i]) if i >= 0 else -np.inf
-            order = np.argsort(-s)
-            for j in range(k):
-                i = cand[order[j]]
-                out_ids[r, g, j] = i
-                out_scores[r, g, j] = s[order[j]] if i >= 0 else -np.inf
+        _select_rescore_row(bits[r], n[r], qs[r], keys[r], kc, out_ids[r], out_scores[r])
