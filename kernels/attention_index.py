@@ -343,7 +343,7 @@ class AttentionIndex:
         copy is extended by the keys stored since the last scan), keep the best
         ``k + bf16_margin`` per query and re-score those exactly in float32 for the final ``k`` (returned scores are
         float32 ``q · k``; a key may be missed only if bfloat16 rounding moved it below ``k + bf16_margin``
-        others)."""
+        others; a row of at most ``k + bf16_margin`` keys has every key re-scored: exact)."""
         torch = _torch()
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if q.ndim != 3 or q.shape[0] != self.rows or q.shape[2] != self.dim:
@@ -356,7 +356,7 @@ class AttentionIndex:
             ids.fill(-1)
             scores.fill(-np.inf)
             return ids, scores
-        bf16 = bf16_margin is not None and k + bf16_margin < m  # else scanning every key exactly is as cheap
+        bf16 = bf16_margin is not None  # also for rows of few keys: one selection kernel to compile, not two
         if bf16:  # the contiguous copy: its slots past m (zero) are scored too and ignored by the selection
             keys_t = self._scan_copy().transpose(1, 2)
             q_t = torch.from_numpy(q).to(torch.bfloat16)
@@ -460,7 +460,7 @@ def compile_kernels(paths: tuple[str, ...] = KERNEL_PATHS, *, scan_bf16: bool = 
     of retrieval runs, by running them on a tiny index: the arguments have the types of the real calls (the public
     methods make them), so the real calls find every kernel compiled. ``paths``: ``"exact"`` (:meth:`scan_rows`
     with ``scan_bf16`` the bfloat16 scan + float32 re-scoring, else the float32 scan; then :meth:`attend_union_groups`
-    if ``fused`` else :meth:`attend`; then with ``scan_bf16`` the float32 scan, used for rows of few keys) and/or
+    if ``fused`` else :meth:`attend`) and/or
     ``"graph"`` (the build, :meth:`link`, :meth:`attend_all`, then :meth:`search_grouped` if ``group_search`` else
     :meth:`search`, and the attention as for ``exact``). Safe in any thread (numba compiles under its own lock; a
     real call of a kernel being compiled waits for it). Returns the seconds spent."""
@@ -488,8 +488,6 @@ def compile_kernels(paths: tuple[str, ...] = KERNEL_PATHS, *, scan_bf16: bool = 
 
     if "exact" in paths:
         attention(*index.scan_rows(queries, k, k if scan_bf16 else None))
-        if scan_bf16:  # rows holding too few keys for the bfloat16 pass to pay off are scanned in float32
-            index.scan_rows(queries, k, None)
     if "graph" in paths:
         index.attend_all(queries, 0.5)
         index.install(index.graph_build([q.reshape(-1, D).repeat(8, 0) for q in queries]).run())

@@ -601,19 +601,18 @@ def test_first_decode_step_compiles_nothing():
     import subprocess
     import sys
 
-    cases = [{}, {"host_fused": False}, {"exact_below": 0}, {"length": 30}]  # 30: 18 host keys, float32 scan
+    cases = [{}, {"host_fused": False}, {"exact_below": 0}, {"length": 30}]  # 30: 18 host keys, all re-scored
     proc = subprocess.run([sys.executable, "-c", _FIRST_STEP_SCRIPT, os.path.dirname(__file__), json.dumps(cases)],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    want = [("_attend_union_groups", "exact"), ("_attend_rows", "exact"), ("_search_groups", "graph"),
-            ("_select_rows", "exact")]
+    scan = "_select_rescore_bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "_select_rows"
+    want = [("_attend_union_groups", "exact"), ("_attend_rows", "exact"), ("_search_groups", "graph"), (scan, "exact")]
     for case, res, (kernel, path) in zip(cases, got, want, strict=True):
         assert res["new"] == [], (case, res["new"])
         assert res[path] == 1 and res["exact" if path == "graph" else "graph"] == 0, (case, res)
         assert any(sig.startswith(kernel + "(") for sig in res["compiled"]), (case, kernel)
-        scan = "_select_rescore_bf16(" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "_select_rows("
-        assert path == "graph" or any(sig.startswith(scan) for sig in res["compiled"]), (case, scan)
+        assert path == "graph" or any(sig.startswith(scan + "(") for sig in res["compiled"]), (case, scan)
 
 
 @needs_deps
