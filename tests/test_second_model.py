@@ -107,7 +107,7 @@ def test_method_runs_with_real_savings(second, spec):
     if name == "quest":
         _check_quest(rep, methods[0], text, head_dim, ids.shape[1], model.dtype)
     if methods[-1].stage == "storage":
-        _check_storage(rep, methods[-1], head_dim, model.dtype)
+        _check_storage(rep, methods[-1], text, head_dim, model.dtype)
     if name == "full":  # the explicit baseline: every token kept, the stock model's tokens and logits
         assert all(k == rep["seen_tokens"] for layer in rep["kept_tokens"] for row in layer for k in row), rep
         assert torch.equal(gen.sequences, stock) and max(kl) < 1e-6, (kl, rep)
@@ -133,18 +133,21 @@ def _check_quest(rep: dict, quest, text, head_dim: int, prompt: int, dtype: torc
     assert all(m in (bounds + 4 * pages, bounds + 4 * pages * heads) for m in rep["quest_metadata_bytes"][dense:]), rep
 
 
-def _check_storage(rep: dict, method, head_dim: int, dtype: torch.dtype) -> None:
+def _check_storage(rep: dict, method, text, head_dim: int, dtype: torch.dtype) -> None:
     """Quantized storage (patches/storage): the codes hold ``bits / 8`` bytes per element plus their 16-bit scales
-    (and KIVI's 16-bit zero points), and the whole cache holds no more than those bytes for its tokens plus a
-    full-precision window, so ``kv_ratio`` is below what the bit width allows."""
+    (and KIVI's 16-bit zero points; kv_fp8's keys one 16-bit offset per layer, kv head and channel), and the whole
+    cache holds no more than those bytes for its tokens plus a full-precision window, so ``kv_ratio`` is below what
+    the bit width allows."""
     spec, parts = method.spec(), rep["kv_storage_bytes"]
-    e = torch.empty(0, dtype=dtype).element_size()  # bytes of a full-precision element (4 fp32, 2 bf16)
+    e = dtype.itemsize  # bytes of a full-precision element (4 fp32, 2 bf16)
+    offsets = 0
     if method.name == "kv_fp8":  # one byte per code, one 16-bit scale per token and head (keys and values)
         per_element, group, residual = 1 + 2 / head_dim, 1, method.residual
+        offsets = 2 * head_dim * text.num_key_value_heads * text.num_hidden_layers  # batch 1
     else:  # KIVI: a 16-bit scale and zero point per group of group_size elements
         per_element, group, residual = method.bits / 8 + 4 / method.group_size, method.group_size, method.residual
     quantized = parts["codes"] + parts["scales"] + parts["zeros"]
-    assert quantized == pytest.approx(per_element * parts["quantized_elements"]), (spec, parts)
+    assert quantized == pytest.approx(per_element * parts["quantized_elements"] + offsets), (spec, parts)
     # Slots per (layer, kv head), tokens T = the largest count kept per head: the quantized part holds at most T tokens
     # + a padded partial group + the spare groups a flush reserves (max(G, T / 32), quantized_layer.py); the window at
     # most residual + G (it flushes whole groups before a token would exceed that). Per slot: K and V of head_dim
