@@ -11,7 +11,7 @@ from kvaccel.kernels.attention_index_heap import _FM, _dot
 from kvaccel.kernels.attention_index_jit import kernel
 
 
-@kernel(fastmath=_FM, inline="always")
+@kernel(fastmath=_FM)
 def _retrieved_max(ids, scores, scale, m):
     """``max(m, scale · score)`` over the retrieved slots of one row (``ids < 0`` = empty slot)."""
     for j in range(ids.shape[0]):
@@ -20,7 +20,7 @@ def _retrieved_max(ids, scores, scale, m):
     return m
 
 
-@kernel(fastmath=_FM, inline="always")
+@kernel(fastmath=_FM)
 def _retrieved_accumulate(ids, scores, values, scale, m, out):
     """Add ``exp(scale · score − m) · v`` of one row's retrieved keys into ``out``; returns the sum of the weights."""
     total = np.float32(0.0)
@@ -85,45 +85,53 @@ def _attend_union_rows(ids, scores, rows, values, qs, skeys, svalues, svalid, sc
             out[r, c] /= total
 
 
+@kernel(fastmath=_FM)
+def _attend_union_group(ids, scores, values, qs, skeys, svalues, svalid, scale, out):
+    """One row of :func:`_attend_union_groups`: ``ids`` / ``scores`` ``(G, k)``, ``values`` ``(capacity, Dv)``,
+    ``qs`` ``(G, D)``, static ``skeys`` / ``svalues`` ``(>= T, D)`` valid where ``svalid`` ``(T,)``, ``out``
+    ``(G, Dv)``."""
+    T = svalid.shape[0]
+    G = qs.shape[0]
+    sl = np.empty((G, T), np.float32)
+    m = np.full(G, -np.inf, np.float32)
+    for j in range(T):
+        if svalid[j]:
+            kj = skeys[j]
+            for g in range(G):
+                x = scale * _dot(qs[g], kj)
+                sl[g, j] = x
+                if x > m[g]:
+                    m[g] = x
+    for g in range(G):
+        m[g] = _retrieved_max(ids[g], scores[g], scale, m[g])
+        for c in range(out.shape[1]):
+            out[g, c] = 0.0
+    total = np.zeros(G, np.float32)
+    for j in range(T):
+        if svalid[j]:
+            vj = svalues[j]
+            for g in range(G):
+                if m[g] == -np.inf:
+                    continue
+                p = np.float32(np.exp(sl[g, j] - m[g]))
+                total[g] += p
+                for c in range(out.shape[1]):
+                    out[g, c] += p * vj[c]
+    for g in range(G):
+        if m[g] == -np.inf:
+            continue
+        total[g] += _retrieved_accumulate(ids[g], scores[g], values, scale, m[g], out[g])
+        for c in range(out.shape[1]):
+            out[g, c] /= total[g]
+
+
 @kernel(parallel=True, fastmath=_FM)
 def _attend_union_groups(ids, scores, values, qs, skeys, svalues, svalid, scale, out):
     """:func:`_attend_union_rows` for the ``G`` query heads of each row (one query each, GQA): every static key and
     value is read once for the whole group. ``ids`` / ``scores`` ``(R, G, k)``, ``qs`` ``(R, G, D)``, ``out``
-    ``(R, G, Dv)``."""
-    T = svalid.shape[1]
-    G = qs.shape[1]
+    ``(R, G, Dv)``. Rows in parallel, one call of :func:`_attend_union_group` each."""
     for r in prange(qs.shape[0]):
-        sl = np.empty((G, T), np.float32)
-        m = np.full(G, -np.inf, np.float32)
-        for j in range(T):
-            if svalid[r, j]:
-                kj = skeys[r, j]
-                for g in range(G):
-                    x = scale * _dot(qs[r, g], kj)
-                    sl[g, j] = x
-                    if x > m[g]:
-                        m[g] = x
-        for g in range(G):
-            m[g] = _retrieved_max(ids[r, g], scores[r, g], scale, m[g])
-            for c in range(out.shape[2]):
-                out[r, g, c] = 0.0
-        total = np.zeros(G, np.float32)
-        for j in range(T):
-            if svalid[r, j]:
-                vj = svalues[r, j]
-                for g in range(G):
-                    if m[g] == -np.inf:
-                        continue
-                    p = np.float32(np.exp(sl[g, j] - m[g]))
-                    total[g] += p
-                    for c in range(out.shape[2]):
-                        out[r, g, c] += p * vj[c]
-        for g in range(G):
-            if m[g] == -np.inf:
-                continue
-            total[g] += _retrieved_accumulate(ids[r, g], scores[r, g], values[r], scale, m[g], out[r, g])
-            for c in range(out.shape[2]):
-                out[r, g, c] /= total[g]
+        _attend_union_group(ids[r], scores[r], values[r], qs[r], skeys[r], svalues[r], svalid[r], scale, out[r])
 
 
 @kernel(parallel=True, fastmath=_FM)
