@@ -1,4 +1,4 @@
-"""Cold compile cost of retrieval's exact-path numba kernels: CPU seconds per kernel in a fresh process with an empty
+"""Cold compile cost of retrieval's numba kernels: CPU seconds per kernel in a fresh process with an empty
 ``NUMBA_CACHE_DIR``, for the working tree and, side by side, for earlier git revisions.
 
 Each measurement is a new process (``--child``) with its own empty cache directory. It imports the index module
@@ -6,11 +6,11 @@ Each measurement is a new process (``--child``) with its own empty cache directo
 :func:`~kvaccel.kernels.attention_index.compile_kernels` makes them, on a tiny index: ``scan_rows`` with the bfloat16
 margin (``_select_rescore_bf16`` and what it calls), ``attend_union_groups`` (``_attend_union_groups``), ``scan_rows``
 in float32 (``_select_rows``; callees compiled by an earlier step are not counted again). Per step: process CPU time
-(``time.process_time``). Two more fresh processes per tree time what retrieval's background compile runs for the
-exact path, ``compile_kernels(("exact",), scan_bf16=...)``, with the bfloat16 scan (the default where oneDNN has
-native bfloat16) and with the float32 scan. ``--rev`` revisions are extracted with ``git archive`` into a temporary
-directory put first on ``sys.path``; the processes of the revisions alternate, ``--repeat`` rounds, and the minimum
-per step is reported with the load average.
+(``time.process_time``). Three more fresh processes per tree time what retrieval's background compile runs:
+``compile_kernels(("exact",), scan_bf16=...)`` with the bfloat16 scan (the default where oneDNN has native bfloat16)
+and with the float32 scan, and ``compile_kernels(("graph",))`` (the graph path, past ``exact_below``). ``--rev``
+revisions are extracted with ``git archive`` into a temporary directory put first on ``sys.path``; the processes of
+the revisions alternate, ``--repeat`` rounds, and the minimum per step is reported with the load average.
 
     nice -n 10 .venv/bin/python benchmarks/retrieval_compile.py --rev HEAD --repeat 2
 """
@@ -27,7 +27,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ("import", "select_rescore_bf16", "attend_union_groups", "select_rows")
-PATHS = ("exact_bf16", "exact_f32")
+PATHS = ("exact_bf16", "exact_f32", "graph")
 
 
 def child(what: str) -> None:
@@ -46,7 +46,7 @@ def child(what: str) -> None:
     out["file"] = ai.__file__
     if what in PATHS:
         t = time.process_time()
-        ai.compile_kernels(("exact",), scan_bf16=what == "exact_bf16")
+        ai.compile_kernels(("graph",) if what == "graph" else ("exact",), scan_bf16=what == "exact_bf16")
         out[what] = time.process_time() - t
         print(json.dumps(out))
         return
