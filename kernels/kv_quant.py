@@ -10,11 +10,14 @@ at least the dtype's smallest normal number (the epsilon that keeps a constant g
 element is within half a step of its code: ``|x - x̂| <= s / 2`` (plus float32 rounding of ``z + q·s``).
 
 ``kv_fp8`` stores float8 codes (``e4m3`` = ``torch.float8_e4m3fn``, ``e5m2`` = ``torch.float8_e5m2``) with one
-scale per token (:func:`quantize_fp8`): ``x̂ = code · s``, ``s = max|x| / fp8_max`` rounded up. Keys are centred first
-on a per-channel offset ``μ`` shared by every token of a row (:func:`key_offset`, the mean of the prompt's keys):
-``k̂ = μ + code · s``. A float code keeps ~3 significant bits of whatever it holds, so a channel with a large, nearly
-constant offset (Qwen2's key bias puts some channels near 355) would lose several units of logit to the offset
-alone; the centred keys keep those bits for what varies between tokens. Values have no offset.
+scale per token (:func:`quantize_fp8`): ``x̂ = code · s``, ``s = max|x| / fp8_max`` rounded up, so a token's largest
+element is (nearly) exact and the others keep ~3 significant bits. Keys may also be centred on a per-channel offset
+``μ`` shared by every token of a row (:func:`key_offset`, the mean of the prompt's keys): ``k̂ = μ + code · s``.
+Each key token keeps whichever of the two has the smaller squared error (:func:`quantize_fp8_keys`; the scale's sign
+bit marks an uncentred token). Centring saves channels with a large, nearly constant offset (Qwen2's key bias puts
+some near 355: a token whose largest element is elsewhere lost several units of logit there); not centring keeps an
+outlier channel exact where it is the token's largest (the default model's keys do better that way). Values: no
+offset.
 
 Codes are packed along the channel axis, ``8 // bits`` codes per byte (code ``i`` of a byte in bits
 ``[bits·i, bits·(i+1))``), so a token's codes are one contiguous row: eviction gathers rows.
@@ -32,6 +35,7 @@ __all__ = [
     "fp8_dtype",
     "key_offset",
     "quantize_fp8",
+    "quantize_fp8_keys",
     "dequantize_keys",
     "dequantize_values",
     "pack_codes",
@@ -98,18 +102,34 @@ def key_offset(k: Tensor, valid: Tensor | None, sdtype: torch.dtype) -> Tensor:
     return mu
 
 
+def quantize_fp8_keys(k: Tensor, offset: Tensor, fp8: torch.dtype, sdtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Per token, the :func:`quantize_fp8` codes of ``k - offset`` or of ``k`` (``offset`` ``(B, H, 1, D)``), whichever
+    has the smaller squared error ``Σ_c (code·s - x)²`` (float64 sum; ties: ``k - offset``); the scale of a token
+    stored without the offset is negated. Dequantized: ``code · |s| + offset · [s > 0]``."""
+    kf = k.float()
+    kc = kf - offset.float()
+    ca, sa = quantize_fp8(kf, fp8, sdtype)
+    cb, sb = quantize_fp8(kc, fp8, sdtype)
+
+    def error(codes: Tensor, s: Tensor, x: Tensor) -> Tensor:
+        return (codes.float() * s.float() - x).double().square().sum(-1, keepdim=True)
+
+    centred = error(cb, sb, kc) <= error(ca, sa, kf)
+    codes = torch.where(centred, cb.view(torch.uint8), ca.view(torch.uint8)).view(fp8)
+    return codes, torch.where(centred, sb, -sa)
+
+
 def quantize_fp8_kv(k: Tensor, v: Tensor, fp8: torch.dtype, sdtype: torch.dtype, k_offset: Tensor | None = None
                     ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-    """:func:`quantize_fp8` of keys (minus ``k_offset`` ``(B, H, 1, D)``, :func:`key_offset`, when given) and values:
-    on CPU one compiled call (``kv_quant_numba.quantize_fp8_pair``, bit for bit the same; a decode step's flush is
-    otherwise a dozen small ops per tensor), else the torch ops."""
-    if k_offset is not None:
-        k = k.float() - k_offset.float()
+    """:func:`quantize_fp8` of keys (:func:`quantize_fp8_keys` with ``k_offset``, :func:`key_offset`, when given) and
+    values: on CPU one compiled call (``kv_quant_numba.quantize_fp8_pair``, bit for bit the same; a decode step's
+    flush is otherwise a dozen small ops per tensor), else the torch ops."""
     if k.device.type == "cpu":
         from .kv_quant_numba import quantize_fp8_pair  # numba: imported when first needed
 
-        return quantize_fp8_pair(k, v, fp8, sdtype)
-    return quantize_fp8(k, fp8, sdtype), quantize_fp8(v, fp8, sdtype)
+        return quantize_fp8_pair(k, v, fp8, sdtype, k_offset)
+    keys = quantize_fp8(k, fp8, sdtype) if k_offset is None else quantize_fp8_keys(k, k_offset, fp8, sdtype)
+    return keys, quantize_fp8(v, fp8, sdtype)
 
 
 def scale_dtype_for(dtype: torch.dtype) -> torch.dtype:
@@ -246,8 +266,8 @@ class QuantizedKV:
     ``k_codes`` ``(B, H, T, D·bits/8)``, ``k_scale`` / ``k_zero`` ``(B, H, T/G, D)`` (per channel, ``G`` tokens a
     group), ``v_codes`` ``(B, H, T, Dv·bits/8)``, ``v_scale`` / ``v_zero`` ``(B, H, T, Dv/Gv)`` (per token),
     ``valid`` ``(B, 1|H, T)`` bool or ``None``. float8 codes (``kv_fp8``): ``k_codes`` / ``v_codes`` ``(B, H, T, D)``,
-    scales ``(B, H, T, 1)``, ``k_zero`` the keys' per-channel offset ``(B, H, 1, D)`` shared by every token
-    (:func:`key_offset`; ``None``: zero), ``v_zero`` ``None``.
+    scales ``(B, H, T, 1)``, ``k_zero`` the keys' per-channel offset ``(B, H, 1, D)`` shared by the tokens whose key
+    scale is positive (:func:`quantize_fp8_keys`; ``None``: no offset), ``v_zero`` ``None``.
     """
 
     __slots__ = ("bits", "k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "valid")
@@ -279,9 +299,10 @@ class QuantizedKV:
             B, H = self.k_codes.shape[:2]
             return self.k_codes.new_zeros(B, H, 0, self.k_codes.shape[-1] if self.fp8 else self.k_scale.shape[-1],
                                           dtype=dtype)
-        if self.fp8:
-            keys = dequantize_keys(self.k_codes[:, :, start:stop], self.k_scale[:, :, start:stop], None, 8, dtype)
-            return keys if self.k_zero is None else keys + self.k_zero.to(dtype)
+        if self.fp8:  # code · |s|, plus the offset where s > 0 (quantize_fp8_keys)
+            ks = self.k_scale[:, :, start:stop]
+            keys = dequantize_keys(self.k_codes[:, :, start:stop], ks.abs(), None, 8, dtype)
+            return keys if self.k_zero is None else keys + self.k_zero.to(dtype) * (ks > 0).to(dtype)
         g = self.key_group
         zero = None if self.k_zero is None else self.k_zero[:, :, start // g: stop // g]
         return dequantize_keys(self.k_codes[:, :, start:stop], self.k_scale[:, :, start // g: stop // g], zero,
@@ -289,14 +310,15 @@ class QuantizedKV:
 
     def key_logits(self, rows: Tensor, start: int, stop: int) -> Tensor:
         """``rows @ keys[start:stop]ᵀ`` ``(B, H, R, stop - start)`` in float32 for float32 ``rows`` ``(B, H, R, Dk)``,
-        without dequantizing: per key group ``(rows · s) @ codesᵀ + rows @ z`` (float8: ``(rows @ codesᵀ) · s + rows @
-        μ``)."""
+        without dequantizing: per key group ``(rows · s) @ codesᵀ + rows @ z`` (float8: ``(rows @ codesᵀ) · |s| +
+        (rows @ μ)·[s > 0]``)."""
         g = self.key_group
         ks = self.k_scale[:, :, start // g: stop // g].float()
         c = codes_as_float(self.k_codes[:, :, start:stop], self.bits, ks.shape[-1])
-        if self.fp8:  # one scale per token, one offset per channel
-            logits = (rows @ c.transpose(-1, -2)) * ks[..., 0][:, :, None, :]
-            return logits if self.k_zero is None else logits + rows @ self.k_zero.float().transpose(-1, -2)
+        if self.fp8:  # one scale per token, one offset per channel for the tokens stored centred
+            s = ks[..., 0][:, :, None, :]
+            logits = (rows @ c.transpose(-1, -2)) * s.abs()
+            return logits if self.k_zero is None else logits + (rows @ self.k_zero.float().transpose(-1, -2)) * (s > 0)
         B, H, t, D = c.shape
         n = t // g
         kz = self.k_zero[:, :, start // g: stop // g].float()

@@ -17,7 +17,7 @@ import torch
 
 from kvaccel.kernels.attention_index_jit import kernel
 
-from .quantized_decode_attention_numba import scale_table
+from .quantized_decode_attention_numba import _fp8_words, fp8_decoding, scale_table
 
 __all__ = ["quantize_fp8_pair"]
 
@@ -92,48 +92,92 @@ def _f32_to_fp8(w, fmt, word, as_float):
 
 
 @kernel(inline="always")
-def _quantize_tokens(x, fmt, fmax, bf16, tiny, slut, word, as_float, codes, scale):
-    """Tokens ``x`` ``(B, H, T, C)`` float32 -> ``codes`` ``(B, H, T, C)`` float8 bits and ``scale`` ``(B, H, T, 1)``
-    16-bit bits: ``s = max|x| / fmax`` rounded to the 16-bit dtype, up one step if that is below, at least ``tiny``
-    (the smallest normal's bits), ``code = fp8(x / s)``. False when a scale is not finite (or ``x`` holds NaN)."""
+def _quantize_row(row, fmt, fmax, bf16, tiny, slut, word, as_float, out):
+    """One token ``row`` ``(C,)`` float32 -> float8 bits in ``out``; returns ``(scale bits, finite)``: ``s = max|x| /
+    fmax`` rounded to the 16-bit dtype, up one step if that is below, at least ``tiny`` (the smallest normal's bits),
+    ``code = fp8(x / s)``; not finite when the scale overflows (or ``row`` holds NaN)."""
     top = np.uint32(0x7F80) if bf16 else np.uint32(0x7C00)  # exponent bits all ones: inf or NaN
     finite = True
+    amax = np.float32(0.0)
+    for c in range(row.shape[0]):
+        v = abs(row[c])
+        if v != v:
+            finite = False
+        amax = max(amax, v)
+    as_float[0] = amax / np.float32(fmax)
+    s32 = as_float[0]
+    s = _f32_to_bf16(word[0]) if bf16 else _f32_to_f16(word[0])
+    if slut[s] < s32:
+        s += np.uint32(1)  # nextafter towards +inf (s >= 0)
+    s = max(s, np.uint32(tiny))
+    if (s & top) == top:
+        finite = False
+    sf = slut[s]
+    for c in range(row.shape[0]):
+        as_float[0] = row[c] / sf
+        out[c] = _f32_to_fp8(word[0], fmt, word, as_float)
+    return s, finite
+
+
+@kernel(inline="always")
+def _row_error(x, codes, sf, shift, ratio, words):
+    """``Σ_c (code_c · s − x_c)²`` in float64 (``code · s`` in float32, as torch's ``codes.float() * s.float()``);
+    ``words`` uint32 scratch of ``len(x)``."""
+    _fp8_words(codes, shift, words)
+    as_float = words.view(np.float32)
+    err = 0.0
+    for c in range(x.shape[0]):
+        d = np.float64(as_float[c] * np.float32(ratio) * sf - x[c])
+        err += d * d
+    return err
+
+
+@kernel(inline="always")
+def _quantize_tokens(x, mu, fmt, fmax, bf16, tiny, slut, shift, ratio, word, as_float, codes, scale):
+    """Tokens ``x`` ``(B, H, T, C)`` float32 -> ``codes`` ``(B, H, T, C)`` float8 bits and ``scale`` ``(B, H, T, 1)``
+    16-bit bits (:func:`_quantize_row`). With an offset ``mu`` ``(B, H, 1, C)`` (keys; ``(1, 1, 0, 1)``: none), each
+    token keeps the codes of ``x - mu`` or of ``x``, whichever has the smaller squared error (ties: ``x - mu``), the
+    latter with the scale's sign bit set. False when a scale is not finite."""
+    finite = True
+    C = x.shape[3]
+    centre = mu.shape[2] > 0
+    xc = np.empty(C, np.float32)
+    alt = np.empty(C, np.uint8)
+    words = np.empty(C, np.uint32)
     for b in range(x.shape[0]):
         for h in range(x.shape[1]):
             for t in range(x.shape[2]):
-                row = x[b, h, t]
-                amax = np.float32(0.0)
-                for c in range(row.shape[0]):
-                    v = abs(row[c])
-                    if v != v:
-                        finite = False
-                    amax = max(amax, v)
-                as_float[0] = amax / np.float32(fmax)
-                s32 = as_float[0]
-                s = _f32_to_bf16(word[0]) if bf16 else _f32_to_f16(word[0])
-                if slut[s] < s32:
-                    s += np.uint32(1)  # nextafter towards +inf (s >= 0)
-                s = max(s, np.uint32(tiny))
-                if (s & top) == top:
-                    finite = False
+                row, out = x[b, h, t], codes[b, h, t]
+                s, ok = _quantize_row(row, fmt, fmax, bf16, tiny, slut, word, as_float, out)
+                finite &= ok
+                if centre:
+                    m = mu[b, h, 0]
+                    for c in range(C):
+                        xc[c] = row[c] - m[c]
+                    sc, ok = _quantize_row(xc, fmt, fmax, bf16, tiny, slut, word, as_float, alt)
+                    finite &= ok
+                    if (_row_error(xc, alt, slut[sc], shift, ratio, words)
+                            <= _row_error(row, out, slut[s], shift, ratio, words)):
+                        out[:] = alt
+                        s = sc
+                    else:
+                        s |= np.uint32(0x8000)  # the sign bit: stored without the offset
                 scale[b, h, t, 0] = s
-                sf = slut[s]
-                out = codes[b, h, t]
-                for c in range(row.shape[0]):
-                    as_float[0] = row[c] / sf
-                    out[c] = _f32_to_fp8(word[0], fmt, word, as_float)
     return finite
 
 
 @kernel()
-def _quantize_pair(xk, xv, fmt, fmax, bf16, tiny, slut, kc, ks, vc, vs):
-    """:func:`_quantize_tokens` of ``xk`` into ``kc`` / ``ks`` and of ``xv`` into ``vc`` / ``vs``; False when a scale
-    is not finite."""
+def _quantize_pair(xk, mu, xv, fmt, fmax, bf16, tiny, slut, shift, ratio, kc, ks, vc, vs):
+    """:func:`_quantize_tokens` of ``xk`` (with the offset ``mu``) into ``kc`` / ``ks`` and of ``xv`` into ``vc`` /
+    ``vs``; False when a scale is not finite."""
     word = np.empty(1, np.uint32)
     as_float = word.view(np.float32)
-    ok_k = _quantize_tokens(xk, fmt, fmax, bf16, tiny, slut, word, as_float, kc, ks)
-    ok_v = _quantize_tokens(xv, fmt, fmax, bf16, tiny, slut, word, as_float, vc, vs)
+    ok_k = _quantize_tokens(xk, mu, fmt, fmax, bf16, tiny, slut, shift, ratio, word, as_float, kc, ks)
+    ok_v = _quantize_tokens(xv, _NO_OFFSET, fmt, fmax, bf16, tiny, slut, shift, ratio, word, as_float, vc, vs)
     return ok_k and ok_v
+
+
+_NO_OFFSET = np.zeros((1, 1, 0, 1), np.float32)
 
 
 @functools.cache
@@ -144,15 +188,18 @@ def _constants(fp8: torch.dtype, sdtype: torch.dtype) -> tuple:
     return fmt, fmax, sdtype == torch.bfloat16, tiny, scale_table(sdtype)
 
 
-def quantize_fp8_pair(k: torch.Tensor, v: torch.Tensor, fp8: torch.dtype, sdtype: torch.dtype
+def quantize_fp8_pair(k: torch.Tensor, v: torch.Tensor, fp8: torch.dtype, sdtype: torch.dtype,
+                      k_offset: torch.Tensor | None = None
                       ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """``(quantize_fp8(k, fp8, sdtype), quantize_fp8(v, fp8, sdtype))`` for CPU tensors ``(B, H, T, C)``, bit for bit,
-    in one compiled call; the same ``ValueError`` for scales that overflow (or NaN input)."""
+    in one compiled call (with ``k_offset`` ``(B, H, 1, C)``: ``quantize_fp8_keys(k, k_offset, fp8, sdtype)`` for the
+    keys); the same ``ValueError`` for scales that overflow (or NaN input)."""
     kf, vf = k.float(), v.float()
+    mu = _NO_OFFSET if k_offset is None else k_offset.float().expand(*kf.shape[:2], 1, kf.shape[3]).contiguous().numpy()
     kc, vc = torch.empty(kf.shape, dtype=torch.uint8), torch.empty(vf.shape, dtype=torch.uint8)
     ks, vs = torch.empty(*kf.shape[:-1], 1, dtype=torch.int16), torch.empty(*vf.shape[:-1], 1, dtype=torch.int16)
-    if not _quantize_pair(kf.numpy(), vf.numpy(), *_constants(fp8, sdtype), kc.numpy(), ks.numpy().view(np.uint16),
-                          vc.numpy(), vs.numpy().view(np.uint16)):
+    if not _quantize_pair(kf.numpy(), mu, vf.numpy(), *_constants(fp8, sdtype), *fp8_decoding(fp8), kc.numpy(),
+                          ks.numpy().view(np.uint16), vc.numpy(), vs.numpy().view(np.uint16)):
         big = max(float(kf.abs().max()), float(vf.abs().max()))
         raise ValueError(f"KV values up to {big:.3g} do not fit the {sdtype} scales of the fp8 cache")
     return (kc.view(fp8), ks.view(sdtype)), (vc.view(fp8), vs.view(sdtype))

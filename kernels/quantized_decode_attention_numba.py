@@ -7,7 +7,8 @@ packed ones unpacked once per token for every query row, float8 ones placed in f
 applied to the dot product. Values (:func:`_value_sum`): per token and value group
 ``acc[r, c] += p[r,t]·(code[t,c]·s + z)``. Both loops take ``_TB`` tokens a step (each row's accumulator and query
 read once a step). float8 codes (``kv_fp8``): one scale per token (keys: plus one offset per channel, its dot with the
-query added to every logit), the bytes decoded by placing their bits in a float32 (:func:`fp8_decoding`).
+query added to the logits of the tokens stored centred), the bytes decoded by placing their bits in a float32
+(:func:`fp8_decoding`).
 
 numba has no float16 / bfloat16 arithmetic: 16-bit scales and zero points are read as their bit patterns (uint16)
 through a 65,536-entry float32 table (:func:`scale_table`). Packed codes (``kv_quant.pack_codes``: channel
@@ -141,7 +142,8 @@ def _dot4_u8(a, c0, c1, c2, c3):
 def _key_logits(q, codes, kscale, kzero, slut, bits, fp8_shift, fp8_ratio, group, t0, t1, out, col0):
     """``out[r, col0 + t]`` = ``q[r] · key[t]`` for ``t0 <= t < t1`` (whole key groups) of one row block: q ``(R, D)``,
     codes ``(slots, bytes)``; integer codes with per-channel scale and zero per key group ``(groups, D)``, or float8
-    codes (``fp8_shift > 0``) with a scale per token ``(slots, 1)`` and one offset per channel ``kzero`` ``(1, D)``."""
+    codes (``fp8_shift > 0``) with a scale per token ``(slots, 1)`` and one offset per channel ``kzero`` ``(1, D)``,
+    added where the scale is positive (``kv_quant.quantize_fp8_keys``)."""
     R, D = q.shape
     nb = codes.shape[1]
     bias = np.empty(R, np.float32)  # q · z (integer codes: of a key group; float8: q · offset)
@@ -153,23 +155,24 @@ def _key_logits(q, codes, kscale, kzero, slut, bits, fp8_shift, fp8_ratio, group
             bias[r] = _dot(q[r], zf)
         words = np.empty((_TB, nb), np.uint32)
         as_float = words.view(np.float32)
+        zero = np.float32(0.0)
         for t in range(t0, t1 - _TB + 1, _TB):
             for k in range(_TB):
                 _fp8_words(codes[t + k], fp8_shift, words[k])
             s0, s1, s2, s3 = (slut[kscale[t, 0]] * fp8_ratio, slut[kscale[t + 1, 0]] * fp8_ratio,
                               slut[kscale[t + 2, 0]] * fp8_ratio, slut[kscale[t + 3, 0]] * fp8_ratio)
-            for r in range(R):
+            for r in range(R):  # a negative scale: the token is stored without the offset
                 d0, d1, d2, d3 = _dot4(q[r], as_float)
                 b = bias[r]
-                out[r, col0 + t] = b + d0 * s0
-                out[r, col0 + t + 1] = b + d1 * s1
-                out[r, col0 + t + 2] = b + d2 * s2
-                out[r, col0 + t + 3] = b + d3 * s3
+                out[r, col0 + t] = (b if s0 > 0 else zero) + d0 * abs(s0)
+                out[r, col0 + t + 1] = (b if s1 > 0 else zero) + d1 * abs(s1)
+                out[r, col0 + t + 2] = (b if s2 > 0 else zero) + d2 * abs(s2)
+                out[r, col0 + t + 3] = (b if s3 > 0 else zero) + d3 * abs(s3)
         for t in range(t1 - (t1 - t0) % _TB, t1):
             _fp8_words(codes[t], fp8_shift, words[0])
             s0 = slut[kscale[t, 0]] * fp8_ratio
             for r in range(R):
-                out[r, col0 + t] = bias[r] + _dot(q[r], as_float[0]) * s0
+                out[r, col0 + t] = (bias[r] if s0 > 0 else zero) + _dot(q[r], as_float[0]) * abs(s0)
         return
     per = 8 // bits
     buf = np.empty((_TB, per * nb), np.float32)  # _TB tokens' codes, each in the split layout

@@ -146,11 +146,12 @@ class KVInt4(QuantizedKVStorage):
 class KVFp8(_QuantizedStorage):
     """kv_fp8: float8 codes (e4m3 or e5m2) with one 16-bit scale per token for keys and values.
 
-    Values ``v̂ = code · s``, ``s = max|v| / fp8_max`` per token; keys the same after centring on a per-channel offset
-    ``μ`` (the mean of the prompt's keys, 16-bit, fixed for the layer): ``k̂ = μ + code · s``, so a channel with a
-    large constant part (Qwen2's key bias) does not spend the code's ~3 significant bits on it (KL on
-    Qwen2.5-Coder-1.5B: ``docs/results.md`` section 10). On CPU the compiled kernel decodes the float8 bytes in
-    registers (no Triton kernel for float8 codes yet: CUDA tensors take the PyTorch path).
+    Values ``v̂ = code · s``, ``s = max|v| / fp8_max`` per token. Keys: per token the better (squared error) of the
+    same codes and codes centred on a per-channel offset ``μ`` (the mean of the prompt's keys, 16-bit, fixed for the
+    layer): ``k̂ = μ + code · s``, so a channel with a large constant part (Qwen2's key bias) does not spend a token's
+    ~3 significant bits on it (``kernels/kv_quant.py``; KL on both models: ``docs/results.md`` sections 10 and 11).
+    On CPU the compiled kernel decodes the float8 bytes in registers (no Triton kernel for float8 codes yet: CUDA
+    tensors take the PyTorch path).
 
     Parameters
     ----------

@@ -7,7 +7,7 @@ Storage of one layer (token axis ``[quantized part (Tq), window (Tw)]``, in arri
     v_codes  (B, H, Tq, Dv·bits/8)  uint8   values per token: a group = G consecutive channels of one token
     v_scale, v_zero  (B, H, Tq, Dv/G)
     (kv_fp8: float8 codes (B, H, Tq, D), one scale per token, the keys' offset k_zero (B, H, 1, D): the mean of the
-    prompt's keys, fixed when the layer is converted; ``kv_quant.key_offset``)
+    prompt's keys, fixed when the layer is converted, for the key tokens stored centred; ``kv_quant.key_offset``)
     qvalid   (B, 1|H, Tq) bool or None      validity of the quantized slots
     keys / values / valid / token_state     the full-precision window (``KVAccelLayer``'s storage), and method
                                             state spanning the whole axis
