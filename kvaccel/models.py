@@ -136,6 +136,11 @@ def text_config(model):
     return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
 
 
+def head_size(config) -> int:
+    """Channels per attention head of a text config: its ``head_dim`` when set, else ``hidden_size / heads``."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def model_name(model) -> str:
     """A readable name for a model: its ``name_or_path`` basename (``SmolLM2-135M-Instruct`` for the default)."""
     path = str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or "")

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvaccel.models import head_size, text_config
+
 Tensor = torch.Tensor
 
 #: RoPE types whose frequencies do not depend on the sequence length (a rotation by a delta is exact)
@@ -78,8 +80,7 @@ class RopeShift:
                 f"rerotate=True needs RoPE frequencies that do not change with the sequence length "
                 f"({', '.join(CONSTANT_FREQUENCY_ROPE)}); this model uses '{rope_type}': use rerotate=False"
             )
-        config = model.config.get_text_config(decoder=True)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = head_size(text_config(model))
         if 2 * rotary.inv_freq.numel() != head_dim:
             raise ValueError(
                 f"rerotate=True needs RoPE over the whole head ({head_dim} channels); this model rotates "

@@ -22,6 +22,7 @@ import torch
 import kvaccel
 from kvaccel.compare import prompt_ids
 from kvaccel.config import parse_spec
+from kvaccel.models import head_size, text_config
 
 NAME = os.environ.get("KVACCEL_SECOND_MODEL", "")
 pytestmark = [
@@ -88,8 +89,8 @@ def test_method_runs_with_real_savings(second, spec):
     methods = parse_spec(spec)
     names = [m.name for m in methods]
     name = names[0]
-    text = model.config.get_text_config(decoder=True)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    text = text_config(model)
+    head_dim = head_size(text)
     share = 1.0  # bytes held / full's, before a channel or storage method: no eviction
     if name in EVICTION or name == "critical":  # real bytes: the budget's share (+ SnapKV-style windows / sinks)
         n = len(rep["kept_tokens"])

@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kvaccel.gate_files import GateFile, text_config
+from kvaccel.gate_files import GateFile
+from kvaccel.models import head_size, text_config
 from kvaccel.rope import rotate_half, unrotate
 
 FORMAT = "kvaccel-seer-gate/1"
@@ -196,7 +197,7 @@ def model_shape(model) -> dict[str, Any]:
         num_layers=cfg.num_hidden_layers,
         num_q_heads=hq,
         num_kv_heads=getattr(cfg, "num_key_value_heads", None) or hq,
-        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // hq,
+        head_dim=head_size(cfg),
         rope_theta=float(theta or getattr(cfg, "rope_theta", 10000.0)),
     )
 

@@ -34,6 +34,7 @@ from typing import ClassVar
 from kvaccel.checks import check_int
 from kvaccel.config import Method, register
 from kvaccel.kernels.kv_quant import check_bits, fp8_dtype
+from kvaccel.models import head_size, text_config
 from kvaccel.varlen_cache import VarlenLayer
 
 from .quantized_layer import QuantizedLayer
@@ -112,8 +113,7 @@ class QuantizedKVStorage(_QuantizedStorage):
         return dict(bits=self.bits, group_size=self.group_size, residual=self.residual)
 
     def bind(self, model) -> None:
-        text = model.config.get_text_config(decoder=True)
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        head_dim = head_size(text_config(model))
         if head_dim % self.group_size:
             raise ValueError(
                 f"{self.name}: group_size ({self.group_size}) must divide the head size ({head_dim}) of this model: "

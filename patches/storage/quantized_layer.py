@@ -229,7 +229,7 @@ class QuantizedLayer(KVAccelLayer):
         if self.fp8 is not None or n <= 0 or pad == 0:
             return 0
         D, Dv = self.keys.shape[-1], self.values.shape[-1]
-        sd = torch.empty((), dtype=scale_dtype_for(self.dtype)).element_size()
+        sd = scale_dtype_for(self.dtype).itemsize
         codes = G * ((D + Dv) * self.bits / 8 + 2 * sd * Dv // G + 1) + 2 * sd * D  # + scales, zeros, validity
         return pad if (G - pad) * (D + Dv) * self.keys.element_size() > codes else 0
 
