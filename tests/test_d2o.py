@@ -140,3 +140,76 @@ def test_d2o_needs_four_layers():
         kvaccel.patch(tiny_model("llama"), D2O())
     with pytest.raises(ValueError, match="recent_ratio"):
         D2O(recent_ratio=1.5)
+
+
+def test_decode_eviction_runs_on_one_thread(monkeypatch):
+    """A decode step's eviction and merge (a few hundred tokens per head) run with one intra-op thread, the count
+    restored after; the prompt's eviction keeps every thread."""
+    import kvaccel.patches.evict.d2o as d2o
+
+    threads, real = [], d2o.merge_evicted
+
+    def spy(*a, **kw):
+        threads.append(torch.get_num_threads())
+        return real(*a, **kw)
+
+    monkeypatch.setattr(d2o, "merge_evicted", spy)
+    model = tiny_model("llama", num_hidden_layers=4)
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with kvaccel.patched(model, D2O(budget=0.25, slack=1)), torch.no_grad():
+            cache = KVAccelCache(model)
+            tok = model(_ids(128, seed=2), cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            assert threads == [2]  # layer 2 at the end of the prefill forward
+            model(tok, cache=cache, use_cache=True)
+            assert threads == [2, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(n)
+
+
+def _merge_all_rows(K, V, kept, evicted, tau_prev, alpha, beta, normalize, per_head):
+    """The merge computed on every row (an ``(N, N)`` similarity map per head), as before only evicted rows were
+    compared: the reference the evicted-rows-only ``merge_evicted`` must equal."""
+    B, H, N, D = K.shape
+    kf, vf = K.float(), V.float()
+    kn = torch.nn.functional.normalize(kf, dim=-1)
+    s, near = (kn @ kn.transpose(-1, -2)).masked_fill(~kept[:, :, None, :], float("-inf")).max(-1)
+    s = torch.where(evicted, s, torch.zeros_like(s))
+    mean_s = s.sum((1, 2)) / evicted.sum((1, 2)).clamp(min=1)
+    tau = mean_s if tau_prev is None else alpha * tau_prev + beta * mean_s
+    if per_head:
+        merged = evicted & (s >= tau[:, None, None])
+    else:
+        merged = evicted & (s.sum(1, keepdim=True) / evicted.sum(1, keepdim=True).clamp(min=1) >= tau[:, None, None])
+    w = torch.where(merged, s, torch.zeros_like(s))
+    mass = kf.new_zeros(B, H, N).scatter_add_(2, near, w if normalize else merged.float())
+    k_acc = torch.zeros_like(kf).scatter_add_(2, near[..., None].expand_as(kf), w[..., None] * kf)
+    v_acc = torch.zeros_like(vf).scatter_add_(2, near[..., None].expand_as(vf), w[..., None] * vf)
+    denom = (1.0 + mass)[..., None]
+    return ((kf + k_acc) / denom).to(K.dtype), ((vf + v_acc) / denom).to(V.dtype), tau, merged
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("per_head", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_compares_only_evicted_rows_and_equals_the_all_rows_merge(normalize, per_head, dtype):
+    """Ragged evictions (a different number of evicted tokens per head and sequence, padding slots neither kept
+    nor evicted, a head evicting nothing), several row chunks: same merge decisions, threshold and merged keys and
+    values as comparing every row with the kept tokens."""
+    g = torch.Generator().manual_seed(7)
+    B, H, N, D, Dv = 2, 3, 40, 8, 6
+    K = torch.randn(B, H, N, D, generator=g).to(dtype)
+    V = torch.randn(B, H, N, Dv, generator=g).to(dtype)
+    valid = torch.rand(B, H, N, generator=g) > 0.1
+    evicted = valid & (torch.rand(B, H, N, generator=g) < torch.tensor([0.1, 0.3, 0.6])[None, :, None])
+    evicted[1, 2] = False  # a head that evicts nothing
+    kept = valid & ~evicted
+    assert len({int(c) for c in evicted.sum(-1).flatten()}) > 2  # ragged
+    for tau_prev in (None, torch.tensor([0.1, 0.4])):
+        want = _merge_all_rows(K, V, kept, evicted, tau_prev, 0.5, 0.5, normalize, per_head)
+        got = merge_evicted(K, V, kept, evicted, tau_prev, 0.5, 0.5, chunk=5, normalize=normalize, per_head=per_head)
+        assert torch.equal(got[3], want[3]) and got[3].any()
+        torch.testing.assert_close(got[2], want[2], rtol=1e-6, atol=1e-7)
+        for a, b in zip(got[:2], want[:2], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

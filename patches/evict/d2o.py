@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from kvaccel.cache import KVAccelLayer
+from kvaccel.cache import KVAccelLayer, compact_slots
 from kvaccel.checks import check_int
 from kvaccel.config import register, validate_budget
 
-from .base import EvictionMethod, check_slack, decode_slack, eviction_due
+from .base import EvictionMethod, check_slack, decode_slack, eviction_due, one_thread
 from .h2o import step_attention_probs
 
 if TYPE_CHECKING:
@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 
 Tensor = torch.Tensor
 STATE = "d2o"  # key of the accumulated attention scores in ``layer.token_state``
+#: a decode-time eviction of a layer holding at most this many ``B * H_kv * N * D`` key elements runs on one
+#: CPU thread (``one_thread``)
+_SERIAL_MAX = 1 << 20
 
 
 def layer_sigma(col_sums: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -79,20 +82,28 @@ def merge_evicted(
       (the reference's ``scatter_reduce(mean, include_self)`` of ``s_e K_e``) ``K_t ← (K_t + Σ s_e K_e)/(1 + n_t)``,
       whose weights sum to ``(1 + Σ s_e)/(1 + n_t) < 1``: merged keys and values shrink. Same for V.
 
+    Cost: ``E x N`` similarities per head for the ``E`` evicted rows (not ``N x N``), and only the kept tokens that
+    receive a merge are recomputed; the result is the all-rows computation's (``tests/test_d2o.py``).
+
     Returns ``(K', V', τ (B,), merged (B, H, N) bool)``.
     """
     B, H, N, D = K.shape
-    kf, vf = K.float(), V.float()
+    kf = K.float()
     kn = F.normalize(kf, dim=-1)
-    s = kf.new_zeros(B, H, N)
-    near = torch.zeros(B, H, N, dtype=torch.long, device=K.device)
-    hide = ~kept[:, :, None, :]
-    for r0 in range(0, N, chunk):
-        r1 = min(N, r0 + chunk)
-        sim = (kn[:, :, r0:r1] @ kn.transpose(-1, -2)).masked_fill_(hide, float("-inf"))
-        m, a = sim.max(-1)
-        s[..., r0:r1], near[..., r0:r1] = m, a
-    s = torch.where(evicted, s, torch.zeros_like(s))
+    # Only the evicted rows are compared with the kept tokens (a decode eviction drops ``slack`` of ``N`` tokens),
+    # and only the kept tokens that receive a merge are rewritten: ``(K_t + 0) / 1`` is ``K_t`` for the others.
+    rows, is_row = compact_slots(evicted)  # (B, H, E): evicted positions in order, then padding (not evicted)
+    E = rows.shape[-1]
+    s_e = kf.new_zeros(B, H, E)
+    near_e = torch.zeros(B, H, E, dtype=torch.long, device=K.device)
+    hide = torch.zeros(B, H, 1, N, dtype=torch.float32, device=K.device).masked_fill_(~kept[:, :, None], float("-inf"))
+    for r0 in range(0, E, chunk):
+        r1 = min(E, r0 + chunk)
+        ke = kn.gather(2, rows[..., r0:r1, None].expand(B, H, r1 - r0, D))
+        m, a = (ke @ kn.transpose(-1, -2)).add_(hide).max(-1)  # + 0 or -inf: the masked fill, exactly
+        s_e[..., r0:r1], near_e[..., r0:r1] = m, a
+    s_e = torch.where(is_row, s_e, torch.zeros_like(s_e))
+    s = kf.new_zeros(B, H, N).scatter_(2, rows, s_e)  # rows is a permutation prefix: padding writes 0 elsewhere
     mean_s = s.sum((1, 2)) / evicted.sum((1, 2)).clamp(min=1)
     tau = mean_s if tau_prev is None else alpha * tau_prev + beta * mean_s
     if per_head:
@@ -101,12 +112,20 @@ def merge_evicted(
         heads = evicted.sum(1, keepdim=True)
         m_e = s.sum(1, keepdim=True) / heads.clamp(min=1)
         merged = evicted & (m_e >= tau[:, None, None])
-    w = torch.where(merged, s, torch.zeros_like(s))
-    mass = kf.new_zeros(B, H, N).scatter_add_(2, near, w if normalize else merged.float())
-    k_acc = torch.zeros_like(kf).scatter_add_(2, near[..., None].expand(B, H, N, D), w[..., None] * kf)
-    v_acc = torch.zeros_like(vf).scatter_add_(2, near[..., None].expand(B, H, N, vf.shape[-1]), w[..., None] * vf)
-    denom = (1.0 + mass)[..., None]
-    return ((kf + k_acc) / denom).to(K.dtype), ((vf + v_acc) / denom).to(V.dtype), tau, merged
+    merged_e = merged.gather(2, rows)  # False on padding (not evicted)
+    w = torch.where(merged_e, s_e, torch.zeros_like(s_e))  # (B, H, E)
+    mass = kf.new_zeros(B, H, N).scatter_add_(2, near_e, w if normalize else merged_e.float())
+    denom = (1.0 + mass.gather(2, near_e))[..., None]  # of each evicted row's target (padding: any kept token)
+
+    def merge_into_targets(X: Tensor) -> Tensor:
+        F_ = X.shape[-1]
+        tgt = near_e[..., None].expand(B, H, E, F_)
+        x_e = X.gather(2, rows[..., None].expand(B, H, E, F_)).float()
+        acc = X.new_zeros(B, H, N, F_, dtype=torch.float32).scatter_add_(2, tgt, w[..., None] * x_e)
+        new = (X.gather(2, tgt).float() + acc.gather(2, tgt)) / denom
+        return X.clone().scatter_(2, tgt, new.to(X.dtype))  # a target named twice gets the same row twice
+
+    return merge_into_targets(K), merge_into_targets(V), tau, merged
 
 
 @register
@@ -263,8 +282,12 @@ class D2O(EvictionMethod):
         if st is None or not self.compressible(ctx.layer_idx, ctx.num_layers):
             return
         self._accumulate(ctx)
-        if eviction_due(ctx.layer, st["capacity"], decode_slack(st["capacity"], self.slack)):
-            self.compress(ctx.layer, st["capacity"], st)
+        layer = ctx.layer
+        if eviction_due(layer, st["capacity"], decode_slack(st["capacity"], self.slack)):
+            K = layer.keys
+            small = K.device.type == "cpu" and K.shape[0] * K.shape[1] * layer.length * K.shape[-1] <= _SERIAL_MAX
+            with one_thread(small):  # a decode eviction's ops are small: parallel regions would cost more than them
+                self.compress(layer, st["capacity"], st)
 
     def compress(self, layer: KVAccelLayer, capacity: int, st: dict) -> None:
         """Keep ``capacity`` tokens per head (sinks + recent + top scores), merging evicted ones if enabled."""
