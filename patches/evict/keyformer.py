@@ -25,12 +25,23 @@ def step_seed(seed: int, layer_idx: int, step: int) -> int:
     return (seed * 1_000_003 + layer_idx * 10_007 + step) % (2**63)
 
 
-def gumbel_noise(shape, generator: torch.Generator) -> torch.Tensor:
-    """``zeta = -log(-log(u))``, ``u ~ U(0, 1)`` drawn with ``generator`` on its device (float32), clamped off 0
-    and 1. No host-to-device copy: a CUDA generator draws on the GPU."""
+def uniform_noise(shape, generator: torch.Generator) -> torch.Tensor:
+    """``u ~ U(0, 1)`` drawn with ``generator`` on its device (float32), clamped to ``[tiny, 1 - eps]`` (so that
+    ``log(-log(u))`` is finite). No host-to-device copy: a CUDA generator draws on the GPU."""
     u = torch.rand(shape, generator=generator, dtype=torch.float32, device=generator.device)
-    u = u.clamp_(torch.finfo(torch.float32).tiny, 1.0 - torch.finfo(torch.float32).eps)
-    return -torch.log(-torch.log(u))
+    return u.clamp_(torch.finfo(torch.float32).tiny, 1.0 - torch.finfo(torch.float32).eps)
+
+
+def neg_gumbel_noise(shape, generator: torch.Generator) -> torch.Tensor:
+    """``-zeta = log(-log(u))`` for ``u`` of :func:`uniform_noise`, computed in place in ``u``'s buffer (no other
+    allocation): ``x - neg_gumbel_noise(...)`` is exactly ``x + gumbel_noise(...)`` drawn from the same generator."""
+    return uniform_noise(shape, generator).log_().neg_().log_()
+
+
+def gumbel_noise(shape, generator: torch.Generator) -> torch.Tensor:
+    """``zeta = -log(-log(u))``, ``zeta ~ Gumbel(0, 1)``, ``u`` of :func:`uniform_noise` (float32, on the generator's
+    device)."""
+    return neg_gumbel_noise(shape, generator).neg_()
 
 
 def tau_at(step: int, tau_init: float, tau_end: float, max_new_tokens: int) -> float:
@@ -62,17 +73,18 @@ def noisy_scores(
     qg = q.reshape(B, Hkv, G * W, D)
     kt = k.float().transpose(-1, -2)
     if W == 1:  # a decode step: one block of G rows that see every key (no causal mask to build)
-        logits = (qg.float() @ kt).mul_(scale).add_(gumbel_noise((B, Hkv, G, T), generator)).div_(tau)
-        if valid is not None:
-            logits.masked_fill_(~valid[:, :, None, :], float("-inf"))
+        logits = (qg.float() @ kt).mul_(scale).sub_(neg_gumbel_noise((B, Hkv, G, T), generator)).div_(tau)
+        if valid is None:  # every key real: no row is fully masked, so no NaN to clear
+            return torch.softmax(logits, dim=-1).sum(2).div_(G)
+        logits.masked_fill_(~valid[:, :, None, :], float("-inf"))
         return torch.softmax(logits, dim=-1).nan_to_num_(0.0).sum(2).div_(G)
     row_pos = (T - W + torch.arange(W, device=q.device)).repeat(G)  # absolute position of each stacked row
     key_pos = torch.arange(T, device=q.device)
     out = torch.zeros(B, Hkv, T, dtype=torch.float32, device=q.device)
     for r0 in range(0, G * W, _ROW_CHUNK):
         r1 = min(G * W, r0 + _ROW_CHUNK)
-        logits = (qg[:, :, r0:r1].float() @ kt) * scale
-        logits = logits + gumbel_noise(logits.shape, generator)
+        logits = (qg[:, :, r0:r1].float() @ kt).mul_(scale)
+        logits.sub_(neg_gumbel_noise(logits.shape, generator))
         mask = key_pos[None, :] <= row_pos[r0:r1, None]  # (rows, T)
         if valid is not None:
             mask = mask & valid[:, :, None, :]
