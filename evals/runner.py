@@ -247,6 +247,14 @@ def fidelity_run(model, ids: torch.Tensor, ref: LoopRun, patched: bool) -> dict:
                                  "prompt_tokens": run.prompt_tokens}
 
 
+def method_path(rep: dict) -> dict:
+    """What a method did in a row, from its ``report()``: each per-layer step counter (``*_steps*``: e.g. retrieval's
+    graph / exact / before-index steps, quest's sparse / dense steps) summed over layers, and the report's notes."""
+    path = {k: sum(v) for k, v in rep.items() if "_steps" in k and isinstance(v, list)
+            and all(isinstance(x, int) for x in v)}
+    return path | {"notes": list(rep.get("notes") or [])}
+
+
 # --------------------------------------------------------------------------------------------- results store
 def result_key(r: dict) -> tuple:
     return (r["method"], r["task"], int(r["length"]), str(r["sample"]))
@@ -419,6 +427,10 @@ def run_eval(
                     else:
                         res = answer_sample(model, tokenizer, sample, patched, _new_tokens(task, new_tokens),
                                             question_aware)
+                    if patched:
+                        from kvaccel.api import report
+
+                        res["path"] = method_path(report(model))
                 row = {"method": m, "task": task, "length": length, "sample": sid, **res,
                        "wall_s": time.perf_counter() - t0, "time": time.time()}
                 _append(jsonl, row)

