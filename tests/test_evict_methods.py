@@ -339,7 +339,7 @@ def naive_keyformer_evict(ids: list[int], score: dict[int, float], cap: int, rec
 def test_keyformer_keeps_what_a_naive_reference_keeps():
     """Kept tokens and scores over a prompt and 40 decode steps (prompt cut + two decode evictions) equal a naive
     re-implementation (one ``torch.log`` per noise block, per-head id lists); every noise block has more than
-    ATen's 2048-element log grain, so the sliced log of the decode path is what runs."""
+    ATen's 2048-element log grain, so a threaded log would show here if its values differed."""
     T0, Hkv, Hq, W, cap, steps, seed = 600, 2, 8, 8, 500, 40, 5
     G, scale, fi = Hq // Hkv, 1 / math.sqrt(D), torch.finfo(torch.float32)
     layer, q = make_layer(T0, Hkv), queries(Hq, W)
