@@ -165,8 +165,14 @@ def _check_storage(rep: dict, method, text, head_dim: int, dtype: torch.dtype) -
 @pytest.mark.parametrize(("spec", "command"), [
     ("seer", "train-gate seer"), ("attention_gate", "train-gate attention_gate"),
     ("duo_attention", "train-gate duo_attention"), ("minference", "calibrate minference")])
-def test_trained_methods_name_the_training_command(second, spec, command):
-    """Methods whose per-model data (gates, patterns, head configurations) ships for the default model only."""
+def test_trained_methods_name_the_training_command(second, spec, command, monkeypatch):
+    """Methods whose per-model data (gates, patterns, head configurations) ships for the default model only. Gates are
+    looked up in the package only; minference also beside the model and in the kvaccel cache, where a user's own
+    calibration may be: only the package's files are looked at here."""
+    from kvaccel.patches.prefill import minference
+
+    monkeypatch.setattr(minference, "_candidates", lambda model, beside, prefix, data_dir: [
+        data_dir / f"{kvaccel.models.model_name(model)}.json"])
     model = second[0]
     with pytest.raises(ValueError, match=f"`kvaccel {command} --model"):
         kvaccel.patch(model, spec)
