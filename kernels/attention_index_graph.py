@@ -106,7 +106,7 @@ def _project(keys, qk, kq, n, degree, window, hubs, nbrs, deg):
                 uid[m] = y
                 m += 1
             acc[y] += 1.0 - crank[t] / (kb + 1.0) * 1e-3  # ties: the better rank
-        size = 0
+        size = np.int64(0)  # not a literal 0: that would compile the heap helpers again
         for t in range(m):
             y = uid[t]
             if y == x:
@@ -123,7 +123,7 @@ def _project(keys, qk, kq, n, degree, window, hubs, nbrs, deg):
     indeg = np.zeros(n, np.int64)
     for x in range(n):
         for t in range(base[x]):
-            y = nbrs[x, t]
+            y = np.int64(nbrs[x, t])  # int64 like every other key id passed to _add_edge
             indeg[y] += 1
             _add_edge(nbrs, deg, y, x, cap)
     for x in range(n):
@@ -175,7 +175,7 @@ def _prune_insert(keys, nbrs, deg, parent, y, x):
     chosen = np.empty(m, np.int64)
     nchosen = 0
     drop = -1  # slot of the candidate to drop, and the selected key that occludes it (-1: none)
-    occluder = -1
+    occluder = np.int64(-1)  # not a literal -1: that would compile _add_edge again
     fallback = -1  # the least similar unprotected candidate
     for o in range(m):
         t = order[o]
@@ -275,7 +275,7 @@ def _connect(keys, nbrs, deg, entries, n, ef):
             raise RuntimeError("attention index: no reachable key can link a new key (every edge is a tree edge)")
         reached[x] = 1
         stack[0] = x
-        _flood(nbrs, deg, reached, stack, 1, parent)
+        _flood(nbrs, deg, reached, stack, np.int64(1), parent)
     return parent
 
 

@@ -23,8 +23,8 @@ def _beam_search(q, keys, nbrs, deg, entries, n, ef, out_ids, out_scores):
     rs = np.empty(ef + 1, np.float32)  # results, max-heap by -score (worst result on top)
     ri = np.empty(ef + 1, np.int64)
     visited = np.zeros(n, np.uint8)
-    nc = 0
-    nr = 0
+    nc = np.int64(0)  # np.int64, not a literal: a literal 0 is a type of its own and compiles the heap helpers again
+    nr = np.int64(0)
     scanned = 0
     for e in entries:
         if e < 0 or e >= n or visited[e]:
@@ -43,7 +43,7 @@ def _beam_search(q, keys, nbrs, deg, entries, n, ef, out_ids, out_scores):
             break
         nc = _pop(cs, ci, nc)
         for t in range(deg[node]):
-            y = nbrs[node, t]
+            y = np.int64(nbrs[node, t])  # int64 like the entries: one compiled version of the helpers
             if visited[y]:
                 continue
             visited[y] = 1
@@ -64,7 +64,7 @@ def _scan_row(q, keys, n, out_ids, out_scores):
     k = out_ids.shape[0]
     rs = np.empty(k + 1, np.float32)  # max-heap by -score: the worst kept key on top
     ri = np.empty(k + 1, np.int64)
-    nr = 0
+    nr = np.int64(0)
     for j in range(n):
         s = _dot(q, keys[j])
         if nr < k or s > -rs[0]:
@@ -119,13 +119,13 @@ def _group_search(qg, keys, nbrs, deg, entries, n, ef, out_ids, out_scores):
     ci = np.empty(cap, np.int64)  # candidate slot in cscore
     cscore = np.empty((cap, G), np.float32)
     cnode = np.empty(cap, np.int64)
-    nslot = 0
+    nslot = np.int64(0)
     rs = np.empty((G, ef + 1), np.float32)  # per head: max-heap by -score (worst kept on top)
     ri = np.empty((G, ef + 1), np.int64)
     nr = np.zeros(G, np.int64)
     visited = np.zeros(n, np.uint8)
     sc = np.empty(G, np.float32)
-    nc = 0
+    nc = np.int64(0)
     scanned = 0
     total = entries.shape[0]
     for step in range(total + n):
@@ -148,12 +148,12 @@ def _group_search(qg, keys, nbrs, deg, entries, n, ef, out_ids, out_scores):
             node = cnode[slot]
             y = -1
             for t in range(deg[node]):
-                z = nbrs[node, t]
+                z = np.int64(nbrs[node, t])
                 if visited[z]:
                     continue
                 visited[z] = 1
                 scanned += 1
-                best = -np.inf
+                best = np.float32(-np.inf)  # the candidate heap's dtype
                 improves = False
                 for g in range(G):
                     sc[g] = _dot(qg[g], keys[z])
@@ -170,7 +170,7 @@ def _group_search(qg, keys, nbrs, deg, entries, n, ef, out_ids, out_scores):
         # an entry point
         visited[y] = 1
         scanned += 1
-        best = -np.inf
+        best = np.float32(-np.inf)
         for g in range(G):
             sc[g] = _dot(qg[g], keys[y])
             best = max(best, sc[g] * inv[g])
