@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -23,12 +24,14 @@ print(json.dumps({name: [str(sig) for sig in d.signatures]
 """
 
 
-def test_graph_helpers_compile_once_per_heap_type():
+def test_graph_helpers_compile_once_per_heap_type(tmp_path):
     """In a fresh process, compiling the graph path (build, link, grouped search) compiles every helper once, with no
     literal-typed argument (a counter started at a literal ``0`` or ``-1`` is a type of its own, so numba compiled
     ``_push`` 9 times, ``_pop`` / ``_add_candidate`` 4, ``_add_edge`` / ``_push_grow`` 3). ``_push`` / ``_pop`` twice:
     the float32 heaps of the searches and the float64 weight heap of the projection."""
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, timeout=900)
+    # an empty numba cache: kernels loaded from a populated one register only the signatures they were loaded with
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sigs = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [f"{n}{s}" for n, ss in sigs.items() for s in ss if "Literal" in s] == []
