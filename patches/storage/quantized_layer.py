@@ -72,9 +72,9 @@ class QuantizedLayer(KVAccelLayer):
         self.fp8 = fp8
         self.bits, self.group_size, self.residual = (8, 1, residual) if fp8 is not None else (bits, group_size,
                                                                                               residual)
+        #: codes, scales and zero points by ``_STORE`` name (kv_fp8: ``k_zero`` is the keys' per-channel offset ``(B, H,
+        #: 1, D)``, set from the prompt in :meth:`from_layer` and kept by every later flush and re-quantization)
         self._store: dict[str, SlotTensor] = {}
-        #: kv_fp8: the keys' per-channel offset ``(B, H, 1, D)`` (set from the prompt in :meth:`from_layer`)
-        self._koffset: Tensor | None = None
         self._qvalid: SlotTensor | None = None
         #: ThinK's narrow segment, quantized once at conversion (keys keep ``channel_idx``), padded to whole groups
         self._nstore: dict[str, Tensor] = {}
@@ -114,7 +114,7 @@ class QuantizedLayer(KVAccelLayer):
         out.__class__ = cls
         out._init_storage(bits, group_size, residual, fp8)
         if fp8 is not None:
-            out._koffset = key_offset(out.keys, out.valid, scale_dtype_for(out.dtype))
+            out._store["k_zero"] = SlotTensor(key_offset(out.keys, out.valid, scale_dtype_for(out.dtype)))
         if narrow is not None:
             out._quantize_narrow(narrow)
         out._set_store(out.keys[:, :, :0], out.values[:, :, :0], None)
@@ -188,10 +188,7 @@ class QuantizedLayer(KVAccelLayer):
     def quant(self) -> QuantizedKV:
         """The quantized part as the kernels read it (views of the buffers)."""
         s = self._store
-        parts = [s[name].view if name in s else None for name in _STORE]
-        if self._koffset is not None:
-            parts[2] = self._koffset
-        return QuantizedKV(self.bits, *parts, valid=self.qvalid)
+        return QuantizedKV(self.bits, *(s[name].view if name in s else None for name in _STORE), valid=self.qvalid)
 
     @property
     def qvalid(self) -> Tensor | None:
@@ -205,7 +202,7 @@ class QuantizedLayer(KVAccelLayer):
         """Codes, scales and zero points of ``k`` / ``v`` (float8: keys minus ``offset``, by default the layer's)."""
         sd = scale_dtype_for(self.dtype)
         if self.fp8 is not None:
-            offset = self._koffset if offset is None else offset
+            offset = self._store["k_zero"].view if offset is None else offset
             (kc, ks), (vc, vs) = quantize_fp8_kv(k, v, self.fp8, sd, offset)
             return dict(k_codes=kc, k_scale=ks, v_codes=vc, v_scale=vs)
         kc, ks, kz = quantize_keys(k, self.bits, self.group_size, valid, sd)
@@ -215,7 +212,10 @@ class QuantizedLayer(KVAccelLayer):
     def _set_store(self, k: Tensor, v: Tensor, valid: Tensor | None) -> None:
         """Replace the quantized part by ``k`` / ``v`` (a whole number of groups) quantized, at their exact size."""
         self._forget_arrays()
+        offset = self._store.get("k_zero") if self.fp8 is not None else None  # kv_fp8: the layer's, kept
         self._store = {name: SlotTensor(t) for name, t in self._quantize(k, v, valid).items()}
+        if offset is not None:
+            self._store["k_zero"] = offset
         self._qvalid = None if valid is None or bool(valid.all()) else SlotTensor(valid.contiguous())
 
     def _partial_pad(self, n: int) -> int:
@@ -325,7 +325,6 @@ class QuantizedLayer(KVAccelLayer):
         self._forget_arrays()
         super()._map_batch(fn)
         self._store = {name: SlotTensor(fn(s.view)) for name, s in self._store.items()}
-        self._koffset = None if self._koffset is None else fn(self._koffset)
         if self._qvalid is not None:
             self._qvalid = SlotTensor(fn(self.qvalid))
         self._nstore = {name: fn(t) for name, t in self._nstore.items()}
@@ -359,8 +358,8 @@ class QuantizedLayer(KVAccelLayer):
         layer replaces its buffers (:meth:`_forget_arrays`), so they never keep old buffers alive."""
         if keys.device.type != "cpu":
             return None
-        bufs = (*(st.buf for st in self._store.values()), self._koffset,
-                *(None if st is None else st.buf for st in (self._qvalid, self._k, self._v, self._valid)))
+        bufs = (*(st.buf for st in self._store.values()), *(None if st is None else st.buf for st in
+                                                               (self._qvalid, self._k, self._v, self._valid)))
         cached = self._arrays
         same = cached is not None and len(cached[0]) == len(bufs) and all(
             a is b for a, b in zip(cached[0], bufs, strict=True))
@@ -383,8 +382,6 @@ class QuantizedLayer(KVAccelLayer):
             return
         yield from super().tensors()
         yield from (s.buf for s in self._store.values())
-        if self._koffset is not None:
-            yield self._koffset
         if self._qvalid is not None:
             yield self._qvalid.buf
         yield from self._nstore.values()
@@ -401,8 +398,6 @@ class QuantizedLayer(KVAccelLayer):
         if not self.is_initialized:
             return dict(codes=0, scales=0, zeros=0, window=0, other=0, quantized_elements=0)
         bufs = {name: st.buf for name, st in self._store.items()}
-        if self._koffset is not None:
-            bufs["k_zero"] = self._koffset
         stores = [bufs, self._nstore] if self._nstore else [bufs]
 
         def total(*names: str) -> int:
