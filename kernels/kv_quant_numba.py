@@ -19,7 +19,7 @@ from kvaccel.kernels.attention_index_jit import kernel
 
 from .quantized_decode_attention_numba import _fp8_words, fp8_decoding, scale_table
 
-__all__ = ["quantize_fp8_pair"]
+__all__ = ["quantize_fp8_pair", "quantize_fp8_pair_into"]
 
 #: float8 formats: torch dtype name -> (format id for the kernel, largest finite value)
 _FP8 = {"float8_e4m3fn": (0, 448.0), "float8_e5m2": (1, 57344.0)}
@@ -198,8 +198,17 @@ def quantize_fp8_pair(k: torch.Tensor, v: torch.Tensor, fp8: torch.dtype, sdtype
     mu = _NO_OFFSET if k_offset is None else k_offset.float().expand(*kf.shape[:2], 1, kf.shape[3]).contiguous().numpy()
     kc, vc = torch.empty(kf.shape, dtype=torch.uint8), torch.empty(vf.shape, dtype=torch.uint8)
     ks, vs = torch.empty(*kf.shape[:-1], 1, dtype=torch.int16), torch.empty(*vf.shape[:-1], 1, dtype=torch.int16)
-    if not _quantize_pair(kf.numpy(), mu, vf.numpy(), *_constants(fp8, sdtype), *fp8_decoding(fp8), kc.numpy(),
-                          ks.numpy().view(np.uint16), vc.numpy(), vs.numpy().view(np.uint16)):
-        big = max(float(kf.abs().max()), float(vf.abs().max()))
-        raise ValueError(f"KV values up to {big:.3g} do not fit the {sdtype} scales of the fp8 cache")
+    quantize_fp8_pair_into(kf.numpy(), mu, vf.numpy(), fp8, sdtype, kc.numpy(), ks.numpy().view(np.uint16),
+                           vc.numpy(), vs.numpy().view(np.uint16))
     return (kc.view(fp8), ks.view(sdtype)), (vc.view(fp8), vs.view(sdtype))
+
+
+def quantize_fp8_pair_into(k: np.ndarray, mu: np.ndarray, v: np.ndarray, fp8: torch.dtype, sdtype: torch.dtype,
+                           kc: np.ndarray, ks: np.ndarray, vc: np.ndarray, vs: np.ndarray) -> None:
+    """:func:`quantize_fp8_pair` on arrays, written into given ones (a cache's spare slots: no allocation): ``k`` /
+    ``v`` float32 ``(B, H, T, C)``, ``mu`` float32 ``(B, H, 1, C)`` (or ``(1, 1, 0, 1)``: no offset); codes ``kc`` /
+    ``vc`` uint8 ``(B, H, T, C)``, scales ``ks`` / ``vs`` as uint16 bit patterns ``(B, H, T, 1)``, any strides.
+    ``ValueError`` when a scale overflows (the outputs then hold garbage)."""
+    if not _quantize_pair(k, mu, v, *_constants(fp8, sdtype), *fp8_decoding(fp8), kc, ks, vc, vs):
+        big = max(float(np.abs(k).max()), float(np.abs(v).max()))
+        raise ValueError(f"KV values up to {big:.3g} do not fit the {sdtype} scales of the fp8 cache")

@@ -586,6 +586,35 @@ def test_decode_reuses_the_kernel_arrays_exactly(model, spec, monkeypatch):
     torch.testing.assert_close(runs[0], runs[1], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("spec", ["kv_fp8", "kv_fp8(format='e5m2',residual=3)"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_in_place_flush_stores_what_the_general_flush_stores(model, spec, dtype, monkeypatch):
+    """kv_fp8's decode-step flush, quantizing straight into the store's spare slots, stores the same codes and scales,
+    byte for byte, as the general path (quantize into new tensors, then append), and it ran on most steps."""
+    ids = _ids(B=2, L=180)
+    stores, calls = [], []
+    in_place = QuantizedLayer._flush_fp8_in_place
+    for fast in (True, False):
+        def counted(self, n, fast=fast):
+            done = in_place(self, n) if fast else False
+            calls.append(done)
+            return done
+        monkeypatch.setattr(QuantizedLayer, "_flush_fp8_in_place", counted)
+        with torch.inference_mode(), kvaccel.patched(model.to(dtype), spec):
+            cache = KVAccelCache(model)
+            model(ids[:, :120], cache=cache)
+            for t in range(120, 180):
+                model(ids[:, t : t + 1], cache=cache)
+        stores.append([{name: st.view.view(torch.uint8 if st.view.element_size() == 1 else torch.int16).clone()
+                        for name, st in layer._store.items()} for layer in cache.layers])
+    model.float()
+    assert sum(calls[: len(calls) // 2]) > len(calls) // 4  # the fast run flushed in place on most steps
+    for a, b in zip(*stores, strict=True):
+        assert a.keys() == b.keys() and a["k_codes"].shape[2] >= 170 - 3
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+
+
 def test_bytes_per_element(model):
     ids = _ids(B=1, L=1100)
     # windows after the prompt, no spare slots: 1100 - 128 = 15 groups of 64 + 12 tokens, which kv_int4 pads and

@@ -83,6 +83,8 @@ class QuantizedLayer(KVAccelLayer):
         self.requantizations = 0  # evictions that re-quantized the layer
         #: (buffers, the numba kernel's arrays of them) of the last attention (:meth:`_kernel_arrays`)
         self._arrays: tuple | None = None
+        #: (buffers, arrays of them) of the last in-place float8 flush (:meth:`_flush_fp8_in_place`)
+        self._fp8_arrays: tuple | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -256,6 +258,10 @@ class QuantizedLayer(KVAccelLayer):
         n = (Tw - self.residual) // G * G
         if n <= 0:
             return
+        if (self.fp8 is not None and self._k.buf.device.type == "cpu" and self._valid is None and self._qvalid is None
+                and self._flush_fp8_in_place(n)):
+            self._drop_window_head(n)
+            return
         k, v, valid = self.keys, self.values, self.valid
         Tq = self.quantized_length
         # the prompt's codes at their size; later flushes get spare groups (~3% of the codes, at least one group)
@@ -278,6 +284,34 @@ class QuantizedLayer(KVAccelLayer):
                 moved = moved.expand(B, heads, n)
             self._qvalid.append(moved, reserve)
         self._drop_window_head(n)
+
+    def _flush_fp8_in_place(self, n: int) -> bool:
+        """``kv_fp8``'s flush of the window's first ``n`` tokens (a decode step's, on CPU, no validity masks): one
+        compiled call writes their codes and scales straight into the store's spare slots, the ones :meth:`_quantize`
+        and ``append`` give, without their dozen small allocations and copies. ``False``, doing nothing, when a buffer
+        has no room for them."""
+        from kvaccel.kernels.kv_quant_numba import quantize_fp8_pair_into  # numba: imported when first needed
+
+        s = self._store
+        parts = [s[name] for name in ("k_codes", "k_scale", "v_codes", "v_scale")]
+        t0 = parts[0].n
+        if any(st.buf.shape[2] < t0 + n for st in parts):
+            return False
+        bufs = (*(st.buf for st in parts), s["k_zero"].buf)
+        cached = self._fp8_arrays
+        if cached is None or any(a is not b for a, b in zip(cached[0], bufs, strict=True)):
+            kc, ks, vc, vs, mu = bufs
+            self._fp8_arrays = cached = (bufs, (
+                *(t.view(torch.uint8 if t.element_size() == 1 else torch.uint16).numpy() for t in (kc, ks, vc, vs)),
+                mu.float().expand(*kc.shape[:2], 1, kc.shape[3]).contiguous().numpy()))
+        kc, ks, vc, vs, mu = cached[1]
+        k, v = (t[:, :, :n].float().numpy() for t in (self._k.buf, self._v.buf))
+        at = slice(t0, t0 + n)
+        quantize_fp8_pair_into(k, mu, v, self.fp8, s["k_scale"].buf.dtype, kc[:, :, at], ks[:, :, at], vc[:, :, at],
+                               vs[:, :, at])
+        for st in parts:
+            st.n += n
+        return True
 
     def _drop_window_head(self, n: int) -> None:
         """Forget the window's first ``n`` tokens (just quantized). Buffers of the size a new window gets are kept, the
@@ -369,7 +403,7 @@ class QuantizedLayer(KVAccelLayer):
         return cached[1]
 
     def _forget_arrays(self) -> None:
-        self._arrays = None
+        self._arrays = self._fp8_arrays = None
 
     # ------------------------------------------------------------------ kvaccel's own API
     @property
