@@ -43,10 +43,10 @@ def workspace(device: torch.device, parts: list[tuple[int, torch.dtype]]) -> lis
     align = 64
     sizes = [-(-n * dt.itemsize // align) * align for n, dt in parts]
     need = sum(sizes)
-    key = (threading.get_ident(), torch.device(device))
-    with _scratch_lock:
-        buf = _scratch.get(key)
-        if buf is None or buf.numel() < need:
+    key = (threading.get_ident(), device if isinstance(device, torch.device) else torch.device(device))
+    buf = _scratch.get(key)  # only this thread replaces its own entry: no lock to read it
+    if buf is None or buf.numel() < need:
+        with _scratch_lock:
             buf = _scratch[key] = torch.empty(need, dtype=torch.uint8, device=device)
     out, off = [], 0
     for (n, dt), size in zip(parts, sizes, strict=True):

@@ -4,9 +4,9 @@ The cache of one layer is ``[quantized part (Tq tokens), window (Tw tokens)]`` o
 are the last ``Q`` tokens of the window (causal among themselves; ``Q = 1`` for a decode step). None of the paths makes
 a dequantized copy of the cache: per key group ``(q·s) @ codesᵀ + q @ z``, per value group ``(p·s) @ codes + p @ z``.
 
-- ``"numba"`` (CPU, the default there): compiled kernels (``quantized_decode_attention_numba.py``) compute every
-  logit of the quantized part from the codes in one parallel call, torch takes the softmax over all logits at once,
-  and a second call accumulates the values; the window is plain float32 matmuls.
+- ``"numba"`` (CPU, the default there): one compiled call per layer (``quantized_decode_attention_numba.py``):
+  logits read from the codes, softmax and values over ``[narrow, quantized, window]``; a step past ~0.3M
+  multiply-adds is cut into row blocks and token chunks (merged by log-sum-exp) that run on numba's thread pool.
 - ``"torch"``: walks the quantized part in tiles of ``block`` tokens (codes unpacked to float32 by shifts inside the
   loop) merged with an online softmax; any device.
 - ``"triton"``: one kernel for a decode step over integer codes (CUDA, or the interpreter).
@@ -17,6 +17,7 @@ a dequantized copy of the cache: per key group ``(q·s) @ codesᵀ + q @ z``, pe
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable
 
@@ -217,8 +218,10 @@ def _rows(t: Tensor) -> np.ndarray:
     return t.numpy()
 
 
-#: multiply-adds below which the numba path runs in the calling thread only (handing work to worker threads costs
-#: ~40 us a call, more on a loaded machine; a 2k-token batch-1 step of the default model, 7M, is split)
+#: multiply-adds from which the numba path splits a step over numba's thread pool (``thread_pool_ok``: a hand-off
+#: of microseconds; a 256-token batch-1 step of the default model, 0.3M, gains a little, a 2k one, 2.4M, ~35%)
+_SPLIT_WORK = 1 << 18
+#: the same over Python worker threads, where numba has no such pool (a hand-off costs ~0.1 ms: only large steps gain)
 _PARALLEL_WORK = 1 << 22
 
 
@@ -259,6 +262,7 @@ def numba_arrays(quant: QuantizedKV, k: Tensor | None, v: Tensor | None, valid: 
     return _segment(quant), None if k is None else _rows(k), None if v is None else _rows(v), _mask(valid)
 
 
+@functools.lru_cache(maxsize=64)  # a decode step's layers share their lengths: one computation per step
 def _chunk_bounds(N: int, Tn: int, Tq: int, Tw: int, group: int, workers: int, chunks: int | None) -> np.ndarray:
     """Bounds ``(C + 1,)`` of the ``C`` chunks each row block's token axis ``[narrow (Tn), quantized (Tq), window
     (Tw)]`` is split into: ``chunks``, or the fewest that spread the ``N·C`` units evenly over ``workers`` threads
@@ -270,7 +274,9 @@ def _chunk_bounds(N: int, Tn: int, Tq: int, Tw: int, group: int, workers: int, c
     chunks = max(1, min(chunks, Tq // group))
     W = Tn + Tq + Tw
     inner = [Tn + min(max(round((W * i / chunks - Tn) / group), 0), Tq // group) * group for i in range(1, chunks)]
-    return np.array([0, *inner, W], dtype=np.int64)
+    bounds = np.array([0, *inner, W], dtype=np.int64)
+    bounds.flags.writeable = False  # shared by the calls that hit the cache
+    return bounds
 
 
 def _quantized_decode_attention_numba(q: Tensor, quant: QuantizedKV, k: Tensor, v: Tensor, scale: float,
@@ -280,7 +286,8 @@ def _quantized_decode_attention_numba(q: Tensor, quant: QuantizedKV, k: Tensor, 
     """The compiled kernel (``quantized_decode_attention_numba._attend``): logits of ``[narrow, quant, window]`` read
     from the codes, softmax, values; rows with no valid slot give zeros. Large steps split the ``B·H_kv`` row blocks,
     and their token axes into chunks (:func:`_chunk_bounds`; ``chunks`` overrides the count) merged by log-sum-exp,
-    over :func:`~kvaccel.kernels.cpu_ops.run_parallel`'s worker threads (the kernel releases the GIL)."""
+    over numba's thread pool (``_attend_split``) or, without an OpenMP / TBB one, over
+    :func:`~kvaccel.kernels.cpu_ops.run_parallel`'s worker threads (the kernel releases the GIL)."""
     from . import quantized_decode_attention_numba as nk
 
     B, Hq, Q, D = q.shape
@@ -298,7 +305,9 @@ def _quantized_decode_attention_numba(q: Tensor, quant: QuantizedKV, k: Tensor, 
     W = Tn + Tq + Tw
     # tokens per key group (both parts share it; 1 for float8 codes, and while nothing is quantized)
     group = next((part.key_group for part in (quant, narrow) if part is not None and part.key_group), 1)
-    workers = cpu_workers(q.device) if N * R * W * (D + Dv) >= _PARALLEL_WORK else 1
+    pool, work = cpu_workers(q.device), N * R * W * (D + Dv)
+    split = pool > 1 and work >= _SPLIT_WORK and nk.thread_pool_ok()  # numba's pool, else Python threads
+    workers = pool if split or work >= _PARALLEL_WORK else 1
     bounds = _chunk_bounds(N, Tn, Tq, Tw, group, workers, chunks)
     C = len(bounds) - 1
     # scratch (one float32 workspace): the chunks' max, sum and weighted values, then the probabilities unless asked for
@@ -318,8 +327,12 @@ def _quantized_decode_attention_numba(q: Tensor, quant: QuantizedKV, k: Tensor, 
              scratch[:NCR].reshape(N, C, R), scratch[NCR: 2 * NCR].reshape(N, C, R),
              scratch[2 * NCR: NCR * (2 + Dv)].reshape(N, C, R, Dv), out.numpy())
     units = N * C
-    tasks = [(*args, units * i // workers, units * (i + 1) // workers, return_probs, *parts) for i in range(workers)]
-    run_parallel(nk._attend, [t for t in tasks if t[len(args)] < t[len(args) + 1]], workers)
+    if split:
+        nk._attend_split(workers, *args, units, return_probs, *parts)
+    else:
+        tasks = [(*args, units * i // workers, units * (i + 1) // workers, return_probs, *parts)
+                 for i in range(workers)]
+        run_parallel(nk._attend, [t for t in tasks if t[len(args)] < t[len(args) + 1]], workers)
     if C > 1:
         nk._combine(*parts[1:4], bounds, args[-2], parts[0], return_probs, parts[4])
     out = out.view(B, Hq, Q, Dv)

@@ -20,14 +20,17 @@ layout. Arrays are ``(N = B·H_kv, slots, ...)`` C-contiguous; the kernel reads 
 from __future__ import annotations
 
 import functools
+import threading
 
+import numba
 import numpy as np
 import torch
+from numba import prange
 
 from kvaccel.kernels.attention_index_heap import _FM, _dot
 from kvaccel.kernels.attention_index_jit import kernel
 
-__all__ = ["fp8_decoding", "pow2_table", "scale_table"]
+__all__ = ["fp8_decoding", "pow2_table", "scale_table", "thread_pool_ok"]
 
 
 @functools.cache
@@ -412,3 +415,37 @@ def _attend(q, scale, kc, ks, kz, vc, vs, vz, qvalid, ntok,
                 _axpy(o, pn[r, wq + t], vw[n, t])
         if C == 1:
             _combine_block(n, part_m, part_l, part_acc, bounds, pow2, probs, want_probs, out)
+
+
+
+@kernel(parallel=True)
+def _attend_split(workers, q, scale, kc, ks, kz, vc, vs, vz, qvalid, ntok,
+                  nq, nkc, nks, nkz, nvc, nvs, nvz, nvalid, nlen,
+                  kw, vw, wvalid, tw, nqueries, H, bits, fp8_shift, fp8_ratio, group, slut, pow2, bounds, units,
+                  want_probs, probs, part_m, part_l, part_acc, out):
+    """:func:`_attend`'s units ``0 <= u < units`` split into ``workers`` even ranges run on numba's thread pool (its
+    OpenMP or TBB layer: a hand-off of microseconds, where Python threads' costs ~0.1 ms)."""
+    for w in prange(workers):
+        _attend(q, scale, kc, ks, kz, vc, vs, vz, qvalid, ntok, nq, nkc, nks, nkz, nvc, nvs, nvz, nvalid, nlen,
+                kw, vw, wvalid, tw, nqueries, H, bits, fp8_shift, fp8_ratio, group, slut, pow2, bounds,
+                units * w // workers, units * (w + 1) // workers, want_probs, probs, part_m, part_l, part_acc, out)
+
+
+@kernel(parallel=True)
+def _probe(x):
+    for i in prange(x.shape[0]):
+        x[i] = i
+
+
+_PROBE = threading.Lock()
+
+
+@functools.cache
+def thread_pool_ok() -> bool:
+    """Whether numba's parallel kernels run on its OpenMP or TBB threading layer, which several Python threads may
+    enter at once and which hands work over in microseconds (:func:`_attend_split`); its fallback, the workqueue
+    layer, is neither (the launcher then splits over Python threads). Found once, by running a tiny parallel kernel,
+    which starts numba's pool."""
+    with _PROBE:
+        _probe(np.zeros(2, np.int64))
+        return numba.threading_layer() in ("omp", "tbb")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -331,13 +332,16 @@ def test_numba_fp8_decoding_is_exact_for_every_byte(fmt):
 
 
 def test_numba_row_blocks_on_worker_threads_match(monkeypatch):
-    """A large step's row blocks split over worker threads (forced here on a small case) give the same result."""
+    """A large step's row blocks split over Python worker threads (numba without an OpenMP / TBB pool; forced here on
+    a small case) give the same result."""
     from kvaccel.kernels import quantized_decode_attention as qda
+    from kvaccel.kernels import quantized_decode_attention_numba as nk
 
     q, quant, k, v, valid = _case(2, 6, 2, 160, 40, 1, 4, ragged=True)
     one = quantized_decode_attention(q, quant, k, v, scale=0.125, valid=valid, backend="numba")
     calls = []
     real = qda.run_parallel
+    monkeypatch.setattr(nk, "thread_pool_ok", lambda: False)  # numba without an OpenMP / TBB thread pool
     monkeypatch.setattr(qda, "_PARALLEL_WORK", 0)
     monkeypatch.setattr(qda, "cpu_workers", lambda device: 2)
     monkeypatch.setattr(qda, "run_parallel", lambda fn, tasks, workers: calls.append(len(tasks)) or
@@ -351,12 +355,14 @@ def test_numba_row_blocks_on_worker_threads_match(monkeypatch):
 
 def test_numba_batch_one_splits_the_tokens_over_workers(monkeypatch):
     """Batch 1, 3 KV heads on 2 workers: each head's token axis is cut into 2 chunks (6 units, 3 per worker) merged
-    by log-sum-exp; the result matches the float64 reference."""
+    by log-sum-exp; the result matches the float64 reference (Python worker threads, as without numba's pool)."""
     from kvaccel.kernels import quantized_decode_attention as qda
+    from kvaccel.kernels import quantized_decode_attention_numba as nk
 
     q, quant, k, v, valid = _case(1, 9, 3, 224, 40, 1, 4, ragged=True)
     tasks_seen = []
     real = qda.run_parallel
+    monkeypatch.setattr(nk, "thread_pool_ok", lambda: False)  # numba without an OpenMP / TBB thread pool
     monkeypatch.setattr(qda, "_PARALLEL_WORK", 0)
     monkeypatch.setattr(qda, "cpu_workers", lambda device: 2)
     monkeypatch.setattr(qda, "run_parallel", lambda fn, tasks, workers: tasks_seen.extend(tasks) or
@@ -369,6 +375,43 @@ def test_numba_batch_one_splits_the_tokens_over_workers(monkeypatch):
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
     want = quantized_decode_attention(q, quant, k, v, scale=0.125, valid=valid, return_probs=True, backend="torch")[1]
     torch.testing.assert_close(probs, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,Tq,Q,bits", [(1, 9, 3, 224, 1, 4), (2, 6, 2, 160, 1, 8), (1, 6, 2, 96, 2, 2),
+                                                (1, 9, 3, 200, 1, None)])
+def test_numba_thread_pool_split_equals_python_threads(monkeypatch, B, Hq, Hkv, Tq, Q, bits):
+    """A step split over numba's thread pool (one call, ``_attend_split``) computes the same units as the split over
+    Python threads: the same bits, probabilities included; the pool is used from ``_SPLIT_WORK`` multiply-adds."""
+    from kvaccel.kernels import quantized_decode_attention as qda
+    from kvaccel.kernels import quantized_decode_attention_numba as nk
+
+    if not nk.thread_pool_ok():
+        pytest.skip(f"numba's threading layer here is {numba.threading_layer()}, not OpenMP or TBB")
+    if bits is None:  # float8 codes
+        q, quant, k, v, valid = _case(B, Hq, Hkv, Tq, 40, Q, 8, G=8, ragged=True)  # (for its masks)
+        (kc, ks), (vc, vs) = (quantize_fp8(x, fp8_dtype("e4m3")) for x in (_outliers((B, Hkv, Tq, 64)),) * 2)
+        quant = QuantizedKV(8, kc, ks, None, vc, vs, None, valid=quant.valid)
+    else:
+        q, quant, k, v, valid = _case(B, Hq, Hkv, Tq, 40, Q, bits, ragged=True)
+    monkeypatch.setattr(qda, "cpu_workers", lambda device: 2)
+    monkeypatch.setattr(qda, "_PARALLEL_WORK", 0)
+    split_calls = []
+    real = nk._attend_split
+    monkeypatch.setattr(nk, "_attend_split", lambda *a: split_calls.append(a[0]) or real(*a))
+    monkeypatch.setattr(qda, "_SPLIT_WORK", 0)
+    pool = quantized_decode_attention(q, quant, k, v, scale=0.125, valid=valid, return_probs=Q == 1, backend="numba")
+    monkeypatch.setattr(nk, "thread_pool_ok", lambda: False)
+    threads = quantized_decode_attention(q, quant, k, v, scale=0.125, valid=valid, return_probs=Q == 1,
+                                         backend="numba")
+    assert split_calls == [2]
+    pool, threads = ((x,) if Q > 1 else x for x in (pool, threads))  # (out,) or (out, probs)
+    for a, b in zip(pool, threads, strict=True):
+        assert torch.equal(a, b)
+    ref = quantized_decode_attention_reference(q, quant, k, v, scale=0.125, valid=valid)
+    torch.testing.assert_close(pool[0].double(), ref, atol=2e-5, rtol=1e-5)
+    monkeypatch.setattr(qda, "_SPLIT_WORK", 1 << 40)  # below the threshold: one call on the calling thread
+    quantized_decode_attention(q, quant, k, v, scale=0.125, valid=valid, backend="numba")
+    assert split_calls == [2]
 
 
 @pytest.mark.parametrize("chunks", [2, 3, 7])
