@@ -24,6 +24,11 @@ backends for each code format::
 
     .venv/bin/python benchmarks/kv_quant.py op --context 2048 --batch 1
 
+The numba kernel's first-use cost (a fresh process with an empty ``NUMBA_CACHE_DIR``, then one that loads the cache;
+``--src`` runs a checkout of another revision instead)::
+
+    .venv/bin/python benchmarks/kv_quant.py compile --format fp8
+
 Bytes held after the prompt (no decode step), per storage spec alone and on the tokens a budget of 0.25 keeps, from
 the tensors of a layer built from random keys and values of the default model's shape::
 
@@ -147,17 +152,12 @@ def speed(args) -> None:
 
 
 def op(args) -> None:
-    from kvaccel.kernels.kv_quant import QuantizedKV, fp8_dtype, quantize_fp8, quantize_keys, quantize_values
     from kvaccel.kernels.quantized_decode_attention import quantized_decode_attention
 
     threads = args.threads or 1
     torch.set_num_threads(threads)
     clock = time.thread_time if threads == 1 else time.perf_counter  # more threads: wall clock (workers' time too)
-    B, T, Hq, Hkv, D, G, R = args.batch, args.context, 9, 3, 64, 32, 128
-    g = torch.Generator().manual_seed(args.seed)
-    k, v = torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
-    q = torch.randn(B, Hq, 1, D, generator=g)
-    Tq = (T - R) // G * G
+    B, T = args.batch, args.context
 
     def cpu_ms(fn) -> float:
         fn()
@@ -168,6 +168,8 @@ def op(args) -> None:
             ts.append(clock() - t0)
         return statistics.median(ts) * 1e3
 
+    q, k, v = _quantized_case(B, T, None, args.seed)
+
     def full() -> None:
         torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.125, enable_gqa=True)
         torch.cat([k, k[:, :, :1]], 2), torch.cat([v, v[:, :, :1]], 2)
@@ -177,18 +179,69 @@ def op(args) -> None:
     print(f"attention operator, batch {B} x {T} tokens, {what} ms per call (median of {args.repeats}), "
           f"{threads} thread(s), load average {os.getloadavg()[0]:.1f}")
     print(f"{'full (SDPA + DynamicCache cat)':34s} {base:8.3f} ms")
-    for name, bits in (("int8", 8), ("int4", 4), ("int2", 2), ("fp8 e4m3", None)):
-        if bits is None:
-            (kc, ks), (vc, vs) = (quantize_fp8(x[:, :, :Tq], fp8_dtype("e4m3")) for x in (k, v))
-            quant = QuantizedKV(8, kc, ks, None, vc, vs, None)
-        else:
-            quant = QuantizedKV(bits, *quantize_keys(k[:, :, :Tq], bits, G), *quantize_values(v[:, :, :Tq], bits, G))
+    for name, fmt in (("int8", "int8"), ("int4", "int4"), ("int2", "int2"), ("fp8 e4m3", "fp8")):
+        case = _quantized_case(B, T, fmt, args.seed)  # (q, quant, window k, window v)
         row = [f"{name:34s}"]
         for backend in ("numba", "torch"):
-            ms = cpu_ms(lambda b=backend, c=quant: quantized_decode_attention(q, c, k[:, :, Tq:], v[:, :, Tq:],
-                                                                              scale=0.125, backend=b))
+            ms = cpu_ms(lambda b=backend, c=case: quantized_decode_attention(*c, scale=0.125, backend=b))
             row.append(f"{backend} {ms:8.3f} ms ({base / ms:4.2f}x)")
         print("  ".join(row))
+
+
+def _quantized_case(B: int, T: int, fmt: str | None, seed: int = 0) -> tuple:
+    """``(q, quant, window k, window v)`` of one layer of the default model's shape (9 / 3 heads, head size 64): ``T``
+    tokens, the last 128 in the window, the rest quantized in groups of 32 (``fmt``: int8 / int4 / int2 / fp8;
+    ``None``: ``(q, k, v)`` of all ``T`` tokens in float32)."""
+    from kvaccel.kernels.kv_quant import QuantizedKV, fp8_dtype, quantize_fp8, quantize_keys, quantize_values
+
+    Hq, Hkv, D, G, R = 9, 3, 64, 32, 128
+    g = torch.Generator().manual_seed(seed)
+    k, v = torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+    q = torch.randn(B, Hq, 1, D, generator=g)
+    if fmt is None:
+        return q, k, v
+    Tq = (T - R) // G * G
+    if fmt == "fp8":
+        (kc, ks), (vc, vs) = (quantize_fp8(x[:, :, :Tq], fp8_dtype("e4m3")) for x in (k, v))
+        quant = QuantizedKV(8, kc, ks, None, vc, vs, None)
+    else:
+        bits = {"int8": 8, "int4": 4, "int2": 2}[fmt]
+        quant = QuantizedKV(bits, *quantize_keys(k[:, :, :Tq], bits, G), *quantize_values(v[:, :, :Tq], bits, G))
+    return q, quant, k[:, :, Tq:], v[:, :, Tq:]
+
+
+def first_call(args) -> None:
+    """(A child of ``compile``.) Seconds of this process's first and second ``quantized_decode_attention`` calls."""
+    from kvaccel.kernels.quantized_decode_attention import quantized_decode_attention
+
+    q, quant, k, v = _quantized_case(args.batch, args.context, args.format)
+    times = []
+    for _ in range(2):
+        w, c = time.perf_counter(), time.process_time()
+        quantized_decode_attention(q, quant, k, v, scale=0.125)
+        times.append((time.perf_counter() - w, time.process_time() - c))
+    print(f"{args.format}: first call {times[0][0]:.2f} s wall, {times[0][1]:.2f} s CPU; second "
+          f"{times[1][0] * 1e3:.2f} ms ({quantized_decode_attention.__module__} from {kvaccel.__file__})")
+
+
+def compile_cost(args) -> None:
+    """The numba kernel's first-use cost: ``first-call`` in a fresh process with an empty ``NUMBA_CACHE_DIR`` (it
+    compiles), then in a second one sharing that cache (it loads). ``--src DIR``: a checkout of another revision (e.g.
+    ``git worktree add DIR REV``) put first on both processes' ``sys.path``, to compare side by side."""
+    import subprocess
+    import sys
+    import tempfile
+
+    env = dict(os.environ)
+    if args.src:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.abspath(args.src), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, os.path.abspath(__file__), "first-call", "--context", str(args.context), "--batch",
+           str(args.batch), "--format", args.format, *(["--threads", str(args.threads)] if args.threads else [])]
+    with tempfile.TemporaryDirectory() as cache:
+        env["NUMBA_CACHE_DIR"] = cache
+        for what in ("empty cache (compiles)", "cached (loads)"):
+            out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout.strip()
+            print(f"{what:24s} {out}")
 
 
 def held(args) -> None:
@@ -226,7 +279,8 @@ def held(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name, fn in (("kl", kl), ("speed", speed), ("op", op), ("held", held)):
+    for name, fn in (("kl", kl), ("speed", speed), ("op", op), ("held", held), ("compile", compile_cost),
+                     ("first-call", first_call)):
         s = sub.add_parser(name)
         s.add_argument("--context", type=int, default=2048)
         s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -240,6 +294,11 @@ def main() -> None:
         elif name == "op":
             s.add_argument("--batch", type=int, default=1)
             s.add_argument("--repeats", type=int, default=50)
+        elif name in ("compile", "first-call"):
+            s.add_argument("--batch", type=int, default=1)
+            s.add_argument("--format", default="int4", choices=["int8", "int4", "int2", "fp8"])
+            if name == "compile":
+                s.add_argument("--src", default=None, help="a checkout of another revision, first on sys.path")
         else:
             s.add_argument("--batch", type=int, default=1)
             s.add_argument("--steps", type=int, default=32)
