@@ -168,7 +168,7 @@ def op(args) -> None:
             ts.append(clock() - t0)
         return statistics.median(ts) * 1e3
 
-    q, k, v = _quantized_case(B, T, None, args.seed)
+    q, k, v = _layer_tensors(B, T, args.seed)
 
     def full() -> None:
         torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.125, enable_gqa=True)
@@ -188,18 +188,21 @@ def op(args) -> None:
         print("  ".join(row))
 
 
-def _quantized_case(B: int, T: int, fmt: str | None, seed: int = 0) -> tuple:
-    """``(q, quant, window k, window v)`` of one layer of the default model's shape (9 / 3 heads, head size 64): ``T``
-    tokens, the last 128 in the window, the rest quantized in groups of 32 (``fmt``: int8 / int4 / int2 / fp8;
-    ``None``: ``(q, k, v)`` of all ``T`` tokens in float32)."""
+def _layer_tensors(B: int, T: int, seed: int = 0) -> tuple:
+    """``(q, k, v)`` of one decode step of one layer of the default model's shape (9 / 3 heads, head size 64) over
+    ``T`` tokens, float32, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    k, v = torch.randn(B, 3, T, 64, generator=g), torch.randn(B, 3, T, 64, generator=g)
+    return torch.randn(B, 9, 1, 64, generator=g), k, v
+
+
+def _quantized_case(B: int, T: int, fmt: str, seed: int = 0) -> tuple:
+    """``(q, quant, window k, window v)``: :func:`_layer_tensors` with the last 128 tokens in the window and the rest
+    quantized in groups of 32 (``fmt``: int8 / int4 / int2 / fp8)."""
     from kvaccel.kernels.kv_quant import QuantizedKV, fp8_dtype, quantize_fp8, quantize_keys, quantize_values
 
-    Hq, Hkv, D, G, R = 9, 3, 64, 32, 128
-    g = torch.Generator().manual_seed(seed)
-    k, v = torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
-    q = torch.randn(B, Hq, 1, D, generator=g)
-    if fmt is None:
-        return q, k, v
+    G, R = 32, 128
+    q, k, v = _layer_tensors(B, T, seed)
     Tq = (T - R) // G * G
     if fmt == "fp8":
         (kc, ks), (vc, vs) = (quantize_fp8(x[:, :, :Tq], fp8_dtype("e4m3")) for x in (k, v))

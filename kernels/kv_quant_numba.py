@@ -19,7 +19,7 @@ from kvaccel.kernels.attention_index_jit import kernel
 
 from .quantized_decode_attention_numba import _fp8_words, fp8_decoding, scale_table
 
-__all__ = ["quantize_fp8_pair", "quantize_fp8_pair_into"]
+__all__ = ["offset_array", "quantize_fp8_pair", "quantize_fp8_pair_into"]
 
 #: float8 formats: torch dtype name -> (format id for the kernel, largest finite value)
 _FP8 = {"float8_e4m3fn": (0, 448.0), "float8_e5m2": (1, 57344.0)}
@@ -195,12 +195,18 @@ def quantize_fp8_pair(k: torch.Tensor, v: torch.Tensor, fp8: torch.dtype, sdtype
     in one compiled call (with ``k_offset`` ``(B, H, 1, C)``: ``quantize_fp8_keys(k, k_offset, fp8, sdtype)`` for the
     keys); the same ``ValueError`` for scales that overflow (or NaN input)."""
     kf, vf = k.float(), v.float()
-    mu = _NO_OFFSET if k_offset is None else k_offset.float().expand(*kf.shape[:2], 1, kf.shape[3]).contiguous().numpy()
+    mu = _NO_OFFSET if k_offset is None else offset_array(k_offset, kf.shape)
     kc, vc = torch.empty(kf.shape, dtype=torch.uint8), torch.empty(vf.shape, dtype=torch.uint8)
     ks, vs = torch.empty(*kf.shape[:-1], 1, dtype=torch.int16), torch.empty(*vf.shape[:-1], 1, dtype=torch.int16)
     quantize_fp8_pair_into(kf.numpy(), mu, vf.numpy(), fp8, sdtype, kc.numpy(), ks.numpy().view(np.uint16),
                            vc.numpy(), vs.numpy().view(np.uint16))
     return (kc.view(fp8), ks.view(sdtype)), (vc.view(fp8), vs.view(sdtype))
+
+
+def offset_array(k_offset: torch.Tensor, shape: torch.Size) -> np.ndarray:
+    """The keys' offset ``(B|1, H|1, 1, C)`` as the float32 ``(B, H, 1, C)`` array :func:`quantize_fp8_pair_into` reads,
+    for keys of ``shape`` ``(B, H, T, C)``."""
+    return k_offset.float().expand(*shape[:2], 1, shape[3]).contiguous().numpy()
 
 
 def quantize_fp8_pair_into(k: np.ndarray, mu: np.ndarray, v: np.ndarray, fp8: torch.dtype, sdtype: torch.dtype,

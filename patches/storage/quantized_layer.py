@@ -290,7 +290,7 @@ class QuantizedLayer(KVAccelLayer):
         compiled call writes their codes and scales straight into the store's spare slots, the ones :meth:`_quantize`
         and ``append`` give, without their dozen small allocations and copies. ``False``, doing nothing, when a buffer
         has no room for them."""
-        from kvaccel.kernels.kv_quant_numba import quantize_fp8_pair_into  # numba: imported when first needed
+        from kvaccel.kernels.kv_quant_numba import offset_array, quantize_fp8_pair_into  # numba: when first needed
 
         s = self._store
         parts = [s[name] for name in ("k_codes", "k_scale", "v_codes", "v_scale")]
@@ -303,7 +303,7 @@ class QuantizedLayer(KVAccelLayer):
             kc, ks, vc, vs, mu = bufs
             self._fp8_arrays = cached = (bufs, (
                 *(t.view(torch.uint8 if t.element_size() == 1 else torch.uint16).numpy() for t in (kc, ks, vc, vs)),
-                mu.float().expand(*kc.shape[:2], 1, kc.shape[3]).contiguous().numpy()))
+                offset_array(mu, kc.shape)))
         kc, ks, vc, vs, mu = cached[1]
         k, v = (t[:, :, :n].float().numpy() for t in (self._k.buf, self._v.buf))
         at = slice(t0, t0 + n)
