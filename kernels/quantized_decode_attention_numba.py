@@ -142,6 +142,44 @@ def _dot4_u8(a, c0, c1, c2, c3):
 
 
 @kernel(fastmath=_FM, inline="always")
+def _dot4_u4(a, c0, c1, c2, c3):
+    """:func:`_dot4` of 4-bit codes unpacked as they are read (no buffer: the loop vectorises); ``a`` in the split
+    layout, ``a[j]`` / ``a[nb + j]`` the channels of byte ``j``'s low / high nibble."""
+    nb = c0.shape[0]
+    s0 = s1 = s2 = s3 = np.float32(0.0)
+    for j in range(nb):
+        lo, hi = a[j], a[nb + j]
+        x0, x1, x2, x3 = np.int32(c0[j]), np.int32(c1[j]), np.int32(c2[j]), np.int32(c3[j])
+        s0 += lo * np.float32(x0 & 15) + hi * np.float32(x0 >> 4)
+        s1 += lo * np.float32(x1 & 15) + hi * np.float32(x1 >> 4)
+        s2 += lo * np.float32(x2 & 15) + hi * np.float32(x2 >> 4)
+        s3 += lo * np.float32(x3 & 15) + hi * np.float32(x3 >> 4)
+    return s0, s1, s2, s3
+
+
+@kernel(fastmath=_FM, inline="always")
+def _dot2bit(a0, a1, a2, a3, x):
+    """``a0·c0 + a1·c1 + a2·c2 + a3·c3`` of the four 2-bit codes ``c_i = (x >> 2i) & 3`` of the byte ``x``."""
+    return (a0 * np.float32(x & 3) + a1 * np.float32((x >> 2) & 3) + a2 * np.float32((x >> 4) & 3)
+            + a3 * np.float32(x >> 6))
+
+
+@kernel(fastmath=_FM, inline="always")
+def _dot4_u2(a, c0, c1, c2, c3):
+    """:func:`_dot4` of 2-bit codes unpacked as they are read; ``a[i·nb + j]`` the channel of code ``i`` of byte
+    ``j``."""
+    nb = c0.shape[0]
+    s0 = s1 = s2 = s3 = np.float32(0.0)
+    for j in range(nb):
+        a0, a1, a2, a3 = a[j], a[nb + j], a[2 * nb + j], a[3 * nb + j]
+        s0 += _dot2bit(a0, a1, a2, a3, np.int32(c0[j]))
+        s1 += _dot2bit(a0, a1, a2, a3, np.int32(c1[j]))
+        s2 += _dot2bit(a0, a1, a2, a3, np.int32(c2[j]))
+        s3 += _dot2bit(a0, a1, a2, a3, np.int32(c3[j]))
+    return s0, s1, s2, s3
+
+
+@kernel(fastmath=_FM, inline="always")
 def _key_logits(q, codes, kscale, kzero, slut, bits, fp8_shift, fp8_ratio, group, t0, t1, out, col0):
     """``out[r, col0 + t]`` = ``q[r] · key[t]`` for ``t0 <= t < t1`` (whole key groups) of one row block: q ``(R, D)``,
     codes ``(slots, bytes)``; integer codes with per-channel scale and zero per key group ``(groups, D)``, or float8
@@ -202,14 +240,13 @@ def _key_logits(q, codes, kscale, kzero, slut, bits, fp8_shift, fp8_ratio, group
                 qs[r, a] = qsplit[r, a] * ssplit[a]
         g0, g1 = gi * group, gi * group + group
         for t in range(g0, g1 - _TB + 1, _TB):
-            if bits != 8:  # packed codes: unpacked once for every row (8-bit ones are read in place)
-                for k in range(_TB):
-                    _unpack(codes[t + k], bits, np.float32(1.0), np.float32(0.0), planes, k * per, 1)
-            for r in range(R):
+            for r in range(R):  # codes converted as the dots read them (no buffer; ~17% faster than unpacking once)
                 if bits == 8:
                     s0, s1, s2, s3 = _dot4_u8(qs[r], codes[t], codes[t + 1], codes[t + 2], codes[t + 3])
+                elif bits == 4:
+                    s0, s1, s2, s3 = _dot4_u4(qs[r], codes[t], codes[t + 1], codes[t + 2], codes[t + 3])
                 else:
-                    s0, s1, s2, s3 = _dot4(qs[r], buf)
+                    s0, s1, s2, s3 = _dot4_u2(qs[r], codes[t], codes[t + 1], codes[t + 2], codes[t + 3])
                 b = bias[r]
                 out[r, col0 + t] = b + s0
                 out[r, col0 + t + 1] = b + s1
@@ -261,11 +298,9 @@ def _value_sum(p, codes, vscale, vzero, slut, bits, fp8_shift, fp8_ratio, t0, t1
 
 
 @kernel(fastmath=_FM, inline="always")
-def _exp_nonpositive(x, pow2):
-    """``exp(x)`` for ``x <= 0`` (``-inf`` -> 0) in float32 without a libm call (numba has no vector math library
-    here; no slower than ``np.exp``): ``2^k · 2^f``, ``k = round(x·log2 e)``, ``2^f`` by Cephes' exp2f polynomial on
-    ``|f| <= 1/2`` (relative error ~2e-7), ``2^k`` from the table ``pow2[k + 126]`` (``k >= -126``; smaller results
-    flush to 0)."""
+def _exp2_split(x):
+    """``(k, 2^f)`` with ``2^k · 2^f = exp(x)``: ``k = round(x·log2 e)`` (float32) and ``2^f`` by Cephes' exp2f
+    polynomial on ``|f| <= 1/2`` (relative error ~2e-7)."""
     y = x * np.float32(1.4426950408889634)  # log2(e)
     k = np.floor(y + np.float32(0.5))
     f = y - k
@@ -275,9 +310,36 @@ def _exp_nonpositive(x, pow2):
     px = px * f + np.float32(5.550332471162809e-2)
     px = px * f + np.float32(2.402264791363012e-1)
     px = px * f + np.float32(6.931472028550421e-1)
-    e = np.float32(1.0) + px * f
+    return k, np.float32(1.0) + px * f
+
+
+@kernel(fastmath=_FM, inline="always")
+def _exp_nonpositive(x, pow2):
+    """``exp(x)`` for ``x <= 0`` (``-inf`` -> 0) in float32 without a libm call (numba has no vector math library
+    here): :func:`_exp2_split`, ``2^k`` from the table ``pow2[k + 126]`` (``k >= -126``; smaller results flush to
+    0)."""
+    k, e = _exp2_split(x)
     ki = np.int32(max(k, np.float32(-127.0))) + 126
     return e * pow2[max(ki, 0)] if k >= np.float32(-126.0) else np.float32(0.0)
+
+
+@kernel(fastmath=_FM, inline="always")
+def _exp_shifted(row, m, bits):
+    """``row[t] = exp(row[t] - m)`` in place (``row[t] <= m``; ``-inf`` -> 0), returning their sum: the values of
+    :func:`_exp_nonpositive`, in two loops that vectorise (no table: ``2^k`` is written as float32 bits into the
+    uint32 scratch ``bits``, at least as long as ``row``; 3-5x faster over a 2k-token row)."""
+    scale = bits.view(np.float32)
+    for t in range(row.shape[0]):
+        k, e = _exp2_split(max(row[t] - m, np.float32(-127.0 / 1.4426950408889634)))  # below: k = -127, i.e. 0
+        row[t] = e
+        b = np.int32(k) + np.int32(127)  # 2^k's biased exponent; 0 when k <= -127 (flushed to 0)
+        bits[t] = np.uint32(b << 23) if b > 0 else np.uint32(0)
+    total = np.float32(0.0)
+    for t in range(row.shape[0]):
+        x = row[t] * scale[t]
+        row[t] = x
+        total += x
+    return total
 
 
 @functools.cache
@@ -358,6 +420,7 @@ def _attend(q, scale, kc, ks, kz, vc, vs, vz, qvalid, ntok,
     acc = np.empty((R, nbv * per), np.float32)  # values in the split layout
     qn = np.empty((R, q.shape[2]), np.float32)  # the row block's queries times the scale
     wq = nlen + ntok  # the window's first slot on the token axis
+    ebits = np.empty(probs.shape[2], np.uint32)  # _exp_shifted's scratch
     for u in range(u0, u1):
         n, c = u // C, u % C
         b, h = n // H, n % H
@@ -395,12 +458,7 @@ def _attend(q, scale, kc, ks, kz, vc, vs, vz, qvalid, ntok,
                 row[a:e] = 0.0
                 part_l[n, c, r] = 0.0
                 continue
-            total = np.float32(0.0)
-            for t in range(a, e):
-                x = _exp_nonpositive(row[t] - m, pow2)
-                row[t] = x
-                total += x
-            part_l[n, c, r] = total
+            part_l[n, c, r] = _exp_shifted(row[a:e], m, ebits)
         acc[:] = 0.0
         if n1 > n0:
             _value_sum(pn, nvc[n], nvs[n], nvz[n], slut, bits, fp8_shift, fp8_ratio, n0, n1, 0, acc)

@@ -331,6 +331,38 @@ def test_numba_fp8_decoding_is_exact_for_every_byte(fmt):
     assert float(want[finite & (want.abs() < torch.finfo(f8).tiny)].abs().max()) > 0  # subnormals were checked
 
 
+def test_numba_vectorised_softmax_terms_equal_the_scalar_ones():
+    """``_exp_shifted`` (a row's ``exp(x - m)`` with ``2^k`` written as float32 bits) gives the scalar
+    ``_exp_nonpositive``'s values bit for bit, across the flush to zero and for ``-inf``, and its sum; where the result
+    is a normal float32, both are within 3e-7 (relative) of float64's exp plus ``|x|``·1.2e-7 (the float32 rounding
+    of ``x·log2 e``)."""
+    from numba import njit
+
+    from kvaccel.kernels import quantized_decode_attention_numba as nk
+
+    @njit
+    def both(row, m, pow2):
+        scalar = np.empty_like(row)
+        for t in range(row.shape[0]):
+            scalar[t] = nk._exp_nonpositive(row[t] - m, pow2)
+        vec = row.copy()
+        total = nk._exp_shifted(vec, m, np.empty(row.shape[0], np.uint32))
+        return scalar, vec, total
+
+    g = np.random.default_rng(0)
+    m = np.float32(0.0)  # x = row - m exactly
+    row = np.concatenate([-g.exponential(8.0, 4000), -np.linspace(85.0, 90.0, 997), [-np.inf, 0.0, -87.3365]])
+    row = row.astype(np.float32)
+    scalar, vec, total = both(row, m, nk.pow2_table())
+    assert np.array_equal(scalar.view(np.uint32), vec.view(np.uint32))
+    assert (vec == 0).sum() > 100 and (vec > 0).sum() > 4000  # both sides of the flush were checked
+    assert total == pytest.approx(float(vec.astype(np.float64).sum()), rel=1e-5)
+    x = row.astype(np.float64)
+    want = np.exp(x)
+    normal = want >= np.finfo(np.float32).tiny
+    assert (np.abs(vec[normal] / want[normal] - 1) <= 3e-7 + np.abs(x[normal]) * 1.2e-7).all()
+
+
 def test_numba_row_blocks_on_worker_threads_match(monkeypatch):
     """A large step's row blocks split over Python worker threads (numba without an OpenMP / TBB pool; forced here on
     a small case) give the same result."""
