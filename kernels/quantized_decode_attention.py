@@ -20,16 +20,18 @@ import contextlib
 import functools
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .backend import check_mask, resolve_backend
-from .cpu_ops import cpu_workers, run_parallel, single_thread, workspace
+from .cpu_ops import array_workspace, cpu_workers, run_parallel, single_thread
 from .kv_quant import QuantizedKV
 
-__all__ = ["numba_arrays", "quantized_decode_attention", "quantized_decode_attention_reference"]
+__all__ = ["NumbaArrays", "numba_arrays", "numba_decode", "quantized_decode_attention",
+           "quantized_decode_attention_reference"]
 
 #: tokens dequantized at a time by the PyTorch path (rounded down to a multiple of the key group)
 DEFAULT_BLOCK = 512
@@ -254,12 +256,30 @@ def _segment(part: QuantizedKV | None) -> tuple:
     return _rows(part.k_codes), ks, kz, vc, vs, vz, _mask(part.valid)
 
 
-def numba_arrays(quant: QuantizedKV, k: Tensor | None, v: Tensor | None, valid: Tensor | None) -> tuple:
+class NumbaArrays(NamedTuple):
+    """What the numba backend reads of one layer (:func:`numba_arrays`): the quantized part's arrays (``_segment``),
+    the float32 window's (``None``: converted at each call) and its mask, viewing the layer's buffers; and the code
+    format (bits, float8 decoding, the scales' float32 table)."""
+    seg: tuple
+    k: np.ndarray | None
+    v: np.ndarray | None
+    valid: np.ndarray
+    bits: int
+    fp8_shift: int
+    fp8_ratio: float
+    slut: np.ndarray
+
+
+def numba_arrays(quant: QuantizedKV, k: Tensor | None, v: Tensor | None, valid: Tensor | None) -> NumbaArrays:
     """The arrays the numba backend reads for ``quant`` and a float32 window ``k`` / ``v`` with its validity ``valid``:
     the buffers the tensors view (:func:`_rows`, :func:`_mask`, no copies), as :func:`quantized_decode_attention`
-    takes them (``arrays=``). ``k`` / ``v`` ``None``: converted at each call (a 16-bit window). Valid while those
-    buffers are the ones the tensors view (their lengths may change)."""
-    return _segment(quant), None if k is None else _rows(k), None if v is None else _rows(v), _mask(valid)
+    takes them (``arrays=``) and :func:`numba_decode` runs them. ``k`` / ``v`` ``None``: converted at each call (a
+    16-bit window). Valid while those buffers are the ones the tensors view (their lengths may change)."""
+    from . import quantized_decode_attention_numba as nk
+
+    fp8 = nk.fp8_decoding(quant.k_codes.dtype) if quant.fp8 else (0, 1.0)
+    return NumbaArrays(_segment(quant), None if k is None else _rows(k), None if v is None else _rows(v),
+                       _mask(valid), quant.bits, *fp8, nk.scale_table(quant.k_scale.dtype))
 
 
 @functools.lru_cache(maxsize=64)  # a decode step's layers share their lengths: one computation per step
@@ -282,59 +302,69 @@ def _chunk_bounds(N: int, Tn: int, Tq: int, Tw: int, group: int, workers: int, c
 def _quantized_decode_attention_numba(q: Tensor, quant: QuantizedKV, k: Tensor, v: Tensor, scale: float,
                                       valid: Tensor | None, return_probs: bool, narrow: QuantizedKV | None,
                                       channel_idx: Tensor | None, chunks: int | None = None,
-                                      arrays: tuple | None = None) -> Tensor | tuple[Tensor, Tensor]:
-    """The compiled kernel (``quantized_decode_attention_numba._attend``): logits of ``[narrow, quant, window]`` read
-    from the codes, softmax, values; rows with no valid slot give zeros. Large steps split the ``B·H_kv`` row blocks,
-    and their token axes into chunks (:func:`_chunk_bounds`; ``chunks`` overrides the count) merged by log-sum-exp,
-    over numba's thread pool (``_attend_split``) or, without an OpenMP / TBB one, over
-    :func:`~kvaccel.kernels.cpu_ops.run_parallel`'s worker threads (the kernel releases the GIL)."""
+                                      arrays: NumbaArrays | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`numba_decode` of the tensors (their arrays built here unless given; a 16-bit window converted to
+    float32; ThinK's narrow segment and its queries)."""
+    B, Hq, Q, D = q.shape
+    Hkv = k.shape[1]
+    R = Hq // Hkv * Q
+    if narrow is not None and narrow.fp8 != quant.fp8:
+        raise ValueError("narrow and quant must hold the same kind of codes (integer or float8)")
+    arrays = numba_arrays(quant, None, None, valid) if arrays is None else arrays
+    if arrays.k is None:  # the window as float32 arrays (16-bit models: a copy of at most residual + group_size tokens)
+        arrays = arrays._replace(k=_rows(k.float()), v=_rows(v.float()))
+    nq, nseg = _NO_QUERY, _NO_SEGMENT
+    if narrow is not None:
+        qg = q.reshape(B, Hkv, R, D).float() * scale
+        nq = qg.gather(-1, channel_idx[:, :, None, :].expand(B, Hkv, R, channel_idx.shape[-1]))
+        nq, nseg = nq.view(B * Hkv, R, -1).numpy(), _segment(narrow)
+    # tokens per key group (both parts share it; 1 for float8 codes, and while nothing is quantized)
+    group = next((part.key_group for part in (quant, narrow) if part is not None and part.key_group), 1)
+    return numba_decode(q, scale, arrays, quant.length, k.shape[2], group, return_probs,
+                        narrow=(nq, nseg, 0 if narrow is None else narrow.length), chunks=chunks)
+
+
+def numba_decode(q: Tensor, scale: float, arrays: NumbaArrays, Tq: int, Tw: int, group: int, return_probs: bool,
+                 *, narrow: tuple | None = None, chunks: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """The compiled kernel (``quantized_decode_attention_numba._attend``) over ``arrays``' first ``Tq`` quantized
+    and ``Tw`` window slots (``group`` tokens per key group): logits of ``[narrow, quant, window]`` read from the
+    codes, softmax, values; rows with no valid slot give zeros. ``q`` ``(B, H_q, Q, D)`` on the CPU; no checks (a
+    caller that keeps its arrays, e.g. a cache layer, calls this directly: no per-step tensors of its buffers).
+    Large steps split the ``B·H_kv`` row blocks, and their token axes into chunks (:func:`_chunk_bounds`; ``chunks``
+    overrides the count) merged by log-sum-exp, over numba's thread pool (``_attend_split``) or, without an OpenMP /
+    TBB one, over :func:`~kvaccel.kernels.cpu_ops.run_parallel`'s worker threads (the kernel releases the GIL)."""
     from . import quantized_decode_attention_numba as nk
 
     B, Hq, Q, D = q.shape
-    Hkv, Tw, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    R, N = Hq // Hkv * Q, B * Hkv
-    fp8 = quant.k_codes.is_floating_point()
-    if narrow is not None and narrow.k_codes.is_floating_point() != fp8:
-        raise ValueError("narrow and quant must hold the same kind of codes (integer or float8)")
+    N = arrays.seg[0].shape[0]  # B·H_kv
+    R, Dv = B * Hq * Q // N, arrays.v.shape[2]
+    nq, nseg, Tn = (_NO_QUERY, _NO_SEGMENT, 0) if narrow is None else narrow
     qf = q.reshape(N, R, D).float().contiguous()  # the kernel applies the scale
-    nq = _NO_QUERY
-    if narrow is not None:
-        qg = q.reshape(B, Hkv, R, D).float() * scale
-        nq = qg.gather(-1, channel_idx[:, :, None, :].expand(B, Hkv, R, channel_idx.shape[-1])).view(N, R, -1).numpy()
-    Tn, Tq = (narrow.length if narrow is not None else 0), quant.length
     W = Tn + Tq + Tw
-    # tokens per key group (both parts share it; 1 for float8 codes, and while nothing is quantized)
-    group = next((part.key_group for part in (quant, narrow) if part is not None and part.key_group), 1)
     pool, work = cpu_workers(q.device), N * R * W * (D + Dv)
     split = pool > 1 and work >= _SPLIT_WORK and nk.thread_pool_ok()  # numba's pool, else Python threads
     workers = pool if split or work >= _PARALLEL_WORK else 1
     bounds = _chunk_bounds(N, Tn, Tq, Tw, group, workers, chunks)
     C = len(bounds) - 1
-    # scratch (one float32 workspace): the chunks' max, sum and weighted values, then the probabilities unless asked for
+    # scratch: the chunks' max, sum and weighted values, then the probabilities unless asked for
     NCR = N * C * R
-    scratch = workspace(q.device, [(NCR * (2 + Dv) + (0 if return_probs else N * R * W), torch.float32)])[0].numpy()
+    scratch = array_workspace(NCR * (2 + Dv) + (0 if return_probs else N * R * W), np.float32)
     probs = torch.empty(N, R, W, dtype=torch.float32) if return_probs else None  # handed to the caller: its own
     out = torch.empty(N, R, Dv, dtype=torch.float32)
-    sdtype = quant.k_scale.dtype
-    seg, ka, va, wa = arrays if arrays is not None else (_segment(quant), None, None, _mask(valid))
-    # the window: float32 arrays (16-bit models: a copy of at most residual + group_size tokens)
-    ka = _rows(k.float()) if ka is None else ka
-    va = _rows(v.float()) if va is None else va
-    args = (qf.numpy(), np.float32(scale), *seg, Tq, nq, *_segment(narrow), Tn, ka, va, wa, Tw, Q, Hkv, quant.bits,
-            *(nk.fp8_decoding(quant.k_codes.dtype) if fp8 else (0, 1.0)), group, nk.scale_table(sdtype),
-            nk.pow2_table(), bounds)
+    args = (qf.numpy(), np.float32(scale), *arrays.seg, Tq, nq, *nseg, Tn, arrays.k, arrays.v, arrays.valid, Tw, Q,
+            N // B, arrays.bits, arrays.fp8_shift, arrays.fp8_ratio, group, arrays.slut, nk.pow2_table(), bounds)
     parts = (probs.numpy() if return_probs else scratch[NCR * (2 + Dv):].reshape(N, R, W),
              scratch[:NCR].reshape(N, C, R), scratch[NCR: 2 * NCR].reshape(N, C, R),
              scratch[2 * NCR: NCR * (2 + Dv)].reshape(N, C, R, Dv), out.numpy())
     units = N * C
-    if split:
+    if split:  # merges the chunks too
         nk._attend_split(workers, *args, units, return_probs, *parts)
     else:
         tasks = [(*args, units * i // workers, units * (i + 1) // workers, return_probs, *parts)
                  for i in range(workers)]
         run_parallel(nk._attend, [t for t in tasks if t[len(args)] < t[len(args) + 1]], workers)
-    if C > 1:
-        nk._combine(*parts[1:4], bounds, args[-2], parts[0], return_probs, parts[4])
+        if C > 1:
+            nk._combine(*parts[1:4], bounds, args[-2], parts[0], return_probs, parts[4])
     out = out.view(B, Hq, Q, Dv)
     out = out if q.dtype == torch.float32 else out.to(q.dtype)
     return (out, probs.view(B, Hq, W)) if return_probs else out

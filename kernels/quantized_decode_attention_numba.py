@@ -482,12 +482,15 @@ def _attend_split(workers, q, scale, kc, ks, kz, vc, vs, vz, qvalid, ntok,
                   kw, vw, wvalid, tw, nqueries, H, bits, fp8_shift, fp8_ratio, group, slut, pow2, bounds, units,
                   want_probs, probs, part_m, part_l, part_acc, out):
     """:func:`_attend`'s units ``0 <= u < units`` split into ``workers`` even ranges run on numba's thread pool (its
-    OpenMP or TBB layer: a hand-off of microseconds, where Python threads' costs ~0.1 ms). Its first compile costs
-    about as much again as :func:`_attend`'s (numba optimizes the callee again inside it; both are cached on disk)."""
+    OpenMP or TBB layer: a hand-off of microseconds, where Python threads' costs ~0.1 ms), then, with more than one
+    chunk, :func:`_combine` (on the calling thread). Its first compile costs about as much again as :func:`_attend`'s
+    (numba optimizes the callee again inside it; both are cached on disk)."""
     for w in prange(workers):
         _attend(q, scale, kc, ks, kz, vc, vs, vz, qvalid, ntok, nq, nkc, nks, nkz, nvc, nvs, nvz, nvalid, nlen,
                 kw, vw, wvalid, tw, nqueries, H, bits, fp8_shift, fp8_ratio, group, slut, pow2, bounds,
                 units * w // workers, units * (w + 1) // workers, want_probs, probs, part_m, part_l, part_acc, out)
+    if bounds.shape[0] > 2:
+        _combine(part_m, part_l, part_acc, bounds, pow2, probs, want_probs, out)
 
 
 @kernel(parallel=True)

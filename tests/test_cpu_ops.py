@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 
 import kvaccel.kernels.block_sparse_attention as bsa
 from kvaccel.kernels import cpu_ops
 from kvaccel.kernels.block_sparse_attention import block_sparse_attention, block_sparse_attention_reference
-from kvaccel.kernels.cpu_ops import release_workspace, run_parallel, workspace
+from kvaccel.kernels.cpu_ops import array_workspace, release_workspace, run_parallel, workspace
 
 TIMEOUT = 60  # seconds any wait of the tests below may take before the test fails instead of hanging
 
@@ -136,6 +137,24 @@ def test_workspace_is_per_thread_reused_and_aligned() -> None:
     t.join(TIMEOUT)
     assert other and other[0] != x.data_ptr()
     release_workspace()
+
+
+def test_array_workspace_is_per_thread_reused_and_grows() -> None:
+    """A host scratch array of the asked size and dtype; the same thread gets the same memory back for a request no
+    larger than before and a larger buffer for a larger one; another thread gets its own; release frees them."""
+    release_workspace()
+    a = array_workspace(10, np.float32)
+    assert a.shape == (10,) and a.dtype == np.float32
+    assert array_workspace(4, np.int64).ctypes.data == a.ctypes.data  # 32 bytes fit in the 40 kept
+    b = array_workspace(1000, np.float32)
+    assert b.shape == (1000,) and array_workspace(10, np.float32).ctypes.data == b.ctypes.data
+    other: list[int] = []
+    t = threading.Thread(target=lambda: other.append(array_workspace(10, np.float32).ctypes.data))
+    t.start()
+    t.join(TIMEOUT)
+    assert other and other[0] != b.ctypes.data
+    release_workspace()
+    assert cpu_ops._arrays == {}
 
 
 def test_without_per_thread_counts_the_work_stays_in_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:

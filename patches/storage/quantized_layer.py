@@ -46,7 +46,12 @@ from kvaccel.kernels.kv_quant import (
     quantize_values,
     scale_dtype_for,
 )
-from kvaccel.kernels.quantized_decode_attention import numba_arrays, quantized_decode_attention
+from kvaccel.kernels.quantized_decode_attention import (
+    NumbaArrays,
+    numba_arrays,
+    numba_decode,
+    quantized_decode_attention,
+)
 from kvaccel.varlen_cache import VarlenLayer
 
 Tensor = torch.Tensor
@@ -378,28 +383,33 @@ class QuantizedLayer(KVAccelLayer):
             )
         evict = ctx.state.methods.get("evict")
         probs = q.shape[2] == 1 and evict is not None and evict.wants_decode_probs()
-        quant, keys, values, valid = self.quant(), self.keys, self.values, self.valid
-        out = quantized_decode_attention(q, quant, keys, values, scale=ctx.scaling, valid=valid, return_probs=probs,
-                                         narrow=self.nquant(), channel_idx=self.channel_idx,
-                                         arrays=self._kernel_arrays(quant, keys, values, valid))
+        arrays = self._kernel_arrays() if q.device.type == "cpu" else None
+        if arrays is not None and arrays.k is not None and not self._nstore:  # the kernel on the kept arrays
+            st = self._store
+            Tq, groups = st["k_codes"].n, st["k_scale"].n
+            out = numba_decode(q, ctx.scaling, arrays, Tq, self._k.n, Tq // groups if groups else 1, probs)
+        else:
+            out = quantized_decode_attention(q, self.quant(), self.keys, self.values, scale=ctx.scaling,
+                                             valid=self.valid, return_probs=probs, narrow=self.nquant(),
+                                             channel_idx=self.channel_idx, arrays=arrays)
         if probs:
             out, ctx.decode_probs = out
         return out.transpose(1, 2)
 
-    def _kernel_arrays(self, quant: QuantizedKV, keys: Tensor, values: Tensor, valid: Tensor | None) -> tuple | None:
-        """The numba kernel's arrays of this layer's buffers (``numba_arrays``; CPU only, else ``None``), kept while
-        the buffers stay the same objects (a decode step appends in place: no per-step conversion); dropped when the
-        layer replaces its buffers (:meth:`_forget_arrays`), so they never keep old buffers alive."""
-        if keys.device.type != "cpu":
-            return None
-        bufs = (*(st.buf for st in self._store.values()), *(None if st is None else st.buf for st in
-                                                               (self._qvalid, self._k, self._v, self._valid)))
+    def _kernel_arrays(self) -> NumbaArrays:
+        """The numba kernel's arrays of this layer's buffers (:func:`numba_arrays`; the window's only when float32),
+        kept while the buffers stay the same objects (a decode step appends in place: no per-step conversion, and
+        :meth:`attend` then runs the kernel on them without building tensors of the buffers); dropped when the layer
+        replaces its buffers (:meth:`_forget_arrays`), so they never keep old buffers alive."""
+        bufs = [st.buf for st in self._store.values()]
+        bufs += [None if st is None else st.buf for st in (self._qvalid, self._k, self._v, self._valid)]
         cached = self._arrays
         same = cached is not None and len(cached[0]) == len(bufs) and all(
             a is b for a, b in zip(cached[0], bufs, strict=True))
         if not same:
-            f32 = keys.dtype == torch.float32  # a 16-bit window is converted at each call
-            self._arrays = cached = (bufs, numba_arrays(quant, keys if f32 else None, values if f32 else None, valid))
+            f32 = self._k.buf.dtype == torch.float32  # a 16-bit window is converted at each call
+            keys, values = (self.keys, self.values) if f32 else (None, None)
+            self._arrays = cached = (bufs, numba_arrays(self.quant(), keys, values, self.valid))
         return cached[1]
 
     def _forget_arrays(self) -> None:
