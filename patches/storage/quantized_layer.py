@@ -302,15 +302,19 @@ class QuantizedLayer(KVAccelLayer):
         t0 = parts[0].n
         if any(st.buf.shape[2] < t0 + n for st in parts):
             return False
-        bufs = (*(st.buf for st in parts), s["k_zero"].buf)
+        bufs = (*(st.buf for st in parts), s["k_zero"].buf, self._k.buf, self._v.buf)
         cached = self._fp8_arrays
         if cached is None or any(a is not b for a, b in zip(cached[0], bufs, strict=True)):
-            kc, ks, vc, vs, mu = bufs
+            kc, ks, vc, vs, mu, kw, vw = bufs
+            f32 = kw.dtype == torch.float32  # the window's own arrays; a 16-bit one is converted at each flush
             self._fp8_arrays = cached = (bufs, (
                 *(t.view(torch.uint8 if t.element_size() == 1 else torch.uint16).numpy() for t in (kc, ks, vc, vs)),
-                offset_array(mu, kc.shape)))
-        kc, ks, vc, vs, mu = cached[1]
-        k, v = (t[:, :, :n].float().numpy() for t in (self._k.buf, self._v.buf))
+                offset_array(mu, kc.shape), *((kw.numpy(), vw.numpy()) if f32 else (None, None))))
+        kc, ks, vc, vs, mu, k, v = cached[1]
+        if k is None:
+            k, v = (t[:, :, :n].float().numpy() for t in (self._k.buf, self._v.buf))
+        else:
+            k, v = k[:, :, :n], v[:, :, :n]
         at = slice(t0, t0 + n)
         quantize_fp8_pair_into(k, mu, v, self.fp8, s["k_scale"].buf.dtype, kc[:, :, at], ks[:, :, at], vc[:, :, at],
                                vs[:, :, at])
