@@ -302,15 +302,16 @@ class QuantizedLayer(KVAccelLayer):
         t0 = parts[0].n
         if any(st.buf.shape[2] < t0 + n for st in parts):
             return False
-        bufs = (*(st.buf for st in parts), s["k_zero"].buf, self._k.buf, self._v.buf)
-        cached = self._fp8_arrays
-        if cached is None or any(a is not b for a, b in zip(cached[0], bufs, strict=True)):
+        bufs = [*(st.buf for st in parts), s["k_zero"].buf, self._k.buf, self._v.buf]
+
+        def build() -> tuple:
             kc, ks, vc, vs, mu, kw, vw = bufs
             f32 = kw.dtype == torch.float32  # the window's own arrays; a 16-bit one is converted at each flush
-            self._fp8_arrays = cached = (bufs, (
-                *(t.view(torch.uint8 if t.element_size() == 1 else torch.uint16).numpy() for t in (kc, ks, vc, vs)),
-                offset_array(mu, kc.shape), *((kw.numpy(), vw.numpy()) if f32 else (None, None))))
-        kc, ks, vc, vs, mu, k, v = cached[1]
+            return (*(t.view(torch.uint8 if t.element_size() == 1 else torch.uint16).numpy() for t in (kc, ks, vc, vs)),
+                    offset_array(mu, kc.shape), *((kw.numpy(), vw.numpy()) if f32 else (None, None)))
+
+        self._fp8_arrays = _kept(self._fp8_arrays, bufs, build)
+        kc, ks, vc, vs, mu, k, v = self._fp8_arrays[1]
         if k is None:
             k, v = (t[:, :, :n].float().numpy() for t in (self._k.buf, self._v.buf))
         else:
@@ -407,14 +408,14 @@ class QuantizedLayer(KVAccelLayer):
         replaces its buffers (:meth:`_forget_arrays`), so they never keep old buffers alive."""
         bufs = [st.buf for st in self._store.values()]
         bufs += [None if st is None else st.buf for st in (self._qvalid, self._k, self._v, self._valid)]
-        cached = self._arrays
-        same = cached is not None and len(cached[0]) == len(bufs) and all(
-            a is b for a, b in zip(cached[0], bufs, strict=True))
-        if not same:
+
+        def build() -> NumbaArrays:
             f32 = self._k.buf.dtype == torch.float32  # a 16-bit window is converted at each call
             keys, values = (self.keys, self.values) if f32 else (None, None)
-            self._arrays = cached = (bufs, numba_arrays(self.quant(), keys, values, self.valid))
-        return cached[1]
+            return numba_arrays(self.quant(), keys, values, self.valid)
+
+        self._arrays = _kept(self._arrays, bufs, build)
+        return self._arrays[1]
 
     def _forget_arrays(self) -> None:
         self._arrays = self._fp8_arrays = None
@@ -531,6 +532,15 @@ class QuantizedLayer(KVAccelLayer):
 
     def _keep_with_narrow(self, idx: Tensor, slot_valid: Tensor | None) -> None:
         raise NotImplementedError("a QuantizedLayer has no narrow segment (ThinK channel pruning is not supported)")
+
+
+def _kept(cached: tuple | None, bufs: list, build: Callable[[], object]) -> tuple:
+    """``cached`` ``(buffers, arrays)`` while it was built from these same buffer objects (a decode step appends in
+    place), else ``(bufs, build())``: the arrays a compiled kernel reads of a layer's buffers, kept across steps."""
+    if cached is not None and len(cached[0]) == len(bufs) and all(
+            a is b for a, b in zip(cached[0], bufs, strict=True)):
+        return cached
+    return bufs, build()
 
 
 def _insert_zeros(t: Tensor, at: int, n: int) -> Tensor:
