@@ -30,6 +30,10 @@ counted. ``--wait-index`` waits for the graph builds after prefill, so every ste
         --cache-tokens 32768 131072 --layers 3 17 --steps 16 --capture runs/retr-cap-1k.npz --max-captured 32
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/retrieval_decode.py --e2e 8100 --steps 64 --exact-below 0 --wait-index
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/retrieval_decode.py --model qwen2.5-coder-1.5b --e2e 16384 --steps 64
+    .venv/bin/python benchmarks/retrieval_decode.py --e2e 8000 --steps 64 --storage kv_int8
+
+``--storage`` stacks a quantized storage method (``kv_int8``, ``kv_int4(group_size=32)``...): the host store holds
+its codes; ``host KV`` is then the store's bytes (codes, scales, offsets) against float32.
 """
 
 from __future__ import annotations
@@ -207,15 +211,16 @@ def end_to_end(args, model, tok) -> None:
     spec = Retrieval(top_k=args.top_k, ef=args.ef, sink=args.sink, window=args.window,
                      build_queries=args.build_queries, build_query_ratio=args.build_query_ratio,
                      spill_every=args.spill_every, **method_options(args))
+    methods = (spec,) if args.storage is None else (spec, args.storage)
     if args.copies == 2:
         patched, _ = kvaccel.load_model(args.model)
-        kvaccel.patch(patched, spec)
+        kvaccel.patch(patched, *methods)
         retr = contextlib.nullcontext  # always patched
     else:
         patched = model
 
         def retr():
-            return kvaccel.patched(model, spec)
+            return kvaccel.patched(model, *methods)
     notes: set[str] = set()
     try:
         with torch.inference_mode():
@@ -277,7 +282,8 @@ def end_to_end(args, model, tok) -> None:
     cfg = model.config
     print(f"e2e model {args.model or 'default'} ({cfg.model_type}, {cfg.num_hidden_layers} layers, "
           f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, {model.dtype}), copies {args.copies}; "
-          f"prompt {args.e2e} tokens, {steps} decode steps, {spec.spec()}")
+          f"prompt {args.e2e} tokens, {steps} decode steps, "
+          f"{'+'.join(m if isinstance(m, str) else m.spec() for m in methods)}")
     print(f"  prefill s: full {p_full:.2f}, retrieval {p_ret:.2f}; graph build in the background: {build:.2f} s "
           f"(faiss kNN {knn:.2f} s), {len(rep['retrieval_build_s'])} layers; waited {waited:.2f} s after prefill; "
           f"steps served exactly before the index was ready: {min(before)}..{max(before)} per layer")
@@ -300,6 +306,11 @@ def end_to_end(args, model, tok) -> None:
     print(f"  device KV {rep['kv_bytes'] / 2**20:.1f} MB of {rep['kv_bytes_full'] / 2**20:.1f} MB "
           f"({rep['kv_ratio']:.3f}); host {host / 2**20:.1f} MB (host keys of a layer, all its rows: up to "
           f"{max(rep['retrieval_host_tokens'])}); scanned fraction {np.mean(scanned) if scanned else float('nan'):.4f}")
+    store = sum(v for v in rep["retrieval_host_kv_bytes"] if v)
+    tokens = sum(v for v in rep["retrieval_host_tokens"] if v)
+    head = cfg.hidden_size // cfg.num_attention_heads if getattr(cfg, "head_dim", None) is None else cfg.head_dim
+    print(f"  host KV store {store / 2**20:.1f} MB for {tokens} tokens x kv head ({store / (2 * tokens * head):.3f} "
+          f"bytes per element held, capacity included; float32: 4)")
     print(f"  fidelity (teacher-forced): top-1 agreement {top1:.3f}, mean KL {kl.mean():.4f}, max KL {kl.max():.4f}")
     rec = probe.per_layer()
     if rec:
@@ -343,6 +354,7 @@ def main() -> None:
                     "beyond (retrieval_index.tile_by_rope)")
     ap.add_argument("--e2e", type=int, help="end to end with a prompt of this many tokens")
     ap.add_argument("--model", help="model name or path for kvaccel.load_model (default: the default model)")
+    ap.add_argument("--storage", help="e2e: a storage method stacked on retrieval (its host store), e.g. kv_int8")
     ap.add_argument("--copies", type=int, choices=(1, 2), default=1,
                     help="e2e: 1 = stock and retrieval share one model (retrieval inside kvaccel.patched), "
                     "2 = a second, patched copy")

@@ -63,8 +63,9 @@ from kvaccel.kernels.attention_index_attend import (
     _attend_union_rows,
 )
 from kvaccel.kernels.attention_index_graph import GraphBuild, _insert_rows
-from kvaccel.kernels.attention_index_scan import _select_rescore_bf16, _select_rows
+from kvaccel.kernels.attention_index_scan import _scan_scores, _select_rescore_bf16, _select_rows
 from kvaccel.kernels.attention_index_search import _search_groups, _search_rows
+from kvaccel.kernels.attention_index_store import QuantizedRows
 
 __all__ = ["SCAN_BLOCK_SCORES", "SCAN_COPY_STEP", "AttentionIndex", "GraphBuild"]
 
@@ -115,6 +116,13 @@ class AttentionIndex:
     window, hubs : int, default 4, 4
         Projection: a key in a query's top list links to the keys within ``window`` ranks of it and to the
         query's ``hubs`` best keys.
+    bits : int, optional
+        Store keys and values as ``bits``-bit codes (8, 4 or 2; :class:`~kvaccel.kernels.attention_index_store.
+        QuantizedRows`) instead of float32: every score, search and attention reads the decoded codes, so the
+        scores are ``q · k̂`` of the dequantized keys. The graph edits (build, linking) run on a float32 copy of the
+        rows made for the call.
+    group : int, default 64
+        Channels per scale of a quantized token (must divide ``dim`` and ``dim_v``).
     """
 
     def __init__(
@@ -130,6 +138,8 @@ class AttentionIndex:
         window: int = 4,
         hubs: int = 4,
         capacity: int = 256,
+        bits: int | None = None,
+        group: int = 64,
     ):
         for name, val in (("rows", rows), ("dim", dim), ("dim_v", dim_v), ("degree", degree),
                           ("build_top_k", build_top_k), ("entry_points", entry_points)):
@@ -141,6 +151,7 @@ class AttentionIndex:
         if self.max_degree < degree:
             raise ValueError(f"max_degree ({self.max_degree}) must be >= degree ({degree})")
         self.build_top_k, self.window, self.hubs = build_top_k, window, hubs
+        self.bits, self.group = bits, group
         self.n = np.zeros(rows, np.int64)  # keys stored per row
         self.linked = np.zeros(rows, np.int64)  # of which linked into the row's graph (the first `linked`)
         self._alloc(max(1, capacity))
@@ -153,15 +164,23 @@ class AttentionIndex:
         """(Re)allocate the arrays with room for ``capacity`` keys per row. New arrays, never resized in place: a
         :class:`GraphBuild` running in another thread keeps reading its views of the old ones."""
         old = getattr(self, "keys", None)
-        keys = np.zeros((self.rows, capacity, self.dim), np.float32)
-        values = np.zeros((self.rows, capacity, self.dim_v), np.float32)
+        if self.bits is None:
+            keys = np.zeros((self.rows, capacity, self.dim), np.float32)
+            values = np.zeros((self.rows, capacity, self.dim_v), np.float32)
+        elif old is None:
+            keys = QuantizedRows(self.rows, capacity, self.dim, self.bits, self.group)
+            values = QuantizedRows(self.rows, capacity, self.dim_v, self.bits, self.group)
+        else:
+            keys, values = self.keys.grown(capacity), self.values.grown(capacity)
         nbrs = np.zeros((self.rows, capacity, self.max_degree), np.int32)
         deg = np.zeros((self.rows, capacity), np.int32)
         parent = np.full((self.rows, capacity), -1, np.int32)
         positions = np.zeros((self.rows, capacity), np.int64)
         if old is not None:
             c = self.capacity
-            keys[:, :c], values[:, :c], nbrs[:, :c], deg[:, :c] = self.keys, self.values, self.nbrs, self.deg
+            if self.bits is None:
+                keys[:, :c], values[:, :c] = self.keys, self.values
+            nbrs[:, :c], deg[:, :c] = self.nbrs, self.deg
             parent[:, :c], positions[:, :c] = self.parent, self.positions
         self.keys, self.values, self.nbrs, self.deg, self.positions = keys, values, nbrs, deg, positions
         self.parent = parent  # per key: the neighbour-list edge of the spanning tree that keeps it reachable
@@ -174,8 +193,24 @@ class AttentionIndex:
                 cap *= 2
             self._alloc(cap)
 
+    @property
+    def quantized(self) -> bool:
+        return self.bits is not None
+
+    def _keys_arg(self):
+        """The keys as the compiled kernels take them (:mod:`~kvaccel.kernels.attention_index_store`)."""
+        return self.keys.kernel_arg() if self.quantized else self.keys
+
+    def _values_arg(self):
+        return self.values.kernel_arg() if self.quantized else self.values
+
+    def float_keys(self, g: int, a: int, b: int) -> np.ndarray:
+        """Keys ``[a, b)`` of row ``g`` as float32 (a view of a float32 store, decoded from a quantized one)."""
+        return self.keys.dequantize(g, a, b) if self.quantized else self.keys[g, a:b]
+
     def nbytes(self) -> int:
-        """Host bytes held: the K/V store, positions, the graph (capacity included) and the scan's score buffer."""
+        """Host bytes held: the K/V store (codes, scales and offsets when quantized), positions, the graph (capacity
+        included) and the scan's score buffer."""
         scores = sum(t.numel() * t.element_size() for t in (self._scores, self._scores_bf16, self._scan_keys)
                      if t is not None)
         return scores + sum(a.nbytes for a in (self.keys, self.values, self.nbrs, self.deg, self.parent,
@@ -191,7 +226,12 @@ class AttentionIndex:
         for g in range(self.rows):
             a = int(self.n[g])
             b = a + keys[g].shape[0]
-            self.keys[g, a:b], self.values[g, a:b], self.positions[g, a:b] = keys[g], values[g], positions[g]
+            if self.quantized:
+                self.keys.put(g, a, keys[g])
+                self.values.put(g, a, values[g])
+            else:
+                self.keys[g, a:b], self.values[g, a:b] = keys[g], values[g]
+            self.positions[g, a:b] = positions[g]
             self.n[g] = b
 
     def _scan_copy(self):
@@ -230,7 +270,7 @@ class AttentionIndex:
             if queries[g].shape[0] == 0:
                 raise ValueError(f"row {g} has {self.n[g]} keys but no prefill queries to build its graph from")
         return GraphBuild(
-            rows, [self.keys[g, : self.n[g]] for g in rows],
+            rows, [self.float_keys(g, 0, self.n[g]) for g in rows],
             [np.ascontiguousarray(queries[g], dtype=np.float32) for g in rows],
             self.degree, self.max_degree, self.build_top_k, self.window, self.hubs, self.entries.shape[1],
         )
@@ -255,7 +295,8 @@ class AttentionIndex:
         t0 = time.perf_counter()
         if (self.linked < self.n).any():
             failed = np.zeros(self.rows, np.uint8)
-            _insert_rows(self.keys, self.nbrs, self.deg, self.parent, self.entries, self.linked.copy(), self.n.copy(),
+            keys = self.keys.dequantize_rows(self.n) if self.quantized else self.keys
+            _insert_rows(keys, self.nbrs, self.deg, self.parent, self.entries, self.linked.copy(), self.n.copy(),
                          self.degree, max(ef, 1), failed)
             if failed.any():
                 raise RuntimeError(f"attention index rows {np.nonzero(failed)[0].tolist()}: a new key found no key to "
@@ -309,8 +350,8 @@ class AttentionIndex:
         ids = np.empty((q.shape[0], k), np.int64)
         scores = np.empty((q.shape[0], k), np.float32)
         scanned = np.empty(q.shape[0], np.int64)
-        _search_rows(q, rows, self.keys, self.nbrs, self.deg, self.entries, self.n, k, ef, exact_below, ids, scores,
-                     scanned)
+        _search_rows(q, rows, self._keys_arg(), self.nbrs, self.deg, self.entries, self.n, k, ef, exact_below, ids,
+                     scores, scanned)
         return ids, scores, scanned
 
     def search_grouped(self, queries: np.ndarray, rows: np.ndarray, k: int, ef: int, exact_below: int = 0
@@ -327,7 +368,7 @@ class AttentionIndex:
         ids = np.empty((P, G, k), np.int64)
         scores = np.empty((P, G, k), np.float32)
         scanned = np.empty(P, np.int64)
-        _search_groups(q, rows, self.keys, self.nbrs, self.deg, self.entries, self.n, k, ef, exact_below, ids,
+        _search_groups(q, rows, self._keys_arg(), self.nbrs, self.deg, self.entries, self.n, k, ef, exact_below, ids,
                        scores, scanned)
         return ids, scores, scanned
 
@@ -357,6 +398,11 @@ class AttentionIndex:
             scores.fill(-np.inf)
             return ids, scores
         bf16 = bf16_margin is not None  # also for rows of few keys: one selection kernel to compile, not two
+        if self.quantized:
+            if bf16:
+                raise ValueError("scan_rows: a quantized store is scanned from its codes; bf16_margin (a bfloat16 "
+                                 "copy of float32 keys) does not apply: pass None")
+            return self._scan_codes(q, k, ids, scores)
         if bf16:  # the contiguous copy: its slots past m (zero) are scored too and ignored by the selection
             keys_t = self._scan_copy().transpose(1, 2)
             q_t = torch.from_numpy(q).to(torch.bfloat16)
@@ -379,6 +425,21 @@ class AttentionIndex:
                 _select_rows(buf.numpy(), self.n, ids[:, a:b], scores[:, a:b])
         return ids, scores
 
+    def _scan_codes(self, q: np.ndarray, k: int, ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`scan_rows` of a quantized store: its scores computed from the codes, a tile of keys decoded at a
+        time (compiled, rows in parallel), then the same selection."""
+        R, M = q.shape[:2]
+        width = int(self.n.max())
+        block = max(1, min(M, SCAN_BLOCK_SCORES // width))
+        if self._scores is None or self._scores.numel() < R * block * width:
+            self._scores = _torch().empty(R * block * width, dtype=_torch().float32)
+        for a in range(0, M, block):
+            b = min(M, a + block)
+            buf = self._scores[: R * (b - a) * width].view(R, b - a, width).numpy()
+            _scan_scores(np.ascontiguousarray(q[:, a:b]), self._keys_arg(), self.n, buf)
+            _select_rows(buf, self.n, ids[:, a:b], scores[:, a:b])
+        return ids, scores
+
     def search_exact(self, queries: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Reference: exact top-``k`` by a full scan (numpy), same layout as :meth:`search`."""
         q = np.asarray(queries, dtype=np.float32)
@@ -386,7 +447,7 @@ class AttentionIndex:
         scores = np.full((q.shape[0], k), -np.inf, np.float32)
         for r in range(q.shape[0]):
             g = int(rows[r])
-            s = self.keys[g, : self.n[g]] @ q[r]
+            s = self.float_keys(g, 0, int(self.n[g])) @ q[r]
             top = np.argsort(-s, kind="stable")[:k]
             ids[r, : top.shape[0]], scores[r, : top.shape[0]] = top, s[top]
         return ids, scores
@@ -397,7 +458,8 @@ class AttentionIndex:
         (``-inf`` for a row with none). ``scores`` are the ``q · k`` the search returned."""
         out = np.empty((ids.shape[0], self.dim_v), np.float32)
         lse = np.empty(ids.shape[0], np.float32)
-        _attend_rows(ids, scores, np.ascontiguousarray(rows, dtype=np.int64), self.values, np.float32(scale), out, lse)
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        _attend_rows(ids, scores, rows, self._values_arg(), np.float32(scale), out, lse)
         return out, lse
 
     def attend_union(self, ids: np.ndarray, scores: np.ndarray, rows: np.ndarray, scale: float,
@@ -412,8 +474,8 @@ class AttentionIndex:
         _check_static_slots(static_keys, static_values, T)
         out = np.empty((ids.shape[0], self.dim_v), np.float32)
         c = np.ascontiguousarray  # one compiled signature (a strided view would compile another variant)
-        _attend_union_rows(c(ids, dtype=np.int64), c(scores, dtype=np.float32), c(rows, dtype=np.int64), self.values,
-                           c(queries, dtype=np.float32), c(static_keys, dtype=np.float32),
+        _attend_union_rows(c(ids, dtype=np.int64), c(scores, dtype=np.float32), c(rows, dtype=np.int64),
+                           self._values_arg(), c(queries, dtype=np.float32), c(static_keys, dtype=np.float32),
                            c(static_values, dtype=np.float32), c(static_valid, dtype=np.bool_), np.float32(scale), out)
         return out
 
@@ -430,7 +492,7 @@ class AttentionIndex:
         _check_static_slots(static_keys, static_values, T)
         out = np.empty((ids.shape[0], ids.shape[1], self.dim_v), np.float32)
         c = np.ascontiguousarray
-        _attend_union_groups(c(ids, dtype=np.int64), c(scores, dtype=np.float32), self.values,
+        _attend_union_groups(c(ids, dtype=np.int64), c(scores, dtype=np.float32), self._values_arg(),
                              c(queries, dtype=np.float32), c(static_keys, dtype=np.float32),
                              c(static_values, dtype=np.float32), c(static_valid, dtype=np.bool_), np.float32(scale),
                              out)
@@ -445,7 +507,7 @@ class AttentionIndex:
             raise ValueError(f"attend_all wants queries (rows={self.rows}, M, {self.dim}), got {q.shape}")
         out = np.empty((self.rows, q.shape[1], self.dim_v), np.float32)
         lse = np.empty((self.rows, q.shape[1]), np.float32)
-        _attend_all_rows(q, self.keys, self.values, self.n, np.float32(scale), out, lse)
+        _attend_all_rows(q, self._keys_arg(), self._values_arg(), self.n, np.float32(scale), out, lse)
         return out, lse
 
 
@@ -455,14 +517,15 @@ KERNEL_PATHS = ("exact", "graph")
 
 
 def compile_kernels(paths: tuple[str, ...] = KERNEL_PATHS, *, scan_bf16: bool = True, fused: bool = True,
-                    group_search: bool = True) -> float:
+                    group_search: bool = True, bits: int | None = None) -> float:
     """Compile (or load from the on-disk cache, :mod:`~kvaccel.kernels.attention_index_jit`) the kernels a decode step
     of retrieval runs, by running them on a tiny index: the arguments have the types of the real calls (the public
     methods make them), so the real calls find every kernel compiled. ``paths``: ``"exact"`` (:meth:`scan_rows`
     with ``scan_bf16`` the bfloat16 scan + float32 re-scoring, else the float32 scan; then :meth:`attend_union_groups`
     if ``fused`` else :meth:`attend`) and/or
     ``"graph"`` (the build, :meth:`link`, :meth:`attend_all`, then :meth:`search_grouped` if ``group_search`` else
-    :meth:`search`, and the attention as for ``exact``). Safe in any thread (numba compiles under its own lock; a
+    :meth:`search`, and the attention as for ``exact``); ``bits``: for a store of ``bits``-bit codes (the scan of the
+    codes instead of ``scan_bf16``'s). Safe in any thread (numba compiles under its own lock; a
     real call of a kernel being compiled waits for it). Returns the seconds spent."""
     unknown = set(paths) - set(KERNEL_PATHS)
     if unknown:
@@ -474,7 +537,7 @@ def compile_kernels(paths: tuple[str, ...] = KERNEL_PATHS, *, scan_bf16: bool = 
     values = [rng.standard_normal((n, D), dtype=np.float32) for _ in range(rows)]
     positions = [np.arange(n, dtype=np.int64) for _ in range(rows)]
     queries = rng.standard_normal((rows, G, D), dtype=np.float32)
-    index = AttentionIndex(rows, D, D, degree=4, build_top_k=8, entry_points=4)
+    index = AttentionIndex(rows, D, D, degree=4, build_top_k=8, entry_points=4, bits=bits, group=D)
     index.store(keys, values, positions)
     head_rows = np.repeat(np.arange(rows, dtype=np.int64), G)
     static = rng.standard_normal((rows, 4, D), dtype=np.float32)
@@ -487,7 +550,7 @@ def compile_kernels(paths: tuple[str, ...] = KERNEL_PATHS, *, scan_bf16: bool = 
             index.attend(ids.reshape(rows * G, -1), scores.reshape(rows * G, -1), head_rows, 0.5)
 
     if "exact" in paths:
-        attention(*index.scan_rows(queries, k, k if scan_bf16 else None))
+        attention(*index.scan_rows(queries, k, k if scan_bf16 and bits is None else None))
     if "graph" in paths:
         index.attend_all(queries, 0.5)
         index.install(index.graph_build([q.reshape(-1, D).repeat(8, 0) for q in queries]).run())

@@ -9,6 +9,7 @@ from numba import prange
 
 from kvaccel.kernels.attention_index_heap import _FM, _dot
 from kvaccel.kernels.attention_index_jit import kernel
+from kvaccel.kernels.attention_index_store import row_of, row_vector
 
 
 @kernel(fastmath=_FM)
@@ -24,13 +25,14 @@ def _retrieved_max(ids, scores, scale, m):
 def _retrieved_accumulate(ids, scores, values, scale, m, out):
     """Add ``exp(scale · score − m) · v`` of one row's retrieved keys into ``out``; returns the sum of the weights."""
     total = np.float32(0.0)
+    vb = np.empty(out.shape[0], np.float32)  # a quantized value, decoded
     for j in range(ids.shape[0]):
         i = ids[j]
         if i < 0:
             continue
         p = np.float32(np.exp(scale * scores[j] - m))
         total += p
-        v = values[i]
+        v = row_vector(values, i, vb)
         for c in range(out.shape[0]):
             out[c] += p * v[c]
     return total
@@ -47,7 +49,7 @@ def _attend_rows(ids, scores, rows, values, scale, out, lse):
         if m == -np.inf:
             lse[r] = -np.inf
             continue
-        total = _retrieved_accumulate(ids[r], scores[r], values[g], scale, m, out[r])
+        total = _retrieved_accumulate(ids[r], scores[r], row_of(values, g), scale, m, out[r])
         for c in range(out.shape[1]):
             out[r, c] /= total
         lse[r] = m + np.log(total)
@@ -80,7 +82,7 @@ def _attend_union_rows(ids, scores, rows, values, qs, skeys, svalues, svalid, sc
                 v = svalues[g, j]
                 for c in range(out.shape[1]):
                     out[r, c] += p * v[c]
-        total += _retrieved_accumulate(ids[r], scores[r], values[g], scale, m, out[r])
+        total += _retrieved_accumulate(ids[r], scores[r], row_of(values, g), scale, m, out[r])
         for c in range(out.shape[1]):
             out[r, c] /= total
 
@@ -131,7 +133,7 @@ def _attend_union_groups(ids, scores, values, qs, skeys, svalues, svalid, scale,
     value is read once for the whole group. ``ids`` / ``scores`` ``(R, G, k)``, ``qs`` ``(R, G, D)``, ``out``
     ``(R, G, Dv)``. Rows in parallel, one call of :func:`_attend_union_group` each."""
     for r in prange(qs.shape[0]):
-        _attend_union_group(ids[r], scores[r], values[r], qs[r], skeys[r], svalues[r], svalid[r], scale, out[r])
+        _attend_union_group(ids[r], scores[r], row_of(values, r), qs[r], skeys[r], svalues[r], svalid[r], scale, out[r])
 
 
 @kernel(parallel=True, fastmath=_FM)
@@ -142,10 +144,13 @@ def _attend_all_rows(qs, keys, values, n, scale, out, lse):
     for g in prange(R):
         m = np.full(M, -np.inf, np.float32)
         total = np.zeros(M, np.float32)
-        acc = np.zeros((M, values.shape[2]), np.float32)
+        acc = np.zeros((M, out.shape[2]), np.float32)
+        krow, vrow = row_of(keys, g), row_of(values, g)
+        kb = np.empty(qs.shape[2], np.float32)  # quantized tokens, decoded
+        vb = np.empty(out.shape[2], np.float32)
         for j in range(n[g]):
-            kj = keys[g, j]
-            vj = values[g, j]
+            kj = row_vector(krow, j, kb)
+            vj = row_vector(vrow, j, vb)
             for r in range(M):
                 s = scale * _dot(qs[g, r], kj)
                 if s > m[r]:
@@ -162,9 +167,9 @@ def _attend_all_rows(qs, keys, values, n, scale, out, lse):
         for r in range(M):
             if total[r] == 0.0:
                 lse[g, r] = -np.inf
-                for d in range(values.shape[2]):
+                for d in range(out.shape[2]):
                     out[g, r, d] = 0.0
             else:
                 lse[g, r] = m[r] + np.log(total[r])
-                for d in range(values.shape[2]):
+                for d in range(out.shape[2]):
                     out[g, r, d] = acc[r, d] / total[r]

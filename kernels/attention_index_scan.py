@@ -1,7 +1,8 @@
 """Exact top-k selection of the attention index's batched scan (:meth:`AttentionIndex.scan_rows` in
 :mod:`kvaccel.kernels.attention_index`): linear-time top-k of each query's scores over its row's keys (group maxima
 give a floor, bisection on order-preserving integer keys finds the k-th), and the bfloat16 variant that re-scores
-the best ``k + margin`` candidates in float32."""
+the best ``k + margin`` candidates in float32; the scores of a quantized store come from its decoded codes
+(:func:`_scan_scores`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from numba import prange
 
 from kvaccel.kernels.attention_index_heap import _FM, _dot, _sort_desc
 from kvaccel.kernels.attention_index_jit import kernel
+from kvaccel.kernels.attention_index_store import row_of, row_vector
 
 #: groups of scores whose maxima give the selection's floor (see :func:`_top_of_scores`)
 SELECT_GROUPS = 512
@@ -166,3 +168,28 @@ def _select_rescore_bf16(bits, n, qs, keys, kc, out_ids, out_scores):
     the re-scoring (rows in parallel, one call of :func:`_select_rescore_row` each)."""
     for r in prange(bits.shape[0]):
         _select_rescore_row(bits[r], n[r], qs[r], keys[r], kc, out_ids[r], out_scores[r])
+
+
+
+#: keys a tile of :func:`_scan_scores` decodes at once (16 KB at head size 64: stays in L1 for the dot products)
+SCAN_TILE = 64
+
+
+@kernel(parallel=True, fastmath=_FM)
+def _scan_scores(qs, keys, n, out):
+    """``out[r, m, j] = q_{r,m} · k̂_j`` over the first ``n[r]`` keys of every row of a quantized store (rows in
+    parallel): ``SCAN_TILE`` keys decoded into a tile, then every query's dot products with the tile. The scores
+    :func:`_select_rows` selects from; no decoded copy of the store is made."""
+    R, M, D = qs.shape
+    for r in prange(R):
+        row = row_of(keys, r)
+        tile = np.empty((SCAN_TILE, D), np.float32)
+        for a in range(0, n[r], SCAN_TILE):
+            b = min(n[r], a + SCAN_TILE)
+            for j in range(a, b):
+                row_vector(row, j, tile[j - a])
+            for m in range(M):
+                q = qs[r, m]
+                o = out[r, m]
+                for j in range(a, b):
+                    o[j] = _dot(q, tile[j - a])

@@ -1,7 +1,10 @@
 """Graph search of the attention index (:mod:`kvaccel.kernels.attention_index`): HNSW's best-first search-layer for
 the keys with the largest ``q · k`` (one walk per query, or one per GQA group scoring every visited key against the
 group's queries), and the exact per-query heap scan used when a row is too small for a walk, batched over rows in
-parallel."""
+parallel.
+
+``keys`` is a store (:mod:`~kvaccel.kernels.attention_index_store`): float32 rows, or quantized rows decoded token by
+token as they are scored."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from numba import prange
 
 from kvaccel.kernels.attention_index_heap import _FM, _dot, _pop, _push, _push_grow, _write_results
 from kvaccel.kernels.attention_index_jit import kernel
+from kvaccel.kernels.attention_index_store import row_of, row_vector
 
 
 @kernel(fastmath=_FM)
@@ -23,6 +27,7 @@ def _beam_search(q, keys, nbrs, deg, entries, n, ef, out_ids, out_scores):
     rs = np.empty(ef + 1, np.float32)  # results, max-heap by -score (worst result on top)
     ri = np.empty(ef + 1, np.int64)
     visited = np.zeros(n, np.uint8)
+    kb = np.empty(q.shape[0], np.float32)  # a quantized key, decoded
     nc = np.int64(0)  # np.int64, not a literal: a literal 0 is a type of its own and compiles the heap helpers again
     nr = np.int64(0)
     scanned = 0
@@ -31,7 +36,7 @@ def _beam_search(q, keys, nbrs, deg, entries, n, ef, out_ids, out_scores):
             continue
         visited[e] = 1
         scanned += 1
-        s = _dot(q, keys[e])
+        s = _dot(q, row_vector(keys, e, kb))
         cs, ci, nc = _push_grow(cs, ci, nc, s, e)
         nr = _push(rs, ri, nr, -s, e)
         if nr > ef:
@@ -48,7 +53,7 @@ def _beam_search(q, keys, nbrs, deg, entries, n, ef, out_ids, out_scores):
                 continue
             visited[y] = 1
             scanned += 1
-            s = _dot(q, keys[y])
+            s = _dot(q, row_vector(keys, y, kb))
             if nr < ef or s > -rs[0]:
                 cs, ci, nc = _push_grow(cs, ci, nc, s, y)
                 nr = _push(rs, ri, nr, -s, y)
@@ -65,8 +70,9 @@ def _scan_row(q, keys, n, out_ids, out_scores):
     rs = np.empty(k + 1, np.float32)  # max-heap by -score: the worst kept key on top
     ri = np.empty(k + 1, np.int64)
     nr = np.int64(0)
+    kb = np.empty(q.shape[0], np.float32)
     for j in range(n):
-        s = _dot(q, keys[j])
+        s = _dot(q, row_vector(keys, j, kb))
         if nr < k or s > -rs[0]:
             nr = _push(rs, ri, nr, -s, j)
             if nr > k:
@@ -81,9 +87,10 @@ def _search_rows(qs, rows, keys, nbrs, deg, entries, n, k, ef, exact_below, out_
         g = rows[r]
         m = n[g]
         if k >= m or ef >= m or m <= exact_below:
-            scanned[r] = _scan_row(qs[r], keys[g], m, out_ids[r], out_scores[r])
+            scanned[r] = _scan_row(qs[r], row_of(keys, g), m, out_ids[r], out_scores[r])
         else:
-            scanned[r] = _beam_search(qs[r], keys[g], nbrs[g], deg[g], entries[g], m, ef, out_ids[r], out_scores[r])
+            scanned[r] = _beam_search(qs[r], row_of(keys, g), nbrs[g], deg[g], entries[g], m, ef, out_ids[r],
+                                      out_scores[r])
 
 
 @kernel(fastmath=_FM)
@@ -125,6 +132,7 @@ def _group_search(qg, keys, nbrs, deg, entries, n, ef, out_ids, out_scores):
     nr = np.zeros(G, np.int64)
     visited = np.zeros(n, np.uint8)
     sc = np.empty(G, np.float32)
+    kb = np.empty(qg.shape[1], np.float32)
     nc = np.int64(0)
     scanned = 0
     total = entries.shape[0]
@@ -155,8 +163,9 @@ def _group_search(qg, keys, nbrs, deg, entries, n, ef, out_ids, out_scores):
                 scanned += 1
                 best = np.float32(-np.inf)  # the candidate heap's dtype
                 improves = False
+                kz = row_vector(keys, z, kb)
                 for g in range(G):
-                    sc[g] = _dot(qg[g], keys[z])
+                    sc[g] = _dot(qg[g], kz)
                     if sc[g] * inv[g] > best:
                         best = sc[g] * inv[g]
                     if nr[g] < ef or sc[g] > -rs[g, 0]:
@@ -171,8 +180,9 @@ def _group_search(qg, keys, nbrs, deg, entries, n, ef, out_ids, out_scores):
         visited[y] = 1
         scanned += 1
         best = np.float32(-np.inf)
+        ky = row_vector(keys, y, kb)
         for g in range(G):
-            sc[g] = _dot(qg[g], keys[y])
+            sc[g] = _dot(qg[g], ky)
             best = max(best, sc[g] * inv[g])
             nr[g] = _push(rs[g], ri[g], nr[g], -sc[g], y)
             if nr[g] > ef:
@@ -191,6 +201,7 @@ def _search_groups(qs, rows, keys, nbrs, deg, entries, n, k, ef, exact_below, ou
         if k >= m or ef >= m or m <= exact_below:
             scanned[p] = m
             for h in range(qs.shape[1]):
-                _scan_row(qs[p, h], keys[g], m, out_ids[p, h], out_scores[p, h])
+                _scan_row(qs[p, h], row_of(keys, g), m, out_ids[p, h], out_scores[p, h])
         else:
-            scanned[p] = _group_search(qs[p], keys[g], nbrs[g], deg[g], entries[g], m, ef, out_ids[p], out_scores[p])
+            scanned[p] = _group_search(qs[p], row_of(keys, g), nbrs[g], deg[g], entries[g], m, ef, out_ids[p],
+                                       out_scores[p])

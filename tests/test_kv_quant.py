@@ -810,7 +810,7 @@ def test_sparse_prefill_then_quantized_chunks(model):
 
 @pytest.mark.parametrize("spec,match", [
     ("snapkv(budget=0.5)+think(value_ratio=0.2)+kv_int4", r"value_ratio=0.2"),
-    ("retrieval+kv_int8", "decode method 'retrieval'"),
+    ("retrieval+kv_fp8", "kv_fp8 cannot hold retrieval's host store"),
     ("d2o+kv_int4", "'d2o'"),
 ])
 def test_unsupported_combinations_are_refused(model, spec, match):

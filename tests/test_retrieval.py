@@ -569,12 +569,13 @@ def compiled():
     return {f"{name}{sig}" for m in mods for name, d in vars(m).items()
             if isinstance(d, numba.core.registry.CPUDispatcher) for sig in d.signatures}
 
-model = tiny_model("llama")
+model = tiny_model("llama", head_dim=64, hidden_size=192, num_attention_heads=6, num_key_value_heads=2)
 ids = torch.randint(3, 512, (1, 201), generator=torch.Generator().manual_seed(7))
 out = []
 for options in json.loads(sys.argv[2]):
     L = options.pop("length", 200)
-    with torch.no_grad(), kvaccel.patched(model, R.Retrieval(sink=4, window=8, top_k=8, ef=16, **options)):
+    storage = [options.pop("storage")] if "storage" in options else []
+    with torch.no_grad(), kvaccel.patched(model, R.Retrieval(sink=4, window=8, top_k=8, ef=16, **options), *storage):
         cache = KVAccelCache(model)
         model(ids[:, :L], cache=cache)
         for future in list(R._COMPILES.values()):
@@ -594,25 +595,27 @@ def test_first_decode_step_compiles_nothing():
     """In a fresh process, the kernels a decode step runs are compiled (or loaded from the on-disk cache) ahead, on the
     builder thread from patch time and when a graph build starts, not inside the first decode step: the step adds no
     signature to any index kernel (exact scan, fused or not, over many host keys or few: bfloat16 or float32 scan;
-    graph walk). Before: the first step compiled them (~10 s
-    with an empty cache)."""
+    graph walk; a host store of codes, ``retrieval+kv_int8``, on both paths). Before: the first step compiled them
+    (~10 s with an empty cache)."""
     import json
     import os
     import subprocess
     import sys
 
-    cases = [{}, {"host_fused": False}, {"exact_below": 0}, {"length": 30}]  # 30: 18 host keys, all re-scored
+    cases = [{}, {"host_fused": False}, {"exact_below": 0}, {"length": 30},  # 30: 18 host keys, all re-scored
+             {"storage": "kv_int8"}, {"storage": "kv_int8", "exact_below": 0}]
     proc = subprocess.run([sys.executable, "-c", _FIRST_STEP_SCRIPT, os.path.dirname(__file__), json.dumps(cases)],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     scan = "_select_rescore_bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "_select_rows"
-    want = [("_attend_union_groups", "exact"), ("_attend_rows", "exact"), ("_search_groups", "graph"), (scan, "exact")]
-    for case, res, (kernel, path) in zip(cases, got, want, strict=True):
+    want = [("_attend_union_groups", "exact", scan), ("_attend_rows", "exact", scan), ("_search_groups", "graph", None),
+            (scan, "exact", scan), ("_attend_union_groups", "exact", "_scan_scores"), ("_search_groups", "graph", None)]
+    for case, res, (kernel, path, scanned) in zip(cases, got, want, strict=True):
         assert res["new"] == [], (case, res["new"])
         assert res[path] == 1 and res["exact" if path == "graph" else "graph"] == 0, (case, res)
         assert any(sig.startswith(kernel + "(") for sig in res["compiled"]), (case, kernel)
-        assert path == "graph" or any(sig.startswith(scan + "(") for sig in res["compiled"]), (case, scan)
+        assert scanned is None or any(sig.startswith(scanned + "(") for sig in res["compiled"]), (case, scanned)
 
 
 @needs_deps

@@ -113,11 +113,13 @@ class _CompileJob:
     scan_bf16: bool
     fused: bool
     group_search: bool
+    bits: int | None = None
 
     def run(self) -> float:
         from kvaccel.kernels.attention_index import compile_kernels
 
-        return compile_kernels(self.paths, scan_bf16=self.scan_bf16, fused=self.fused, group_search=self.group_search)
+        return compile_kernels(self.paths, scan_bf16=self.scan_bf16, fused=self.fused, group_search=self.group_search,
+                               bits=self.bits)
 
 
 _COMPILES: dict[_CompileJob, Future] = {}  # every compile job submitted in this process (each runs once)
@@ -252,6 +254,12 @@ class Retrieval(DecodeMethod):
         together with the retrieved keys in one compiled pass (one softmax over their union, equal to the LSE merge
         of the two parts; time counted as host attention). False always runs device attention + ``lse_merge``.
 
+    Stacked with a quantized storage method (``retrieval+kv_int8``, ``retrieval+kv_int4``), the host store holds
+    codes instead of float32 (:mod:`kvaccel.kernels.attention_index_store`: per token, ``group_size`` channels a
+    scale, around a per-row channel offset): the search, the exact scan and the attention read the codes, so the
+    retrieved logits are those of the dequantized keys; the device part (``sink`` + ``window``) stays in the model
+    dtype, as KIVI's full-precision window. ``retrieval_host_kv_bytes`` counts the store.
+
     The compiled kernels run on as many threads as torch (``torch.get_num_threads()``): a per-step kernel waiting
     on a second thread of a loaded machine costs ~8x more (measured); numba's thread pool start, which resets the
     process' OpenMP thread count (torch's too) to NUMBA_NUM_THREADS, is undone once. They are compiled ahead, on the
@@ -301,6 +309,18 @@ class Retrieval(DecodeMethod):
             raise ValueError(f"ef ({self.ef!r}) must be an int >= top_k ({self.top_k}): the search list holds the "
                              "results; raise ef or lower top_k")
 
+    #: ``(bits, group_size)`` of the host store's codes when a quantized storage method is stacked on this method
+    #: (taken from it by :meth:`check_stages` at ``patch()`` time); ``None``: float32
+    host_codes = None
+
+    def check_stages(self, stages: dict) -> None:
+        """Take the host store's code format from a quantized storage method stacked on this one."""
+        storage = stages.get("storage")
+        self.host_codes = None if storage is None else storage.host_codes()
+        if self.host_codes is not None and self.scan_precision == "bfloat16":
+            raise ValueError(f"retrieval: scan_precision='bfloat16' scans a bfloat16 copy of float32 host keys, but "
+                             f"{storage.name} stores them as codes (scanned as they are); use scan_precision='auto'")
+
     def bind(self, model) -> None:
         """At patch time: start compiling the kernels of the first decode steps (:meth:`_compile_ahead`) on the
         builder thread, so they are ready (or loaded from the on-disk cache) by the end of the prefill."""
@@ -314,7 +334,8 @@ class Retrieval(DecodeMethod):
         """Compile the kernels of ``paths`` for a model on ``device`` in ``dtype`` in the background (once per
         process); a failed compile is raised by the next :meth:`attention`."""
         fused = self.host_fused and torch.device(device).type == "cpu" and dtype == torch.float32
-        _compile_ahead(_CompileJob(paths, self._scan_bf16, fused, self.group_search))
+        bits = None if self.host_codes is None else self.host_codes[0]
+        _compile_ahead(_CompileJob(paths, self._scan_bf16 and bits is None, fused, self.group_search, bits))
 
     # ------------------------------------------------------------------ prefill: move the middle to host memory
     def after_prefill(self, ctx: AttentionContext) -> None:
@@ -381,7 +402,7 @@ class Retrieval(DecodeMethod):
             rows, walk_rows = self._rows(st, B, Hq, Q)
             if not st.graph or most <= self.exact_below:  # exact top-k: one batched scan of all rows
                 ids, scores = index.scan_rows(qs.reshape(B * st.kv_heads, G * Q, D), top_k,
-                                              BF16_MARGIN if self._scan_bf16 else None)
+                                              BF16_MARGIN if self._scan_bf16 and not index.quantized else None)
                 ids, scores = ids.reshape(B * Hq * Q, -1), scores.reshape(B * Hq * Q, -1)
                 scanned = None  # every key of every row
                 st.exact_steps += 1
@@ -449,7 +470,10 @@ class Retrieval(DecodeMethod):
     def _exact_note(self) -> str:
         note = getattr(self, "_note", None)
         if note is None:
-            precision = "bfloat16 scan + float32 re-scoring" if self._scan_bf16 else "float32 scan"
+            if self.host_codes is not None:
+                precision = f"scan of the {self.host_codes[0]}-bit codes"
+            else:
+                precision = "bfloat16 scan + float32 re-scoring" if self._scan_bf16 else "float32 scan"
             note = self._note = (f"retrieval: layers holding <= exact_below={self.exact_below} host keys per row are "
                                  f"searched exactly ({precision}; no graph built)")
         return note
@@ -469,8 +493,10 @@ class Retrieval(DecodeMethod):
         from kvaccel.kernels.attention_index import AttentionIndex
 
         B, Hkv = layer.keys.shape[:2]
+        bits, group = self.host_codes or (None, 64)
         index = AttentionIndex(
-            B * Hkv, layer.keys.shape[-1], layer.values.shape[-1], degree=self.degree, build_top_k=self.build_top_k
+            B * Hkv, layer.keys.shape[-1], layer.values.shape[-1], degree=self.degree, build_top_k=self.build_top_k,
+            bits=bits, group=group,
         )
         setattr(layer, STATE_ATTR, RetrievalLayerState(index, B, Hkv))
 
@@ -596,6 +622,7 @@ class Retrieval(DecodeMethod):
     def _record(s: dict, layer: KVAccelLayer, st: RetrievalLayerState) -> None:
         s["retrieval_host_tokens"] = int(st.index.n.sum())
         s["retrieval_host_bytes"] = st.index.nbytes() + sum(q.nbytes for q in st.build_queries or ())  # + kept
+        s["retrieval_host_kv_bytes"] = st.index.keys.nbytes + st.index.values.nbytes  # the store (capacity included)
         s["retrieval_device_bytes"] = layer.nbytes()
         s["retrieval_build_s"] = st.build_s
         s["retrieval_insert_s"] = st.insert_s

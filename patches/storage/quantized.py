@@ -9,9 +9,11 @@ kvzip's after-forward one), every layer becomes a :class:`~kvaccel.patches.stora
 later forwards attend the codes in place (``kernels/quantized_decode_attention.py``; decode speed and its first-call
 compile cost: ``docs/results.md`` section 11). Per-head packed layers (adakv's and kvzip's
 varlen layout) are stored padded to their longest head once quantized (a note in ``report()`` says so).
-Decode-time eviction (streaming, h2o, snapkv with ``decode_budget``, keyformer, expected_attention) gathers the
-kept tokens and re-quantizes (cost and error: the layer's docstring). ``report()["kv_storage_bytes"]`` counts
-codes, scales, zero points and the window apart.
+Decode-time eviction (streaming, h2o, snapkv with ``decode_budget``, keyformer, expected_attention)
+gathers the kept tokens and re-quantizes (cost and error: the layer's docstring). ``report()["kv_storage_bytes"]``
+counts codes, scales, zero points and the window apart. Stacked on ``retrieval`` (``kv_int8`` / ``kv_int4``), the
+codes are retrieval's host store instead (:mod:`kvaccel.kernels.attention_index_store`) and the layers stay as they
+are (sink + window in the model dtype); ``kv_fp8`` is refused there.
 
 Parameters
 ----------
@@ -52,6 +54,10 @@ class StorageMethod(Method):
 
     stage = "storage"
 
+    def host_codes(self) -> tuple[int, int]:
+        """``(bits, group_size)`` of retrieval's host store when stacked on it (``retrieval+kv_int8``)."""
+        raise NotImplementedError(f"{self.name} cannot hold retrieval's host store")
+
 
 @dataclass
 class _QuantizedStorage(StorageMethod):
@@ -64,7 +70,9 @@ class _QuantizedStorage(StorageMethod):
     def check_stages(self, stages: dict) -> None:
         """Refuse, at ``patch()`` time, methods whose layout the quantized layer does not serve yet."""
         other = stages.get("decode")
-        if other is not None:
+        if other is not None and other.name == "retrieval":
+            self.host_codes()  # the format retrieval's host store takes (kv_fp8 says it has none)
+        elif other is not None:
             raise NotImplementedError(
                 f"{self.name} cannot be combined with the decode method '{other.name}' yet: it reads the "
                 f"full-precision cache; drop '{other.name}' or {self.name}"
@@ -82,7 +90,14 @@ class _QuantizedStorage(StorageMethod):
             )
 
     def after_forward(self, model, cache, input_ids) -> None:
-        """After a forward (and the other stages' after-forward work): quantize every layer not quantized yet."""
+        """After a forward (and the other stages' after-forward work): quantize every layer not quantized yet.
+        Stacked on retrieval, whose host store holds the codes, the device part stays in the model dtype."""
+        state = model._kvaccel_state
+        decode = state.methods.get("decode")
+        if decode is not None and decode.name == "retrieval":
+            state.notes.add(f"{self.name}: retrieval's host store holds the codes; its device part (sink + window) "
+                            "stays in the model dtype (KIVI's full-precision window)")
+            return
         for i, layer in enumerate(cache.layers):
             if layer.is_initialized and not isinstance(layer, QuantizedLayer):
                 if isinstance(layer, VarlenLayer):
@@ -111,6 +126,9 @@ class QuantizedKVStorage(_QuantizedStorage):
 
     def layer_options(self) -> dict:
         return dict(bits=self.bits, group_size=self.group_size, residual=self.residual)
+
+    def host_codes(self) -> tuple[int, int]:
+        return self.bits, self.group_size
 
     def bind(self, model) -> None:
         head_dim = head_size(text_config(model))
@@ -172,3 +190,9 @@ class KVFp8(_QuantizedStorage):
 
     def layer_options(self) -> dict:
         return dict(bits=8, group_size=1, residual=self.residual, fp8=fp8_dtype(self.format))
+
+    def host_codes(self) -> tuple[int, int]:
+        raise NotImplementedError(
+            f"{self.name} cannot hold retrieval's host store yet (it stores integer codes: use retrieval+kv_int8 or "
+            "retrieval+kv_int4)"
+        )
