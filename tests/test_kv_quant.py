@@ -29,7 +29,7 @@ from kvaccel.kernels.quantized_decode_attention import (
     quantized_decode_attention_reference,
 )
 from kvaccel.patches.evict import KVzip
-from kvaccel.patches.storage import KVInt4
+from kvaccel.patches.storage import KVInt4, KVInt8
 from kvaccel.patches.storage.quantized_layer import QuantizedLayer
 
 from conftest import TRITON_DEVICE, requires_triton, tiny_model
@@ -738,6 +738,30 @@ def test_composes_with_eviction(model, evict):
     assert stacked == alone
     assert all(k is QuantizedLayer for k in kinds)
     assert rep["kv_storage_bytes"]["quantized_elements"] > 0
+
+
+def test_attention_gate_composes(model, tmp_path, monkeypatch):
+    """attention_gate's flags span every held slot of a quantized layer (codes and window): stacked, it keeps the
+    tokens it keeps alone, through decode-time evictions over the codes."""
+    from kvaccel.patches.evict.attention_gate import AttentionGate, AttentionGates
+
+    gates = AttentionGates.for_model(model, gate_dim=4, gate_window=8, window=4, sink=2)
+    torch.manual_seed(5)
+    with torch.no_grad():  # flags that depend on the token (random weights), about half of them "evict"
+        for layer in gates.layers:
+            torch.nn.init.normal_(layer.direct.weight, std=0.5)
+            layer.direct.bias.fill_(-0.3)
+    path = str(gates.save(tmp_path / "gate"))
+    ids = _ids(B=1, L=400)
+    alone, _, _ = _kept(model, AttentionGate(weights=path), ids, new=48)
+    evictions = []
+    keep = QuantizedLayer.keep
+    monkeypatch.setattr(QuantizedLayer, "keep", lambda self, *a, **k: evictions.append(1) or keep(self, *a, **k))
+    stacked, kinds, rep = _kept(model, (AttentionGate(weights=path), KVInt8(group_size=32, residual=32)), ids, new=48)
+    assert stacked == alone and len(evictions) >= len(kinds)  # evicted over the codes at decode
+    assert all(k is QuantizedLayer for k in kinds) and rep["kv_storage_bytes"]["quantized_elements"] > 0
+    held = [n for layer in alone for head in layer for n in head]
+    assert max(held) < 400 + 47 - 64  # tokens were evicted, after the prompt and during decode
 
 
 @pytest.mark.parametrize("evict", ["expected_attention(budget=0.5)",

@@ -271,7 +271,7 @@ class AttentionGate(EvictionMethod):
             raise RuntimeError(f"attention_gate: the layer input of layer {ctx.layer_idx} was not captured")
         gates = self.gates()
         q = x.shape[1]
-        B, H, T = layer.keys.shape[:3]
+        B, H, T = *layer.keys.shape[:2], layer.length  # every slot held (a quantized layer's codes included)
         st = layer.token_state.get(STATE_KEY)
         if st is None:
             st = torch.zeros(B, H, T, dtype=torch.bool, device=layer.keys.device)
@@ -309,7 +309,7 @@ class AttentionGate(EvictionMethod):
             return
         pos, slot_valid = compact_slots(keep)  # pending tokens are in the recent window: kept, flags written later
         layer.keep(pos, slot_valid)
-        self._check_at[layer] = layer.seen + max(1, layer.keys.shape[2] // 32)  # nothing left to drop
+        self._check_at[layer] = layer.seen + max(1, layer.length // 32)  # nothing left to drop
 
     def _score(self, ctx, st: Tensor, after: int, prompt: bool) -> None:
         """Flag the layer's pending tokens (``self._pending``, the ``n`` slots before the last ``after``) into ``st``:

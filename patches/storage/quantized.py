@@ -9,7 +9,7 @@ kvzip's after-forward one), every layer becomes a :class:`~kvaccel.patches.stora
 later forwards attend the codes in place (``kernels/quantized_decode_attention.py``; decode speed and its first-call
 compile cost: ``docs/results.md`` section 11). Per-head packed layers (adakv's and kvzip's
 varlen layout) are stored padded to their longest head once quantized (a note in ``report()`` says so).
-Decode-time eviction (streaming, h2o, snapkv with ``decode_budget``, keyformer, expected_attention)
+Decode-time eviction (streaming, h2o, snapkv with ``decode_budget``, keyformer, expected_attention, attention_gate)
 gathers the kept tokens and re-quantizes (cost and error: the layer's docstring). ``report()["kv_storage_bytes"]``
 counts codes, scales, zero points and the window apart. Stacked on ``retrieval`` (``kv_int8`` / ``kv_int4``), the
 codes are retrieval's host store instead (:mod:`kvaccel.kernels.attention_index_store`) and the layers stay as they
@@ -44,7 +44,6 @@ from .quantized_layer import QuantizedLayer
 #: eviction methods that read or rewrite a layer's full-precision values or keys in place (not served yet)
 UNSUPPORTED_EVICTION = {
     "d2o": "it merges evicted keys and values into kept ones in place",
-    "attention_gate": "it reads the layer's per-token flags by the window's length",
 }
 
 
