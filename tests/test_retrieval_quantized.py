@@ -29,14 +29,15 @@ def _rows(rng, rows, n, D, offset=0.0):
     return [rng.standard_normal((n, D), dtype=np.float32) + shift for _ in range(rows)]
 
 
-@pytest.mark.parametrize("bits", BITS)
-def test_round_trip_is_within_half_a_step_of_the_centred_tokens(bits):
+@pytest.mark.parametrize(("bits", "D", "G"), [(8, 64, 32), (4, 64, 32), (2, 64, 32), (4, 128, 32), (4, 64, 64),
+                                          (2, 128, 64)])
+def test_round_trip_is_within_half_a_step_of_the_centred_tokens(bits, D, G):
     """Every decoded element is within half a step of its token group's grid; the per-row offset takes a constant
     channel out of the range (355 in one channel costs nothing: the step is that of the centred tokens)."""
     from kvaccel.kernels.attention_index_store import QuantizedRows
 
     rng = np.random.default_rng(bits)
-    D, G, n = 64, 32, 200
+    n = 200
     x = _rows(rng, 1, n, D, offset=355.0)[0]
     store = QuantizedRows(1, n, D, bits, G)
     store.put(0, 0, x[:120])
@@ -49,6 +50,8 @@ def test_round_trip_is_within_half_a_step_of_the_centred_tokens(bits):
     assert (err <= step * 0.5 * 1.01 + 1e-4).all(), float((err / step).max())
     assert err.max() < 2.0 / (2**bits - 1) * centred.std() * 8  # the 355 channel did not set the step
     np.testing.assert_allclose(store.dequantize_rows(np.array([n]))[0], got, rtol=1e-6, atol=1e-5)  # compiled
+    with pytest.raises(ValueError, match=r"group_size \(32\) must divide, or be a multiple of, the 48 channels"):
+        QuantizedRows(1, 8, 96, 4, 32)
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -190,4 +193,7 @@ def test_refused_combinations():
         kvaccel.patch(model, "retrieval+kv_fp8")
     with pytest.raises(ValueError, match="scan_precision='bfloat16'.*kv_int8 stores them as codes"):
         kvaccel.patch(model, "retrieval(scan_precision=bfloat16)+kv_int8")
-    assert not kvaccel.api.is_patched(model)
+    odd = tiny_model("llama", head_dim=96, hidden_size=192, num_attention_heads=2, num_key_value_heads=1)
+    with pytest.raises(ValueError, match=r"group_size \(32\) must divide, or be a multiple of, the 48 channels"):
+        kvaccel.patch(odd, "retrieval+kv_int4(group_size=32)")
+    assert not kvaccel.api.is_patched(model) and not kvaccel.api.is_patched(odd)

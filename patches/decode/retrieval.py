@@ -20,6 +20,7 @@ from kvaccel.checks import check_int, check_number
 from kvaccel.config import register
 from kvaccel.kernels.decode_attention import decode_attention
 from kvaccel.kernels.lse_merge import lse_merge
+from kvaccel.models import head_size, text_config
 
 from .base import DecodeMethod
 
@@ -323,7 +324,12 @@ class Retrieval(DecodeMethod):
 
     def bind(self, model) -> None:
         """At patch time: start compiling the kernels of the first decode steps (:meth:`_compile_ahead`) on the
-        builder thread, so they are ready (or loaded from the on-disk cache) by the end of the prefill."""
+        builder thread, so they are ready (or loaded from the on-disk cache) by the end of the prefill. With a
+        quantized host store, check its layout for the model's head size first."""
+        if self.host_codes is not None:
+            from kvaccel.kernels.attention_index_store import check_layout  # numba: an optional dependency
+
+            check_layout(head_size(text_config(model)), *self.host_codes)
         self._compile_ahead(self._first_paths(), model.device, model.dtype)
 
     def _first_paths(self) -> tuple[str, ...]:
