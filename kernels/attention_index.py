@@ -398,46 +398,35 @@ class AttentionIndex:
             scores.fill(-np.inf)
             return ids, scores
         bf16 = bf16_margin is not None  # also for rows of few keys: one selection kernel to compile, not two
-        if self.quantized:
+        if self.quantized:  # scores from the codes, a tile of keys decoded at a time (compiled, rows in parallel)
             if bf16:
                 raise ValueError("scan_rows: a quantized store is scanned from its codes; bf16_margin (a bfloat16 "
                                  "copy of float32 keys) does not apply: pass None")
-            return self._scan_codes(q, k, ids, scores)
-        if bf16:  # the contiguous copy: its slots past m (zero) are scored too and ignored by the selection
+            keys_t, q_t, width, dtype = None, None, m, torch.float32
+        elif bf16:  # the contiguous copy: its slots past m (zero) are scored too and ignored by the selection
             keys_t = self._scan_copy().transpose(1, 2)
             q_t = torch.from_numpy(q).to(torch.bfloat16)
+            width, dtype = keys_t.shape[2], torch.bfloat16
         else:
             keys_t = torch.from_numpy(self.keys)[:, :m].transpose(1, 2)  # (rows, D, m) view
             q_t = torch.from_numpy(q)
-        width = keys_t.shape[2]
+            width, dtype = m, torch.float32
         block = max(1, min(M, SCAN_BLOCK_SCORES // width))
         name = "_scores_bf16" if bf16 else "_scores"
         if getattr(self, name) is None or getattr(self, name).numel() < R * block * width:
-            setattr(self, name, torch.empty(R * block * width, dtype=q_t.dtype))
+            setattr(self, name, torch.empty(R * block * width, dtype=dtype))
         for a in range(0, M, block):
             b = min(M, a + block)
             buf = getattr(self, name)[: R * (b - a) * width].view(R, b - a, width)
-            torch.matmul(q_t[:, a:b], keys_t, out=buf)
+            if self.quantized:
+                _scan_scores(np.ascontiguousarray(q[:, a:b]), self._keys_arg(), self.n, buf.numpy())
+            else:
+                torch.matmul(q_t[:, a:b], keys_t, out=buf)
             if bf16:
                 _select_rescore_bf16(buf.view(torch.int16).numpy().view(np.uint16), self.n, q[:, a:b], self.keys,
                                      k + bf16_margin, ids[:, a:b], scores[:, a:b])
             else:
                 _select_rows(buf.numpy(), self.n, ids[:, a:b], scores[:, a:b])
-        return ids, scores
-
-    def _scan_codes(self, q: np.ndarray, k: int, ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`scan_rows` of a quantized store: its scores computed from the codes, a tile of keys decoded at a
-        time (compiled, rows in parallel), then the same selection."""
-        R, M = q.shape[:2]
-        width = int(self.n.max())
-        block = max(1, min(M, SCAN_BLOCK_SCORES // width))
-        if self._scores is None or self._scores.numel() < R * block * width:
-            self._scores = _torch().empty(R * block * width, dtype=_torch().float32)
-        for a in range(0, M, block):
-            b = min(M, a + block)
-            buf = self._scores[: R * (b - a) * width].view(R, b - a, width).numpy()
-            _scan_scores(np.ascontiguousarray(q[:, a:b]), self._keys_arg(), self.n, buf)
-            _select_rows(buf, self.n, ids[:, a:b], scores[:, a:b])
         return ids, scores
 
     def search_exact(self, queries: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

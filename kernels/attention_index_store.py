@@ -65,8 +65,8 @@ def _decode8(codes, mu, s, z, out):
 def _decode_plane(codes, low, high, base, mu, s, z, out):
     """``out[j] = μ[j] + z + s · code`` with ``code = ⌊c · low⌋ − base · ⌊c · high⌋`` of the byte ``c = codes[j]``
     (``low = 2^-shift``, ``high = 2^-(shift + bits)``, ``base = 2^bits``: the bits ``[shift, shift + bits)``, exact
-    in float32), over 1-D slices from 0: float operations only (integer shifts by a run-time amount would run on
-    64-bit lanes)."""
+    in float32), over 1-D slices from 0. Measured no faster than ``(code >> shift) & mask`` (what made the 4-bit
+    decoding slow were integer divisions, see :func:`row_vector`); kept as written."""
     for j in range(out.shape[0]):
         c = np.float32(codes[j])
         out[j] = mu[j] + z + s * (np.floor(c * low) - base * np.floor(c * high))
