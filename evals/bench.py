@@ -18,7 +18,7 @@ import torch
 from kvaccel.compare import input_device
 
 from .loop import FULL, fidelity, forced_run, method, prefill_decode, reference
-from .runner import check_lengths, check_methods
+from .runner import check_lengths, check_methods, method_path
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -89,11 +89,18 @@ def bench_prompt(tokenizer, length: int, batch: int, device: torch.device | str 
 
 
 def bench_once(model, ids: torch.Tensor, new_tokens: int, patched: bool) -> dict[str, float]:
-    """One timed greedy run (the harness's one loop): prefill + ``new_tokens - 1`` decode steps on a batch."""
+    """One timed greedy run (the harness's one loop): prefill + ``new_tokens - 1`` decode steps on a batch; a patched
+    run also records what its method did (``runner.method_path``: step counters, prefill density, notes), read after
+    the timed part."""
     with RssSampler() as mem:
         r = prefill_decode(model, ids, new_tokens, patched)
-    return {"ttft_s": r.prefill_s, "tpot_s": r.tpot_s, "rss_delta": mem.delta, "rss_peak": mem.peak,
-            "kv_bytes": r.kv_bytes_end, "kv_bytes_full": r.kv_bytes_full_end}
+    out = {"ttft_s": r.prefill_s, "tpot_s": r.tpot_s, "rss_delta": mem.delta, "rss_peak": mem.peak,
+           "kv_bytes": r.kv_bytes_end, "kv_bytes_full": r.kv_bytes_full_end}
+    if patched:
+        from kvaccel.api import report
+
+        out["path"] = method_path(report(model))
+    return out
 
 
 def run_bench(
@@ -165,6 +172,8 @@ def run_bench(
                     "ttft_runs": [r["ttft_s"] for r in rs], "tpot_runs": [r["tpot_s"] for r in rs],
                     **fid.get(m, {}),
                 }
+                if "path" in rs[-1]:
+                    row["path"] = rs[-1]["path"]
                 row["kv_ratio"] = row["kv_bytes"] / row["kv_bytes_full"] if row["kv_bytes_full"] else None
                 if m == FULL:
                     base = row

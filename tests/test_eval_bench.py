@@ -46,6 +46,8 @@ def test_bench_grid_rows_and_reports(tmp_path):
     full1, m1, full2 = rows[0], rows[1], rows[2]
     assert full1["prefill_speedup"] == 1.0 and full1["kv_ratio"] == 1.0
     assert m1["kv_bytes"] < full1["kv_bytes"] and full2["kv_bytes"] == 2 * full1["kv_bytes"]
+    # what the method did, as eval rows record it: an eviction's prefill is dense; full has no method
+    assert "path" not in full1 and m1["path"]["prefill_density"] == 1.0 and m1["path"]["notes"] == []
 
     res = write_reports({"config": {"model": "tiny", "batches": [1, 2]}, "bench": rows}, tmp_path)
     md = (tmp_path / "report.md").read_text()
