@@ -41,6 +41,7 @@ SPECS = ([f"{m}(budget={BUDGET})" for m in EVICTION] + [f"critical(scorer=snapkv
          + ["retrieval", "retrieval(exact_below=0)", f"quest(budget={QUEST_BUDGET})"] + STORAGE + ["full"])
 GEN = dict(max_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True, output_logits=True)
 RESULTS: dict[str, dict] = {}
+TOKENIZER: list = []  # the second model's tokenizer, set by the fixture (the training commands need it)
 
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
@@ -50,6 +51,7 @@ def second(request):
     except FileNotFoundError as e:
         pytest.skip(str(e))
     ids = prompt_ids(tok, PROMPT)
+    TOKENIZER[:] = [tok]
     with torch.no_grad():
         stock = model.generate(ids, **GEN)
     yield model, ids, torch.stack(stock.logits)[:, 0].float().log_softmax(-1), stock.sequences
@@ -112,6 +114,40 @@ def test_method_runs_with_real_savings(second, spec):
     if name == "full":  # the explicit baseline: every token kept, the stock model's tokens and logits
         assert all(k == rep["seen_tokens"] for layer in rep["kept_tokens"] for row in layer for k in row), rep
         assert torch.equal(gen.sequences, stock) and max(kl) < 1e-6, (kl, rep)
+
+
+@pytest.mark.parametrize(("kind", "spec"), [
+    ("seer", "seer(weights='{out}',density=0.5)"), ("attention_gate", "attention_gate(weights='{out}',threshold=0.99)"),
+    ("duo_attention", "duo_attention(patterns='{out}',sparsity=0.5)"), ("minference", "minference(config='{out}')")])
+def test_training_commands_make_data_the_method_runs_with(second, kind, spec, tmp_path):
+    """What ``kvaccel train-gate KIND --model ...`` / ``kvaccel calibrate minference --model ...`` run, on this model
+    (a couple of steps on one 1,024-token sequence, one 2,048-token calibration prompt: the commands work on this
+    shape; the gates are not useful ones), then the method with their output: it runs and does its part (sparse
+    tiles, evicted tokens, streaming heads)."""
+    from kvaccel.patches.prefill.minference import calibrate
+    from kvaccel.training import train_gate
+
+    model, ids = second[0], second[1]
+    if model.dtype != torch.float32:
+        pytest.skip("the commands train and calibrate the fp32 model")
+    out = tmp_path / kind
+    if kind == "minference":
+        out = tmp_path / "minference.json"
+        data = calibrate(model, TOKENIZER[0], length=2048, out=out)
+        assert len(data["heads"]) == text_config(model).num_hidden_layers
+    else:
+        summary = train_gate(kind, model, TOKENIZER[0], steps=2, seq_len=1024, num_sequences=1, out=out,
+                             checkpoint_every=100, progress=False)
+        assert len(summary["losses"]) == 2 and all(torch.isfinite(torch.tensor(summary["losses"])))
+    with torch.no_grad(), kvaccel.patched(model, spec.format(out=out)):
+        gen = model.generate(ids, **GEN)
+        rep = kvaccel.report(model)
+    assert torch.isfinite(torch.stack(gen.logits)).all()
+    if kind in ("seer", "minference"):
+        dens = [d for d in rep["prefill_density"] if d is not None]
+        assert dens and sum(dens) / len(dens) < 0.95, rep  # the gate's / patterns' tiles, not a dense prefill
+    else:  # an untrained gate at threshold 0.99 flags tokens; half the heads streaming hold 64 + 256 of 1,103
+        assert rep["kv_ratio"] < 0.9, rep
 
 
 def _check_quest(rep: dict, quest, text, head_dim: int, prompt: int, dtype: torch.dtype) -> None:
