@@ -7,7 +7,8 @@ methods' ``min_length``); the test checks what the method must do on this shape 
 host-resident keys, pages selected, codes within the bit width's bytes, finite logits) and writes, per method, KL vs
 the stock model at each step while the greedy tokens agree (the prefill's next token, then each decode step) to
 ``runs/second_model_<dtype>.json``. Methods needing per-model data that only the default model ships with
-(gates, patterns, head configurations) are checked to name the command that produces it.
+(gates, patterns, head configurations) are checked to name the command that produces it, and that command is run on
+this model (a few steps) with the method then using its output.
 """
 
 from __future__ import annotations
