@@ -62,14 +62,10 @@ def _decode8(codes, mu, s, z, out):
 
 
 @kernel(fastmath=_FM, inline="always")
-def _decode_plane(codes, low, high, base, mu, s, z, out):
-    """``out[j] = μ[j] + z + s · code`` with ``code = ⌊c · low⌋ − base · ⌊c · high⌋`` of the byte ``c = codes[j]``
-    (``low = 2^-shift``, ``high = 2^-(shift + bits)``, ``base = 2^bits``: the bits ``[shift, shift + bits)``, exact
-    in float32), over 1-D slices from 0. Measured no faster than ``(code >> shift) & mask`` (what made the 4-bit
-    decoding slow were integer divisions, see :func:`row_vector`); kept as written."""
+def _decode_plane(codes, shift, mask, mu, s, z, out):
+    """``out[j] = μ[j] + z + s · ((code[j] >> shift) & mask)`` over 1-D slices from 0."""
     for j in range(out.shape[0]):
-        c = np.float32(codes[j])
-        out[j] = mu[j] + z + s * (np.floor(c * low) - base * np.floor(c * high))
+        out[j] = mu[j] + z + s * np.float32(np.uint8((codes[j] >> shift) & mask))
 
 
 @overload(row_vector, inline="always", jit_options={"fastmath": _FM})
@@ -83,7 +79,7 @@ def _row_vector(row, i, buf):
         group = D // scale.shape[1]
         plane = codes.shape[1]  # channels a plane (= bytes a token)
         run = min(group, plane)  # channels of one plane under one scale
-        base = np.float32(1 << bits)
+        mask = (1 << bits) - 1
         c = codes[i]
         if bits == 8:  # one plane, no shift
             for g in range(scale.shape[1]):
@@ -95,16 +91,14 @@ def _row_vector(row, i, buf):
         # division by a run-time value costs ~40 cycles, as much as decoding the run)
         per_group = group // run
         g, left = 0, per_group
-        low, step = np.float32(1.0), np.float32(1.0 / (1 << bits))
         for p in range(8 // bits):
             for j in range(0, plane, run):
                 a = p * plane + j
-                _decode_plane(c[j : j + run], low, low * step, base, mu[a : a + run], table[scale[i, g]],
+                _decode_plane(c[j : j + run], p * bits, mask, mu[a : a + run], table[scale[i, g]],
                               table[zero[i, g]], buf[a : a + run])
                 left -= 1
                 if left == 0:
                     g, left = g + 1, per_group
-            low *= step
         return buf
 
     return decode
