@@ -96,21 +96,23 @@ def retention_table(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
 def fidelity_table(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
     fid = [s for s in summary if "kl" in s and s["method"] != FULL]
     header = ["method", "length", "n", "KL(full‖method)", "KL max", "top-1 agree", "greedy match", "greedy prefix",
-              "KV / full"]
+              "KV / full", "prefill density"]
     rows = [[s["method"], str(s["length"]), str(s["n"]), _fmt(s["kl"], 4), _fmt(s["kl_max"], 4),
              _fmt(s["top1_agreement"], 2), _fmt(s["greedy_match"], 2), _fmt(s["greedy_prefix"], 1),
-             _fmt(s["kv_ratio"], 3)] for s in sorted(fid, key=lambda s: (s["length"], s["method"]))]
+             _fmt(s["kv_ratio"], 3), _fmt(s.get("prefill_density"), 3)]
+            for s in sorted(fid, key=lambda s: (s["length"], s["method"]))]
     return header, rows
 
 
 def bench_table(bench: list[dict]) -> tuple[list[str], list[list[str]]]:
     header = ["method", "length", "batch", "TTFT s (p10–p90)", "prefill x", "ms/token (p10–p90)", "decode x",
-              "tok/s", "KV MiB", "KV / full", "RSS Δ MiB"]
+              "tok/s", "KV MiB", "KV / full", "RSS Δ MiB", "prefill density"]
     rows = [[b["method"], str(b["length"]), str(b["batch"]),
              f"{b['ttft_s']:.3f} ({b['ttft_p10']:.3f}–{b['ttft_p90']:.3f})", _fmt(b["prefill_speedup"], 2),
              f"{b['tpot_s'] * 1e3:.1f} ({b['tpot_p10'] * 1e3:.1f}–{b['tpot_p90'] * 1e3:.1f})",
              _fmt(b["decode_speedup"], 2), _fmt(b["tokens_per_s"], 1), _fmt(b["kv_bytes"] / 2**20, 2),
-             _fmt(b["kv_ratio"], 3), _fmt(b["rss_delta_mib"], 1)] for b in bench]
+             _fmt(b["kv_ratio"], 3), _fmt(b["rss_delta_mib"], 1),
+             _fmt((b.get("path") or {}).get("prefill_density"), 3)] for b in bench]
     return header, rows
 
 

