@@ -262,16 +262,19 @@ def tokenize_sequences(tokenizer, texts: list[str], seq_len: int) -> list[Tensor
 
 
 class _Progress:
-    """Training position, saved and restored by accelerate's ``save_state``/``load_state``."""
+    """Training position and the wall time spent reaching it (over every run resumed so far), saved and restored by
+    accelerate's ``save_state``/``load_state``."""
 
     def __init__(self):
         self.step = 0
+        self.wall_s = 0.0
 
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        return {"step": self.step, "wall_s": self.wall_s}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+        self.wall_s = float(state.get("wall_s", 0.0))  # checkpoints written before 2026-12-07 have no wall time
 
 
 def train_gate(
@@ -348,6 +351,7 @@ def train_gate(
         if not ckpt.is_dir():
             raise ValueError(f"resume ({str(resume)!r}): checkpoint directory {ckpt} does not exist")
         accelerator.load_state(str(ckpt))
+    wall_before = state.wall_s  # a resumed run's wall time counts the runs that reached its checkpoint
 
     device = accelerator.device
     cache: dict[int, Any] = {}
@@ -376,13 +380,16 @@ def train_gate(
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}")
         if state.step % checkpoint_every == 0 or state.step == steps:
+            state.wall_s = wall_before + time.perf_counter() - t_start
             accelerator.save_state(str(out / CHECKPOINT_DIR))
     bar.close()
     gates.eval()
-    wall = time.perf_counter() - t_start
+    run_wall = time.perf_counter() - t_start
+    wall = wall_before + run_wall
     final = sum(losses[-10:]) / max(1, len(losses[-10:])) if losses else None
     rec.update(final_loss=final, wall_s=round(wall, 1))
     path = gk.save(accelerator.unwrap_model(gates), out, rec)
-    summary = dict(out=str(path), final_loss=final, losses=losses, wall_s=wall, steps=steps, recipe=rec)
+    summary = dict(out=str(path), final_loss=final, losses=losses, wall_s=wall, run_wall_s=run_wall, steps=steps,
+                   recipe=rec)
     (out / "train_log.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary

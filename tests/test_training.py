@@ -113,9 +113,13 @@ def test_attention_gate_resume_equals_uninterrupted(tmp_path):
     model = tiny_model("llama")
     args = {**ARGS, "lr": 2e-2, "recipe": dict(gate_dim=4, gate_window=8, window=4, sink=1, continuation=8)}
     full = train_gate("attention_gate", model, CharTokenizer(), steps=4, out=tmp_path / "full", **args)
-    train_gate("attention_gate", model, CharTokenizer(), steps=2, out=tmp_path / "cut", **args)
+    first = train_gate("attention_gate", model, CharTokenizer(), steps=2, out=tmp_path / "cut", **args)
     resumed = train_gate("attention_gate", model, CharTokenizer(), steps=4, out=tmp_path / "cut", resume=True, **args)
     assert resumed["recipe"]["objective"] == "distill"
+    # the reported wall time covers both runs: this run's plus the first run's up to its checkpoint (its last step)
+    assert first["wall_s"] == first["run_wall_s"]
+    assert first["wall_s"] - 1.0 < resumed["wall_s"] - resumed["run_wall_s"] <= first["wall_s"]
+    assert resumed["recipe"]["wall_s"] == round(resumed["wall_s"], 1)
     assert resumed["losses"] == pytest.approx(full["losses"][2:], rel=1e-5)
     a, b = load_file(str(tmp_path / "full" / "gate.safetensors")), load_file(str(tmp_path / "cut" / "gate.safetensors"))
     for key in a:
