@@ -3,8 +3,7 @@
 The same protocol as that benchmark, on kvpress' side: stock dense prefills (sdpa, ``DynamicCache``) and KVzipPress
 prefills (the context forward, then kvpress' reconstruction forwards and compression when its context manager exits)
 alternate in one process, wall clock at the machine's default threads; ratio = median kvzip / median dense over
-``--repeats``. Two steps, two venvs
-(kvpress pins an older transformers, see ``setup_kvpress.sh``):
+``--repeats``. Two steps, two venvs (kvpress pins an older transformers, see ``setup_kvpress.sh``):
 
     python benchmarks/peers/kvzip_prefill_kvpress.py export --lengths 1536 4096 --out runs/kvzip-prefill/prompts.json
     .venv-kvpress/bin/python benchmarks/peers/kvzip_prefill_kvpress.py run --prompts runs/kvzip-prefill/prompts.json
